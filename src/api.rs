@@ -1,0 +1,63 @@
+//! The local HTTP API (axum): the key-value routes, the admin routes and the shared state they
+//! read. Handlers are thin: parse, call the keyspace, map the answer; every error goes through
+//! [`error::ApiError`].
+//!
+//! | Route | What it does |
+//! |---|---|
+//! | `GET /v1/kv/{keyspace}/{key}` | read (L1, then read-through); headers `X-Cache`, `ETag`, `Age` |
+//! | `PUT /v1/kv/{keyspace}/{key}` | write (write-through, or in-memory) |
+//! | `DELETE /v1/kv/{keyspace}/{key}` | delete |
+//! | `POST /v1/kv/{keyspace}/_mget` | read many: `{"keys": [...]}` |
+//! | `GET /v1/keyspaces` | every keyspace's settings and live stats |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | the process is up |
+//! | `GET /readyz` | every keyspace can serve (503 with reasons otherwise) |
+
+pub mod admin;
+pub mod error;
+pub mod kv;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+
+use crate::config::ServerConfig;
+use crate::keyspace::Keyspace;
+use crate::metrics::Metrics;
+use crate::source::postgres::PgPool;
+use error::ApiError;
+
+/// What every handler can see.
+pub struct AppState {
+    pub keyspaces: BTreeMap<String, Arc<Keyspace>>,
+    pub server: ServerConfig,
+    pub metrics: Arc<Metrics>,
+    pub pool: Option<Arc<PgPool>>,
+}
+
+impl AppState {
+    /// The keyspace by name, or a 404 naming the configured ones.
+    pub fn keyspace(&self, name: &str) -> Result<&Arc<Keyspace>, ApiError> {
+        self.keyspaces.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.keyspaces.keys().map(String::as_str).collect();
+            ApiError::unknown_keyspace(name, &known)
+        })
+    }
+}
+
+/// The router with every route.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/kv/{keyspace}/_mget", post(kv::mget))
+        .route("/v1/kv/{keyspace}/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
+        .route("/v1/keyspaces", get(admin::keyspaces))
+        .route("/metrics", get(admin::metrics))
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route; see the README's HTTP API section") })
+        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method") })
+        .with_state(state)
+}

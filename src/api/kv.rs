@@ -1,0 +1,198 @@
+//! The key-value routes. Keys are taken from the raw (still percent-encoded) request path so a
+//! composite key's separating commas can be told from escaped ones (`%2C`); see `key`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use percent_encoding::percent_decode_str;
+use serde::Deserialize;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::cache::Entry;
+use crate::key::Key;
+use crate::keyspace::{Keyspace, Origin};
+use crate::metrics::UNKNOWN_KEYSPACE;
+
+/// Splits `/v1/kv/{keyspace}/{key...}` into the decoded keyspace name and the raw key.
+fn split_path(uri: &Uri) -> (String, &str) {
+    let rest = uri.path().strip_prefix("/v1/kv/").unwrap_or_default();
+    let (ks, key) = rest.split_once('/').unwrap_or((rest, ""));
+    (percent_decode_str(ks).decode_utf8_lossy().into_owned(), key)
+}
+
+/// Records the request in the metrics and returns the response.
+fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -> Response {
+    let label = if st.keyspaces.contains_key(ks) { ks } else { UNKNOWN_KEYSPACE };
+    st.metrics.http_requests.with_label_values(&[label, op, resp.status().as_str()]).inc();
+    st.metrics.http_duration.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Arc<Keyspace>, Key), ApiError> {
+    let keyspace = st.keyspace(ks)?;
+    let key = keyspace.parse_key(raw_key)?;
+    Ok((keyspace, key))
+}
+
+fn etag(entry: &Entry) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\"", entry.version)).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+fn x_cache(origin: Origin) -> HeaderValue {
+    HeaderValue::from_static(match origin {
+        Origin::Hit => "hit",
+        Origin::Miss => "miss",
+    })
+}
+
+/// A 200 carrying a JSON document with its entry's headers.
+fn document(value: Bytes, entry: &Entry) -> Response {
+    let mut resp = (StatusCode::OK, value).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::ETAG, etag(entry));
+    resp
+}
+
+/// `GET /v1/kv/{keyspace}/{key}`
+pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let (ks, raw_key) = split_path(&uri);
+    let resp = async {
+        let (keyspace, key) = lookup(&st, &ks, raw_key)?;
+        let read = keyspace.get(&key).await?;
+        let entry = &read.entry;
+        let mut resp = match &entry.value {
+            None => ApiError::not_found(&ks, &key.cache_key).into_response(),
+            Some(_) if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v == etag(entry)) => {
+                let mut r = StatusCode::NOT_MODIFIED.into_response();
+                r.headers_mut().insert(header::ETAG, etag(entry));
+                r
+            }
+            Some(v) => document(v.clone(), entry),
+        };
+        let h = resp.headers_mut();
+        h.insert("x-cache", x_cache(read.origin));
+        h.insert(header::AGE, HeaderValue::from(entry.stored_at.elapsed().as_secs()));
+        Ok::<_, ApiError>(resp)
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    finish(&st, &ks, "get", started, resp)
+}
+
+/// Reads a body up to the configured limit; larger bodies are refused with 413.
+async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = st.server.max_body_bytes;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(body, limit as usize).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large { ApiError::too_large(limit) } else { ApiError::bad_request(format!("cannot read the body: {e}")) }
+    })
+}
+
+/// `PUT /v1/kv/{keyspace}/{key}`
+pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (ks, raw_key) = split_path(&uri);
+    let resp = async {
+        let (keyspace, key) = lookup(&st, &ks, raw_key)?;
+        let body = read_body(&st, &headers, body).await?;
+        let entry = keyspace.put(&key, &body).await?;
+        let value = entry.value.clone().unwrap_or_default();
+        Ok::<_, ApiError>(document(value, &entry))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    finish(&st, &ks, "put", started, resp)
+}
+
+/// `DELETE /v1/kv/{keyspace}/{key}`
+pub async fn delete(State(st): State<Arc<AppState>>, uri: Uri) -> Response {
+    let started = Instant::now();
+    let (ks, raw_key) = split_path(&uri);
+    let resp = async {
+        let (keyspace, key) = lookup(&st, &ks, raw_key)?;
+        if keyspace.delete(&key).await? {
+            Ok(StatusCode::NO_CONTENT.into_response())
+        } else {
+            Err(ApiError::not_found(&ks, &key.cache_key))
+        }
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    finish(&st, &ks, "delete", started, resp)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MgetRequest {
+    keys: Vec<String>,
+}
+
+/// `POST /v1/kv/{keyspace}/_mget` with `{"keys": [...]}`. Answers
+/// `{"items": [{"key", "found", "value"?, "version"?, "error"?}, ...]}` in request order; a bad
+/// or failed key is reported in its item and does not fail the others.
+pub async fn mget(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (ks, _) = split_path(&uri);
+    let resp = async {
+        let keyspace = st.keyspace(&ks)?;
+        let body = read_body(&st, &headers, body).await?;
+        let req: MgetRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"keys\": [\"k1\", ...]}}: {e}")))?;
+        if req.keys.len() > st.server.max_mget_keys {
+            return Err(ApiError::bad_request(format!(
+                "{} keys asked for; the limit is {} (server.max_mget_keys)",
+                req.keys.len(),
+                st.server.max_mget_keys
+            )));
+        }
+        let items = futures::future::join_all(req.keys.iter().map(|raw| mget_one(keyspace, raw))).await;
+        let mut out = Vec::with_capacity(64 * items.len());
+        out.extend_from_slice(b"{\"items\":[");
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(item.as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+        let mut resp = (StatusCode::OK, out).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(resp)
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    finish(&st, &ks, "mget", started, resp)
+}
+
+/// One `_mget` item as JSON text, the cached document spliced in without re-parsing (stored
+/// values are always valid JSON: rendered from a row, or parsed on `PUT`). Keys use the same
+/// encoding as in URLs.
+async fn mget_one(keyspace: &Keyspace, raw: &str) -> String {
+    let key_json = serde_json::to_string(raw).unwrap_or_default();
+    let read = match keyspace.parse_key(raw) {
+        Ok(key) => keyspace.get(&key).await.map_err(ApiError::from),
+        Err(e) => Err(ApiError::from(e)),
+    };
+    match read {
+        Ok(r) => match &r.entry.value {
+            Some(v) => format!(
+                "{{\"key\":{key_json},\"found\":true,\"version\":\"{}\",\"value\":{}}}",
+                r.entry.version,
+                String::from_utf8_lossy(v)
+            ),
+            None => format!("{{\"key\":{key_json},\"found\":false}}"),
+        },
+        Err(e) => serde_json::json!({"key": raw, "found": false, "error": e.code, "detail": e.detail}).to_string(),
+    }
+}

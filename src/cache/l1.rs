@@ -1,0 +1,246 @@
+//! The L1 tier: one bounded moka cache per keyspace, with per-entry lifetimes (positive entries
+//! live `ttl`, negative ones `negative_ttl`) and version-checked installs.
+//!
+//! moka measures its TTL on the std clock, which `tokio::time::pause()` does not move; entry age
+//! is therefore also checked here on `tokio::time`, and moka's expiry only frees memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use moka::Expiry;
+use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
+
+use super::{Entry, Install, Installed};
+use crate::config::Capacity;
+
+/// Bytes charged per entry on top of key and value under a byte capacity: moka's node, the
+/// `Entry` struct and the `Arc`s, rounded.
+pub const ENTRY_OVERHEAD_BYTES: usize = 128;
+
+struct Lifetimes {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Lifetimes {
+    fn of(&self, e: &Entry) -> Duration {
+        if e.value.is_some() { self.ttl } else { self.negative_ttl }
+    }
+}
+
+impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
+    fn expire_after_create(&self, _: &Arc<str>, v: &Arc<Entry>, _: std::time::Instant) -> Option<Duration> {
+        Some(self.of(v))
+    }
+
+    fn expire_after_update(&self, _: &Arc<str>, v: &Arc<Entry>, _: std::time::Instant, _: Option<Duration>) -> Option<Duration> {
+        Some(self.of(v))
+    }
+}
+
+/// The in-memory tier of one keyspace.
+pub struct L1 {
+    cache: Cache<Arc<str>, Arc<Entry>>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    /// Weighed bytes held, kept exact by counting installs in and removals (of any cause, via
+    /// moka's eviction listener) out — so the size is in bytes under either capacity kind.
+    bytes: Arc<AtomicI64>,
+}
+
+impl L1 {
+    pub fn new(capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> L1 {
+        let bytes = Arc::new(AtomicI64::new(0));
+        let out = bytes.clone();
+        let builder = Cache::builder()
+            .expire_after(Lifetimes { ttl, negative_ttl })
+            .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Entry>, _| {
+                out.fetch_sub(v.weight(&k) as i64, Ordering::Relaxed);
+            });
+        let cache = match capacity {
+            Capacity::Entries(n) => builder.max_capacity(n).build(),
+            Capacity::Bytes(n) => builder.max_capacity(n).weigher(|k: &Arc<str>, v: &Arc<Entry>| v.weight(k)).build(),
+        };
+        L1 {
+            cache,
+            ttl,
+            negative_ttl,
+            bytes,
+        }
+    }
+
+    /// Whether an entry has outlived its lifetime on the tokio clock.
+    pub fn is_expired(&self, e: &Entry) -> bool {
+        let life = if e.value.is_some() { self.ttl } else { self.negative_ttl };
+        e.stored_at.elapsed() >= life
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The live entry for `key`, if any.
+    pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        let e = self.cache.get(key).await?;
+        if self.is_expired(&e) { None } else { Some(e) }
+    }
+
+    /// Installs `entry` under `key` according to `rule`, atomically with respect to every other
+    /// install of the same key.
+    pub async fn install(&self, key: Arc<str>, entry: Entry, rule: Install) -> Installed {
+        if entry.value.is_none() && self.negative_ttl.is_zero() {
+            // Negative caching is off: storing "absent" means forgetting the key, except that a
+            // mutation must still displace an older positive entry.
+            return self.remove_if(key, rule).await;
+        }
+        let weight = entry.weight(&key) as i64;
+        let new = Arc::new(entry);
+        let result = self
+            .cache
+            .entry(key)
+            .and_compute_with(|existing| {
+                let op = if self.accepts(existing.as_ref().map(|e| e.value()), &new, &rule) {
+                    Op::Put(new.clone())
+                } else {
+                    Op::Nop
+                };
+                std::future::ready(op)
+            })
+            .await;
+        match result {
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
+                self.bytes.fetch_add(weight, Ordering::Relaxed);
+                Installed::Stored
+            }
+            _ => Installed::Skipped,
+        }
+    }
+
+    fn accepts(&self, existing: Option<&Arc<Entry>>, new: &Entry, rule: &Install) -> bool {
+        match rule {
+            Install::Fill(lease) => lease.is_valid(),
+            Install::IfNotOlder => match existing {
+                Some(old) if !self.is_expired(old) => new.lsn >= old.lsn,
+                _ => true,
+            },
+        }
+    }
+
+    async fn remove_if(&self, key: Arc<str>, rule: Install) -> Installed {
+        let result = self
+            .cache
+            .entry(key)
+            .and_compute_with(|existing| {
+                let ok = match &rule {
+                    Install::Fill(lease) => lease.is_valid(),
+                    Install::IfNotOlder => true,
+                };
+                std::future::ready(if ok && existing.is_some() { Op::Remove } else { Op::Nop })
+            })
+            .await;
+        match result {
+            CompResult::Removed(_) => Installed::Stored,
+            _ => Installed::Skipped,
+        }
+    }
+
+    /// Forgets `key` unconditionally.
+    pub async fn remove(&self, key: &str) {
+        self.cache.remove(key).await;
+    }
+
+    /// Forgets every key.
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Weighed bytes held (key + value + [`ENTRY_OVERHEAD_BYTES`] per entry).
+    pub fn weighted_size(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Applies pending moka bookkeeping so counts are exact (metrics, tests).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Flights, Lease};
+    use crate::lsn::Lsn;
+    use bytes::Bytes;
+
+    fn entry(v: &str, lsn: u64) -> Entry {
+        Entry::new(Some(Bytes::from(v.to_string())), Lsn(lsn), lsn)
+    }
+
+    fn l1() -> L1 {
+        L1::new(Capacity::Entries(100), Duration::from_secs(10), Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn mutations_never_install_an_older_lsn() {
+        let c = l1();
+        assert_eq!(c.install("k".into(), entry("b", 20), Install::IfNotOlder).await, Installed::Stored);
+        assert_eq!(c.install("k".into(), entry("a", 10), Install::IfNotOlder).await, Installed::Skipped);
+        assert_eq!(c.get("k").await.unwrap().value.as_deref(), Some(&b"b"[..]));
+        assert_eq!(c.install("k".into(), entry("c", 30), Install::IfNotOlder).await, Installed::Stored);
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_lease_went_stale_is_not_installed() {
+        let c = l1();
+        let flights: Flights<u8> = Flights::default();
+        let key: Arc<str> = "k".into();
+        let (flight, _) = flights.join(&key);
+        flights.invalidate("k");
+        let lease: Arc<dyn Lease> = flight;
+        assert_eq!(c.install(key.clone(), entry("old", 0), Install::Fill(lease)).await, Installed::Skipped);
+        assert!(c.get("k").await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifetimes_follow_the_tokio_clock() {
+        let c = l1();
+        c.install("p".into(), entry("v", 1), Install::IfNotOlder).await;
+        c.install("n".into(), Entry::new(None, Lsn(1), 1), Install::IfNotOlder).await;
+        assert!(c.get("n").await.is_some());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(c.get("n").await.is_none(), "negative entry expires after negative_ttl");
+        assert!(c.get("p").await.is_some());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(c.get("p").await.is_none(), "positive entry expires after ttl");
+        // An expired entry does not block a mutation with a lower position.
+        assert_eq!(c.install("p".into(), entry("w", 0), Install::IfNotOlder).await, Installed::Stored);
+    }
+
+    #[tokio::test]
+    async fn byte_capacity_bounds_weighed_size() {
+        let c = L1::new(Capacity::Bytes(10_000), Duration::from_secs(60), Duration::from_secs(1));
+        for i in 0..200 {
+            c.install(format!("key{i}").into(), entry(&"x".repeat(100), 1), Install::IfNotOlder).await;
+        }
+        c.sync().await;
+        assert!(c.weighted_size() <= 10_000, "weighted size {}", c.weighted_size());
+        assert!(c.entry_count() > 0);
+    }
+
+    #[tokio::test]
+    async fn weighed_bytes_are_exact_under_an_entry_capacity() {
+        let c = l1();
+        c.install("a".into(), entry("12345", 1), Install::IfNotOlder).await;
+        c.install("b".into(), entry("1", 1), Install::IfNotOlder).await;
+        c.install("a".into(), entry("123", 2), Install::IfNotOlder).await;
+        c.remove("b").await;
+        c.sync().await;
+        assert_eq!(c.weighted_size(), (1 + 3 + ENTRY_OVERHEAD_BYTES) as u64);
+    }
+}

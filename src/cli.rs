@@ -1,0 +1,176 @@
+//! The command line: `serve`, `check`. Parsing is clap's; each command is a short function
+//! that returns the process exit code. `main.rs` only calls [`main`].
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::server::{Drain, Server};
+use crate::source::postgres::schema::{Binding, TableMeta};
+use crate::source::postgres::{PgPool, classify};
+
+const EXAMPLES: &str = "\
+Examples:
+  cachesync serve                                   in-memory cache on 127.0.0.1:7070, keyspace `default`
+  cachesync serve --config patterns/read-through.toml
+  CACHESYNC_POSTGRES_URL=postgres://app@127.0.0.1/app cachesync serve --config cachesync.toml
+  cachesync check --config cachesync.toml           validate the file, report every problem
+  cachesync check --config cachesync.toml --connect also verify tables, keys, columns, privileges
+
+  curl -X PUT localhost:7070/v1/kv/default/a -d '{\"x\":1}'
+  curl -i localhost:7070/v1/kv/default/a";
+
+#[derive(Parser, Debug)]
+#[command(name = "cachesync", version, about = "A cache-synchronization sidecar: a local JSON cache kept fresh from Postgres.", after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the sidecar. Without --config it runs an in-memory cache with one keyspace, `default`.
+    #[command(after_help = EXAMPLES)]
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "CACHESYNC_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and report every problem at once; exits non-zero on any.
+    #[command(after_help = EXAMPLES)]
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also connect to Postgres and verify each keyspace's table, key, columns and privileges.
+        #[arg(long)]
+        connect: bool,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cachesync: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config.as_deref())),
+        Command::Check { config, connect } => runtime.block_on(check(&config, connect)),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHESYNC_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn serve(path: Option<&Path>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cachesync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if path.is_none() {
+        tracing::info!("no --config given: running the embedded in-memory default (keyspace `default`)");
+    }
+    let server = match Server::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cachesync: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A machine-readable line on stdout: tests and scripts read the bound address from it.
+    println!("cachesync listening on http://{}", server.local_addr());
+    wait_for_signal().await;
+    tracing::info!("shutdown requested: no new connections; draining in-flight requests");
+    match server.shutdown().await {
+        Drain::Complete => {
+            tracing::info!("shutdown complete: every in-flight request finished");
+            ExitCode::SUCCESS
+        }
+        Drain::TimedOut => {
+            tracing::warn!("shutdown grace period ran out; remaining requests were cut off");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn check(path: &Path, connect: bool) -> ExitCode {
+    let config = match Config::load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !connect {
+        println!("{}: ok ({} keyspace(s))", path.display(), config.keyspaces.len());
+        return ExitCode::SUCCESS;
+    }
+    let problems = check_connect(&config).await;
+    if problems.is_empty() {
+        println!("{}: ok ({} keyspace(s); tables, keys, columns and privileges verified)", path.display(), config.keyspaces.len());
+        ExitCode::SUCCESS
+    } else {
+        println!("{} problem(s) in {} against the database:", problems.len(), path.display());
+        for p in &problems {
+            println!("  {p}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+/// Verifies every sourced keyspace against the live database; returns all problems found.
+pub async fn check_connect(config: &Config) -> Vec<String> {
+    let Some(pg) = &config.postgres else {
+        return Vec::new();
+    };
+    let pool = match PgPool::new(pg) {
+        Ok(p) => Arc::new(p),
+        Err(e) => return vec![format!("postgres: {e}")],
+    };
+    let client = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return vec![format!("postgres: cannot connect: {e}")],
+    };
+    let mut problems = Vec::new();
+    for ks in config.keyspaces.iter() {
+        let Some(table) = &ks.table else { continue };
+        match TableMeta::load(&**client, table).await {
+            Err(e) => problems.push(format!("keyspace[{}]: cannot read the catalog: {}", ks.name, classify(&e))),
+            Ok(meta) => {
+                if let Err(ps) = Binding::resolve(ks, meta.as_ref()) {
+                    problems.extend(ps.into_iter().map(|p| format!("keyspace[{}]: {p}", ks.name)));
+                }
+            }
+        }
+    }
+    problems
+}

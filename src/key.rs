@@ -1,0 +1,196 @@
+//! Keys as they appear in URLs, and their canonical form in the cache.
+//!
+//! Encoding (also in the README): a key is one URL path segment, percent-decoded. A composite key
+//! lists its components in the keyspace's `key` order joined by commas — `/v1/kv/orders/7,1001` —
+//! and a comma or percent sign *inside* a component is written `%2C` / `%25`. An in-memory keyspace
+//! treats the whole (decoded) rest of the path as one opaque key.
+//!
+//! Components are normalized by their column's type so one row has one cache key: integers lose
+//! leading zeros and `+` signs (`042` → `42`), uuids are lower-cased. The cache key of a composite
+//! key is its canonical encoding (components re-escaped and joined with commas), which is also
+//! how CDC names a row it has changed.
+
+use std::sync::Arc;
+
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+
+use crate::source::postgres::render::TypeKind;
+use crate::source::postgres::schema::ColumnMeta;
+
+/// Characters escaped inside a composite key's component.
+const COMPONENT: &AsciiSet = &CONTROLS.add(b'%').add(b',');
+
+/// A parsed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    /// The canonical form, used as the cache key.
+    pub cache_key: Arc<str>,
+    /// Normalized components in key-column order (one for a single-column or in-memory key).
+    pub parts: Vec<String>,
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("the key is empty")]
+    Empty,
+    #[error("the key is {len} bytes; the limit is {max} (server.max_key_bytes)")]
+    TooLong { len: usize, max: usize },
+    #[error("the key is not valid UTF-8 after percent-decoding")]
+    NotUtf8,
+    #[error("the key has {got} component(s) but keyspace {keyspace} has a key of {want} column(s) ({columns}); join components with ',' and write a comma inside one as %2C")]
+    WrongArity {
+        keyspace: String,
+        got: usize,
+        want: usize,
+        columns: String,
+    },
+    #[error("key component {value:?} is not a valid {type_sql} for key column `{column}`")]
+    BadComponent { column: String, type_sql: String, value: String },
+}
+
+fn decode(raw: &str) -> Result<String, KeyError> {
+    percent_decode_str(raw).decode_utf8().map(|c| c.into_owned()).map_err(|_| KeyError::NotUtf8)
+}
+
+/// Parses an in-memory keyspace's key: the whole decoded string.
+pub fn parse_opaque(raw: &str, max: usize) -> Result<Key, KeyError> {
+    let k = decode(raw)?;
+    check_len(&k, max)?;
+    Ok(Key {
+        cache_key: k.as_str().into(),
+        parts: vec![k],
+    })
+}
+
+fn check_len(k: &str, max: usize) -> Result<(), KeyError> {
+    if k.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if k.len() > max {
+        return Err(KeyError::TooLong { len: k.len(), max });
+    }
+    Ok(())
+}
+
+/// Parses a sourced keyspace's key against its key columns.
+pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Key, KeyError> {
+    if raw.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    let raw_parts: Vec<&str> = if columns.len() == 1 { vec![raw] } else { raw.split(',').collect() };
+    if raw_parts.len() != columns.len() {
+        return Err(KeyError::WrongArity {
+            keyspace: keyspace.into(),
+            got: raw_parts.len(),
+            want: columns.len(),
+            columns: columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    }
+    let mut parts = Vec::with_capacity(columns.len());
+    for (raw, col) in raw_parts.iter().zip(columns) {
+        let decoded = decode(raw)?;
+        parts.push(normalize(col, decoded)?);
+    }
+    key_from_parts(parts, max)
+}
+
+/// Builds a key from normalized components (how CDC names a changed row).
+pub fn key_from_parts(parts: Vec<String>, max: usize) -> Result<Key, KeyError> {
+    let cache_key = if parts.len() == 1 {
+        parts[0].clone()
+    } else {
+        parts.iter().map(|p| utf8_percent_encode(p, COMPONENT).to_string()).collect::<Vec<_>>().join(",")
+    };
+    check_len(&cache_key, max)?;
+    Ok(Key {
+        cache_key: cache_key.into(),
+        parts,
+    })
+}
+
+/// One component in the form Postgres would print for its column.
+pub fn normalize(col: &ColumnMeta, value: String) -> Result<String, KeyError> {
+    let bad = || KeyError::BadComponent {
+        column: col.name.clone(),
+        type_sql: col.type_sql.clone(),
+        value: value.clone(),
+    };
+    match col.kind {
+        TypeKind::Integer => {
+            let t = value.trim();
+            let n: i128 = t.strip_prefix('+').unwrap_or(t).parse().map_err(|_| bad())?;
+            Ok(n.to_string())
+        }
+        _ if col.type_sql == "uuid" => {
+            let hex: String = value.chars().filter(|c| *c != '-').collect();
+            if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            let h = hex.to_ascii_lowercase();
+            Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+        }
+        _ => Ok(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn col(name: &str, ty: &str, kind: TypeKind) -> ColumnMeta {
+        ColumnMeta {
+            name: name.into(),
+            type_sql: ty.into(),
+            kind,
+            not_null: true,
+            has_default: false,
+            generated: false,
+            identity_always: false,
+        }
+    }
+
+    #[test]
+    fn single_keys_keep_commas() {
+        let cols = [col("name", "text", TypeKind::Text)];
+        let k = parse_columns("a,b%20c", "ks", &cols, 100).unwrap();
+        assert_eq!(k.parts, vec!["a,b c"]);
+        assert_eq!(&*k.cache_key, "a,b c");
+    }
+
+    #[test]
+    fn composite_keys_split_and_normalize() {
+        let cols = [col("tenant", "integer", TypeKind::Integer), col("code", "text", TypeKind::Text)];
+        let k = parse_columns("007,x%2Cy", "ks", &cols, 100).unwrap();
+        assert_eq!(k.parts, vec!["7", "x,y"]);
+        assert_eq!(&*k.cache_key, "7,x%2Cy");
+        assert!(matches!(parse_columns("7", "ks", &cols, 100), Err(KeyError::WrongArity { got: 1, want: 2, .. })));
+        assert!(matches!(parse_columns("x,y", "ks", &cols, 100), Err(KeyError::BadComponent { .. })));
+    }
+
+    #[test]
+    fn uuids_are_lowercased() {
+        let cols = [col("id", "uuid", TypeKind::Text)];
+        let k = parse_columns("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "ks", &cols, 100).unwrap();
+        assert_eq!(&*k.cache_key, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(parse_opaque("", 10), Err(KeyError::Empty));
+        assert!(matches!(parse_opaque("abcdefghijk", 10), Err(KeyError::TooLong { len: 11, max: 10 })));
+        assert_eq!(parse_opaque("%FF", 10), Err(KeyError::NotUtf8));
+    }
+
+    proptest! {
+        #[test]
+        fn composite_cache_keys_parse_back(a in ".{1,20}", b in ".{1,20}") {
+            let cols = [col("a", "text", TypeKind::Text), col("b", "text", TypeKind::Text)];
+            let k = key_from_parts(vec![a.clone(), b.clone()], 1000).unwrap();
+            let back = parse_columns(&k.cache_key, "ks", &cols, 1000).unwrap();
+            prop_assert_eq!(back.parts, vec![a, b]);
+            prop_assert_eq!(back.cache_key, k.cache_key);
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! A keyspace at run time: its configuration, its L1 tier and in-flight loads, and — for a
+//! sourced keyspace — its binding to a Postgres table. The patterns (`patterns::*`) operate on
+//! it; the HTTP layer only calls `get`/`put`/`delete`.
+//!
+//! A sourced keyspace is *not ready* until its table has been read from the catalog and the
+//! configuration checked against it; until then its requests answer 503 and `/readyz` says why.
+//! Binding is retried in the background, so a sidecar that starts before its database comes up
+//! becomes ready by itself.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use prometheus::{Histogram, IntCounter};
+
+use crate::cache::{Entry, Flights, Install, Installed, L1};
+use crate::config::{KeyspaceConfig, WriteMode};
+use crate::hlc::Hlc;
+use crate::key::{self, Key, KeyError};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::patterns::{read_through, write_through};
+use crate::source::SourceError;
+use crate::source::postgres::schema::{Binding, TableMeta};
+use crate::source::postgres::{PgPool, TableSource};
+
+/// What a keyspace operation can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KeyspaceError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("keyspace {0} is read-only (write = \"none\"); configure write = \"through\" to accept writes")]
+    ReadOnly(String),
+    #[error("the body is not valid JSON: {0}")]
+    BadJson(String),
+}
+
+/// Where a read's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Served from L1.
+    Hit,
+    /// Loaded from the source by this read (or by the flight it joined).
+    Miss,
+}
+
+/// A read's answer: the entry (possibly negative) and where it came from.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub entry: Arc<Entry>,
+    pub origin: Origin,
+}
+
+/// The result every caller of one load flight receives.
+pub type LoadResult = Result<Arc<Entry>, SourceError>;
+
+/// Counters of one keyspace, resolved once so the hot path does no label lookups.
+pub struct KeyspaceMetrics {
+    pub hits_l1: IntCounter,
+    pub misses: IntCounter,
+    pub loads_found: IntCounter,
+    pub loads_absent: IntCounter,
+    pub loads_error: IntCounter,
+    pub load_seconds: Histogram,
+    pub fills_skipped: IntCounter,
+}
+
+impl KeyspaceMetrics {
+    fn new(m: &Metrics, ks: &str) -> Self {
+        KeyspaceMetrics {
+            hits_l1: m.cache_hits.with_label_values(&[ks, "l1"]),
+            misses: m.cache_misses.with_label_values(&[ks]),
+            loads_found: m.loads.with_label_values(&[ks, "found"]),
+            loads_absent: m.loads.with_label_values(&[ks, "absent"]),
+            loads_error: m.loads.with_label_values(&[ks, "error"]),
+            load_seconds: m.load_duration.with_label_values(&[ks]),
+            fills_skipped: m.fills_skipped.with_label_values(&[ks]),
+        }
+    }
+}
+
+/// One keyspace.
+pub struct Keyspace {
+    pub config: KeyspaceConfig,
+    pub l1: L1,
+    pub(crate) flights: Flights<LoadResult>,
+    source: RwLock<Option<Arc<TableSource>>>,
+    not_ready: Mutex<Option<String>>,
+    pub(crate) hlc: Arc<Hlc>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) m: KeyspaceMetrics,
+    max_key_bytes: usize,
+}
+
+impl Keyspace {
+    pub fn new(config: KeyspaceConfig, hlc: Arc<Hlc>, metrics: Arc<Metrics>, max_key_bytes: usize) -> Keyspace {
+        let not_ready = config.table.as_ref().map(|t| format!("table {t} has not been bound yet (waiting for Postgres)"));
+        Keyspace {
+            l1: L1::new(config.capacity, config.ttl, config.negative_ttl),
+            flights: Flights::default(),
+            source: RwLock::new(None),
+            not_ready: Mutex::new(not_ready),
+            m: KeyspaceMetrics::new(&metrics, &config.name),
+            metrics,
+            hlc,
+            max_key_bytes,
+            config,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Whether the keyspace has a table behind it.
+    pub fn is_sourced(&self) -> bool {
+        self.config.table.is_some()
+    }
+
+    /// The bound table, or `NotReady` with the reason.
+    pub fn source(&self) -> Result<Arc<TableSource>, SourceError> {
+        if let Some(s) = self.source.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(s.clone());
+        }
+        Err(SourceError::NotReady {
+            keyspace: self.config.name.clone(),
+            reason: self.readiness().err().unwrap_or_else(|| "not bound".into()),
+        })
+    }
+
+    /// `Ok` when the keyspace can serve, or why it cannot.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            None => Ok(()),
+            Some(reason) => Err(reason.clone()),
+        }
+    }
+
+    /// Reads the table's metadata and binds the keyspace to it. On failure the keyspace stays
+    /// (or becomes) not ready with the reason.
+    pub async fn bind(&self, pool: &Arc<PgPool>) -> Result<(), String> {
+        let table = self.config.table.as_ref().expect("bind is only called for sourced keyspaces");
+        let result = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let meta = TableMeta::load(&**client, table).await.map_err(|e| crate::source::postgres::classify(&e).to_string())?;
+            Binding::resolve(&self.config, meta.as_ref()).map_err(|p| p.join("; "))
+        }
+        .await;
+        match result {
+            Ok(binding) => {
+                *self.source.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(TableSource::new(pool.clone(), binding)));
+                *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.metrics.keyspace_ready.with_label_values(&[&self.config.name]).set(1);
+                Ok(())
+            }
+            Err(reason) => {
+                *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+                self.metrics.keyspace_ready.with_label_values(&[&self.config.name]).set(0);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Parses a key from its URL form for this keyspace.
+    pub fn parse_key(&self, raw: &str) -> Result<Key, KeyspaceError> {
+        if !self.is_sourced() {
+            return Ok(key::parse_opaque(raw, self.max_key_bytes)?);
+        }
+        let source = self.source()?;
+        Ok(key::parse_columns(raw, &self.config.name, &source.binding().key, self.max_key_bytes)?)
+    }
+
+    /// Reads a key: L1, then (read-through) the table.
+    pub async fn get(&self, key: &Key) -> Result<Read, KeyspaceError> {
+        read_through::get(self, key).await
+    }
+
+    /// Writes a key's value (a JSON document). Returns the entry now cached.
+    pub async fn put(&self, key: &Key, body: &Bytes) -> Result<Arc<Entry>, KeyspaceError> {
+        if !self.is_sourced() {
+            let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| KeyspaceError::BadJson(e.to_string()))?;
+            let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| KeyspaceError::BadJson(e.to_string()))?);
+            let entry = Entry::new(Some(bytes), Lsn::ZERO, self.hlc.now());
+            self.mutate(key.cache_key.clone(), entry.clone()).await;
+            return Ok(Arc::new(entry));
+        }
+        match self.config.write {
+            WriteMode::None => Err(KeyspaceError::ReadOnly(self.config.name.clone())),
+            WriteMode::Through => write_through::put(self, key, body).await,
+        }
+    }
+
+    /// Deletes a key. `false` when there was nothing to delete.
+    pub async fn delete(&self, key: &Key) -> Result<bool, KeyspaceError> {
+        if !self.is_sourced() {
+            let existed = self.l1.get(&key.cache_key).await.is_some_and(|e| e.value.is_some());
+            self.flights.invalidate(&key.cache_key);
+            self.l1.remove(&key.cache_key).await;
+            return Ok(existed);
+        }
+        match self.config.write {
+            WriteMode::None => Err(KeyspaceError::ReadOnly(self.config.name.clone())),
+            WriteMode::Through => write_through::delete(self, key).await,
+        }
+    }
+
+    /// Installs a mutation's result: marks the key's in-flight load stale first, then installs
+    /// unless the cached state is newer (see `cache` for why this order is safe).
+    pub async fn mutate(&self, key: Arc<str>, entry: Entry) -> Installed {
+        self.flights.invalidate(&key);
+        self.l1.install(key, entry, Install::IfNotOlder).await
+    }
+
+    /// Forgets a key after a change whose new state is not known.
+    pub async fn invalidate(&self, key: &str) {
+        self.flights.invalidate(key);
+        self.l1.remove(key).await;
+    }
+}

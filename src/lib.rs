@@ -1,0 +1,40 @@
+//! cachesync: a cache-synchronization sidecar. It serves a JSON cache on localhost, loads misses
+//! from Postgres, writes back to Postgres, and (as the later parts land) keeps entries fresh from
+//! logical replication through a local durable change log.
+//!
+//! # Layout
+//!
+//! ```text
+//!  HTTP (axum) ─ api ──────────────┐  api::kv      GET/PUT/DELETE/_mget on keys
+//!                                  │  api::admin   /v1/keyspaces /metrics /healthz /readyz
+//!                                  │  api::error   the one error → status mapping
+//!                                  ▼
+//!  keyspace  one named cache: config + L1 + in-flight loads + binding to its table
+//!     │  patterns::read_through   miss → single-flight load → lease-checked fill
+//!     │  patterns::write_through  Postgres first, then cache what RETURNING gave
+//!     ▼
+//!  cache     L1 (moka) with versioned installs; flights = single flight + load leases
+//!  key       URL key encoding, composite keys, per-type normalization
+//!  source    Postgres: pool, catalog binding (schema), SQL text (sql), value rendering (render)
+//!  config    TOML + env overrides; reader reports every problem with its line
+//!  server    assembly, background binding, ordered shutdown
+//!  cli       serve / check
+//!  metrics   Prometheus registry, bounded labels
+//!  hlc, lsn  version clocks: hybrid logical clock, Postgres WAL positions
+//!  testkit   throwaway Postgres and Redis servers for tests and benchmarks
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod hlc;
+pub mod key;
+pub mod keyspace;
+pub mod lsn;
+pub mod metrics;
+pub mod patterns;
+pub mod server;
+pub mod source;
+pub mod testkit;

@@ -1,0 +1,9 @@
+//! The caching patterns, one file each, each described for users in `patterns/*.md` at the top
+//! of the repository:
+//!
+//! - [`read_through`]: a miss loads the row; concurrent misses share one load; "not found" is
+//!   remembered for `negative_ttl`; a load never installs over a change made while it ran.
+//! - [`write_through`]: Postgres first, then the cache holds exactly what Postgres stored.
+
+pub mod read_through;
+pub mod write_through;

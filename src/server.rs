@@ -1,0 +1,196 @@
+//! Assembles a running sidecar from a [`Config`]: metrics, clock, Postgres pool, keyspaces, the
+//! HTTP listener, and the background tasks; and takes it down again in order.
+//!
+//! Lifecycle: one root `CancellationToken` and one `TaskTracker`. `start` binds the listener
+//! (failing fast if the address is taken) and returns at once; sourced keyspaces bind to their
+//! tables in the background, retrying with capped backoff while Postgres is unreachable, so the
+//! sidecar comes up before its database does and `/readyz` reports the wait. `shutdown` stops
+//! accepting, lets in-flight requests finish within the grace period, then stops the background
+//! tasks, and reports whether everything finished in time.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::hlc::Hlc;
+use crate::keyspace::Keyspace;
+use crate::metrics::Metrics;
+use crate::source::SourceError;
+use crate::source::postgres::PgPool;
+
+/// First wait before retrying to bind a keyspace to its table.
+pub const BIND_RETRY_INITIAL: Duration = Duration::from_millis(250);
+/// Longest wait between bind retries.
+pub const BIND_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// How shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Every request and task finished within the grace period.
+    Complete,
+    /// The grace period ran out; what was still running was cut off.
+    TimedOut,
+}
+
+/// A running sidecar.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    http: JoinHandle<std::io::Result<()>>,
+    grace: Duration,
+}
+
+impl Server {
+    /// Builds everything and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let hlc = Arc::new(Hlc::new());
+        let pool = match &config.postgres {
+            Some(pg) => Some(Arc::new(PgPool::new(pg)?)),
+            None => None,
+        };
+        let keyspaces: BTreeMap<String, Arc<Keyspace>> = config
+            .keyspaces
+            .iter()
+            .map(|k| {
+                let ks = Keyspace::new(k.clone(), hlc.clone(), metrics.clone(), config.server.max_key_bytes);
+                (k.name.clone(), Arc::new(ks))
+            })
+            .collect();
+        let listener = TcpListener::bind(config.server.listen).await.map_err(|source| StartError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+        let state = Arc::new(AppState {
+            keyspaces,
+            server: config.server.clone(),
+            metrics,
+            pool: pool.clone(),
+        });
+
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        if let Some(pool) = &pool {
+            for ks in state.keyspaces.values().filter(|k| k.is_sourced()) {
+                tracker.spawn(bind_until_ready(ks.clone(), pool.clone(), token.child_token()));
+            }
+        }
+        let app = api::router(state.clone());
+        let stop = token.clone();
+        let http = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await });
+        tracing::info!(%addr, keyspaces = state.keyspaces.len(), "cachesync started");
+        Ok(Server {
+            addr,
+            state,
+            token,
+            tracker,
+            http,
+            grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// The address the API listens on (the real port when the config said `:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Whether every keyspace can serve.
+    pub fn is_ready(&self) -> bool {
+        self.state.keyspaces.values().all(|k| k.readiness().is_ok())
+    }
+
+    /// Waits until every keyspace can serve, or the deadline passes (returns the last reasons).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.is_ready() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let reasons: Vec<String> = self
+                    .state
+                    .keyspaces
+                    .values()
+                    .filter_map(|k| k.readiness().err().map(|r| format!("{}: {r}", k.name())))
+                    .collect();
+                return Err(reasons.join("; "));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, then stops the
+    /// background tasks.
+    pub async fn shutdown(self) -> Drain {
+        self.token.cancel();
+        self.tracker.close();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut outcome = Drain::Complete;
+        let mut http = self.http;
+        if tokio::time::timeout_at(deadline, &mut http).await.is_err() {
+            http.abort();
+            outcome = Drain::TimedOut;
+        }
+        if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err() {
+            outcome = Drain::TimedOut;
+        }
+        outcome
+    }
+}
+
+/// Binds one keyspace to its table, retrying with capped exponential backoff until it works or
+/// the server shuts down. Logs each distinct failure once, so a long outage is not a log flood.
+async fn bind_until_ready(ks: Arc<Keyspace>, pool: Arc<PgPool>, stop: CancellationToken) {
+    let mut wait = BIND_RETRY_INITIAL;
+    let mut last_reason = String::new();
+    loop {
+        let attempt = tokio::select! {
+            r = ks.bind(&pool) => r,
+            _ = stop.cancelled() => return,
+        };
+        match attempt {
+            Ok(()) => {
+                tracing::info!(keyspace = ks.name(), "keyspace bound to its table");
+                return;
+            }
+            Err(reason) => {
+                if reason != last_reason {
+                    tracing::warn!(keyspace = ks.name(), %reason, "keyspace not ready; retrying");
+                    last_reason = reason;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        wait = (wait * 2).min(BIND_RETRY_MAX);
+    }
+}

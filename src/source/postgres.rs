@@ -1,0 +1,360 @@
+//! Postgres as a source: the connection pool, and [`TableSource`], which loads, upserts and
+//! deletes one keyspace's rows with prepared statements.
+//!
+//! Sessions are opened with `TimeZone=UTC` and `DateStyle=ISO` so values print the same way on
+//! every connection, and with the configured `statement_timeout`. Errors are classified once,
+//! here, into [`SourceError`]; when Postgres rejects a row's data without naming the column
+//! (`invalid input syntax for type integer`), each field is probed on its own to name it.
+
+pub mod render;
+pub mod schema;
+pub mod sql;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use serde_json::{Map, Value};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::SourceError;
+use crate::config::PostgresConfig;
+use crate::lsn::Lsn;
+use schema::Binding;
+
+/// Most distinct upsert column sets whose SQL is kept per keyspace; others are built per call.
+const MAX_CACHED_UPSERTS: usize = 64;
+
+/// Builds the driver's connection settings from the configuration, with the session options
+/// every cachesync connection uses.
+pub fn connection_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, SourceError> {
+    let mut pg: tokio_postgres::Config = cfg
+        .url
+        .expose()
+        .parse()
+        .map_err(|_| SourceError::Unavailable("postgres.url is not a valid connection string".into()))?;
+    let mut options = pg.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+    options.push_str(&format!(
+        "-c TimeZone=UTC -c DateStyle=ISO -c statement_timeout={}",
+        cfg.statement_timeout.as_millis()
+    ));
+    pg.options(&options);
+    pg.connect_timeout(cfg.connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name("cachesync");
+    }
+    Ok(pg)
+}
+
+/// The pool of ordinary (non-replication) connections.
+pub struct PgPool {
+    pool: Pool,
+    acquire_timeout: std::time::Duration,
+}
+
+impl PgPool {
+    /// Builds the pool. No connection is opened until one is needed.
+    pub fn new(cfg: &PostgresConfig) -> Result<PgPool, SourceError> {
+        let pg = connection_config(cfg)?;
+        let manager = Manager::from_config(pg, NoTls, ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.acquire_timeout))
+            .create_timeout(Some(cfg.connect_timeout))
+            .recycle_timeout(Some(cfg.connect_timeout))
+            .build()
+            .map_err(|e| SourceError::Unavailable(format!("cannot build the connection pool: {e}")))?;
+        Ok(PgPool {
+            pool,
+            acquire_timeout: cfg.acquire_timeout,
+        })
+    }
+
+    /// A pooled connection, or `Unavailable` when none can be had in time.
+    pub async fn get(&self) -> Result<deadpool_postgres::Object, SourceError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Timeout(_) => SourceError::Unavailable(format!(
+                "no database connection became available within {}",
+                humantime::format_duration(self.acquire_timeout)
+            )),
+            PoolError::Backend(e) => classify(&e),
+            other => SourceError::Unavailable(other.to_string()),
+        })
+    }
+
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+}
+
+/// Maps a driver error to what the caller can act on.
+pub fn classify(e: &tokio_postgres::Error) -> SourceError {
+    let Some(db) = e.as_db_error() else {
+        // No server response: the connection is gone or could not be made.
+        return SourceError::Unavailable(e.to_string());
+    };
+    let code = db.code().code();
+    let message = match db.detail() {
+        Some(d) => format!("{} ({d})", db.message()),
+        None => db.message().to_string(),
+    };
+    match &code[..2] {
+        "23" => SourceError::Conflict {
+            message,
+            constraint: db.constraint().map(str::to_string),
+        },
+        "08" | "53" | "57" | "40" => SourceError::Unavailable(message),
+        _ => SourceError::Database(format!("{message} [SQLSTATE {code}]")),
+    }
+}
+
+/// Whether Postgres rejected the data itself (bad text for a type, out of range, too long).
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code.starts_with("22") || code == "42804"
+    })
+}
+
+/// One row as the cache stores it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The rendered document, `None` when there is no such row.
+    pub value: Option<Bytes>,
+    /// WAL position read just after the load's snapshot (zero unless asked for).
+    pub snapshot_lsn: Lsn,
+}
+
+/// The stored row after a write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub value: Bytes,
+    /// WAL insert position read inside the writing statement, after the row was locked: for two
+    /// writes of one row, the later-committed one has the larger position.
+    pub lsn: Lsn,
+}
+
+fn parse_lsn(text: Option<&str>) -> Lsn {
+    text.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO)
+}
+
+/// One keyspace's table, ready to load and write rows.
+pub struct TableSource {
+    pool: Arc<PgPool>,
+    binding: Binding,
+    select_plain: String,
+    select_lsn: String,
+    delete: String,
+    probe: String,
+    upserts: Mutex<HashMap<String, Arc<str>>>,
+}
+
+impl TableSource {
+    pub fn new(pool: Arc<PgPool>, binding: Binding) -> TableSource {
+        TableSource {
+            select_plain: sql::select_by_key(&binding, false),
+            select_lsn: sql::select_by_key(&binding, true),
+            delete: sql::delete_by_key(&binding),
+            probe: sql::probe_column(&binding),
+            upserts: Mutex::new(HashMap::new()),
+            pool,
+            binding,
+        }
+    }
+
+    pub fn binding(&self) -> &Binding {
+        &self.binding
+    }
+
+    fn render_row(&self, row: &tokio_postgres::Row, first: usize) -> Bytes {
+        let mut out = Vec::with_capacity(128);
+        render::render_object(
+            self.binding
+                .fields
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.name.as_str(), &f.column.kind, row.get::<_, Option<&str>>(first + i))),
+            &mut out,
+        );
+        Bytes::from(out)
+    }
+
+    /// Loads the row with this key (components already normalized, in key order).
+    pub async fn load(&self, key: &[String], with_lsn: bool) -> Result<Loaded, SourceError> {
+        let client = self.pool.get().await?;
+        let sql = if with_lsn { &self.select_lsn } else { &self.select_plain };
+        let stmt = client.prepare_cached(sql).await.map_err(|e| classify(&e))?;
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        match client.query_opt(&stmt, &params).await {
+            Ok(row) => Ok(Loaded {
+                snapshot_lsn: row.as_ref().map_or(Lsn::ZERO, |r| parse_lsn(r.get(0))),
+                value: row.map(|r| self.render_row(&r, 1)),
+            }),
+            Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
+            Err(e) => Err(classify(&e)),
+        }
+    }
+
+    /// Deletes the row with this key; `None` when there was none.
+    pub async fn delete(&self, key: &[String]) -> Result<Option<Lsn>, SourceError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        match client.query_opt(&stmt, &params).await {
+            Ok(row) => Ok(row.map(|r| parse_lsn(r.get(0)))),
+            Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
+            Err(e) => Err(classify(&e)),
+        }
+    }
+
+    /// Upserts the row with this key from a JSON object of fields (key fields optional). Returns
+    /// what Postgres stored.
+    pub async fn upsert(&self, key: &[String], body: &Map<String, Value>) -> Result<Written, SourceError> {
+        let row = self.columns_of(key, body)?;
+        let columns: Vec<&str> = self
+            .binding
+            .fields
+            .iter()
+            .map(|f| f.column.name.as_str())
+            .filter(|c| row.contains_key(*c))
+            .collect();
+        let sql = self.upsert_sql(&columns);
+        let json = Value::Object(row.clone()).to_string();
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&sql).await.map_err(|e| classify(&e))?;
+        match client.query_one(&stmt, &[&json]).await {
+            Ok(r) => Ok(Written {
+                lsn: parse_lsn(r.get(0)),
+                value: self.render_row(&r, 1),
+            }),
+            Err(e) if is_data_error(&e) => Err(self.blame_field(&client, &row, &e).await),
+            Err(e) => Err(classify(&e)),
+        }
+    }
+
+    /// Checks the body against the binding and returns it keyed by column name, key filled in.
+    fn columns_of(&self, key: &[String], body: &Map<String, Value>) -> Result<Map<String, Value>, SourceError> {
+        let b = &self.binding;
+        let mut row = Map::new();
+        for (name, value) in body {
+            let Some(field) = b.field(name) else {
+                return Err(SourceError::UnknownField {
+                    field: name.clone(),
+                    keyspace: b.keyspace.clone(),
+                    known: b.fields.iter().map(|f| format!("`{}`", f.name)).collect::<Vec<_>>().join(", "),
+                });
+            };
+            if field.column.generated || field.column.identity_always {
+                return Err(SourceError::NotWritable {
+                    field: name.clone(),
+                    column: field.column.name.clone(),
+                });
+            }
+            if let Some(i) = b.key.iter().position(|k| k.name == field.column.name) {
+                if !key_matches(&key[i], value) {
+                    return Err(SourceError::KeyMismatch {
+                        field: name.clone(),
+                        url: key[i].clone(),
+                        body: value.to_string(),
+                    });
+                }
+            }
+            row.insert(field.column.name.clone(), value.clone());
+        }
+        for (k, v) in b.key.iter().zip(key) {
+            row.insert(k.name.clone(), Value::String(v.clone()));
+        }
+        Ok(row)
+    }
+
+    fn upsert_sql(&self, columns: &[&str]) -> Arc<str> {
+        let id = columns.join("\u{1f}");
+        let mut cache = self.upserts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(&id) {
+            return s.clone();
+        }
+        let s: Arc<str> = sql::upsert(&self.binding, columns).into();
+        if cache.len() < MAX_CACHED_UPSERTS {
+            cache.insert(id, s.clone());
+        }
+        s
+    }
+
+    /// Names the field whose value Postgres rejected by trying each one alone.
+    async fn blame_field(&self, client: &deadpool_postgres::Object, row: &Map<String, Value>, original: &tokio_postgres::Error) -> SourceError {
+        for (column, value) in row {
+            let one = Value::Object(Map::from_iter([(column.clone(), value.clone())])).to_string();
+            if let Err(e) = client.query_one(&self.probe, &[&one]).await {
+                if let (Some(db), Some(field)) = (e.as_db_error(), self.binding.field_of_column(column)) {
+                    return SourceError::InvalidValue {
+                        field: field.name.clone(),
+                        column: column.clone(),
+                        type_sql: field.column.type_sql.clone(),
+                        message: db.message().to_string(),
+                    };
+                }
+            }
+        }
+        SourceError::InvalidRow {
+            table: self.binding.table.to_string(),
+            message: original.as_db_error().map_or_else(|| original.to_string(), |d| d.message().to_string()),
+        }
+    }
+
+    /// Names the key component Postgres could not cast to its column's type.
+    async fn blame_key(&self, client: &deadpool_postgres::Object, key: &[String]) -> SourceError {
+        for (col, value) in self.binding.key.iter().zip(key) {
+            let probe = format!("SELECT CAST($1::text AS {}) IS NULL", col.type_sql);
+            if client.query_one(&probe, &[value]).await.is_err() {
+                return SourceError::InvalidKey {
+                    column: col.name.clone(),
+                    type_sql: col.type_sql.clone(),
+                    value: value.clone(),
+                };
+            }
+        }
+        SourceError::InvalidKey {
+            column: self.binding.key.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+            type_sql: self.binding.key.iter().map(|c| c.type_sql.as_str()).collect::<Vec<_>>().join(", "),
+            value: key.join(","),
+        }
+    }
+}
+
+/// Whether a body's key field holds the same value as the URL's (already normalized) component.
+fn key_matches(url: &str, body: &Value) -> bool {
+    match body {
+        Value::String(s) => s == url || s.eq_ignore_ascii_case(url) && looks_like_uuid(url),
+        Value::Number(n) => {
+            let t = n.to_string();
+            t == url || t.parse::<i128>().ok().zip(url.parse::<i128>().ok()).is_some_and(|(a, b)| a == b)
+        }
+        Value::Bool(b) => url == if *b { "true" } else { "false" },
+        _ => false,
+    }
+}
+
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_fields_match_by_value() {
+        assert!(key_matches("42", &json!(42)));
+        assert!(key_matches("42", &json!("42")));
+        assert!(!key_matches("42", &json!(43)));
+        assert!(!key_matches("42", &json!({"id": 42})));
+        assert!(key_matches("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", &json!("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")));
+    }
+}

@@ -1,0 +1,357 @@
+//! Rendering Postgres values, in their text output form, as JSON.
+//!
+//! Both paths that bring rows into the cache see values as Postgres's *output function* prints
+//! them: the loader selects `format('%s', col)` (which calls the output function, unlike `::text`,
+//! which prints booleans as `true`), and pgoutput sends the same text. One renderer for both means
+//! an entry looks the same whether it came from a load or from CDC.
+//!
+//! | Postgres type | JSON |
+//! |---|---|
+//! | `bool` | `true` / `false` |
+//! | `int2`, `int4`, `int8`, `oid` | number |
+//! | `float4`, `float8`, `numeric` | number, exact digits kept; `NaN`/`Infinity` as strings |
+//! | `json`, `jsonb` | the document itself |
+//! | `timestamptz` | RFC 3339 string in UTC, `2024-03-01T12:34:56.5Z` |
+//! | `timestamp` | ISO 8601 string without offset, `2024-03-01T12:34:56.5` |
+//! | arrays of the above | arrays, nested for more dimensions, `NULL` elements as `null` |
+//! | anything else (`text`, `uuid`, `date`, `interval`, enums, ...) | string, as Postgres prints it |
+//! | SQL `NULL` | `null` |
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// How a column's values become JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeKind {
+    Bool,
+    Integer,
+    Float,
+    Numeric,
+    Json,
+    Timestamptz,
+    Timestamp,
+    Text,
+    Array(Box<TypeKind>),
+}
+
+impl TypeKind {
+    /// Classifies a (domain-resolved) base type. `elem` is the element type of an array type.
+    pub fn from_oid(base_oid: u32, elem_oid: Option<u32>) -> TypeKind {
+        if let Some(elem) = elem_oid.filter(|&e| e != 0) {
+            return TypeKind::Array(Box::new(TypeKind::from_oid(elem, None)));
+        }
+        match base_oid {
+            16 => TypeKind::Bool,
+            20 | 21 | 23 | 26 => TypeKind::Integer,
+            700 | 701 => TypeKind::Float,
+            1700 => TypeKind::Numeric,
+            114 | 3802 => TypeKind::Json,
+            1184 => TypeKind::Timestamptz,
+            1114 => TypeKind::Timestamp,
+            _ => TypeKind::Text,
+        }
+    }
+}
+
+/// Appends the JSON form of one value (`None` = SQL NULL) to `out`.
+pub fn render_value(kind: &TypeKind, text: Option<&str>, out: &mut Vec<u8>) {
+    let Some(text) = text else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    match kind {
+        TypeKind::Bool => match text {
+            "t" | "true" => out.extend_from_slice(b"true"),
+            "f" | "false" => out.extend_from_slice(b"false"),
+            other => push_string(other, out),
+        },
+        TypeKind::Integer | TypeKind::Float | TypeKind::Numeric => {
+            if is_json_number(text) {
+                out.extend_from_slice(text.as_bytes());
+            } else {
+                // NaN, Infinity, -Infinity: not JSON numbers.
+                push_string(text, out);
+            }
+        }
+        TypeKind::Json => out.extend_from_slice(text.as_bytes()),
+        TypeKind::Timestamptz => push_string(&normalize_timestamptz(text), out),
+        TypeKind::Timestamp => push_string(&text.replacen(' ', "T", 1), out),
+        TypeKind::Text => push_string(text, out),
+        TypeKind::Array(elem) => render_array(elem, text, out),
+    }
+}
+
+/// Appends a JSON object of `(field, kind, text)` triples to `out`.
+pub fn render_object<'a>(fields: impl IntoIterator<Item = (&'a str, &'a TypeKind, Option<&'a str>)>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (field, kind, text)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_string(field, out);
+        out.push(b':');
+        render_value(kind, text, out);
+    }
+    out.push(b'}');
+}
+
+fn push_string(s: &str, out: &mut Vec<u8>) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Whether `s` is a number in JSON's grammar (so it can be copied through verbatim).
+pub fn is_json_number(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// `2024-03-01 12:34:56.5+05:30` → `2024-03-01T07:04:56.5Z`; anything unparseable (infinity,
+/// BC dates, second-precision offsets) is kept as Postgres printed it.
+pub fn normalize_timestamptz(text: &str) -> String {
+    let mut s = text.replacen(' ', "T", 1);
+    if let Some(t) = s.find('T') {
+        if let Some(rel) = s[t..].rfind(['+', '-']) {
+            let off = t + rel;
+            if s.len() - off == 3 {
+                s.push_str(":00");
+            }
+        }
+    }
+    match DateTime::parse_from_rfc3339(&s) {
+        Ok(dt) => dt.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        Err(_) => text.to_string(),
+    }
+}
+
+/// Renders a Postgres array literal (`{1,2,NULL}`, `{{1,2},{3,4}}`, `[0:1]={"a b",c}`).
+fn render_array(elem: &TypeKind, text: &str, out: &mut Vec<u8>) {
+    let body = match text.find('=') {
+        Some(eq) if text.starts_with('[') => &text[eq + 1..],
+        _ => text,
+    };
+    let mut p = ArrayParser { s: body.as_bytes(), i: 0 };
+    let start = out.len();
+    if p.parse(elem, out).is_err() || p.i != p.s.len() {
+        // Not a literal we understand: keep the text rather than emit broken JSON.
+        out.truncate(start);
+        push_string(text, out);
+    }
+}
+
+struct ArrayParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl ArrayParser<'_> {
+    fn skip_ws(&mut self) {
+        while self.s.get(self.i).is_some_and(|c| c.is_ascii_whitespace()) {
+            self.i += 1;
+        }
+    }
+
+    fn parse(&mut self, elem: &TypeKind, out: &mut Vec<u8>) -> Result<(), ()> {
+        self.skip_ws();
+        if self.s.get(self.i) != Some(&b'{') {
+            return Err(());
+        }
+        self.i += 1;
+        out.push(b'[');
+        self.skip_ws();
+        if self.s.get(self.i) == Some(&b'}') {
+            self.i += 1;
+            out.push(b']');
+            return Ok(());
+        }
+        let mut first = true;
+        loop {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b'{') => self.parse(elem, out)?,
+                Some(b'"') => {
+                    let v = self.quoted()?;
+                    render_value(elem, Some(&v), out);
+                }
+                Some(_) => {
+                    let start = self.i;
+                    while let Some(&c) = self.s.get(self.i) {
+                        if c == b',' || c == b'}' {
+                            break;
+                        }
+                        self.i += 1;
+                    }
+                    let raw = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| ())?.trim();
+                    if raw.eq_ignore_ascii_case("NULL") {
+                        out.extend_from_slice(b"null");
+                    } else {
+                        render_value(elem, Some(raw), out);
+                    }
+                }
+                None => return Err(()),
+            }
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    out.push(b']');
+                    return Ok(());
+                }
+                _ => return Err(()),
+            }
+        }
+    }
+
+    fn quoted(&mut self) -> Result<String, ()> {
+        self.i += 1;
+        let mut v = Vec::new();
+        loop {
+            match self.s.get(self.i) {
+                Some(b'\\') => {
+                    v.push(*self.s.get(self.i + 1).ok_or(())?);
+                    self.i += 2;
+                }
+                Some(b'"') => {
+                    self.i += 1;
+                    return String::from_utf8(v).map_err(|_| ());
+                }
+                Some(&c) => {
+                    v.push(c);
+                    self.i += 1;
+                }
+                None => return Err(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn r(kind: TypeKind, text: Option<&str>) -> String {
+        let mut out = Vec::new();
+        render_value(&kind, text, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn scalars() {
+        assert_eq!(r(TypeKind::Bool, Some("t")), "true");
+        assert_eq!(r(TypeKind::Bool, Some("f")), "false");
+        assert_eq!(r(TypeKind::Integer, Some("-42")), "-42");
+        assert_eq!(r(TypeKind::Numeric, Some("12345678901234567890.000100")), "12345678901234567890.000100");
+        assert_eq!(r(TypeKind::Numeric, Some("NaN")), "\"NaN\"");
+        assert_eq!(r(TypeKind::Float, Some("-Infinity")), "\"-Infinity\"");
+        assert_eq!(r(TypeKind::Float, Some("1.5e+300")), "1.5e+300");
+        assert_eq!(r(TypeKind::Json, Some("{\"a\": [1, 2]}")), "{\"a\": [1, 2]}");
+        assert_eq!(r(TypeKind::Text, Some("say \"hi\"\n")), "\"say \\\"hi\\\"\\n\"");
+        assert_eq!(r(TypeKind::Text, None), "null");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.5+05:30")), "\"2024-03-01T07:04:56.500Z\"");
+        assert_eq!(r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56+00")), "\"2024-03-01T12:34:56Z\"");
+        assert_eq!(r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.123456-03")), "\"2024-03-01T15:34:56.123456Z\"");
+        assert_eq!(r(TypeKind::Timestamptz, Some("infinity")), "\"infinity\"");
+        assert_eq!(r(TypeKind::Timestamp, Some("2024-03-01 12:34:56")), "\"2024-03-01T12:34:56\"");
+    }
+
+    #[test]
+    fn arrays() {
+        let ints = TypeKind::Array(Box::new(TypeKind::Integer));
+        assert_eq!(r(ints.clone(), Some("{1,2,NULL}")), "[1,2,null]");
+        assert_eq!(r(ints.clone(), Some("{{1,2},{3,4}}")), "[[1,2],[3,4]]");
+        assert_eq!(r(ints.clone(), Some("[0:1]={5,6}")), "[5,6]");
+        assert_eq!(r(ints, Some("{}")), "[]");
+        let texts = TypeKind::Array(Box::new(TypeKind::Text));
+        assert_eq!(r(texts.clone(), Some(r#"{plain,"with space","q\"uote","back\\slash","NULL",NULL}"#)), r#"["plain","with space","q\"uote","back\\slash","NULL",null]"#);
+        assert_eq!(r(texts, Some("{broken")), "\"{broken\"");
+        let bools = TypeKind::Array(Box::new(TypeKind::Bool));
+        assert_eq!(r(bools, Some("{t,f}")), "[true,false]");
+    }
+
+    #[test]
+    fn objects() {
+        let mut out = Vec::new();
+        render_object([("id", &TypeKind::Integer, Some("1")), ("name", &TypeKind::Text, None)], &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"id":1,"name":null}"#);
+    }
+
+    /// Renders an array of texts as Postgres's array output would quote them.
+    fn pg_text_array(items: &[Option<String>]) -> String {
+        let parts: Vec<String> = items
+            .iter()
+            .map(|i| match i {
+                None => "NULL".to_string(),
+                Some(s) => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+            })
+            .collect();
+        format!("{{{}}}", parts.join(","))
+    }
+
+    proptest! {
+        #[test]
+        fn any_rendered_value_is_valid_json(text in ".*", kind in 0usize..8) {
+            let kinds = [TypeKind::Bool, TypeKind::Integer, TypeKind::Float, TypeKind::Numeric, TypeKind::Timestamptz, TypeKind::Timestamp, TypeKind::Text, TypeKind::Array(Box::new(TypeKind::Integer))];
+            let out = r(kinds[kind].clone(), Some(&text));
+            prop_assert!(serde_json::from_str::<serde_json::Value>(&out).is_ok(), "{out}");
+        }
+
+        #[test]
+        fn text_arrays_round_trip(items in proptest::collection::vec(proptest::option::of(".*"), 0..8)) {
+            let out = r(TypeKind::Array(Box::new(TypeKind::Text)), Some(&pg_text_array(&items)));
+            let back: Vec<Option<String>> = serde_json::from_str(&out).unwrap();
+            prop_assert_eq!(back, items);
+        }
+
+        #[test]
+        fn json_numbers_agree_with_serde(s in "-?[0-9]{0,3}(\\.[0-9]{0,2})?([eE][+-]?[0-9]{0,2})?") {
+            let ours = is_json_number(&s);
+            let serde = serde_json::from_str::<serde_json::Number>(&s).is_ok();
+            prop_assert_eq!(ours, serde, "{}", s);
+        }
+    }
+}

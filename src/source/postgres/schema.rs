@@ -1,0 +1,244 @@
+//! What the catalog says about a keyspace's table, and the binding of a keyspace to it.
+//!
+//! [`TableMeta`] is read from `pg_catalog` with names passed as bound parameters. [`Binding`]
+//! checks a keyspace's configuration against it — table present, key and mapped columns present,
+//! a unique index on exactly the key columns, the privileges the configured patterns need — and
+//! returns every problem at once; `cachesync check --connect` prints them and the server refuses to
+//! serve a keyspace that has any.
+
+use tokio_postgres::GenericClient;
+
+use super::render::TypeKind;
+use crate::config::{KeyspaceConfig, TableRef, WriteMode};
+
+/// One column as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct ColumnMeta {
+    pub name: String,
+    /// The type as SQL (`character varying(40)`, `bigint`), from `format_type`; used in casts.
+    pub type_sql: String,
+    pub kind: TypeKind,
+    pub not_null: bool,
+    pub has_default: bool,
+    /// A generated column: it cannot be written.
+    pub generated: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`: it cannot be written without `OVERRIDING SYSTEM VALUE`.
+    pub identity_always: bool,
+}
+
+/// What the sidecar's role may do with the table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Privileges {
+    pub select: bool,
+    pub insert: bool,
+    pub update: bool,
+    pub delete: bool,
+}
+
+/// One table.
+#[derive(Debug, Clone)]
+pub struct TableMeta {
+    pub oid: u32,
+    pub table: TableRef,
+    /// `r` table, `p` partitioned table, `v` view, `m` materialized view, `f` foreign table.
+    pub relkind: char,
+    pub columns: Vec<ColumnMeta>,
+    /// Column lists of the table's unique, non-partial, plain-column indexes.
+    pub unique_keys: Vec<Vec<String>>,
+    pub privileges: Privileges,
+}
+
+impl TableMeta {
+    pub fn column(&self, name: &str) -> Option<&ColumnMeta> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Reads the table's metadata; `Ok(None)` when no such relation exists.
+    pub async fn load(client: &impl GenericClient, table: &TableRef) -> Result<Option<TableMeta>, tokio_postgres::Error> {
+        let rel = client
+            .query_opt(
+                "SELECT c.oid::int8, c.relkind::text FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r','p','v','m','f')",
+                &[&table.schema, &table.name],
+            )
+            .await?;
+        let Some(rel) = rel else { return Ok(None) };
+        let oid = rel.get::<_, i64>(0);
+        let relkind: String = rel.get(1);
+        let cols = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), bt.oid::int8, \
+                        COALESCE(et.oid, 0)::int8, a.attnotnull, a.atthasdef, \
+                        a.attgenerated <> '', a.attidentity = 'a' \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+                 LEFT JOIN pg_catalog.pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A' \
+                 WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await?;
+        let columns = cols
+            .iter()
+            .map(|r| {
+                let base = r.get::<_, i64>(2) as u32;
+                let elem = r.get::<_, i64>(3) as u32;
+                ColumnMeta {
+                    name: r.get(0),
+                    type_sql: r.get(1),
+                    kind: TypeKind::from_oid(base, Some(elem)),
+                    not_null: r.get(4),
+                    has_default: r.get(5),
+                    generated: r.get(6),
+                    identity_always: r.get(7),
+                }
+            })
+            .collect();
+        let keys = client
+            .query(
+                "SELECT ARRAY(SELECT a.attname::text \
+                              FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                              ORDER BY k.ord) \
+                 FROM pg_catalog.pg_index i \
+                 WHERE i.indrelid = $1::int8::oid AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+                &[&oid],
+            )
+            .await?;
+        let unique_keys = keys.iter().map(|r| r.get::<_, Vec<String>>(0)).collect();
+        let p = client
+            .query_one(
+                "SELECT has_table_privilege($1::int8::oid, 'SELECT'), has_table_privilege($1::int8::oid, 'INSERT'), \
+                        has_table_privilege($1::int8::oid, 'UPDATE'), has_table_privilege($1::int8::oid, 'DELETE')",
+                &[&oid],
+            )
+            .await?;
+        Ok(Some(TableMeta {
+            oid: oid as u32,
+            table: table.clone(),
+            relkind: relkind.chars().next().unwrap_or('r'),
+            columns,
+            unique_keys,
+            privileges: Privileges {
+                select: p.get(0),
+                insert: p.get(1),
+                update: p.get(2),
+                delete: p.get(3),
+            },
+        }))
+    }
+}
+
+/// One output field of a binding.
+#[derive(Debug, Clone)]
+pub struct Field {
+    /// Name in the JSON document.
+    pub name: String,
+    pub column: ColumnMeta,
+}
+
+/// A keyspace resolved against its table: ready to build statements and render rows.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub keyspace: String,
+    pub table: TableRef,
+    pub table_oid: u32,
+    /// Key columns in key order.
+    pub key: Vec<ColumnMeta>,
+    /// Output fields in document order.
+    pub fields: Vec<Field>,
+}
+
+impl Binding {
+    /// Checks `ks` against the table's metadata (`None` = table missing), returning every problem.
+    pub fn resolve(ks: &KeyspaceConfig, meta: Option<&TableMeta>) -> Result<Binding, Vec<String>> {
+        let table = ks.table.clone().expect("resolve is only called for sourced keyspaces");
+        let Some(meta) = meta else {
+            return Err(vec![format!("table {table} does not exist (or is not visible to this role)")]);
+        };
+        let mut problems = Vec::new();
+        let mut key = Vec::new();
+        for k in &ks.key {
+            match meta.column(k) {
+                Some(c) => key.push(c.clone()),
+                None => problems.push(format!("key column `{k}` does not exist in table {table}")),
+            }
+        }
+        let mut fields = Vec::new();
+        match &ks.columns {
+            None => fields.extend(meta.columns.iter().map(|c| Field {
+                name: c.name.clone(),
+                column: c.clone(),
+            })),
+            Some(mapping) => {
+                for m in mapping {
+                    match meta.column(&m.column) {
+                        Some(c) => fields.push(Field {
+                            name: m.field.clone(),
+                            column: c.clone(),
+                        }),
+                        None => problems.push(format!("column `{}` does not exist in table {table}", m.column)),
+                    }
+                }
+            }
+        }
+        if key.len() == ks.key.len() {
+            let mut want: Vec<&str> = ks.key.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            let unique = meta.unique_keys.iter().any(|u| {
+                let mut have: Vec<&str> = u.iter().map(String::as_str).collect();
+                have.sort_unstable();
+                have == want
+            });
+            if !unique {
+                problems.push(format!(
+                    "no primary key or unique index on exactly ({}) in table {table}; a key must identify one row (create one with: CREATE UNIQUE INDEX ON {table} ({}))",
+                    ks.key.join(", "),
+                    ks.key.join(", ")
+                ));
+            }
+        }
+        let p = meta.privileges;
+        if !p.select {
+            problems.push(format!("this role lacks SELECT on {table}"));
+        }
+        if ks.write == WriteMode::Through {
+            if !matches!(meta.relkind, 'r' | 'p') {
+                problems.push(format!("{table} is not a plain table; write = \"through\" needs one"));
+            }
+            for (ok, what) in [(p.insert, "INSERT"), (p.update, "UPDATE"), (p.delete, "DELETE")] {
+                if !ok {
+                    problems.push(format!("this role lacks {what} on {table}, which write = \"through\" needs"));
+                }
+            }
+            for c in &key {
+                if c.generated || c.identity_always {
+                    problems.push(format!("key column `{}` is generated by the database and cannot be written; write = \"through\" needs a key the client supplies", c.name));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(Binding {
+                keyspace: ks.name.clone(),
+                table,
+                table_oid: meta.oid,
+                key,
+                fields,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The field that renders a column, if the column is mapped.
+    pub fn field_of_column(&self, column: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.column.name == column)
+    }
+
+    /// The field with a JSON name.
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+}

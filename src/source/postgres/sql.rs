@@ -1,0 +1,145 @@
+//! SQL text for a binding. Identifiers come from the configuration and the catalog and are always
+//! double-quoted; values are always bound parameters — nothing from a request is ever spliced
+//! into SQL. Key values are bound as `text` and cast to the column's type (its `format_type`
+//! spelling, from the catalog), so one statement serves every key type.
+//!
+//! Result columns are rendered with `format('%s', col)`, which calls the type's output function
+//! (the same text pgoutput sends), not `col::text`, whose casts differ for a few types (`bool`
+//! prints `true`, `inet` adds a netmask).
+
+use super::schema::{Binding, ColumnMeta};
+use crate::config::TableRef;
+
+/// `ident` as a quoted SQL identifier.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// `"schema"."table"`.
+pub fn qualified(t: &TableRef) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
+
+/// The output-function text of a column, NULL kept NULL.
+fn text_of(prefix: &str, col: &ColumnMeta) -> String {
+    let q = format!("{prefix}{}", quote_ident(&col.name));
+    format!("CASE WHEN {q} IS NULL THEN NULL ELSE format('%s', {q}) END")
+}
+
+fn output_list(prefix: &str, b: &Binding) -> String {
+    b.fields.iter().map(|f| text_of(prefix, &f.column)).collect::<Vec<_>>().join(", ")
+}
+
+/// `"k1" = CAST($1::text AS bigint) AND ...`, numbering parameters from `first`.
+fn key_predicate(b: &Binding, first: usize) -> String {
+    b.key
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = CAST(${}::text AS {})", quote_ident(&c.name), first + i, c.type_sql))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Loads one row by key. Column 0 is the WAL position read *after* the statement's snapshot was
+/// taken (when `with_lsn`), then one text column per output field.
+pub fn select_by_key(b: &Binding, with_lsn: bool) -> String {
+    let lsn = if with_lsn { "pg_current_wal_lsn()::text" } else { "NULL::text" };
+    format!("SELECT {lsn}, {} FROM {} WHERE {}", output_list("", b), qualified(&b.table), key_predicate(b, 1))
+}
+
+/// Upserts the columns in `columns` (table column names, key columns included) from a JSON
+/// object bound as `$1`. Returns the WAL insert position, then the stored row's output fields.
+pub fn upsert(b: &Binding, columns: &[&str]) -> String {
+    let table = qualified(&b.table);
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
+    let mut set: Vec<String> = columns
+        .iter()
+        .filter(|c| !b.key.iter().any(|k| &k.name == *c))
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+        .collect();
+    if set.is_empty() {
+        // Nothing but the key: still "update" so RETURNING yields the existing row.
+        set.push(format!("{0} = EXCLUDED.{0}", key[0]));
+    }
+    format!(
+        "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r \
+         ON CONFLICT ({key}) DO UPDATE SET {set} RETURNING pg_current_wal_insert_lsn()::text, {out}",
+        cols = cols.join(", "),
+        rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
+        key = key.join(", "),
+        set = set.join(", "),
+        out = output_list("t.", b),
+    )
+}
+
+/// Deletes one row by key, returning the WAL insert position when a row was deleted.
+pub fn delete_by_key(b: &Binding) -> String {
+    format!("DELETE FROM {} WHERE {} RETURNING pg_current_wal_insert_lsn()::text", qualified(&b.table), key_predicate(b, 1))
+}
+
+/// Tries one field's value against its column type, to name the column a data error came from.
+pub fn probe_column(b: &Binding) -> String {
+    format!("SELECT jsonb_populate_record(NULL::{}, $1::text::jsonb) IS NULL", qualified(&b.table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::postgres::render::TypeKind;
+    use crate::source::postgres::schema::Field;
+
+    fn col(name: &str, ty: &str) -> ColumnMeta {
+        ColumnMeta {
+            name: name.into(),
+            type_sql: ty.into(),
+            kind: TypeKind::Text,
+            not_null: false,
+            has_default: false,
+            generated: false,
+            identity_always: false,
+        }
+    }
+
+    fn binding() -> Binding {
+        Binding {
+            keyspace: "ks".into(),
+            table: TableRef {
+                schema: "public".into(),
+                name: "we\"ird".into(),
+            },
+            table_oid: 1,
+            key: vec![col("tenant", "integer"), col("id", "uuid")],
+            fields: vec![
+                Field {
+                    name: "tenant".into(),
+                    column: col("tenant", "integer"),
+                },
+                Field {
+                    name: "id".into(),
+                    column: col("id", "uuid"),
+                },
+                Field {
+                    name: "n".into(),
+                    column: col("name", "text"),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn identifiers_are_quoted_and_keys_bound() {
+        let s = select_by_key(&binding(), false);
+        assert!(s.contains(r#"FROM "public"."we""ird""#), "{s}");
+        assert!(s.contains(r#""tenant" = CAST($1::text AS integer) AND "id" = CAST($2::text AS uuid)"#), "{s}");
+        assert!(s.contains(r#"format('%s', "name")"#), "{s}");
+    }
+
+    #[test]
+    fn upsert_updates_only_non_key_columns() {
+        let s = upsert(&binding(), &["tenant", "id", "name"]);
+        assert!(s.contains(r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#), "{s}");
+        let only_key = upsert(&binding(), &["tenant", "id"]);
+        assert!(only_key.contains(r#"DO UPDATE SET "tenant" = EXCLUDED."tenant""#), "{only_key}");
+    }
+}
