@@ -55,7 +55,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cachesync: cannot start the async runtime: {e}");
@@ -69,8 +72,12 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHESYNC_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHESYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn serve(path: Option<&Path>) -> ExitCode {
@@ -82,7 +89,9 @@ async fn serve(path: Option<&Path>) -> ExitCode {
         }
     };
     if path.is_none() {
-        tracing::info!("no --config given: running the embedded in-memory default (keyspace `default`)");
+        tracing::info!(
+            "no --config given: running the embedded in-memory default (keyspace `default`)"
+        );
     }
     let server = match Server::start(config).await {
         Ok(s) => s,
@@ -109,7 +118,10 @@ async fn serve(path: Option<&Path>) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -131,15 +143,27 @@ async fn check(path: &Path, connect: bool) -> ExitCode {
         }
     };
     if !connect {
-        println!("{}: ok ({} keyspace(s))", path.display(), config.keyspaces.len());
+        println!(
+            "{}: ok ({} keyspace(s))",
+            path.display(),
+            config.keyspaces.len()
+        );
         return ExitCode::SUCCESS;
     }
     let problems = check_connect(&config).await;
     if problems.is_empty() {
-        println!("{}: ok ({} keyspace(s); tables, keys, columns and privileges verified)", path.display(), config.keyspaces.len());
+        println!(
+            "{}: ok ({} keyspace(s); tables, keys, columns and privileges verified)",
+            path.display(),
+            config.keyspaces.len()
+        );
         ExitCode::SUCCESS
     } else {
-        println!("{} problem(s) in {} against the database:", problems.len(), path.display());
+        println!(
+            "{} problem(s) in {} against the database:",
+            problems.len(),
+            path.display()
+        );
         for p in &problems {
             println!("  {p}");
         }
@@ -164,10 +188,17 @@ pub async fn check_connect(config: &Config) -> Vec<String> {
     for ks in config.keyspaces.iter() {
         let Some(table) = &ks.table else { continue };
         match TableMeta::load(&**client, table).await {
-            Err(e) => problems.push(format!("keyspace[{}]: cannot read the catalog: {}", ks.name, classify(&e))),
+            Err(e) => problems.push(format!(
+                "keyspace[{}]: cannot read the catalog: {}",
+                ks.name,
+                classify(&e)
+            )),
             Ok(meta) => {
                 if let Err(ps) = Binding::resolve(ks, meta.as_ref()) {
-                    problems.extend(ps.into_iter().map(|p| format!("keyspace[{}]: {p}", ks.name)));
+                    problems.extend(
+                        ps.into_iter()
+                            .map(|p| format!("keyspace[{}]: {p}", ks.name)),
+                    );
                 }
             }
         }

@@ -157,7 +157,9 @@ impl TableRef {
                 schema: schema.clone(),
                 name: name.clone(),
             }),
-            _ => Err(format!("invalid table name {text:?}; write it as \"table\" or \"schema.table\"")),
+            _ => Err(format!(
+                "invalid table name {text:?}; write it as \"table\" or \"schema.table\""
+            )),
         }
     }
 }
@@ -229,7 +231,9 @@ impl ColumnMapping {
                 column: (*col).into(),
                 field: (*field).into(),
             }),
-            _ => Err(format!("invalid column mapping {text:?}; write \"column\" or \"column as field\"")),
+            _ => Err(format!(
+                "invalid column mapping {text:?}; write \"column\" or \"column as field\""
+            )),
         }
     }
 }
@@ -299,7 +303,9 @@ impl KeyspaceConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid address"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -312,9 +318,15 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{} problem(s) in {origin}:\n  {}", problems.len(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
-    Invalid { origin: String, problems: Vec<Problem> },
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
 }
 
 /// Environment variables read as overrides.
@@ -353,7 +365,11 @@ impl Config {
     }
 
     /// Parses `text` (or starts from the embedded default) and applies overrides from `env`.
-    pub fn from_parts(text: Option<&str>, origin: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn from_parts(
+        text: Option<&str>,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid {
             origin: origin.to_string(),
             problems,
@@ -379,7 +395,11 @@ impl Config {
         let mut problems = problems;
         apply_env(&mut config, env, &mut problems);
         problems.extend(validate(&config));
-        if problems.is_empty() { Ok(config) } else { Err(invalid(problems)) }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(invalid(problems))
+        }
     }
 
     pub fn keyspace(&self, name: &str) -> Option<&KeyspaceConfig> {
@@ -390,7 +410,11 @@ impl Config {
 fn read_config(mut root: Section<'_, '_>) -> Config {
     let server = root.table("server").map(read_server).unwrap_or_default();
     let postgres = root.table("postgres").map(read_postgres);
-    let keyspaces = root.tables("keyspace").into_iter().filter_map(read_keyspace).collect();
+    let keyspaces = root
+        .tables("keyspace")
+        .into_iter()
+        .filter_map(read_keyspace)
+        .collect();
     root.finish();
     Config {
         server,
@@ -405,7 +429,10 @@ fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
         Some(text) => match text.parse() {
             Ok(a) => a,
             Err(e) => {
-                s.problem_at("listen", format!("invalid address {text:?} ({e}); write it like \"127.0.0.1:7070\""));
+                s.problem_at(
+                    "listen",
+                    format!("invalid address {text:?} ({e}); write it like \"127.0.0.1:7070\""),
+                );
                 d.listen
             }
         },
@@ -433,9 +460,15 @@ fn read_postgres(mut s: Section<'_, '_>) -> Option<PostgresConfig> {
     let config = PostgresConfig {
         url: Secret::new(url.clone().unwrap_or_default()),
         pool_size: s.get("pool_size").unwrap_or(DEFAULT_POOL_SIZE),
-        connect_timeout: s.duration("connect_timeout").unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-        acquire_timeout: s.duration("acquire_timeout").unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
-        statement_timeout: s.duration("statement_timeout").unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+        connect_timeout: s
+            .duration("connect_timeout")
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        acquire_timeout: s
+            .duration("acquire_timeout")
+            .unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
+        statement_timeout: s
+            .duration("statement_timeout")
+            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
     };
     if config.pool_size == 0 {
         s.problem_at("pool_size", "must be at least 1");
@@ -456,17 +489,24 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     let name: Option<String> = s.required("name");
     if let Some(n) = &name {
         s.set_path(format!("keyspace[{n}]"));
-        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || n.starts_with('_') {
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || n.starts_with('_')
+        {
             s.problem_at("name", format!("invalid keyspace name {n:?}: use letters, digits, `_` and `-`, not starting with `_`"));
         }
     }
-    let table = s.get::<String>("table").and_then(|t| match TableRef::parse(&t) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            s.problem_at("table", e);
-            None
-        }
-    });
+    let table = s
+        .get::<String>("table")
+        .and_then(|t| match TableRef::parse(&t) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                s.problem_at("table", e);
+                None
+            }
+        });
     let has_table = s.span_of("table").is_some();
     let key = match s.get::<KeySpec>("key") {
         Some(KeySpec::One(k)) => vec![k],
@@ -502,7 +542,10 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         None | Some("none") => WriteMode::None,
         Some("through") => WriteMode::Through,
         Some(other) => {
-            s.problem_at("write", format!("unknown write mode {other:?}; expected \"none\" or \"through\""));
+            s.problem_at(
+                "write",
+                format!("unknown write mode {other:?}; expected \"none\" or \"through\""),
+            );
             WriteMode::None
         }
     };
@@ -543,20 +586,32 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
                 }
             }
             if cols.is_empty() {
-                s.problem_at("columns", "must list at least one column (or be left out for all columns)");
+                s.problem_at(
+                    "columns",
+                    "must list at least one column (or be left out for all columns)",
+                );
             }
         }
     } else {
         for field in ["key", "columns"] {
             if s.span_of(field).is_some() {
-                s.problem_at(field, format!("`{field}` needs `table`; an in-memory keyspace has no columns"));
+                s.problem_at(
+                    field,
+                    format!("`{field}` needs `table`; an in-memory keyspace has no columns"),
+                );
             }
         }
         if read_through == Some(true) {
-            s.problem_at("read_through", "read-through needs `table`; an in-memory keyspace has no source to load from");
+            s.problem_at(
+                "read_through",
+                "read-through needs `table`; an in-memory keyspace has no source to load from",
+            );
         }
         if write != WriteMode::None {
-            s.problem_at("write", "write-through needs `table`; an in-memory keyspace stores writes in memory only");
+            s.problem_at(
+                "write",
+                "write-through needs `table`; an in-memory keyspace stores writes in memory only",
+            );
         }
     }
     s.finish();
@@ -573,7 +628,11 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     })
 }
 
-fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) {
+fn apply_env(
+    config: &mut Config,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) {
     if let Some(listen) = env(ENV_LISTEN) {
         match listen.parse() {
             Ok(a) => config.server.listen = a,
@@ -624,7 +683,11 @@ fn validate(config: &Config) -> Vec<Problem> {
         if let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>() {
             // The parser's message can quote the input; keep only its kind.
             let kind = e.to_string();
-            let kind = if kind.contains(pg.url.expose()) { "unparseable connection string".to_string() } else { kind };
+            let kind = if kind.contains(pg.url.expose()) {
+                "unparseable connection string".to_string()
+            } else {
+                kind
+            };
             problems.push(Problem {
                 line: None,
                 path: "postgres.url".into(),
@@ -699,7 +762,10 @@ max_bytes = "64MiB"
         assert_eq!(orders.table.as_ref().unwrap().schema, "public");
         assert_eq!(orders.key, vec!["tenant_id", "id"]);
         assert_eq!(orders.capacity, Capacity::Bytes(64 << 20));
-        assert!(orders.read_through, "read_through defaults to on for a sourced keyspace");
+        assert!(
+            orders.read_through,
+            "read_through defaults to on for a sourced keyspace"
+        );
     }
 
     #[test]
@@ -719,10 +785,18 @@ ttl = "5 fortnights"
 write = "sideways"
 "#;
         let p = problems(text);
-        let text_of = |needle: &str| p.iter().find(|p| p.message.contains(needle)).unwrap_or_else(|| panic!("no problem mentions {needle:?}: {p:#?}"));
+        let text_of = |needle: &str| {
+            p.iter()
+                .find(|p| p.message.contains(needle))
+                .unwrap_or_else(|| panic!("no problem mentions {needle:?}: {p:#?}"))
+        };
         let unknown = text_of("unknown field `colour`");
         assert_eq!(unknown.line, Some(4));
-        assert!(unknown.message.contains("listen"), "names the known fields: {}", unknown.message);
+        assert!(
+            unknown.message.contains("listen"),
+            "names the known fields: {}",
+            unknown.message
+        );
         assert_eq!(text_of("invalid duration").line, Some(12));
         assert_eq!(text_of("key column `id` is missing").line, Some(11));
         assert_eq!(text_of("unknown write mode").line, Some(13));
@@ -744,7 +818,10 @@ write = "sideways"
         };
         let c = Config::from_parts(None, "test", &env).unwrap();
         assert_eq!(c.server.listen.port(), 9999);
-        assert_eq!(c.postgres.as_ref().unwrap().url.expose(), "postgres://u:pw@127.0.0.1/db");
+        assert_eq!(
+            c.postgres.as_ref().unwrap().url.expose(),
+            "postgres://u:pw@127.0.0.1/db"
+        );
         assert_eq!(c.keyspaces[0].name, DEFAULT_KEYSPACE);
     }
 
@@ -757,17 +834,25 @@ write = "sideways"
 
     #[test]
     fn duplicate_keyspaces_and_missing_postgres() {
-        let p = problems("[[keyspace]]\nname = \"a\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"a\"\n");
+        let p = problems(
+            "[[keyspace]]\nname = \"a\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"a\"\n",
+        );
         assert!(p.iter().any(|p| p.message.contains("used twice")), "{p:#?}");
-        assert!(p.iter().any(|p| p.message.contains("no [postgres]")), "{p:#?}");
+        assert!(
+            p.iter().any(|p| p.message.contains("no [postgres]")),
+            "{p:#?}"
+        );
     }
 
     #[test]
     fn table_names() {
-        assert_eq!(TableRef::parse("\"My Schema\".\"T\"\"x\"").unwrap(), TableRef {
-            schema: "My Schema".into(),
-            name: "T\"x".into()
-        });
+        assert_eq!(
+            TableRef::parse("\"My Schema\".\"T\"\"x\"").unwrap(),
+            TableRef {
+                schema: "My Schema".into(),
+                name: "T\"x".into()
+            }
+        );
         assert!(TableRef::parse("a.b.c").is_err());
         assert!(TableRef::parse("a.").is_err());
     }

@@ -20,11 +20,16 @@ pub struct Hlc {
 
 impl Hlc {
     pub fn new() -> Self {
-        Hlc { last: AtomicU64::new(0) }
+        Hlc {
+            last: AtomicU64::new(0),
+        }
     }
 
     fn wall() -> u64 {
-        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         ms << LOGICAL_BITS
     }
 
@@ -34,7 +39,10 @@ impl Hlc {
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = if wall > last { wall } else { last + 1 };
-            match self.last.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return next,
                 Err(seen) => last = seen,
             }
@@ -65,7 +73,10 @@ mod tests {
                 std::thread::spawn(move || (0..10_000).map(|_| c.now()).collect::<Vec<_>>())
             })
             .collect();
-        let mut all: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let mut all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let n = all.len();
         all.sort_unstable();
         all.dedup();

@@ -38,7 +38,9 @@ pub enum KeyError {
     TooLong { len: usize, max: usize },
     #[error("the key is not valid UTF-8 after percent-decoding")]
     NotUtf8,
-    #[error("the key has {got} component(s) but keyspace {keyspace} has a key of {want} column(s) ({columns}); join components with ',' and write a comma inside one as %2C")]
+    #[error(
+        "the key has {got} component(s) but keyspace {keyspace} has a key of {want} column(s) ({columns}); join components with ',' and write a comma inside one as %2C"
+    )]
     WrongArity {
         keyspace: String,
         got: usize,
@@ -46,11 +48,18 @@ pub enum KeyError {
         columns: String,
     },
     #[error("key component {value:?} is not a valid {type_sql} for key column `{column}`")]
-    BadComponent { column: String, type_sql: String, value: String },
+    BadComponent {
+        column: String,
+        type_sql: String,
+        value: String,
+    },
 }
 
 fn decode(raw: &str) -> Result<String, KeyError> {
-    percent_decode_str(raw).decode_utf8().map(|c| c.into_owned()).map_err(|_| KeyError::NotUtf8)
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| KeyError::NotUtf8)
 }
 
 /// Parses an in-memory keyspace's key: the whole decoded string.
@@ -74,17 +83,35 @@ fn check_len(k: &str, max: usize) -> Result<(), KeyError> {
 }
 
 /// Parses a sourced keyspace's key against its key columns.
-pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Key, KeyError> {
+pub fn parse_columns(
+    raw: &str,
+    keyspace: &str,
+    columns: &[ColumnMeta],
+    max: usize,
+) -> Result<Key, KeyError> {
+    // The limit applies to the key as sent, before normalization could fail on it.
+    let len = percent_decode_str(raw).count();
+    if len > max {
+        return Err(KeyError::TooLong { len, max });
+    }
     if raw.is_empty() {
         return Err(KeyError::Empty);
     }
-    let raw_parts: Vec<&str> = if columns.len() == 1 { vec![raw] } else { raw.split(',').collect() };
+    let raw_parts: Vec<&str> = if columns.len() == 1 {
+        vec![raw]
+    } else {
+        raw.split(',').collect()
+    };
     if raw_parts.len() != columns.len() {
         return Err(KeyError::WrongArity {
             keyspace: keyspace.into(),
             got: raw_parts.len(),
             want: columns.len(),
-            columns: columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+            columns: columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     let mut parts = Vec::with_capacity(columns.len());
@@ -100,7 +127,11 @@ pub fn key_from_parts(parts: Vec<String>, max: usize) -> Result<Key, KeyError> {
     let cache_key = if parts.len() == 1 {
         parts[0].clone()
     } else {
-        parts.iter().map(|p| utf8_percent_encode(p, COMPONENT).to_string()).collect::<Vec<_>>().join(",")
+        parts
+            .iter()
+            .map(|p| utf8_percent_encode(p, COMPONENT).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     };
     check_len(&cache_key, max)?;
     Ok(Key {
@@ -119,7 +150,11 @@ pub fn normalize(col: &ColumnMeta, value: String) -> Result<String, KeyError> {
     match col.kind {
         TypeKind::Integer => {
             let t = value.trim();
-            let n: i128 = t.strip_prefix('+').unwrap_or(t).parse().map_err(|_| bad())?;
+            let n: i128 = t
+                .strip_prefix('+')
+                .unwrap_or(t)
+                .parse()
+                .map_err(|_| bad())?;
             Ok(n.to_string())
         }
         _ if col.type_sql == "uuid" => {
@@ -128,7 +163,14 @@ pub fn normalize(col: &ColumnMeta, value: String) -> Result<String, KeyError> {
                 return Err(bad());
             }
             let h = hex.to_ascii_lowercase();
-            Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+            Ok(format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            ))
         }
         _ => Ok(value),
     }
@@ -161,12 +203,25 @@ mod tests {
 
     #[test]
     fn composite_keys_split_and_normalize() {
-        let cols = [col("tenant", "integer", TypeKind::Integer), col("code", "text", TypeKind::Text)];
+        let cols = [
+            col("tenant", "integer", TypeKind::Integer),
+            col("code", "text", TypeKind::Text),
+        ];
         let k = parse_columns("007,x%2Cy", "ks", &cols, 100).unwrap();
         assert_eq!(k.parts, vec!["7", "x,y"]);
         assert_eq!(&*k.cache_key, "7,x%2Cy");
-        assert!(matches!(parse_columns("7", "ks", &cols, 100), Err(KeyError::WrongArity { got: 1, want: 2, .. })));
-        assert!(matches!(parse_columns("x,y", "ks", &cols, 100), Err(KeyError::BadComponent { .. })));
+        assert!(matches!(
+            parse_columns("7", "ks", &cols, 100),
+            Err(KeyError::WrongArity {
+                got: 1,
+                want: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_columns("x,y", "ks", &cols, 100),
+            Err(KeyError::BadComponent { .. })
+        ));
     }
 
     #[test]
@@ -179,7 +234,10 @@ mod tests {
     #[test]
     fn limits() {
         assert_eq!(parse_opaque("", 10), Err(KeyError::Empty));
-        assert!(matches!(parse_opaque("abcdefghijk", 10), Err(KeyError::TooLong { len: 11, max: 10 })));
+        assert!(matches!(
+            parse_opaque("abcdefghijk", 10),
+            Err(KeyError::TooLong { len: 11, max: 10 })
+        ));
         assert_eq!(parse_opaque("%FF", 10), Err(KeyError::NotUtf8));
     }
 

@@ -30,7 +30,9 @@ pub enum KeyspaceError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("keyspace {0} is read-only (write = \"none\"); configure write = \"through\" to accept writes")]
+    #[error(
+        "keyspace {0} is read-only (write = \"none\"); configure write = \"through\" to accept writes"
+    )]
     ReadOnly(String),
     #[error("the body is not valid JSON: {0}")]
     BadJson(String),
@@ -94,8 +96,16 @@ pub struct Keyspace {
 }
 
 impl Keyspace {
-    pub fn new(config: KeyspaceConfig, hlc: Arc<Hlc>, metrics: Arc<Metrics>, max_key_bytes: usize) -> Keyspace {
-        let not_ready = config.table.as_ref().map(|t| format!("table {t} has not been bound yet (waiting for Postgres)"));
+    pub fn new(
+        config: KeyspaceConfig,
+        hlc: Arc<Hlc>,
+        metrics: Arc<Metrics>,
+        max_key_bytes: usize,
+    ) -> Keyspace {
+        let not_ready = config
+            .table
+            .as_ref()
+            .map(|t| format!("table {t} has not been bound yet (waiting for Postgres)"));
         Keyspace {
             l1: L1::new(config.capacity, config.ttl, config.negative_ttl),
             flights: Flights::default(),
@@ -120,7 +130,12 @@ impl Keyspace {
 
     /// The bound table, or `NotReady` with the reason.
     pub fn source(&self) -> Result<Arc<TableSource>, SourceError> {
-        if let Some(s) = self.source.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(s) = self
+            .source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             return Ok(s.clone());
         }
         Err(SourceError::NotReady {
@@ -131,7 +146,12 @@ impl Keyspace {
 
     /// `Ok` when the keyspace can serve, or why it cannot.
     pub fn readiness(&self) -> Result<(), String> {
-        match self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        match self
+            .not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             None => Ok(()),
             Some(reason) => Err(reason.clone()),
         }
@@ -140,23 +160,36 @@ impl Keyspace {
     /// Reads the table's metadata and binds the keyspace to it. On failure the keyspace stays
     /// (or becomes) not ready with the reason.
     pub async fn bind(&self, pool: &Arc<PgPool>) -> Result<(), String> {
-        let table = self.config.table.as_ref().expect("bind is only called for sourced keyspaces");
+        let table = self
+            .config
+            .table
+            .as_ref()
+            .expect("bind is only called for sourced keyspaces");
         let result = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;
-            let meta = TableMeta::load(&**client, table).await.map_err(|e| crate::source::postgres::classify(&e).to_string())?;
+            let meta = TableMeta::load(&**client, table)
+                .await
+                .map_err(|e| crate::source::postgres::classify(&e).to_string())?;
             Binding::resolve(&self.config, meta.as_ref()).map_err(|p| p.join("; "))
         }
         .await;
         match result {
             Ok(binding) => {
-                *self.source.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(TableSource::new(pool.clone(), binding)));
+                *self.source.write().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Arc::new(TableSource::new(pool.clone(), binding)));
                 *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.metrics.keyspace_ready.with_label_values(&[&self.config.name]).set(1);
+                self.metrics
+                    .keyspace_ready
+                    .with_label_values(&[&self.config.name])
+                    .set(1);
                 Ok(())
             }
             Err(reason) => {
                 *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-                self.metrics.keyspace_ready.with_label_values(&[&self.config.name]).set(0);
+                self.metrics
+                    .keyspace_ready
+                    .with_label_values(&[&self.config.name])
+                    .set(0);
                 Err(reason)
             }
         }
@@ -168,7 +201,12 @@ impl Keyspace {
             return Ok(key::parse_opaque(raw, self.max_key_bytes)?);
         }
         let source = self.source()?;
-        Ok(key::parse_columns(raw, &self.config.name, &source.binding().key, self.max_key_bytes)?)
+        Ok(key::parse_columns(
+            raw,
+            &self.config.name,
+            &source.binding().key,
+            self.max_key_bytes,
+        )?)
     }
 
     /// Reads a key: L1, then (read-through) the table.
@@ -179,8 +217,11 @@ impl Keyspace {
     /// Writes a key's value (a JSON document). Returns the entry now cached.
     pub async fn put(&self, key: &Key, body: &Bytes) -> Result<Arc<Entry>, KeyspaceError> {
         if !self.is_sourced() {
-            let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| KeyspaceError::BadJson(e.to_string()))?;
-            let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| KeyspaceError::BadJson(e.to_string()))?);
+            let value: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| KeyspaceError::BadJson(e.to_string()))?;
+            let bytes = Bytes::from(
+                serde_json::to_vec(&value).map_err(|e| KeyspaceError::BadJson(e.to_string()))?,
+            );
             let entry = Entry::new(Some(bytes), Lsn::ZERO, self.hlc.now());
             self.mutate(key.cache_key.clone(), entry.clone()).await;
             return Ok(Arc::new(entry));
@@ -194,7 +235,11 @@ impl Keyspace {
     /// Deletes a key. `false` when there was nothing to delete.
     pub async fn delete(&self, key: &Key) -> Result<bool, KeyspaceError> {
         if !self.is_sourced() {
-            let existed = self.l1.get(&key.cache_key).await.is_some_and(|e| e.value.is_some());
+            let existed = self
+                .l1
+                .get(&key.cache_key)
+                .await
+                .is_some_and(|e| e.value.is_some());
             self.flights.invalidate(&key.cache_key);
             self.l1.remove(&key.cache_key).await;
             return Ok(existed);

@@ -35,7 +35,10 @@ pub const BIND_RETRY_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Source(#[from] SourceError),
 }
@@ -72,14 +75,21 @@ impl Server {
             .keyspaces
             .iter()
             .map(|k| {
-                let ks = Keyspace::new(k.clone(), hlc.clone(), metrics.clone(), config.server.max_key_bytes);
+                let ks = Keyspace::new(
+                    k.clone(),
+                    hlc.clone(),
+                    metrics.clone(),
+                    config.server.max_key_bytes,
+                );
                 (k.name.clone(), Arc::new(ks))
             })
             .collect();
-        let listener = TcpListener::bind(config.server.listen).await.map_err(|source| StartError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.server.listen,
+                source,
+            })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.server.listen,
             source,
@@ -95,12 +105,20 @@ impl Server {
         let tracker = TaskTracker::new();
         if let Some(pool) = &pool {
             for ks in state.keyspaces.values().filter(|k| k.is_sourced()) {
-                tracker.spawn(bind_until_ready(ks.clone(), pool.clone(), token.child_token()));
+                tracker.spawn(bind_until_ready(
+                    ks.clone(),
+                    pool.clone(),
+                    token.child_token(),
+                ));
             }
         }
         let app = api::router(state.clone());
         let stop = token.clone();
-        let http = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await });
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
         tracing::info!(%addr, keyspaces = state.keyspaces.len(), "cachesync started");
         Ok(Server {
             addr,
@@ -158,7 +176,10 @@ impl Server {
             http.abort();
             outcome = Drain::TimedOut;
         }
-        if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
             outcome = Drain::TimedOut;
         }
         outcome

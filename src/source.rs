@@ -16,7 +16,10 @@ pub enum SourceError {
     Unavailable(String),
     /// The write violated a constraint (unique, foreign key, not null, check).
     #[error("{message}")]
-    Conflict { message: String, constraint: Option<String> },
+    Conflict {
+        message: String,
+        constraint: Option<String>,
+    },
     /// A field's value cannot be stored in its column.
     #[error("field `{field}` does not fit column `{column}` ({type_sql}): {message}")]
     InvalidValue {
@@ -30,15 +33,31 @@ pub enum SourceError {
     InvalidRow { table: String, message: String },
     /// A key component cannot be a value of its key column.
     #[error("key component {value:?} does not fit key column `{column}` ({type_sql})")]
-    InvalidKey { column: String, type_sql: String, value: String },
+    InvalidKey {
+        column: String,
+        type_sql: String,
+        value: String,
+    },
     /// The body names a field the keyspace does not map.
     #[error("unknown field `{field}`: keyspace {keyspace} maps only {known}")]
-    UnknownField { field: String, keyspace: String, known: String },
+    UnknownField {
+        field: String,
+        keyspace: String,
+        known: String,
+    },
     /// A key field in the body differs from the key in the URL.
-    #[error("field `{field}` is {body} in the body but {url:?} in the URL; leave key fields out or make them match")]
-    KeyMismatch { field: String, url: String, body: String },
+    #[error(
+        "field `{field}` is {body} in the body but {url:?} in the URL; leave key fields out or make them match"
+    )]
+    KeyMismatch {
+        field: String,
+        url: String,
+        body: String,
+    },
     /// A field that maps to a column the database computes.
-    #[error("field `{field}` maps to column `{column}`, which the database generates; leave it out")]
+    #[error(
+        "field `{field}` maps to column `{column}`, which the database generates; leave it out"
+    )]
     NotWritable { field: String, column: String },
     /// The body is not a JSON object of fields.
     #[error("the body must be a JSON object of fields: {0}")]

@@ -34,7 +34,10 @@ static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 /// A loopback port that was free a moment ago and has not been handed out by this process.
 pub fn free_port() -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
         let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
         if !seen.contains(&port) {
             seen.push(port);
@@ -45,10 +48,16 @@ pub fn free_port() -> u16 {
 
 /// A fresh directory under the system temp dir, owned by `owner` when given.
 pub fn temp_dir(label: &str, owner: Option<(u32, u32)>) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cachesync-{label}-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let dir = std::env::temp_dir().join(format!(
+        "cachesync-{label}-{}-{}",
+        std::process::id(),
+        unique()
+    ));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
     }
     dir
 }
@@ -56,7 +65,9 @@ pub fn temp_dir(label: &str, owner: Option<(u32, u32)>) -> PathBuf {
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// The uid and gid of a local user, read from /etc/passwd.
@@ -91,25 +102,63 @@ pub struct Tied {
 
 impl Tied {
     /// Starts `program args` under a guardian, as `user` (uid, gid) when given.
-    pub fn spawn(program: &Path, args: &[String], log: &Path, signal: &str, user: Option<(u32, u32)>) -> io::Result<Tied> {
+    pub fn spawn(
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        signal: &str,
+        user: Option<(u32, u32)>,
+    ) -> io::Result<Tied> {
         Tied::spawn_with(program, args, log, signal, user, &[])
     }
 
     /// A guardian that runs nothing and, when this process exits, waits for `wait_for` to
     /// disappear (a server's pid file) and then removes `dir`.
-    pub fn cleanup(dir: &Path, wait_for: Option<&Path>, user: Option<(u32, u32)>) -> io::Result<Tied> {
-        let wait_for = wait_for.map(|p| p.as_os_str().to_owned()).unwrap_or_default();
-        Tied::spawn_with(Path::new("true"), &[], Path::new("/dev/null"), "TERM", user, &[("CLEANUP", dir.as_os_str().to_owned()), ("WAITFOR", wait_for)])
+    pub fn cleanup(
+        dir: &Path,
+        wait_for: Option<&Path>,
+        user: Option<(u32, u32)>,
+    ) -> io::Result<Tied> {
+        let wait_for = wait_for
+            .map(|p| p.as_os_str().to_owned())
+            .unwrap_or_default();
+        Tied::spawn_with(
+            Path::new("true"),
+            &[],
+            Path::new("/dev/null"),
+            "TERM",
+            user,
+            &[
+                ("CLEANUP", dir.as_os_str().to_owned()),
+                ("WAITFOR", wait_for),
+            ],
+        )
     }
 
-    fn spawn_with(program: &Path, args: &[String], log: &Path, signal: &str, user: Option<(u32, u32)>, env: &[(&str, std::ffi::OsString)]) -> io::Result<Tied> {
+    fn spawn_with(
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        signal: &str,
+        user: Option<(u32, u32)>,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> io::Result<Tied> {
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(GUARDIAN).arg("cachesync-guardian").arg(program).args(args);
-        cmd.env("LOG", log).env("SIG", signal).env_remove("CLEANUP").env_remove("WAITFOR");
+        cmd.arg("-c")
+            .arg(GUARDIAN)
+            .arg("cachesync-guardian")
+            .arg(program)
+            .args(args);
+        cmd.env("LOG", log)
+            .env("SIG", signal)
+            .env_remove("CLEANUP")
+            .env_remove("WAITFOR");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         if let Some((uid, gid)) = user {
             cmd.uid(uid).gid(gid);
         }
@@ -142,8 +191,19 @@ pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration, what: &str) {
             return;
         }
         if Instant::now() > deadline {
-            let tail: Vec<&str> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-            panic!("{what} did not become ready within {timeout:?}; last log lines of {}:\n{}", log.display(), tail.join("\n"));
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!(
+                "{what} did not become ready within {timeout:?}; last log lines of {}:\n{}",
+                log.display(),
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -158,13 +218,22 @@ pub fn find_program(name: &str, env_override: &str, dirs: &[PathBuf]) -> Option<
             return Some(candidate);
         }
     }
-    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-    dirs.iter().chain(path_dirs.iter()).map(|d| d.join(name)).find(|p| p.is_file())
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    dirs.iter()
+        .chain(path_dirs.iter())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Polls `check` until it returns `Ok`, or fails after `timeout` with the last error seen.
 /// Tests wait for conditions with this, never with fixed sleeps.
-pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -173,7 +242,9 @@ where
     loop {
         match check().await {
             Ok(v) => return v,
-            Err(e) if tokio::time::Instant::now() >= deadline => panic!("{what}: not true within {timeout:?}; last seen: {e:?}"),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: not true within {timeout:?}; last seen: {e:?}")
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }

@@ -42,19 +42,32 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.metrics;
     for ks in st.keyspaces.values() {
         ks.l1.sync().await;
-        m.cache_entries.with_label_values(&[ks.name()]).set(ks.l1.entry_count() as i64);
-        m.cache_weighted_bytes.with_label_values(&[ks.name()]).set(ks.l1.weighted_size() as i64);
-        m.keyspace_ready.with_label_values(&[ks.name()]).set(ks.readiness().is_ok() as i64);
+        m.cache_entries
+            .with_label_values(&[ks.name()])
+            .set(ks.l1.entry_count() as i64);
+        m.cache_weighted_bytes
+            .with_label_values(&[ks.name()])
+            .set(ks.l1.weighted_size() as i64);
+        m.keyspace_ready
+            .with_label_values(&[ks.name()])
+            .set(ks.readiness().is_ok() as i64);
     }
     if let Some(pool) = &st.pool {
         let s = pool.status();
         m.pool_max.set(s.max_size as i64);
-        m.pool_connections.with_label_values(&["idle"]).set(s.available as i64);
-        m.pool_connections.with_label_values(&["in_use"]).set(s.size.saturating_sub(s.available) as i64);
+        m.pool_connections
+            .with_label_values(&["idle"])
+            .set(s.available as i64);
+        m.pool_connections
+            .with_label_values(&["in_use"])
+            .set(s.size.saturating_sub(s.available) as i64);
         m.pool_waiting.set(s.waiting as i64);
     }
     let mut resp = m.encode().into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 
@@ -68,11 +81,19 @@ pub async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     let not_ready: serde_json::Map<String, Value> = st
         .keyspaces
         .values()
-        .filter_map(|ks| ks.readiness().err().map(|r| (ks.name().to_string(), Value::String(r))))
+        .filter_map(|ks| {
+            ks.readiness()
+                .err()
+                .map(|r| (ks.name().to_string(), Value::String(r)))
+        })
         .collect();
     if not_ready.is_empty() {
         Json(json!({ "ready": true })).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "not_ready": not_ready }))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "not_ready": not_ready })),
+        )
+            .into_response()
     }
 }

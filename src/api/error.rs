@@ -30,15 +30,30 @@ impl ApiError {
     }
 
     pub fn unknown_keyspace(name: &str, known: &[&str]) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "unknown_keyspace", format!("no keyspace named {name:?}; configured keyspaces: {}", known.join(", ")))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_keyspace",
+            format!(
+                "no keyspace named {name:?}; configured keyspaces: {}",
+                known.join(", ")
+            ),
+        )
     }
 
     pub fn not_found(keyspace: &str, key: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no entry for key {key:?} in keyspace {keyspace}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no entry for key {key:?} in keyspace {keyspace}"),
+        )
     }
 
     pub fn too_large(limit: u64) -> ApiError {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is larger than {limit} bytes (server.max_body_bytes)"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {limit} bytes (server.max_body_bytes)"),
+        )
     }
 
     pub fn bad_request(detail: impl Into<String>) -> ApiError {
@@ -52,7 +67,9 @@ impl From<SourceError> for ApiError {
             SourceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             SourceError::NotReady { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             SourceError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
-            SourceError::InvalidValue { .. } | SourceError::InvalidRow { .. } => (StatusCode::BAD_REQUEST, "invalid_value"),
+            SourceError::InvalidValue { .. } | SourceError::InvalidRow { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_value")
+            }
             SourceError::InvalidKey { .. } => (StatusCode::BAD_REQUEST, "invalid_key"),
             SourceError::UnknownField { .. } => (StatusCode::BAD_REQUEST, "unknown_field"),
             SourceError::KeyMismatch { .. } => (StatusCode::BAD_REQUEST, "key_mismatch"),
@@ -75,8 +92,12 @@ impl From<KeyspaceError> for ApiError {
         match e {
             KeyspaceError::Source(e) => e.into(),
             KeyspaceError::Key(e) => e.into(),
-            KeyspaceError::ReadOnly(_) => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string()),
-            KeyspaceError::BadJson(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+            KeyspaceError::ReadOnly(_) => {
+                ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string())
+            }
+            KeyspaceError::BadJson(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
+            }
         }
     }
 }
@@ -86,7 +107,8 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({ "error": self.code, "detail": self.detail });
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         resp
     }

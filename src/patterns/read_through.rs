@@ -23,16 +23,25 @@ use crate::lsn::Lsn;
 pub async fn get(ks: &Keyspace, key: &Key) -> Result<Read, KeyspaceError> {
     if let Some(entry) = ks.l1.get(&key.cache_key).await {
         ks.m.hits_l1.inc();
-        return Ok(Read { entry, origin: Origin::Hit });
+        return Ok(Read {
+            entry,
+            origin: Origin::Hit,
+        });
     }
     ks.m.misses.inc();
     if !ks.config.read_through {
         // Nothing to load from: an absent key is simply absent.
         let entry = Arc::new(Entry::new(None, Lsn::ZERO, 0));
-        return Ok(Read { entry, origin: Origin::Miss });
+        return Ok(Read {
+            entry,
+            origin: Origin::Miss,
+        });
     }
     let entry = load(ks, key).await?;
-    Ok(Read { entry, origin: Origin::Miss })
+    Ok(Read {
+        entry,
+        origin: Origin::Miss,
+    })
 }
 
 /// Loads `key` through the keyspace's flight registry and installs the result if its lease
@@ -59,7 +68,12 @@ pub async fn load(ks: &Keyspace, key: &Key) -> Result<Arc<Entry>, KeyspaceError>
                 ks.m.loads_absent.inc();
             }
             let entry = Entry::new(loaded.value, loaded.snapshot_lsn, ks.hlc.now());
-            if ks.l1.install(key.cache_key.clone(), entry.clone(), Install::Fill(lease)).await == Installed::Skipped {
+            if ks
+                .l1
+                .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
+                .await
+                == Installed::Skipped
+            {
                 ks.m.fills_skipped.inc();
             }
             Ok(Arc::new(entry))

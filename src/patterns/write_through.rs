@@ -49,7 +49,8 @@ pub async fn delete(ks: &Keyspace, key: &Key) -> Result<bool, KeyspaceError> {
     observe(ks, "delete", started, deleted.is_ok());
     match deleted? {
         Some(lsn) => {
-            ks.mutate(key.cache_key.clone(), Entry::new(None, lsn, ks.hlc.now())).await;
+            ks.mutate(key.cache_key.clone(), Entry::new(None, lsn, ks.hlc.now()))
+                .await;
             Ok(true)
         }
         None => {
@@ -62,8 +63,12 @@ pub async fn delete(ks: &Keyspace, key: &Key) -> Result<bool, KeyspaceError> {
 
 fn observe(ks: &Keyspace, op: &str, started: Instant, ok: bool) {
     let m = &ks.metrics;
-    m.write_duration.with_label_values(&[ks.name(), op]).observe(started.elapsed().as_secs_f64());
-    m.writes.with_label_values(&[ks.name(), op, if ok { "ok" } else { "error" }]).inc();
+    m.write_duration
+        .with_label_values(&[ks.name(), op])
+        .observe(started.elapsed().as_secs_f64());
+    m.writes
+        .with_label_values(&[ks.name(), op, if ok { "ok" } else { "error" }])
+        .inc();
 }
 
 fn kind_of(v: &Value) -> &'static str {

@@ -11,8 +11,8 @@ pub mod schema;
 pub mod sql;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -31,12 +31,13 @@ const MAX_CACHED_UPSERTS: usize = 64;
 /// Builds the driver's connection settings from the configuration, with the session options
 /// every cachesync connection uses.
 pub fn connection_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, SourceError> {
-    let mut pg: tokio_postgres::Config = cfg
-        .url
-        .expose()
-        .parse()
-        .map_err(|_| SourceError::Unavailable("postgres.url is not a valid connection string".into()))?;
-    let mut options = pg.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+    let mut pg: tokio_postgres::Config = cfg.url.expose().parse().map_err(|_| {
+        SourceError::Unavailable("postgres.url is not a valid connection string".into())
+    })?;
+    let mut options = pg
+        .get_options()
+        .map(|o| format!("{o} "))
+        .unwrap_or_default();
     options.push_str(&format!(
         "-c TimeZone=UTC -c DateStyle=ISO -c statement_timeout={}",
         cfg.statement_timeout.as_millis()
@@ -59,9 +60,13 @@ impl PgPool {
     /// Builds the pool. No connection is opened until one is needed.
     pub fn new(cfg: &PostgresConfig) -> Result<PgPool, SourceError> {
         let pg = connection_config(cfg)?;
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        });
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(Runtime::Tokio1)
@@ -69,7 +74,9 @@ impl PgPool {
             .create_timeout(Some(cfg.connect_timeout))
             .recycle_timeout(Some(cfg.connect_timeout))
             .build()
-            .map_err(|e| SourceError::Unavailable(format!("cannot build the connection pool: {e}")))?;
+            .map_err(|e| {
+                SourceError::Unavailable(format!("cannot build the connection pool: {e}"))
+            })?;
         Ok(PgPool {
             pool,
             acquire_timeout: cfg.acquire_timeout,
@@ -175,11 +182,13 @@ impl TableSource {
     fn render_row(&self, row: &tokio_postgres::Row, first: usize) -> Bytes {
         let mut out = Vec::with_capacity(128);
         render::render_object(
-            self.binding
-                .fields
-                .iter()
-                .enumerate()
-                .map(|(i, f)| (f.name.as_str(), &f.column.kind, row.get::<_, Option<&str>>(first + i))),
+            self.binding.fields.iter().enumerate().map(|(i, f)| {
+                (
+                    f.name.as_str(),
+                    &f.column.kind,
+                    row.get::<_, Option<&str>>(first + i),
+                )
+            }),
             &mut out,
         );
         Bytes::from(out)
@@ -188,9 +197,14 @@ impl TableSource {
     /// Loads the row with this key (components already normalized, in key order).
     pub async fn load(&self, key: &[String], with_lsn: bool) -> Result<Loaded, SourceError> {
         let client = self.pool.get().await?;
-        let sql = if with_lsn { &self.select_lsn } else { &self.select_plain };
+        let sql = if with_lsn {
+            &self.select_lsn
+        } else {
+            &self.select_plain
+        };
         let stmt = client.prepare_cached(sql).await.map_err(|e| classify(&e))?;
-        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         match client.query_opt(&stmt, &params).await {
             Ok(row) => Ok(Loaded {
                 snapshot_lsn: row.as_ref().map_or(Lsn::ZERO, |r| parse_lsn(r.get(0))),
@@ -204,8 +218,12 @@ impl TableSource {
     /// Deletes the row with this key; `None` when there was none.
     pub async fn delete(&self, key: &[String]) -> Result<Option<Lsn>, SourceError> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
-        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let stmt = client
+            .prepare_cached(&self.delete)
+            .await
+            .map_err(|e| classify(&e))?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         match client.query_opt(&stmt, &params).await {
             Ok(row) => Ok(row.map(|r| parse_lsn(r.get(0)))),
             Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
@@ -215,7 +233,11 @@ impl TableSource {
 
     /// Upserts the row with this key from a JSON object of fields (key fields optional). Returns
     /// what Postgres stored.
-    pub async fn upsert(&self, key: &[String], body: &Map<String, Value>) -> Result<Written, SourceError> {
+    pub async fn upsert(
+        &self,
+        key: &[String],
+        body: &Map<String, Value>,
+    ) -> Result<Written, SourceError> {
         let row = self.columns_of(key, body)?;
         let columns: Vec<&str> = self
             .binding
@@ -227,7 +249,10 @@ impl TableSource {
         let sql = self.upsert_sql(&columns);
         let json = Value::Object(row.clone()).to_string();
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&sql).await.map_err(|e| classify(&e))?;
+        let stmt = client
+            .prepare_cached(&sql)
+            .await
+            .map_err(|e| classify(&e))?;
         match client.query_one(&stmt, &[&json]).await {
             Ok(r) => Ok(Written {
                 lsn: parse_lsn(r.get(0)),
@@ -239,7 +264,11 @@ impl TableSource {
     }
 
     /// Checks the body against the binding and returns it keyed by column name, key filled in.
-    fn columns_of(&self, key: &[String], body: &Map<String, Value>) -> Result<Map<String, Value>, SourceError> {
+    fn columns_of(
+        &self,
+        key: &[String],
+        body: &Map<String, Value>,
+    ) -> Result<Map<String, Value>, SourceError> {
         let b = &self.binding;
         let mut row = Map::new();
         for (name, value) in body {
@@ -247,7 +276,12 @@ impl TableSource {
                 return Err(SourceError::UnknownField {
                     field: name.clone(),
                     keyspace: b.keyspace.clone(),
-                    known: b.fields.iter().map(|f| format!("`{}`", f.name)).collect::<Vec<_>>().join(", "),
+                    known: b
+                        .fields
+                        .iter()
+                        .map(|f| format!("`{}`", f.name))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             };
             if field.column.generated || field.column.identity_always {
@@ -287,11 +321,18 @@ impl TableSource {
     }
 
     /// Names the field whose value Postgres rejected by trying each one alone.
-    async fn blame_field(&self, client: &deadpool_postgres::Object, row: &Map<String, Value>, original: &tokio_postgres::Error) -> SourceError {
+    async fn blame_field(
+        &self,
+        client: &deadpool_postgres::Object,
+        row: &Map<String, Value>,
+        original: &tokio_postgres::Error,
+    ) -> SourceError {
         for (column, value) in row {
             let one = Value::Object(Map::from_iter([(column.clone(), value.clone())])).to_string();
             if let Err(e) = client.query_one(&self.probe, &[&one]).await {
-                if let (Some(db), Some(field)) = (e.as_db_error(), self.binding.field_of_column(column)) {
+                if let (Some(db), Some(field)) =
+                    (e.as_db_error(), self.binding.field_of_column(column))
+                {
                     return SourceError::InvalidValue {
                         field: field.name.clone(),
                         column: column.clone(),
@@ -303,7 +344,9 @@ impl TableSource {
         }
         SourceError::InvalidRow {
             table: self.binding.table.to_string(),
-            message: original.as_db_error().map_or_else(|| original.to_string(), |d| d.message().to_string()),
+            message: original
+                .as_db_error()
+                .map_or_else(|| original.to_string(), |d| d.message().to_string()),
         }
     }
 
@@ -320,8 +363,20 @@ impl TableSource {
             }
         }
         SourceError::InvalidKey {
-            column: self.binding.key.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-            type_sql: self.binding.key.iter().map(|c| c.type_sql.as_str()).collect::<Vec<_>>().join(", "),
+            column: self
+                .binding
+                .key
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            type_sql: self
+                .binding
+                .key
+                .iter()
+                .map(|c| c.type_sql.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             value: key.join(","),
         }
     }
@@ -333,7 +388,11 @@ fn key_matches(url: &str, body: &Value) -> bool {
         Value::String(s) => s == url || s.eq_ignore_ascii_case(url) && looks_like_uuid(url),
         Value::Number(n) => {
             let t = n.to_string();
-            t == url || t.parse::<i128>().ok().zip(url.parse::<i128>().ok()).is_some_and(|(a, b)| a == b)
+            t == url
+                || t.parse::<i128>()
+                    .ok()
+                    .zip(url.parse::<i128>().ok())
+                    .is_some_and(|(a, b)| a == b)
         }
         Value::Bool(b) => url == if *b { "true" } else { "false" },
         _ => false,
@@ -355,6 +414,9 @@ mod tests {
         assert!(key_matches("42", &json!("42")));
         assert!(!key_matches("42", &json!(43)));
         assert!(!key_matches("42", &json!({"id": 42})));
-        assert!(key_matches("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", &json!("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")));
+        assert!(key_matches(
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            &json!("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")
+        ));
     }
 }

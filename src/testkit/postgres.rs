@@ -33,13 +33,32 @@ pub struct PgOptions {
 /// The directory holding `initdb` and `postgres`, or a panic that says how to install them.
 pub fn bindir() -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0)));
-    let initdb = find_program("initdb", "CACHESYNC_PG_BINDIR", &dirs).unwrap_or_else(|| panic!("{INSTALL_HINT}"));
-    let dir = initdb.parent().expect("a program lives in a directory").to_path_buf();
+    dirs.sort_by_key(|d| {
+        std::cmp::Reverse(
+            d.parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0),
+        )
+    });
+    let initdb = find_program("initdb", "CACHESYNC_PG_BINDIR", &dirs)
+        .unwrap_or_else(|| panic!("{INSTALL_HINT}"));
+    let dir = initdb
+        .parent()
+        .expect("a program lives in a directory")
+        .to_path_buf();
     if !dir.join("postgres").is_file() {
-        panic!("{INSTALL_HINT} (found {} but no postgres beside it)", initdb.display());
+        panic!(
+            "{INSTALL_HINT} (found {} but no postgres beside it)",
+            initdb.display()
+        );
     }
     dir
 }
@@ -60,9 +79,16 @@ fn run_as(program: &Path, args: &[&str], owner: Option<(u32, u32)>, what: &str) 
     if let Some((uid, gid)) = owner {
         cmd.uid(uid).gid(gid);
     }
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run {}: {e}", program.display()));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {}: {e}", program.display()));
     if !out.status.success() {
-        panic!("{what} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -75,7 +101,23 @@ fn template() -> &'static PathBuf {
         let base = temp_dir("pg-template", owner);
         let data = base.join("data");
         let data_s = data.to_string_lossy().into_owned();
-        run_as(&bin.join("initdb"), &["-D", &data_s, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C"], owner, "initdb");
+        run_as(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                &data_s,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ],
+            owner,
+            "initdb",
+        );
         // Removed when the process exits, like the servers.
         std::mem::forget(Tied::cleanup(&base, None, owner).expect("spawn cleanup guardian"));
         data
@@ -105,8 +147,14 @@ impl PgServer {
         args.push(template().to_string_lossy().into_owned());
         args.push(data.to_string_lossy().into_owned());
         let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_as(Path::new("cp"), &args_ref, owner, "copy the template data directory");
-        let cleanup = Tied::cleanup(&base, Some(&data.join("postmaster.pid")), owner).expect("spawn cleanup guardian");
+        run_as(
+            Path::new("cp"),
+            &args_ref,
+            owner,
+            "copy the template data directory",
+        );
+        let cleanup = Tied::cleanup(&base, Some(&data.join("postmaster.pid")), owner)
+            .expect("spawn cleanup guardian");
         let server = Arc::new(PgServer {
             port: free_port(),
             _cleanup: cleanup,
@@ -137,13 +185,19 @@ impl PgServer {
         let mut settings: Vec<(String, String)> = vec![
             ("listen_addresses".into(), "127.0.0.1".into()),
             ("port".into(), self.port.to_string()),
-            ("unix_socket_directories".into(), self.base.to_string_lossy().into_owned()),
+            (
+                "unix_socket_directories".into(),
+                self.base.to_string_lossy().into_owned(),
+            ),
             ("wal_level".into(), "logical".into()),
             ("max_wal_senders".into(), "64".into()),
             ("max_replication_slots".into(), "64".into()),
             ("max_connections".into(), "400".into()),
             ("shared_buffers".into(), "128MB".into()),
-            ("shared_preload_libraries".into(), "pg_stat_statements".into()),
+            (
+                "shared_preload_libraries".into(),
+                "pg_stat_statements".into(),
+            ),
             ("pg_stat_statements.track_utility".into(), "off".into()),
             ("logging_collector".into(), "off".into()),
         ];
@@ -157,21 +211,34 @@ impl PgServer {
             args.push("-c".into());
             args.push(format!("{k}={v}"));
         }
-        let tied = Tied::spawn(&bindir().join("postgres"), &args, &log, "INT", self.owner).expect("spawn postgres");
-        wait_for_log(&log, "database system is ready to accept connections", START_TIMEOUT, "postgres");
+        let tied = Tied::spawn(&bindir().join("postgres"), &args, &log, "INT", self.owner)
+            .expect("spawn postgres");
+        wait_for_log(
+            &log,
+            "database system is ready to accept connections",
+            START_TIMEOUT,
+            "postgres",
+        );
         *process = Some(tied);
     }
 
     /// Stops the server (fast shutdown) and waits for it to exit. Its data stays.
     pub fn stop(&self) {
-        let tied = self.process.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let tied = self
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(mut t) = tied {
             t.stop();
         }
     }
 
     pub fn is_running(&self) -> bool {
-        self.process.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// A URL for `database` as the superuser.
@@ -183,8 +250,14 @@ impl PgServer {
     pub async fn create_database(&self) -> TestDb {
         let name = format!("t_{}_{}", std::process::id(), unique());
         let admin = self.connect("postgres").await;
-        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.expect("CREATE DATABASE");
-        TestDb { url: self.url(&name), name }
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("CREATE DATABASE");
+        TestDb {
+            url: self.url(&name),
+            name,
+        }
     }
 
     /// An ordinary connection to `database` (its driver task runs in the background).
@@ -200,7 +273,9 @@ impl PgServer {
 /// The server shared by every test in this binary, started on first use.
 pub fn shared() -> Arc<PgServer> {
     static SHARED: OnceLock<Arc<PgServer>> = OnceLock::new();
-    SHARED.get_or_init(|| PgServer::start(PgOptions::default())).clone()
+    SHARED
+        .get_or_init(|| PgServer::start(PgOptions::default()))
+        .clone()
 }
 
 /// One test's database.

@@ -20,22 +20,47 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server of its own.
     pub fn start() -> Arc<RedisServer> {
-        let bin = find_program("redis-server", "CACHESYNC_REDIS_SERVER", &[PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
-            .unwrap_or_else(|| panic!("{INSTALL_HINT}"));
+        let bin = find_program(
+            "redis-server",
+            "CACHESYNC_REDIS_SERVER",
+            &[PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")],
+        )
+        .unwrap_or_else(|| panic!("{INSTALL_HINT}"));
         let dir = temp_dir("redis", None);
         let port = free_port();
         let log = dir.join("redis.log");
         let args: Vec<String> = [
-            "--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", &dir.to_string_lossy(), "--protected-mode", "no", "--daemonize", "no",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir.to_string_lossy(),
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let cleanup = Tied::cleanup(&dir, None, None).expect("spawn cleanup guardian");
         let process = Tied::spawn(&bin, &args, &log, "TERM", None).expect("spawn redis-server");
-        wait_for_log(&log, "Ready to accept connections", Duration::from_secs(30), "redis-server");
-        Arc::new(RedisServer { port, _process: process, _cleanup: cleanup })
+        wait_for_log(
+            &log,
+            "Ready to accept connections",
+            Duration::from_secs(30),
+            "redis-server",
+        );
+        Arc::new(RedisServer {
+            port,
+            _process: process,
+            _cleanup: cleanup,
+        })
     }
 
     pub fn url(&self) -> String {

@@ -33,8 +33,13 @@ impl Sidecar {
             cmd.env("CACHESYNC_LISTEN", "127.0.0.1:0");
         }
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("create log");
-        cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).env("CACHESYNC_LOG", "info,cachesync=debug");
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        cmd.stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .env("CACHESYNC_LOG", "info,cachesync=debug");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -65,7 +70,10 @@ impl Sidecar {
 
     /// Sends a signal by name (`TERM`, `KILL`, `INT`).
     pub fn signal(&self, name: &str) {
-        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// SIGKILL, then reap.

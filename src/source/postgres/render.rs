@@ -81,7 +81,10 @@ pub fn render_value(kind: &TypeKind, text: Option<&str>, out: &mut Vec<u8>) {
 }
 
 /// Appends a JSON object of `(field, kind, text)` triples to `out`.
-pub fn render_object<'a>(fields: impl IntoIterator<Item = (&'a str, &'a TypeKind, Option<&'a str>)>, out: &mut Vec<u8>) {
+pub fn render_object<'a>(
+    fields: impl IntoIterator<Item = (&'a str, &'a TypeKind, Option<&'a str>)>,
+    out: &mut Vec<u8>,
+) {
     out.push(b'{');
     for (i, (field, kind, text)) in fields.into_iter().enumerate() {
         if i > 0 {
@@ -154,7 +157,9 @@ pub fn normalize_timestamptz(text: &str) -> String {
         }
     }
     match DateTime::parse_from_rfc3339(&s) {
-        Ok(dt) => dt.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        Ok(dt) => dt
+            .with_timezone(&Utc)
+            .to_rfc3339_opts(SecondsFormat::AutoSi, true),
         Err(_) => text.to_string(),
     }
 }
@@ -165,7 +170,10 @@ fn render_array(elem: &TypeKind, text: &str, out: &mut Vec<u8>) {
         Some(eq) if text.starts_with('[') => &text[eq + 1..],
         _ => text,
     };
-    let mut p = ArrayParser { s: body.as_bytes(), i: 0 };
+    let mut p = ArrayParser {
+        s: body.as_bytes(),
+        i: 0,
+    };
     let start = out.len();
     if p.parse(elem, out).is_err() || p.i != p.s.len() {
         // Not a literal we understand: keep the text rather than emit broken JSON.
@@ -220,7 +228,9 @@ impl ArrayParser<'_> {
                         }
                         self.i += 1;
                     }
-                    let raw = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| ())?.trim();
+                    let raw = std::str::from_utf8(&self.s[start..self.i])
+                        .map_err(|_| ())?
+                        .trim();
                     if raw.eq_ignore_ascii_case("NULL") {
                         out.extend_from_slice(b"null");
                     } else {
@@ -281,22 +291,43 @@ mod tests {
         assert_eq!(r(TypeKind::Bool, Some("t")), "true");
         assert_eq!(r(TypeKind::Bool, Some("f")), "false");
         assert_eq!(r(TypeKind::Integer, Some("-42")), "-42");
-        assert_eq!(r(TypeKind::Numeric, Some("12345678901234567890.000100")), "12345678901234567890.000100");
+        assert_eq!(
+            r(TypeKind::Numeric, Some("12345678901234567890.000100")),
+            "12345678901234567890.000100"
+        );
         assert_eq!(r(TypeKind::Numeric, Some("NaN")), "\"NaN\"");
         assert_eq!(r(TypeKind::Float, Some("-Infinity")), "\"-Infinity\"");
         assert_eq!(r(TypeKind::Float, Some("1.5e+300")), "1.5e+300");
-        assert_eq!(r(TypeKind::Json, Some("{\"a\": [1, 2]}")), "{\"a\": [1, 2]}");
-        assert_eq!(r(TypeKind::Text, Some("say \"hi\"\n")), "\"say \\\"hi\\\"\\n\"");
+        assert_eq!(
+            r(TypeKind::Json, Some("{\"a\": [1, 2]}")),
+            "{\"a\": [1, 2]}"
+        );
+        assert_eq!(
+            r(TypeKind::Text, Some("say \"hi\"\n")),
+            "\"say \\\"hi\\\"\\n\""
+        );
         assert_eq!(r(TypeKind::Text, None), "null");
     }
 
     #[test]
     fn timestamps() {
-        assert_eq!(r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.5+05:30")), "\"2024-03-01T07:04:56.500Z\"");
-        assert_eq!(r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56+00")), "\"2024-03-01T12:34:56Z\"");
-        assert_eq!(r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.123456-03")), "\"2024-03-01T15:34:56.123456Z\"");
+        assert_eq!(
+            r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.5+05:30")),
+            "\"2024-03-01T07:04:56.500Z\""
+        );
+        assert_eq!(
+            r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56+00")),
+            "\"2024-03-01T12:34:56Z\""
+        );
+        assert_eq!(
+            r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.123456-03")),
+            "\"2024-03-01T15:34:56.123456Z\""
+        );
         assert_eq!(r(TypeKind::Timestamptz, Some("infinity")), "\"infinity\"");
-        assert_eq!(r(TypeKind::Timestamp, Some("2024-03-01 12:34:56")), "\"2024-03-01T12:34:56\"");
+        assert_eq!(
+            r(TypeKind::Timestamp, Some("2024-03-01 12:34:56")),
+            "\"2024-03-01T12:34:56\""
+        );
     }
 
     #[test]
@@ -307,7 +338,13 @@ mod tests {
         assert_eq!(r(ints.clone(), Some("[0:1]={5,6}")), "[5,6]");
         assert_eq!(r(ints, Some("{}")), "[]");
         let texts = TypeKind::Array(Box::new(TypeKind::Text));
-        assert_eq!(r(texts.clone(), Some(r#"{plain,"with space","q\"uote","back\\slash","NULL",NULL}"#)), r#"["plain","with space","q\"uote","back\\slash","NULL",null]"#);
+        assert_eq!(
+            r(
+                texts.clone(),
+                Some(r#"{plain,"with space","q\"uote","back\\slash","NULL",NULL}"#)
+            ),
+            r#"["plain","with space","q\"uote","back\\slash","NULL",null]"#
+        );
         assert_eq!(r(texts, Some("{broken")), "\"{broken\"");
         let bools = TypeKind::Array(Box::new(TypeKind::Bool));
         assert_eq!(r(bools, Some("{t,f}")), "[true,false]");
@@ -316,7 +353,13 @@ mod tests {
     #[test]
     fn objects() {
         let mut out = Vec::new();
-        render_object([("id", &TypeKind::Integer, Some("1")), ("name", &TypeKind::Text, None)], &mut out);
+        render_object(
+            [
+                ("id", &TypeKind::Integer, Some("1")),
+                ("name", &TypeKind::Text, None),
+            ],
+            &mut out,
+        );
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"id":1,"name":null}"#);
     }
 

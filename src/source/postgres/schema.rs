@@ -54,7 +54,10 @@ impl TableMeta {
     }
 
     /// Reads the table's metadata; `Ok(None)` when no such relation exists.
-    pub async fn load(client: &impl GenericClient, table: &TableRef) -> Result<Option<TableMeta>, tokio_postgres::Error> {
+    pub async fn load(
+        client: &impl GenericClient,
+        table: &TableRef,
+    ) -> Result<Option<TableMeta>, tokio_postgres::Error> {
         let rel = client
             .query_opt(
                 "SELECT c.oid::int8, c.relkind::text FROM pg_catalog.pg_class c \
@@ -154,9 +157,14 @@ pub struct Binding {
 impl Binding {
     /// Checks `ks` against the table's metadata (`None` = table missing), returning every problem.
     pub fn resolve(ks: &KeyspaceConfig, meta: Option<&TableMeta>) -> Result<Binding, Vec<String>> {
-        let table = ks.table.clone().expect("resolve is only called for sourced keyspaces");
+        let table = ks
+            .table
+            .clone()
+            .expect("resolve is only called for sourced keyspaces");
         let Some(meta) = meta else {
-            return Err(vec![format!("table {table} does not exist (or is not visible to this role)")]);
+            return Err(vec![format!(
+                "table {table} does not exist (or is not visible to this role)"
+            )]);
         };
         let mut problems = Vec::new();
         let mut key = Vec::new();
@@ -179,7 +187,10 @@ impl Binding {
                             name: m.field.clone(),
                             column: c.clone(),
                         }),
-                        None => problems.push(format!("column `{}` does not exist in table {table}", m.column)),
+                        None => problems.push(format!(
+                            "column `{}` does not exist in table {table}",
+                            m.column
+                        )),
                     }
                 }
             }
@@ -206,11 +217,19 @@ impl Binding {
         }
         if ks.write == WriteMode::Through {
             if !matches!(meta.relkind, 'r' | 'p') {
-                problems.push(format!("{table} is not a plain table; write = \"through\" needs one"));
+                problems.push(format!(
+                    "{table} is not a plain table; write = \"through\" needs one"
+                ));
             }
-            for (ok, what) in [(p.insert, "INSERT"), (p.update, "UPDATE"), (p.delete, "DELETE")] {
+            for (ok, what) in [
+                (p.insert, "INSERT"),
+                (p.update, "UPDATE"),
+                (p.delete, "DELETE"),
+            ] {
                 if !ok {
-                    problems.push(format!("this role lacks {what} on {table}, which write = \"through\" needs"));
+                    problems.push(format!(
+                        "this role lacks {what} on {table}, which write = \"through\" needs"
+                    ));
                 }
             }
             for c in &key {

@@ -27,7 +27,11 @@ fn text_of(prefix: &str, col: &ColumnMeta) -> String {
 }
 
 fn output_list(prefix: &str, b: &Binding) -> String {
-    b.fields.iter().map(|f| text_of(prefix, &f.column)).collect::<Vec<_>>().join(", ")
+    b.fields
+        .iter()
+        .map(|f| text_of(prefix, &f.column))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `"k1" = CAST($1::text AS bigint) AND ...`, numbering parameters from `first`.
@@ -35,7 +39,14 @@ fn key_predicate(b: &Binding, first: usize) -> String {
     b.key
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{} = CAST(${}::text AS {})", quote_ident(&c.name), first + i, c.type_sql))
+        .map(|(i, c)| {
+            format!(
+                "{} = CAST(${}::text AS {})",
+                quote_ident(&c.name),
+                first + i,
+                c.type_sql
+            )
+        })
         .collect::<Vec<_>>()
         .join(" AND ")
 }
@@ -43,44 +54,90 @@ fn key_predicate(b: &Binding, first: usize) -> String {
 /// Loads one row by key. Column 0 is the WAL position read *after* the statement's snapshot was
 /// taken (when `with_lsn`), then one text column per output field.
 pub fn select_by_key(b: &Binding, with_lsn: bool) -> String {
-    let lsn = if with_lsn { "pg_current_wal_lsn()::text" } else { "NULL::text" };
-    format!("SELECT {lsn}, {} FROM {} WHERE {}", output_list("", b), qualified(&b.table), key_predicate(b, 1))
+    let lsn = if with_lsn {
+        "pg_current_wal_lsn()::text"
+    } else {
+        "NULL::text"
+    };
+    format!(
+        "SELECT {lsn}, {} FROM {} WHERE {}",
+        output_list("", b),
+        qualified(&b.table),
+        key_predicate(b, 1)
+    )
 }
 
 /// Upserts the columns in `columns` (table column names, key columns included) from a JSON
 /// object bound as `$1`. Returns the WAL insert position, then the stored row's output fields.
+///
+/// A plain `INSERT … ON CONFLICT DO UPDATE` cannot update only some fields of a row whose other
+/// columns are `NOT NULL` without defaults: Postgres checks the *proposed insert* row first. So
+/// an existing row is updated in place (only the named fields), and only when there is none is
+/// the row inserted — with `ON CONFLICT` still there for a concurrent insert of the same key.
 pub fn upsert(b: &Binding, columns: &[&str]) -> String {
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
-    let mut set: Vec<String> = columns
+    let non_key: Vec<&String> = cols.iter().filter(|c| !key.contains(c)).collect();
+    let assign = |from: &str| -> String {
+        if non_key.is_empty() {
+            // Nothing but the key: still "update" so RETURNING yields the existing row.
+            format!("{0} = {from}.{0}", key[0])
+        } else {
+            non_key
+                .iter()
+                .map(|c| format!("{c} = {from}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let returning = format!(
+        "pg_current_wal_insert_lsn()::text AS lsn, {}",
+        b.fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| format!("{} AS c{i}", text_of("t.", &f.column)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let key_match = key
         .iter()
-        .filter(|c| !b.key.iter().any(|k| &k.name == *c))
-        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
-        .collect();
-    if set.is_empty() {
-        // Nothing but the key: still "update" so RETURNING yields the existing row.
-        set.push(format!("{0} = EXCLUDED.{0}", key[0]));
-    }
+        .map(|k| format!("t.{k} = r.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     format!(
-        "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r \
-         ON CONFLICT ({key}) DO UPDATE SET {set} RETURNING pg_current_wal_insert_lsn()::text, {out}",
+        "WITH r AS (SELECT * FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb)), \
+         upd AS (UPDATE {table} AS t SET {set_r} FROM r WHERE {key_match} RETURNING {returning}), \
+         ins AS (INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM r WHERE NOT EXISTS (SELECT 1 FROM upd) \
+                 ON CONFLICT ({keys}) DO UPDATE SET {set_excluded} RETURNING {returning}) \
+         SELECT * FROM upd UNION ALL SELECT * FROM ins",
+        set_r = assign("r"),
+        set_excluded = assign("EXCLUDED"),
         cols = cols.join(", "),
-        rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
-        key = key.join(", "),
-        set = set.join(", "),
-        out = output_list("t.", b),
+        rcols = cols
+            .iter()
+            .map(|c| format!("r.{c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        keys = key.join(", "),
     )
 }
 
 /// Deletes one row by key, returning the WAL insert position when a row was deleted.
 pub fn delete_by_key(b: &Binding) -> String {
-    format!("DELETE FROM {} WHERE {} RETURNING pg_current_wal_insert_lsn()::text", qualified(&b.table), key_predicate(b, 1))
+    format!(
+        "DELETE FROM {} WHERE {} RETURNING pg_current_wal_insert_lsn()::text",
+        qualified(&b.table),
+        key_predicate(b, 1)
+    )
 }
 
 /// Tries one field's value against its column type, to name the column a data error came from.
 pub fn probe_column(b: &Binding) -> String {
-    format!("SELECT jsonb_populate_record(NULL::{}, $1::text::jsonb) IS NULL", qualified(&b.table))
+    format!(
+        "SELECT jsonb_populate_record(NULL::{}, $1::text::jsonb) IS NULL",
+        qualified(&b.table)
+    )
 }
 
 #[cfg(test)]
@@ -131,15 +188,32 @@ mod tests {
     fn identifiers_are_quoted_and_keys_bound() {
         let s = select_by_key(&binding(), false);
         assert!(s.contains(r#"FROM "public"."we""ird""#), "{s}");
-        assert!(s.contains(r#""tenant" = CAST($1::text AS integer) AND "id" = CAST($2::text AS uuid)"#), "{s}");
+        assert!(
+            s.contains(r#""tenant" = CAST($1::text AS integer) AND "id" = CAST($2::text AS uuid)"#),
+            "{s}"
+        );
         assert!(s.contains(r#"format('%s', "name")"#), "{s}");
     }
 
     #[test]
-    fn upsert_updates_only_non_key_columns() {
+    fn upsert_updates_only_named_non_key_columns() {
         let s = upsert(&binding(), &["tenant", "id", "name"]);
-        assert!(s.contains(r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#), "{s}");
+        assert!(
+            s.contains(
+                r#"SET "name" = r."name" FROM r WHERE t."tenant" = r."tenant" AND t."id" = r."id""#
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#
+            ),
+            "{s}"
+        );
         let only_key = upsert(&binding(), &["tenant", "id"]);
-        assert!(only_key.contains(r#"DO UPDATE SET "tenant" = EXCLUDED."tenant""#), "{only_key}");
+        assert!(
+            only_key.contains(r#"DO UPDATE SET "tenant" = EXCLUDED."tenant""#),
+            "{only_key}"
+        );
     }
 }

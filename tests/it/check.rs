@@ -1,0 +1,113 @@
+//! `cachesync check`: every problem in one run, with and without `--connect`.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::Db;
+
+fn check(config: &str, connect: bool) -> (bool, String) {
+    let dir = cachesync::testkit::temp_dir("check", None);
+    let path = dir.join("c.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(Path::new(env!("CARGO_BIN_EXE_cachesync")));
+    cmd.arg("check").arg("--config").arg(&path);
+    if connect {
+        cmd.arg("--connect");
+    }
+    let out = cmd.output().expect("run cachesync check");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn reports_every_problem_in_the_file_with_its_line() {
+    let config = r#"[server]
+listen = "127.0.0.1:7070"
+colour = "blue"
+[postgres]
+url = "postgres://app:hunter2@127.0.0.1/app"
+[[keyspace]]
+name = "users"
+table = "users"
+key = "id"
+columns = ["name"]
+ttl = "soon"
+"#;
+    let (ok, out) = check(config, false);
+    assert!(!ok, "exit status is non-zero: {out}");
+    assert!(out.contains("3 problem(s)"), "{out}");
+    assert!(
+        out.contains("line 3: server.colour: unknown field `colour`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("line 11: keyspace[users].ttl: invalid duration \"soon\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("line 10: keyspace[users].columns: key column `id` is missing"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"), "no credentials in output: {out}");
+}
+
+#[test]
+fn a_good_file_passes() {
+    let (ok, out) = check("[[keyspace]]\nname = \"m\"\n", false);
+    assert!(ok, "{out}");
+}
+
+#[tokio::test]
+async fn connect_reports_a_missing_table_and_a_missing_column_in_one_run() {
+    let db = Db::new().await;
+    db.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, name text); CREATE TABLE nokey (id int, v text);",
+    )
+    .await;
+    let config = db.config_text(
+        "[[keyspace]]\nname = \"gone\"\ntable = \"public.missing\"\nkey = \"id\"\n\
+         [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\ncolumns = [\"id\", \"name\", \"email\"]\n\
+         [[keyspace]]\nname = \"nokey\"\ntable = \"nokey\"\nkey = \"id\"\n\
+         [[keyspace]]\nname = \"fine\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"through\"\n",
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true))
+        .await
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("3 problem(s)"), "{out}");
+    assert!(
+        out.contains("keyspace[gone]: table public.missing does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keyspace[users]: column `email` does not exist in table public.users"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keyspace[nokey]: no primary key or unique index on exactly (id)"),
+        "{out}"
+    );
+    assert!(!out.contains("keyspace[fine]"), "{out}");
+}
+
+#[tokio::test]
+async fn connect_passes_when_everything_matches() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, name text);")
+        .await;
+    let config = db.config_text(
+        "[[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"through\"\n",
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true))
+        .await
+        .unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("verified"), "{out}");
+}

@@ -1,0 +1,163 @@
+//! Helpers shared by the integration tests: a fresh database per test on the shared throwaway
+//! Postgres, an in-process server on a free port, and a small HTTP client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachesync::config::Config;
+use cachesync::server::Server;
+use cachesync::testkit::postgres::{self, PgServer, TestDb};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+/// How long tests wait for a condition before failing with what they last saw.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A test's own database on a Postgres server, with an open admin connection.
+pub struct Db {
+    pub pg: Arc<PgServer>,
+    pub db: TestDb,
+    pub sql: tokio_postgres::Client,
+}
+
+impl Db {
+    /// A fresh database on the shared server.
+    pub async fn new() -> Db {
+        Db::on(postgres::shared()).await
+    }
+
+    /// A fresh database on `pg`.
+    pub async fn on(pg: Arc<PgServer>) -> Db {
+        let db = pg.create_database().await;
+        let sql = pg.connect(&db.name).await;
+        Db { pg, db, sql }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.sql
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A single value from a query returning one row and one column.
+    pub async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
+        self.sql
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// A config listening on a free port, using this database, with the given keyspaces.
+    pub fn config(&self, keyspaces: &str) -> Config {
+        Config::parse(&self.config_text(keyspaces)).expect("test config is valid")
+    }
+
+    pub fn config_text(&self, keyspaces: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[postgres]\nurl = \"{}\"\nacquire_timeout = \"2s\"\nconnect_timeout = \"2s\"\n{keyspaces}",
+            self.db.url
+        )
+    }
+}
+
+/// Starts an in-process server and waits until every keyspace is bound.
+pub async fn serve(config: Config) -> (Server, Http) {
+    let server = Server::start(config).await.expect("server starts");
+    server
+        .wait_ready(WAIT)
+        .await
+        .expect("keyspaces become ready");
+    let http = Http::new(server.local_addr());
+    (server, http)
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The `error` code of a JSON error body.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn detail(&self) -> String {
+        self.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A small HTTP client bound to one server.
+#[derive(Clone)]
+pub struct Http {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(addr: std::net::SocketAddr) -> Http {
+        Http::at(format!("http://{addr}"))
+    }
+
+    pub fn at(base: String) -> Http {
+        Http {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let r = req.send().await.expect("request reaches the server");
+        Resp {
+            status: r.status(),
+            headers: r.headers().clone(),
+            body: r.text().await.expect("body"),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.send(self.client.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: impl Into<reqwest::Body>) -> Resp {
+        self.send(self.client.put(format!("{}{path}", self.base)).body(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.send(self.client.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Resp {
+        self.send(self.client.post(format!("{}{path}", self.base)).body(body))
+            .await
+    }
+}

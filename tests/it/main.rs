@@ -1,0 +1,11 @@
+//! Black-box integration tests: the real server over real sockets, against real Postgres and
+//! Redis servers started by `cachesync::testkit` (one of each per run of this binary; each test
+//! has its own database or key prefix).
+
+mod common;
+
+mod check;
+mod embedded;
+mod harness;
+mod read_through;
+mod write_through;
