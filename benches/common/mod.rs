@@ -1,0 +1,217 @@
+//! Shared by the benchmark programs: latency recording and reporting, and a minimal HTTP/1.1
+//! keep-alive client (so the client's own overhead stays small and the same for every target).
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Latencies in nanoseconds.
+pub struct Lat {
+    pub h: Histogram<u64>,
+    pub elapsed: Duration,
+}
+
+impl Lat {
+    pub fn new() -> Lat {
+        Lat {
+            h: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds"),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        let _ = self.h.record((d.as_nanos() as u64).max(1));
+    }
+
+    pub fn merge(&mut self, other: &Lat) {
+        let _ = self.h.add(&other.h);
+        self.elapsed = self.elapsed.max(other.elapsed);
+    }
+
+    pub fn p(&self, q: f64) -> f64 {
+        self.h.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// One line: count, p50, p99, p999 in microseconds, and throughput.
+    pub fn line(&self, label: &str) -> String {
+        let rate = if self.elapsed.is_zero() {
+            0.0
+        } else {
+            self.h.len() as f64 / self.elapsed.as_secs_f64()
+        };
+        format!(
+            "{label:<44} n={:<7} p50={:>9.1}µs p99={:>9.1}µs p999={:>9.1}µs  {:>9.0} ops/s",
+            self.h.len(),
+            self.p(0.5),
+            self.p(0.99),
+            self.p(0.999),
+            rate
+        )
+    }
+}
+
+/// `a / b` at p50, p99 and p999.
+pub fn ratio_line(label: &str, a: &Lat, b: &Lat) -> String {
+    format!(
+        "{label:<44} p50 {:>5.2}x   p99 {:>5.2}x   p999 {:>5.2}x",
+        a.p(0.5) / b.p(0.5),
+        a.p(0.99) / b.p(0.99),
+        a.p(0.999) / b.p(0.999)
+    )
+}
+
+/// A keep-alive HTTP/1.1 connection that sends fixed requests and reads whole responses.
+pub struct RawHttp {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawHttp {
+    pub async fn connect(addr: std::net::SocketAddr) -> RawHttp {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawHttp {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Sends `request` (a whole HTTP/1.1 request) and returns the status and body length.
+    pub async fn roundtrip(&mut self, request: &[u8]) -> (u16, usize) {
+        self.stream.write_all(request).await.expect("write");
+        self.buf.clear();
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).expect("utf8 head");
+                let status: u16 = head[9..12].parse().expect("status");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while self.buf.len() < end + 4 + len {
+                    self.read_more().await;
+                }
+                return (status, len);
+            }
+            self.read_more().await;
+        }
+    }
+
+    async fn read_more(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "server closed the connection");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `GET path` as request bytes.
+pub fn get_request(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes()
+}
+
+/// `conns` keep-alive connections each sending `per_conn` GETs of `path(conn, i)`; all
+/// latencies, with wall time. Every response must have status `expect`.
+pub async fn http_load(
+    addr: std::net::SocketAddr,
+    conns: usize,
+    per_conn: usize,
+    expect: u16,
+    path: fn(usize, usize) -> String,
+) -> Lat {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut client = RawHttp::connect(addr).await;
+            let mut lat = Lat::new();
+            for i in 0..per_conn {
+                let req = get_request(&path(c, i));
+                let t = Instant::now();
+                let (status, _) = client.roundtrip(&req).await;
+                lat.record(t.elapsed());
+                assert_eq!(status, expect, "unexpected status for {}", path(c, i));
+            }
+            lat
+        }));
+    }
+    collect(tasks, started).await
+}
+
+/// A TCP echo server on a free loopback port (the physical floor of a request/response).
+pub async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `conns` connections each sending `per_conn` messages of `size` bytes and reading them back.
+pub async fn echo_load(
+    addr: std::net::SocketAddr,
+    conns: usize,
+    per_conn: usize,
+    size: usize,
+) -> Lat {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            let msg = vec![b'x'; size];
+            let mut back = vec![0u8; size];
+            let mut lat = Lat::new();
+            for _ in 0..per_conn {
+                let t = Instant::now();
+                s.write_all(&msg).await.expect("write");
+                s.read_exact(&mut back).await.expect("read");
+                lat.record(t.elapsed());
+            }
+            lat
+        }));
+    }
+    collect(tasks, started).await
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Lat>>, started: Instant) -> Lat {
+    let mut all = Lat::new();
+    for t in tasks {
+        all.merge(&t.await.expect("bench task"));
+    }
+    all.elapsed = started.elapsed();
+    all
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests and benchmarks need and a fresh Debian/Ubuntu machine lacks:
+# the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql) and redis-server.
+# Does nothing when they are already there. The tests start their own throwaway servers;
+# no system service is used or started here.
+set -euo pipefail
+need=()
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    need+=(postgresql-15 postgresql-client-15)
+fi
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "missing: ${need[*]} — install them with your package manager (tests need initdb/postgres >= 14 and redis-server)" >&2
+    exit 1
+fi
+echo "installing: ${need[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
