@@ -679,21 +679,21 @@ fn validate(config: &Config) -> Vec<Problem> {
             });
         }
     }
-    if let Some(pg) = &config.postgres {
-        if let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>() {
-            // The parser's message can quote the input; keep only its kind.
-            let kind = e.to_string();
-            let kind = if kind.contains(pg.url.expose()) {
-                "unparseable connection string".to_string()
-            } else {
-                kind
-            };
-            problems.push(Problem {
-                line: None,
-                path: "postgres.url".into(),
-                message: format!("invalid connection string: {kind}"),
-            });
-        }
+    if let Some(pg) = &config.postgres
+        && let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>()
+    {
+        // The parser's message can quote the input; keep only its kind.
+        let kind = e.to_string();
+        let kind = if kind.contains(pg.url.expose()) {
+            "unparseable connection string".to_string()
+        } else {
+            kind
+        };
+        problems.push(Problem {
+            line: None,
+            path: "postgres.url".into(),
+            message: format!("invalid connection string: {kind}"),
+        });
     }
     if config.keyspaces.is_empty() {
         problems.push(Problem {
@@ -706,11 +706,25 @@ fn validate(config: &Config) -> Vec<Problem> {
 }
 
 /// Serializes durations as human strings ("5m") in `/v1/keyspaces` and `check` output.
-mod humantime_serde_shim {
+pub(crate) mod humantime_serde_shim {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
     }
 }
 

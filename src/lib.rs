@@ -16,6 +16,10 @@
 //!  cache     L1 (moka) with versioned installs; flights = single flight + load leases
 //!  key       URL key encoding, composite keys, per-type normalization
 //!  source    Postgres: pool, catalog binding (schema), SQL text (sql), value rendering (render)
+//!  commitlog the durable log of change events: segments (record framing, sparse index,
+//!            recovery), group-commit writer, tailing readers, durable cursors, retention,
+//!            read-only inspection
+//!  event     the change event and its versioned binary encoding
 //!  config    TOML + env overrides; reader reports every problem with its line
 //!  server    assembly, background binding, ordered shutdown
 //!  cli       serve / check
@@ -28,7 +32,9 @@
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod commitlog;
 pub mod config;
+pub mod event;
 pub mod hlc;
 pub mod key;
 pub mod keyspace;

@@ -290,14 +290,14 @@ impl TableSource {
                     column: field.column.name.clone(),
                 });
             }
-            if let Some(i) = b.key.iter().position(|k| k.name == field.column.name) {
-                if !key_matches(&key[i], value) {
-                    return Err(SourceError::KeyMismatch {
-                        field: name.clone(),
-                        url: key[i].clone(),
-                        body: value.to_string(),
-                    });
-                }
+            if let Some(i) = b.key.iter().position(|k| k.name == field.column.name)
+                && !key_matches(&key[i], value)
+            {
+                return Err(SourceError::KeyMismatch {
+                    field: name.clone(),
+                    url: key[i].clone(),
+                    body: value.to_string(),
+                });
             }
             row.insert(field.column.name.clone(), value.clone());
         }
@@ -329,17 +329,16 @@ impl TableSource {
     ) -> SourceError {
         for (column, value) in row {
             let one = Value::Object(Map::from_iter([(column.clone(), value.clone())])).to_string();
-            if let Err(e) = client.query_one(&self.probe, &[&one]).await {
-                if let (Some(db), Some(field)) =
+            if let Err(e) = client.query_one(&self.probe, &[&one]).await
+                && let (Some(db), Some(field)) =
                     (e.as_db_error(), self.binding.field_of_column(column))
-                {
-                    return SourceError::InvalidValue {
-                        field: field.name.clone(),
-                        column: column.clone(),
-                        type_sql: field.column.type_sql.clone(),
-                        message: db.message().to_string(),
-                    };
-                }
+            {
+                return SourceError::InvalidValue {
+                    field: field.name.clone(),
+                    column: column.clone(),
+                    type_sql: field.column.type_sql.clone(),
+                    message: db.message().to_string(),
+                };
             }
         }
         SourceError::InvalidRow {

@@ -148,12 +148,12 @@ pub fn is_json_number(s: &str) -> bool {
 /// BC dates, second-precision offsets) is kept as Postgres printed it.
 pub fn normalize_timestamptz(text: &str) -> String {
     let mut s = text.replacen(' ', "T", 1);
-    if let Some(t) = s.find('T') {
-        if let Some(rel) = s[t..].rfind(['+', '-']) {
-            let off = t + rel;
-            if s.len() - off == 3 {
-                s.push_str(":00");
-            }
+    if let Some(t) = s.find('T')
+        && let Some(rel) = s[t..].rfind(['+', '-'])
+    {
+        let off = t + rel;
+        if s.len() - off == 3 {
+            s.push_str(":00");
         }
     }
     match DateTime::parse_from_rfc3339(&s) {

@@ -1,0 +1,691 @@
+//! The commit log: cachesync's local durable log of change events. Every change is appended here
+//! before anyone acts on it; consumers (the cache applier, the write-behind flusher, peers) read
+//! it from durable cursors. It is what lets CDC confirm a position to Postgres only once the
+//! change is safe, what makes write-behind survive a crash, and what peers replicate.
+//!
+//! # On disk
+//!
+//! ```text
+//! DIR/
+//!   LOCK                           held (flock) by the one process that writes this log
+//!   00000000000000000000.log       segment: framed records from offset 0
+//!   00000000000000000000.index     sparse index of that segment
+//!   00000000000000052817.log       next segment: its first record has offset 52817
+//!   00000000000000052817.index
+//!   cursors/flusher.cursor         a named durable consumer position
+//! ```
+//!
+//! | File | Layout |
+//! |---|---|
+//! | `NNNNNNNNNNNNNNNNNNNN.log` (20-digit base offset) | records back to back; each: `magic 0xCA (1) \| payload length u32 LE (4) \| crc32c u32 LE (4) of the next three fields \| offset u64 LE (8) \| append time ms u64 LE (8) \| payload` |
+//! | `NNNNNNNNNNNNNNNNNNNN.index` | `(offset − base: u32 LE, file position: u32 LE)` every `index_interval_bytes` of records; rebuilt from the segment when missing or invalid |
+//! | `cursors/NAME.cursor` | `"CSC1" (4) \| offset u64 LE (8) \| crc32c u32 LE (4)` of the first 12 bytes; replaced atomically (temp file, fsync, rename, fsync of the directory) |
+//! | payload | an encoded [`ChangeEvent`](crate::event::ChangeEvent), format byte first (see `event`) |
+//!
+//! # Guarantees
+//!
+//! - `append` resolves once its records are durable under the policy: `always` — after
+//!   `fdatasync` (concurrent appenders share one write and one sync: group commit); an interval —
+//!   after the next periodic sync (at most that long); `never` — after the write (the OS decides).
+//!   The queue to the writer is bounded, so appenders wait rather than grow memory.
+//! - Readers only ever see durable records, wait for new ones without polling, and read
+//!   concurrently with the writer and each other.
+//! - On open, a torn tail of the active segment is truncated; bad bytes followed by valid records
+//!   are reported as corruption with file and position (never a panic, never a silent cut).
+//! - Retention (by total size, by age) removes whole sealed segments, never one holding records a
+//!   *required* cursor has not passed.
+
+pub mod cursor;
+pub mod inspect;
+pub mod reader;
+pub mod record;
+pub mod segment;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::event::ChangeEvent;
+pub use cursor::Cursor;
+pub use reader::{Record, Tail};
+use segment::Segment;
+
+/// A record's position in the log.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Offset(pub u64);
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// When an append counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// After `fdatasync` of the batch (group commit). The default.
+    Always,
+    /// After the next periodic `fdatasync`, at most this long.
+    Interval(#[serde(with = "crate::config::humantime_serde_shim")] Duration),
+    /// After the write; the OS flushes when it likes (a crash of the machine can lose data).
+    Never,
+}
+
+impl FsyncPolicy {
+    /// Parses `"always"`, `"never"` or a duration such as `"10ms"`.
+    pub fn parse(text: &str) -> Result<FsyncPolicy, String> {
+        match text {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => match humantime::parse_duration(other) {
+                Ok(d) if !d.is_zero() => Ok(FsyncPolicy::Interval(d)),
+                _ => Err(format!(
+                    "invalid fsync policy {text:?}; expected \"always\", \"never\" or an interval such as \"10ms\""
+                )),
+            },
+        }
+    }
+}
+
+/// Segment size when none is configured.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
+/// Largest segment size accepted (index positions are u32).
+pub const MAX_SEGMENT_BYTES: u64 = 1024 * 1024 * 1024;
+/// Bytes of records between sparse index entries.
+pub const DEFAULT_INDEX_INTERVAL_BYTES: u64 = 4096;
+/// Appends that may wait for the writer before appenders are held back.
+pub const DEFAULT_MAX_QUEUED_APPENDS: usize = 4096;
+/// How often retention runs.
+pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(30);
+/// Most bytes of records the writer puts in one write + sync.
+pub const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+/// How the log is kept.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogConfig {
+    /// Directory of segments and cursors.
+    pub dir: PathBuf,
+    /// Durability of appends.
+    pub fsync: FsyncPolicy,
+    /// A segment rolls once it reaches this size.
+    pub segment_bytes: u64,
+    /// Bytes between sparse index entries.
+    pub index_interval_bytes: u64,
+    /// Keep at most about this many bytes of segments (whole sealed segments are removed).
+    pub retention_bytes: Option<u64>,
+    /// Remove sealed segments whose newest record is older than this.
+    #[serde(with = "crate::config::humantime_serde_shim::option")]
+    pub retention_age: Option<Duration>,
+    /// How often retention runs.
+    #[serde(with = "crate::config::humantime_serde_shim")]
+    pub retention_check: Duration,
+    /// Bound of the append queue.
+    pub max_queued_appends: usize,
+}
+
+impl LogConfig {
+    /// Defaults for `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
+        LogConfig {
+            dir: dir.into(),
+            fsync: FsyncPolicy::Always,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            index_interval_bytes: DEFAULT_INDEX_INTERVAL_BYTES,
+            retention_bytes: None,
+            retention_age: None,
+            retention_check: DEFAULT_RETENTION_CHECK,
+            max_queued_appends: DEFAULT_MAX_QUEUED_APPENDS,
+        }
+    }
+}
+
+/// What can go wrong with the log.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    #[error("{}: {detail}", path.display())]
+    Io { path: PathBuf, detail: String },
+    #[error("corrupt log data in {} at byte {position}: {detail}", file.display())]
+    Corrupt {
+        file: PathBuf,
+        position: u64,
+        detail: String,
+    },
+    #[error(
+        "offset {requested} is no longer in the log (it starts at {start}); retention removed it"
+    )]
+    OffsetOutOfRange { requested: Offset, start: Offset },
+    #[error("log directory {} is in use by another process", dir.display())]
+    Locked { dir: PathBuf },
+    #[error("the log has failed and refuses writes: {0}")]
+    Failed(String),
+    #[error("the log is closed")]
+    Closed,
+    #[error("append too large: {0}")]
+    TooLarge(String),
+    #[error("invalid cursor name {0:?}: use letters, digits, `_`, `-`, `.` and `:`")]
+    BadCursorName(String),
+}
+
+impl LogError {
+    pub fn io(path: &Path, e: std::io::Error) -> LogError {
+        LogError::Io {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// The log's metrics.
+#[derive(Clone)]
+pub struct LogMetrics {
+    pub appended_records: IntCounter,
+    pub appended_bytes: IntCounter,
+    pub group_records: Histogram,
+    pub fsync_seconds: Histogram,
+    pub disk_bytes: IntGauge,
+    pub segments: IntGauge,
+    pub start_offset: IntGauge,
+    pub end_offset: IntGauge,
+    pub cursor_lag: IntGaugeVec,
+}
+
+impl LogMetrics {
+    /// Registers the log's metrics in `registry`.
+    pub fn new(registry: &Registry) -> LogMetrics {
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            let _ = r.register(Box::new(m.clone()));
+            m
+        }
+        let gauge = |n: &str, h: &str| reg(registry, IntGauge::new(n, h).expect("valid metric"));
+        LogMetrics {
+            appended_records: reg(
+                registry,
+                IntCounter::new(
+                    "cachesync_log_appended_records_total",
+                    "Records appended to the commit log.",
+                )
+                .expect("valid"),
+            ),
+            appended_bytes: reg(
+                registry,
+                IntCounter::new(
+                    "cachesync_log_appended_bytes_total",
+                    "Record bytes (with framing) appended.",
+                )
+                .expect("valid"),
+            ),
+            group_records: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cachesync_log_group_commit_records",
+                        "Records per group commit (one write + one sync).",
+                    )
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid")),
+                )
+                .expect("valid"),
+            ),
+            fsync_seconds: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cachesync_log_fsync_duration_seconds",
+                        "Duration of fdatasync on the active segment.",
+                    )
+                    .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid"),
+            ),
+            disk_bytes: gauge(
+                "cachesync_log_disk_bytes",
+                "Bytes of segment and index files.",
+            ),
+            segments: gauge("cachesync_log_segments", "Segment files in the log."),
+            start_offset: gauge(
+                "cachesync_log_start_offset",
+                "First offset still in the log.",
+            ),
+            end_offset: gauge(
+                "cachesync_log_end_offset",
+                "Offset the next record will get (durable end).",
+            ),
+            cursor_lag: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cachesync_log_cursor_lag_records",
+                        "Records between a cursor and the end of the log.",
+                    ),
+                    &["cursor"],
+                )
+                .expect("valid"),
+            ),
+        }
+    }
+}
+
+/// Requests to the writer thread.
+enum Command {
+    Append {
+        payloads: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<Range<Offset>, LogError>>,
+    },
+    /// Sync now if anything is written but not yet durable (interval and never policies).
+    Flush {
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
+    /// The interval timer.
+    Tick,
+    /// Apply retention (file removals happen only on the writer thread, so none can race a
+    /// reopen after the writer has stopped).
+    Retention {
+        reply: Option<oneshot::Sender<Result<usize, LogError>>>,
+    },
+}
+
+/// State shared by the handle, readers, cursors and the writer.
+pub struct Shared {
+    pub(crate) config: LogConfig,
+    pub(crate) segments: RwLock<Vec<Arc<Segment>>>,
+    /// Offset after the last durable record; readers wait on it.
+    pub(crate) durable: watch::Sender<u64>,
+    pub(crate) cursors: Mutex<BTreeMap<String, Arc<Cursor>>>,
+    pub(crate) failed: Mutex<Option<String>>,
+    /// Set when the writer has stopped; waiting tails return `Closed`.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
+    pub(crate) metrics: LogMetrics,
+}
+
+impl Shared {
+    pub fn start(&self) -> Offset {
+        self.segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .map_or(Offset(0), |s| s.base)
+    }
+
+    pub fn end(&self) -> Offset {
+        Offset(*self.durable.borrow())
+    }
+
+    pub(crate) fn fail(&self, why: String) {
+        tracing::error!(reason = %why, "commit log failed; refusing further writes");
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+}
+
+/// A handle on an open log. Cheap to clone; the writer stops when the last handle is dropped or
+/// [`close`](CommitLog::close) is called.
+#[derive(Clone)]
+pub struct CommitLog {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// What opening found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Bytes cut from a torn tail of the active segment.
+    pub truncated_bytes: Option<u64>,
+    pub segments: usize,
+}
+
+impl CommitLog {
+    /// Opens (creating if needed) the log in `config.dir`, recovering the active segment, and
+    /// starts its writer thread, interval timer and retention task (in the current runtime).
+    pub async fn open(
+        config: LogConfig,
+        registry: &Registry,
+    ) -> Result<(CommitLog, Recovery), LogError> {
+        let metrics = LogMetrics::new(registry);
+        let cfg = config.clone();
+        let (shared, active, recovery, lock) =
+            tokio::task::spawn_blocking(move || open_dir(cfg, metrics, false))
+                .await
+                .map_err(|e| LogError::Failed(e.to_string()))??;
+        let (tx, rx) = mpsc::channel(config.max_queued_appends.max(1));
+        // The writer thread owns the directory lock: it is released exactly when writing stops, even
+        // if readers keep the shared state alive longer.
+        let writer = writer::Writer::new(shared.clone(), active, lock)?;
+        let handle = std::thread::Builder::new()
+            .name("cachesync-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| LogError::Failed(format!("cannot start the log writer thread: {e}")))?;
+        let log = CommitLog {
+            shared,
+            tx,
+            writer: Arc::new(Mutex::new(Some(handle))),
+        };
+        if let FsyncPolicy::Interval(every) = config.fsync {
+            let tx = log.tx.downgrade();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(tx) = tx.upgrade() else { return };
+                    // A full queue means the writer is busy and will sync anyway.
+                    let _ = tx.try_send(Command::Tick);
+                }
+            });
+        }
+        if config.retention_bytes.is_some() || config.retention_age.is_some() {
+            let tx = log.tx.downgrade();
+            let every = config.retention_check;
+            tokio::spawn(async move {
+                // First pass one interval after opening, then every interval.
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let Some(tx) = tx.upgrade() else { return };
+                    let _ = tx.try_send(Command::Retention { reply: None });
+                }
+            });
+        }
+        log.refresh_metrics();
+        Ok((log, recovery))
+    }
+
+    /// Appends encoded payloads; resolves with their offsets once durable under the policy.
+    pub async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Range<Offset>, LogError> {
+        if payloads.is_empty() {
+            let end = self.end();
+            return Ok(end..end);
+        }
+        if let Some(p) = payloads.iter().find(|p| p.len() > record::MAX_PAYLOAD) {
+            return Err(LogError::TooLarge(format!(
+                "a record of {} bytes exceeds the {} byte limit",
+                p.len(),
+                record::MAX_PAYLOAD
+            )));
+        }
+        if let Some(why) = self
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(LogError::Failed(why));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append { payloads, reply })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Appends events (encoded here).
+    pub async fn append_events(&self, events: &[ChangeEvent]) -> Result<Range<Offset>, LogError> {
+        self.append(events.iter().map(ChangeEvent::encode).collect())
+            .await
+    }
+
+    /// Makes everything appended so far durable now (for the interval and never policies).
+    pub async fn flush(&self) -> Result<(), LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush { reply })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Flushes, stops the writer and waits for it.
+    pub async fn close(self) -> Result<(), LogError> {
+        let flushed = self.flush().await;
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(self.tx);
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        flushed
+    }
+
+    /// First offset still in the log.
+    pub fn start(&self) -> Offset {
+        self.shared.start()
+    }
+
+    /// Offset the next record will get; every offset below it is durable.
+    pub fn end(&self) -> Offset {
+        self.shared.end()
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// A reader that follows the log from `from`.
+    pub fn tail(&self, from: Offset) -> Tail {
+        Tail::new(self.shared.clone(), from)
+    }
+
+    /// Reads up to `max_records` durable records from `from` (no waiting).
+    pub fn read(&self, from: Offset, max_records: usize) -> Result<Vec<Record>, LogError> {
+        reader::read(&self.shared, from, max_records, usize::MAX)
+    }
+
+    /// The named durable cursor, created at the log's start if new. A *required* cursor holds
+    /// back retention until it has passed a segment's records.
+    pub fn cursor(&self, name: &str, required: bool) -> Result<Arc<Cursor>, LogError> {
+        cursor::open(&self.shared, name, required)
+    }
+
+    /// Runs retention once now.
+    pub async fn apply_retention(&self) -> Result<usize, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Retention { reply: Some(reply) })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.shared
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Updates the gauges (segments, bytes, offsets, cursor lags).
+    pub fn refresh_metrics(&self) {
+        let s = &self.shared;
+        let segments = s.segments.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let m = &s.metrics;
+        m.segments.set(segments.len() as i64);
+        m.disk_bytes
+            .set(segments.iter().map(|g| g.disk_bytes()).sum::<u64>() as i64);
+        m.start_offset.set(s.start().0 as i64);
+        let end = s.end();
+        m.end_offset.set(end.0 as i64);
+        for (name, c) in s.cursors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            m.cursor_lag
+                .with_label_values(&[name])
+                .set(end.0.saturating_sub(c.position().0) as i64);
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (record timestamps).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens the directory: lock, list segments, open sealed ones, recover the active one. A
+/// read-only open (inspection) takes no lock, creates nothing and repairs nothing.
+pub(crate) fn open_dir(
+    config: LogConfig,
+    metrics: LogMetrics,
+    read_only: bool,
+) -> Result<(Arc<Shared>, Arc<Segment>, Recovery, Option<File>), LogError> {
+    let dir = config.dir.clone();
+    let lock = if read_only {
+        if !dir.is_dir() {
+            return Err(LogError::io(
+                &dir,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        None
+    } else {
+        std::fs::create_dir_all(dir.join("cursors")).map_err(|e| LogError::io(&dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| LogError::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(LogError::Locked { dir }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(LogError::io(&lock_path, e)),
+        }
+        Some(lock)
+    };
+    let mut bases = list_segments(&dir)?;
+    let mut recovery = Recovery::default();
+    if bases.is_empty() && read_only {
+        return Err(LogError::io(
+            &dir,
+            std::io::Error::other("no segment files here; is this a cachesync log directory?"),
+        ));
+    }
+    if bases.is_empty() {
+        Segment::create(&dir, Offset(0))?;
+        sync_dir(&dir)?;
+        bases.push(Offset(0));
+    }
+    let mut segments = Vec::with_capacity(bases.len());
+    for (i, base) in bases.iter().enumerate() {
+        let seg = if i + 1 == bases.len() {
+            let (seg, truncated) =
+                Segment::open_active(&dir, *base, config.index_interval_bytes, read_only)?;
+            if let Some(n) = truncated {
+                tracing::warn!(segment = %seg.path.display(), bytes = n, "truncated a torn tail of the commit log");
+            }
+            recovery.truncated_bytes = truncated;
+            seg
+        } else {
+            let seg = Segment::open_sealed(&dir, *base, config.index_interval_bytes, read_only)?;
+            if let Some(c) = seg.corrupt() {
+                tracing::error!(segment = %seg.path.display(), position = c.position, detail = %c.detail, "corrupt sealed segment; reads past this point will fail");
+            }
+            seg
+        };
+        segments.push(Arc::new(seg));
+    }
+    recovery.segments = segments.len();
+    let active = segments.last().expect("at least one segment").clone();
+    let (durable, _) = watch::channel(active.end().0);
+    let shared = Arc::new(Shared {
+        config,
+        segments: RwLock::new(segments),
+        durable,
+        cursors: Mutex::new(BTreeMap::new()),
+        failed: Mutex::new(None),
+        closed: std::sync::atomic::AtomicBool::new(false),
+        metrics,
+    });
+    Ok((shared, active, recovery, lock))
+}
+
+/// Segment base offsets in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> Result<Vec<Offset>, LogError> {
+    let mut bases = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
+        let entry = entry.map_err(|e| LogError::io(dir, e))?;
+        if let Some(base) = entry.file_name().to_str().and_then(segment::parse_log_name) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// fsync of a directory, so a created, renamed or removed entry is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io(dir, e))
+}
+
+/// Removes sealed segments beyond the size or age bound, never one a required cursor still
+/// needs. Returns how many were removed.
+pub(crate) fn retention(shared: &Shared) -> Result<usize, LogError> {
+    let cfg = &shared.config;
+    let floor = shared
+        .cursors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|c| c.required)
+        .map(|c| c.position())
+        .min()
+        .unwrap_or(Offset(u64::MAX));
+    let now_ms = now_ms();
+    let mut removed = Vec::new();
+    {
+        let mut segs = shared.segments.write().unwrap_or_else(|p| p.into_inner());
+        let mut total: u64 = segs.iter().map(|s| s.disk_bytes()).sum();
+        while segs.len() > 1 {
+            let oldest = &segs[0];
+            let over_size = cfg.retention_bytes.is_some_and(|max| total > max);
+            let over_age = cfg.retention_age.is_some_and(|age| {
+                oldest.last_ts() > 0
+                    && now_ms.saturating_sub(oldest.last_ts()) > age.as_millis() as u64
+            });
+            // Every record of the segment is below `end`; a required cursor must have passed them.
+            if !(over_size || over_age) || oldest.end() > floor {
+                break;
+            }
+            total = total.saturating_sub(oldest.disk_bytes());
+            removed.push(segs.remove(0));
+        }
+    }
+    for seg in &removed {
+        // Readers holding the segment keep their open handle; unlinking is safe.
+        std::fs::remove_file(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
+        let _ = std::fs::remove_file(&seg.index_path);
+        tracing::info!(segment = %seg.path.display(), "retention removed a segment");
+    }
+    if !removed.is_empty() {
+        sync_dir(&shared.config.dir)?;
+    }
+    Ok(removed.len())
+}
+
+#[cfg(test)]
+mod tests;

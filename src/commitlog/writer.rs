@@ -1,0 +1,259 @@
+//! The writer thread: the only code that writes segment files.
+//!
+//! Group commit: it takes the first queued append, drains whatever else is queued (up to
+//! `MAX_GROUP_BYTES`), frames all of it into one buffer, writes it with one `write`, syncs once
+//! (per the policy), then publishes the new durable end to readers and answers every appender.
+//! Under load many appenders share each `fdatasync`; idle, a lone append pays one sync.
+//!
+//! A failed write is undone (the file is cut back to its previous length) and reported to the
+//! appenders in that group. A failed `fdatasync` leaves the page cache in an unknown state (the
+//! "fsyncgate" lesson), so the log fails: it refuses all further writes rather than acknowledge
+//! data it cannot vouch for.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::record;
+use super::segment::{self, IndexEntry, Segment};
+use super::{Command, FsyncPolicy, LogError, MAX_GROUP_BYTES, Offset, Shared, now_ms, sync_dir};
+
+type Reply = oneshot::Sender<Result<Range<Offset>, LogError>>;
+
+pub struct Writer {
+    shared: Arc<Shared>,
+    seg: Arc<Segment>,
+    file: File,
+    /// Bytes written to the active segment (durable or not).
+    len: u64,
+    next: Offset,
+    /// Position of the last index entry of the active segment.
+    last_indexed: Option<u64>,
+    /// Written records not yet durable (interval policy): replies and the state to publish.
+    pending: Vec<(Reply, Range<Offset>)>,
+    pending_ts: (u64, u64),
+    last_sync: Instant,
+    /// The directory lock, held while this thread runs.
+    _lock: Option<File>,
+}
+
+impl Writer {
+    pub fn new(
+        shared: Arc<Shared>,
+        seg: Arc<Segment>,
+        lock: Option<File>,
+    ) -> Result<Writer, LogError> {
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&seg.path)
+            .map_err(|e| LogError::io(&seg.path, e))?;
+        let index = seg.index_snapshot();
+        Ok(Writer {
+            len: seg.durable_len(),
+            next: seg.end(),
+            last_indexed: index.last().map(|e| e.position as u64),
+            shared,
+            seg,
+            file,
+            pending: Vec::new(),
+            pending_ts: (0, 0),
+            last_sync: Instant::now(),
+            _lock: lock,
+        })
+    }
+
+    fn policy(&self) -> FsyncPolicy {
+        self.shared.config.fsync
+    }
+
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut buf: Vec<u8> = Vec::with_capacity(1024 * 1024);
+        while let Some(first) = rx.blocking_recv() {
+            let mut group: Vec<(Reply, Range<Offset>)> = Vec::new();
+            let mut flushes: Vec<oneshot::Sender<Result<(), LogError>>> = Vec::new();
+            let mut tick = false;
+            buf.clear();
+            let start_len = self.len;
+            let start_next = self.next;
+            let ts = now_ms();
+            let mut cmd = Some(first);
+            while let Some(c) = cmd.take() {
+                match c {
+                    Command::Append { payloads, reply } => {
+                        if let Some(why) = self.failed() {
+                            let _ = reply.send(Err(LogError::Failed(why)));
+                        } else {
+                            let from = self.next;
+                            for p in &payloads {
+                                let pos = self.len + buf.len() as u64;
+                                self.maybe_index(pos);
+                                record::encode(self.next, ts, p, &mut buf);
+                                self.next = Offset(self.next.0 + 1);
+                            }
+                            group.push((reply, from..self.next));
+                        }
+                    }
+                    Command::Flush { reply } => flushes.push(reply),
+                    Command::Tick => tick = true,
+                    Command::Retention { reply } => {
+                        let r = super::retention(&self.shared);
+                        if let Err(e) = &r {
+                            tracing::warn!(error = %e, "log retention failed");
+                        }
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
+                if buf.len() < MAX_GROUP_BYTES {
+                    cmd = rx.try_recv().ok();
+                }
+            }
+            if !buf.is_empty() {
+                if let Err(e) = self.file.write_all(&buf) {
+                    self.undo(start_len, start_next, e, group);
+                    continue;
+                }
+                self.len += buf.len() as u64;
+                let m = &self.shared.metrics;
+                m.appended_records.inc_by(self.next.0 - start_next.0);
+                m.appended_bytes.inc_by(buf.len() as u64);
+                m.group_records.observe((self.next.0 - start_next.0) as f64);
+                if self.pending_ts.0 == 0 {
+                    self.pending_ts.0 = ts;
+                }
+                self.pending_ts.1 = ts;
+            }
+            self.pending.extend(group);
+            let sync_now = match self.policy() {
+                FsyncPolicy::Always => !self.pending.is_empty(),
+                FsyncPolicy::Interval(every) => {
+                    !flushes.is_empty()
+                        || ((tick || !self.pending.is_empty()) && self.last_sync.elapsed() >= every)
+                }
+                FsyncPolicy::Never => !flushes.is_empty(),
+            };
+            let result = if sync_now { self.sync() } else { Ok(()) };
+            if result.is_ok() && (sync_now || self.policy() == FsyncPolicy::Never) {
+                self.publish();
+            }
+            for f in flushes {
+                let _ = f.send(result.clone());
+            }
+            if result.is_ok()
+                && self.len >= self.shared.config.segment_bytes
+                && self.pending.is_empty()
+                && let Err(e) = self.roll()
+            {
+                self.shared.fail(e.to_string());
+            }
+        }
+        // Every handle is gone: make what was written durable before the thread ends, then wake
+        // the tails so they see the log is closed.
+        if !self.pending.is_empty() && self.sync().is_ok() {
+            self.publish();
+        }
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.durable.send_modify(|_| {});
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn maybe_index(&mut self, pos: u64) {
+        if self
+            .last_indexed
+            .is_none_or(|at| pos - at >= self.shared.config.index_interval_bytes)
+        {
+            self.seg.push_index(IndexEntry {
+                relative: (self.next.0 - self.seg.base.0) as u32,
+                position: pos as u32,
+            });
+            self.last_indexed = Some(pos);
+        }
+    }
+
+    /// Cuts a failed write back out of the file and answers its appenders with the error.
+    fn undo(
+        &mut self,
+        len: u64,
+        next: Offset,
+        e: std::io::Error,
+        group: Vec<(Reply, Range<Offset>)>,
+    ) {
+        let err = LogError::io(&self.seg.path, e);
+        if let Err(e2) = self.file.set_len(len) {
+            self.shared.fail(format!(
+                "a write failed ({err}) and could not be undone ({e2})"
+            ));
+        }
+        self.len = len;
+        self.next = next;
+        for (reply, _) in group {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), LogError> {
+        let started = Instant::now();
+        let r = self.file.sync_data();
+        self.shared
+            .metrics
+            .fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.last_sync = Instant::now();
+        if let Err(e) = r {
+            let err = LogError::io(&self.seg.path, e);
+            self.shared.fail(format!("fdatasync failed: {err}"));
+            for (reply, _) in self.pending.drain(..) {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Makes everything written visible to readers and answers the waiting appenders.
+    fn publish(&mut self) {
+        self.seg
+            .publish(self.len, self.next, self.pending_ts.0, self.pending_ts.1);
+        self.pending_ts = (0, 0);
+        self.shared.durable.send_replace(self.next.0);
+        for (reply, range) in self.pending.drain(..) {
+            let _ = reply.send(Ok(range));
+        }
+    }
+
+    /// Seals the active segment (its index written whole) and starts a new one.
+    fn roll(&mut self) -> Result<(), LogError> {
+        segment::write_index(&self.seg.index_path, &self.seg.index_snapshot())
+            .map_err(|e| LogError::io(&self.seg.index_path, e))?;
+        let dir = self.shared.config.dir.clone();
+        let seg = Arc::new(Segment::create(&dir, self.next)?);
+        sync_dir(&dir)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&seg.path)
+            .map_err(|e| LogError::io(&seg.path, e))?;
+        self.shared
+            .segments
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(seg.clone());
+        self.seg = seg;
+        self.len = 0;
+        self.last_indexed = None;
+        Ok(())
+    }
+}
