@@ -363,10 +363,14 @@ impl CommitLog {
     ) -> Result<(CommitLog, Recovery), LogError> {
         let metrics = LogMetrics::new(registry);
         let cfg = config.clone();
-        let (shared, active, recovery, lock) =
-            tokio::task::spawn_blocking(move || open_dir(cfg, metrics, false))
-                .await
-                .map_err(|e| LogError::Failed(e.to_string()))??;
+        let Opened {
+            shared,
+            active,
+            recovery,
+            lock,
+        } = tokio::task::spawn_blocking(move || open_dir(cfg, metrics, false))
+            .await
+            .map_err(|e| LogError::Failed(e.to_string()))??;
         let (tx, rx) = mpsc::channel(config.max_queued_appends.max(1));
         // The writer thread owns the directory lock: it is released exactly when writing stops, even
         // if readers keep the shared state alive longer.
@@ -549,7 +553,7 @@ pub(crate) fn open_dir(
     config: LogConfig,
     metrics: LogMetrics,
     read_only: bool,
-) -> Result<(Arc<Shared>, Arc<Segment>, Recovery, Option<File>), LogError> {
+) -> Result<Opened, LogError> {
     let dir = config.dir.clone();
     let lock = if read_only {
         if !dir.is_dir() {
@@ -619,7 +623,21 @@ pub(crate) fn open_dir(
         closed: std::sync::atomic::AtomicBool::new(false),
         metrics,
     });
-    Ok((shared, active, recovery, lock))
+    Ok(Opened {
+        shared,
+        active,
+        recovery,
+        lock,
+    })
+}
+
+/// What opening a directory produced.
+pub(crate) struct Opened {
+    pub shared: Arc<Shared>,
+    pub active: Arc<Segment>,
+    pub recovery: Recovery,
+    /// The directory lock (none for a read-only open).
+    pub lock: Option<File>,
 }
 
 /// Segment base offsets in `dir`, ascending.

@@ -45,8 +45,9 @@ pub struct CursorStat {
 }
 
 fn open(dir: &Path) -> Result<(std::sync::Arc<super::Shared>, super::Recovery), LogError> {
-    let (shared, _, recovery, _) =
-        open_dir(LogConfig::new(dir), LogMetrics::new(&Registry::new()), true)?;
+    let super::Opened {
+        shared, recovery, ..
+    } = open_dir(LogConfig::new(dir), LogMetrics::new(&Registry::new()), true)?;
     Ok((shared, recovery))
 }
 
