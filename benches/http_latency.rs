@@ -32,9 +32,7 @@ fn main() {
 async fn run() {
     println!(
         "cachesync http_latency: server and client in one process, loopback, {} cores",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     let pg = PgServer::start(PgOptions::default());
     let db = pg.create_database().await;
@@ -111,24 +109,12 @@ async fn run() {
     }
     direct.elapsed = started.elapsed();
     // Each GET names a key for the first time, so each one is a read-through load.
-    let miss = http_load(addr, 1, MISS_ROWS, 200, |_, i| {
-        format!("/v1/kv/users/{}", i + 1)
-    })
-    .await;
-    let hits_after = http_load(addr, 1, MISS_ROWS, 200, |_, i| {
-        format!("/v1/kv/users/{}", i + 1)
-    })
-    .await;
+    let miss = http_load(addr, 1, MISS_ROWS, 200, |_, i| format!("/v1/kv/users/{}", i + 1)).await;
+    let hits_after = http_load(addr, 1, MISS_ROWS, 200, |_, i| format!("/v1/kv/users/{}", i + 1)).await;
     println!("{}", miss.line("GET miss (read-through load)"));
     println!("{}", direct.line("direct prepared SELECT by id"));
-    println!(
-        "{}",
-        ratio_line("ratio miss / direct SELECT", &miss, &direct)
-    );
+    println!("{}", ratio_line("ratio miss / direct SELECT", &miss, &direct));
     println!("{}", hits_after.line("same keys again (now hits)"));
-    println!(
-        "{}",
-        ratio_line("ratio hit / direct SELECT", &hits_after, &direct)
-    );
+    println!("{}", ratio_line("ratio hit / direct SELECT", &hits_after, &direct));
     server.shutdown().await;
 }

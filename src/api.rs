@@ -36,6 +36,7 @@ pub struct AppState {
     pub server: ServerConfig,
     pub metrics: Arc<Metrics>,
     pub pool: Option<Arc<PgPool>>,
+    pub log: Option<crate::commitlog::CommitLog>,
 }
 
 impl AppState {
@@ -52,10 +53,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/kv/{keyspace}/_mget", post(kv::mget))
-        .route(
-            "/v1/kv/{keyspace}/{*key}",
-            get(kv::get).put(kv::put).delete(kv::delete),
-        )
+        .route("/v1/kv/{keyspace}/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
         .route("/v1/keyspaces", get(admin::keyspaces))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::healthz))

@@ -217,11 +217,7 @@ mod tests {
         let (new, leader) = flights.join(&key);
         assert!(leader, "a reader after the mutation starts a fresh load");
         flights.finish("k", &old);
-        assert_eq!(
-            flights.len(),
-            1,
-            "the old flight finishing does not remove the new one"
-        );
+        assert_eq!(flights.len(), 1, "the old flight finishing does not remove the new one");
         flights.finish("k", &new);
         assert!(flights.is_empty());
     }

@@ -20,6 +20,9 @@ Examples:
   cachesync check --config cachesync.toml           validate the file, report every problem
   cachesync check --config cachesync.toml --connect also verify tables, keys, columns, privileges
 
+  cachesync log stat --dir /var/lib/cachesync/log     segments, offsets, cursors of a log
+  cachesync log dump --dir /var/lib/cachesync/log --from 100 --limit 10   records as JSON lines
+
   curl -X PUT localhost:7070/v1/kv/default/a -d '{\"x\":1}'
   curl -i localhost:7070/v1/kv/default/a";
 
@@ -49,16 +52,40 @@ pub enum Command {
         #[arg(long)]
         connect: bool,
     },
+    /// Inspect a commit log directory (read-only; safe beside a running sidecar).
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// Segments, offsets, sizes and cursors, as JSON.
+    #[command(after_help = EXAMPLES)]
+    Stat {
+        /// The log directory (`[log] dir`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Records as JSON lines: offset, timestamp and the decoded change event.
+    #[command(after_help = EXAMPLES)]
+    Dump {
+        /// The log directory (`[log] dir`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// First offset to print (default: the log's start).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Most records to print.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cachesync: cannot start the async runtime: {e}");
@@ -68,6 +95,33 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => runtime.block_on(serve(config.as_deref())),
         Command::Check { config, connect } => runtime.block_on(check(&config, connect)),
+        Command::Log(cmd) => log_command(cmd),
+    }
+}
+
+fn log_command(cmd: LogCommand) -> ExitCode {
+    use crate::commitlog::{Offset, inspect};
+    use std::io::Write;
+    let result = match cmd {
+        LogCommand::Stat { dir } => inspect::stat(&dir).map(|st| {
+            println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+        }),
+        LogCommand::Dump { dir, from, limit } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let r = inspect::dump(&dir, from.map(Offset), limit, |rec| {
+                let _ = writeln!(out, "{}", inspect::record_json(rec));
+            });
+            let _ = out.flush();
+            r.map(|_| ())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cachesync: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -89,9 +143,7 @@ async fn serve(path: Option<&Path>) -> ExitCode {
         }
     };
     if path.is_none() {
-        tracing::info!(
-            "no --config given: running the embedded in-memory default (keyspace `default`)"
-        );
+        tracing::info!("no --config given: running the embedded in-memory default (keyspace `default`)");
     }
     let server = match Server::start(config).await {
         Ok(s) => s,
@@ -118,10 +170,7 @@ async fn serve(path: Option<&Path>) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -143,11 +192,7 @@ async fn check(path: &Path, connect: bool) -> ExitCode {
         }
     };
     if !connect {
-        println!(
-            "{}: ok ({} keyspace(s))",
-            path.display(),
-            config.keyspaces.len()
-        );
+        println!("{}: ok ({} keyspace(s))", path.display(), config.keyspaces.len());
         return ExitCode::SUCCESS;
     }
     let problems = check_connect(&config).await;
@@ -195,10 +240,7 @@ pub async fn check_connect(config: &Config) -> Vec<String> {
             )),
             Ok(meta) => {
                 if let Err(ps) = Binding::resolve(ks, meta.as_ref()) {
-                    problems.extend(
-                        ps.into_iter()
-                            .map(|p| format!("keyspace[{}]: {p}", ks.name)),
-                    );
+                    problems.extend(ps.into_iter().map(|p| format!("keyspace[{}]: {p}", ks.name)));
                 }
             }
         }

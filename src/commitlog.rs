@@ -59,19 +59,7 @@ pub use reader::{Record, Tail};
 use segment::Segment;
 
 /// A record's position in the log.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Offset(pub u64);
 
@@ -172,9 +160,7 @@ pub enum LogError {
         position: u64,
         detail: String,
     },
-    #[error(
-        "offset {requested} is no longer in the log (it starts at {start}); retention removed it"
-    )]
+    #[error("offset {requested} is no longer in the log (it starts at {start}); retention removed it")]
     OffsetOutOfRange { requested: Offset, start: Offset },
     #[error("log directory {} is in use by another process", dir.display())]
     Locked { dir: PathBuf },
@@ -258,15 +244,9 @@ impl LogMetrics {
                 )
                 .expect("valid"),
             ),
-            disk_bytes: gauge(
-                "cachesync_log_disk_bytes",
-                "Bytes of segment and index files.",
-            ),
+            disk_bytes: gauge("cachesync_log_disk_bytes", "Bytes of segment and index files."),
             segments: gauge("cachesync_log_segments", "Segment files in the log."),
-            start_offset: gauge(
-                "cachesync_log_start_offset",
-                "First offset still in the log.",
-            ),
+            start_offset: gauge("cachesync_log_start_offset", "First offset still in the log."),
             end_offset: gauge(
                 "cachesync_log_end_offset",
                 "Offset the next record will get (durable end).",
@@ -357,10 +337,7 @@ pub struct Recovery {
 impl CommitLog {
     /// Opens (creating if needed) the log in `config.dir`, recovering the active segment, and
     /// starts its writer thread, interval timer and retention task (in the current runtime).
-    pub async fn open(
-        config: LogConfig,
-        registry: &Registry,
-    ) -> Result<(CommitLog, Recovery), LogError> {
+    pub async fn open(config: LogConfig, registry: &Registry) -> Result<(CommitLog, Recovery), LogError> {
         let metrics = LogMetrics::new(registry);
         let cfg = config.clone();
         let Opened {
@@ -427,13 +404,7 @@ impl CommitLog {
                 record::MAX_PAYLOAD
             )));
         }
-        if let Some(why) = self
-            .shared
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(why) = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(LogError::Failed(why));
         }
         let (reply, rx) = oneshot::channel();
@@ -446,8 +417,7 @@ impl CommitLog {
 
     /// Appends events (encoded here).
     pub async fn append_events(&self, events: &[ChangeEvent]) -> Result<Range<Offset>, LogError> {
-        self.append(events.iter().map(ChangeEvent::encode).collect())
-            .await
+        self.append(events.iter().map(ChangeEvent::encode).collect()).await
     }
 
     /// Makes everything appended so far durable now (for the interval and never policies).
@@ -513,11 +483,7 @@ impl CommitLog {
 
     /// Number of segment files.
     pub fn segment_count(&self) -> usize {
-        self.shared
-            .segments
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.shared.segments.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Updates the gauges (segments, bytes, offsets, cursor lags).
@@ -549,18 +515,11 @@ pub fn now_ms() -> u64 {
 
 /// Opens the directory: lock, list segments, open sealed ones, recover the active one. A
 /// read-only open (inspection) takes no lock, creates nothing and repairs nothing.
-pub(crate) fn open_dir(
-    config: LogConfig,
-    metrics: LogMetrics,
-    read_only: bool,
-) -> Result<Opened, LogError> {
+pub(crate) fn open_dir(config: LogConfig, metrics: LogMetrics, read_only: bool) -> Result<Opened, LogError> {
     let dir = config.dir.clone();
     let lock = if read_only {
         if !dir.is_dir() {
-            return Err(LogError::io(
-                &dir,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            ));
+            return Err(LogError::io(&dir, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         None
     } else {
@@ -595,8 +554,7 @@ pub(crate) fn open_dir(
     let mut segments = Vec::with_capacity(bases.len());
     for (i, base) in bases.iter().enumerate() {
         let seg = if i + 1 == bases.len() {
-            let (seg, truncated) =
-                Segment::open_active(&dir, *base, config.index_interval_bytes, read_only)?;
+            let (seg, truncated) = Segment::open_active(&dir, *base, config.index_interval_bytes, read_only)?;
             if let Some(n) = truncated {
                 tracing::warn!(segment = %seg.path.display(), bytes = n, "truncated a torn tail of the commit log");
             }
@@ -682,8 +640,7 @@ pub(crate) fn retention(shared: &Shared) -> Result<usize, LogError> {
             let oldest = &segs[0];
             let over_size = cfg.retention_bytes.is_some_and(|max| total > max);
             let over_age = cfg.retention_age.is_some_and(|age| {
-                oldest.last_ts() > 0
-                    && now_ms.saturating_sub(oldest.last_ts()) > age.as_millis() as u64
+                oldest.last_ts() > 0 && now_ms.saturating_sub(oldest.last_ts()) > age.as_millis() as u64
             });
             // Every record of the segment is below `end`; a required cursor must have passed them.
             if !(over_size || over_age) || oldest.end() > floor {

@@ -58,6 +58,8 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
     /// The named caches.
     pub keyspaces: Vec<KeyspaceConfig>,
+    /// The local durable change log; absent when nothing needs one.
+    pub log: Option<crate::commitlog::LogConfig>,
 }
 
 /// `[server]`: the local HTTP API.
@@ -303,9 +305,7 @@ impl KeyspaceConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: DEFAULT_LISTEN
-                .parse()
-                .expect("DEFAULT_LISTEN is a valid address"),
+            listen: DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid address"),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -318,15 +318,9 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{} problem(s) in {origin}:\n  {}", problems.len(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
-    Invalid {
-        origin: String,
-        problems: Vec<Problem>,
-    },
+    Invalid { origin: String, problems: Vec<Problem> },
 }
 
 /// Environment variables read as overrides.
@@ -340,6 +334,7 @@ impl Config {
             server: ServerConfig::default(),
             postgres: None,
             keyspaces: vec![KeyspaceConfig::in_memory(DEFAULT_KEYSPACE)],
+            log: None,
         }
     }
 
@@ -410,17 +405,58 @@ impl Config {
 fn read_config(mut root: Section<'_, '_>) -> Config {
     let server = root.table("server").map(read_server).unwrap_or_default();
     let postgres = root.table("postgres").map(read_postgres);
-    let keyspaces = root
-        .tables("keyspace")
-        .into_iter()
-        .filter_map(read_keyspace)
-        .collect();
+    let keyspaces = root.tables("keyspace").into_iter().filter_map(read_keyspace).collect();
+    let log = root.table("log").and_then(read_log);
     root.finish();
     Config {
         server,
         postgres: postgres.flatten(),
         keyspaces,
+        log,
     }
+}
+
+fn read_log(mut s: Section<'_, '_>) -> Option<crate::commitlog::LogConfig> {
+    use crate::commitlog::{FsyncPolicy, LogConfig, MAX_SEGMENT_BYTES};
+    let dir: Option<String> = s.required("dir");
+    let mut c = LogConfig::new(dir.clone().unwrap_or_default());
+    if let Some(text) = s.get::<String>("fsync") {
+        match FsyncPolicy::parse(&text) {
+            Ok(p) => c.fsync = p,
+            Err(e) => s.problem_at("fsync", e),
+        }
+    }
+    if let Some(n) = s.byte_size("segment_bytes") {
+        if !(4096..=MAX_SEGMENT_BYTES).contains(&n) {
+            s.problem_at(
+                "segment_bytes",
+                format!("must be between 4KiB and {}MiB", MAX_SEGMENT_BYTES >> 20),
+            );
+        }
+        c.segment_bytes = n;
+    }
+    if let Some(n) = s.byte_size("index_interval_bytes") {
+        if n == 0 {
+            s.problem_at("index_interval_bytes", "must be greater than zero");
+        }
+        c.index_interval_bytes = n;
+    }
+    c.retention_bytes = s.byte_size("retention_bytes");
+    c.retention_age = s.duration("retention_age");
+    if let Some(d) = s.duration("retention_check") {
+        if d.is_zero() {
+            s.problem_at("retention_check", "must be greater than zero");
+        }
+        c.retention_check = d;
+    }
+    if let Some(n) = s.get::<usize>("max_queued_appends") {
+        if n == 0 {
+            s.problem_at("max_queued_appends", "must be at least 1");
+        }
+        c.max_queued_appends = n;
+    }
+    s.finish();
+    dir.map(|_| c)
 }
 
 fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
@@ -460,15 +496,9 @@ fn read_postgres(mut s: Section<'_, '_>) -> Option<PostgresConfig> {
     let config = PostgresConfig {
         url: Secret::new(url.clone().unwrap_or_default()),
         pool_size: s.get("pool_size").unwrap_or(DEFAULT_POOL_SIZE),
-        connect_timeout: s
-            .duration("connect_timeout")
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-        acquire_timeout: s
-            .duration("acquire_timeout")
-            .unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
-        statement_timeout: s
-            .duration("statement_timeout")
-            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+        connect_timeout: s.duration("connect_timeout").unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        acquire_timeout: s.duration("acquire_timeout").unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
+        statement_timeout: s.duration("statement_timeout").unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
     };
     if config.pool_size == 0 {
         s.problem_at("pool_size", "must be at least 1");
@@ -489,24 +519,20 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     let name: Option<String> = s.required("name");
     if let Some(n) = &name {
         s.set_path(format!("keyspace[{n}]"));
-        if n.is_empty()
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            || n.starts_with('_')
-        {
-            s.problem_at("name", format!("invalid keyspace name {n:?}: use letters, digits, `_` and `-`, not starting with `_`"));
+        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || n.starts_with('_') {
+            s.problem_at(
+                "name",
+                format!("invalid keyspace name {n:?}: use letters, digits, `_` and `-`, not starting with `_`"),
+            );
         }
     }
-    let table = s
-        .get::<String>("table")
-        .and_then(|t| match TableRef::parse(&t) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                s.problem_at("table", e);
-                None
-            }
-        });
+    let table = s.get::<String>("table").and_then(|t| match TableRef::parse(&t) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            s.problem_at("table", e);
+            None
+        }
+    });
     let has_table = s.span_of("table").is_some();
     let key = match s.get::<KeySpec>("key") {
         Some(KeySpec::One(k)) => vec![k],
@@ -572,7 +598,10 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         if let Some(cols) = &columns {
             for k in &key {
                 if !cols.iter().any(|c| &c.column == k) {
-                    s.problem_at("columns", format!("key column `{k}` is missing from `columns`; the key must be part of the entry"));
+                    s.problem_at(
+                        "columns",
+                        format!("key column `{k}` is missing from `columns`; the key must be part of the entry"),
+                    );
                 }
             }
             let mut fields = std::collections::HashSet::new();
@@ -628,11 +657,7 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     })
 }
 
-fn apply_env(
-    config: &mut Config,
-    env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Vec<Problem>,
-) {
+fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) {
     if let Some(listen) = env(ENV_LISTEN) {
         match listen.parse() {
             Ok(a) => config.server.listen = a,
@@ -675,7 +700,10 @@ fn validate(config: &Config) -> Vec<Problem> {
             problems.push(Problem {
                 line: None,
                 path: format!("keyspace[{}].table", ks.name),
-                message: format!("keyspace `{}` has a table but there is no [postgres] section (or {ENV_POSTGRES_URL})", ks.name),
+                message: format!(
+                    "keyspace `{}` has a table but there is no [postgres] section (or {ENV_POSTGRES_URL})",
+                    ks.name
+                ),
             });
         }
     }
@@ -716,10 +744,7 @@ pub(crate) mod humantime_serde_shim {
     pub mod option {
         use std::time::Duration;
 
-        pub fn serialize<S: serde::Serializer>(
-            d: &Option<Duration>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
             match d {
                 Some(d) => super::serialize(d, s),
                 None => s.serialize_none(),
@@ -848,14 +873,23 @@ write = "sideways"
 
     #[test]
     fn duplicate_keyspaces_and_missing_postgres() {
-        let p = problems(
-            "[[keyspace]]\nname = \"a\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"a\"\n",
-        );
+        let p = problems("[[keyspace]]\nname = \"a\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"a\"\n");
         assert!(p.iter().any(|p| p.message.contains("used twice")), "{p:#?}");
-        assert!(
-            p.iter().any(|p| p.message.contains("no [postgres]")),
-            "{p:#?}"
+        assert!(p.iter().any(|p| p.message.contains("no [postgres]")), "{p:#?}");
+    }
+
+    #[test]
+    fn log_section() {
+        let c = Config::parse("[log]\ndir = \"/tmp/x\"\nfsync = \"10ms\"\nsegment_bytes = \"64MiB\"\nretention_age = \"7days\"\n[[keyspace]]\nname = \"m\"\n").unwrap();
+        let log = c.log.unwrap();
+        assert_eq!(
+            log.fsync,
+            crate::commitlog::FsyncPolicy::Interval(Duration::from_millis(10))
         );
+        assert_eq!(log.segment_bytes, 64 << 20);
+        assert_eq!(log.retention_age, Some(Duration::from_secs(7 * 86400)));
+        let p = problems("[log]\nfsync = \"sometimes\"\nsegment_bytes = 10\n[[keyspace]]\nname = \"m\"\n");
+        assert_eq!(p.len(), 3, "{p:#?}");
     }
 
     #[test]

@@ -69,9 +69,7 @@ pub struct ChangeEvent {
 pub enum DecodeError {
     #[error("empty event")]
     Empty,
-    #[error(
-        "event format {0} is newer than this build reads (format {EVENT_FORMAT}); upgrade cachesync"
-    )]
+    #[error("event format {0} is newer than this build reads (format {EVENT_FORMAT}); upgrade cachesync")]
     NewerFormat(u8),
     #[error("event format 0 is not valid")]
     ZeroFormat,
@@ -139,9 +137,8 @@ fn put_int_field(out: &mut Vec<u8>, tag: u8, v: u64) {
 impl ChangeEvent {
     /// The encoded form, as stored in a log record's payload.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            32 + self.keyspace.len() + self.key.len() + self.value.as_ref().map_or(0, |v| v.len()),
-        );
+        let mut out =
+            Vec::with_capacity(32 + self.keyspace.len() + self.key.len() + self.value.as_ref().map_or(0, |v| v.len()));
         self.encode_into(&mut out);
         out
     }
@@ -222,10 +219,7 @@ impl ChangeEvent {
                         [2] => Op::Delete,
                         [3] => Op::Invalidate,
                         _ => {
-                            return Err(DecodeError::BadField {
-                                tag,
-                                why: "unknown op",
-                            });
+                            return Err(DecodeError::BadField { tag, why: "unknown op" });
                         }
                     })
                 }
@@ -277,26 +271,12 @@ pub mod tests {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
             "[a-z0-9-]{0,10}",
             any::<u64>(),
-            prop_oneof![
-                Just(Source::Cdc),
-                Just(Source::Api),
-                Just(Source::Federation)
-            ],
+            prop_oneof![Just(Source::Cdc), Just(Source::Api), Just(Source::Federation)],
             any::<u64>(),
             any::<u64>(),
         )
             .prop_map(
-                |(
-                    keyspace,
-                    key,
-                    op,
-                    value,
-                    origin,
-                    version,
-                    source,
-                    source_position,
-                    source_time_us,
-                )| ChangeEvent {
+                |(keyspace, key, op, value, origin, version, source, source_position, source_time_us)| ChangeEvent {
                     keyspace,
                     key,
                     op,
@@ -358,10 +338,7 @@ pub mod tests {
         put_field(&mut b, 200, b"from the future");
         assert_eq!(ChangeEvent::decode(&b).unwrap(), e);
         b[0] = EVENT_FORMAT + 1;
-        assert_eq!(
-            ChangeEvent::decode(&b),
-            Err(DecodeError::NewerFormat(EVENT_FORMAT + 1))
-        );
+        assert_eq!(ChangeEvent::decode(&b), Err(DecodeError::NewerFormat(EVENT_FORMAT + 1)));
         assert_eq!(ChangeEvent::decode(&[]), Err(DecodeError::Empty));
     }
 }

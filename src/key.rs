@@ -83,12 +83,7 @@ fn check_len(k: &str, max: usize) -> Result<(), KeyError> {
 }
 
 /// Parses a sourced keyspace's key against its key columns.
-pub fn parse_columns(
-    raw: &str,
-    keyspace: &str,
-    columns: &[ColumnMeta],
-    max: usize,
-) -> Result<Key, KeyError> {
+pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Key, KeyError> {
     // The limit applies to the key as sent, before normalization could fail on it.
     let len = percent_decode_str(raw).count();
     if len > max {
@@ -107,11 +102,7 @@ pub fn parse_columns(
             keyspace: keyspace.into(),
             got: raw_parts.len(),
             want: columns.len(),
-            columns: columns
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            columns: columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
         });
     }
     let mut parts = Vec::with_capacity(columns.len());
@@ -150,11 +141,7 @@ pub fn normalize(col: &ColumnMeta, value: String) -> Result<String, KeyError> {
     match col.kind {
         TypeKind::Integer => {
             let t = value.trim();
-            let n: i128 = t
-                .strip_prefix('+')
-                .unwrap_or(t)
-                .parse()
-                .map_err(|_| bad())?;
+            let n: i128 = t.strip_prefix('+').unwrap_or(t).parse().map_err(|_| bad())?;
             Ok(n.to_string())
         }
         _ if col.type_sql == "uuid" => {
@@ -212,11 +199,7 @@ mod tests {
         assert_eq!(&*k.cache_key, "7,x%2Cy");
         assert!(matches!(
             parse_columns("7", "ks", &cols, 100),
-            Err(KeyError::WrongArity {
-                got: 1,
-                want: 2,
-                ..
-            })
+            Err(KeyError::WrongArity { got: 1, want: 2, .. })
         ));
         assert!(matches!(
             parse_columns("x,y", "ks", &cols, 100),

@@ -30,9 +30,7 @@ pub enum KeyspaceError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error(
-        "keyspace {0} is read-only (write = \"none\"); configure write = \"through\" to accept writes"
-    )]
+    #[error("keyspace {0} is read-only (write = \"none\"); configure write = \"through\" to accept writes")]
     ReadOnly(String),
     #[error("the body is not valid JSON: {0}")]
     BadJson(String),
@@ -96,12 +94,7 @@ pub struct Keyspace {
 }
 
 impl Keyspace {
-    pub fn new(
-        config: KeyspaceConfig,
-        hlc: Arc<Hlc>,
-        metrics: Arc<Metrics>,
-        max_key_bytes: usize,
-    ) -> Keyspace {
+    pub fn new(config: KeyspaceConfig, hlc: Arc<Hlc>, metrics: Arc<Metrics>, max_key_bytes: usize) -> Keyspace {
         let not_ready = config
             .table
             .as_ref()
@@ -130,12 +123,7 @@ impl Keyspace {
 
     /// The bound table, or `NotReady` with the reason.
     pub fn source(&self) -> Result<Arc<TableSource>, SourceError> {
-        if let Some(s) = self
-            .source
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(s) = self.source.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(s.clone());
         }
         Err(SourceError::NotReady {
@@ -146,12 +134,7 @@ impl Keyspace {
 
     /// `Ok` when the keyspace can serve, or why it cannot.
     pub fn readiness(&self) -> Result<(), String> {
-        match self
-            .not_ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        match self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             None => Ok(()),
             Some(reason) => Err(reason.clone()),
         }
@@ -219,9 +202,7 @@ impl Keyspace {
         if !self.is_sourced() {
             let value: serde_json::Value =
                 serde_json::from_slice(body).map_err(|e| KeyspaceError::BadJson(e.to_string()))?;
-            let bytes = Bytes::from(
-                serde_json::to_vec(&value).map_err(|e| KeyspaceError::BadJson(e.to_string()))?,
-            );
+            let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| KeyspaceError::BadJson(e.to_string()))?);
             let entry = Entry::new(Some(bytes), Lsn::ZERO, self.hlc.now());
             self.mutate(key.cache_key.clone(), entry.clone()).await;
             return Ok(Arc::new(entry));
@@ -235,11 +216,7 @@ impl Keyspace {
     /// Deletes a key. `false` when there was nothing to delete.
     pub async fn delete(&self, key: &Key) -> Result<bool, KeyspaceError> {
         if !self.is_sourced() {
-            let existed = self
-                .l1
-                .get(&key.cache_key)
-                .await
-                .is_some_and(|e| e.value.is_some());
+            let existed = self.l1.get(&key.cache_key).await.is_some_and(|e| e.value.is_some());
             self.flights.invalidate(&key.cache_key);
             self.l1.remove(&key.cache_key).await;
             return Ok(existed);

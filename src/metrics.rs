@@ -7,15 +7,13 @@
 //! `/metrics` is scraped.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 50µs to 10s: cache hits live at the bottom, Postgres round trips in the
 /// middle, outages at the top.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Label for requests naming a keyspace that does not exist (keeps the label set bounded).
@@ -59,26 +57,20 @@ pub struct Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    r.register(Box::new(c.clone()))
-        .expect("metric is registered once");
+    r.register(Box::new(c.clone())).expect("metric is registered once");
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    r.register(Box::new(g.clone()))
-        .expect("metric is registered once");
+    r.register(Box::new(g.clone())).expect("metric is registered once");
     g
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-        labels,
-    )
-    .expect("metric definition is valid");
-    r.register(Box::new(h.clone()))
-        .expect("metric is registered once");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+        .expect("metric definition is valid");
+    r.register(Box::new(h.clone())).expect("metric is registered once");
     h
 }
 
@@ -90,15 +82,13 @@ impl Metrics {
             "Most connections the Postgres pool opens.",
         )
         .expect("valid");
-        r.register(Box::new(pool_max.clone()))
-            .expect("registered once");
+        r.register(Box::new(pool_max.clone())).expect("registered once");
         let pool_waiting = IntGauge::new(
             "cachesync_postgres_pool_waiting_requests",
             "Requests waiting for a pooled Postgres connection.",
         )
         .expect("valid");
-        r.register(Box::new(pool_waiting.clone()))
-            .expect("registered once");
+        r.register(Box::new(pool_waiting.clone())).expect("registered once");
         Metrics {
             http_requests: counter(
                 &r,
@@ -124,12 +114,7 @@ impl Metrics {
                 "Reads the cache could not answer.",
                 &["keyspace"],
             ),
-            cache_entries: gauge(
-                &r,
-                "cachesync_cache_entries",
-                "Entries held in L1.",
-                &["keyspace"],
-            ),
+            cache_entries: gauge(&r, "cachesync_cache_entries", "Entries held in L1.", &["keyspace"]),
             cache_weighted_bytes: gauge(
                 &r,
                 "cachesync_cache_weighted_size_bytes",

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::commitlog::CommitLog;
 use crate::config::Config;
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
@@ -35,12 +36,11 @@ pub const BIND_RETRY_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("cannot open the commit log: {0}")]
+    Log(#[from] crate::commitlog::LogError),
 }
 
 /// How shutdown ended.
@@ -75,15 +75,18 @@ impl Server {
             .keyspaces
             .iter()
             .map(|k| {
-                let ks = Keyspace::new(
-                    k.clone(),
-                    hlc.clone(),
-                    metrics.clone(),
-                    config.server.max_key_bytes,
-                );
+                let ks = Keyspace::new(k.clone(), hlc.clone(), metrics.clone(), config.server.max_key_bytes);
                 (k.name.clone(), Arc::new(ks))
             })
             .collect();
+        let log = match &config.log {
+            Some(cfg) => {
+                let (log, recovery) = CommitLog::open(cfg.clone(), &metrics.registry).await?;
+                tracing::info!(dir = %cfg.dir.display(), start = %log.start(), end = %log.end(), segments = recovery.segments, "commit log open");
+                Some(log)
+            }
+            None => None,
+        };
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -99,17 +102,14 @@ impl Server {
             server: config.server.clone(),
             metrics,
             pool: pool.clone(),
+            log,
         });
 
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         if let Some(pool) = &pool {
             for ks in state.keyspaces.values().filter(|k| k.is_sourced()) {
-                tracker.spawn(bind_until_ready(
-                    ks.clone(),
-                    pool.clone(),
-                    token.child_token(),
-                ));
+                tracker.spawn(bind_until_ready(ks.clone(), pool.clone(), token.child_token()));
             }
         }
         let app = api::router(state.clone());
@@ -176,10 +176,14 @@ impl Server {
             http.abort();
             outcome = Drain::TimedOut;
         }
-        if tokio::time::timeout_at(deadline, self.tracker.wait())
-            .await
-            .is_err()
+        if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err() {
+            outcome = Drain::TimedOut;
+        }
+        // Last: make everything appended durable and stop the writer.
+        if let Some(log) = self.state.log.clone()
+            && let Err(e) = log.close().await
         {
+            tracing::error!(error = %e, "closing the commit log failed");
             outcome = Drain::TimedOut;
         }
         outcome

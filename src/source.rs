@@ -46,18 +46,10 @@ pub enum SourceError {
         known: String,
     },
     /// A key field in the body differs from the key in the URL.
-    #[error(
-        "field `{field}` is {body} in the body but {url:?} in the URL; leave key fields out or make them match"
-    )]
-    KeyMismatch {
-        field: String,
-        url: String,
-        body: String,
-    },
+    #[error("field `{field}` is {body} in the body but {url:?} in the URL; leave key fields out or make them match")]
+    KeyMismatch { field: String, url: String, body: String },
     /// A field that maps to a column the database computes.
-    #[error(
-        "field `{field}` maps to column `{column}`, which the database generates; leave it out"
-    )]
+    #[error("field `{field}` maps to column `{column}`, which the database generates; leave it out")]
     NotWritable { field: String, column: String },
     /// The body is not a JSON object of fields.
     #[error("the body must be a JSON object of fields: {0}")]

@@ -48,13 +48,8 @@ pub fn free_port() -> u16 {
 
 /// A fresh directory under the system temp dir, owned by `owner` when given.
 pub fn temp_dir(label: &str, owner: Option<(u32, u32)>) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cachesync-{label}-{}-{}",
-        std::process::id(),
-        unique()
-    ));
-    std::fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let dir = std::env::temp_dir().join(format!("cachesync-{label}-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
@@ -65,9 +60,7 @@ pub fn temp_dir(label: &str, owner: Option<(u32, u32)>) -> PathBuf {
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 /// The uid and gid of a local user, read from /etc/passwd.
@@ -114,24 +107,15 @@ impl Tied {
 
     /// A guardian that runs nothing and, when this process exits, waits for `wait_for` to
     /// disappear (a server's pid file) and then removes `dir`.
-    pub fn cleanup(
-        dir: &Path,
-        wait_for: Option<&Path>,
-        user: Option<(u32, u32)>,
-    ) -> io::Result<Tied> {
-        let wait_for = wait_for
-            .map(|p| p.as_os_str().to_owned())
-            .unwrap_or_default();
+    pub fn cleanup(dir: &Path, wait_for: Option<&Path>, user: Option<(u32, u32)>) -> io::Result<Tied> {
+        let wait_for = wait_for.map(|p| p.as_os_str().to_owned()).unwrap_or_default();
         Tied::spawn_with(
             Path::new("true"),
             &[],
             Path::new("/dev/null"),
             "TERM",
             user,
-            &[
-                ("CLEANUP", dir.as_os_str().to_owned()),
-                ("WAITFOR", wait_for),
-            ],
+            &[("CLEANUP", dir.as_os_str().to_owned()), ("WAITFOR", wait_for)],
         )
     }
 
@@ -156,9 +140,7 @@ impl Tied {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
         if let Some((uid, gid)) = user {
             cmd.uid(uid).gid(gid);
         }
@@ -229,11 +211,7 @@ pub fn find_program(name: &str, env_override: &str, dirs: &[PathBuf]) -> Option<
 
 /// Polls `check` until it returns `Ok`, or fails after `timeout` with the last error seen.
 /// Tests wait for conditions with this, never with fixed sleeps.
-pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(
-    timeout: Duration,
-    what: &str,
-    mut check: F,
-) -> T
+pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,

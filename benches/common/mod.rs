@@ -151,9 +151,7 @@ pub async fn http_load(
 
 /// A TCP echo server on a free loopback port (the physical floor of a request/response).
 pub async fn echo_server() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
@@ -180,12 +178,7 @@ pub async fn echo_server() -> std::net::SocketAddr {
 }
 
 /// `conns` connections each sending `per_conn` messages of `size` bytes and reading them back.
-pub async fn echo_load(
-    addr: std::net::SocketAddr,
-    conns: usize,
-    per_conn: usize,
-    size: usize,
-) -> Lat {
+pub async fn echo_load(addr: std::net::SocketAddr, conns: usize, per_conn: usize, size: usize) -> Lat {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {

@@ -55,13 +55,14 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     if let Some(pool) = &st.pool {
         let s = pool.status();
         m.pool_max.set(s.max_size as i64);
-        m.pool_connections
-            .with_label_values(&["idle"])
-            .set(s.available as i64);
+        m.pool_connections.with_label_values(&["idle"]).set(s.available as i64);
         m.pool_connections
             .with_label_values(&["in_use"])
             .set(s.size.saturating_sub(s.available) as i64);
         m.pool_waiting.set(s.waiting as i64);
+    }
+    if let Some(log) = &st.log {
+        log.refresh_metrics();
     }
     let mut resp = m.encode().into_response();
     resp.headers_mut().insert(
@@ -81,11 +82,7 @@ pub async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     let not_ready: serde_json::Map<String, Value> = st
         .keyspaces
         .values()
-        .filter_map(|ks| {
-            ks.readiness()
-                .err()
-                .map(|r| (ks.name().to_string(), Value::String(r)))
-        })
+        .filter_map(|ks| ks.readiness().err().map(|r| (ks.name().to_string(), Value::String(r))))
         .collect();
     if not_ready.is_empty() {
         Json(json!({ "ready": true })).into_response()

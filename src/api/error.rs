@@ -33,10 +33,7 @@ impl ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_keyspace",
-            format!(
-                "no keyspace named {name:?}; configured keyspaces: {}",
-                known.join(", ")
-            ),
+            format!("no keyspace named {name:?}; configured keyspaces: {}", known.join(", ")),
         )
     }
 
@@ -92,12 +89,8 @@ impl From<KeyspaceError> for ApiError {
         match e {
             KeyspaceError::Source(e) => e.into(),
             KeyspaceError::Key(e) => e.into(),
-            KeyspaceError::ReadOnly(_) => {
-                ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string())
-            }
-            KeyspaceError::BadJson(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
-            }
+            KeyspaceError::ReadOnly(_) => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string()),
+            KeyspaceError::BadJson(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
         }
     }
 }

@@ -43,19 +43,14 @@ fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -
     resp
 }
 
-fn lookup<'a>(
-    st: &'a AppState,
-    ks: &str,
-    raw_key: &str,
-) -> Result<(&'a Arc<Keyspace>, Key), ApiError> {
+fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Arc<Keyspace>, Key), ApiError> {
     let keyspace = st.keyspace(ks)?;
     let key = keyspace.parse_key(raw_key)?;
     Ok((keyspace, key))
 }
 
 fn etag(entry: &Entry) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{}\"", entry.version))
-        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    HeaderValue::from_str(&format!("\"{}\"", entry.version)).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
 fn x_cache(origin: Origin) -> HeaderValue {
@@ -69,10 +64,7 @@ fn x_cache(origin: Origin) -> HeaderValue {
 fn document(value: Bytes, entry: &Entry) -> Response {
     let mut resp = (StatusCode::OK, value).into_response();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::ETAG, etag(entry));
     resp
 }
@@ -87,11 +79,7 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
         let entry = &read.entry;
         let mut resp = match &entry.value {
             None => ApiError::not_found(&ks, &key.cache_key).into_response(),
-            Some(_)
-                if headers
-                    .get(header::IF_NONE_MATCH)
-                    .is_some_and(|v| v == etag(entry)) =>
-            {
+            Some(_) if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v == etag(entry)) => {
                 let mut r = StatusCode::NOT_MODIFIED.into_response();
                 r.headers_mut().insert(header::ETAG, etag(entry));
                 r
@@ -100,10 +88,7 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
         };
         let h = resp.headers_mut();
         h.insert("x-cache", x_cache(read.origin));
-        h.insert(
-            header::AGE,
-            HeaderValue::from(entry.stored_at.elapsed().as_secs()),
-        );
+        h.insert(header::AGE, HeaderValue::from(entry.stored_at.elapsed().as_secs()));
         Ok::<_, ApiError>(resp)
     }
     .await
@@ -121,27 +106,19 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Byt
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(body, limit as usize)
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            if too_large {
-                ApiError::too_large(limit)
-            } else {
-                ApiError::bad_request(format!("cannot read the body: {e}"))
-            }
-        })
+    axum::body::to_bytes(body, limit as usize).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {e}"))
+        }
+    })
 }
 
 /// `PUT /v1/kv/{keyspace}/{key}`
-pub async fn put(
-    State(st): State<Arc<AppState>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
@@ -182,20 +159,14 @@ struct MgetRequest {
 /// `POST /v1/kv/{keyspace}/_mget` with `{"keys": [...]}`. Answers
 /// `{"items": [{"key", "found", "value"?, "version"?, "error"?}, ...]}` in request order; a bad
 /// or failed key is reported in its item and does not fail the others.
-pub async fn mget(
-    State(st): State<Arc<AppState>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn mget(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let (ks, _) = split_path(&uri);
     let resp = async {
         let keyspace = st.keyspace(&ks)?;
         let body = read_body(&st, &headers, body).await?;
-        let req: MgetRequest = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(format!("expected {{\"keys\": [\"k1\", ...]}}: {e}"))
-        })?;
+        let req: MgetRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("expected {{\"keys\": [\"k1\", ...]}}: {e}")))?;
         if req.keys.len() > st.server.max_mget_keys {
             return Err(ApiError::bad_request(format!(
                 "{} keys asked for; the limit is {} (server.max_mget_keys)",
@@ -203,8 +174,7 @@ pub async fn mget(
                 st.server.max_mget_keys
             )));
         }
-        let items =
-            futures::future::join_all(req.keys.iter().map(|raw| mget_one(keyspace, raw))).await;
+        let items = futures::future::join_all(req.keys.iter().map(|raw| mget_one(keyspace, raw))).await;
         let mut out = Vec::with_capacity(64 * items.len());
         out.extend_from_slice(b"{\"items\":[");
         for (i, item) in items.iter().enumerate() {
@@ -215,10 +185,8 @@ pub async fn mget(
         }
         out.extend_from_slice(b"]}");
         let mut resp = (StatusCode::OK, out).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(resp)
     }
     .await
@@ -244,9 +212,6 @@ async fn mget_one(keyspace: &Keyspace, raw: &str) -> String {
             ),
             None => format!("{{\"key\":{key_json},\"found\":false}}"),
         },
-        Err(e) => {
-            serde_json::json!({"key": raw, "found": false, "error": e.code, "detail": e.detail})
-                .to_string()
-        }
+        Err(e) => serde_json::json!({"key": raw, "found": false, "error": e.code, "detail": e.detail}).to_string(),
     }
 }

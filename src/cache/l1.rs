@@ -26,21 +26,12 @@ struct Lifetimes {
 
 impl Lifetimes {
     fn of(&self, e: &Entry) -> Duration {
-        if e.value.is_some() {
-            self.ttl
-        } else {
-            self.negative_ttl
-        }
+        if e.value.is_some() { self.ttl } else { self.negative_ttl }
     }
 }
 
 impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
-    fn expire_after_create(
-        &self,
-        _: &Arc<str>,
-        v: &Arc<Entry>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _: &Arc<str>, v: &Arc<Entry>, _: std::time::Instant) -> Option<Duration> {
         Some(self.of(v))
     }
 
@@ -91,11 +82,7 @@ impl L1 {
 
     /// Whether an entry has outlived its lifetime on the tokio clock.
     pub fn is_expired(&self, e: &Entry) -> bool {
-        let life = if e.value.is_some() {
-            self.ttl
-        } else {
-            self.negative_ttl
-        };
+        let life = if e.value.is_some() { self.ttl } else { self.negative_ttl };
         e.stored_at.elapsed() >= life
     }
 
@@ -159,11 +146,7 @@ impl L1 {
                     Install::Fill(lease) => lease.is_valid(),
                     Install::IfNotOlder => true,
                 };
-                std::future::ready(if ok && existing.is_some() {
-                    Op::Remove
-                } else {
-                    Op::Nop
-                })
+                std::future::ready(if ok && existing.is_some() { Op::Remove } else { Op::Nop })
             })
             .await;
         match result {
@@ -209,30 +192,23 @@ mod tests {
     }
 
     fn l1() -> L1 {
-        L1::new(
-            Capacity::Entries(100),
-            Duration::from_secs(10),
-            Duration::from_secs(1),
-        )
+        L1::new(Capacity::Entries(100), Duration::from_secs(10), Duration::from_secs(1))
     }
 
     #[tokio::test]
     async fn mutations_never_install_an_older_lsn() {
         let c = l1();
         assert_eq!(
-            c.install("k".into(), entry("b", 20), Install::IfNotOlder)
-                .await,
+            c.install("k".into(), entry("b", 20), Install::IfNotOlder).await,
             Installed::Stored
         );
         assert_eq!(
-            c.install("k".into(), entry("a", 10), Install::IfNotOlder)
-                .await,
+            c.install("k".into(), entry("a", 10), Install::IfNotOlder).await,
             Installed::Skipped
         );
         assert_eq!(c.get("k").await.unwrap().value.as_deref(), Some(&b"b"[..]));
         assert_eq!(
-            c.install("k".into(), entry("c", 30), Install::IfNotOlder)
-                .await,
+            c.install("k".into(), entry("c", 30), Install::IfNotOlder).await,
             Installed::Stored
         );
     }
@@ -246,8 +222,7 @@ mod tests {
         flights.invalidate("k");
         let lease: Arc<dyn Lease> = flight;
         assert_eq!(
-            c.install(key.clone(), entry("old", 0), Install::Fill(lease))
-                .await,
+            c.install(key.clone(), entry("old", 0), Install::Fill(lease)).await,
             Installed::Skipped
         );
         assert!(c.get("k").await.is_none());
@@ -256,37 +231,25 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lifetimes_follow_the_tokio_clock() {
         let c = l1();
-        c.install("p".into(), entry("v", 1), Install::IfNotOlder)
-            .await;
+        c.install("p".into(), entry("v", 1), Install::IfNotOlder).await;
         c.install("n".into(), Entry::new(None, Lsn(1), 1), Install::IfNotOlder)
             .await;
         assert!(c.get("n").await.is_some());
         tokio::time::advance(Duration::from_millis(1500)).await;
-        assert!(
-            c.get("n").await.is_none(),
-            "negative entry expires after negative_ttl"
-        );
+        assert!(c.get("n").await.is_none(), "negative entry expires after negative_ttl");
         assert!(c.get("p").await.is_some());
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(
-            c.get("p").await.is_none(),
-            "positive entry expires after ttl"
-        );
+        assert!(c.get("p").await.is_none(), "positive entry expires after ttl");
         // An expired entry does not block a mutation with a lower position.
         assert_eq!(
-            c.install("p".into(), entry("w", 0), Install::IfNotOlder)
-                .await,
+            c.install("p".into(), entry("w", 0), Install::IfNotOlder).await,
             Installed::Stored
         );
     }
 
     #[tokio::test]
     async fn byte_capacity_bounds_weighed_size() {
-        let c = L1::new(
-            Capacity::Bytes(10_000),
-            Duration::from_secs(60),
-            Duration::from_secs(1),
-        );
+        let c = L1::new(Capacity::Bytes(10_000), Duration::from_secs(60), Duration::from_secs(1));
         for i in 0..200 {
             c.install(
                 format!("key{i}").into(),
@@ -296,23 +259,16 @@ mod tests {
             .await;
         }
         c.sync().await;
-        assert!(
-            c.weighted_size() <= 10_000,
-            "weighted size {}",
-            c.weighted_size()
-        );
+        assert!(c.weighted_size() <= 10_000, "weighted size {}", c.weighted_size());
         assert!(c.entry_count() > 0);
     }
 
     #[tokio::test]
     async fn weighed_bytes_are_exact_under_an_entry_capacity() {
         let c = l1();
-        c.install("a".into(), entry("12345", 1), Install::IfNotOlder)
-            .await;
-        c.install("b".into(), entry("1", 1), Install::IfNotOlder)
-            .await;
-        c.install("a".into(), entry("123", 2), Install::IfNotOlder)
-            .await;
+        c.install("a".into(), entry("12345", 1), Install::IfNotOlder).await;
+        c.install("b".into(), entry("1", 1), Install::IfNotOlder).await;
+        c.install("a".into(), entry("123", 2), Install::IfNotOlder).await;
         c.remove("b").await;
         c.sync().await;
         assert_eq!(c.weighted_size(), (1 + 3 + ENTRY_OVERHEAD_BYTES) as u64);

@@ -137,12 +137,7 @@ pub fn list(dir: &std::path::Path) -> Result<Vec<CursorFile>, LogError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(n) = name.strip_suffix(".cursor") {
             let pos = read_file(&entry.path()).and_then(|p| {
-                p.ok_or_else(|| {
-                    LogError::io(
-                        &entry.path(),
-                        std::io::Error::from(std::io::ErrorKind::NotFound),
-                    )
-                })
+                p.ok_or_else(|| LogError::io(&entry.path(), std::io::Error::from(std::io::ErrorKind::NotFound)))
             });
             out.push((n.to_string(), pos));
         }

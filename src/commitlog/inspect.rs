@@ -45,20 +45,15 @@ pub struct CursorStat {
 }
 
 fn open(dir: &Path) -> Result<(std::sync::Arc<super::Shared>, super::Recovery), LogError> {
-    let super::Opened {
-        shared, recovery, ..
-    } = open_dir(LogConfig::new(dir), LogMetrics::new(&Registry::new()), true)?;
+    let super::Opened { shared, recovery, .. } =
+        open_dir(LogConfig::new(dir), LogMetrics::new(&Registry::new()), true)?;
     Ok((shared, recovery))
 }
 
 /// Numbers about the log in `dir`.
 pub fn stat(dir: &Path) -> Result<LogStat, LogError> {
     let (shared, recovery) = open(dir)?;
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let segs = shared.segments.read().unwrap_or_else(|p| p.into_inner()).clone();
     let end = shared.end();
     let segments: Vec<SegmentStat> = segs
         .iter()
@@ -73,9 +68,7 @@ pub fn stat(dir: &Path) -> Result<LogStat, LogError> {
             bytes: s.durable_len(),
             first_timestamp_ms: s.first_ts(),
             last_timestamp_ms: s.last_ts(),
-            corrupt: s
-                .corrupt()
-                .map(|c| format!("at byte {}: {}", c.position, c.detail)),
+            corrupt: s.corrupt().map(|c| format!("at byte {}: {}", c.position, c.detail)),
         })
         .collect();
     let cursors = cursor::list(dir)?
@@ -112,9 +105,8 @@ pub fn record_json(r: &Record) -> serde_json::Value {
     match ChangeEvent::decode(&r.payload) {
         Ok(e) => {
             let value = e.value.as_ref().map(|v| {
-                serde_json::from_slice::<serde_json::Value>(v).unwrap_or_else(|_| {
-                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned())
-                })
+                serde_json::from_slice::<serde_json::Value>(v)
+                    .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(v).into_owned()))
             });
             serde_json::json!({
                 "offset": r.offset.0,

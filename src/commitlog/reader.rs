@@ -67,10 +67,7 @@ fn read_segment(
                     if f.offset != c.offset {
                         return Err(corrupt(
                             c.pos,
-                            format!(
-                                "record has offset {} where {} was expected",
-                                f.offset, c.offset
-                            ),
+                            format!("record has offset {} where {} was expected", f.offset, c.offset),
                         ));
                     }
                     if f.offset >= from {
@@ -90,10 +87,7 @@ fn read_segment(
                     if at == 0 {
                         // A record larger than the chunk: read exactly it.
                         if c.pos + needed as u64 > len {
-                            return Err(corrupt(
-                                c.pos,
-                                "record runs past the durable end of the segment".into(),
-                            ));
+                            return Err(corrupt(c.pos, "record runs past the durable end of the segment".into()));
                         }
                         chunk = c.seg.read_at(c.pos, needed.max(HEADER_LEN))?;
                         continue;
@@ -119,17 +113,10 @@ fn read_from(
     if from >= shared.end() || max_records == 0 {
         return Ok((out, hint));
     }
-    let segs: Vec<Arc<Segment>> = shared
-        .segments
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let segs: Vec<Arc<Segment>> = shared.segments.read().unwrap_or_else(|p| p.into_inner()).clone();
     let start = segs.first().map_or(Offset(0), |s| s.base);
     if from < start {
-        return Err(LogError::OffsetOutOfRange {
-            requested: from,
-            start,
-        });
+        return Err(LogError::OffsetOutOfRange { requested: from, start });
     }
     let mut c = match hint {
         // The hint is only good while its segment is still in the log.
@@ -187,12 +174,7 @@ fn read_from(
 }
 
 /// Reads up to `max_records` (and about `max_bytes` of payload) durable records from `from`.
-pub fn read(
-    shared: &Shared,
-    from: Offset,
-    max_records: usize,
-    max_bytes: usize,
-) -> Result<Vec<Record>, LogError> {
+pub fn read(shared: &Shared, from: Offset, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
     read_from(shared, None, from, max_records, max_bytes).map(|(r, _)| r)
 }
 
@@ -227,18 +209,8 @@ impl Tail {
     }
 
     /// The durable records available now (possibly none).
-    pub fn try_next(
-        &mut self,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError> {
-        let (records, hint) = read_from(
-            &self.shared,
-            self.hint.take(),
-            self.next,
-            max_records,
-            max_bytes,
-        )?;
+    pub fn try_next(&mut self, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
+        let (records, hint) = read_from(&self.shared, self.hint.take(), self.next, max_records, max_bytes)?;
         self.hint = hint;
         if let Some(last) = records.last() {
             self.next = Offset(last.offset.0 + 1);
@@ -248,22 +220,14 @@ impl Tail {
 
     /// At least one record, waiting until one is durable. `Closed` once the log has shut down
     /// and everything durable has been read.
-    pub async fn next(
-        &mut self,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError> {
+    pub async fn next(&mut self, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
         loop {
             self.rx.borrow_and_update();
             let records = self.try_next(max_records, max_bytes)?;
             if !records.is_empty() {
                 return Ok(records);
             }
-            if self
-                .shared
-                .closed
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
+            if self.shared.closed.load(std::sync::atomic::Ordering::Acquire) {
                 return Err(LogError::Closed);
             }
             if self.rx.changed().await.is_err() {

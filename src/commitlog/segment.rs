@@ -34,8 +34,7 @@ pub fn index_name(base: Offset) -> String {
 /// The base offset named by a segment file name, if it is one.
 pub fn parse_log_name(name: &str) -> Option<Offset> {
     let digits = name.strip_suffix(".log")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok().map(Offset))?
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok().map(Offset))?
 }
 
 /// One sparse index entry.
@@ -110,9 +109,7 @@ pub fn scan(
                 if pos + needed as u64 > file_len {
                     stopped = Some((
                         pos,
-                        format!(
-                            "record at byte {pos} runs past the end of the file ({file_len} bytes)"
-                        ),
+                        format!("record at byte {pos} runs past the end of the file ({file_len} bytes)"),
                     ));
                     break;
                 }
@@ -278,12 +275,7 @@ impl Segment {
 
     /// Opens a sealed segment; a missing or invalid index is rebuilt (and, unless `read_only`,
     /// written back).
-    pub fn open_sealed(
-        dir: &Path,
-        base: Offset,
-        interval: u64,
-        read_only: bool,
-    ) -> Result<Segment, LogError> {
+    pub fn open_sealed(dir: &Path, base: Offset, interval: u64, read_only: bool) -> Result<Segment, LogError> {
         let path = dir.join(log_name(base));
         let file = File::open(&path).map_err(|e| LogError::io(&path, e))?;
         let len = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
@@ -305,8 +297,7 @@ impl Segment {
                 (s, false)
             }
             _ => (
-                scan(&file, base, 0, base, len, interval, Vec::new())
-                    .map_err(|e| LogError::io(&path, e))?,
+                scan(&file, base, 0, base, len, interval, Vec::new()).map_err(|e| LogError::io(&path, e))?,
                 true,
             ),
         };
@@ -317,10 +308,8 @@ impl Segment {
         if scan.valid_len > 0 {
             // A scan from the last index entry saw only the tail; the first record has the
             // segment's first timestamp.
-            seg.first_ts.store(
-                seg.read_first_ts().unwrap_or(scan.first_ts),
-                Ordering::Relaxed,
-            );
+            seg.first_ts
+                .store(seg.read_first_ts().unwrap_or(scan.first_ts), Ordering::Relaxed);
         }
         if let Some((position, detail)) = scan.stopped {
             *seg.corrupt.write().unwrap_or_else(|p| p.into_inner()) = Some(CorruptAt {
@@ -343,13 +332,10 @@ impl Segment {
         let path = dir.join(log_name(base));
         let file = File::open(&path).map_err(|e| LogError::io(&path, e))?;
         let len = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
-        let s = scan(&file, base, 0, base, len, interval, Vec::new())
-            .map_err(|e| LogError::io(&path, e))?;
+        let s = scan(&file, base, 0, base, len, interval, Vec::new()).map_err(|e| LogError::io(&path, e))?;
         let mut truncated = None;
         if let Some((position, detail)) = &s.stopped {
-            if let Some(at) =
-                valid_frame_after(&file, *position, len).map_err(|e| LogError::io(&path, e))?
-            {
+            if let Some(at) = valid_frame_after(&file, *position, len).map_err(|e| LogError::io(&path, e))? {
                 return Err(LogError::Corrupt {
                     file: path.clone(),
                     position: *position,
@@ -395,10 +381,7 @@ impl Segment {
     }
 
     pub fn corrupt(&self) -> Option<CorruptAt> {
-        self.corrupt
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.corrupt.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Makes records up to `end` (in `len` bytes) visible to readers.
@@ -414,10 +397,7 @@ impl Segment {
     }
 
     pub fn push_index(&self, e: IndexEntry) {
-        self.index
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(e);
+        self.index.write().unwrap_or_else(|p| p.into_inner()).push(e);
     }
 
     pub fn index_snapshot(&self) -> Vec<IndexEntry> {
@@ -448,9 +428,7 @@ impl Segment {
 
     /// Bytes of the `.log` and `.index` files on disk.
     pub fn disk_bytes(&self) -> u64 {
-        let idx = std::fs::metadata(&self.index_path)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let idx = std::fs::metadata(&self.index_path).map(|m| m.len()).unwrap_or(0);
         self.durable_len() + idx
     }
 }

@@ -22,10 +22,7 @@ fn payload(i: u64, size: usize) -> Vec<u8> {
 }
 
 async fn open(config: LogConfig) -> CommitLog {
-    CommitLog::open(config, &Registry::new())
-        .await
-        .expect("open log")
-        .0
+    CommitLog::open(config, &Registry::new()).await.expect("open log").0
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -43,19 +40,13 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 async fn appends_read_back_with_contiguous_offsets() {
     let dir = temp_dir("log", None);
     let log = open(cfg(&dir)).await;
-    let a = log
-        .append(vec![payload(0, 10), payload(1, 10)])
-        .await
-        .unwrap();
+    let a = log.append(vec![payload(0, 10), payload(1, 10)]).await.unwrap();
     let b = log.append(vec![payload(2, 10)]).await.unwrap();
     assert_eq!(a, Offset(0)..Offset(2));
     assert_eq!(b, Offset(2)..Offset(3));
     assert_eq!(log.end(), Offset(3));
     let recs = log.read(Offset(1), 10).unwrap();
-    assert_eq!(
-        recs.iter().map(|r| r.offset.0).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(recs.iter().map(|r| r.offset.0).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(recs[0].payload, payload(1, 10));
     assert!(recs[0].timestamp_ms > 0);
     assert!(log.read(Offset(3), 10).unwrap().is_empty());
@@ -67,11 +58,7 @@ async fn a_tail_is_woken_by_new_durable_records() {
     let dir = temp_dir("log", None);
     let log = open(cfg(&dir)).await;
     let mut tail = log.tail(Offset(0));
-    let waiter = tokio::spawn(async move {
-        tail.next(100, usize::MAX)
-            .await
-            .map(|r| (r, tail.position()))
-    });
+    let waiter = tokio::spawn(async move { tail.next(100, usize::MAX).await.map(|r| (r, tail.position())) });
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(!waiter.is_finished(), "no records yet, the tail waits");
     log.append(vec![payload(0, 5)]).await.unwrap();
@@ -112,10 +99,7 @@ async fn segments_roll_and_reads_cross_them_and_survive_reopen() {
     log.close().await.unwrap();
     let log = open(c).await;
     assert_eq!(log.end(), Offset(200));
-    assert_eq!(
-        log.read(Offset(137), 1).unwrap()[0].payload,
-        payload(137, 50)
-    );
+    assert_eq!(log.read(Offset(137), 1).unwrap()[0].payload, payload(137, 50));
     assert_eq!(
         log.append(vec![payload(200, 50)]).await.unwrap(),
         Offset(200)..Offset(201)
@@ -147,18 +131,12 @@ async fn torn_tails_are_truncated_at_any_cut() {
             .expect("a torn tail is not an error");
         let whole = (cut / record_len) as u64;
         assert_eq!(log.end(), Offset(whole), "cut at {cut}");
-        assert_eq!(
-            rec.truncated_bytes,
-            Some((cut - whole as usize * record_len) as u64)
-        );
+        assert_eq!(rec.truncated_bytes, Some((cut - whole as usize * record_len) as u64));
         let back = log.read(Offset(0), 100).unwrap();
         assert_eq!(back.len() as u64, whole);
         assert_eq!(back.last().unwrap().payload, payload(whole - 1, 30));
         // Offsets continue without a gap.
-        assert_eq!(
-            log.append(vec![b"next".to_vec()]).await.unwrap().start,
-            Offset(whole)
-        );
+        assert_eq!(log.append(vec![b"next".to_vec()]).await.unwrap().start, Offset(whole));
         log.close().await.unwrap();
     }
 }
@@ -189,9 +167,7 @@ async fn flipped_bits_are_truncated_at_the_tail_and_reported_in_the_middle() {
     mid[3 * rl + 30] ^= 0x01;
     std::fs::write(&file, &mid).unwrap();
     match CommitLog::open(cfg(&dir), &Registry::new()).await {
-        Err(LogError::Corrupt {
-            file: f, position, ..
-        }) => {
+        Err(LogError::Corrupt { file: f, position, .. }) => {
             assert_eq!(f, file);
             assert_eq!(position, 3 * rl as u64);
         }
@@ -218,9 +194,7 @@ async fn corruption_in_a_sealed_segment_is_reported_to_readers() {
     bytes[at] ^= 0xFF;
     std::fs::write(sealed, &bytes).unwrap();
     let log = open(c).await;
-    let err = log
-        .read(Offset(0), 1000)
-        .expect_err("reading through the damage fails");
+    let err = log.read(Offset(0), 1000).expect_err("reading through the damage fails");
     match err {
         LogError::Corrupt { file, .. } => assert_eq!(&file, sealed),
         other => panic!("expected Corrupt, got {other}"),
@@ -229,17 +203,8 @@ async fn corruption_in_a_sealed_segment_is_reported_to_readers() {
     assert_eq!(log.read(Offset(0), 1).unwrap()[0].payload, payload(0, 40));
     let later = std::fs::read_dir(&dir).unwrap().count();
     assert!(later > 0);
-    let second_base: u64 = files[1]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(
-        log.read(Offset(second_base), 1).unwrap()[0].offset.0,
-        second_base
-    );
+    let second_base: u64 = files[1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    assert_eq!(log.read(Offset(second_base), 1).unwrap()[0].offset.0, second_base);
     log.close().await.unwrap();
 }
 
@@ -274,9 +239,7 @@ async fn a_missing_or_damaged_index_is_rebuilt() {
 async fn cursors_are_durable_and_validated() {
     let dir = temp_dir("log", None);
     let log = open(cfg(&dir)).await;
-    log.append((0..10).map(|i| payload(i, 8)).collect())
-        .await
-        .unwrap();
+    log.append((0..10).map(|i| payload(i, 8)).collect()).await.unwrap();
     let cur = log.cursor("flusher", true).unwrap();
     assert_eq!(cur.position(), Offset(0));
     cur.commit_async(Offset(7)).await.unwrap();
@@ -285,16 +248,9 @@ async fn cursors_are_durable_and_validated() {
     let log = open(cfg(&dir)).await;
     assert_eq!(log.cursor("flusher", true).unwrap().position(), Offset(7));
     log.close().await.unwrap();
-    std::fs::write(
-        dir.join("cursors/flusher.cursor"),
-        b"CSC1\x07\0\0\0\0\0\0\0\0\0\0\0",
-    )
-    .unwrap();
+    std::fs::write(dir.join("cursors/flusher.cursor"), b"CSC1\x07\0\0\0\0\0\0\0\0\0\0\0").unwrap();
     let log = open(cfg(&dir)).await;
-    assert!(matches!(
-        log.cursor("flusher", true),
-        Err(LogError::Corrupt { .. })
-    ));
+    assert!(matches!(log.cursor("flusher", true), Err(LogError::Corrupt { .. })));
     log.close().await.unwrap();
 }
 
@@ -325,27 +281,17 @@ async fn retention_by_size_and_age_respects_required_cursors() {
         "nothing the cursor has not passed is removed: start {}",
         log.start()
     );
-    assert!(matches!(
-        log.read(Offset(0), 1),
-        Err(LogError::OffsetOutOfRange { .. })
-    ));
+    assert!(matches!(log.read(Offset(0), 1), Err(LogError::OffsetOutOfRange { .. })));
     assert_eq!(log.read(Offset(120), 1).unwrap()[0].offset, Offset(120));
     cur.commit_async(Offset(200)).await.unwrap();
     log.apply_retention().await.unwrap();
     let disk: u64 = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.path()
-                .extension()
-                .is_some_and(|x| x == "log" || x == "index")
-        })
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log" || x == "index"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    assert!(
-        disk <= 3000 + 1100,
-        "size bound (plus the active segment): {disk}"
-    );
+    assert!(disk <= 3000 + 1100, "size bound (plus the active segment): {disk}");
     log.close().await.unwrap();
 
     // By age: everything sealed is older than 1ms after a pause.
@@ -363,10 +309,7 @@ async fn retention_by_size_and_age_respects_required_cursors() {
 
 #[tokio::test]
 async fn interval_and_never_policies_acknowledge_and_publish() {
-    for policy in [
-        FsyncPolicy::Interval(Duration::from_millis(20)),
-        FsyncPolicy::Never,
-    ] {
+    for policy in [FsyncPolicy::Interval(Duration::from_millis(20)), FsyncPolicy::Never] {
         let dir = temp_dir("log", None);
         let mut c = cfg(&dir);
         c.fsync = policy;
@@ -400,12 +343,7 @@ async fn concurrent_appenders_share_group_commits() {
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for i in 0..20 {
-                got.push(
-                    log.append(vec![payload(t * 1000 + i, 20)])
-                        .await
-                        .unwrap()
-                        .start,
-                );
+                got.push(log.append(vec![payload(t * 1000 + i, 20)]).await.unwrap().start);
             }
             got
         }));
@@ -467,10 +405,7 @@ async fn inspection_reads_without_changing_anything() {
     assert_eq!((st.start_offset, st.end_offset, st.records), (0, 2, 2));
     assert_eq!(st.cursors[0].lag_records, Some(1));
     let mut lines = Vec::new();
-    inspect::dump(&dir, Some(Offset(1)), Some(5), |r| {
-        lines.push(inspect::record_json(r))
-    })
-    .unwrap();
+    inspect::dump(&dir, Some(Offset(1)), Some(5), |r| lines.push(inspect::record_json(r))).unwrap();
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["value"]["a"], 1);
     assert_eq!(lines[0]["op"], "put");

@@ -42,11 +42,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(
-        shared: Arc<Shared>,
-        seg: Arc<Segment>,
-        lock: Option<File>,
-    ) -> Result<Writer, LogError> {
+    pub fn new(shared: Arc<Shared>, seg: Arc<Segment>, lock: Option<File>) -> Result<Writer, LogError> {
         let file = OpenOptions::new()
             .append(true)
             .open(&seg.path)
@@ -132,8 +128,7 @@ impl Writer {
             let sync_now = match self.policy() {
                 FsyncPolicy::Always => !self.pending.is_empty(),
                 FsyncPolicy::Interval(every) => {
-                    !flushes.is_empty()
-                        || ((tick || !self.pending.is_empty()) && self.last_sync.elapsed() >= every)
+                    !flushes.is_empty() || ((tick || !self.pending.is_empty()) && self.last_sync.elapsed() >= every)
                 }
                 FsyncPolicy::Never => !flushes.is_empty(),
             };
@@ -157,18 +152,12 @@ impl Writer {
         if !self.pending.is_empty() && self.sync().is_ok() {
             self.publish();
         }
-        self.shared
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.closed.store(true, std::sync::atomic::Ordering::Release);
         self.shared.durable.send_modify(|_| {});
     }
 
     fn failed(&self) -> Option<String> {
-        self.shared
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn maybe_index(&mut self, pos: u64) {
@@ -185,18 +174,11 @@ impl Writer {
     }
 
     /// Cuts a failed write back out of the file and answers its appenders with the error.
-    fn undo(
-        &mut self,
-        len: u64,
-        next: Offset,
-        e: std::io::Error,
-        group: Vec<(Reply, Range<Offset>)>,
-    ) {
+    fn undo(&mut self, len: u64, next: Offset, e: std::io::Error, group: Vec<(Reply, Range<Offset>)>) {
         let err = LogError::io(&self.seg.path, e);
         if let Err(e2) = self.file.set_len(len) {
-            self.shared.fail(format!(
-                "a write failed ({err}) and could not be undone ({e2})"
-            ));
+            self.shared
+                .fail(format!("a write failed ({err}) and could not be undone ({e2})"));
         }
         self.len = len;
         self.next = next;

@@ -60,12 +60,7 @@ impl Ctx {
         }
     }
 
-    pub fn problem(
-        &self,
-        span: Option<&Range<usize>>,
-        path: impl Into<String>,
-        message: impl Into<String>,
-    ) {
+    pub fn problem(&self, span: Option<&Range<usize>>, path: impl Into<String>, message: impl Into<String>) {
         self.problems.borrow_mut().push(Problem {
             line: span.map(|s| self.line_of(s.start)),
             path: path.into(),
@@ -88,12 +83,7 @@ pub struct Section<'a, 'i> {
 }
 
 impl<'a, 'i> Section<'a, 'i> {
-    pub fn new(
-        ctx: &'a Ctx,
-        table: &'a DeTable<'i>,
-        path: impl Into<String>,
-        span: Range<usize>,
-    ) -> Self {
+    pub fn new(ctx: &'a Ctx, table: &'a DeTable<'i>, path: impl Into<String>, span: Range<usize>) -> Self {
         Section {
             ctx,
             table,
@@ -142,8 +132,7 @@ impl<'a, 'i> Section<'a, 'i> {
 
     /// Reports a problem about the section as a whole.
     pub fn problem(&self, message: impl Into<String>) {
-        self.ctx
-            .problem(Some(&self.span), self.path.clone(), message);
+        self.ctx.problem(Some(&self.span), self.path.clone(), message);
     }
 
     /// Reads an optional field; a value of the wrong shape is recorded and read as absent.
@@ -152,11 +141,8 @@ impl<'a, 'i> Section<'a, 'i> {
         match T::deserialize(value.clone().into_deserializer()) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.ctx.problem(
-                    Some(&value.span()),
-                    self.field_path(key),
-                    e.message().to_string(),
-                );
+                self.ctx
+                    .problem(Some(&value.span()), self.field_path(key), e.message().to_string());
                 None
             }
         }
@@ -178,7 +164,10 @@ impl<'a, 'i> Section<'a, 'i> {
         match humantime::parse_duration(&text) {
             Ok(d) => Some(d),
             Err(e) => {
-                self.problem_at(key, format!("invalid duration {text:?} ({e}); write it like \"250ms\", \"30s\" or \"5m\""));
+                self.problem_at(
+                    key,
+                    format!("invalid duration {text:?} ({e}); write it like \"250ms\", \"30s\" or \"5m\""),
+                );
                 None
             }
         }
@@ -195,8 +184,7 @@ impl<'a, 'i> Section<'a, 'i> {
         match parsed {
             Ok(n) => Some(n),
             Err(e) => {
-                self.ctx
-                    .problem(Some(&value.span()), self.field_path(key), e);
+                self.ctx.problem(Some(&value.span()), self.field_path(key), e);
                 None
             }
         }
@@ -206,18 +194,10 @@ impl<'a, 'i> Section<'a, 'i> {
     pub fn table(&mut self, key: &'static str) -> Option<Section<'a, 'i>> {
         let value = self.raw(key)?;
         match value.get_ref() {
-            DeValue::Table(t) => Some(Section::new(
-                self.ctx,
-                t,
-                self.field_path(key),
-                value.span(),
-            )),
+            DeValue::Table(t) => Some(Section::new(self.ctx, t, self.field_path(key), value.span())),
             _ => {
-                self.ctx.problem(
-                    Some(&value.span()),
-                    self.field_path(key),
-                    "expected a table",
-                );
+                self.ctx
+                    .problem(Some(&value.span()), self.field_path(key), "expected a table");
                 None
             }
         }
@@ -266,10 +246,7 @@ impl<'a, 'i> Section<'a, 'i> {
                 self.ctx.problem(
                     Some(&key.span()),
                     self.field_path(name),
-                    format!(
-                        "unknown field `{name}`; expected one of: {}",
-                        known.join(", ")
-                    ),
+                    format!("unknown field `{name}`; expected one of: {}", known.join(", ")),
                 );
             }
         }
@@ -290,13 +267,11 @@ impl<T: DeserializeOwned> DeserializeFrom for T {
 /// Parses "123", "64KiB", "64KB", "1.5GiB", "10MB" into bytes (KB = 1000, KiB = 1024).
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        format!("invalid size {text:?}; write it like 1048576, \"512KiB\" or \"64MiB\"")
-    })?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}; write it like 1048576, \"512KiB\" or \"64MiB\""))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" => 1e3,
@@ -329,11 +304,7 @@ mod tests {
         assert_eq!(parse_byte_size("1.5KiB").unwrap(), 1536);
         assert_eq!(parse_byte_size("10 MB").unwrap(), 10_000_000);
         assert!(parse_byte_size("ten").is_err());
-        assert!(
-            parse_byte_size("5 parsecs")
-                .unwrap_err()
-                .contains("unknown size unit")
-        );
+        assert!(parse_byte_size("5 parsecs").unwrap_err().contains("unknown size unit"));
     }
 
     #[test]

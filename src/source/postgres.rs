@@ -31,13 +31,12 @@ const MAX_CACHED_UPSERTS: usize = 64;
 /// Builds the driver's connection settings from the configuration, with the session options
 /// every cachesync connection uses.
 pub fn connection_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, SourceError> {
-    let mut pg: tokio_postgres::Config = cfg.url.expose().parse().map_err(|_| {
-        SourceError::Unavailable("postgres.url is not a valid connection string".into())
-    })?;
-    let mut options = pg
-        .get_options()
-        .map(|o| format!("{o} "))
-        .unwrap_or_default();
+    let mut pg: tokio_postgres::Config = cfg
+        .url
+        .expose()
+        .parse()
+        .map_err(|_| SourceError::Unavailable("postgres.url is not a valid connection string".into()))?;
+    let mut options = pg.get_options().map(|o| format!("{o} ")).unwrap_or_default();
     options.push_str(&format!(
         "-c TimeZone=UTC -c DateStyle=ISO -c statement_timeout={}",
         cfg.statement_timeout.as_millis()
@@ -74,9 +73,7 @@ impl PgPool {
             .create_timeout(Some(cfg.connect_timeout))
             .recycle_timeout(Some(cfg.connect_timeout))
             .build()
-            .map_err(|e| {
-                SourceError::Unavailable(format!("cannot build the connection pool: {e}"))
-            })?;
+            .map_err(|e| SourceError::Unavailable(format!("cannot build the connection pool: {e}")))?;
         Ok(PgPool {
             pool,
             acquire_timeout: cfg.acquire_timeout,
@@ -182,13 +179,11 @@ impl TableSource {
     fn render_row(&self, row: &tokio_postgres::Row, first: usize) -> Bytes {
         let mut out = Vec::with_capacity(128);
         render::render_object(
-            self.binding.fields.iter().enumerate().map(|(i, f)| {
-                (
-                    f.name.as_str(),
-                    &f.column.kind,
-                    row.get::<_, Option<&str>>(first + i),
-                )
-            }),
+            self.binding
+                .fields
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.name.as_str(), &f.column.kind, row.get::<_, Option<&str>>(first + i))),
             &mut out,
         );
         Bytes::from(out)
@@ -197,14 +192,9 @@ impl TableSource {
     /// Loads the row with this key (components already normalized, in key order).
     pub async fn load(&self, key: &[String], with_lsn: bool) -> Result<Loaded, SourceError> {
         let client = self.pool.get().await?;
-        let sql = if with_lsn {
-            &self.select_lsn
-        } else {
-            &self.select_plain
-        };
+        let sql = if with_lsn { &self.select_lsn } else { &self.select_plain };
         let stmt = client.prepare_cached(sql).await.map_err(|e| classify(&e))?;
-        let params: Vec<&(dyn ToSql + Sync)> =
-            key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         match client.query_opt(&stmt, &params).await {
             Ok(row) => Ok(Loaded {
                 snapshot_lsn: row.as_ref().map_or(Lsn::ZERO, |r| parse_lsn(r.get(0))),
@@ -218,12 +208,8 @@ impl TableSource {
     /// Deletes the row with this key; `None` when there was none.
     pub async fn delete(&self, key: &[String]) -> Result<Option<Lsn>, SourceError> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(&self.delete)
-            .await
-            .map_err(|e| classify(&e))?;
-        let params: Vec<&(dyn ToSql + Sync)> =
-            key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         match client.query_opt(&stmt, &params).await {
             Ok(row) => Ok(row.map(|r| parse_lsn(r.get(0)))),
             Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
@@ -233,11 +219,7 @@ impl TableSource {
 
     /// Upserts the row with this key from a JSON object of fields (key fields optional). Returns
     /// what Postgres stored.
-    pub async fn upsert(
-        &self,
-        key: &[String],
-        body: &Map<String, Value>,
-    ) -> Result<Written, SourceError> {
+    pub async fn upsert(&self, key: &[String], body: &Map<String, Value>) -> Result<Written, SourceError> {
         let row = self.columns_of(key, body)?;
         let columns: Vec<&str> = self
             .binding
@@ -249,10 +231,7 @@ impl TableSource {
         let sql = self.upsert_sql(&columns);
         let json = Value::Object(row.clone()).to_string();
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(&sql)
-            .await
-            .map_err(|e| classify(&e))?;
+        let stmt = client.prepare_cached(&sql).await.map_err(|e| classify(&e))?;
         match client.query_one(&stmt, &[&json]).await {
             Ok(r) => Ok(Written {
                 lsn: parse_lsn(r.get(0)),
@@ -264,11 +243,7 @@ impl TableSource {
     }
 
     /// Checks the body against the binding and returns it keyed by column name, key filled in.
-    fn columns_of(
-        &self,
-        key: &[String],
-        body: &Map<String, Value>,
-    ) -> Result<Map<String, Value>, SourceError> {
+    fn columns_of(&self, key: &[String], body: &Map<String, Value>) -> Result<Map<String, Value>, SourceError> {
         let b = &self.binding;
         let mut row = Map::new();
         for (name, value) in body {
@@ -330,8 +305,7 @@ impl TableSource {
         for (column, value) in row {
             let one = Value::Object(Map::from_iter([(column.clone(), value.clone())])).to_string();
             if let Err(e) = client.query_one(&self.probe, &[&one]).await
-                && let (Some(db), Some(field)) =
-                    (e.as_db_error(), self.binding.field_of_column(column))
+                && let (Some(db), Some(field)) = (e.as_db_error(), self.binding.field_of_column(column))
             {
                 return SourceError::InvalidValue {
                     field: field.name.clone(),

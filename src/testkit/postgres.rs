@@ -33,11 +33,7 @@ pub struct PgOptions {
 /// The directory holding `initdb` and `postgres`, or a panic that says how to install them.
 pub fn bindir() -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     dirs.sort_by_key(|d| {
         std::cmp::Reverse(
@@ -48,24 +44,19 @@ pub fn bindir() -> PathBuf {
                 .unwrap_or(0),
         )
     });
-    let initdb = find_program("initdb", "CACHESYNC_PG_BINDIR", &dirs)
-        .unwrap_or_else(|| panic!("{INSTALL_HINT}"));
-    let dir = initdb
-        .parent()
-        .expect("a program lives in a directory")
-        .to_path_buf();
+    let initdb = find_program("initdb", "CACHESYNC_PG_BINDIR", &dirs).unwrap_or_else(|| panic!("{INSTALL_HINT}"));
+    let dir = initdb.parent().expect("a program lives in a directory").to_path_buf();
     if !dir.join("postgres").is_file() {
-        panic!(
-            "{INSTALL_HINT} (found {} but no postgres beside it)",
-            initdb.display()
-        );
+        panic!("{INSTALL_HINT} (found {} but no postgres beside it)", initdb.display());
     }
     dir
 }
 
 fn owner() -> Option<(u32, u32)> {
     if is_root() {
-        Some(user_ids("postgres").unwrap_or_else(|| panic!("running as root, Postgres must run as the `postgres` user, which does not exist; {INSTALL_HINT}")))
+        Some(user_ids("postgres").unwrap_or_else(|| {
+            panic!("running as root, Postgres must run as the `postgres` user, which does not exist; {INSTALL_HINT}")
+        }))
     } else {
         None
     }
@@ -147,14 +138,8 @@ impl PgServer {
         args.push(template().to_string_lossy().into_owned());
         args.push(data.to_string_lossy().into_owned());
         let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_as(
-            Path::new("cp"),
-            &args_ref,
-            owner,
-            "copy the template data directory",
-        );
-        let cleanup = Tied::cleanup(&base, Some(&data.join("postmaster.pid")), owner)
-            .expect("spawn cleanup guardian");
+        run_as(Path::new("cp"), &args_ref, owner, "copy the template data directory");
+        let cleanup = Tied::cleanup(&base, Some(&data.join("postmaster.pid")), owner).expect("spawn cleanup guardian");
         let server = Arc::new(PgServer {
             port: free_port(),
             _cleanup: cleanup,
@@ -194,10 +179,7 @@ impl PgServer {
             ("max_replication_slots".into(), "64".into()),
             ("max_connections".into(), "400".into()),
             ("shared_buffers".into(), "128MB".into()),
-            (
-                "shared_preload_libraries".into(),
-                "pg_stat_statements".into(),
-            ),
+            ("shared_preload_libraries".into(), "pg_stat_statements".into()),
             ("pg_stat_statements.track_utility".into(), "off".into()),
             ("logging_collector".into(), "off".into()),
         ];
@@ -211,8 +193,7 @@ impl PgServer {
             args.push("-c".into());
             args.push(format!("{k}={v}"));
         }
-        let tied = Tied::spawn(&bindir().join("postgres"), &args, &log, "INT", self.owner)
-            .expect("spawn postgres");
+        let tied = Tied::spawn(&bindir().join("postgres"), &args, &log, "INT", self.owner).expect("spawn postgres");
         wait_for_log(
             &log,
             "database system is ready to accept connections",
@@ -224,21 +205,14 @@ impl PgServer {
 
     /// Stops the server (fast shutdown) and waits for it to exit. Its data stays.
     pub fn stop(&self) {
-        let tied = self
-            .process
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let tied = self.process.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut t) = tied {
             t.stop();
         }
     }
 
     pub fn is_running(&self) -> bool {
-        self.process
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.process.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// A URL for `database` as the superuser.
@@ -273,9 +247,7 @@ impl PgServer {
 /// The server shared by every test in this binary, started on first use.
 pub fn shared() -> Arc<PgServer> {
     static SHARED: OnceLock<Arc<PgServer>> = OnceLock::new();
-    SHARED
-        .get_or_init(|| PgServer::start(PgOptions::default()))
-        .clone()
+    SHARED.get_or_init(|| PgServer::start(PgOptions::default())).clone()
 }
 
 /// One test's database.

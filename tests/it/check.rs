@@ -43,10 +43,7 @@ ttl = "soon"
     let (ok, out) = check(config, false);
     assert!(!ok, "exit status is non-zero: {out}");
     assert!(out.contains("3 problem(s)"), "{out}");
-    assert!(
-        out.contains("line 3: server.colour: unknown field `colour`"),
-        "{out}"
-    );
+    assert!(out.contains("line 3: server.colour: unknown field `colour`"), "{out}");
     assert!(
         out.contains("line 11: keyspace[users].ttl: invalid duration \"soon\""),
         "{out}"
@@ -67,19 +64,15 @@ fn a_good_file_passes() {
 #[tokio::test]
 async fn connect_reports_a_missing_table_and_a_missing_column_in_one_run() {
     let db = Db::new().await;
-    db.exec(
-        "CREATE TABLE users (id int PRIMARY KEY, name text); CREATE TABLE nokey (id int, v text);",
-    )
-    .await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, name text); CREATE TABLE nokey (id int, v text);")
+        .await;
     let config = db.config_text(
         "[[keyspace]]\nname = \"gone\"\ntable = \"public.missing\"\nkey = \"id\"\n\
          [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\ncolumns = [\"id\", \"name\", \"email\"]\n\
          [[keyspace]]\nname = \"nokey\"\ntable = \"nokey\"\nkey = \"id\"\n\
          [[keyspace]]\nname = \"fine\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"through\"\n",
     );
-    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true))
-        .await
-        .unwrap();
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true)).await.unwrap();
     assert!(!ok, "{out}");
     assert!(out.contains("3 problem(s)"), "{out}");
     assert!(
@@ -100,14 +93,10 @@ async fn connect_reports_a_missing_table_and_a_missing_column_in_one_run() {
 #[tokio::test]
 async fn connect_passes_when_everything_matches() {
     let db = Db::new().await;
-    db.exec("CREATE TABLE users (id int PRIMARY KEY, name text);")
-        .await;
-    let config = db.config_text(
-        "[[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"through\"\n",
-    );
-    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true))
-        .await
-        .unwrap();
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, name text);").await;
+    let config =
+        db.config_text("[[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"through\"\n");
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true)).await.unwrap();
     assert!(ok, "{out}");
     assert!(out.contains("verified"), "{out}");
 }

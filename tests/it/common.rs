@@ -66,10 +66,7 @@ impl Db {
 /// Starts an in-process server and waits until every keyspace is bound.
 pub async fn serve(config: Config) -> (Server, Http) {
     let server = Server::start(config).await.expect("server starts");
-    server
-        .wait_ready(WAIT)
-        .await
-        .expect("keyspaces become ready");
+    server.wait_ready(WAIT).await.expect("keyspaces become ready");
     let http = Http::new(server.local_addr());
     (server, http)
 }
@@ -88,25 +85,16 @@ impl Resp {
     }
 
     pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 
     /// The `error` code of a JSON error body.
     pub fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.json()["error"].as_str().unwrap_or_default().to_string()
     }
 
     pub fn detail(&self) -> String {
-        self.json()["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.json()["detail"].as_str().unwrap_or_default().to_string()
     }
 }
 
@@ -142,8 +130,7 @@ impl Http {
     }
 
     pub async fn get(&self, path: &str) -> Resp {
-        self.send(self.client.get(format!("{}{path}", self.base)))
-            .await
+        self.send(self.client.get(format!("{}{path}", self.base))).await
     }
 
     pub async fn put(&self, path: &str, body: impl Into<reqwest::Body>) -> Resp {
@@ -152,8 +139,7 @@ impl Http {
     }
 
     pub async fn delete(&self, path: &str) -> Resp {
-        self.send(self.client.delete(format!("{}{path}", self.base)))
-            .await
+        self.send(self.client.delete(format!("{}{path}", self.base))).await
     }
 
     pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Resp {

@@ -36,12 +36,9 @@ async fn no_config_serves_the_default_keyspace_from_memory() {
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits() {
     let db = Db::new().await;
-    db.exec(
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'one');",
-    )
-    .await;
-    let config =
-        db.config_text("[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\n");
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'one');")
+        .await;
+    let config = db.config_text("[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\n");
     let mut sidecar = Sidecar::spawn(bin(), Some(&config));
     let http = Http::at(sidecar.base_url());
     cachesync::testkit::eventually(WAIT, "sidecar ready", || async {
@@ -65,9 +62,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     });
     // Wait until the load is really waiting on the lock.
     cachesync::testkit::eventually(WAIT, "load blocked on the lock", || async {
-        let n: i64 = db
-            .scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
-            .await;
+        let n: i64 = db.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").await;
         if n > 0 { Ok(()) } else { Err(n) }
     })
     .await;
@@ -82,11 +77,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     .await;
     locker.batch_execute("COMMIT").await.unwrap();
     let resp = slow.await.unwrap();
-    assert_eq!(
-        resp.status, 200,
-        "the in-flight request completes: {}",
-        resp.body
-    );
+    assert_eq!(resp.status, 200, "the in-flight request completes: {}", resp.body);
     assert_eq!(resp.json()["v"], "one");
     let status = sidecar
         .wait_timeout(Duration::from_secs(20))

@@ -9,9 +9,7 @@ async fn postgres_is_real_and_logical_replication_ready() {
     let db = Db::new().await;
     let level: String = db.scalar("SHOW wal_level").await;
     assert_eq!(level, "logical");
-    let version: i32 = db
-        .scalar("SELECT current_setting('server_version_num')::int")
-        .await;
+    let version: i32 = db.scalar("SELECT current_setting('server_version_num')::int").await;
     assert!(version >= 140000, "server version {version}");
     // Each test has its own database.
     let other = Db::new().await;

@@ -5,6 +5,7 @@
 mod common;
 
 mod check;
+mod commitlog_crash;
 mod embedded;
 mod harness;
 mod read_through;

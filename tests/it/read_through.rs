@@ -9,8 +9,7 @@ use serde_json::json;
 
 use crate::common::{Db, WAIT, serve};
 
-const USERS: &str =
-    "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text UNIQUE);
+const USERS: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text UNIQUE);
 INSERT INTO users VALUES (1, 'ada', 'ada@example.com'), (2, 'bob', NULL);";
 
 fn users_keyspace(extra: &str) -> String {
@@ -21,8 +20,7 @@ fn users_keyspace(extra: &str) -> String {
 
 /// Calls of the keyspace's load statement, as Postgres counted them.
 async fn selects_of(db: &Db, table: &str) -> i64 {
-    db.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .await;
+    db.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await;
     db.scalar(&format!(
         "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -51,11 +49,7 @@ async fn miss_then_hit_then_absent_with_negative_caching() {
 
     let second = http.get("/v1/kv/users/1").await;
     assert_eq!(second.header("x-cache"), "hit");
-    assert_eq!(
-        second.header("etag"),
-        etag,
-        "the version does not change on a hit"
-    );
+    assert_eq!(second.header("etag"), etag, "the version does not change on a hit");
     assert_eq!(second.body, first.body);
 
     // A NULL column renders as null; a leading zero names the same row and the same entry.
@@ -75,18 +69,10 @@ async fn miss_then_hit_then_absent_with_negative_caching() {
     let cached_absent = http.get("/v1/kv/users/99").await;
     assert_eq!(cached_absent.status, 404, "still negatively cached");
     assert_eq!(cached_absent.header("x-cache"), "hit");
-    assert_eq!(
-        selects_of(&db, "users").await,
-        before,
-        "a negative hit does not query"
-    );
+    assert_eq!(selects_of(&db, "users").await, before, "a negative hit does not query");
     let found = eventually(WAIT, "negative entry expires", || async {
         let r = http.get("/v1/kv/users/99").await;
-        if r.status == 200 {
-            Ok(r)
-        } else {
-            Err(r.status)
-        }
+        if r.status == 200 { Ok(r) } else { Err(r.status) }
     })
     .await;
     assert_eq!(found.json()["name"], "late");
@@ -96,8 +82,7 @@ async fn miss_then_hit_then_absent_with_negative_caching() {
 #[tokio::test]
 async fn one_hundred_concurrent_cold_gets_make_one_select() {
     let db = Db::new().await;
-    db.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .await;
+    db.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await;
     db.exec(USERS).await;
     let (_server, http) = serve(db.config(&users_keyspace(""))).await;
     // Make the load slow enough that every request arrives while it is in flight: hold a lock
@@ -157,16 +142,13 @@ async fn common_postgres_types_render_as_json() {
             '{\"a\": [1, {\"b\": null}]}', ARRAY['x', 'y z', NULL], ARRAY[1,2,3], ARRAY[[1,2],[3,4]], NULL, 'NaN');",
     )
     .await;
-    let (_server, http) =
-        serve(db.config("[[keyspace]]\nname = \"things\"\ntable = \"things\"\nkey = \"id\"\n"))
-            .await;
+    let (_server, http) = serve(db.config("[[keyspace]]\nname = \"things\"\ntable = \"things\"\nkey = \"id\"\n")).await;
     let r = http.get("/v1/kv/things/1").await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Exact digits survive: compare the raw text, not a float-parsed value.
     assert!(r.body.contains(r#""big":9007199254740993"#), "{}", r.body);
     assert!(
-        r.body
-            .contains(r#""price":12345678901234567890.0123456789"#),
+        r.body.contains(r#""price":12345678901234567890.0123456789"#),
         "{}",
         r.body
     );
@@ -202,10 +184,7 @@ async fn composite_keys_and_column_mapping() {
         r.body, r#"{"tenant":"acme","id":7,"amount":10.50}"#,
         "numeric keeps its digits"
     );
-    assert!(
-        r.json().get("internal").is_none(),
-        "unmapped columns are left out"
-    );
+    assert!(r.json().get("internal").is_none(), "unmapped columns are left out");
     // A comma inside a component is escaped.
     let escaped = http.get("/v1/kv/orders/a%2Cb,7").await;
     assert_eq!(escaped.json()["tenant"], "a,b");
@@ -218,10 +197,7 @@ async fn composite_keys_and_column_mapping() {
     assert!(bad.detail().contains("`id`"), "{}", bad.detail());
     // _mget uses the same key encoding.
     let m = http
-        .post(
-            "/v1/kv/orders/_mget",
-            r#"{"keys": ["acme,7", "acme,8", "acme,x"]}"#,
-        )
+        .post("/v1/kv/orders/_mget", r#"{"keys": ["acme,7", "acme,8", "acme,x"]}"#)
         .await;
     assert_eq!(m.status, 200, "{}", m.body);
     let items = m.json()["items"].clone();
@@ -256,10 +232,7 @@ async fn with_postgres_stopped_cached_keys_are_served_and_misses_get_503() {
         "ada",
         "a failed write leaves the cache untouched"
     );
-    assert!(
-        !miss.body.contains("postgres://"),
-        "no connection string in errors"
-    );
+    assert!(!miss.body.contains("postgres://"), "no connection string in errors");
 
     pg.resume();
     let back = eventually(
@@ -267,11 +240,7 @@ async fn with_postgres_stopped_cached_keys_are_served_and_misses_get_503() {
         "misses load again after Postgres returns",
         || async {
             let r = http.get("/v1/kv/users/2").await;
-            if r.status == 200 {
-                Ok(r)
-            } else {
-                Err(r.status)
-            }
+            if r.status == 200 { Ok(r) } else { Err(r.status) }
         },
     )
     .await;

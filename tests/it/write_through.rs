@@ -50,10 +50,7 @@ async fn setup() -> (Db, cachesync::server::Server, Http) {
 
 async fn row(db: &Db, id: i64) -> Option<String> {
     db.sql
-        .query_opt(
-            "SELECT row_to_json(u)::text FROM users u WHERE id = $1",
-            &[&id],
-        )
+        .query_opt("SELECT row_to_json(u)::text FROM users u WHERE id = $1", &[&id])
         .await
         .unwrap()
         .map(|r| r.get(0))
@@ -70,9 +67,7 @@ async fn put_reaches_postgres_before_the_response_and_caches_what_was_stored() {
         .await;
     assert_eq!(put.status, 200, "{}", put.body);
     // Postgres already has it when the response arrives.
-    let stored = row(&db, 1)
-        .await
-        .expect("row is in Postgres when PUT returns");
+    let stored = row(&db, 1).await.expect("row is in Postgres when PUT returns");
     assert!(stored.contains(r#""name":"ada""#), "{stored}");
     // The response and the cache hold the stored row: trigger applied, default and generated
     // column filled in by Postgres.
@@ -96,11 +91,7 @@ async fn put_reaches_postgres_before_the_response_and_caches_what_was_stored() {
     assert!(row(&db, 1).await.is_none());
     let gone = http.get("/v1/kv/users/1").await;
     assert_eq!(gone.status, 404);
-    assert_eq!(
-        gone.header("x-cache"),
-        "hit",
-        "the deletion itself is cached"
-    );
+    assert_eq!(gone.header("x-cache"), "hit", "the deletion itself is cached");
     assert_eq!(http.delete("/v1/kv/users/1").await.status, 404);
 }
 
@@ -110,9 +101,7 @@ async fn composite_key_writes_take_the_key_from_the_url() {
     let put = http.put("/v1/kv/pairs/5,x%2Cy", r#"{"v": "hello"}"#).await;
     assert_eq!(put.status, 200, "{}", put.body);
     assert_eq!(put.json(), json!({"a": 5, "b": "x,y", "v": "hello"}));
-    let v: String = db
-        .scalar("SELECT v FROM pairs WHERE a = 5 AND b = 'x,y'")
-        .await;
+    let v: String = db.scalar("SELECT v FROM pairs WHERE a = 5 AND b = 'x,y'").await;
     assert_eq!(v, "hello");
     let mismatch = http.put("/v1/kv/pairs/5,z", r#"{"a": 6, "v": "no"}"#).await;
     assert_eq!(mismatch.status, 400);
@@ -134,46 +123,11 @@ async fn bad_inputs_get_clear_errors_and_write_nothing() {
     let long_key = format!("/v1/kv/users/{}", "9".repeat(65));
 
     let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
-        (
-            "PUT",
-            "/v1/kv/nope/1",
-            "{}".into(),
-            404,
-            "unknown_keyspace",
-            "users",
-        ),
-        (
-            "PUT",
-            "/v1/kv/users/1",
-            big,
-            413,
-            "payload_too_large",
-            "max_body_bytes",
-        ),
-        (
-            "PUT",
-            &long_key,
-            "{}".into(),
-            400,
-            "invalid_key",
-            "max_key_bytes",
-        ),
-        (
-            "PUT",
-            "/v1/kv/users/1",
-            "{not json".into(),
-            400,
-            "invalid_json",
-            "JSON",
-        ),
-        (
-            "PUT",
-            "/v1/kv/users/1",
-            "[1, 2]".into(),
-            400,
-            "invalid_body",
-            "object",
-        ),
+        ("PUT", "/v1/kv/nope/1", "{}".into(), 404, "unknown_keyspace", "users"),
+        ("PUT", "/v1/kv/users/1", big, 413, "payload_too_large", "max_body_bytes"),
+        ("PUT", &long_key, "{}".into(), 400, "invalid_key", "max_key_bytes"),
+        ("PUT", "/v1/kv/users/1", "{not json".into(), 400, "invalid_json", "JSON"),
+        ("PUT", "/v1/kv/users/1", "[1, 2]".into(), 400, "invalid_body", "object"),
         (
             "PUT",
             "/v1/kv/users/1",
@@ -260,23 +214,14 @@ async fn bad_inputs_get_clear_errors_and_write_nothing() {
             "PUT" => http.put(path, body.clone()).await,
             _ => http.delete(path).await,
         };
-        assert_eq!(
-            r.status.as_u16(),
-            status,
-            "{method} {path} {body:.60}: {}",
-            r.body
-        );
+        assert_eq!(r.status.as_u16(), status, "{method} {path} {body:.60}: {}", r.body);
         assert_eq!(r.error(), code, "{method} {path} {body:.60}: {}", r.body);
         assert!(
             r.detail().contains(fragment),
             "{method} {path}: detail {:?} should mention {fragment:?}",
             r.detail()
         );
-        assert_eq!(
-            row(&db, 1).await,
-            before,
-            "{method} {path} {body:.60} changed Postgres"
-        );
+        assert_eq!(row(&db, 1).await, before, "{method} {path} {body:.60} changed Postgres");
         assert_eq!(
             http.get("/v1/kv/users/1").await.body,
             cached_before,
@@ -284,21 +229,11 @@ async fn bad_inputs_get_clear_errors_and_write_nothing() {
         );
     }
     // A unique violation on another row: 409, neither row changes.
-    assert_eq!(
-        http.put("/v1/kv/users/2", r#"{"name": "bob"}"#)
-            .await
-            .status,
-        200
-    );
-    let dup = http
-        .put("/v1/kv/users/2", r#"{"email": "ada@example.com"}"#)
-        .await;
+    assert_eq!(http.put("/v1/kv/users/2", r#"{"name": "bob"}"#).await.status, 200);
+    let dup = http.put("/v1/kv/users/2", r#"{"email": "ada@example.com"}"#).await;
     assert_eq!(dup.status, 409, "{}", dup.body);
     assert!(dup.detail().contains("users_email_key"), "{}", dup.detail());
-    assert_eq!(
-        http.get("/v1/kv/users/2").await.json()["email"],
-        json!(null)
-    );
+    assert_eq!(http.get("/v1/kv/users/2").await.json()["email"], json!(null));
     let count: i64 = db.scalar("SELECT count(*) FROM users").await;
     assert_eq!(count, 2);
 }

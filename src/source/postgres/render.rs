@@ -157,9 +157,7 @@ pub fn normalize_timestamptz(text: &str) -> String {
         }
     }
     match DateTime::parse_from_rfc3339(&s) {
-        Ok(dt) => dt
-            .with_timezone(&Utc)
-            .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        Ok(dt) => dt.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true),
         Err(_) => text.to_string(),
     }
 }
@@ -228,9 +226,7 @@ impl ArrayParser<'_> {
                         }
                         self.i += 1;
                     }
-                    let raw = std::str::from_utf8(&self.s[start..self.i])
-                        .map_err(|_| ())?
-                        .trim();
+                    let raw = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| ())?.trim();
                     if raw.eq_ignore_ascii_case("NULL") {
                         out.extend_from_slice(b"null");
                     } else {
@@ -298,14 +294,8 @@ mod tests {
         assert_eq!(r(TypeKind::Numeric, Some("NaN")), "\"NaN\"");
         assert_eq!(r(TypeKind::Float, Some("-Infinity")), "\"-Infinity\"");
         assert_eq!(r(TypeKind::Float, Some("1.5e+300")), "1.5e+300");
-        assert_eq!(
-            r(TypeKind::Json, Some("{\"a\": [1, 2]}")),
-            "{\"a\": [1, 2]}"
-        );
-        assert_eq!(
-            r(TypeKind::Text, Some("say \"hi\"\n")),
-            "\"say \\\"hi\\\"\\n\""
-        );
+        assert_eq!(r(TypeKind::Json, Some("{\"a\": [1, 2]}")), "{\"a\": [1, 2]}");
+        assert_eq!(r(TypeKind::Text, Some("say \"hi\"\n")), "\"say \\\"hi\\\"\\n\"");
         assert_eq!(r(TypeKind::Text, None), "null");
     }
 
@@ -354,10 +344,7 @@ mod tests {
     fn objects() {
         let mut out = Vec::new();
         render_object(
-            [
-                ("id", &TypeKind::Integer, Some("1")),
-                ("name", &TypeKind::Text, None),
-            ],
+            [("id", &TypeKind::Integer, Some("1")), ("name", &TypeKind::Text, None)],
             &mut out,
         );
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"id":1,"name":null}"#);

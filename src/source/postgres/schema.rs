@@ -157,10 +157,7 @@ pub struct Binding {
 impl Binding {
     /// Checks `ks` against the table's metadata (`None` = table missing), returning every problem.
     pub fn resolve(ks: &KeyspaceConfig, meta: Option<&TableMeta>) -> Result<Binding, Vec<String>> {
-        let table = ks
-            .table
-            .clone()
-            .expect("resolve is only called for sourced keyspaces");
+        let table = ks.table.clone().expect("resolve is only called for sourced keyspaces");
         let Some(meta) = meta else {
             return Err(vec![format!(
                 "table {table} does not exist (or is not visible to this role)"
@@ -187,10 +184,7 @@ impl Binding {
                             name: m.field.clone(),
                             column: c.clone(),
                         }),
-                        None => problems.push(format!(
-                            "column `{}` does not exist in table {table}",
-                            m.column
-                        )),
+                        None => problems.push(format!("column `{}` does not exist in table {table}", m.column)),
                     }
                 }
             }
@@ -217,15 +211,9 @@ impl Binding {
         }
         if ks.write == WriteMode::Through {
             if !matches!(meta.relkind, 'r' | 'p') {
-                problems.push(format!(
-                    "{table} is not a plain table; write = \"through\" needs one"
-                ));
+                problems.push(format!("{table} is not a plain table; write = \"through\" needs one"));
             }
-            for (ok, what) in [
-                (p.insert, "INSERT"),
-                (p.update, "UPDATE"),
-                (p.delete, "DELETE"),
-            ] {
+            for (ok, what) in [(p.insert, "INSERT"), (p.update, "UPDATE"), (p.delete, "DELETE")] {
                 if !ok {
                     problems.push(format!(
                         "this role lacks {what} on {table}, which write = \"through\" needs"

@@ -114,11 +114,7 @@ pub fn upsert(b: &Binding, columns: &[&str]) -> String {
         set_r = assign("r"),
         set_excluded = assign("EXCLUDED"),
         cols = cols.join(", "),
-        rcols = cols
-            .iter()
-            .map(|c| format!("r.{c}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
     )
 }
@@ -199,15 +195,11 @@ mod tests {
     fn upsert_updates_only_named_non_key_columns() {
         let s = upsert(&binding(), &["tenant", "id", "name"]);
         assert!(
-            s.contains(
-                r#"SET "name" = r."name" FROM r WHERE t."tenant" = r."tenant" AND t."id" = r."id""#
-            ),
+            s.contains(r#"SET "name" = r."name" FROM r WHERE t."tenant" = r."tenant" AND t."id" = r."id""#),
             "{s}"
         );
         assert!(
-            s.contains(
-                r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#
-            ),
+            s.contains(r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#),
             "{s}"
         );
         let only_key = upsert(&binding(), &["tenant", "id"]);

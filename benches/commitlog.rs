@@ -1,0 +1,184 @@
+//! Commit-log throughput against the disk's own limit, measured in the same run.
+//!
+//! For 100-byte and 1 KiB events with `fsync = "always"`, at 1, 8 and 64 concurrent appenders:
+//! records/s, MB/s and append latency (p50/p99/p999), and how many records each fdatasync
+//! carried (group commit). Beside each: a raw loop of sequential `write` + `fdatasync` on a file
+//! in the same directory, writing batches of the same size — what the disk allows for that batch
+//! size — and the ratio. Then tail-read throughput: a `Tail` reading everything back.
+//!
+//! Run: `cargo bench --bench commitlog` (uses a directory under the system temp dir; set
+//! CACHESYNC_BENCH_DIR to measure another disk). Nothing here asserts a time.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cachesync::commitlog::{CommitLog, LogConfig, Offset};
+use cachesync::event::{ChangeEvent, Op, Source};
+use common::Lat;
+use prometheus::Registry;
+
+const RUN_FOR: Duration = Duration::from_secs(3);
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run());
+}
+
+fn base_dir() -> std::path::PathBuf {
+    std::env::var_os("CACHESYNC_BENCH_DIR")
+        .map(Into::into)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// An encoded event whose payload is about `size` bytes.
+fn payload(size: usize) -> Vec<u8> {
+    let mut e = ChangeEvent {
+        keyspace: "users".into(),
+        key: "123456".into(),
+        op: Op::Put,
+        value: Some(Bytes::new()),
+        origin: "bench".into(),
+        version: 1 << 40,
+        source: Source::Api,
+        source_position: 0,
+        source_time_us: 0,
+    };
+    let overhead = e.encode().len();
+    e.value = Some(Bytes::from(vec![b'x'; size.saturating_sub(overhead)]));
+    e.encode()
+}
+
+/// (sum, count) of the group-commit histogram.
+fn groups(registry: &Registry) -> (f64, u64) {
+    registry
+        .gather()
+        .iter()
+        .find(|m| m.name() == "cachesync_log_group_commit_records")
+        .map(|m| {
+            let h = m.get_metric()[0].get_histogram();
+            (h.get_sample_sum(), h.get_sample_count())
+        })
+        .unwrap_or((0.0, 0))
+}
+
+async fn run() {
+    println!(
+        "cachesync commitlog bench: fsync=always, directory {}, {} cores",
+        base_dir().display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    for size in [100usize, 1024] {
+        let p = payload(size);
+        let frame = p.len() + cachesync::commitlog::record::HEADER_LEN;
+        println!("\n== {size}-byte events ({frame} bytes framed) ==");
+        println!(
+            "{:<10} {:>11} {:>8} {:>9} {:>9} {:>9} {:>10} | {:>14} {:>8} | {:>7}",
+            "appenders",
+            "records/s",
+            "MB/s",
+            "p50 µs",
+            "p99 µs",
+            "p999 µs",
+            "rec/fsync",
+            "raw records/s",
+            "raw MB/s",
+            "ratio"
+        );
+        for appenders in [1usize, 8, 64] {
+            let dir = base_dir().join(format!("cachesync-bench-log-{}-{size}-{appenders}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let registry = Registry::new();
+            let (log, _) = CommitLog::open(LogConfig::new(&dir), &registry).await.expect("open");
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..appenders {
+                let (log, p) = (log.clone(), p.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Lat::new();
+                    while started.elapsed() < RUN_FOR {
+                        let t = Instant::now();
+                        log.append(vec![p.clone()]).await.expect("append");
+                        lat.record(t.elapsed());
+                    }
+                    lat
+                }));
+            }
+            let mut lat = Lat::new();
+            for t in tasks {
+                lat.merge(&t.await.expect("task"));
+            }
+            let elapsed = started.elapsed();
+            let records = log.end().0;
+            let (sum, count) = groups(&registry);
+            let per_sync = if count == 0 { 1.0 } else { sum / count as f64 };
+            let rate = records as f64 / elapsed.as_secs_f64();
+            let mbs = rate * frame as f64 / 1e6;
+
+            // The disk's limit for this batch size: sequential write + fdatasync, same directory.
+            let batch = per_sync.round().max(1.0) as usize;
+            let (raw_rate, raw_mbs) = raw_loop(&dir, frame, batch);
+            println!(
+                "{:<10} {:>11.0} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>14.0} {:>8.2} | {:>6.2}x",
+                appenders,
+                rate,
+                mbs,
+                lat.p(0.5),
+                lat.p(0.99),
+                lat.p(0.999),
+                per_sync,
+                raw_rate,
+                raw_mbs,
+                rate / raw_rate
+            );
+            if appenders == 64 {
+                tail_read(&log, records, frame).await;
+            }
+            log.close().await.expect("close");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Records/s and MB/s of `write(batch × frame bytes) + fdatasync` in a loop for RUN_FOR.
+fn raw_loop(dir: &std::path::Path, frame: usize, batch: usize) -> (f64, f64) {
+    let path = dir.join("raw-baseline.bin");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("raw file");
+    let buf = vec![0xABu8; frame * batch];
+    let started = Instant::now();
+    let mut batches = 0u64;
+    while started.elapsed() < RUN_FOR {
+        f.write_all(&buf).expect("write");
+        f.sync_data().expect("fdatasync");
+        batches += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    let rate = (batches * batch as u64) as f64 / secs;
+    (rate, rate * frame as f64 / 1e6)
+}
+
+async fn tail_read(log: &CommitLog, records: u64, frame: usize) {
+    let mut tail = log.tail(Offset(0));
+    let started = Instant::now();
+    let mut n = 0u64;
+    while n < records {
+        n += tail.next(4096, 8 << 20).await.expect("read").len() as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "           tail read of those {records} records: {:.0} records/s, {:.1} MB/s (page cache warm)",
+        n as f64 / secs,
+        n as f64 * frame as f64 / secs / 1e6
+    );
+}
