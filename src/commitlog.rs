@@ -105,6 +105,8 @@ pub const MAX_SEGMENT_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_INDEX_INTERVAL_BYTES: u64 = 4096;
 /// Appends that may wait for the writer before appenders are held back.
 pub const DEFAULT_MAX_QUEUED_APPENDS: usize = 4096;
+/// Payload bytes that may wait for the writer before appenders are held back.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
 /// How often retention runs.
 pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(30);
 /// Most bytes of records the writer puts in one write + sync.
@@ -131,6 +133,9 @@ pub struct LogConfig {
     pub retention_check: Duration,
     /// Bound of the append queue.
     pub max_queued_appends: usize,
+    /// Most payload bytes waiting for the writer; appenders wait beyond it (one append larger
+    /// than this waits until the queue is empty and then goes alone).
+    pub max_queued_bytes: u64,
 }
 
 impl LogConfig {
@@ -145,6 +150,7 @@ impl LogConfig {
             retention_age: None,
             retention_check: DEFAULT_RETENTION_CHECK,
             max_queued_appends: DEFAULT_MAX_QUEUED_APPENDS,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -271,6 +277,8 @@ enum Command {
     Append {
         payloads: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<Range<Offset>, LogError>>,
+        /// This append's share of the queue's byte budget, released once it is written.
+        budget: tokio::sync::OwnedSemaphorePermit,
     },
     /// Sync now if anything is written but not yet durable (interval and never policies).
     Flush {
@@ -323,6 +331,8 @@ impl Shared {
 pub struct CommitLog {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Command>,
+    /// Byte budget of the append queue (permits are bytes, returned once written).
+    queued_bytes: Arc<tokio::sync::Semaphore>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -356,9 +366,13 @@ impl CommitLog {
             .name("cachesync-log-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Failed(format!("cannot start the log writer thread: {e}")))?;
+        let queued_bytes = Arc::new(tokio::sync::Semaphore::new(
+            config.max_queued_bytes.clamp(1, u32::MAX as u64) as usize,
+        ));
         let log = CommitLog {
             shared,
             tx,
+            queued_bytes,
             writer: Arc::new(Mutex::new(Some(handle))),
         };
         if let FsyncPolicy::Interval(every) = config.fsync {
@@ -407,9 +421,22 @@ impl CommitLog {
         if let Some(why) = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(LogError::Failed(why));
         }
+        let bytes: u64 = payloads.iter().map(|p| p.len() as u64).sum();
+        let max = self.shared.config.max_queued_bytes.clamp(1, u32::MAX as u64);
+        let permits = bytes.clamp(1, max) as u32;
+        let budget = self
+            .queued_bytes
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| LogError::Closed)?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Append { payloads, reply })
+            .send(Command::Append {
+                payloads,
+                reply,
+                budget,
+            })
             .await
             .map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?

@@ -449,6 +449,12 @@ fn read_log(mut s: Section<'_, '_>) -> Option<crate::commitlog::LogConfig> {
         }
         c.retention_check = d;
     }
+    if let Some(n) = s.byte_size("max_queued_bytes") {
+        if n == 0 {
+            s.problem_at("max_queued_bytes", "must be greater than zero");
+        }
+        c.max_queued_bytes = n;
+    }
     if let Some(n) = s.get::<usize>("max_queued_appends") {
         if n == 0 {
             s.problem_at("max_queued_appends", "must be at least 1");

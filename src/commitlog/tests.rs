@@ -373,6 +373,26 @@ async fn concurrent_appenders_share_group_commits() {
     log.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_byte_budget_holds_appenders_back_without_losing_any() {
+    let dir = temp_dir("log", None);
+    let mut c = cfg(&dir);
+    c.max_queued_bytes = 500;
+    let log = open(c).await;
+    let tasks: Vec<_> = (0..16u64)
+        .map(|t| {
+            let log = log.clone();
+            // Some appends are larger than the whole budget: they go through alone.
+            tokio::spawn(async move { log.append(vec![payload(t, if t % 4 == 0 { 2000 } else { 300 })]).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(log.end(), Offset(16));
+    log.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_second_writer_is_refused() {
     let dir = temp_dir("log", None);

@@ -79,7 +79,14 @@ impl Writer {
             let mut cmd = Some(first);
             while let Some(c) = cmd.take() {
                 match c {
-                    Command::Append { payloads, reply } => {
+                    // The byte budget is returned when `budget` drops at the end of this arm:
+                    // the payload has been copied into the write buffer.
+                    Command::Append {
+                        payloads,
+                        reply,
+                        budget,
+                    } => {
+                        let _budget = budget;
                         if let Some(why) = self.failed() {
                             let _ = reply.send(Err(LogError::Failed(why)));
                         } else {
