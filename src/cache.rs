@@ -2,10 +2,16 @@
 //! registry of in-flight loads that gives single-flight and closes the fill/invalidate race.
 //!
 //! Ordering rules, in one place (see "Freshness and consistency rules" in the design):
-//! - Every entry records the source position (`lsn`) of the state it holds. A *mutation* (a
-//!   write's result, a CDC change) replaces an entry only if it is at least as new
-//!   ([`Install::IfNotOlder`]), inside moka's per-key `and_compute_with`, so two installs of one
-//!   key never interleave.
+//! - Every entry records the source position (`lsn`) of the state it holds: the commit LSN for a
+//!   CDC change, the WAL position read inside a write's statement, the WAL position read just
+//!   after a load's snapshot. A *mutation* (a write's result, a CDC change) replaces an entry only
+//!   if it is at least as new ([`Install::IfNotOlder`]), inside moka's per-key
+//!   `and_compute_with`, so two installs of one key never interleave.
+//! - Comparing positions alone is not enough for loaded state: a transaction can write its
+//!   commit record (at a lower LSN) a moment before it becomes visible, so a load's snapshot can
+//!   miss a commit whose LSN is below the position read after it. A loaded entry therefore keeps
+//!   the load's [`Snapshot`] (`xmax` and the in-progress xids, from `pg_current_snapshot()`),
+//!   and a mutation from a transaction that snapshot could not see is newer, whatever its LSN.
 //! - A *fill* (a read-through load) holds a lease: the [`Flight`] registered before its query was
 //!   sent. Any mutation of that key first marks the key's flight stale ([`Flights::invalidate`]);
 //!   a stale flight's result is handed to the callers that were already waiting for it but never
@@ -32,13 +38,53 @@ pub use l1::L1;
 pub struct Entry {
     /// The JSON document, or `None` when the source has no such row (a negative entry).
     pub value: Option<Bytes>,
-    /// Source position of the state held; zero when unknown (an in-memory keyspace, or a load
-    /// made without CDC).
+    /// Source position of the state held; zero when unknown (an in-memory keyspace).
     pub lsn: Lsn,
+    /// The transaction that produced this state, when known (a CDC change or a write).
+    pub xid: Option<u32>,
+    /// For state read by a load: what its snapshot could not see.
+    pub snapshot: Option<Arc<Snapshot>>,
     /// HLC timestamp of the install: the entry's `ETag`.
     pub version: u64,
     /// When this state was stored: the start of its TTL life and the base of `Age`.
     pub stored_at: Instant,
+}
+
+/// The visibility of a load's snapshot, from `pg_current_snapshot()` (`xmin:xmax:xip,...`):
+/// a transaction is visible when it precedes `xmax` and is not in `xip`. Xids are compared in
+/// Postgres's modulo-2³² order, as pgoutput sends 32-bit xids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmax: u32,
+    pub xip: Vec<u32>,
+}
+
+/// `a` precedes `b` in Postgres's circular xid order.
+pub fn xid_precedes(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+impl Snapshot {
+    /// Parses `pg_current_snapshot()` text (64-bit xids; the low 32 bits are the xid).
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let _xmin = parts.next()?;
+        let xmax: u64 = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse::<u64>().map(|v| v as u32))
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(Snapshot { xmax: xmax as u32, xip })
+    }
+
+    /// Whether the snapshot saw the changes of transaction `xid`.
+    pub fn sees(&self, xid: u32) -> bool {
+        xid_precedes(xid, self.xmax) && !self.xip.contains(&xid)
+    }
 }
 
 impl Entry {
@@ -46,8 +92,33 @@ impl Entry {
         Entry {
             value,
             lsn,
+            xid: None,
+            snapshot: None,
             version,
             stored_at: Instant::now(),
+        }
+    }
+
+    /// The same entry, produced by transaction `xid`.
+    pub fn with_xid(mut self, xid: Option<u32>) -> Entry {
+        self.xid = xid;
+        self
+    }
+
+    /// The same entry, read through `snapshot`.
+    pub fn with_snapshot(mut self, snapshot: Option<Snapshot>) -> Entry {
+        self.snapshot = snapshot.map(Arc::new);
+        self
+    }
+
+    /// Whether this entry, as a mutation, may replace `old` (see the module docs).
+    pub fn supersedes(&self, old: &Entry) -> bool {
+        if self.lsn >= old.lsn {
+            return true;
+        }
+        match (&old.snapshot, self.xid) {
+            (Some(snap), Some(xid)) => !snap.sees(xid),
+            _ => false,
         }
     }
 
@@ -177,6 +248,34 @@ impl<T> Flights<T> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn snapshots_parse_and_decide_visibility() {
+        let s = Snapshot::parse("1000:1005:1001,1003").unwrap();
+        assert!(s.sees(999) && s.sees(1002) && s.sees(1004));
+        assert!(!s.sees(1001) && !s.sees(1003), "in progress at the snapshot");
+        assert!(!s.sees(1005) && !s.sees(2000), "started after the snapshot");
+        assert_eq!(Snapshot::parse("7:7:").unwrap(), Snapshot { xmax: 7, xip: vec![] });
+        // 64-bit xids: the epoch is dropped, and order wraps around 2^32.
+        let wrapped = Snapshot::parse("4294967290:4294967306:").unwrap();
+        assert!(wrapped.sees(u32::MAX - 1));
+        assert!(!wrapped.sees(10), "xid 4294967306 = epoch 1, xid 10");
+        assert!(Snapshot::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn a_mutation_the_load_could_not_see_supersedes_it_whatever_its_lsn() {
+        let loaded = Entry::new(None, Lsn(500), 1).with_snapshot(Snapshot::parse("90:100:95"));
+        let invisible = Entry::new(None, Lsn(400), 2).with_xid(Some(95));
+        let visible = Entry::new(None, Lsn(400), 2).with_xid(Some(94));
+        let later = Entry::new(None, Lsn(600), 2).with_xid(Some(94));
+        assert!(invisible.supersedes(&loaded));
+        assert!(!visible.supersedes(&loaded));
+        assert!(later.supersedes(&loaded));
+        // Between changes with known positions, the position decides.
+        let applied = Entry::new(None, Lsn(500), 1).with_xid(Some(96));
+        assert!(!invisible.supersedes(&applied));
+    }
 
     #[tokio::test]
     async fn concurrent_callers_share_one_run() {

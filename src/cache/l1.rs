@@ -131,7 +131,7 @@ impl L1 {
         match rule {
             Install::Fill(lease) => lease.is_valid(),
             Install::IfNotOlder => match existing {
-                Some(old) if !self.is_expired(old) => new.lsn >= old.lsn,
+                Some(old) if !self.is_expired(old) => new.supersedes(old),
                 _ => true,
             },
         }

@@ -383,7 +383,11 @@ async fn a_small_byte_budget_holds_appenders_back_without_losing_any() {
         .map(|t| {
             let log = log.clone();
             // Some appends are larger than the whole budget: they go through alone.
-            tokio::spawn(async move { log.append(vec![payload(t, if t % 4 == 0 { 2000 } else { 300 })]).await.unwrap() })
+            tokio::spawn(async move {
+                log.append(vec![payload(t, if t % 4 == 0 { 2000 } else { 300 })])
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     for t in tasks {

@@ -53,7 +53,7 @@ pub async fn load(ks: &Keyspace, key: &Key) -> Result<Arc<Entry>, KeyspaceError>
     let result: LoadResult = flight
         .run(|| async move {
             let started = Instant::now();
-            let loaded = source.load(&key.parts, false).await;
+            let loaded = source.load(&key.parts).await;
             ks.m.load_seconds.observe(started.elapsed().as_secs_f64());
             let loaded = match loaded {
                 Ok(l) => l,
@@ -67,7 +67,7 @@ pub async fn load(ks: &Keyspace, key: &Key) -> Result<Arc<Entry>, KeyspaceError>
             } else {
                 ks.m.loads_absent.inc();
             }
-            let entry = Entry::new(loaded.value, loaded.snapshot_lsn, ks.hlc.now());
+            let entry = Entry::new(loaded.value, loaded.lsn, ks.hlc.now()).with_snapshot(loaded.snapshot);
             if ks
                 .l1
                 .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))

@@ -36,7 +36,7 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, K
     let written = source.upsert(&key.parts, &fields).await;
     observe(ks, "put", started, written.is_ok());
     let written = written?;
-    let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now());
+    let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now()).with_xid(written.xid);
     ks.mutate(key.cache_key.clone(), entry.clone()).await;
     Ok(Arc::new(entry))
 }
@@ -48,9 +48,9 @@ pub async fn delete(ks: &Keyspace, key: &Key) -> Result<bool, KeyspaceError> {
     let deleted = source.delete(&key.parts).await;
     observe(ks, "delete", started, deleted.is_ok());
     match deleted? {
-        Some(lsn) => {
-            ks.mutate(key.cache_key.clone(), Entry::new(None, lsn, ks.hlc.now()))
-                .await;
+        Some(d) => {
+            let entry = Entry::new(None, d.lsn, ks.hlc.now()).with_xid(d.xid);
+            ks.mutate(key.cache_key.clone(), entry).await;
             Ok(true)
         }
         None => {

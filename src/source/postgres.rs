@@ -131,8 +131,10 @@ fn is_data_error(e: &tokio_postgres::Error) -> bool {
 pub struct Loaded {
     /// The rendered document, `None` when there is no such row.
     pub value: Option<Bytes>,
-    /// WAL position read just after the load's snapshot (zero unless asked for).
-    pub snapshot_lsn: Lsn,
+    /// WAL insert position read just after the load's snapshot was taken.
+    pub lsn: Lsn,
+    /// What the load's snapshot could not see (`pg_current_snapshot()`).
+    pub snapshot: Option<crate::cache::Snapshot>,
 }
 
 /// The stored row after a write.
@@ -142,18 +144,31 @@ pub struct Written {
     /// WAL insert position read inside the writing statement, after the row was locked: for two
     /// writes of one row, the later-committed one has the larger position.
     pub lsn: Lsn,
+    /// The writing transaction's id (low 32 bits, as pgoutput reports it).
+    pub xid: Option<u32>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy)]
+pub struct Deleted {
+    pub lsn: Lsn,
+    pub xid: Option<u32>,
 }
 
 fn parse_lsn(text: Option<&str>) -> Lsn {
     text.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO)
 }
 
+/// `pg_current_xact_id()` text (a 64-bit xid) as the 32-bit xid pgoutput uses.
+fn parse_xid(text: Option<&str>) -> Option<u32> {
+    text.and_then(|t| t.parse::<u64>().ok()).map(|x| x as u32)
+}
+
 /// One keyspace's table, ready to load and write rows.
 pub struct TableSource {
     pool: Arc<PgPool>,
     binding: Binding,
-    select_plain: String,
-    select_lsn: String,
+    select: String,
     delete: String,
     probe: String,
     upserts: Mutex<HashMap<String, Arc<str>>>,
@@ -162,8 +177,7 @@ pub struct TableSource {
 impl TableSource {
     pub fn new(pool: Arc<PgPool>, binding: Binding) -> TableSource {
         TableSource {
-            select_plain: sql::select_by_key(&binding, false),
-            select_lsn: sql::select_by_key(&binding, true),
+            select: sql::select_by_key(&binding),
             delete: sql::delete_by_key(&binding),
             probe: sql::probe_column(&binding),
             upserts: Mutex::new(HashMap::new()),
@@ -190,15 +204,18 @@ impl TableSource {
     }
 
     /// Loads the row with this key (components already normalized, in key order).
-    pub async fn load(&self, key: &[String], with_lsn: bool) -> Result<Loaded, SourceError> {
+    pub async fn load(&self, key: &[String]) -> Result<Loaded, SourceError> {
         let client = self.pool.get().await?;
-        let sql = if with_lsn { &self.select_lsn } else { &self.select_plain };
-        let stmt = client.prepare_cached(sql).await.map_err(|e| classify(&e))?;
+        let stmt = client.prepare_cached(&self.select).await.map_err(|e| classify(&e))?;
         let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        match client.query_opt(&stmt, &params).await {
+        match client.query_one(&stmt, &params).await {
             Ok(row) => Ok(Loaded {
-                snapshot_lsn: row.as_ref().map_or(Lsn::ZERO, |r| parse_lsn(r.get(0))),
-                value: row.map(|r| self.render_row(&r, 1)),
+                lsn: parse_lsn(row.get(0)),
+                snapshot: row.get::<_, Option<&str>>(1).and_then(crate::cache::Snapshot::parse),
+                value: row
+                    .get::<_, Option<bool>>(2)
+                    .is_some()
+                    .then(|| self.render_row(&row, 3)),
             }),
             Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
             Err(e) => Err(classify(&e)),
@@ -206,12 +223,15 @@ impl TableSource {
     }
 
     /// Deletes the row with this key; `None` when there was none.
-    pub async fn delete(&self, key: &[String]) -> Result<Option<Lsn>, SourceError> {
+    pub async fn delete(&self, key: &[String]) -> Result<Option<Deleted>, SourceError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
         let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         match client.query_opt(&stmt, &params).await {
-            Ok(row) => Ok(row.map(|r| parse_lsn(r.get(0)))),
+            Ok(row) => Ok(row.map(|r| Deleted {
+                lsn: parse_lsn(r.get(0)),
+                xid: parse_xid(r.get(1)),
+            })),
             Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
             Err(e) => Err(classify(&e)),
         }
@@ -235,7 +255,8 @@ impl TableSource {
         match client.query_one(&stmt, &[&json]).await {
             Ok(r) => Ok(Written {
                 lsn: parse_lsn(r.get(0)),
-                value: self.render_row(&r, 1),
+                xid: parse_xid(r.get(1)),
+                value: self.render_row(&r, 2),
             }),
             Err(e) if is_data_error(&e) => Err(self.blame_field(&client, &row, &e).await),
             Err(e) => Err(classify(&e)),

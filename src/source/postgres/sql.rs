@@ -26,10 +26,12 @@ fn text_of(prefix: &str, col: &ColumnMeta) -> String {
     format!("CASE WHEN {q} IS NULL THEN NULL ELSE format('%s', {q}) END")
 }
 
+/// `<text of field 0> AS c0, <text of field 1> AS c1, …`
 fn output_list(prefix: &str, b: &Binding) -> String {
     b.fields
         .iter()
-        .map(|f| text_of(prefix, &f.column))
+        .enumerate()
+        .map(|(i, f)| format!("{} AS c{i}", text_of(prefix, &f.column)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -51,24 +53,26 @@ fn key_predicate(b: &Binding, first: usize) -> String {
         .join(" AND ")
 }
 
-/// Loads one row by key. Column 0 is the WAL position read *after* the statement's snapshot was
-/// taken (when `with_lsn`), then one text column per output field.
-pub fn select_by_key(b: &Binding, with_lsn: bool) -> String {
-    let lsn = if with_lsn {
-        "pg_current_wal_lsn()::text"
-    } else {
-        "NULL::text"
-    };
+/// Loads one row by key, always answering exactly one row: column 0 the WAL insert position
+/// and column 1 `pg_current_snapshot()` — both read after the statement's snapshot was taken —
+/// column 2 `true` when the row exists (NULL when not), then one text column per output field.
+pub fn select_by_key(b: &Binding) -> String {
+    let fields = output_list("", b);
+    let outer = (0..b.fields.len())
+        .map(|i| format!("r.c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "SELECT {lsn}, {} FROM {} WHERE {}",
-        output_list("", b),
+        "SELECT pg_current_wal_insert_lsn()::text, pg_current_snapshot()::text, r.found, {outer} \
+         FROM (SELECT 1) AS one LEFT JOIN (SELECT true AS found, {fields} FROM {} WHERE {}) AS r ON true",
         qualified(&b.table),
         key_predicate(b, 1)
     )
 }
 
 /// Upserts the columns in `columns` (table column names, key columns included) from a JSON
-/// object bound as `$1`. Returns the WAL insert position, then the stored row's output fields.
+/// object bound as `$1`. Returns the WAL insert position, the transaction id, then the stored
+/// row's output fields.
 ///
 /// A plain `INSERT … ON CONFLICT DO UPDATE` cannot update only some fields of a row whose other
 /// columns are `NOT NULL` without defaults: Postgres checks the *proposed insert* row first. So
@@ -92,13 +96,8 @@ pub fn upsert(b: &Binding, columns: &[&str]) -> String {
         }
     };
     let returning = format!(
-        "pg_current_wal_insert_lsn()::text AS lsn, {}",
-        b.fields
-            .iter()
-            .enumerate()
-            .map(|(i, f)| format!("{} AS c{i}", text_of("t.", &f.column)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {}",
+        output_list("t.", b)
     );
     let key_match = key
         .iter()
@@ -119,10 +118,11 @@ pub fn upsert(b: &Binding, columns: &[&str]) -> String {
     )
 }
 
-/// Deletes one row by key, returning the WAL insert position when a row was deleted.
+/// Deletes one row by key, returning the WAL insert position and the transaction id when a row
+/// was deleted.
 pub fn delete_by_key(b: &Binding) -> String {
     format!(
-        "DELETE FROM {} WHERE {} RETURNING pg_current_wal_insert_lsn()::text",
+        "DELETE FROM {} WHERE {} RETURNING pg_current_wal_insert_lsn()::text, pg_current_xact_id()::text",
         qualified(&b.table),
         key_predicate(b, 1)
     )
@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn identifiers_are_quoted_and_keys_bound() {
-        let s = select_by_key(&binding(), false);
+        let s = select_by_key(&binding());
         assert!(s.contains(r#"FROM "public"."we""ird""#), "{s}");
         assert!(
             s.contains(r#""tenant" = CAST($1::text AS integer) AND "id" = CAST($2::text AS uuid)"#),
