@@ -49,6 +49,8 @@ fn payload(size: usize) -> Vec<u8> {
         source: Source::Api,
         source_position: 0,
         source_time_us: 0,
+        unchanged: vec![],
+        source_xid: None,
     };
     let overhead = e.encode().len();
     e.value = Some(Bytes::from(vec![b'x'; size.saturating_sub(overhead)]));

@@ -291,6 +291,8 @@ enum Command {
     Retention {
         reply: Option<oneshot::Sender<Result<usize, LogError>>>,
     },
+    /// Make everything durable and stop, whatever other handles exist.
+    Close,
 }
 
 /// State shared by the handle, readers, cursors and the writer.
@@ -458,9 +460,12 @@ impl CommitLog {
     }
 
     /// Flushes, stops the writer and waits for it.
+    /// Flushes, stops the writer and waits for it. Other handles' appends fail with `Closed`
+    /// from then on; their tails see the end of the log.
     pub async fn close(self) -> Result<(), LogError> {
         let flushed = self.flush().await;
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = self.tx.send(Command::Close).await;
         drop(self.tx);
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;

@@ -60,6 +60,94 @@ pub struct Config {
     pub keyspaces: Vec<KeyspaceConfig>,
     /// The local durable change log; absent when nothing needs one.
     pub log: Option<crate::commitlog::LogConfig>,
+    /// Postgres logical replication, for keyspaces with `cdc` on.
+    pub cdc: CdcConfig,
+}
+
+/// Default name of the publication cachesync creates and follows.
+pub const DEFAULT_PUBLICATION: &str = "cachesync";
+/// Default interval of heartbeat messages that keep an idle database's slot moving.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// How long the stream may be down before CDC keyspaces stop reporting ready.
+pub const DEFAULT_READY_GRACE: Duration = Duration::from_secs(5);
+
+/// `[cdc]`: how changes are captured.
+#[derive(Debug, Clone, Serialize)]
+pub struct CdcConfig {
+    /// Replication slot name (lower-case letters, digits, `_`). Default: `cachesync_<node_id>`.
+    pub slot: Option<String>,
+    /// Publication to follow.
+    pub publication: String,
+    /// Create the publication for the CDC keyspaces' tables when it does not exist, and add
+    /// missing tables to it. Off: the publication must exist and include them.
+    pub create_publication: bool,
+    /// Interval of `pg_logical_emit_message` heartbeats; none disables them.
+    #[serde(with = "humantime_serde_shim::option")]
+    pub heartbeat: Option<Duration>,
+    /// How long the stream may be down before CDC keyspaces stop reporting ready.
+    #[serde(with = "humantime_serde_shim")]
+    pub ready_grace: Duration,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            slot: None,
+            publication: DEFAULT_PUBLICATION.into(),
+            create_publication: true,
+            heartbeat: Some(DEFAULT_HEARTBEAT),
+            ready_grace: DEFAULT_READY_GRACE,
+        }
+    }
+}
+
+impl CdcConfig {
+    /// The slot name in effect.
+    pub fn slot_name(&self, node_id: &str) -> String {
+        self.slot.clone().unwrap_or_else(|| {
+            let n: String = node_id
+                .to_ascii_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let mut name = format!("cachesync_{n}");
+            name.truncate(63);
+            name
+        })
+    }
+}
+
+fn read_cdc(mut s: Section<'_, '_>) -> CdcConfig {
+    let d = CdcConfig::default();
+    let slot: Option<String> = s.get("slot");
+    if let Some(name) = &slot
+        && (name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+    {
+        s.problem_at("slot", "a slot name is 1 to 63 lower-case letters, digits and `_`");
+    }
+    let publication: String = s.get("publication").unwrap_or(d.publication);
+    if publication.is_empty() {
+        s.problem_at("publication", "must not be empty");
+    }
+    let heartbeat = match s.duration("heartbeat") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None if s.span_of("heartbeat").is_some() => None,
+        None => d.heartbeat,
+    };
+    let c = CdcConfig {
+        slot,
+        publication,
+        create_publication: s.get("create_publication").unwrap_or(d.create_publication),
+        heartbeat,
+        ready_grace: s.duration("ready_grace").unwrap_or(d.ready_grace),
+    };
+    s.finish();
+    c
 }
 
 /// `[server]`: the local HTTP API.
@@ -77,6 +165,9 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Most keys one `_mget` may ask for.
     pub max_mget_keys: usize,
+    /// This node's id: the origin of the events it produces and part of its default slot name.
+    /// Default: the host name.
+    pub node_id: String,
 }
 
 /// `[postgres]`: connection to the source database.
@@ -283,6 +374,22 @@ pub struct KeyspaceConfig {
     pub read_through: bool,
     /// What writes do.
     pub write: WriteMode,
+    /// Change data capture from Postgres logical replication.
+    pub cdc: CdcMode,
+    /// With CDC: load the whole table from a consistent snapshot when the sidecar starts or its
+    /// slot is (re)created, so the keyspace is complete before it serves.
+    pub warm: bool,
+}
+
+/// What a keyspace does with the changes CDC delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CdcMode {
+    Off,
+    /// Put the new row, delete deleted rows.
+    Update,
+    /// Drop the entry; the next read loads it.
+    Invalidate,
 }
 
 impl KeyspaceConfig {
@@ -298,6 +405,8 @@ impl KeyspaceConfig {
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             read_through: false,
             write: WriteMode::None,
+            cdc: CdcMode::Off,
+            warm: false,
         }
     }
 }
@@ -310,8 +419,25 @@ impl Default for ServerConfig {
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_mget_keys: DEFAULT_MAX_MGET_KEYS,
+            node_id: default_node_id(),
         }
     }
+}
+
+/// The host name (from `/etc/hostname` or `HOSTNAME`), made safe for a slot name; `cachesync`
+/// when there is none.
+pub fn default_node_id() -> String {
+    let raw = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if id.is_empty() { "cachesync".into() } else { id }
 }
 
 /// Everything wrong with a configuration.
@@ -335,6 +461,7 @@ impl Config {
             postgres: None,
             keyspaces: vec![KeyspaceConfig::in_memory(DEFAULT_KEYSPACE)],
             log: None,
+            cdc: CdcConfig::default(),
         }
     }
 
@@ -407,12 +534,14 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
     let postgres = root.table("postgres").map(read_postgres);
     let keyspaces = root.tables("keyspace").into_iter().filter_map(read_keyspace).collect();
     let log = root.table("log").and_then(read_log);
+    let cdc = root.table("cdc").map(read_cdc).unwrap_or_default();
     root.finish();
     Config {
         server,
         postgres: postgres.flatten(),
         keyspaces,
         log,
+        cdc,
     }
 }
 
@@ -486,7 +615,16 @@ fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
         max_key_bytes: s.get("max_key_bytes").unwrap_or(d.max_key_bytes),
         max_body_bytes: s.byte_size("max_body_bytes").unwrap_or(d.max_body_bytes),
         max_mget_keys: s.get("max_mget_keys").unwrap_or(d.max_mget_keys),
+        node_id: s.get("node_id").unwrap_or(d.node_id),
     };
+    if config.node_id.is_empty()
+        || !config
+            .node_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        s.problem_at("node_id", "use letters, digits, `_` and `-`");
+    }
     if config.max_key_bytes == 0 {
         s.problem_at("max_key_bytes", "must be at least 1");
     }
@@ -570,6 +708,28 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         (None, None) => Capacity::Entries(DEFAULT_MAX_ENTRIES),
     };
     let read_through = s.get::<bool>("read_through");
+    let cdc = match s.get::<String>("cdc").as_deref() {
+        None | Some("off") => CdcMode::Off,
+        Some("update") => CdcMode::Update,
+        Some("invalidate") => CdcMode::Invalidate,
+        Some(other) => {
+            s.problem_at(
+                "cdc",
+                format!("unknown CDC mode {other:?}; expected \"off\", \"update\" or \"invalidate\""),
+            );
+            CdcMode::Off
+        }
+    };
+    let warm = s.get::<bool>("warm");
+    if warm == Some(true) && cdc == CdcMode::Off {
+        s.problem_at(
+            "warm",
+            "warm loading comes with CDC; set cdc = \"update\" or \"invalidate\"",
+        );
+    }
+    if !has_table && cdc != CdcMode::Off {
+        s.problem_at("cdc", "CDC needs `table`; an in-memory keyspace has no source");
+    }
     let write = match s.get::<String>("write").as_deref() {
         None | Some("none") => WriteMode::None,
         Some("through") => WriteMode::Through,
@@ -660,6 +820,8 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         negative_ttl,
         read_through: read_through.unwrap_or(has_table),
         write,
+        cdc,
+        warm: warm.unwrap_or(cdc != CdcMode::Off),
     })
 }
 
@@ -727,6 +889,13 @@ fn validate(config: &Config) -> Vec<Problem> {
             line: None,
             path: "postgres.url".into(),
             message: format!("invalid connection string: {kind}"),
+        });
+    }
+    if config.keyspaces.iter().any(|k| k.cdc != CdcMode::Off) && config.log.is_none() {
+        problems.push(Problem {
+            line: None,
+            path: "log".into(),
+            message: "CDC keyspaces need the commit log: add a [log] section with `dir` (changes are made durable there before Postgres is told they are safe)".into(),
         });
     }
     if config.keyspaces.is_empty() {
@@ -896,6 +1065,29 @@ write = "sideways"
         assert_eq!(log.retention_age, Some(Duration::from_secs(7 * 86400)));
         let p = problems("[log]\nfsync = \"sometimes\"\nsegment_bytes = 10\n[[keyspace]]\nname = \"m\"\n");
         assert_eq!(p.len(), 3, "{p:#?}");
+    }
+
+    #[test]
+    fn cdc_settings() {
+        let c = Config::parse("[server]\nnode_id = \"Pod-7\"\n[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n[log]\ndir = \"/tmp/l\"\n[cdc]\nheartbeat = \"0s\"\n[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\ncdc = \"update\"\n").unwrap();
+        assert_eq!(c.keyspaces[0].cdc, CdcMode::Update);
+        assert!(c.keyspaces[0].warm, "warm defaults on with CDC");
+        assert_eq!(c.cdc.heartbeat, None);
+        assert_eq!(c.cdc.slot_name(&c.server.node_id), "cachesync_pod_7");
+        let p = problems(
+            "[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n[cdc]\nslot = \"Bad-Slot\"\n[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\ncdc = \"sometimes\"\n[[keyspace]]\nname = \"m\"\ncdc = \"update\"\n",
+        );
+        assert!(p.iter().any(|p| p.message.contains("unknown CDC mode")), "{p:#?}");
+        assert!(p.iter().any(|p| p.message.contains("slot name")), "{p:#?}");
+        assert!(p.iter().any(|p| p.message.contains("CDC needs `table`")), "{p:#?}");
+    }
+
+    #[test]
+    fn cdc_needs_the_log() {
+        let p = problems(
+            "[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\ncdc = \"update\"\n",
+        );
+        assert!(p.iter().any(|p| p.message.contains("need the commit log")), "{p:#?}");
     }
 
     #[test]

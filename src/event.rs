@@ -11,13 +11,15 @@
 //! |---|---|---|
 //! | 1 | keyspace | UTF-8 |
 //! | 2 | key | UTF-8 |
-//! | 3 | op | u8: 1 put, 2 delete, 3 invalidate |
+//! | 3 | op | u8: 1 put, 2 delete, 3 invalidate, 4 clear (the whole keyspace; key empty) |
 //! | 4 | value | bytes (a JSON document; puts only) |
 //! | 5 | origin node id | UTF-8 |
 //! | 6 | version (hybrid logical clock) | LEB128 u64 |
 //! | 7 | source | u8: 1 cdc, 2 api, 3 federation |
 //! | 8 | source position (LSN for CDC) | LEB128 u64 |
 //! | 9 | source time (commit time for CDC), µs since the Unix epoch | LEB128 u64 |
+//! | 10 | fields left out of `value` because the source did not send them (unchanged TOAST) | LEB128 count, then each as LEB128 length + UTF-8 |
+//! | 11 | source transaction id (the 32-bit xid for CDC and writes) | LEB128 u64 |
 
 use bytes::Bytes;
 
@@ -34,6 +36,8 @@ pub enum Op {
     Delete = 2,
     /// The entry changed to something not carried here; forget it.
     Invalidate = 3,
+    /// Every entry of the keyspace is gone (a TRUNCATE); the key is empty.
+    Clear = 4,
 }
 
 /// Where the event came from.
@@ -62,6 +66,11 @@ pub struct ChangeEvent {
     pub source_position: u64,
     /// When the source committed the change, µs since the epoch; zero when unknown.
     pub source_time_us: u64,
+    /// Fields of the row the source did not send (unchanged TOAST values): `value` lacks them,
+    /// and whoever applies the event must take them from the current entry or drop it.
+    pub unchanged: Vec<String>,
+    /// The source transaction's id, when known.
+    pub source_xid: Option<u32>,
 }
 
 /// Why bytes are not an event.
@@ -93,6 +102,8 @@ mod tag {
     pub const SOURCE: u8 = 7;
     pub const SOURCE_POSITION: u8 = 8;
     pub const SOURCE_TIME: u8 = 9;
+    pub const UNCHANGED: u8 = 10;
+    pub const SOURCE_XID: u8 = 11;
 }
 
 /// Appends `v` as LEB128.
@@ -162,6 +173,18 @@ impl ChangeEvent {
         if self.source_time_us != 0 {
             put_int_field(out, tag::SOURCE_TIME, self.source_time_us);
         }
+        if !self.unchanged.is_empty() {
+            let mut list = Vec::new();
+            put_varint(&mut list, self.unchanged.len() as u64);
+            for f in &self.unchanged {
+                put_varint(&mut list, f.len() as u64);
+                list.extend_from_slice(f.as_bytes());
+            }
+            put_field(out, tag::UNCHANGED, &list);
+        }
+        if let Some(xid) = self.source_xid {
+            put_int_field(out, tag::SOURCE_XID, xid as u64);
+        }
     }
 
     /// Decodes an event. Fields this build does not know are skipped.
@@ -185,6 +208,7 @@ impl ChangeEvent {
             mut source_position,
             mut source_time_us,
         ) = (None, None, None, None, String::new(), None, None, 0, 0);
+        let (mut unchanged, mut source_xid) = (Vec::new(), None);
         while pos < buf.len() {
             let tag = buf[pos];
             pos += 1;
@@ -218,6 +242,7 @@ impl ChangeEvent {
                         [1] => Op::Put,
                         [2] => Op::Delete,
                         [3] => Op::Invalidate,
+                        [4] => Op::Clear,
                         _ => {
                             return Err(DecodeError::BadField { tag, why: "unknown op" });
                         }
@@ -241,6 +266,19 @@ impl ChangeEvent {
                 }
                 tag::SOURCE_POSITION => source_position = int()?,
                 tag::SOURCE_TIME => source_time_us = int()?,
+                tag::UNCHANGED => {
+                    unchanged = decode_list(field).ok_or(DecodeError::BadField {
+                        tag,
+                        why: "malformed field list",
+                    })?
+                }
+                tag::SOURCE_XID => {
+                    let v = int()?;
+                    source_xid = Some(u32::try_from(v).map_err(|_| DecodeError::BadField {
+                        tag,
+                        why: "xid out of range",
+                    })?)
+                }
                 _ => {} // a field from a later build
             }
         }
@@ -254,8 +292,24 @@ impl ChangeEvent {
             source: source.ok_or(DecodeError::Missing("source"))?,
             source_position,
             source_time_us,
+            unchanged,
+            source_xid,
         })
     }
+}
+
+/// A LEB128 count followed by that many length-prefixed UTF-8 strings.
+fn decode_list(buf: &[u8]) -> Option<Vec<String>> {
+    let mut pos = 0;
+    let n = get_varint(buf, &mut pos).ok()?;
+    let mut out = Vec::with_capacity(n.min(1024) as usize);
+    for _ in 0..n {
+        let len = usize::try_from(get_varint(buf, &mut pos).ok()?).ok()?;
+        let end = pos.checked_add(len)?;
+        out.push(std::str::from_utf8(buf.get(pos..end)?).ok()?.to_string());
+        pos = end;
+    }
+    (pos == buf.len()).then_some(out)
 }
 
 #[cfg(test)]
@@ -267,25 +321,44 @@ pub mod tests {
         (
             "[a-z_]{1,12}",
             ".{0,40}",
-            prop_oneof![Just(Op::Put), Just(Op::Delete), Just(Op::Invalidate)],
+            prop_oneof![Just(Op::Put), Just(Op::Delete), Just(Op::Invalidate), Just(Op::Clear)],
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
             "[a-z0-9-]{0,10}",
             any::<u64>(),
             prop_oneof![Just(Source::Cdc), Just(Source::Api), Just(Source::Federation)],
             any::<u64>(),
             any::<u64>(),
+            (
+                proptest::collection::vec("[a-z_]{1,10}", 0..3),
+                proptest::option::of(any::<u32>()),
+            ),
         )
             .prop_map(
-                |(keyspace, key, op, value, origin, version, source, source_position, source_time_us)| ChangeEvent {
+                |(
                     keyspace,
                     key,
                     op,
-                    value: value.map(Bytes::from),
+                    value,
                     origin,
                     version,
                     source,
                     source_position,
                     source_time_us,
+                    (unchanged, source_xid),
+                )| {
+                    ChangeEvent {
+                        keyspace,
+                        key,
+                        op,
+                        value: value.map(Bytes::from),
+                        origin,
+                        version,
+                        source,
+                        source_position,
+                        source_time_us,
+                        unchanged,
+                        source_xid,
+                    }
                 },
             )
     }
@@ -333,6 +406,8 @@ pub mod tests {
             source: Source::Api,
             source_position: 0,
             source_time_us: 0,
+            unchanged: vec![],
+            source_xid: None,
         };
         let mut b = e.encode();
         put_field(&mut b, 200, b"from the future");

@@ -177,6 +177,7 @@ mod tests {
             has_default: false,
             generated: false,
             identity_always: false,
+            type_oid: 25,
         }
     }
 

@@ -80,13 +80,28 @@ impl KeyspaceMetrics {
     }
 }
 
+/// What keeps a keyspace from serving, by the part that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Blocker {
+    /// The table has not been read and checked.
+    Bind,
+    /// Change data capture: warming from a snapshot, or the stream is down.
+    Cdc,
+    /// The table changed in a way the keyspace's configuration no longer fits.
+    Schema,
+}
+
+/// A test hook run after a load's query returned and before its result is installed.
+pub type LoadHook = Arc<dyn Fn(Arc<str>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// One keyspace.
 pub struct Keyspace {
     pub config: KeyspaceConfig,
     pub l1: L1,
     pub(crate) flights: Flights<LoadResult>,
     source: RwLock<Option<Arc<TableSource>>>,
-    not_ready: Mutex<Option<String>>,
+    blockers: Mutex<std::collections::BTreeMap<Blocker, String>>,
+    load_hook: RwLock<Option<LoadHook>>,
     pub(crate) hlc: Arc<Hlc>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) m: KeyspaceMetrics,
@@ -95,15 +110,19 @@ pub struct Keyspace {
 
 impl Keyspace {
     pub fn new(config: KeyspaceConfig, hlc: Arc<Hlc>, metrics: Arc<Metrics>, max_key_bytes: usize) -> Keyspace {
-        let not_ready = config
-            .table
-            .as_ref()
-            .map(|t| format!("table {t} has not been bound yet (waiting for Postgres)"));
+        let mut blockers = std::collections::BTreeMap::new();
+        if let Some(t) = &config.table {
+            blockers.insert(
+                Blocker::Bind,
+                format!("table {t} has not been bound yet (waiting for Postgres)"),
+            );
+        }
         Keyspace {
             l1: L1::new(config.capacity, config.ttl, config.negative_ttl),
             flights: Flights::default(),
             source: RwLock::new(None),
-            not_ready: Mutex::new(not_ready),
+            blockers: Mutex::new(blockers),
+            load_hook: RwLock::new(None),
             m: KeyspaceMetrics::new(&metrics, &config.name),
             metrics,
             hlc,
@@ -134,10 +153,36 @@ impl Keyspace {
 
     /// `Ok` when the keyspace can serve, or why it cannot.
     pub fn readiness(&self) -> Result<(), String> {
-        match self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        match self.blockers.lock().unwrap_or_else(|p| p.into_inner()).values().next() {
             None => Ok(()),
             Some(reason) => Err(reason.clone()),
         }
+    }
+
+    /// Sets (or, with `None`, lifts) one reason the keyspace cannot serve.
+    pub fn set_blocker(&self, kind: Blocker, reason: Option<String>) {
+        let ready = {
+            let mut b = self.blockers.lock().unwrap_or_else(|p| p.into_inner());
+            match reason {
+                Some(r) => b.insert(kind, r),
+                None => b.remove(&kind),
+            };
+            b.is_empty()
+        };
+        self.metrics
+            .keyspace_ready
+            .with_label_values(&[&self.config.name])
+            .set(ready as i64);
+    }
+
+    /// Installs a hook run between a load's query and its install (tests use it to hold a load
+    /// open while the row changes).
+    pub fn set_load_hook(&self, hook: Option<LoadHook>) {
+        *self.load_hook.write().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    pub(crate) fn load_hook(&self) -> Option<LoadHook> {
+        self.load_hook.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Reads the table's metadata and binds the keyspace to it. On failure the keyspace stays
@@ -160,19 +205,11 @@ impl Keyspace {
             Ok(binding) => {
                 *self.source.write().unwrap_or_else(|p| p.into_inner()) =
                     Some(Arc::new(TableSource::new(pool.clone(), binding)));
-                *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.metrics
-                    .keyspace_ready
-                    .with_label_values(&[&self.config.name])
-                    .set(1);
+                self.set_blocker(Blocker::Bind, None);
                 Ok(())
             }
             Err(reason) => {
-                *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-                self.metrics
-                    .keyspace_ready
-                    .with_label_values(&[&self.config.name])
-                    .set(0);
+                self.set_blocker(Blocker::Bind, Some(reason.clone()));
                 Err(reason)
             }
         }
@@ -238,5 +275,11 @@ impl Keyspace {
     pub async fn invalidate(&self, key: &str) {
         self.flights.invalidate(key);
         self.l1.remove(key).await;
+    }
+
+    /// Forgets every key (a TRUNCATE, or a resnapshot); loads in flight will not install.
+    pub fn clear(&self) {
+        self.flights.invalidate_all();
+        self.l1.clear();
     }
 }

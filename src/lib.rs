@@ -16,6 +16,9 @@
 //!  cache     L1 (moka) with versioned installs; flights = single flight + load leases
 //!  key       URL key encoding, composite keys, per-type normalization
 //!  source    Postgres: pool, catalog binding (schema), SQL text (sql), value rendering (render)
+//!  cdc       change data capture: cdc::postgres (pgoutput protocol → decoder → mapping →
+//!            stream with slot, publication, warm start, feedback) and cdc::applier (log →
+//!            keyspaces)
 //!  commitlog the durable log of change events: segments (record framing, sparse index,
 //!            recovery), group-commit writer, tailing readers, durable cursors, retention,
 //!            read-only inspection
@@ -31,6 +34,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod cdc;
 pub mod cli;
 pub mod commitlog;
 pub mod config;

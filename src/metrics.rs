@@ -1,13 +1,15 @@
 //! Prometheus metrics, one registry per running server (so tests can run several in one
 //! process). Names follow `cachesync_<subsystem>_<name>_<unit>[_total]`; labels are bounded:
-//! keyspace names come from the configuration, `op`, `status`, `tier` and `result` from small
-//! fixed sets. A key or a peer address is never a label.
+//! keyspace names come from the configuration, `op`, `status`, `tier`, `result` and `state`
+//! from small fixed sets. A key or a peer address is never a label.
 //!
 //! Gauges that mirror state owned elsewhere (entries, pool connections) are refreshed when
 //! `/metrics` is scraped.
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets from 50µs to 10s: cache hits live at the bottom, Postgres round trips in the
@@ -18,6 +20,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Label for requests naming a keyspace that does not exist (keeps the label set bounded).
 pub const UNKNOWN_KEYSPACE: &str = "_unknown";
+
+/// The stream states `cachesync_cdc_state` reports.
+pub const CDC_STATES: &[&str] = &["starting", "snapshotting", "streaming", "reconnecting"];
 
 /// Every metric the server exports.
 pub struct Metrics {
@@ -51,44 +56,57 @@ pub struct Metrics {
     pub pool_max: IntGauge,
     /// `cachesync_postgres_pool_waiting_requests`
     pub pool_waiting: IntGauge,
-    /// `cachesync_keyspace_ready{keyspace}`: 1 once the keyspace is bound to its table.
+    /// `cachesync_keyspace_ready{keyspace}`: 1 once the keyspace can serve.
     pub keyspace_ready: IntGaugeVec,
+    /// `cachesync_cdc_events_total{keyspace,op}`: change events captured and made durable.
+    pub cdc_events: IntCounterVec,
+    /// `cachesync_cdc_applied_events_total{keyspace,op}`: change events applied to the cache.
+    pub cdc_applied: IntCounterVec,
+    /// `cachesync_cdc_apply_lag_seconds`: commit in Postgres → applied to the cache.
+    pub cdc_apply_lag: Histogram,
+    /// `cachesync_cdc_transactions_total`
+    pub cdc_transactions: IntCounter,
+    /// `cachesync_cdc_slot_lag_bytes`: server WAL end minus the position confirmed to it.
+    pub cdc_slot_lag: IntGauge,
+    /// `cachesync_cdc_confirmed_lsn`
+    pub cdc_confirmed_lsn: IntGauge,
+    /// `cachesync_cdc_state{state}`: 1 for the stream's current state.
+    pub cdc_state: IntGaugeVec,
+    /// `cachesync_cdc_snapshot_rows_total{keyspace}`: rows loaded from consistent snapshots.
+    pub cdc_snapshot_rows: IntCounterVec,
+    /// `cachesync_cdc_snapshots_total`: warm loads started (first start, restarts, lost slots).
+    pub cdc_snapshots: IntCounter,
+    /// `cachesync_cdc_slot_recreations_total`: slots found missing or invalidated and recreated.
+    pub cdc_slot_recreations: IntCounter,
+    /// `cachesync_cdc_applied_offset`: log offset the applier has reached.
+    pub cdc_applied_offset: IntGauge,
+}
+
+/// Registers a metric; definitions are static, so failure is a programming error.
+fn reg<T: Collector + Clone + 'static>(r: &Registry, m: Result<T, prometheus::Error>) -> T {
+    let m = m.expect("metric definition is valid");
+    r.register(Box::new(m.clone())).expect("metric is registered once");
+    m
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    r.register(Box::new(c.clone())).expect("metric is registered once");
-    c
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    r.register(Box::new(g.clone())).expect("metric is registered once");
-    g
+    reg(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
-        .expect("metric definition is valid");
-    r.register(Box::new(h.clone())).expect("metric is registered once");
-    h
+    reg(
+        r,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels),
+    )
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let pool_max = IntGauge::new(
-            "cachesync_postgres_pool_max_connections",
-            "Most connections the Postgres pool opens.",
-        )
-        .expect("valid");
-        r.register(Box::new(pool_max.clone())).expect("registered once");
-        let pool_waiting = IntGauge::new(
-            "cachesync_postgres_pool_waiting_requests",
-            "Requests waiting for a pooled Postgres connection.",
-        )
-        .expect("valid");
-        r.register(Box::new(pool_waiting.clone())).expect("registered once");
         Metrics {
             http_requests: counter(
                 &r,
@@ -157,15 +175,110 @@ impl Metrics {
                 "Pooled Postgres connections by state.",
                 &["state"],
             ),
+            pool_max: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_postgres_pool_max_connections",
+                    "Most connections the Postgres pool opens.",
+                ),
+            ),
+            pool_waiting: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_postgres_pool_waiting_requests",
+                    "Requests waiting for a pooled Postgres connection.",
+                ),
+            ),
             keyspace_ready: gauge(
                 &r,
                 "cachesync_keyspace_ready",
-                "1 when the keyspace is bound to its table and serving.",
+                "1 when the keyspace can serve.",
                 &["keyspace"],
             ),
-            pool_max,
-            pool_waiting,
+            cdc_events: counter(
+                &r,
+                "cachesync_cdc_events_total",
+                "Change events captured from Postgres and made durable.",
+                &["keyspace", "op"],
+            ),
+            cdc_applied: counter(
+                &r,
+                "cachesync_cdc_applied_events_total",
+                "Change events applied to the cache.",
+                &["keyspace", "op"],
+            ),
+            cdc_apply_lag: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cachesync_cdc_apply_lag_seconds",
+                        "Time from commit in Postgres to the change applied in the cache.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                ),
+            ),
+            cdc_transactions: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_cdc_transactions_total",
+                    "Transactions received from the replication stream.",
+                ),
+            ),
+            cdc_slot_lag: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_cdc_slot_lag_bytes",
+                    "Server WAL end minus the position confirmed to the slot.",
+                ),
+            ),
+            cdc_confirmed_lsn: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_cdc_confirmed_lsn",
+                    "The WAL position last confirmed to Postgres.",
+                ),
+            ),
+            cdc_state: gauge(
+                &r,
+                "cachesync_cdc_state",
+                "1 for the replication stream's current state.",
+                &["state"],
+            ),
+            cdc_snapshot_rows: counter(
+                &r,
+                "cachesync_cdc_snapshot_rows_total",
+                "Rows loaded from consistent snapshots.",
+                &["keyspace"],
+            ),
+            cdc_snapshots: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_cdc_snapshots_total",
+                    "Warm loads from a consistent snapshot.",
+                ),
+            ),
+            cdc_slot_recreations: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_cdc_slot_recreations_total",
+                    "Replication slots found missing or invalidated and recreated.",
+                ),
+            ),
+            cdc_applied_offset: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_cdc_applied_offset",
+                    "Commit log offset the CDC applier has reached.",
+                ),
+            ),
             registry: r,
+        }
+    }
+
+    /// Marks `state` as the CDC stream's current state.
+    pub fn set_cdc_state(&self, state: &str) {
+        for s in CDC_STATES {
+            self.cdc_state.with_label_values(&[s]).set((*s == state) as i64);
         }
     }
 

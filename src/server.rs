@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::cdc::applier::Applier;
+use crate::cdc::postgres::{Capture, CaptureParts};
 use crate::commitlog::CommitLog;
+use crate::config::CdcMode;
 use crate::config::Config;
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
@@ -52,9 +55,19 @@ pub enum Drain {
     TimedOut,
 }
 
+/// What a running server exposes about its CDC.
+#[derive(Clone)]
+pub struct CdcStatus {
+    /// The replication slot in use.
+    pub slot: String,
+    /// The commit log offset the applier has reached.
+    pub applied: crate::cdc::applier::Applied,
+}
+
 /// A running sidecar.
 pub struct Server {
     addr: SocketAddr,
+    cdc: Option<CdcStatus>,
     state: Arc<AppState>,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -112,6 +125,44 @@ impl Server {
                 tracker.spawn(bind_until_ready(ks.clone(), pool.clone(), token.child_token()));
             }
         }
+        let cdc_keyspaces: Vec<Arc<Keyspace>> = state
+            .keyspaces
+            .values()
+            .filter(|k| k.config.cdc != CdcMode::Off)
+            .cloned()
+            .collect();
+        let mut cdc = None;
+        if !cdc_keyspaces.is_empty() {
+            // Validation guarantees both for CDC keyspaces.
+            let (Some(pool), Some(log), Some(pg)) = (pool.clone(), state.log.clone(), config.postgres.clone()) else {
+                return Err(StartError::Source(SourceError::NotReady {
+                    keyspace: cdc_keyspaces[0].name().to_string(),
+                    reason: "CDC needs [postgres] and [log]".into(),
+                }));
+            };
+            let (capture, gate) = Capture::new(CaptureParts {
+                pg,
+                pool,
+                config: config.cdc.clone(),
+                node_id: config.server.node_id.clone(),
+                log: log.clone(),
+                keyspaces: cdc_keyspaces.clone(),
+                hlc: hlc.clone(),
+                metrics: state.metrics.clone(),
+                max_key_bytes: config.server.max_key_bytes,
+            });
+            let by_name = cdc_keyspaces
+                .iter()
+                .map(|k| (k.name().to_string(), k.clone()))
+                .collect();
+            let (applier, applied) = Applier::new(log, by_name, state.metrics.clone());
+            cdc = Some(CdcStatus {
+                slot: capture.slot().to_string(),
+                applied,
+            });
+            tracker.spawn(capture.run(token.child_token()));
+            tracker.spawn(applier.run(gate, token.child_token()));
+        }
         let app = api::router(state.clone());
         let stop = token.clone();
         let http = tokio::spawn(async move {
@@ -122,6 +173,7 @@ impl Server {
         tracing::info!(%addr, keyspaces = state.keyspaces.len(), "cachesync started");
         Ok(Server {
             addr,
+            cdc,
             state,
             token,
             tracker,
@@ -137,6 +189,31 @@ impl Server {
 
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// CDC's slot and progress, when any keyspace has CDC on.
+    pub fn cdc(&self) -> Option<&CdcStatus> {
+        self.cdc.as_ref()
+    }
+
+    /// Waits until the CDC applier has applied everything in the commit log at the time of the
+    /// call (tests use it to know a change has reached the cache).
+    pub async fn cdc_caught_up(&self, timeout: Duration) -> Result<(), String> {
+        let (Some(cdc), Some(log)) = (&self.cdc, &self.state.log) else {
+            return Err("no CDC".into());
+        };
+        let target = log.end();
+        let mut applied = cdc.applied.clone();
+        tokio::time::timeout(timeout, applied.wait_for(|a| *a >= target))
+            .await
+            .map_err(|_| {
+                format!(
+                    "applier at {} after {timeout:?}, log at {target}",
+                    *cdc.applied.borrow()
+                )
+            })?
+            .map(|_| ())
+            .map_err(|_| "applier stopped".into())
     }
 
     /// Whether every keyspace can serve.

@@ -422,6 +422,8 @@ async fn inspection_reads_without_changing_anything() {
         source: crate::event::Source::Api,
         source_position: 0,
         source_time_us: 0,
+        unchanged: vec![],
+        source_xid: None,
     };
     log.append_events(&[e.clone(), e]).await.unwrap();
     log.cursor("c", false).unwrap().commit(Offset(1)).unwrap();

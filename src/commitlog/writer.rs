@@ -68,7 +68,8 @@ impl Writer {
 
     pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut buf: Vec<u8> = Vec::with_capacity(1024 * 1024);
-        while let Some(first) = rx.blocking_recv() {
+        let mut closing = false;
+        while let Some(first) = (!closing).then(|| rx.blocking_recv()).flatten() {
             let mut group: Vec<(Reply, Range<Offset>)> = Vec::new();
             let mut flushes: Vec<oneshot::Sender<Result<(), LogError>>> = Vec::new();
             let mut tick = false;
@@ -102,6 +103,7 @@ impl Writer {
                     }
                     Command::Flush { reply } => flushes.push(reply),
                     Command::Tick => tick = true,
+                    Command::Close => closing = true,
                     Command::Retention { reply } => {
                         let r = super::retention(&self.shared);
                         if let Err(e) = &r {
@@ -112,7 +114,7 @@ impl Writer {
                         }
                     }
                 }
-                if buf.len() < MAX_GROUP_BYTES {
+                if buf.len() < MAX_GROUP_BYTES && !closing {
                     cmd = rx.try_recv().ok();
                 }
             }
@@ -154,8 +156,8 @@ impl Writer {
                 self.shared.fail(e.to_string());
             }
         }
-        // Every handle is gone: make what was written durable before the thread ends, then wake
-        // the tails so they see the log is closed.
+        // Closed, or every handle is gone: make what was written durable before the thread ends,
+        // then wake the tails so they see the log is closed.
         if !self.pending.is_empty() && self.sync().is_ok() {
             self.publish();
         }

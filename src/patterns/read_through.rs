@@ -67,6 +67,9 @@ pub async fn load(ks: &Keyspace, key: &Key) -> Result<Arc<Entry>, KeyspaceError>
             } else {
                 ks.m.loads_absent.inc();
             }
+            if let Some(hook) = ks.load_hook() {
+                hook(key.cache_key.clone()).await;
+            }
             let entry = Entry::new(loaded.value, loaded.lsn, ks.hlc.now()).with_snapshot(loaded.snapshot);
             if ks
                 .l1

@@ -193,7 +193,11 @@ impl PgServer {
             args.push("-c".into());
             args.push(format!("{k}={v}"));
         }
-        let tied = Tied::spawn(&bindir().join("postgres"), &args, &log, "INT", self.owner).expect("spawn postgres");
+        // Immediate shutdown (SIGQUIT): a fast shutdown waits for logical walsenders, and a
+        // Postgres 15 walsender at shutdown can spin until `wal_sender_timeout` (60s) before it
+        // lets the checkpointer finish. For the sidecar an immediate stop is an outage like any
+        // crash, which is what the outage tests want anyway.
+        let tied = Tied::spawn(&bindir().join("postgres"), &args, &log, "QUIT", self.owner).expect("spawn postgres");
         wait_for_log(
             &log,
             "database system is ready to accept connections",
@@ -203,7 +207,8 @@ impl PgServer {
         *process = Some(tied);
     }
 
-    /// Stops the server (fast shutdown) and waits for it to exit. Its data stays.
+    /// Stops the server (immediate shutdown: crash-like, recovered on the next start) and waits
+    /// for it to exit. Its data stays.
     pub fn stop(&self) {
         let tied = self.process.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut t) = tied {

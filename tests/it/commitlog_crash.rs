@@ -42,6 +42,8 @@ fn event(task: u64, seq: u64, rng: &mut Rng) -> ChangeEvent {
         source: Source::Api,
         source_position: 0,
         source_time_us: 0,
+        unchanged: vec![],
+        source_xid: None,
     }
 }
 

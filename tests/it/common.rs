@@ -63,8 +63,20 @@ impl Db {
     }
 }
 
+/// Sends the server's logs to the test output when `CACHESYNC_TEST_LOG` is set (an EnvFilter,
+/// e.g. `cachesync=debug`).
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("CACHESYNC_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Starts an in-process server and waits until every keyspace is bound.
 pub async fn serve(config: Config) -> (Server, Http) {
+    init_logging();
     let server = Server::start(config).await.expect("server starts");
     server.wait_ready(WAIT).await.expect("keyspaces become ready");
     let http = Http::new(server.local_addr());

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod cdc;
 mod check;
 mod commitlog_crash;
 mod embedded;

@@ -24,6 +24,8 @@ pub struct ColumnMeta {
     pub generated: bool,
     /// `GENERATED ALWAYS AS IDENTITY`: it cannot be written without `OVERRIDING SYSTEM VALUE`.
     pub identity_always: bool,
+    /// The column's type OID (as pgoutput's Relation message reports it).
+    pub type_oid: u32,
 }
 
 /// What the sidecar's role may do with the table.
@@ -73,7 +75,7 @@ impl TableMeta {
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), bt.oid::int8, \
                         COALESCE(et.oid, 0)::int8, a.attnotnull, a.atthasdef, \
-                        a.attgenerated <> '', a.attidentity = 'a' \
+                        a.attgenerated <> '', a.attidentity = 'a', a.atttypid::int8 \
                  FROM pg_catalog.pg_attribute a \
                  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
@@ -96,6 +98,7 @@ impl TableMeta {
                     has_default: r.get(5),
                     generated: r.get(6),
                     identity_always: r.get(7),
+                    type_oid: r.get::<_, i64>(8) as u32,
                 }
             })
             .collect();
@@ -152,6 +155,8 @@ pub struct Binding {
     pub key: Vec<ColumnMeta>,
     /// Output fields in document order.
     pub fields: Vec<Field>,
+    /// Every column of the table as (name, type OID), to notice schema changes.
+    pub columns: Vec<(String, u32)>,
 }
 
 impl Binding {
@@ -233,6 +238,7 @@ impl Binding {
                 table_oid: meta.oid,
                 key,
                 fields,
+                columns: meta.columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect(),
             })
         } else {
             Err(problems)

@@ -151,6 +151,7 @@ mod tests {
             has_default: false,
             generated: false,
             identity_always: false,
+            type_oid: 25,
         }
     }
 
@@ -177,6 +178,7 @@ mod tests {
                     column: col("name", "text"),
                 },
             ],
+            columns: vec![],
         }
     }
 

@@ -1,0 +1,609 @@
+//! Postgres CDC: the stream that turns committed transactions into durable change events.
+//!
+//! Layers (as in ReadySet's replicators): [`protocol`] parses pgoutput messages one-to-one from
+//! the docs; [`decoder`] keeps the relation map; [`mapping`] turns row changes into change
+//! events per keyspace; this module owns the I/O — publication, slot, warm start, the stream
+//! and its position feedback — over the [`transport`].
+//!
+//! A session:
+//! 1. Makes sure the publication covers every CDC table (creating or extending it when
+//!    `create_publication` is on).
+//! 2. Looks at the slot. *Missing* (first start) or *lost* (dropped, or invalidated by
+//!    `max_slot_wal_keep_size`): holds the applier, clears the CDC keyspaces if they had data
+//!    (they may now be stale — never serve that silently), creates the slot with an exported
+//!    snapshot, loads the warm keyspaces from it, and releases the applier from the current log
+//!    end. *Present* on a fresh start: warms from the snapshot of a temporary slot (whose
+//!    consistent point orders it against the stream just as exactly), then streams from the
+//!    slot's confirmed position.
+//! 3. Streams: events of a transaction are appended to the commit log (in chunks for large
+//!    transactions) and, once durable, the commit's end position is confirmed to Postgres —
+//!    never before. Between transactions, keepalives' positions are confirmed too, so an idle
+//!    slot does not pin WAL; optional heartbeats (`pg_logical_emit_message`) keep a quiet
+//!    database's slot moving.
+//!
+//! Any error ends the session; the supervisor retries with capped, jittered backoff. CDC
+//! keyspaces are not ready until their first warm load is done, and stop being ready when the
+//! stream has been down longer than `ready_grace`.
+
+pub mod decoder;
+pub mod mapping;
+pub mod protocol;
+pub mod snapshot;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{CdcError, Gate, ReplicationSource, StreamEvent};
+use crate::commitlog::CommitLog;
+use crate::config::{CdcConfig, PostgresConfig};
+use crate::event::{ChangeEvent, Op, Source};
+use crate::hlc::Hlc;
+use crate::keyspace::{Blocker, Keyspace};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::source::postgres::sql::{qualified, quote_ident};
+use crate::source::postgres::{PgPool, classify};
+use decoder::{Change, Decoder, RelationInfo};
+use mapping::{TableMapping, TxnInfo};
+use transport::PgwireSource;
+
+/// Events of one transaction appended per log write; bounds memory for huge transactions.
+const CHUNK_EVENTS: usize = 4096;
+/// First wait before reconnecting.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+/// Longest wait between reconnects.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A session that streamed this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Prefix of cachesync's own logical decoding messages.
+pub const MESSAGE_PREFIX: &str = "cachesync";
+
+/// What `pg_replication_slots` says about the slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SlotState {
+    Missing,
+    Lost,
+    Present,
+    InUse(i32),
+}
+
+struct Txn {
+    info: TxnInfo,
+    events: Vec<ChangeEvent>,
+}
+
+/// The capture side of CDC for one database.
+pub struct Capture {
+    pg: PostgresConfig,
+    pool: Arc<PgPool>,
+    config: CdcConfig,
+    slot: String,
+    node: Arc<str>,
+    log: CommitLog,
+    keyspaces: Vec<Arc<Keyspace>>,
+    hlc: Arc<Hlc>,
+    metrics: Arc<Metrics>,
+    gate: watch::Sender<Gate>,
+    max_key_bytes: usize,
+    /// A warm start has happened in this process (the caches hold stream-fed data).
+    warmed: bool,
+}
+
+/// Everything a capture needs.
+pub struct CaptureParts {
+    pub pg: PostgresConfig,
+    pub pool: Arc<PgPool>,
+    pub config: CdcConfig,
+    pub node_id: String,
+    pub log: CommitLog,
+    pub keyspaces: Vec<Arc<Keyspace>>,
+    pub hlc: Arc<Hlc>,
+    pub metrics: Arc<Metrics>,
+    pub max_key_bytes: usize,
+}
+
+impl Capture {
+    /// A capture, and the gate its applier obeys. CDC keyspaces start not ready.
+    pub fn new(p: CaptureParts) -> (Capture, watch::Receiver<Gate>) {
+        let (gate, rx) = watch::channel(Gate::closed());
+        for ks in &p.keyspaces {
+            ks.set_blocker(Blocker::Cdc, Some("waiting for the replication stream to start".into()));
+        }
+        let slot = p.config.slot_name(&p.node_id);
+        (
+            Capture {
+                pg: p.pg,
+                pool: p.pool,
+                config: p.config,
+                slot,
+                node: p.node_id.into(),
+                log: p.log,
+                keyspaces: p.keyspaces,
+                hlc: p.hlc,
+                metrics: p.metrics,
+                gate,
+                max_key_bytes: p.max_key_bytes,
+                warmed: false,
+            },
+            rx,
+        )
+    }
+
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    fn block_all(&self, reason: Option<String>) {
+        for ks in &self.keyspaces {
+            ks.set_blocker(Blocker::Cdc, reason.clone());
+        }
+    }
+
+    /// Runs sessions until `stop`, reconnecting after failures.
+    pub async fn run(mut self, stop: CancellationToken) {
+        if let Some(every) = self.config.heartbeat {
+            tokio::spawn(heartbeat(self.pool.clone(), every, stop.clone()));
+        }
+        let mut wait = BACKOFF_INITIAL;
+        let mut down_since: Option<Instant> = None;
+        loop {
+            self.metrics
+                .set_cdc_state(if self.warmed { "reconnecting" } else { "starting" });
+            let mut streaming_since = None;
+            let result = self.session(&stop, &mut streaming_since).await;
+            if stop.is_cancelled() {
+                return;
+            }
+            let e = match result {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            self.metrics.set_cdc_state("reconnecting");
+            if let Some(t) = streaming_since {
+                down_since = Some(Instant::now());
+                if t.elapsed() >= HEALTHY_SESSION {
+                    wait = BACKOFF_INITIAL;
+                }
+            }
+            let since = *down_since.get_or_insert_with(Instant::now);
+            tracing::warn!(slot = %self.slot, error = %e, retry_in_ms = wait.as_millis() as u64, "replication stream failed; reconnecting");
+            // Wait out the backoff, marking the keyspaces not ready once the grace has passed.
+            let deadline = Instant::now() + wait.mul_f64(0.5 + rand::random::<f64>());
+            while Instant::now() < deadline {
+                let grace_left = self.config.ready_grace.saturating_sub(since.elapsed());
+                if grace_left.is_zero() {
+                    self.block_all(Some(format!(
+                        "replication stream down for {}s: {e}",
+                        since.elapsed().as_secs()
+                    )));
+                }
+                let nap = (deadline - Instant::now()).min(if grace_left.is_zero() {
+                    Duration::from_secs(1)
+                } else {
+                    grace_left
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(nap) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            wait = (wait * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One session: set up, warm if needed, stream until an error or `stop`.
+    async fn session(
+        &mut self,
+        stop: &CancellationToken,
+        streaming_since: &mut Option<Instant>,
+    ) -> Result<(), CdcError> {
+        // The warm load and the mappings need every keyspace bound to its table.
+        for ks in &self.keyspaces {
+            if ks.source().is_err() {
+                ks.bind(&self.pool)
+                    .await
+                    .map_err(|why| CdcError::Setup(format!("keyspace {}: {why}", ks.name())))?;
+            }
+        }
+        self.ensure_publication().await?;
+        let state = self.slot_state().await?;
+        if let SlotState::InUse(pid) = state {
+            return Err(CdcError::Setup(format!(
+                "replication slot {} is in use by another connection (pid {pid})",
+                self.slot
+            )));
+        }
+        let mut client = PgwireSource::connect_gated(&self.pg, &self.slot, &self.config.publication).await?;
+        match state {
+            SlotState::Missing | SlotState::Lost => {
+                let lost = state == SlotState::Lost || self.warmed;
+                if lost {
+                    self.metrics.cdc_slot_recreations.inc();
+                    tracing::warn!(slot = %self.slot, "replication slot is gone or invalidated: recreating it and reloading the CDC keyspaces");
+                    self.gate.send_modify(|g| g.open = false);
+                    for ks in &self.keyspaces {
+                        ks.set_blocker(
+                            Blocker::Cdc,
+                            Some("replication slot was lost; reloading from a new snapshot".into()),
+                        );
+                        ks.clear();
+                    }
+                    if state == SlotState::Lost {
+                        self.drop_slot().await?;
+                    }
+                }
+                let (cp, snapshot) = client.create_slot(&self.slot, false).await?;
+                tracing::info!(slot = %self.slot, consistent_point = %cp, "created the replication slot");
+                self.warm(&snapshot, cp).await?;
+            }
+            SlotState::Present if !self.warmed => {
+                if self.keyspaces.iter().any(|k| k.config.warm) {
+                    let mut temp = PgwireSource::connect_gated(&self.pg, &self.slot, &self.config.publication).await?;
+                    let name = format!("{}_w{}", &self.slot[..self.slot.len().min(50)], std::process::id());
+                    let (cp, snapshot) = temp.create_slot(&name, true).await?;
+                    self.warm(&snapshot, cp).await?;
+                    // Ending the session drops the temporary slot.
+                    temp.shutdown().await;
+                } else {
+                    self.open_gate();
+                }
+            }
+            _ => {}
+        }
+        self.warmed = true;
+        client.start().await?;
+        *streaming_since = Some(Instant::now());
+        self.block_all(None);
+        self.metrics.set_cdc_state("streaming");
+        tracing::info!(slot = %self.slot, "streaming changes");
+        let result = self.stream(&mut client, stop).await;
+        client.shutdown().await;
+        result
+    }
+
+    fn open_gate(&self) {
+        let from = self.log.end();
+        self.gate.send_modify(|g| {
+            g.open = true;
+            g.from = from;
+            g.generation += 1;
+        });
+    }
+
+    /// Loads the warm keyspaces from `snapshot` (version `cp`), then lets the applier go on from
+    /// the log's current end: everything the stream appends from here on is newer.
+    async fn warm(&mut self, snapshot: &str, cp: Lsn) -> Result<(), CdcError> {
+        self.gate.send_modify(|g| g.open = false);
+        let from = self.log.end();
+        let warm: Vec<Arc<Keyspace>> = self.keyspaces.iter().filter(|k| k.config.warm).cloned().collect();
+        if !warm.is_empty() {
+            self.metrics.set_cdc_state("snapshotting");
+            self.metrics.cdc_snapshots.inc();
+            let started = Instant::now();
+            let rows = snapshot::warm(
+                &self.pg,
+                snapshot,
+                cp,
+                &warm,
+                &self.hlc,
+                &self.metrics,
+                self.max_key_bytes,
+            )
+            .await?;
+            tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), consistent_point = %cp, "warm start loaded the CDC keyspaces");
+        }
+        self.gate.send_modify(|g| {
+            g.open = true;
+            g.from = from;
+            g.generation += 1;
+        });
+        Ok(())
+    }
+
+    /// Creates or extends the publication so it covers every CDC table.
+    async fn ensure_publication(&self) -> Result<(), CdcError> {
+        let client = self.pool.get().await?;
+        let name = &self.config.publication;
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[name])
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?
+            .is_some();
+        let listed: Vec<(String, String)> = client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
+                &[name],
+            )
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut missing: Vec<&crate::config::TableRef> = Vec::new();
+        for ks in &self.keyspaces {
+            let t = ks.config.table.as_ref().expect("CDC keyspaces have tables");
+            if !listed.iter().any(|(s, n)| s == &t.schema && n == &t.name) && !missing.contains(&t) {
+                missing.push(t);
+            }
+        }
+        if exists && missing.is_empty() {
+            return Ok(());
+        }
+        let list = missing.iter().map(|t| qualified(t)).collect::<Vec<_>>().join(", ");
+        if !self.config.create_publication {
+            return Err(CdcError::Setup(if exists {
+                format!(
+                    "publication {name} does not include {list}; add them (ALTER PUBLICATION {} ADD TABLE {list}) or set [cdc] create_publication = true",
+                    quote_ident(name)
+                )
+            } else {
+                format!(
+                    "publication {name} does not exist; create it (CREATE PUBLICATION {} FOR TABLE {list}) or set [cdc] create_publication = true",
+                    quote_ident(name)
+                )
+            }));
+        }
+        let sql = if exists {
+            format!("ALTER PUBLICATION {} ADD TABLE {list}", quote_ident(name))
+        } else {
+            format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name))
+        };
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| CdcError::Setup(format!("{sql}: {}", classify(&e))))?;
+        tracing::info!(publication = %name, tables = %list, "publication updated");
+        Ok(())
+    }
+
+    async fn slot_state(&self) -> Result<SlotState, CdcError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT coalesce(wal_status, ''), coalesce(plugin, ''), coalesce(database::text, ''), active_pid, current_database()::text \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?;
+        let Some(r) = row else { return Ok(SlotState::Missing) };
+        let (wal_status, plugin, database, pid, current): (String, String, String, Option<i32>, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        if plugin != "pgoutput" || database != current {
+            return Err(CdcError::Setup(format!(
+                "replication slot {} exists but is for plugin {plugin:?} in database {database:?}; choose another [cdc] slot name",
+                self.slot
+            )));
+        }
+        if wal_status == "lost" {
+            return Ok(SlotState::Lost);
+        }
+        Ok(match pid {
+            Some(pid) => SlotState::InUse(pid),
+            None => SlotState::Present,
+        })
+    }
+
+    async fn drop_slot(&self) -> Result<(), CdcError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?;
+        Ok(())
+    }
+
+    /// Appends a transaction's events (or a chunk of them) and waits until they are durable.
+    async fn append(&self, events: &mut Vec<ChangeEvent>) -> Result<(), CdcError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.log
+            .append(events.iter().map(ChangeEvent::encode).collect())
+            .await?;
+        for e in events.iter() {
+            self.metrics
+                .cdc_events
+                .with_label_values(&[&e.keyspace, super::applier::op_label(e.op)])
+                .inc();
+        }
+        events.clear();
+        Ok(())
+    }
+
+    fn confirm(&self, client: &impl ReplicationSource, lsn: Lsn) {
+        client.confirm(lsn);
+        self.metrics.cdc_confirmed_lsn.set(lsn.0 as i64);
+        self.metrics
+            .cdc_slot_lag
+            .set(client.server_wal_end().0.saturating_sub(lsn.0) as i64);
+    }
+
+    /// The stream loop of one session.
+    async fn stream(&self, client: &mut impl ReplicationSource, stop: &CancellationToken) -> Result<(), CdcError> {
+        let mut decoder = Decoder::new();
+        let mut mappings: HashMap<u32, Vec<TableMapping>> = HashMap::new();
+        let mut txn: Option<Txn> = None;
+        loop {
+            let ev = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                ev = client.recv() => ev?,
+            };
+            let Some(ev) = ev else {
+                return Err(CdcError::Connection("the server ended the replication stream".into()));
+            };
+            match ev {
+                StreamEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_us,
+                } => {
+                    txn = Some(Txn {
+                        info: TxnInfo {
+                            lsn: final_lsn.0,
+                            xid,
+                            commit_time_us,
+                            version: self.hlc.now(),
+                            origin: self.node.clone(),
+                        },
+                        events: Vec::new(),
+                    });
+                }
+                StreamEvent::Data(data) => {
+                    let change = decoder.decode(&data).map_err(|e| CdcError::Protocol(e.to_string()))?;
+                    let Some(t) = txn.as_mut() else { continue };
+                    match &change {
+                        Change::Relation { rel, .. } => {
+                            let built = self.mappings_for(rel, t).await;
+                            mappings.insert(rel.oid, built);
+                        }
+                        Change::Insert { rel, .. } | Change::Update { rel, .. } | Change::Delete { rel, .. } => {
+                            for m in mappings.get(&rel.oid).into_iter().flatten() {
+                                m.events(&change, &t.info, &mut t.events);
+                            }
+                        }
+                        Change::Truncate { rels } => {
+                            for rel in rels {
+                                for m in mappings.get(&rel.oid).into_iter().flatten() {
+                                    m.events(&change, &t.info, &mut t.events);
+                                }
+                            }
+                        }
+                        Change::Other => {}
+                    }
+                    if t.events.len() >= CHUNK_EVENTS {
+                        self.append(&mut t.events).await?;
+                    }
+                }
+                StreamEvent::Message { lsn, transactional, .. } => {
+                    // Heartbeats and markers outside a transaction: nothing to keep, the
+                    // position may be released.
+                    if !transactional && txn.is_none() {
+                        self.confirm(client, lsn);
+                    }
+                }
+                StreamEvent::Commit { end_lsn } => {
+                    if let Some(mut t) = txn.take() {
+                        self.append(&mut t.events).await?;
+                    }
+                    self.metrics.cdc_transactions.inc();
+                    // Only now is the transaction durable here: Postgres may release it.
+                    self.confirm(client, end_lsn);
+                }
+                StreamEvent::KeepAlive { wal_end } => {
+                    tracing::trace!(%wal_end, in_txn = txn.is_some(), "keepalive");
+                    // Between transactions everything before the server's position has been
+                    // handled (sent and durable, or not ours): confirm it so the slot advances.
+                    if txn.is_none() && wal_end > Lsn::ZERO {
+                        self.confirm(client, wal_end);
+                    }
+                }
+            }
+        }
+    }
+
+    /// (Re)builds the mappings of the keyspaces that follow `rel`, rebinding a keyspace whose
+    /// table changed. A keyspace that no longer fits is cleared and marked not ready.
+    async fn mappings_for(&self, rel: &Arc<RelationInfo>, t: &mut Txn) -> Vec<TableMapping> {
+        let mut out = Vec::new();
+        for ks in self.keyspaces.iter().filter(|k| {
+            k.config
+                .table
+                .as_ref()
+                .is_some_and(|t| t.schema == rel.schema && t.name == rel.name)
+        }) {
+            let stale = match ks.source() {
+                Ok(s) => !fits(&s.binding().columns, rel),
+                Err(_) => true,
+            };
+            if stale {
+                tracing::info!(keyspace = ks.name(), table = %rel.name, "the table changed; re-reading its columns");
+                if let Err(why) = ks.bind(&self.pool).await {
+                    self.unfit(
+                        ks,
+                        format!("table {}.{} changed and no longer fits: {why}", rel.schema, rel.name),
+                        t,
+                    );
+                    continue;
+                }
+            }
+            let source = match ks.source() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.unfit(ks, e.to_string(), t);
+                    continue;
+                }
+            };
+            match TableMapping::build(ks.clone(), source.binding(), rel, self.max_key_bytes) {
+                Ok(m) => {
+                    ks.set_blocker(Blocker::Schema, None);
+                    out.push(m);
+                }
+                Err(why) => self.unfit(ks, why, t),
+            }
+        }
+        out
+    }
+
+    fn unfit(&self, ks: &Arc<Keyspace>, why: String, t: &mut Txn) {
+        tracing::error!(keyspace = ks.name(), reason = %why, "keyspace cannot follow its table; clearing it");
+        ks.set_blocker(Blocker::Schema, Some(why));
+        t.events.push(ChangeEvent {
+            keyspace: ks.name().to_string(),
+            key: String::new(),
+            op: Op::Clear,
+            value: None,
+            origin: self.node.to_string(),
+            version: t.info.version,
+            source: Source::Cdc,
+            source_position: t.info.lsn,
+            source_time_us: t.info.commit_time_us,
+            unchanged: Vec::new(),
+            source_xid: Some(t.info.xid),
+        });
+    }
+}
+
+/// Whether a binding read from the catalog still describes the relation pgoutput sent: every
+/// replicated column present with the same type.
+fn fits(columns: &[(String, u32)], rel: &RelationInfo) -> bool {
+    rel.columns
+        .iter()
+        .all(|c| columns.iter().any(|(n, t)| n == &c.name && *t == c.type_oid))
+}
+
+/// Emits a small non-transactional logical message now and then, so a slot on a database with
+/// no writes of its own still moves with the server's WAL.
+async fn heartbeat(pool: Arc<PgPool>, every: Duration, stop: CancellationToken) {
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let r = async {
+            let c = pool.get().await?;
+            c.execute("SELECT pg_logical_emit_message(false, 'cachesync.heartbeat', '')", &[])
+                .await
+                .map_err(|e| classify(&e))
+        }
+        .await;
+        match r {
+            Ok(_) => warned = false,
+            Err(e) if !warned => {
+                tracing::warn!(error = %e, "CDC heartbeat failed (it needs EXECUTE on pg_logical_emit_message); set [cdc] heartbeat = \"0s\" to turn it off");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
