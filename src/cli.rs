@@ -229,7 +229,7 @@ pub async fn check_connect(config: &Config) -> Vec<String> {
         Ok(c) => c,
         Err(e) => return vec![format!("postgres: cannot connect: {e}")],
     };
-    let mut problems = Vec::new();
+    let mut problems = crate::cdc::postgres::prerequisites(&client, config).await;
     for ks in config.keyspaces.iter() {
         let Some(table) = &ks.table else { continue };
         match TableMeta::load(&**client, table).await {

@@ -398,6 +398,21 @@ async fn a_small_byte_budget_holds_appenders_back_without_losing_any() {
 }
 
 #[tokio::test]
+async fn close_stops_the_writer_while_other_handles_live() {
+    let dir = temp_dir("log", None);
+    let log = open(cfg(&dir)).await;
+    let other = log.clone();
+    let mut tail = log.tail(Offset(0));
+    log.append(vec![payload(0, 10)]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), log.close()).await.expect("close returns though `other` is alive").unwrap();
+    assert!(matches!(other.append(vec![payload(1, 10)]).await, Err(LogError::Closed)));
+    assert_eq!(tail.next(10, usize::MAX).await.unwrap().len(), 1, "what was durable is still read");
+    assert!(matches!(tail.next(10, usize::MAX).await, Err(LogError::Closed)), "then the tail ends");
+    // The directory is free for the next writer.
+    open(cfg(&dir)).await.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_second_writer_is_refused() {
     let dir = temp_dir("log", None);
     let log = open(cfg(&dir)).await;
