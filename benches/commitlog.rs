@@ -12,6 +12,10 @@
 #[path = "common/mod.rs"]
 mod common;
 
+/// The same allocator as the `cachesync` binary, so the numbers are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 

@@ -327,6 +327,24 @@ impl Shared {
     }
 }
 
+/// An append whose order is fixed; [`durable`](Pending::durable) waits for it to be safe.
+pub struct Pending(PendingInner);
+
+enum PendingInner {
+    Ready(Range<Offset>),
+    Waiting(oneshot::Receiver<Result<Range<Offset>, LogError>>),
+}
+
+impl Pending {
+    /// The appended offsets, once durable under the policy.
+    pub async fn durable(self) -> Result<Range<Offset>, LogError> {
+        match self.0 {
+            PendingInner::Ready(r) => Ok(r),
+            PendingInner::Waiting(rx) => rx.await.map_err(|_| LogError::Closed)?,
+        }
+    }
+}
+
 /// A handle on an open log. Cheap to clone; the writer stops when the last handle is dropped or
 /// [`close`](CommitLog::close) is called.
 #[derive(Clone)]
@@ -409,9 +427,17 @@ impl CommitLog {
 
     /// Appends encoded payloads; resolves with their offsets once durable under the policy.
     pub async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Range<Offset>, LogError> {
+        self.enqueue(payloads).await?.durable().await
+    }
+
+    /// Queues payloads for appending and returns once their place in the log is fixed (appends
+    /// queued one after another keep that order), without waiting for durability: the
+    /// [`Pending`] resolves when they are durable. Lets a producer keep several appends in
+    /// flight — sharing group commits — while acting on each only once it is safe.
+    pub async fn enqueue(&self, payloads: Vec<Vec<u8>>) -> Result<Pending, LogError> {
         if payloads.is_empty() {
             let end = self.end();
-            return Ok(end..end);
+            return Ok(Pending(PendingInner::Ready(end..end)));
         }
         if let Some(p) = payloads.iter().find(|p| p.len() > record::MAX_PAYLOAD) {
             return Err(LogError::TooLarge(format!(
@@ -441,7 +467,7 @@ impl CommitLog {
             })
             .await
             .map_err(|_| LogError::Closed)?;
-        rx.await.map_err(|_| LogError::Closed)?
+        Ok(Pending(PendingInner::Waiting(rx)))
     }
 
     /// Appends events (encoded here).

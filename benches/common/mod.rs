@@ -79,6 +79,13 @@ impl RawHttp {
         }
     }
 
+    /// Sends `request` and returns the status and the body.
+    pub async fn fetch(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        let (status, len) = self.roundtrip(request).await;
+        let start = self.buf.len() - len;
+        (status, self.buf[start..].to_vec())
+    }
+
     /// Sends `request` (a whole HTTP/1.1 request) and returns the status and body length.
     pub async fn roundtrip(&mut self, request: &[u8]) -> (u16, usize) {
         self.stream.write_all(request).await.expect("write");
@@ -207,4 +214,53 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Lat>>, started: Instant) -> 
     }
     all.elapsed = started.elapsed();
     all
+}
+
+/// A blocking keep-alive HTTP/1.1 connection, for pollers on their own threads (where sleeps
+/// of 100µs are real, unlike the tokio timer's 1ms granularity).
+pub struct BlockingHttp {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl BlockingHttp {
+    pub fn connect(addr: std::net::SocketAddr) -> BlockingHttp {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        BlockingHttp {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Sends `request` and returns the status and the body.
+    pub fn fetch(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        self.stream.write_all(request).expect("write");
+        self.buf.clear();
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).expect("utf8 head");
+                let status: u16 = head[9..12].parse().expect("status");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while self.buf.len() < end + 4 + len {
+                    let n = self.stream.read(&mut chunk).expect("read");
+                    assert!(n > 0, "server closed the connection");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                return (status, self.buf[end + 4..end + 4 + len].to_vec());
+            }
+            let n = self.stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "server closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
 }

@@ -48,7 +48,7 @@ impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
 
 /// The in-memory tier of one keyspace.
 pub struct L1 {
-    cache: Cache<Arc<str>, Arc<Entry>>,
+    cache: Cache<Arc<str>, Arc<Entry>, ahash::RandomState>,
     ttl: Duration,
     negative_ttl: Duration,
     /// Weighed bytes held, kept exact by counting installs in and removals (of any cause, via
@@ -65,12 +65,14 @@ impl L1 {
             .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Entry>, _| {
                 out.fetch_sub(v.weight(&k) as i64, Ordering::Relaxed);
             });
+        // A randomly keyed hasher (keys come from clients, so no fixed seed) that is much cheaper
+        // than the default SipHash on the read and fill paths.
         let cache = match capacity {
-            Capacity::Entries(n) => builder.max_capacity(n).build(),
+            Capacity::Entries(n) => builder.max_capacity(n).build_with_hasher(ahash::RandomState::new()),
             Capacity::Bytes(n) => builder
                 .max_capacity(n)
                 .weigher(|k: &Arc<str>, v: &Arc<Entry>| v.weight(k))
-                .build(),
+                .build_with_hasher(ahash::RandomState::new()),
         };
         L1 {
             cache,

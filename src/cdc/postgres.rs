@@ -35,6 +35,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +62,10 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A session that streamed this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Appends awaiting durability at once; the stream reads no further until one completes.
+const MAX_INFLIGHT: usize = 256;
+/// Appends in flight, in commit order, each resolving to the position it allows confirming.
+type Inflight = FuturesOrdered<futures::future::BoxFuture<'static, Result<Option<Lsn>, CdcError>>>;
 /// Prefix of cachesync's own logical decoding messages.
 pub const MESSAGE_PREFIX: &str = "cachesync";
 
@@ -401,21 +407,34 @@ impl Capture {
         Ok(())
     }
 
-    /// Appends a transaction's events (or a chunk of them) and waits until they are durable.
-    async fn append(&self, events: &mut Vec<ChangeEvent>) -> Result<(), CdcError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        self.log
-            .append(events.iter().map(ChangeEvent::encode).collect())
-            .await?;
+    /// Queues a transaction's events (or a chunk of them) in the log, in commit order, without
+    /// waiting for durability; the returned future resolves once they are durable, with the
+    /// position to confirm then (`None` for a chunk of a transaction not yet committed).
+    async fn submit(
+        &self,
+        events: &mut Vec<ChangeEvent>,
+        confirm: Option<Lsn>,
+        inflight: &mut Inflight,
+    ) -> Result<(), CdcError> {
+        let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
         for e in events.iter() {
-            self.metrics
-                .cdc_events
-                .with_label_values(&[&e.keyspace, super::applier::op_label(e.op)])
-                .inc();
+            *counts
+                .entry((e.keyspace.clone(), super::applier::op_label(e.op)))
+                .or_default() += 1;
         }
+        let pending = self
+            .log
+            .enqueue(events.iter().map(ChangeEvent::encode).collect())
+            .await?;
         events.clear();
+        let metrics = self.metrics.clone();
+        inflight.push_back(Box::pin(async move {
+            pending.durable().await?;
+            for ((ks, op), n) in counts {
+                metrics.cdc_events.with_label_values(&[&ks, op]).inc_by(n);
+            }
+            Ok(confirm)
+        }));
         Ok(())
     }
 
@@ -427,16 +446,34 @@ impl Capture {
             .set(client.server_wal_end().0.saturating_sub(lsn.0) as i64);
     }
 
-    /// The stream loop of one session.
+    /// The stream loop of one session. Transactions are appended in commit order with up to
+    /// `MAX_INFLIGHT` appends awaiting durability at once (so they share group commits), and
+    /// each commit's position is confirmed, in order, once its events are durable.
     async fn stream(&self, client: &mut impl ReplicationSource, stop: &CancellationToken) -> Result<(), CdcError> {
         let mut decoder = Decoder::new();
         let mut mappings: HashMap<u32, Vec<TableMapping>> = HashMap::new();
         let mut txn: Option<Txn> = None;
+        let mut inflight: Inflight = FuturesOrdered::new();
         loop {
             let ev = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return Ok(()),
-                ev = client.recv() => ev?,
+                _ = stop.cancelled() => {
+                    // Confirm what is already durable before leaving.
+                    while let Some(done) = inflight.next().await {
+                        if let Some(lsn) = done? {
+                            self.confirm(client, lsn);
+                        }
+                    }
+                    return Ok(());
+                }
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    if let Some(lsn) = done? {
+                        // Only now is the transaction durable here: Postgres may release it.
+                        self.confirm(client, lsn);
+                    }
+                    continue;
+                }
+                ev = client.recv(), if inflight.len() < MAX_INFLIGHT => ev?,
             };
             let Some(ev) = ev else {
                 return Err(CdcError::Connection("the server ended the replication stream".into()));
@@ -481,29 +518,26 @@ impl Capture {
                         Change::Other => {}
                     }
                     if t.events.len() >= CHUNK_EVENTS {
-                        self.append(&mut t.events).await?;
+                        self.submit(&mut t.events, None, &mut inflight).await?;
                     }
                 }
                 StreamEvent::Message { lsn, transactional, .. } => {
-                    // Heartbeats and markers outside a transaction: nothing to keep, the
-                    // position may be released.
-                    if !transactional && txn.is_none() {
+                    // Heartbeats and markers outside a transaction: nothing to keep; the position
+                    // may be released once everything before it is durable.
+                    if !transactional && txn.is_none() && inflight.is_empty() {
                         self.confirm(client, lsn);
                     }
                 }
                 StreamEvent::Commit { end_lsn } => {
-                    if let Some(mut t) = txn.take() {
-                        self.append(&mut t.events).await?;
-                    }
+                    let mut events = txn.take().map(|t| t.events).unwrap_or_default();
                     self.metrics.cdc_transactions.inc();
-                    // Only now is the transaction durable here: Postgres may release it.
-                    self.confirm(client, end_lsn);
+                    self.submit(&mut events, Some(end_lsn), &mut inflight).await?;
                 }
                 StreamEvent::KeepAlive { wal_end } => {
-                    tracing::trace!(%wal_end, in_txn = txn.is_some(), "keepalive");
-                    // Between transactions everything before the server's position has been
-                    // handled (sent and durable, or not ours): confirm it so the slot advances.
-                    if txn.is_none() && wal_end > Lsn::ZERO {
+                    tracing::trace!(%wal_end, in_txn = txn.is_some(), inflight = inflight.len(), "keepalive");
+                    // Between transactions, with everything before durable, every change before
+                    // the server's position has been handled: confirm it so the slot advances.
+                    if txn.is_none() && inflight.is_empty() && wal_end > Lsn::ZERO {
                         self.confirm(client, wal_end);
                     }
                 }
@@ -610,7 +644,11 @@ async fn heartbeat(pool: Arc<PgPool>, every: Duration, stop: CancellationToken) 
 
 /// Checks what CDC needs from Postgres, for `cachesync check --connect`: every problem found.
 pub async fn prerequisites(client: &tokio_postgres::Client, config: &crate::config::Config) -> Vec<String> {
-    let cdc: Vec<&crate::config::KeyspaceConfig> = config.keyspaces.iter().filter(|k| k.cdc != crate::config::CdcMode::Off).collect();
+    let cdc: Vec<&crate::config::KeyspaceConfig> = config
+        .keyspaces
+        .iter()
+        .filter(|k| k.cdc != crate::config::CdcMode::Off)
+        .collect();
     if cdc.is_empty() {
         return Vec::new();
     }
@@ -628,9 +666,12 @@ pub async fn prerequisites(client: &tokio_postgres::Client, config: &crate::conf
         Ok(r) => r,
         Err(e) => return vec![q(e)],
     };
-    let (wal_level, replication, superuser, max_slots, slots): (String, bool, bool, i32, i32) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (wal_level, replication, superuser, max_slots, slots): (String, bool, bool, i32, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     if wal_level != "logical" {
-        problems.push(format!("cdc: wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart Postgres"));
+        problems.push(format!(
+            "cdc: wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart Postgres"
+        ));
     }
     if !replication {
         problems.push("cdc: this role lacks the REPLICATION attribute; run ALTER ROLE <role> REPLICATION".into());
@@ -660,7 +701,10 @@ pub async fn prerequisites(client: &tokio_postgres::Client, config: &crate::conf
     }
     let publication = &config.cdc.publication;
     let listed: Vec<(String, String)> = match client
-        .query("SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1", &[publication])
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
+            &[publication],
+        )
         .await
     {
         Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),

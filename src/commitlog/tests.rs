@@ -404,10 +404,23 @@ async fn close_stops_the_writer_while_other_handles_live() {
     let other = log.clone();
     let mut tail = log.tail(Offset(0));
     log.append(vec![payload(0, 10)]).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), log.close()).await.expect("close returns though `other` is alive").unwrap();
-    assert!(matches!(other.append(vec![payload(1, 10)]).await, Err(LogError::Closed)));
-    assert_eq!(tail.next(10, usize::MAX).await.unwrap().len(), 1, "what was durable is still read");
-    assert!(matches!(tail.next(10, usize::MAX).await, Err(LogError::Closed)), "then the tail ends");
+    tokio::time::timeout(Duration::from_secs(10), log.close())
+        .await
+        .expect("close returns though `other` is alive")
+        .unwrap();
+    assert!(matches!(
+        other.append(vec![payload(1, 10)]).await,
+        Err(LogError::Closed)
+    ));
+    assert_eq!(
+        tail.next(10, usize::MAX).await.unwrap().len(),
+        1,
+        "what was durable is still read"
+    );
+    assert!(
+        matches!(tail.next(10, usize::MAX).await, Err(LogError::Closed)),
+        "then the tail ends"
+    );
     // The directory is free for the next writer.
     open(cfg(&dir)).await.close().await.unwrap();
 }

@@ -104,7 +104,8 @@ async fn connect_passes_when_everything_matches() {
 #[tokio::test]
 async fn connect_reports_cdc_prerequisites() {
     let db = Db::new().await;
-    db.exec("CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE NOT NULL, name text);").await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE NOT NULL, name text);")
+        .await;
     let config = format!(
         "{}\n[log]\ndir = \"/tmp/unused\"\n[cdc]\npublication = \"missing_pub\"\ncreate_publication = false\n",
         db.config_text(
@@ -114,9 +115,18 @@ async fn connect_reports_cdc_prerequisites() {
     );
     let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true)).await.unwrap();
     assert!(!ok, "{out}");
-    assert!(out.contains("keyspace[by_email]: key column `email` is not in the replica identity"), "{out}");
+    assert!(
+        out.contains("keyspace[by_email]: key column `email` is not in the replica identity"),
+        "{out}"
+    );
     assert!(out.contains("REPLICA IDENTITY FULL"), "{out}");
-    assert!(out.contains("keyspace[by_id]: publication missing_pub does not include public.users"), "{out}");
-    assert!(!out.contains("wal_level"), "the test server has wal_level = logical: {out}");
+    assert!(
+        out.contains("keyspace[by_id]: publication missing_pub does not include public.users"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("wal_level"),
+        "the test server has wal_level = logical: {out}"
+    );
     assert!(!out.contains("REPLICATION attribute"), "{out}");
 }

@@ -37,7 +37,7 @@ pub async fn warm(
     snapshot: &str,
     cp: Lsn,
     keyspaces: &[Arc<Keyspace>],
-    hlc: &Hlc,
+    hlc: &Arc<Hlc>,
     metrics: &Metrics,
     max_key_bytes: usize,
 ) -> Result<u64, CdcError> {
@@ -72,16 +72,77 @@ pub async fn warm(
     result
 }
 
+/// What every load worker of one keyspace needs.
+struct Job {
+    ks: Arc<Keyspace>,
+    binding: crate::source::postgres::schema::Binding,
+    key_index: Vec<usize>,
+    cp: Lsn,
+    hlc: Arc<Hlc>,
+    max_key_bytes: usize,
+    rows: std::sync::atomic::AtomicU64,
+    rows_metric: prometheus::IntCounter,
+}
+
+impl Job {
+    /// Parses, renders and installs every row of a batch of whole COPY lines.
+    async fn install(&self, batch: &[u8]) -> Result<(), CdcError> {
+        let b = &self.binding;
+        let mut fields: Vec<Option<String>> = Vec::with_capacity(b.fields.len());
+        let mut value = Vec::with_capacity(256);
+        let mut n = 0;
+        for line in batch.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+            parse_copy_line(line, &mut fields)
+                .ok_or_else(|| CdcError::Protocol(format!("malformed COPY row from {}", b.table)))?;
+            if fields.len() != b.fields.len() {
+                return Err(CdcError::Protocol(format!(
+                    "COPY row from {} has {} columns, expected {}",
+                    b.table,
+                    fields.len(),
+                    b.fields.len()
+                )));
+            }
+            let mut parts = Vec::with_capacity(self.key_index.len());
+            for (i, k) in self.key_index.iter().zip(&b.key) {
+                let text = fields[*i]
+                    .take()
+                    .ok_or_else(|| CdcError::Protocol(format!("NULL key in {}", b.table)))?;
+                parts.push(key::normalize(k, text.clone()).map_err(|e| CdcError::Protocol(e.to_string()))?);
+                fields[*i] = Some(text);
+            }
+            let key = key::key_from_parts(parts, self.max_key_bytes).map_err(|e| CdcError::Protocol(e.to_string()))?;
+            value.clear();
+            render_object(
+                b.fields
+                    .iter()
+                    .zip(&fields)
+                    .map(|(f, v)| (f.name.as_str(), &f.column.kind, v.as_deref())),
+                &mut value,
+            );
+            let entry = Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now());
+            // Versioned: a change streamed or written meanwhile (newer) is never overwritten.
+            self.ks.l1.install(key.cache_key, entry, Install::IfNotOlder).await;
+            n += 1;
+        }
+        self.rows.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.rows_metric.inc_by(n);
+        Ok(())
+    }
+}
+
+/// Bytes of whole COPY lines handed to a worker at a time.
+const BATCH_BYTES: usize = 256 * 1024;
+
 async fn warm_one(
     client: &tokio_postgres::Client,
-    ks: &Keyspace,
+    ks: &Arc<Keyspace>,
     cp: Lsn,
-    hlc: &Hlc,
+    hlc: &Arc<Hlc>,
     metrics: &Metrics,
     max_key_bytes: usize,
 ) -> Result<u64, CdcError> {
     let source = ks.source()?;
-    let b = source.binding();
+    let b = source.binding().clone();
     let key_index: Vec<usize> = b
         .key
         .iter()
@@ -106,59 +167,67 @@ async fn warm_one(
         .await
         .map_err(|e| CdcError::Source(classify(&e)))?;
     futures::pin_mut!(stream);
+    ks.set_blocker(Blocker::Cdc, Some("warming from a consistent snapshot".into()));
+
+    // One worker per core parses, renders and installs; this task only cuts whole lines. A
+    // consistent snapshot has one row per key, so batches can go to any worker.
+    let job = Arc::new(Job {
+        ks: ks.clone(),
+        binding: b,
+        key_index,
+        cp,
+        hlc: hlc.clone(),
+        max_key_bytes,
+        rows: Default::default(),
+        rows_metric: metrics.cdc_snapshot_rows.with_label_values(&[ks.name()]),
+    });
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let mut senders = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let job = job.clone();
+        senders.push(tx);
+        handles.push(tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                job.install(&batch).await?;
+            }
+            Ok::<(), CdcError>(())
+        }));
+    }
 
     let started = Instant::now();
     let mut last_report = started;
-    let mut rows: u64 = 0;
-    let mut pending: Vec<u8> = Vec::new();
-    let rows_metric = metrics.cdc_snapshot_rows.with_label_values(&[ks.name()]);
-    ks.set_blocker(Blocker::Cdc, Some("warming from a consistent snapshot".into()));
-    let mut fields: Vec<Option<String>> = Vec::with_capacity(b.fields.len());
-    let mut value = Vec::with_capacity(256);
+    let mut pending = bytes::BytesMut::with_capacity(2 * BATCH_BYTES);
+    let mut next = 0usize;
+    let mut send_err = None;
     loop {
         let chunk = stream.next().await;
         let done = chunk.is_none();
         if let Some(c) = chunk {
             pending.extend_from_slice(&c.map_err(|e| CdcError::Source(classify(&e)))?);
         }
-        let mut start = 0;
-        while let Some(nl) = pending[start..].iter().position(|&c| c == b'\n') {
-            let line = &pending[start..start + nl];
-            start += nl + 1;
-            parse_copy_line(line, &mut fields)
-                .ok_or_else(|| CdcError::Protocol(format!("malformed COPY row from {}", b.table)))?;
-            if fields.len() != b.fields.len() {
-                return Err(CdcError::Protocol(format!(
-                    "COPY row from {} has {} columns, expected {}",
-                    b.table,
-                    fields.len(),
-                    b.fields.len()
-                )));
+        if pending.len() >= BATCH_BYTES || done {
+            let cut = if done {
+                pending.len()
+            } else {
+                pending.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
+            };
+            if cut > 0 {
+                let batch = pending.split_to(cut).freeze();
+                if senders[next % workers].send(batch).await.is_err() {
+                    send_err = Some(());
+                    break;
+                }
+                next += 1;
             }
-            let mut parts = Vec::with_capacity(key_index.len());
-            for (i, k) in key_index.iter().zip(&b.key) {
-                let text = fields[*i]
-                    .clone()
-                    .ok_or_else(|| CdcError::Protocol(format!("NULL key in {}", b.table)))?;
-                parts.push(key::normalize(k, text).map_err(|e| CdcError::Protocol(e.to_string()))?);
-            }
-            let key = key::key_from_parts(parts, max_key_bytes).map_err(|e| CdcError::Protocol(e.to_string()))?;
-            value.clear();
-            render_object(
-                b.fields
-                    .iter()
-                    .zip(&fields)
-                    .map(|(f, v)| (f.name.as_str(), &f.column.kind, v.as_deref())),
-                &mut value,
-            );
-            let entry = Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), cp, hlc.now());
-            ks.l1.install(key.cache_key, entry, Install::IfNotOlder).await;
-            rows += 1;
-            rows_metric.inc();
         }
-        pending.drain(..start);
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
+            let rows = job.rows.load(std::sync::atomic::Ordering::Relaxed);
             tracing::info!(
                 keyspace = ks.name(),
                 rows,
@@ -170,6 +239,15 @@ async fn warm_one(
             break;
         }
     }
+    drop(senders);
+    for h in handles {
+        h.await
+            .map_err(|e| CdcError::Setup(format!("warm load worker failed: {e}")))??;
+    }
+    if send_err.is_some() {
+        return Err(CdcError::Setup("a warm load worker stopped early".into()));
+    }
+    let rows = job.rows.load(std::sync::atomic::Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         keyspace = ks.name(),
