@@ -55,6 +55,7 @@ fn payload(size: usize) -> Vec<u8> {
         source_time_us: 0,
         unchanged: vec![],
         source_xid: None,
+        written: vec![],
     };
     let overhead = e.encode().len();
     e.value = Some(Bytes::from(vec![b'x'; size.saturating_sub(overhead)]));

@@ -9,6 +9,9 @@
 //! | `DELETE /v1/kv/{keyspace}/{key}` | delete |
 //! | `POST /v1/kv/{keyspace}/_mget` | read many: `{"keys": [...]}` |
 //! | `GET /v1/keyspaces` | every keyspace's settings and live stats |
+//! | `GET /v1/deadletters` | write-behind writes Postgres rejected |
+//! | `POST /v1/deadletters/{id}/requeue` | put one back in the queue as a new write |
+//! | `DELETE /v1/deadletters/{id}` | drop one |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | the process is up |
 //! | `GET /readyz` | every keyspace can serve (503 with reasons otherwise) |
@@ -37,6 +40,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub pool: Option<Arc<PgPool>>,
     pub log: Option<crate::commitlog::CommitLog>,
+    pub write_behind: Option<Arc<crate::patterns::write_behind::WriteBehind>>,
 }
 
 impl AppState {
@@ -55,6 +59,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/kv/{keyspace}/_mget", post(kv::mget))
         .route("/v1/kv/{keyspace}/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
         .route("/v1/keyspaces", get(admin::keyspaces))
+        .route("/v1/deadletters", get(admin::deadletters))
+        .route("/v1/deadletters/{id}", axum::routing::delete(admin::drop_deadletter))
+        .route("/v1/deadletters/{id}/requeue", post(admin::requeue_deadletter))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))

@@ -62,6 +62,70 @@ pub struct Config {
     pub log: Option<crate::commitlog::LogConfig>,
     /// Postgres logical replication, for keyspaces with `cdc` on.
     pub cdc: CdcConfig,
+    /// The flusher of `write = "behind"` keyspaces.
+    pub write_behind: WriteBehindConfig,
+}
+
+/// `[write_behind]`: how acknowledged writes reach Postgres.
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteBehindConfig {
+    /// Most rows per flush transaction (after coalescing).
+    pub batch_rows: usize,
+    /// How long the flusher waits to fill a batch once it has a first write.
+    #[serde(with = "humantime_serde_shim")]
+    pub batch_delay: Duration,
+    /// Unflushed writes above which new writes get 503 with `Retry-After`.
+    pub max_backlog_records: u64,
+    /// Unflushed bytes above which new writes get 503 with `Retry-After`.
+    pub max_backlog_bytes: u64,
+    /// First wait after a failed flush (Postgres unreachable); doubles up to `retry_max`.
+    #[serde(with = "humantime_serde_shim")]
+    pub retry_initial: Duration,
+    /// Longest wait between flush retries.
+    #[serde(with = "humantime_serde_shim")]
+    pub retry_max: Duration,
+}
+
+/// Rows per flush transaction when none is configured.
+pub const DEFAULT_BATCH_ROWS: usize = 1000;
+/// Wait to fill a flush batch when none is configured.
+pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(5);
+/// Unflushed writes accepted before writes get 503.
+pub const DEFAULT_MAX_BACKLOG_RECORDS: u64 = 1_000_000;
+/// Unflushed bytes accepted before writes get 503.
+pub const DEFAULT_MAX_BACKLOG_BYTES: u64 = 512 * 1024 * 1024;
+
+impl Default for WriteBehindConfig {
+    fn default() -> Self {
+        WriteBehindConfig {
+            batch_rows: DEFAULT_BATCH_ROWS,
+            batch_delay: DEFAULT_BATCH_DELAY,
+            max_backlog_records: DEFAULT_MAX_BACKLOG_RECORDS,
+            max_backlog_bytes: DEFAULT_MAX_BACKLOG_BYTES,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+fn read_write_behind(mut s: Section<'_, '_>) -> WriteBehindConfig {
+    let d = WriteBehindConfig::default();
+    let c = WriteBehindConfig {
+        batch_rows: s.get("batch_rows").unwrap_or(d.batch_rows),
+        batch_delay: s.duration("batch_delay").unwrap_or(d.batch_delay),
+        max_backlog_records: s.get("max_backlog_records").unwrap_or(d.max_backlog_records),
+        max_backlog_bytes: s.byte_size("max_backlog_bytes").unwrap_or(d.max_backlog_bytes),
+        retry_initial: s.duration("retry_initial").unwrap_or(d.retry_initial),
+        retry_max: s.duration("retry_max").unwrap_or(d.retry_max),
+    };
+    if c.batch_rows == 0 {
+        s.problem_at("batch_rows", "must be at least 1");
+    }
+    if c.retry_initial.is_zero() || c.retry_max < c.retry_initial {
+        s.problem_at("retry_max", "retry_initial must be positive and at most retry_max");
+    }
+    s.finish();
+    c
 }
 
 /// Default name of the publication cachesync creates and follows.
@@ -349,6 +413,8 @@ pub enum WriteMode {
     None,
     /// Postgres first, then the cache holds what Postgres stored.
     Through,
+    /// Durable in the local commit log, acknowledged (202), flushed to Postgres in batches.
+    Behind,
 }
 
 /// `[[keyspace]]`: one named cache and its rules.
@@ -462,6 +528,7 @@ impl Config {
             keyspaces: vec![KeyspaceConfig::in_memory(DEFAULT_KEYSPACE)],
             log: None,
             cdc: CdcConfig::default(),
+            write_behind: WriteBehindConfig::default(),
         }
     }
 
@@ -535,6 +602,7 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
     let keyspaces = root.tables("keyspace").into_iter().filter_map(read_keyspace).collect();
     let log = root.table("log").and_then(read_log);
     let cdc = root.table("cdc").map(read_cdc).unwrap_or_default();
+    let write_behind = root.table("write_behind").map(read_write_behind).unwrap_or_default();
     root.finish();
     Config {
         server,
@@ -542,6 +610,7 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
         keyspaces,
         log,
         cdc,
+        write_behind,
     }
 }
 
@@ -733,10 +802,11 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     let write = match s.get::<String>("write").as_deref() {
         None | Some("none") => WriteMode::None,
         Some("through") => WriteMode::Through,
+        Some("behind") => WriteMode::Behind,
         Some(other) => {
             s.problem_at(
                 "write",
-                format!("unknown write mode {other:?}; expected \"none\" or \"through\""),
+                format!("unknown write mode {other:?}; expected \"none\", \"through\" or \"behind\""),
             );
             WriteMode::None
         }
@@ -805,7 +875,7 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         if write != WriteMode::None {
             s.problem_at(
                 "write",
-                "write-through needs `table`; an in-memory keyspace stores writes in memory only",
+                "writing to a source needs `table`; an in-memory keyspace stores writes in memory only",
             );
         }
     }
@@ -889,6 +959,13 @@ fn validate(config: &Config) -> Vec<Problem> {
             line: None,
             path: "postgres.url".into(),
             message: format!("invalid connection string: {kind}"),
+        });
+    }
+    if config.keyspaces.iter().any(|k| k.write == WriteMode::Behind) && config.log.is_none() {
+        problems.push(Problem {
+            line: None,
+            path: "log".into(),
+            message: "write = \"behind\" needs the commit log: add a [log] section with `dir` (writes are durable there before they are acknowledged)".into(),
         });
     }
     if config.keyspaces.iter().any(|k| k.cdc != CdcMode::Off) && config.log.is_none() {

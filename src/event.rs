@@ -20,6 +20,7 @@
 //! | 9 | source time (commit time for CDC), µs since the Unix epoch | LEB128 u64 |
 //! | 10 | fields left out of `value` because the source did not send them (unchanged TOAST) | LEB128 count, then each as LEB128 length + UTF-8 |
 //! | 11 | source transaction id (the 32-bit xid for CDC and writes) | LEB128 u64 |
+//! | 12 | fields a write named (write-behind: the columns the flush writes; `value` is the whole document readers see) | as tag 10 |
 
 use bytes::Bytes;
 
@@ -27,7 +28,7 @@ use bytes::Bytes;
 pub const EVENT_FORMAT: u8 = 1;
 
 /// What the event does to its entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// The entry's new value is `value`.
@@ -71,6 +72,8 @@ pub struct ChangeEvent {
     pub unchanged: Vec<String>,
     /// The source transaction's id, when known.
     pub source_xid: Option<u32>,
+    /// For an API write: the fields the client named (a write-behind flush writes only these).
+    pub written: Vec<String>,
 }
 
 /// Why bytes are not an event.
@@ -104,6 +107,7 @@ mod tag {
     pub const SOURCE_TIME: u8 = 9;
     pub const UNCHANGED: u8 = 10;
     pub const SOURCE_XID: u8 = 11;
+    pub const WRITTEN: u8 = 12;
 }
 
 /// Appends `v` as LEB128.
@@ -174,16 +178,13 @@ impl ChangeEvent {
             put_int_field(out, tag::SOURCE_TIME, self.source_time_us);
         }
         if !self.unchanged.is_empty() {
-            let mut list = Vec::new();
-            put_varint(&mut list, self.unchanged.len() as u64);
-            for f in &self.unchanged {
-                put_varint(&mut list, f.len() as u64);
-                list.extend_from_slice(f.as_bytes());
-            }
-            put_field(out, tag::UNCHANGED, &list);
+            put_field(out, tag::UNCHANGED, &encode_list(&self.unchanged));
         }
         if let Some(xid) = self.source_xid {
             put_int_field(out, tag::SOURCE_XID, xid as u64);
+        }
+        if !self.written.is_empty() {
+            put_field(out, tag::WRITTEN, &encode_list(&self.written));
         }
     }
 
@@ -208,7 +209,7 @@ impl ChangeEvent {
             mut source_position,
             mut source_time_us,
         ) = (None, None, None, None, String::new(), None, None, 0, 0);
-        let (mut unchanged, mut source_xid) = (Vec::new(), None);
+        let (mut unchanged, mut source_xid, mut written) = (Vec::new(), None, Vec::new());
         while pos < buf.len() {
             let tag = buf[pos];
             pos += 1;
@@ -272,6 +273,12 @@ impl ChangeEvent {
                         why: "malformed field list",
                     })?
                 }
+                tag::WRITTEN => {
+                    written = decode_list(field).ok_or(DecodeError::BadField {
+                        tag,
+                        why: "malformed field list",
+                    })?
+                }
                 tag::SOURCE_XID => {
                     let v = int()?;
                     source_xid = Some(u32::try_from(v).map_err(|_| DecodeError::BadField {
@@ -294,8 +301,20 @@ impl ChangeEvent {
             source_time_us,
             unchanged,
             source_xid,
+            written,
         })
     }
+}
+
+/// A LEB128 count followed by that many length-prefixed UTF-8 strings.
+fn encode_list(items: &[String]) -> Vec<u8> {
+    let mut list = Vec::new();
+    put_varint(&mut list, items.len() as u64);
+    for f in items {
+        put_varint(&mut list, f.len() as u64);
+        list.extend_from_slice(f.as_bytes());
+    }
+    list
 }
 
 /// A LEB128 count followed by that many length-prefixed UTF-8 strings.
@@ -331,6 +350,7 @@ pub mod tests {
             (
                 proptest::collection::vec("[a-z_]{1,10}", 0..3),
                 proptest::option::of(any::<u32>()),
+                proptest::collection::vec("[a-z_]{1,10}", 0..3),
             ),
         )
             .prop_map(
@@ -344,7 +364,7 @@ pub mod tests {
                     source,
                     source_position,
                     source_time_us,
-                    (unchanged, source_xid),
+                    (unchanged, source_xid, written),
                 )| {
                     ChangeEvent {
                         keyspace,
@@ -358,6 +378,7 @@ pub mod tests {
                         source_time_us,
                         unchanged,
                         source_xid,
+                        written,
                     }
                 },
             )
@@ -408,6 +429,7 @@ pub mod tests {
             source_time_us: 0,
             unchanged: vec![],
             source_xid: None,
+            written: vec![],
         };
         let mut b = e.encode();
         put_field(&mut b, 200, b"from the future");

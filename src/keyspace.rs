@@ -34,6 +34,8 @@ pub enum KeyspaceError {
     ReadOnly(String),
     #[error("the body is not valid JSON: {0}")]
     BadJson(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Where a read's answer came from.
@@ -102,6 +104,8 @@ pub struct Keyspace {
     source: RwLock<Option<Arc<TableSource>>>,
     blockers: Mutex<std::collections::BTreeMap<Blocker, String>>,
     load_hook: RwLock<Option<LoadHook>>,
+    /// Write-behind writes not yet flushed: reads see them first.
+    pub pending: crate::patterns::write_behind::PendingWrites,
     pub(crate) hlc: Arc<Hlc>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) m: KeyspaceMetrics,
@@ -123,6 +127,7 @@ impl Keyspace {
             source: RwLock::new(None),
             blockers: Mutex::new(blockers),
             load_hook: RwLock::new(None),
+            pending: Default::default(),
             m: KeyspaceMetrics::new(&metrics, &config.name),
             metrics,
             hlc,
@@ -231,6 +236,16 @@ impl Keyspace {
 
     /// Reads a key: L1, then (read-through) the table.
     pub async fn get(&self, key: &Key) -> Result<Read, KeyspaceError> {
+        if let Some(p) = self.pending.get(&key.cache_key) {
+            // An acknowledged write not yet flushed: read-your-writes, whatever L1 holds.
+            let mut entry = Entry::new(p.doc, Lsn::ZERO, p.version);
+            entry.stored_at = p.at;
+            self.m.hits_l1.inc();
+            return Ok(Read {
+                entry: Arc::new(entry),
+                origin: Origin::Hit,
+            });
+        }
         read_through::get(self, key).await
     }
 
@@ -247,6 +262,9 @@ impl Keyspace {
         match self.config.write {
             WriteMode::None => Err(KeyspaceError::ReadOnly(self.config.name.clone())),
             WriteMode::Through => write_through::put(self, key, body).await,
+            WriteMode::Behind => Err(KeyspaceError::Unsupported(
+                "write-behind writes go through the server's write-behind service",
+            )),
         }
     }
 
@@ -261,6 +279,9 @@ impl Keyspace {
         match self.config.write {
             WriteMode::None => Err(KeyspaceError::ReadOnly(self.config.name.clone())),
             WriteMode::Through => write_through::delete(self, key).await,
+            WriteMode::Behind => Err(KeyspaceError::Unsupported(
+                "write-behind writes go through the server's write-behind service",
+            )),
         }
     }
 

@@ -8,8 +8,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets from 50µs to 10s: cache hits live at the bottom, Postgres round trips in the
@@ -80,6 +80,30 @@ pub struct Metrics {
     pub cdc_slot_recreations: IntCounter,
     /// `cachesync_cdc_applied_offset`: log offset the applier has reached.
     pub cdc_applied_offset: IntGauge,
+    /// `cachesync_cdc_echoes_total`: transactions recognised as this or a peer's write-behind flush.
+    pub cdc_echoes: IntCounter,
+    /// `cachesync_writebehind_accepted_total{keyspace,op}`: writes acknowledged (202).
+    pub wb_accepted: IntCounterVec,
+    /// `cachesync_writebehind_rejected_total`: writes refused (503) because the backlog was full.
+    pub wb_rejected: IntCounter,
+    /// `cachesync_writebehind_backlog_records`: acknowledged writes not yet in Postgres.
+    pub wb_backlog_records: IntGauge,
+    /// `cachesync_writebehind_backlog_bytes`
+    pub wb_backlog_bytes: IntGauge,
+    /// `cachesync_writebehind_oldest_unflushed_seconds`: age of the oldest write not yet flushed.
+    pub wb_oldest_age: Gauge,
+    /// `cachesync_writebehind_flushed_rows_total{keyspace}`: coalesced rows written to Postgres.
+    pub wb_flushed: IntCounterVec,
+    /// `cachesync_writebehind_flush_batch_rows`: rows per flush transaction.
+    pub wb_batch_rows: Histogram,
+    /// `cachesync_writebehind_flush_duration_seconds`
+    pub wb_flush_seconds: Histogram,
+    /// `cachesync_writebehind_flush_failures_total{reason}` with reason `unavailable|rejected`.
+    pub wb_flush_failures: IntCounterVec,
+    /// `cachesync_writebehind_deadletters`: writes set aside, waiting for an operator.
+    pub wb_deadletters: IntGauge,
+    /// `cachesync_writebehind_deadlettered_total`
+    pub wb_deadlettered: IntCounter,
 }
 
 /// Registers a metric; definitions are static, so failure is a programming error.
@@ -269,6 +293,90 @@ impl Metrics {
                 IntGauge::new(
                     "cachesync_cdc_applied_offset",
                     "Commit log offset the CDC applier has reached.",
+                ),
+            ),
+            cdc_echoes: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_cdc_echoes_total",
+                    "Transactions recognised as a write-behind flush (their changes echo acknowledged writes).",
+                ),
+            ),
+            wb_accepted: counter(
+                &r,
+                "cachesync_writebehind_accepted_total",
+                "Write-behind writes acknowledged (202).",
+                &["keyspace", "op"],
+            ),
+            wb_rejected: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_writebehind_rejected_total",
+                    "Write-behind writes refused (503) because the backlog was full.",
+                ),
+            ),
+            wb_backlog_records: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_writebehind_backlog_records",
+                    "Acknowledged writes not yet flushed to Postgres.",
+                ),
+            ),
+            wb_backlog_bytes: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_writebehind_backlog_bytes",
+                    "Bytes of acknowledged writes not yet flushed.",
+                ),
+            ),
+            wb_oldest_age: reg(
+                &r,
+                Gauge::new(
+                    "cachesync_writebehind_oldest_unflushed_seconds",
+                    "Age of the oldest acknowledged write not yet flushed.",
+                ),
+            ),
+            wb_flushed: counter(
+                &r,
+                "cachesync_writebehind_flushed_rows_total",
+                "Coalesced rows written to Postgres by the flusher.",
+                &["keyspace"],
+            ),
+            wb_batch_rows: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("cachesync_writebehind_flush_batch_rows", "Rows per flush transaction.")
+                        .buckets(prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid")),
+                ),
+            ),
+            wb_flush_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cachesync_writebehind_flush_duration_seconds",
+                        "Duration of a flush transaction.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                ),
+            ),
+            wb_flush_failures: counter(
+                &r,
+                "cachesync_writebehind_flush_failures_total",
+                "Failed flush attempts by reason.",
+                &["reason"],
+            ),
+            wb_deadletters: reg(
+                &r,
+                IntGauge::new(
+                    "cachesync_writebehind_deadletters",
+                    "Rejected writes set aside as dead letters.",
+                ),
+            ),
+            wb_deadlettered: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_writebehind_deadlettered_total",
+                    "Writes set aside as dead letters.",
                 ),
             ),
             registry: r,

@@ -22,13 +22,17 @@ use crate::api::{self, AppState};
 use crate::cdc::applier::Applier;
 use crate::cdc::postgres::{Capture, CaptureParts};
 use crate::commitlog::CommitLog;
-use crate::config::CdcMode;
 use crate::config::Config;
+use crate::config::{CdcMode, WriteMode};
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
 use crate::metrics::Metrics;
+use crate::patterns::write_behind::WriteBehind;
+use crate::patterns::write_behind::flusher::Flusher;
 use crate::source::SourceError;
 use crate::source::postgres::PgPool;
+use std::collections::HashMap;
+use tokio::sync::watch;
 
 /// First wait before retrying to bind a keyspace to its table.
 pub const BIND_RETRY_INITIAL: Duration = Duration::from_millis(250);
@@ -65,9 +69,16 @@ pub struct CdcStatus {
 }
 
 /// A running sidecar.
+struct FlusherHandle {
+    task: JoinHandle<()>,
+    drain: watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
 pub struct Server {
     addr: SocketAddr,
     cdc: Option<CdcStatus>,
+    flusher: Option<FlusherHandle>,
     state: Arc<AppState>,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -110,12 +121,39 @@ impl Server {
             addr: config.server.listen,
             source,
         })?;
+        // Write-behind: the unflushed writes are rebuilt from the log before the first request, so
+        // reads see every acknowledged write from the start.
+        let behind: HashMap<String, Arc<Keyspace>> = keyspaces
+            .values()
+            .filter(|k| k.config.write == WriteMode::Behind)
+            .map(|k| (k.name().to_string(), k.clone()))
+            .collect();
+        let write_behind = match (&log, behind.is_empty()) {
+            (Some(log), false) => {
+                let wb = WriteBehind::new(
+                    log.clone(),
+                    config.server.node_id.clone(),
+                    config.write_behind.clone(),
+                    hlc.clone(),
+                    metrics.clone(),
+                    behind,
+                )?;
+                let wb = Arc::new(wb);
+                let w = wb.clone();
+                tokio::task::spawn_blocking(move || w.recover())
+                    .await
+                    .map_err(|e| StartError::Log(crate::commitlog::LogError::Failed(e.to_string())))??;
+                Some(wb)
+            }
+            _ => None,
+        };
         let state = Arc::new(AppState {
             keyspaces,
             server: config.server.clone(),
             metrics,
             pool: pool.clone(),
             log,
+            write_behind,
         });
 
         let token = CancellationToken::new();
@@ -163,6 +201,18 @@ impl Server {
             tracker.spawn(capture.run(token.child_token()));
             tracker.spawn(applier.run(gate, token.child_token()));
         }
+        // The flusher stops on its own token: at shutdown it drains after requests have stopped.
+        let mut flusher = None;
+        if let (Some(wb), Some(pool)) = (state.write_behind.clone(), pool.clone()) {
+            let marker = state
+                .keyspaces
+                .values()
+                .any(|k| k.config.write == WriteMode::Behind && k.config.cdc != CdcMode::Off);
+            let (drain, drain_rx) = watch::channel(false);
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(Flusher::new(wb, pool, marker).run(drain_rx, stop.clone()));
+            flusher = Some(FlusherHandle { task, drain, stop });
+        }
         let app = api::router(state.clone());
         let stop = token.clone();
         let http = tokio::spawn(async move {
@@ -174,6 +224,7 @@ impl Server {
         Ok(Server {
             addr,
             cdc,
+            flusher,
             state,
             token,
             tracker,
@@ -255,6 +306,28 @@ impl Server {
         }
         if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err() {
             outcome = Drain::TimedOut;
+        }
+        // No request can add writes now: flush what is left, within the grace period. What
+        // does not make it stays durable in the log and is flushed on the next start.
+        if let Some(f) = self.flusher {
+            let _ = f.drain.send(true);
+            let mut task = f.task;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                f.stop.cancel();
+                let _ = task.await;
+                outcome = Drain::TimedOut;
+            }
+            if let Some(wb) = &self.state.write_behind {
+                let left = wb.backlog.records.load(std::sync::atomic::Ordering::Relaxed);
+                if left > 0 {
+                    tracing::warn!(
+                        unflushed = left,
+                        "shutdown: write-behind writes left unflushed; they are durable and will be flushed on the next start"
+                    );
+                } else {
+                    tracing::info!("shutdown: every write-behind write reached Postgres");
+                }
+            }
         }
         // Last: make everything appended durable and stop the writer.
         if let Some(log) = self.state.log.clone()

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::error::ApiError;
 
 /// `GET /v1/keyspaces`: each keyspace's settings and live stats.
 pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -64,6 +65,9 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     if let Some(log) = &st.log {
         log.refresh_metrics();
     }
+    if let Some(wb) = &st.write_behind {
+        wb.refresh_metrics();
+    }
     let mut resp = m.encode().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -93,4 +97,72 @@ pub async fn readyz(State(st): State<Arc<AppState>>) -> Response {
         )
             .into_response()
     }
+}
+
+fn write_behind(st: &AppState) -> Result<&Arc<crate::patterns::write_behind::WriteBehind>, ApiError> {
+    st.write_behind.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_write_behind",
+            "no keyspace has write = \"behind\", so there are no dead letters",
+        )
+    })
+}
+
+/// `GET /v1/deadletters`: writes Postgres rejected, oldest first.
+pub async fn deadletters(State(st): State<Arc<AppState>>) -> Response {
+    match write_behind(&st) {
+        Ok(wb) => Json(json!({ "deadletters": wb.deadletters.list() })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn letter_id(raw: &str) -> Result<u64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad_request(format!("{raw:?} is not a dead letter id (a number)")))
+}
+
+/// `POST /v1/deadletters/{id}/requeue`: the write goes back in the queue as a new write (202).
+pub async fn requeue_deadletter(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let result = async {
+        let wb = write_behind(&st)?;
+        let id = letter_id(&id)?;
+        match wb.requeue(id).await? {
+            Some(a) => Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "requeued": id, "version": a.version.to_string(), "offset": a.offset.0 })),
+            )
+                .into_response()),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no dead letter {id}"),
+            )),
+        }
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `DELETE /v1/deadletters/{id}`: forgets a rejected write (204).
+pub async fn drop_deadletter(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let result = async {
+        let wb = write_behind(&st)?;
+        let id = letter_id(&id)?;
+        match wb.deadletters.remove(id) {
+            Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
+            Ok(false) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no dead letter {id}"),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            )),
+        }
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
 }

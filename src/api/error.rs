@@ -91,6 +91,9 @@ impl From<KeyspaceError> for ApiError {
             KeyspaceError::Key(e) => e.into(),
             KeyspaceError::ReadOnly(_) => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string()),
             KeyspaceError::BadJson(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+            KeyspaceError::Unsupported(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
         }
     }
 }

@@ -14,9 +14,11 @@ use serde::Deserialize;
 use super::AppState;
 use super::error::ApiError;
 use crate::cache::Entry;
+use crate::config::WriteMode;
 use crate::key::Key;
 use crate::keyspace::{Keyspace, Origin};
 use crate::metrics::UNKNOWN_KEYSPACE;
+use crate::patterns::write_behind::{Accepted, WriteBehind};
 
 /// Splits `/v1/kv/{keyspace}/{key...}` into the decoded keyspace name and the raw key.
 fn split_path(uri: &Uri) -> (String, &str) {
@@ -117,6 +119,33 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Byt
     })
 }
 
+fn write_behind(st: &AppState) -> Result<&Arc<WriteBehind>, ApiError> {
+    st.write_behind.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the write-behind service is not running",
+        )
+    })
+}
+
+/// 202: durable here, Postgres later. The body is the document reads now see (for a delete,
+/// `{"deleted": true}`); `ETag` the write's version, `X-Log-Offset` its place in the log.
+fn accepted_response(a: &Accepted) -> Response {
+    let body = a
+        .doc
+        .clone()
+        .unwrap_or_else(|| Bytes::from_static(b"{\"deleted\":true}"));
+    let mut resp = (StatusCode::ACCEPTED, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", a.version)) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert("x-log-offset", HeaderValue::from(a.offset.0));
+    resp
+}
+
 /// `PUT /v1/kv/{keyspace}/{key}`
 pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
@@ -124,6 +153,10 @@ pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, 
     let resp = async {
         let (keyspace, key) = lookup(&st, &ks, raw_key)?;
         let body = read_body(&st, &headers, body).await?;
+        if keyspace.config.write == WriteMode::Behind {
+            let accepted = write_behind(&st)?.put(keyspace, &key, &body).await?;
+            return Ok(accepted_response(&accepted));
+        }
         let entry = keyspace.put(&key, &body).await?;
         let value = entry.value.clone().unwrap_or_default();
         Ok::<_, ApiError>(document(value, &entry))
@@ -139,6 +172,10 @@ pub async fn delete(State(st): State<Arc<AppState>>, uri: Uri) -> Response {
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
         let (keyspace, key) = lookup(&st, &ks, raw_key)?;
+        if keyspace.config.write == WriteMode::Behind {
+            let accepted = write_behind(&st)?.delete(keyspace, &key).await?;
+            return Ok(accepted_response(&accepted));
+        }
         if keyspace.delete(&key).await? {
             Ok(StatusCode::NO_CONTENT.into_response())
         } else {

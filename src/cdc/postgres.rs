@@ -66,8 +66,8 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 const MAX_INFLIGHT: usize = 256;
 /// Appends in flight, in commit order, each resolving to the position it allows confirming.
 type Inflight = FuturesOrdered<futures::future::BoxFuture<'static, Result<Option<Lsn>, CdcError>>>;
-/// Prefix of cachesync's own logical decoding messages.
-pub const MESSAGE_PREFIX: &str = "cachesync";
+/// Prefix of the logical decoding message that marks a write-behind flush transaction.
+pub const FLUSH_MARKER: &str = "cachesync.flush";
 
 /// What `pg_replication_slots` says about the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -521,11 +521,23 @@ impl Capture {
                         self.submit(&mut t.events, None, &mut inflight).await?;
                     }
                 }
-                StreamEvent::Message { lsn, transactional, .. } => {
-                    // Heartbeats and markers outside a transaction: nothing to keep; the position
-                    // may be released once everything before it is durable.
-                    if !transactional && txn.is_none() && inflight.is_empty() {
-                        self.confirm(client, lsn);
+                StreamEvent::Message {
+                    lsn,
+                    transactional,
+                    prefix,
+                    content,
+                } => {
+                    match txn.as_mut() {
+                        // A write-behind flush marks its transaction: its changes echo writes
+                        // already acknowledged on the node named in the message.
+                        Some(t) if transactional && prefix == FLUSH_MARKER => {
+                            t.info.origin = String::from_utf8_lossy(&content).into_owned().into();
+                            self.metrics.cdc_echoes.inc();
+                        }
+                        // Heartbeats outside a transaction: nothing to keep; the position may be
+                        // released once everything before it is durable.
+                        None if !transactional && inflight.is_empty() => self.confirm(client, lsn),
+                        _ => {}
                     }
                 }
                 StreamEvent::Commit { end_lsn } => {
@@ -603,6 +615,7 @@ impl Capture {
             source_time_us: t.info.commit_time_us,
             unchanged: Vec::new(),
             source_xid: Some(t.info.xid),
+            written: Vec::new(),
         });
     }
 }

@@ -452,6 +452,7 @@ async fn inspection_reads_without_changing_anything() {
         source_time_us: 0,
         unchanged: vec![],
         source_xid: None,
+        written: vec![],
     };
     log.append_events(&[e.clone(), e]).await.unwrap();
     log.cursor("c", false).unwrap().commit(Offset(1)).unwrap();

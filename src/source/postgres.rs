@@ -126,6 +126,14 @@ fn is_data_error(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// Why a batch statement failed.
+#[derive(Debug)]
+pub enum BatchError {
+    Db(tokio_postgres::Error),
+    /// The rows do not fit the keyspace any more (a field no longer mapped).
+    Invalid(String),
+}
+
 /// One row as the cache stores it.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -170,6 +178,7 @@ pub struct TableSource {
     binding: Binding,
     select: String,
     delete: String,
+    delete_rows: String,
     probe: String,
     upserts: Mutex<HashMap<String, Arc<str>>>,
 }
@@ -178,6 +187,7 @@ impl TableSource {
     pub fn new(pool: Arc<PgPool>, binding: Binding) -> TableSource {
         TableSource {
             select: sql::select_by_key(&binding),
+            delete_rows: sql::delete_rows(&binding),
             delete: sql::delete_by_key(&binding),
             probe: sql::probe_column(&binding),
             upserts: Mutex::new(HashMap::new()),
@@ -248,7 +258,7 @@ impl TableSource {
             .map(|f| f.column.name.as_str())
             .filter(|c| row.contains_key(*c))
             .collect();
-        let sql = self.upsert_sql(&columns);
+        let sql = self.upsert_sql(&columns, false);
         let json = Value::Object(row.clone()).to_string();
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&sql).await.map_err(|e| classify(&e))?;
@@ -261,6 +271,120 @@ impl TableSource {
             Err(e) if is_data_error(&e) => Err(self.blame_field(&client, &row, &e).await),
             Err(e) => Err(classify(&e)),
         }
+    }
+
+    /// Checks a write's body against the binding (unknown fields, key fields that differ from
+    /// the URL, generated columns) without writing anything.
+    pub fn check_body(&self, key: &[String], body: &Map<String, Value>) -> Result<(), SourceError> {
+        self.columns_of(key, body).map(|_| ())
+    }
+
+    /// The cache key of a stored row from the text of its key columns.
+    fn key_from_texts(&self, texts: &[Option<&str>]) -> Option<Arc<str>> {
+        let mut parts = Vec::with_capacity(texts.len());
+        for (col, t) in self.binding.key.iter().zip(texts) {
+            parts.push(crate::key::normalize(col, (*t)?.to_string()).ok()?);
+        }
+        crate::key::key_from_parts(parts, usize::MAX).ok().map(|k| k.cache_key)
+    }
+
+    /// Upserts many rows in one statement: each row its key components and the fields it writes
+    /// (every row of one call writes the same fields). Returns the stored rows as entries (their
+    /// version left for the caller), by cache key.
+    pub async fn upsert_rows(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        rows: &[(Vec<String>, &Map<String, Value>)],
+    ) -> Result<Vec<(Arc<str>, crate::cache::Entry)>, BatchError> {
+        let Some((_, first)) = rows.first() else {
+            return Ok(Vec::new());
+        };
+        let b = &self.binding;
+        let mut array = Vec::with_capacity(rows.len());
+        for (key, fields) in rows {
+            let mut row = Map::new();
+            for (name, value) in fields.iter() {
+                let f = b.field(name).ok_or_else(|| {
+                    BatchError::Invalid(format!("field `{name}` is no longer mapped by keyspace {}", b.keyspace))
+                })?;
+                row.insert(f.column.name.clone(), value.clone());
+            }
+            for (k, v) in b.key.iter().zip(key) {
+                row.insert(k.name.clone(), Value::String(v.clone()));
+            }
+            array.push(Value::Object(row));
+        }
+        let columns: Vec<&str> = b
+            .fields
+            .iter()
+            .map(|f| f.column.name.as_str())
+            .filter(|c| {
+                b.key.iter().any(|k| k.name == *c)
+                    || b.fields
+                        .iter()
+                        .any(|f| f.column.name == *c && first.contains_key(&f.name))
+            })
+            .collect();
+        let sql = self.upsert_sql(&columns, true);
+        let json = Value::Array(array).to_string();
+        let stmt = client.prepare_cached(&sql).await.map_err(BatchError::Db)?;
+        let out = client.query(&stmt, &[&json]).await.map_err(BatchError::Db)?;
+        Ok(out
+            .iter()
+            .filter_map(|r| {
+                let texts: Vec<Option<&str>> = b
+                    .key
+                    .iter()
+                    .map(|k| {
+                        b.fields
+                            .iter()
+                            .position(|f| f.column.name == k.name)
+                            .and_then(|i| r.get::<_, Option<&str>>(2 + i))
+                    })
+                    .collect();
+                let key = self.key_from_texts(&texts)?;
+                let entry = crate::cache::Entry::new(Some(self.render_row(r, 2)), parse_lsn(r.get(0)), 0)
+                    .with_xid(parse_xid(r.get(1)));
+                Some((key, entry))
+            })
+            .collect())
+    }
+
+    /// Deletes many rows by key in one statement; returns an absent entry per deleted row.
+    pub async fn delete_rows(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<(Arc<str>, crate::cache::Entry)>, BatchError> {
+        let b = &self.binding;
+        let array: Vec<Value> = keys
+            .iter()
+            .map(|key| {
+                Value::Object(
+                    b.key
+                        .iter()
+                        .zip(key)
+                        .map(|(k, v)| (k.name.clone(), Value::String(v.clone())))
+                        .collect(),
+                )
+            })
+            .collect();
+        let stmt = client.prepare_cached(&self.delete_rows).await.map_err(BatchError::Db)?;
+        let out = client
+            .query(&stmt, &[&Value::Array(array).to_string()])
+            .await
+            .map_err(BatchError::Db)?;
+        Ok(out
+            .iter()
+            .filter_map(|r| {
+                let texts: Vec<Option<&str>> = (0..b.key.len()).map(|i| r.get::<_, Option<&str>>(2 + i)).collect();
+                let key = self.key_from_texts(&texts)?;
+                Some((
+                    key,
+                    crate::cache::Entry::new(None, parse_lsn(r.get(0)), 0).with_xid(parse_xid(r.get(1))),
+                ))
+            })
+            .collect())
     }
 
     /// Checks the body against the binding and returns it keyed by column name, key filled in.
@@ -303,13 +427,13 @@ impl TableSource {
         Ok(row)
     }
 
-    fn upsert_sql(&self, columns: &[&str]) -> Arc<str> {
-        let id = columns.join("\u{1f}");
+    fn upsert_sql(&self, columns: &[&str], many: bool) -> Arc<str> {
+        let id = format!("{many}\u{1f}{}", columns.join("\u{1f}"));
         let mut cache = self.upserts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = cache.get(&id) {
             return s.clone();
         }
-        let s: Arc<str> = sql::upsert(&self.binding, columns).into();
+        let s: Arc<str> = sql::upsert(&self.binding, columns, many).into();
         if cache.len() < MAX_CACHED_UPSERTS {
             cache.insert(id, s.clone());
         }

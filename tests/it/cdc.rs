@@ -4,55 +4,16 @@
 //! resnapshotted, big transactions arrive whole, schema changes are followed, and readiness
 //! follows the stream.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cachesync::commitlog::inspect;
-use cachesync::config::Config;
 use cachesync::event::ChangeEvent;
-use cachesync::server::Server;
+use cachesync::testkit::eventually;
 use cachesync::testkit::postgres::{PgOptions, PgServer};
-use cachesync::testkit::{eventually, temp_dir, unique};
 use serde_json::json;
 
-use crate::common::{Db, Http, Resp, WAIT};
-
-/// A sidecar's durable identity across restarts: its log directory and slot.
-struct Node {
-    log: PathBuf,
-    slot: String,
-}
-
-impl Node {
-    fn new() -> Node {
-        Node {
-            log: temp_dir("cdclog", None),
-            slot: format!("cs_test_{}_{}", std::process::id(), unique()),
-        }
-    }
-
-    fn config(&self, db: &Db, keyspaces: &str) -> Config {
-        let text = format!(
-            "{}\n[log]\ndir = \"{}\"\n[cdc]\nslot = \"{}\"\nheartbeat = \"0s\"\nready_grace = \"1s\"\n",
-            db.config_text(keyspaces),
-            self.log.display(),
-            self.slot
-        );
-        Config::parse(&text).expect("valid test config")
-    }
-
-    async fn start(&self, db: &Db, keyspaces: &str) -> (Server, Http) {
-        crate::common::init_logging();
-        let server = Server::start(self.config(db, keyspaces)).await.expect("server starts");
-        server
-            .wait_ready(Duration::from_secs(60))
-            .await
-            .expect("CDC keyspaces become ready");
-        let http = Http::new(server.local_addr());
-        (server, http)
-    }
-}
+use crate::common::{Db, Http, Node, Resp, WAIT};
 
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nmax_entries = 500000\n{extra}\n")

@@ -44,6 +44,7 @@ fn event(task: u64, seq: u64, rng: &mut Rng) -> ChangeEvent {
         source_time_us: 0,
         unchanged: vec![],
         source_xid: None,
+        written: vec![],
     }
 }
 

@@ -1,12 +1,14 @@
 //! Helpers shared by the integration tests: a fresh database per test on the shared throwaway
 //! Postgres, an in-process server on a free port, and a small HTTP client.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cachesync::config::Config;
 use cachesync::server::Server;
 use cachesync::testkit::postgres::{self, PgServer, TestDb};
+use cachesync::testkit::{temp_dir, unique};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
@@ -157,5 +159,59 @@ impl Http {
     pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Resp {
         self.send(self.client.post(format!("{}{path}", self.base)).body(body))
             .await
+    }
+}
+
+/// A sidecar's durable identity across restarts: its log directory and slot.
+pub struct Node {
+    pub log: PathBuf,
+    pub slot: String,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        Node {
+            log: temp_dir("cdclog", None),
+            slot: format!("cs_test_{}_{}", std::process::id(), unique()),
+        }
+    }
+
+    pub fn config(&self, db: &Db, keyspaces: &str) -> Config {
+        Config::parse(&self.config_text(db, keyspaces, "")).expect("valid test config")
+    }
+
+    /// The configuration text, with `extra` sections appended (e.g. `[write_behind]`).
+    pub fn config_text(&self, db: &Db, keyspaces: &str, extra: &str) -> String {
+        format!(
+            "{}\n[log]\ndir = \"{}\"\n[cdc]\nslot = \"{}\"\nheartbeat = \"0s\"\nready_grace = \"1s\"\n{extra}\n",
+            db.config_text(keyspaces),
+            self.log.display(),
+            self.slot
+        )
+    }
+
+    /// Starts an in-process server from a configuration text.
+    pub async fn start_text(&self, text: &str) -> (Server, Http) {
+        init_logging();
+        let server = Server::start(Config::parse(text).expect("valid test config"))
+            .await
+            .expect("server starts");
+        server
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .expect("keyspaces become ready");
+        let http = Http::new(server.local_addr());
+        (server, http)
+    }
+
+    pub async fn start(&self, db: &Db, keyspaces: &str) -> (Server, Http) {
+        init_logging();
+        let server = Server::start(self.config(db, keyspaces)).await.expect("server starts");
+        server
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .expect("CDC keyspaces become ready");
+        let http = Http::new(server.local_addr());
+        (server, http)
     }
 }

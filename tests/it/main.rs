@@ -10,4 +10,5 @@ mod commitlog_crash;
 mod embedded;
 mod harness;
 mod read_through;
+mod write_behind;
 mod write_through;

@@ -187,6 +187,7 @@ impl TableMapping {
             source_time_us: txn.commit_time_us,
             unchanged,
             source_xid: Some(txn.xid),
+            written: Vec::new(),
         }
     }
 

@@ -71,14 +71,15 @@ pub fn select_by_key(b: &Binding) -> String {
 }
 
 /// Upserts the columns in `columns` (table column names, key columns included) from a JSON
-/// object bound as `$1`. Returns the WAL insert position, the transaction id, then the stored
-/// row's output fields.
+/// object bound as `$1` — or, with `many`, from a JSON array of such objects (one per row,
+/// unique keys). Returns per stored row: the WAL insert position, the transaction id, the output
+/// fields, then the raw key columns.
 ///
 /// A plain `INSERT … ON CONFLICT DO UPDATE` cannot update only some fields of a row whose other
 /// columns are `NOT NULL` without defaults: Postgres checks the *proposed insert* row first. So
-/// an existing row is updated in place (only the named fields), and only when there is none is
-/// the row inserted — with `ON CONFLICT` still there for a concurrent insert of the same key.
-pub fn upsert(b: &Binding, columns: &[&str]) -> String {
+/// existing rows are updated in place (only the named fields), and only rows not there are
+/// inserted — with `ON CONFLICT` still there for a concurrent insert of the same key.
+pub fn upsert(b: &Binding, columns: &[&str], many: bool) -> String {
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
@@ -95,8 +96,14 @@ pub fn upsert(b: &Binding, columns: &[&str]) -> String {
                 .join(", ")
         }
     };
+    let raw_keys = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{k} AS k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let returning = format!(
-        "pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {}",
+        "pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {}, {raw_keys}",
         output_list("t.", b)
     );
     let key_match = key
@@ -104,10 +111,21 @@ pub fn upsert(b: &Binding, columns: &[&str]) -> String {
         .map(|k| format!("t.{k} = r.{k}"))
         .collect::<Vec<_>>()
         .join(" AND ");
+    let updated = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("u.k{i} = r.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let source = if many {
+        format!("SELECT * FROM jsonb_populate_recordset(NULL::{table}, $1::text::jsonb)")
+    } else {
+        format!("SELECT * FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb)")
+    };
     format!(
-        "WITH r AS (SELECT * FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb)), \
+        "WITH r AS ({source}), \
          upd AS (UPDATE {table} AS t SET {set_r} FROM r WHERE {key_match} RETURNING {returning}), \
-         ins AS (INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM r WHERE NOT EXISTS (SELECT 1 FROM upd) \
+         ins AS (INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM r WHERE NOT EXISTS (SELECT 1 FROM upd AS u WHERE {updated}) \
                  ON CONFLICT ({keys}) DO UPDATE SET {set_excluded} RETURNING {returning}) \
          SELECT * FROM upd UNION ALL SELECT * FROM ins",
         set_r = assign("r"),
@@ -115,6 +133,23 @@ pub fn upsert(b: &Binding, columns: &[&str]) -> String {
         cols = cols.join(", "),
         rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
+    )
+}
+
+/// Deletes the rows whose keys are in a JSON array of objects bound as `$1`; returns per deleted
+/// row the WAL insert position, the transaction id and the key columns' text.
+pub fn delete_rows(b: &Binding) -> String {
+    let table = qualified(&b.table);
+    let key_match = b
+        .key
+        .iter()
+        .map(|c| format!("t.{0} = r.{0}", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let keys = b.key.iter().map(|c| text_of("t.", c)).collect::<Vec<_>>().join(", ");
+    format!(
+        "DELETE FROM {table} AS t USING jsonb_populate_recordset(NULL::{table}, $1::text::jsonb) AS r WHERE {key_match} \
+         RETURNING pg_current_wal_insert_lsn()::text, pg_current_xact_id()::text, {keys}"
     )
 }
 
@@ -195,7 +230,7 @@ mod tests {
 
     #[test]
     fn upsert_updates_only_named_non_key_columns() {
-        let s = upsert(&binding(), &["tenant", "id", "name"]);
+        let s = upsert(&binding(), &["tenant", "id", "name"], false);
         assert!(
             s.contains(r#"SET "name" = r."name" FROM r WHERE t."tenant" = r."tenant" AND t."id" = r."id""#),
             "{s}"
@@ -204,7 +239,7 @@ mod tests {
             s.contains(r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#),
             "{s}"
         );
-        let only_key = upsert(&binding(), &["tenant", "id"]);
+        let only_key = upsert(&binding(), &["tenant", "id"], false);
         assert!(
             only_key.contains(r#"DO UPDATE SET "tenant" = EXCLUDED."tenant""#),
             "{only_key}"

@@ -1,0 +1,404 @@
+//! Write-behind: the database off the request path. A `PUT`/`DELETE` on a `write = "behind"`
+//! keyspace is appended to the commit log and acknowledged (202) once durable on local disk; a
+//! flusher (`flusher`) drains the log to Postgres in coalesced, set-based batches, even when the
+//! write happened while Postgres was down. Nothing acknowledged is lost: a crash leaves the write
+//! in the log, past the flusher's durable cursor, and it is flushed on the next start.
+//!
+//! - **Read-your-writes.** Each keyspace keeps its *pending writes* ([`PendingWrites`]): the
+//!   document each unflushed key will have. Reads consult it before L1, so a read after the 202
+//!   returns the write even if L1 evicted the key, and however stale the database state under it.
+//!   A pending write is settled (removed) once the flush that carries it has committed and its
+//!   stored row is installed in L1, versioned like a write-through result — so neither an older
+//!   CDC change nor the flush's own echo can make the key go back.
+//! - **Partial writes.** A `PUT` names the fields it writes, as with write-through. The document
+//!   readers see is the key's previous document (pending, else cached) with those fields replaced;
+//!   the flush writes only the named fields. Concurrent writes of one key are serialized (striped
+//!   locks) so neither loses the other's fields, and their log order is their version order.
+//! - **Back-pressure.** Above `max_backlog_records` or `max_backlog_bytes` of unflushed writes,
+//!   writes answer 503 with `Retry-After` — never a silent drop.
+
+pub mod deadletters;
+pub mod flusher;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::commitlog::{CommitLog, Offset};
+use crate::config::WriteBehindConfig;
+use crate::event::{ChangeEvent, Op, Source};
+use crate::hlc::Hlc;
+use crate::key::Key;
+use crate::keyspace::{Keyspace, KeyspaceError};
+use crate::metrics::Metrics;
+use crate::source::SourceError;
+use crate::source::postgres::render::render_value;
+use deadletters::DeadLetters;
+
+/// Striped locks serializing writes of one key.
+const STRIPES: usize = 256;
+
+/// One key's unflushed write, as reads see it.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The document after the write; `None` for a delete.
+    pub doc: Option<Bytes>,
+    /// The write's version (HLC): orders and identifies it.
+    pub version: u64,
+    /// When it was accepted (for `Age`).
+    pub at: tokio::time::Instant,
+}
+
+/// The unflushed writes of one keyspace.
+#[derive(Debug, Default)]
+pub struct PendingWrites {
+    map: Mutex<HashMap<Arc<str>, Pending>>,
+}
+
+impl PendingWrites {
+    pub fn get(&self, key: &str) -> Option<Pending> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
+    /// Records a write unless a newer one is already recorded.
+    pub fn set(&self, key: Arc<str>, p: Pending) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&key) {
+            Some(old) if old.version > p.version => {}
+            _ => {
+                map.insert(key, p);
+            }
+        }
+    }
+
+    /// The write with `version` (and any older one) is done: stop overlaying it. A newer
+    /// pending write of the key stays.
+    pub fn settle(&self, key: &str, version: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(key).is_some_and(|p| p.version <= version) {
+            map.remove(key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a 202 reports.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The document readers now see (`None` after a delete).
+    pub doc: Option<Bytes>,
+    pub version: u64,
+    /// The write's offset in the commit log.
+    pub offset: Offset,
+}
+
+/// Counters of unflushed writes, shared by the accept path, the flusher and the metrics.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Append time (ms since the epoch) of the oldest unflushed write; 0 when none.
+    pub oldest_ms: AtomicU64,
+}
+
+/// The write-behind service of one server: accepts writes, and owns the flusher's state.
+pub struct WriteBehind {
+    pub(crate) log: CommitLog,
+    pub(crate) node: String,
+    pub(crate) config: WriteBehindConfig,
+    pub(crate) hlc: Arc<Hlc>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) keyspaces: HashMap<String, Arc<Keyspace>>,
+    pub backlog: Backlog,
+    pub deadletters: DeadLetters,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    hasher: ahash::RandomState,
+}
+
+/// The name of the flusher's durable cursor.
+pub const CURSOR: &str = "write_behind";
+
+impl WriteBehind {
+    pub fn new(
+        log: CommitLog,
+        node: String,
+        config: WriteBehindConfig,
+        hlc: Arc<Hlc>,
+        metrics: Arc<Metrics>,
+        keyspaces: HashMap<String, Arc<Keyspace>>,
+    ) -> Result<WriteBehind, crate::commitlog::LogError> {
+        let deadletters = DeadLetters::open(&log.config().dir.join("deadletters"))?;
+        metrics.wb_deadletters.set(deadletters.len() as i64);
+        Ok(WriteBehind {
+            log,
+            node,
+            config,
+            hlc,
+            metrics,
+            keyspaces,
+            backlog: Backlog::default(),
+            deadletters,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: ahash::RandomState::new(),
+        })
+    }
+
+    fn stripe(&self, ks: &str, key: &str) -> &tokio::sync::Mutex<()> {
+        let mut h = self.hasher.build_hasher();
+        ks.hash(&mut h);
+        key.hash(&mut h);
+        &self.stripes[(h.finish() as usize) % STRIPES]
+    }
+
+    fn check_backlog(&self) -> Result<(), KeyspaceError> {
+        let (records, bytes) = (
+            self.backlog.records.load(Ordering::Relaxed),
+            self.backlog.bytes.load(Ordering::Relaxed),
+        );
+        if records >= self.config.max_backlog_records || bytes >= self.config.max_backlog_bytes {
+            self.metrics.wb_rejected.inc();
+            return Err(KeyspaceError::Source(SourceError::Unavailable(format!(
+                "the write-behind backlog is full ({records} writes, {bytes} bytes unflushed; limits {} and {}); retry later",
+                self.config.max_backlog_records, self.config.max_backlog_bytes
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Accepts a `PUT`: validates the body against the table, appends the write durably, and
+    /// makes it visible to reads on this node.
+    pub async fn put(&self, ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Accepted, KeyspaceError> {
+        let fields = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(SourceError::BadBody("expected a JSON object of fields".into()).into()),
+            Err(e) => return Err(KeyspaceError::BadJson(e.to_string())),
+        };
+        let source = ks.source()?;
+        source.check_body(&key.parts, &fields)?;
+        let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
+        // The document after this write: what the key had (pending, else cached) with the named
+        // fields replaced.
+        let base: Option<Map<String, Value>> = match ks.pending.get(&key.cache_key) {
+            Some(p) => p.doc.and_then(|d| serde_json::from_slice(&d).ok()),
+            None => ks
+                .l1
+                .get(&key.cache_key)
+                .await
+                .and_then(|e| e.value.clone())
+                .and_then(|d| serde_json::from_slice(&d).ok()),
+        };
+        let b = source.binding();
+        let mut doc = Vec::with_capacity(body.len() + 64);
+        doc.push(b'{');
+        let mut first = true;
+        for f in &b.fields {
+            let key_part = b
+                .key
+                .iter()
+                .position(|k| k.name == f.column.name)
+                .map(|i| &key.parts[i]);
+            let value = fields
+                .get(&f.name)
+                .cloned()
+                .or_else(|| base.as_ref().and_then(|m| m.get(&f.name).cloned()));
+            if value.is_none() && key_part.is_none() {
+                continue;
+            }
+            if !first {
+                doc.push(b',');
+            }
+            first = false;
+            let _ = serde_json::to_writer(&mut doc, &f.name);
+            doc.push(b':');
+            match (value, key_part) {
+                (Some(v), _) => {
+                    let _ = serde_json::to_writer(&mut doc, &v);
+                }
+                // The key as its column type renders it (42, not "42").
+                (None, Some(part)) => render_value(&f.column.kind, Some(part), &mut doc),
+                (None, None) => {}
+            }
+        }
+        doc.push(b'}');
+        let doc = Bytes::from(doc);
+        let written: Vec<String> = b
+            .fields
+            .iter()
+            .filter(|f| fields.contains_key(&f.name))
+            .map(|f| f.name.clone())
+            .collect();
+        self.accept(ks, key, Op::Put, Some(doc), written).await
+    }
+
+    /// Accepts a `DELETE`.
+    pub async fn delete(&self, ks: &Keyspace, key: &Key) -> Result<Accepted, KeyspaceError> {
+        ks.source()?;
+        let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
+        self.accept(ks, key, Op::Delete, None, Vec::new()).await
+    }
+
+    /// Appends the write (durably) and records it as pending. Runs under the key's stripe lock.
+    async fn accept(
+        &self,
+        ks: &Keyspace,
+        key: &Key,
+        op: Op,
+        doc: Option<Bytes>,
+        written: Vec<String>,
+    ) -> Result<Accepted, KeyspaceError> {
+        self.check_backlog()?;
+        let version = self.hlc.now();
+        let event = ChangeEvent {
+            keyspace: ks.name().to_string(),
+            key: key.cache_key.to_string(),
+            op,
+            value: doc.clone(),
+            origin: self.node.clone(),
+            version,
+            source: Source::Api,
+            source_position: 0,
+            source_time_us: crate::commitlog::now_ms() * 1000,
+            unchanged: Vec::new(),
+            source_xid: None,
+            written,
+        };
+        let payload = event.encode();
+        let size = payload.len() as u64;
+        let range = self.log.append(vec![payload]).await.map_err(|e| {
+            KeyspaceError::Source(SourceError::Unavailable(format!(
+                "the commit log refused the write: {e}"
+            )))
+        })?;
+        ks.pending.set(
+            key.cache_key.clone(),
+            Pending {
+                doc: doc.clone(),
+                version,
+                at: tokio::time::Instant::now(),
+            },
+        );
+        // A load in flight for the key read the old row: it must not install it.
+        ks.flights.invalidate(&key.cache_key);
+        self.backlog.records.fetch_add(1, Ordering::Relaxed);
+        self.backlog.bytes.fetch_add(size, Ordering::Relaxed);
+        let _ = self.backlog.oldest_ms.compare_exchange(
+            0,
+            crate::commitlog::now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.metrics
+            .wb_accepted
+            .with_label_values(&[ks.name(), crate::cdc::applier::op_label(op)])
+            .inc();
+        Ok(Accepted {
+            doc,
+            version,
+            offset: range.start,
+        })
+    }
+
+    /// Rebuilds the pending writes and the backlog counters from the unflushed part of the log
+    /// (after a restart), so reads see every acknowledged write at once.
+    pub fn recover(&self) -> Result<u64, crate::commitlog::LogError> {
+        let cursor = self.log.cursor(CURSOR, true)?;
+        let mut from = cursor.position();
+        let mut n = 0;
+        loop {
+            let batch = self.log.read(from, 4096)?;
+            let Some(last) = batch.last() else { break };
+            from = Offset(last.offset.0 + 1);
+            for r in &batch {
+                let Ok(e) = ChangeEvent::decode(&r.payload) else {
+                    continue;
+                };
+                if e.source != Source::Api {
+                    continue;
+                }
+                let Some(ks) = self.keyspaces.get(&e.keyspace) else {
+                    continue;
+                };
+                ks.pending.set(
+                    e.key.as_str().into(),
+                    Pending {
+                        doc: if e.op == Op::Delete { None } else { e.value.clone() },
+                        version: e.version,
+                        at: tokio::time::Instant::now(),
+                    },
+                );
+                self.hlc.observe(e.version);
+                self.backlog.records.fetch_add(1, Ordering::Relaxed);
+                self.backlog.bytes.fetch_add(r.payload.len() as u64, Ordering::Relaxed);
+                let _ =
+                    self.backlog
+                        .oldest_ms
+                        .compare_exchange(0, r.timestamp_ms, Ordering::Relaxed, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                writes = n,
+                "recovered unflushed write-behind writes from the commit log"
+            );
+        }
+        Ok(n)
+    }
+
+    /// Updates the backlog gauges.
+    pub fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        m.wb_backlog_records
+            .set(self.backlog.records.load(Ordering::Relaxed) as i64);
+        m.wb_backlog_bytes
+            .set(self.backlog.bytes.load(Ordering::Relaxed) as i64);
+        let oldest = self.backlog.oldest_ms.load(Ordering::Relaxed);
+        let age = if oldest == 0 {
+            0.0
+        } else {
+            crate::commitlog::now_ms().saturating_sub(oldest) as f64 / 1000.0
+        };
+        m.wb_oldest_age.set(age);
+        m.wb_deadletters.set(self.deadletters.len() as i64);
+    }
+
+    /// Puts a dead letter back in the log as a new write; `None` when there is no such letter.
+    pub async fn requeue(&self, id: u64) -> Result<Option<Accepted>, KeyspaceError> {
+        let Some(letter) = self.deadletters.get(id) else {
+            return Ok(None);
+        };
+        let Some(ks) = self.keyspaces.get(&letter.keyspace) else {
+            return Err(SourceError::BadBody(format!(
+                "keyspace {} no longer takes write-behind writes",
+                letter.keyspace
+            ))
+            .into());
+        };
+        let key = ks.parse_key(&letter.key)?;
+        let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
+        let accepted = self
+            .accept(
+                ks,
+                &key,
+                letter.op,
+                letter.doc.as_ref().map(|d| Bytes::from(d.to_string())),
+                letter.written.clone(),
+            )
+            .await?;
+        self.deadletters
+            .remove(id)
+            .map_err(|e| KeyspaceError::Source(SourceError::Unavailable(e.to_string())))?;
+        Ok(Some(accepted))
+    }
+}

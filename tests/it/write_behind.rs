@@ -1,0 +1,592 @@
+//! Write-behind against real Postgres: acknowledged writes are read at once and reach Postgres;
+//! one bad row among thousands is set aside without stalling the rest; a full backlog answers
+//! 503; CDC echoes never make the writing node go back; an outage loses nothing; SIGKILL under
+//! load loses nothing; SIGTERM drains.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cachesync::testkit::eventually;
+use cachesync::testkit::postgres::{PgOptions, PgServer};
+use cachesync::testkit::sidecar::Sidecar;
+use serde_json::json;
+
+use crate::common::{Db, Http, Node, WAIT};
+
+fn keyspace(name: &str, table: &str, extra: &str) -> String {
+    format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nwrite = \"behind\"\n{extra}\n")
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn backlog(http: &Http) -> f64 {
+    metric(
+        &http.get("/metrics").await.body,
+        "cachesync_writebehind_backlog_records",
+    )
+}
+
+async fn drained(http: &Http) {
+    eventually(Duration::from_secs(60), "the backlog drains", || async {
+        let b = backlog(http).await;
+        if b == 0.0 { Ok(()) } else { Err(b) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn acknowledged_writes_are_read_at_once_and_reach_postgres() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL, email text, age int NOT NULL DEFAULT 0)")
+        .await;
+    let node = Node::new();
+    // One entry of L1: the reads below can only be answered by the pending writes.
+    let (server, http) = node
+        .start_text(&node.config_text(&db, &keyspace("users", "users", "max_entries = 1"), ""))
+        .await;
+    // Hold the table against writes (reads still work) so nothing is flushed yet.
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+
+    let put = http.put("/v1/kv/users/1", r#"{"name": "ada", "email": "a@x"}"#).await;
+    assert_eq!(put.status, 202, "{}", put.body);
+    assert_eq!(put.json(), json!({"id": 1, "name": "ada", "email": "a@x"}));
+    assert!(!put.header("etag").is_empty() && !put.header("x-log-offset").is_empty());
+    for id in 2..=20 {
+        assert_eq!(
+            http.put(&format!("/v1/kv/users/{id}"), format!(r#"{{"name": "n{id}"}}"#))
+                .await
+                .status,
+            202
+        );
+    }
+    for id in 2..=20 {
+        let r = http.get(&format!("/v1/kv/users/{id}")).await;
+        assert_eq!(
+            r.status, 200,
+            "read-your-writes for {id} though L1 holds one entry: {}",
+            r.body
+        );
+        assert_eq!(r.json()["name"], format!("n{id}"));
+    }
+    // A partial write merges into the pending document.
+    let upd = http.put("/v1/kv/users/1", r#"{"age": 36}"#).await;
+    assert_eq!(upd.status, 202);
+    assert_eq!(upd.json(), json!({"id": 1, "name": "ada", "email": "a@x", "age": 36}));
+    assert_eq!(http.get("/v1/kv/users/1").await.json()["age"], 36);
+    assert_eq!(http.delete("/v1/kv/users/20").await.status, 202);
+    assert_eq!(http.get("/v1/kv/users/20").await.status, 404);
+    // Bad input is refused synchronously and never queued.
+    assert_eq!(http.put("/v1/kv/users/3", r#"{"nmae": "x"}"#).await.status, 400);
+    assert_eq!(http.put("/v1/kv/users/3", r#"{"id": 4}"#).await.status, 400);
+    assert!(backlog(&http).await >= 22.0);
+    let count: i64 = db.scalar("SELECT count(*) FROM users").await;
+    assert_eq!(count, 0, "nothing flushed while the table is locked");
+
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    let row: String = db.scalar("SELECT row_to_json(u)::text FROM users u WHERE id = 1").await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&row).unwrap(),
+        json!({"id": 1, "name": "ada", "email": "a@x", "age": 36})
+    );
+    let count: i64 = db.scalar("SELECT count(*) FROM users").await;
+    assert_eq!(
+        count, 19,
+        "rows 1..19 are in Postgres; 20 was deleted before it was flushed"
+    );
+    // After the flush reads come from what Postgres stored (the default filled in).
+    let r = http.get("/v1/kv/users/7").await;
+    assert_eq!(r.json(), json!({"id": 7, "name": "n7", "email": null, "age": 0}));
+    let m = http.get("/metrics").await.body;
+    assert!(
+        metric(
+            &m,
+            "cachesync_writebehind_accepted_total{keyspace=\"users\",op=\"put\"}"
+        ) >= 21.0
+    );
+    assert!(metric(&m, "cachesync_writebehind_flush_batch_rows_count") >= 1.0);
+    assert_eq!(metric(&m, "cachesync_writebehind_oldest_unflushed_seconds"), 0.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_bad_row_among_ten_thousand_is_set_aside_and_the_rest_land() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE nums (id int PRIMARY KEY, v int NOT NULL CONSTRAINT nums_v_check CHECK (v >= 0))")
+        .await;
+    let node = Node::new();
+    let (server, http) = node
+        .start_text(&node.config_text(
+            &db,
+            &keyspace("nums", "nums", "max_entries = 20000"),
+            "[write_behind]\nbatch_rows = 500\n",
+        ))
+        .await;
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                for id in (t..10_000).step_by(16) {
+                    let v = if id == 5000 { -1 } else { id };
+                    let r = http.put(&format!("/v1/kv/nums/{id}"), format!(r#"{{"v": {v}}}"#)).await;
+                    assert_eq!(r.status, 202, "{}", r.body);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drained(&http).await;
+    let count: i64 = db.scalar("SELECT count(*) FROM nums").await;
+    assert_eq!(count, 9_999, "every good row landed");
+    let letters = http.get("/v1/deadletters").await.json()["deadletters"].clone();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert_eq!(letters[0]["key"], "5000");
+    assert!(
+        letters[0]["error"].as_str().unwrap().contains("nums_v_check"),
+        "{letters}"
+    );
+    assert_eq!(letters[0]["doc"]["v"], -1);
+    assert_eq!(
+        http.get("/v1/kv/nums/5000").await.status,
+        404,
+        "the rejected write is no longer shown as pending"
+    );
+    // The queue keeps flowing after it.
+    assert_eq!(http.put("/v1/kv/nums/20000", r#"{"v": 1}"#).await.status, 202);
+    drained(&http).await;
+    let late: i64 = db.scalar("SELECT count(*) FROM nums WHERE id = 20000").await;
+    assert_eq!(late, 1);
+    let m = http.get("/metrics").await.body;
+    assert_eq!(metric(&m, "cachesync_writebehind_deadletters"), 1.0);
+
+    // Fix the cause, requeue: it lands.
+    db.exec("ALTER TABLE nums DROP CONSTRAINT nums_v_check").await;
+    let id = letters[0]["id"].as_u64().unwrap();
+    let rq = http.post(&format!("/v1/deadletters/{id}/requeue"), "").await;
+    assert_eq!(rq.status, 202, "{}", rq.body);
+    drained(&http).await;
+    let v: i32 = db.scalar("SELECT v FROM nums WHERE id = 5000").await;
+    assert_eq!(v, -1);
+    // Another bad write, dropped by the operator.
+    assert_eq!(http.put("/v1/kv/nums/30000", r#"{"v": null}"#).await.status, 202);
+    drained(&http).await;
+    let letters = http.get("/v1/deadletters").await.json()["deadletters"].clone();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    let id = letters[0]["id"].as_u64().unwrap();
+    assert_eq!(http.delete(&format!("/v1/deadletters/{id}")).await.status, 204);
+    assert_eq!(http.delete(&format!("/v1/deadletters/{id}")).await.status, 404);
+    assert!(
+        http.get("/v1/deadletters").await.json()["deadletters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_backlog_answers_503_and_accepts_again_once_drained() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    let node = Node::new();
+    let (server, http) = node
+        .start_text(&node.config_text(
+            &db,
+            &keyspace("t", "t", ""),
+            "[write_behind]\nmax_backlog_records = 5\n",
+        ))
+        .await;
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    for id in 0..5 {
+        assert_eq!(http.put(&format!("/v1/kv/t/{id}"), r#"{"v": 1}"#).await.status, 202);
+    }
+    let full = http.put("/v1/kv/t/5", r#"{"v": 1}"#).await;
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert_eq!(full.header("retry-after"), "1");
+    assert!(full.detail().contains("backlog is full"), "{}", full.detail());
+    assert_eq!(
+        http.get("/v1/kv/t/5").await.status,
+        404,
+        "the refused write changed nothing"
+    );
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    assert_eq!(http.put("/v1/kv/t/5", r#"{"v": 1}"#).await.status, 202);
+    drained(&http).await;
+    let n: i64 = db.scalar("SELECT count(*) FROM t").await;
+    assert_eq!(n, 6);
+    assert!(metric(&http.get("/metrics").await.body, "cachesync_writebehind_rejected_total") >= 1.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_cdc_on_the_same_keyspace_the_writing_node_never_goes_back() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE ctr (id int PRIMARY KEY, v bigint NOT NULL)")
+        .await;
+    let node = Node::new();
+    let ks = keyspace("ctr", "ctr", "cdc = \"update\"");
+    let (server, http) = node
+        .start_text(&node.config_text(&db, &ks, "[write_behind]\nbatch_delay = \"1ms\"\n"))
+        .await;
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let last: Arc<Mutex<HashMap<i64, i64>>> = Arc::default();
+    let stop_at = Instant::now() + Duration::from_secs(4);
+    let tasks: Vec<_> = (0..4)
+        .map(|t| {
+            let (http, violations, last) = (http.clone(), violations.clone(), last.clone());
+            tokio::spawn(async move {
+                let mut v = 0i64;
+                while Instant::now() < stop_at {
+                    v += 1;
+                    for k in 0..3 {
+                        let id = t * 10 + k;
+                        let r = http.put(&format!("/v1/kv/ctr/{id}"), format!(r#"{{"v": {v}}}"#)).await;
+                        assert_eq!(r.status, 202, "{}", r.body);
+                        last.lock().unwrap().insert(id, v);
+                    }
+                    for k in 0..3 {
+                        let id = t * 10 + k;
+                        let got = http.get(&format!("/v1/kv/ctr/{id}")).await.json()["v"]
+                            .as_i64()
+                            .unwrap_or(-1);
+                        if got < v {
+                            violations.lock().unwrap().push((id, got, v));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        violations.lock().unwrap().is_empty(),
+        "reads older than the acknowledged write: {:?}",
+        violations.lock().unwrap()
+    );
+    drained(&http).await;
+    server.cdc_caught_up(WAIT).await.unwrap();
+    let last = last.lock().unwrap().clone();
+    for (id, v) in last.iter() {
+        let stored: i64 = db
+            .sql
+            .query_one("SELECT v FROM ctr WHERE id = $1", &[&(*id as i32)])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored, *v, "key {id}");
+        assert_eq!(http.get(&format!("/v1/kv/ctr/{id}")).await.json()["v"], *v);
+    }
+    let m = http.get("/metrics").await.body;
+    assert!(
+        metric(&m, "cachesync_cdc_echoes_total") >= 1.0,
+        "the flushes were recognised in the stream: {m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn writes_are_acknowledged_through_a_postgres_outage_and_none_is_lost() {
+    let pg = PgServer::start(PgOptions::default());
+    let db = Db::on(pg.clone()).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL)")
+        .await;
+    let node = Node::new();
+    let (server, http) = node
+        .start_text(&node.config_text(
+            &db,
+            &keyspace("items", "items", ""),
+            "[write_behind]\nretry_max = \"1s\"\n",
+        ))
+        .await;
+    let acked = Arc::new(Mutex::new(Vec::<i32>::new()));
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..8)
+        .map(|t| {
+            let (http, acked, running) = (http.clone(), acked.clone(), running.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = t * 1_000_000 + i;
+                    i += 1;
+                    let r = http
+                        .put(&format!("/v1/kv/items/{id}"), format!(r#"{{"v": "w{id}"}}"#))
+                        .await;
+                    assert_eq!(r.status, 202, "{}", r.body);
+                    acked.lock().unwrap().push(id);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.stop();
+    let before = acked.lock().unwrap().len();
+    let mut backlogs = Vec::new();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        backlogs.push(backlog(&http).await);
+    }
+    let during = acked.lock().unwrap().len() - before;
+    assert!(
+        during > 1000,
+        "writes kept being acknowledged during the outage: {during}"
+    );
+    assert!(
+        backlogs.windows(2).all(|w| w[1] >= w[0]) && backlogs.last().unwrap() > &1000.0,
+        "the backlog rose: {backlogs:?}"
+    );
+    let age = metric(
+        &http.get("/metrics").await.body,
+        "cachesync_writebehind_oldest_unflushed_seconds",
+    );
+    assert!(
+        age >= 25.0,
+        "the oldest unflushed write has waited the whole outage: {age}"
+    );
+    pg.resume();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    drained(&http).await;
+    let db2 = pg.connect(&db.db.name).await;
+    let stored: Vec<i32> = db2
+        .query("SELECT id FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut acked = acked.lock().unwrap().clone();
+    acked.sort_unstable();
+    let mut stored_sorted = stored.clone();
+    stored_sorted.sort_unstable();
+    assert_eq!(
+        stored_sorted, acked,
+        "every acknowledged write is in Postgres, nothing else"
+    );
+    server.shutdown().await;
+}
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cachesync"))
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_acknowledged_write() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE kv (id text PRIMARY KEY, v bigint NOT NULL)")
+        .await;
+    let node = Node::new();
+    let config = node.config_text(
+        &db,
+        "[[keyspace]]\nname = \"kv\"\ntable = \"kv\"\nkey = \"id\"\nwrite = \"behind\"\n",
+        "[write_behind]\nbatch_rows = 200\n",
+    );
+    // Unique keys must all land; each writer's hot key must end at its last acknowledged value.
+    let unique: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hot: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    for cycle in 0..20 {
+        let mut sidecar = Sidecar::spawn(bin(), Some(&config));
+        let http = Http::at(sidecar.base_url());
+        eventually(WAIT, "ready", || async {
+            if http.get("/readyz").await.status == 200 {
+                Ok(())
+            } else {
+                Err(())
+            }
+        })
+        .await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..12)
+            .map(|w| {
+                let (http, unique, hot, stop) = (http.clone(), unique.clone(), hot.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        let (key, v) = if i.is_multiple_of(3) {
+                            (format!("hot-{w}"), (cycle * 1_000_000 + i) as i64)
+                        } else {
+                            (format!("u-{cycle}-{w}-{i}"), i as i64)
+                        };
+                        let client = reqwest::Client::new();
+                        let r = client
+                            .put(format!("{}/v1/kv/kv/{key}", http.base))
+                            .body(format!(r#"{{"v": {v}}}"#))
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) if r.status() == 202 => {
+                                if key.starts_with("hot-") {
+                                    hot.lock().unwrap().insert(key, v);
+                                } else {
+                                    unique.lock().unwrap().push(key);
+                                }
+                            }
+                            // Refused (503): not acknowledged; try again.
+                            Ok(r) => {
+                                assert_eq!(r.status(), 503, "unexpected status");
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            Err(_) => return, // the sidecar is gone: this write was not acknowledged
+                        }
+                    }
+                })
+            })
+            .collect();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(300 + seed % 700)).await;
+        sidecar.kill();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in writers {
+            let _ = w.await;
+        }
+        println!(
+            "cycle {cycle}: {} unique and {} hot keys acknowledged so far",
+            unique.lock().unwrap().len(),
+            hot.lock().unwrap().len()
+        );
+    }
+    // A last start flushes whatever the kills left in the log.
+    let sidecar = Sidecar::spawn(bin(), Some(&config));
+    let http = Http::at(sidecar.base_url());
+    drained(&http).await;
+    let rows: HashMap<String, i64> = db
+        .sql
+        .query("SELECT id, v FROM kv", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let unique = unique.lock().unwrap();
+    assert!(unique.len() > 500, "the writers made progress: {}", unique.len());
+    let missing: Vec<&String> = unique.iter().filter(|k| !rows.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes missing from Postgres, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (k, v) in hot.lock().unwrap().iter() {
+        assert_eq!(rows.get(k), Some(v), "hot key {k} holds its last acknowledged value");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_backlog_and_what_cannot_drain_is_flushed_on_the_next_start() {
+    let pg = PgServer::start(PgOptions::default());
+    let db = Db::on(pg.clone()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL)").await;
+    let node = Node::new();
+    let config = node
+        .config_text(&db, &keyspace("t", "t", ""), "")
+        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"3s\"");
+    // 1. The flush is held by a lock when SIGTERM arrives; released, the drain completes.
+    let mut sidecar = Sidecar::spawn(bin(), Some(&config));
+    let http = Http::at(sidecar.base_url());
+    eventually(WAIT, "ready", || async {
+        if http.get("/readyz").await.status == 200 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .await;
+    let locker = pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    for id in 0..50 {
+        assert_eq!(http.put(&format!("/v1/kv/t/{id}"), r#"{"v": 1}"#).await.status, 202);
+    }
+    sidecar.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    let status = sidecar.wait_timeout(Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "{}", sidecar.log());
+    assert!(
+        sidecar.log().contains("every write-behind write reached Postgres"),
+        "{}",
+        sidecar.log()
+    );
+    let n: i64 = db.scalar("SELECT count(*) FROM t").await;
+    assert_eq!(n, 50);
+
+    // 2. Postgres is down at shutdown: the writes stay durable and land after the next start.
+    let mut sidecar = Sidecar::spawn(bin(), Some(&config));
+    let http = Http::at(sidecar.base_url());
+    eventually(WAIT, "ready", || async {
+        if http.get("/readyz").await.status == 200 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .await;
+    pg.stop();
+    for id in 100..150 {
+        assert_eq!(http.put(&format!("/v1/kv/t/{id}"), r#"{"v": 2}"#).await.status, 202);
+    }
+    sidecar.signal("TERM");
+    sidecar
+        .wait_timeout(Duration::from_secs(20))
+        .expect("exits after the grace period");
+    assert!(sidecar.log().contains("left unflushed"), "{}", sidecar.log());
+    pg.resume();
+    // Hold the flush back across the restart to see the writes before they reach Postgres.
+    let c = pg.connect(&db.db.name).await;
+    c.batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;").await.unwrap();
+    let sidecar = Sidecar::spawn(bin(), Some(&config));
+    let http = Http::at(sidecar.base_url());
+    eventually(WAIT, "ready", || async {
+        if http.get("/readyz").await.status == 200 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .await;
+    // Read-your-writes survives the restart, before the flush.
+    assert_eq!(http.get("/v1/kv/t/120").await.json()["v"], 2);
+    assert!(backlog(&http).await >= 50.0);
+    c.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t WHERE v = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+}
