@@ -154,7 +154,10 @@ impl WriteBehind {
         })
     }
 
-    fn stripe(&self, ks: &str, key: &str) -> &tokio::sync::Mutex<()> {
+    /// The lock serializing writes of one key. The flusher takes it too before it settles a
+    /// key, so a write's pending entry and backlog count are recorded before its flush can
+    /// settle them (the log makes a record readable before `accept` has returned).
+    pub(crate) fn stripe(&self, ks: &str, key: &str) -> &tokio::sync::Mutex<()> {
         let mut h = self.hasher.build_hasher();
         ks.hash(&mut h);
         key.hash(&mut h);

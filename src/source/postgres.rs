@@ -300,20 +300,33 @@ impl TableSource {
             return Ok(Vec::new());
         };
         let b = &self.binding;
-        let mut array = Vec::with_capacity(rows.len());
-        for (key, fields) in rows {
-            let mut row = Map::new();
+        // The rows as a JSON array of objects by column name, written out directly.
+        let mut json = Vec::with_capacity(rows.len() * 128);
+        json.push(b'[');
+        for (i, (key, fields)) in rows.iter().enumerate() {
+            json.extend_from_slice(if i == 0 { b"{" } else { b",{" });
+            for (k, v) in b.key.iter().zip(key) {
+                serde_json::to_writer(&mut json, &k.name).map_err(|e| BatchError::Invalid(e.to_string()))?;
+                json.push(b':');
+                serde_json::to_writer(&mut json, v).map_err(|e| BatchError::Invalid(e.to_string()))?;
+                json.push(b',');
+            }
             for (name, value) in fields.iter() {
                 let f = b.field(name).ok_or_else(|| {
                     BatchError::Invalid(format!("field `{name}` is no longer mapped by keyspace {}", b.keyspace))
                 })?;
-                row.insert(f.column.name.clone(), value.clone());
+                if b.key.iter().any(|k| k.name == f.column.name) {
+                    continue; // the key's text from the URL is what counts
+                }
+                serde_json::to_writer(&mut json, &f.column.name).map_err(|e| BatchError::Invalid(e.to_string()))?;
+                json.push(b':');
+                serde_json::to_writer(&mut json, value).map_err(|e| BatchError::Invalid(e.to_string()))?;
+                json.push(b',');
             }
-            for (k, v) in b.key.iter().zip(key) {
-                row.insert(k.name.clone(), Value::String(v.clone()));
-            }
-            array.push(Value::Object(row));
+            *json.last_mut().expect("a key column was written") = b'}';
         }
+        json.push(b']');
+        let json = String::from_utf8(json).map_err(|e| BatchError::Invalid(e.to_string()))?;
         let columns: Vec<&str> = b
             .fields
             .iter()
@@ -326,7 +339,6 @@ impl TableSource {
             })
             .collect();
         let sql = self.upsert_sql(&columns, true);
-        let json = Value::Array(array).to_string();
         let stmt = client.prepare_cached(&sql).await.map_err(BatchError::Db)?;
         let out = client.query(&stmt, &[&json]).await.map_err(BatchError::Db)?;
         Ok(out

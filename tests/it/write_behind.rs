@@ -151,6 +151,13 @@ async fn one_bad_row_among_ten_thousand_is_set_aside_and_the_rest_land() {
     drained(&http).await;
     let count: i64 = db.scalar("SELECT count(*) FROM nums").await;
     assert_eq!(count, 9_999, "every good row landed");
+    let m = http.get("/metrics").await.body;
+    let batches = metric(&m, "cachesync_writebehind_flush_batch_rows_count");
+    let within = metric(&m, "cachesync_writebehind_flush_batch_rows_bucket{le=\"512\"}");
+    assert!(
+        batches >= 20.0 && within == batches,
+        "batches hold at most batch_rows = 500 writes: {within} of {batches} within 512 rows"
+    );
     let letters = http.get("/v1/deadletters").await.json()["deadletters"].clone();
     assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
     assert_eq!(letters[0]["key"], "5000");

@@ -9,6 +9,8 @@
 //! and one set-based upsert per set of written columns (`jsonb_populate_recordset`). The
 //! cursor advances only after the transaction commits; the stored rows (`RETURNING`) are
 //! installed in L1 with their WAL position and xid, and the pending writes are settled.
+//! Reading, writing and settling are three stages (see [`Flusher`]), so Postgres is kept busy
+//! while the next batch is coalesced and the last one settled.
 //!
 //! Failures: Postgres unreachable → capped exponential backoff with jitter, the same batch
 //! again, writes keep being accepted up to the backlog bound. Postgres rejects the data → the
@@ -20,9 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use serde_json::{Map, Value};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::deadletters::DeadLetter;
@@ -33,10 +34,10 @@ use crate::event::{ChangeEvent, Op, Source};
 use crate::keyspace::Keyspace;
 use crate::source::postgres::{BatchError, PgPool};
 
-/// Records read from the log per step while gathering a batch.
-const READ_RECORDS: usize = 4096;
 /// The cursor is moved past records that need no flush at least this often.
 const IDLE_CURSOR_EVERY: u64 = 10_000;
+/// Most log payload bytes one batch gathers.
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// What one key's coalesced writes do.
 #[derive(Debug, Clone)]
@@ -59,8 +60,8 @@ pub struct FlushOp {
     pub version: u64,
     /// Offset of the last write coalesced: the dead letter's id if it is rejected.
     pub offset: Offset,
-    /// The document of the last write, for a dead letter.
-    pub doc: Option<Value>,
+    /// The document of the last write (JSON), for a dead letter.
+    pub doc: Option<bytes::Bytes>,
     pub written: Vec<String>,
 }
 
@@ -107,16 +108,12 @@ fn fold(prev: Option<Kind>, e: &ChangeEvent) -> Kind {
     match e.op {
         Op::Delete => Kind::Delete,
         _ => {
-            let doc: Map<String, Value> = e
+            let mut patch: Map<String, Value> = e
                 .value
                 .as_ref()
                 .and_then(|v| serde_json::from_slice(v).ok())
                 .unwrap_or_default();
-            let patch: Map<String, Value> = e
-                .written
-                .iter()
-                .filter_map(|f| doc.get(f).map(|v| (f.clone(), v.clone())))
-                .collect();
+            patch.retain(|f, _| e.written.contains(f));
             match prev {
                 None => Kind::Upsert(patch),
                 Some(Kind::Upsert(mut m)) => {
@@ -133,7 +130,34 @@ fn fold(prev: Option<Kind>, e: &ChangeEvent) -> Kind {
     }
 }
 
-/// The flusher task.
+/// A coalesced batch, from the reader stage to the writer stage.
+struct Batch {
+    ops: Vec<FlushOp>,
+    /// Writes and payload bytes it coalesced (for the backlog counters).
+    raw: u64,
+    bytes: u64,
+    /// The log offset just past it: where the cursor moves once it is settled.
+    end: Offset,
+    /// Timestamp of its first write, ms since the epoch; zero when it has none.
+    first_ms: u64,
+}
+
+/// What flushing a batch did, from the writer stage to the settling stage.
+#[derive(Default)]
+struct Outcome {
+    /// The rows Postgres stored, by keyspace and key.
+    stored: HashMap<String, HashMap<Arc<str>, Entry>>,
+    /// The ops Postgres rejected (by index in the batch), with its error.
+    rejected: Vec<(usize, String)>,
+}
+
+/// The flusher: three stages joined by short queues, so that while Postgres runs one batch the
+/// next is read and coalesced and the previous one is settled.
+///
+/// 1. *read*: follows the log from the cursor, gathers and coalesces batches;
+/// 2. *write*: one transaction per batch (bisecting around rejected rows), in log order;
+/// 3. *settle*: installs the stored rows, settles the pending writes, stores dead letters, and
+///    only then moves the durable cursor past the batch.
 pub struct Flusher {
     wb: Arc<WriteBehind>,
     pool: Arc<PgPool>,
@@ -177,7 +201,7 @@ impl Flusher {
     }
 
     /// Runs until `stop`; when `drain` turns true it flushes what is left and returns.
-    pub async fn run(self, mut drain: watch::Receiver<bool>, stop: CancellationToken) {
+    pub async fn run(self, drain: watch::Receiver<bool>, stop: CancellationToken) {
         let cursor = match self.wb.log.cursor(CURSOR, true) {
             Ok(c) => c,
             Err(e) => {
@@ -185,19 +209,42 @@ impl Flusher {
                 return;
             }
         };
-        let mut tail = self.wb.log.tail(cursor.position());
-        let mut committed = cursor.position();
+        let me = Arc::new(self);
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (done_tx, done_rx) = mpsc::channel(1);
+        let reader = tokio::spawn(me.clone().read(cursor.position(), batch_tx, drain, stop.clone()));
+        let settler = tokio::spawn(me.clone().settle_batches(cursor, done_rx, stop.clone()));
+        me.write_batches(batch_rx, done_tx, &stop).await;
+        let _ = reader.await;
+        let _ = settler.await;
+        if !stop.is_cancelled() {
+            let left = me.wb.backlog.records.load(Ordering::Relaxed);
+            tracing::info!(unflushed = left, "write-behind flusher stopped after draining");
+        }
+    }
+
+    /// Stage 1: gathers batches from the log — up to `batch_rows` writes, or what arrived within
+    /// `batch_delay` of the first — and coalesces them. When draining, stops at the log's end.
+    async fn read(
+        self: Arc<Self>,
+        from: Offset,
+        out: mpsc::Sender<Batch>,
+        mut drain: watch::Receiver<bool>,
+        stop: CancellationToken,
+    ) {
+        let cfg = &self.wb.config;
+        let mut tail = self.wb.log.tail(from);
+        let mut idle_from = from;
         loop {
-            // Wait for a first record, or leave when draining and nothing is left.
             let draining = *drain.borrow();
             let first = if draining {
-                match tail.try_next(READ_RECORDS, usize::MAX) {
-                    Ok(r) if r.is_empty() => break,
+                match tail.try_next(cfg.batch_rows, MAX_BATCH_BYTES) {
+                    Ok(r) if r.is_empty() => return,
                     r => r,
                 }
             } else {
                 tokio::select! {
-                    r = tail.next(READ_RECORDS, usize::MAX) => r,
+                    r = tail.next(cfg.batch_rows, MAX_BATCH_BYTES) => r,
                     _ = drain.changed() => continue,
                     _ = stop.cancelled() => return,
                 }
@@ -205,19 +252,24 @@ impl Flusher {
             let mut records = match first {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(error = %e, "write-behind flusher cannot read the commit log");
+                    if !matches!(e, crate::commitlog::LogError::Closed) {
+                        tracing::error!(error = %e, "write-behind flusher cannot read the commit log");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = stop.cancelled() => return,
                     }
                 }
             };
-            // Fill the batch for up to `batch_delay`.
-            let deadline = tokio::time::Instant::now() + self.wb.config.batch_delay;
-            while records.len() < self.wb.config.batch_rows && !draining {
+            let mut bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+            let deadline = tokio::time::Instant::now() + cfg.batch_delay;
+            while records.len() < cfg.batch_rows && bytes < MAX_BATCH_BYTES && !draining {
                 tokio::select! {
-                    r = tail.next(READ_RECORDS, usize::MAX) => match r {
-                        Ok(more) => records.extend(more),
+                    r = tail.next(cfg.batch_rows - records.len(), MAX_BATCH_BYTES - bytes) => match r {
+                        Ok(more) => {
+                            bytes += more.iter().map(|r| r.payload.len()).sum::<usize>();
+                            records.extend(more);
+                        }
                         Err(_) => break,
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -225,22 +277,65 @@ impl Flusher {
                 }
             }
             let end = tail.position();
-            let (ops, raw, bytes) = self.coalesce(&records);
-            if ops.is_empty() {
-                // Nothing to write; move the cursor now and then so retention can proceed.
-                if end.0 - committed.0 >= IDLE_CURSOR_EVERY && cursor.commit_async(end).await.is_ok() {
-                    committed = end;
-                }
+            let batch = self.coalesce(&records, end);
+            // Records that need no flush (CDC's, other keyspaces'): pass the position on now and
+            // then, so the cursor follows and retention can proceed.
+            if batch.ops.is_empty() && end.0 - idle_from.0 < IDLE_CURSOR_EVERY {
                 continue;
             }
-            if let Some(first_ts) = records.iter().find(|r| is_write(r)).map(|r| r.timestamp_ms) {
-                self.wb.backlog.oldest_ms.store(first_ts, Ordering::Relaxed);
+            idle_from = end;
+            tokio::select! {
+                r = out.send(batch) => if r.is_err() { return },
+                _ = stop.cancelled() => return,
             }
-            if !self.flush_until_done(&ops, &stop).await {
-                return; // stopped while Postgres was unreachable: the writes stay in the log
+        }
+    }
+
+    /// Stage 2: flushes the batches in log order and hands each on with what happened to it.
+    async fn write_batches(
+        &self,
+        mut input: mpsc::Receiver<Batch>,
+        out: mpsc::Sender<(Batch, Outcome)>,
+        stop: &CancellationToken,
+    ) {
+        loop {
+            let batch = tokio::select! {
+                b = input.recv() => match b {
+                    Some(b) => b,
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            let outcome = if batch.ops.is_empty() {
+                Outcome::default()
+            } else {
+                // The batch being written holds the oldest unflushed write.
+                self.wb.backlog.oldest_ms.store(batch.first_ms, Ordering::Relaxed);
+                match self.flush_until_done(&batch.ops, stop).await {
+                    Some(o) => o,
+                    None => return, // stopped while Postgres was unreachable: the writes stay in the log
+                }
+            };
+            tokio::select! {
+                r = out.send((batch, outcome)) => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Stage 3: makes each flushed batch visible and durable as flushed, in order.
+    async fn settle_batches(
+        self: Arc<Self>,
+        cursor: Arc<crate::commitlog::Cursor>,
+        mut input: mpsc::Receiver<(Batch, Outcome)>,
+        stop: CancellationToken,
+    ) {
+        while let Some((batch, outcome)) = input.recv().await {
+            if !self.settle(&batch.ops, outcome).await {
+                return; // a dead letter could not be stored: keep the cursor where it is
             }
             loop {
-                match cursor.commit_async(end).await {
+                match cursor.commit_async(batch.end).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "write-behind cursor commit failed; retrying");
@@ -251,22 +346,19 @@ impl Flusher {
                     }
                 }
             }
-            committed = end;
             let b = &self.wb.backlog;
-            saturating_sub(&b.records, raw);
-            saturating_sub(&b.bytes, bytes);
+            saturating_sub(&b.records, batch.raw);
+            saturating_sub(&b.bytes, batch.bytes);
             if b.records.load(Ordering::Relaxed) == 0 {
                 b.oldest_ms.store(0, Ordering::Relaxed);
             }
         }
-        let left = self.wb.backlog.records.load(Ordering::Relaxed);
-        tracing::info!(unflushed = left, "write-behind flusher stopped after draining");
     }
 
-    /// The coalesced flushes of a run of records, with how many writes and bytes they were.
-    fn coalesce(&self, records: &[Record]) -> (Vec<FlushOp>, u64, u64) {
+    /// Coalesces a run of records into one flush per key.
+    fn coalesce(&self, records: &[Record], end: Offset) -> Batch {
         let mut by_key: BTreeMap<(String, Arc<str>), FlushOp> = BTreeMap::new();
-        let (mut raw, mut bytes) = (0, 0);
+        let (mut raw, mut bytes, mut first_ms) = (0, 0, 0);
         for r in records {
             let Ok(e) = ChangeEvent::decode(&r.payload) else {
                 continue;
@@ -279,10 +371,11 @@ impl Flusher {
             };
             raw += 1;
             bytes += r.payload.len() as u64;
+            if first_ms == 0 {
+                first_ms = r.timestamp_ms;
+            }
             let key: Arc<str> = e.key.as_str().into();
-            let slot = by_key.entry((e.keyspace.clone(), key.clone()));
-            let doc = e.value.as_ref().and_then(|v| serde_json::from_slice(v).ok());
-            match slot {
+            match by_key.entry((e.keyspace.clone(), key.clone())) {
                 std::collections::btree_map::Entry::Vacant(v) => {
                     v.insert(FlushOp {
                         ks: ks.clone(),
@@ -290,87 +383,88 @@ impl Flusher {
                         kind: fold(None, &e),
                         version: e.version,
                         offset: r.offset,
-                        doc,
-                        written: e.written.clone(),
+                        doc: e.value,
+                        written: e.written,
                     });
                 }
                 std::collections::btree_map::Entry::Occupied(mut o) => {
                     let op = o.get_mut();
-                    op.kind = fold(Some(op.kind.clone()), &e);
+                    op.kind = fold(Some(std::mem::replace(&mut op.kind, Kind::Delete)), &e);
                     op.version = e.version;
                     op.offset = r.offset;
-                    op.doc = doc;
-                    op.written = e.written.clone();
+                    op.doc = e.value;
+                    op.written = e.written;
                 }
             }
         }
-        (by_key.into_values().collect(), raw, bytes)
+        Batch {
+            ops: by_key.into_values().collect(),
+            raw,
+            bytes,
+            end,
+            first_ms,
+        }
     }
 
-    /// Flushes `ops`, retrying while Postgres is unreachable. `false` if stopped first.
-    async fn flush_until_done(&self, ops: &[FlushOp], stop: &CancellationToken) -> bool {
+    /// Flushes `ops`, retrying while Postgres is unreachable; a part Postgres rejects is halved
+    /// until each rejected row is alone, and the rest commits. `None` if stopped first.
+    async fn flush_until_done(&self, ops: &[FlushOp], stop: &CancellationToken) -> Option<Outcome> {
         let cfg = &self.wb.config;
+        let m = &self.wb.metrics;
+        let started = Instant::now();
         let mut wait = cfg.retry_initial;
         let mut last_error = String::new();
-        loop {
-            let started = Instant::now();
-            match self.flush(ops).await {
-                Ok(()) => {
-                    let m = &self.wb.metrics;
-                    m.wb_batch_rows.observe(ops.len() as f64);
-                    m.wb_flush_seconds.observe(started.elapsed().as_secs_f64());
+        let mut outcome = Outcome::default();
+        // Parts still to flush, the next one last.
+        let mut work = Vec::with_capacity(8);
+        work.push(0..ops.len());
+        while let Some(part) = work.pop() {
+            match self.transaction(&ops[part.clone()]).await {
+                Ok(stored) => {
+                    for (ks, rows) in stored {
+                        outcome.stored.entry(ks).or_default().extend(rows);
+                    }
                     if !last_error.is_empty() {
                         tracing::info!("write-behind flushing again after Postgres returned");
+                        last_error.clear();
                     }
-                    return true;
+                    wait = cfg.retry_initial;
                 }
-                Err(FlushError::Unavailable(e)) | Err(FlushError::Rejected(e)) => {
-                    self.wb
-                        .metrics
-                        .wb_flush_failures
-                        .with_label_values(&["unavailable"])
-                        .inc();
+                Err(FlushError::Rejected(why)) if part.len() == 1 => outcome.rejected.push((part.start, why)),
+                Err(FlushError::Rejected(_)) => {
+                    m.wb_flush_failures.with_label_values(&["rejected"]).inc();
+                    let mid = part.start + part.len() / 2;
+                    work.push(mid..part.end);
+                    work.push(part.start..mid);
+                }
+                Err(FlushError::Unavailable(e)) => {
+                    m.wb_flush_failures.with_label_values(&["unavailable"]).inc();
                     if e != last_error {
                         tracing::warn!(error = %e, backlog = self.wb.backlog.records.load(Ordering::Relaxed), "write-behind flush failed; writes stay queued and will be retried");
                         last_error = e;
                     }
+                    work.push(part);
+                    let nap = wait.mul_f64(0.5 + rand::random::<f64>());
+                    tokio::select! {
+                        _ = tokio::time::sleep(nap) => {}
+                        _ = stop.cancelled() => return None,
+                    }
+                    wait = (wait * 2).min(cfg.retry_max);
                 }
             }
-            let nap = wait.mul_f64(0.5 + rand::random::<f64>());
-            tokio::select! {
-                _ = tokio::time::sleep(nap) => {}
-                _ = stop.cancelled() => return false,
-            }
-            wait = (wait * 2).min(cfg.retry_max);
         }
+        m.wb_batch_rows.observe(ops.len() as f64);
+        m.wb_flush_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            rows = ops.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "flushed a batch"
+        );
+        Some(outcome)
     }
 
-    /// Flushes `ops` in one transaction; when Postgres rejects the data, halves the batch until
-    /// each rejected row is alone and sets it aside. Errors only when Postgres is unreachable.
-    fn flush<'a>(&'a self, ops: &'a [FlushOp]) -> BoxFuture<'a, Result<(), FlushError>> {
-        Box::pin(async move {
-            match self.transaction(ops).await {
-                Ok(installs) => {
-                    self.settle(ops, installs).await;
-                    Ok(())
-                }
-                Err(FlushError::Rejected(why)) if ops.len() == 1 => {
-                    self.dead_letter(&ops[0], why).await;
-                    Ok(())
-                }
-                Err(FlushError::Rejected(_)) => {
-                    self.wb.metrics.wb_flush_failures.with_label_values(&["rejected"]).inc();
-                    let (a, b) = ops.split_at(ops.len() / 2);
-                    self.flush(a).await?;
-                    self.flush(b).await
-                }
-                Err(e) => Err(e),
-            }
-        })
-    }
-
-    /// One flush transaction. Returns the stored rows to install, by keyspace and key.
-    async fn transaction(&self, ops: &[FlushOp]) -> Result<Vec<(Arc<Keyspace>, Arc<str>, Entry)>, FlushError> {
+    /// One flush transaction. Returns the stored rows, by keyspace and key.
+    async fn transaction(&self, ops: &[FlushOp]) -> Result<HashMap<String, HashMap<Arc<str>, Entry>>, FlushError> {
         self.probe_marker().await;
         let mut client = self
             .pool
@@ -390,8 +484,8 @@ impl Flusher {
         for op in ops {
             by_ks.entry(op.ks.name()).or_default().push(op);
         }
-        let mut installs = Vec::new();
-        for ops in by_ks.values() {
+        let mut stored = HashMap::new();
+        for (name, ops) in by_ks {
             let ks = &ops[0].ks;
             let source = ks.source().map_err(|e| FlushError::Unavailable(e.to_string()))?;
             let parts = |op: &FlushOp| {
@@ -399,43 +493,50 @@ impl Flusher {
                     .map(|k| k.parts)
                     .map_err(|e| FlushError::Rejected(e.to_string()))
             };
+            let rows: &mut HashMap<Arc<str>, Entry> = stored.entry(name.to_string()).or_default();
             // Deletes first (a put after a delete re-inserts in the same transaction).
             let mut deletes = Vec::new();
             for op in ops.iter().filter(|o| matches!(o.kind, Kind::Delete | Kind::Replace(_))) {
                 deletes.push(parts(op)?);
             }
             if !deletes.is_empty() {
-                for (key, entry) in source.delete_rows(&tx, &deletes).await.map_err(batch_error)? {
-                    installs.push((ks.clone(), key, entry));
-                }
+                rows.extend(source.delete_rows(&tx, &deletes).await.map_err(batch_error)?);
             }
             // Upserts, one statement per set of written columns.
-            let mut groups: HashMap<Vec<String>, Vec<UpsertRow>> = HashMap::new();
+            let mut groups: HashMap<Vec<&str>, Vec<UpsertRow>> = HashMap::new();
             for op in ops.iter() {
                 if let Kind::Upsert(m) | Kind::Replace(m) = &op.kind {
-                    let mut cols: Vec<String> = m.keys().cloned().collect();
-                    cols.sort();
+                    let mut cols: Vec<&str> = m.keys().map(String::as_str).collect();
+                    cols.sort_unstable();
                     groups.entry(cols).or_default().push((parts(op)?, m));
                 }
             }
-            for rows in groups.values() {
-                for (key, entry) in source.upsert_rows(&tx, rows).await.map_err(batch_error)? {
-                    installs.push((ks.clone(), key, entry));
-                }
+            for group in groups.values() {
+                rows.extend(source.upsert_rows(&tx, group).await.map_err(batch_error)?);
             }
         }
         tx.commit().await.map_err(|e| flush_error(&e))?;
-        Ok(installs)
+        Ok(stored)
     }
 
-    /// After a commit: install what Postgres stored, then stop overlaying the flushed writes.
-    async fn settle(&self, ops: &[FlushOp], installs: Vec<(Arc<Keyspace>, Arc<str>, Entry)>) {
-        let mut stored: HashMap<(String, Arc<str>), Entry> = HashMap::new();
-        for (ks, key, entry) in installs {
-            stored.insert((ks.name().to_string(), key), entry);
+    /// After a commit: install what Postgres stored, set the rejected writes aside, then stop
+    /// overlaying the flushed writes. `false` if a dead letter could not be stored.
+    async fn settle(&self, ops: &[FlushOp], mut outcome: Outcome) -> bool {
+        let mut rejected = vec![false; ops.len()];
+        for (i, why) in std::mem::take(&mut outcome.rejected) {
+            if !self.dead_letter(&ops[i], why).await {
+                return false;
+            }
+            rejected[i] = true;
         }
-        for op in ops {
-            match stored.remove(&(op.ks.name().to_string(), op.key.clone())) {
+        let mut flushed: HashMap<&str, u64> = HashMap::new();
+        for (op, _) in ops.iter().zip(&rejected).filter(|(_, r)| !**r) {
+            let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
+            match outcome
+                .stored
+                .get_mut(op.ks.name())
+                .and_then(|rows| rows.remove(&op.key))
+            {
                 Some(mut entry) => {
                     // Keep the write's version as the entry's: its ETag does not change.
                     entry.version = op.version;
@@ -445,12 +546,16 @@ impl Flusher {
                 None => op.ks.invalidate(&op.key).await,
             }
             op.ks.pending.settle(&op.key, op.version);
-            self.wb.metrics.wb_flushed.with_label_values(&[op.ks.name()]).inc();
+            *flushed.entry(op.ks.name()).or_default() += 1;
         }
+        for (ks, n) in flushed {
+            self.wb.metrics.wb_flushed.with_label_values(&[ks]).inc_by(n);
+        }
+        true
     }
 
-    /// Sets a rejected write aside; the writes after it go on.
-    async fn dead_letter(&self, op: &FlushOp, why: String) {
+    /// Sets a rejected write aside (durably); the writes after it go on.
+    async fn dead_letter(&self, op: &FlushOp, why: String) -> bool {
         tracing::warn!(keyspace = op.ks.name(), key = %op.key, error = %why, "Postgres rejected a write-behind write; it is set aside as a dead letter");
         let letter = DeadLetter {
             id: op.offset.0,
@@ -461,26 +566,30 @@ impl Flusher {
             } else {
                 Op::Put
             },
-            doc: op.doc.clone(),
+            doc: op.doc.as_ref().and_then(|d| serde_json::from_slice(d).ok()),
             written: op.written.clone(),
             version: op.version,
             error: why,
             failed_at_ms: crate::commitlog::now_ms(),
         };
-        if let Err(e) = self.wb.deadletters.add(letter) {
-            tracing::error!(error = %e, "cannot store a dead letter");
+        let wb = self.wb.clone();
+        let stored = tokio::task::spawn_blocking(move || wb.deadletters.add(letter))
+            .await
+            .map_err(|e| crate::commitlog::LogError::Failed(e.to_string()))
+            .and_then(|r| r);
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "cannot store a dead letter; the flusher stops here and resumes from this write on restart");
+            return false;
         }
         self.wb.metrics.wb_deadlettered.inc();
         // The write did not happen: reads go back to the database's state.
+        let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
         op.ks.pending.settle(&op.key, op.version);
         op.ks.invalidate(&op.key).await;
+        true
     }
 }
 
 fn saturating_sub(counter: &std::sync::atomic::AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
-}
-
-fn is_write(r: &Record) -> bool {
-    ChangeEvent::decode(&r.payload).is_ok_and(|e| e.source == Source::Api)
 }

@@ -157,6 +157,8 @@ pub struct Binding {
     pub fields: Vec<Field>,
     /// Every column of the table as (name, type OID), to notice schema changes.
     pub columns: Vec<(String, u32)>,
+    /// Every column of the table, to know which ones an insert must set.
+    pub all_columns: Vec<ColumnMeta>,
 }
 
 impl Binding {
@@ -239,6 +241,7 @@ impl Binding {
                 key,
                 fields,
                 columns: meta.columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect(),
+                all_columns: meta.columns.clone(),
             })
         } else {
             Err(problems)

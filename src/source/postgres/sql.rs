@@ -80,6 +80,9 @@ pub fn select_by_key(b: &Binding) -> String {
 /// existing rows are updated in place (only the named fields), and only rows not there are
 /// inserted — with `ON CONFLICT` still there for a concurrent insert of the same key.
 pub fn upsert(b: &Binding, columns: &[&str], many: bool) -> String {
+    if complete(b, columns) {
+        return insert_on_conflict(b, columns, many);
+    }
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
@@ -133,6 +136,53 @@ pub fn upsert(b: &Binding, columns: &[&str], many: bool) -> String {
         cols = cols.join(", "),
         rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
+    )
+}
+
+/// Whether `columns` sets every column an insert must set (not null, no default, not
+/// generated): then the proposed insert row is valid and a plain upsert does the job.
+fn complete(b: &Binding, columns: &[&str]) -> bool {
+    b.all_columns
+        .iter()
+        .filter(|c| c.not_null && !c.has_default && !c.generated && !c.identity_always)
+        .all(|c| columns.contains(&c.name.as_str()))
+}
+
+/// `INSERT … SELECT … ON CONFLICT (key) DO UPDATE`: half the work of the update-then-insert form
+/// when the rows are complete. Same result columns as [`upsert`].
+fn insert_on_conflict(b: &Binding, columns: &[&str], many: bool) -> String {
+    let table = qualified(&b.table);
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
+    let non_key: Vec<&String> = cols.iter().filter(|c| !key.contains(c)).collect();
+    let set = if non_key.is_empty() {
+        format!("{0} = EXCLUDED.{0}", key[0])
+    } else {
+        non_key
+            .iter()
+            .map(|c| format!("{c} = EXCLUDED.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let raw_keys = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{k} AS k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let from = if many {
+        "jsonb_populate_recordset"
+    } else {
+        "jsonb_populate_record"
+    };
+    format!(
+        "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM {from}(NULL::{table}, $1::text::jsonb) AS r \
+         ON CONFLICT ({keys}) DO UPDATE SET {set} \
+         RETURNING pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {out}, {raw_keys}",
+        cols = cols.join(", "),
+        rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
+        keys = key.join(", "),
+        out = output_list("t.", b),
     )
 }
 
@@ -214,6 +264,15 @@ mod tests {
                 },
             ],
             columns: vec![],
+            // Two required columns: writing both makes a row complete.
+            all_columns: ["name", "extra"]
+                .iter()
+                .map(|n| {
+                    let mut c = col(n, "text");
+                    c.not_null = true;
+                    c
+                })
+                .collect(),
         }
     }
 
@@ -226,6 +285,23 @@ mod tests {
             "{s}"
         );
         assert!(s.contains(r#"format('%s', "name")"#), "{s}");
+    }
+
+    #[test]
+    fn complete_rows_use_a_plain_insert_on_conflict() {
+        let s = upsert(&binding(), &["tenant", "id", "name", "extra"], true);
+        assert!(s.starts_with("INSERT INTO"), "{s}");
+        assert!(s.contains("jsonb_populate_recordset"), "{s}");
+        assert!(
+            s.contains(
+                r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name", "extra" = EXCLUDED."extra""#
+            ),
+            "{s}"
+        );
+        assert!(
+            upsert(&binding(), &["tenant", "id", "name"], true).starts_with("WITH"),
+            "a partial row keeps the update-then-insert form"
+        );
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! Write-behind throughput against Postgres's own, measured in the same run on the same
+//! (durable, fsync on) Postgres.
+//!
+//! 1. Acknowledged writes/s: N keep-alive HTTP clients PUT new rows to a `write = "behind"`
+//!    keyspace (each 202 means durable in the commit log, fsync = always) for a few seconds, at
+//!    1, 16 and 64 writers — beside N connections doing single-row autocommit INSERTs of the same
+//!    rows (each commit durable in Postgres). The flusher drains to Postgres meanwhile.
+//! 2. Drain rows/s: a backlog of rows is accepted while the table is locked against writes, then
+//!    released; the time until every row is in Postgres — beside `psql \copy` of the same rows
+//!    from a CSV file into an identical table.
+//!
+//! Run: `cargo bench --bench write_behind`. Nothing here asserts a time.
+
+#[path = "common/mod.rs"]
+mod common;
+
+/// The same allocator as the `cachesync` binary, so the numbers are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cachesync::config::Config;
+use cachesync::server::Server;
+use cachesync::testkit::postgres::{PgOptions, PgServer, bindir};
+use cachesync::testkit::{find_program, temp_dir};
+use common::{Lat, RawHttp};
+
+const RUN_FOR: Duration = Duration::from_secs(4);
+const DRAIN_ROWS: u64 = 100_000;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run());
+}
+
+fn put_request(id: u64) -> Vec<u8> {
+    let body = format!(
+        r#"{{"name": "user {id}", "email": "u{id}@example.com", "v": {}}}"#,
+        id % 1000
+    );
+    format!(
+        "PUT /v1/kv/users/{id} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `writers` HTTP clients PUT new rows for RUN_FOR; ids come from `next`.
+async fn http_writes(addr: std::net::SocketAddr, writers: usize, next: Arc<AtomicU64>) -> Lat {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut http = RawHttp::connect(addr).await;
+            let mut lat = Lat::new();
+            while started.elapsed() < RUN_FOR {
+                let req = put_request(next.fetch_add(1, Ordering::Relaxed));
+                let t = Instant::now();
+                let (status, _) = http.roundtrip(&req).await;
+                lat.record(t.elapsed());
+                assert_eq!(status, 202);
+            }
+            lat
+        }));
+    }
+    let mut all = Lat::new();
+    for t in tasks {
+        all.merge(&t.await.expect("writer"));
+    }
+    all.elapsed = started.elapsed();
+    all
+}
+
+/// `writers` connections do single-row autocommit INSERTs for RUN_FOR.
+async fn sql_inserts(url: &str, table: &str, writers: usize, next: Arc<AtomicU64>) -> Lat {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (url, next, table) = (url.to_string(), next.clone(), table.to_string());
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let stmt = client
+                .prepare(&format!(
+                    "INSERT INTO {table} (id, name, email, v) VALUES ($1, $2, $3, $4)"
+                ))
+                .await
+                .expect("prepare");
+            let mut lat = Lat::new();
+            while started.elapsed() < RUN_FOR {
+                let id = next.fetch_add(1, Ordering::Relaxed) as i64;
+                let t = Instant::now();
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            &id,
+                            &format!("user {id}"),
+                            &format!("u{id}@example.com"),
+                            &((id % 1000) as i32),
+                        ],
+                    )
+                    .await
+                    .expect("insert");
+                lat.record(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Lat::new();
+    for t in tasks {
+        all.merge(&t.await.expect("writer"));
+    }
+    all.elapsed = started.elapsed();
+    all
+}
+
+fn rate(l: &Lat) -> f64 {
+    l.h.len() as f64 / l.elapsed.as_secs_f64()
+}
+
+async fn backlog(addr: std::net::SocketAddr) -> u64 {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix("cachesync_writebehind_backlog_records ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0) as u64
+}
+
+async fn run() {
+    if let Ok(f) = std::env::var("CACHESYNC_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .try_init();
+    }
+    println!(
+        "cachesync write_behind bench: durable Postgres (fsync on), commit log fsync = always, one 2-core machine"
+    );
+    let pg = PgServer::start(PgOptions {
+        durable: true,
+        settings: vec![],
+    });
+    let db = pg.create_database().await;
+    let sql = pg.connect(&db.name).await;
+    let schema = "(id bigint PRIMARY KEY, name text NOT NULL, email text, v int NOT NULL)";
+    sql.batch_execute(&format!(
+        "CREATE TABLE users {schema}; CREATE TABLE direct {schema}; CREATE TABLE copied {schema};"
+    ))
+    .await
+    .expect("schema");
+    let log_dir = temp_dir("bench-wb-log", None);
+    let config = Config::parse(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[postgres]\nurl = \"{}\"\n[log]\ndir = \"{}\"\n\
+         [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"behind\"\nmax_entries = 2000000\n",
+        db.url,
+        log_dir.display()
+    ))
+    .expect("config");
+    let server = Server::start(config).await.expect("start");
+    server.wait_ready(Duration::from_secs(30)).await.expect("ready");
+    let addr = server.local_addr();
+
+    // CACHESYNC_BENCH_ONLY=drain skips the first section.
+    if std::env::var("CACHESYNC_BENCH_ONLY").as_deref() != Ok("drain") {
+        writes(addr, &db.url).await;
+    }
+    drain(addr, &pg, &db.name, &db.url).await;
+    server.shutdown().await;
+}
+
+async fn writes(addr: std::net::SocketAddr, url: &str) {
+    println!("\n== acknowledged writes vs single-row autocommit INSERTs ==");
+    println!(
+        "{:<9} {:>14} {:>10} {:>10} {:>10} | {:>14} {:>10} {:>10} | {:>7}",
+        "writers", "202/s", "p50 µs", "p99 µs", "p999 µs", "INSERT/s", "p50 µs", "p99 µs", "ratio"
+    );
+    let ids = Arc::new(AtomicU64::new(1));
+    let direct_ids = Arc::new(AtomicU64::new(1));
+    for writers in [1usize, 16, 64] {
+        let ours = http_writes(addr, writers, ids.clone()).await;
+        // Let the flusher catch up so the baseline does not compete with a drain.
+        while backlog(addr).await > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let theirs = sql_inserts(url, "direct", writers, direct_ids.clone()).await;
+        println!(
+            "{:<9} {:>14.0} {:>10.1} {:>10.1} {:>10.1} | {:>14.0} {:>10.1} {:>10.1} | {:>6.2}x",
+            writers,
+            rate(&ours),
+            ours.p(0.5),
+            ours.p(0.99),
+            ours.p(0.999),
+            rate(&theirs),
+            theirs.p(0.5),
+            theirs.p(0.99),
+            rate(&ours) / rate(&theirs)
+        );
+    }
+}
+
+async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) {
+    let sql = pg.connect(db).await;
+    println!("\n== drain: {DRAIN_ROWS} acknowledged rows into Postgres vs psql \\copy ==");
+    let locker = pg.connect(db).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE;")
+        .await
+        .expect("lock");
+    let before = backlog(addr).await;
+    let start_id = 10_000_000u64;
+    let next = Arc::new(AtomicU64::new(start_id));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut http = RawHttp::connect(addr).await;
+            loop {
+                let id = next.fetch_add(1, Ordering::Relaxed);
+                if id >= start_id + DRAIN_ROWS {
+                    return;
+                }
+                let (status, _) = http.roundtrip(&put_request(id)).await;
+                assert_eq!(status, 202);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    assert_eq!(backlog(addr).await, before + DRAIN_ROWS);
+    let t = Instant::now();
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    while backlog(addr).await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain = t.elapsed().as_secs_f64();
+    let n: i64 = sql
+        .query_one("SELECT count(*) FROM users WHERE id >= $1", &[&(start_id as i64)])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n as u64, DRAIN_ROWS);
+
+    let csv = temp_dir("bench-wb-csv", None).join("rows.csv");
+    let mut text = String::with_capacity(DRAIN_ROWS as usize * 48);
+    for id in start_id..start_id + DRAIN_ROWS {
+        text.push_str(&format!("{id},user {id},u{id}@example.com,{}\n", id % 1000));
+    }
+    std::fs::write(&csv, text).expect("csv");
+    let psql = find_program("psql", "CACHESYNC_PG_BINDIR", &[bindir(), "/usr/bin".into()]).expect("psql is installed");
+    let t = Instant::now();
+    let st = std::process::Command::new(psql)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-q",
+            "-c",
+        ])
+        .arg(format!(
+            "\\copy copied (id, name, email, v) FROM '{}' WITH (FORMAT csv)",
+            csv.display()
+        ))
+        .status()
+        .expect("psql");
+    assert!(st.success());
+    let copy = t.elapsed().as_secs_f64();
+    println!(
+        "{:<40} {:>7.2}s {:>10.0} rows/s",
+        "cachesync flusher drain",
+        drain,
+        DRAIN_ROWS as f64 / drain
+    );
+    println!(
+        "{:<40} {:>7.2}s {:>10.0} rows/s",
+        "psql \\copy of the same rows",
+        copy,
+        DRAIN_ROWS as f64 / copy
+    );
+    println!("{:<40} {:>7.2}x", "ratio (drain rows/s / copy rows/s)", copy / drain);
+}
