@@ -94,6 +94,10 @@ pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(5);
 pub const DEFAULT_MAX_BACKLOG_RECORDS: u64 = 1_000_000;
 /// Unflushed bytes accepted before writes get 503.
 pub const DEFAULT_MAX_BACKLOG_BYTES: u64 = 512 * 1024 * 1024;
+/// First wait after a failed flush.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between flush retries.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl Default for WriteBehindConfig {
     fn default() -> Self {
@@ -102,8 +106,8 @@ impl Default for WriteBehindConfig {
             batch_delay: DEFAULT_BATCH_DELAY,
             max_backlog_records: DEFAULT_MAX_BACKLOG_RECORDS,
             max_backlog_bytes: DEFAULT_MAX_BACKLOG_BYTES,
-            retry_initial: Duration::from_millis(100),
-            retry_max: Duration::from_secs(10),
+            retry_initial: DEFAULT_RETRY_INITIAL,
+            retry_max: DEFAULT_RETRY_MAX,
         }
     }
 }

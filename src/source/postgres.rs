@@ -9,6 +9,7 @@
 pub mod render;
 pub mod schema;
 pub mod sql;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -275,8 +276,20 @@ impl TableSource {
 
     /// Checks a write's body against the binding (unknown fields, key fields that differ from
     /// the URL, generated columns) without writing anything.
+    /// Also rejects values their column's type certainly refuses ([`validate`]).
     pub fn check_body(&self, key: &[String], body: &Map<String, Value>) -> Result<(), SourceError> {
-        self.columns_of(key, body).map(|_| ())
+        self.columns_of(key, body)?;
+        for (name, value) in body {
+            if let Some(f) = self.binding.field(name) {
+                validate::check(&f.column, value).map_err(|message| SourceError::InvalidValue {
+                    field: name.clone(),
+                    column: f.column.name.clone(),
+                    type_sql: f.column.type_sql.clone(),
+                    message,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The cache key of a stored row from the text of its key columns.

@@ -130,3 +130,43 @@ async fn connect_reports_cdc_prerequisites() {
     );
     assert!(!out.contains("REPLICATION attribute"), "{out}");
 }
+
+/// The runnable configs in `patterns/` stay runnable: each passes `check --connect` against the
+/// sample schema that `deploy/dev/postgres.sh` loads.
+#[tokio::test]
+async fn every_pattern_config_passes_check_against_the_sample_schema() {
+    let db = Db::new().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    db.exec(&std::fs::read_to_string(root.join("deploy/dev/sample.sql")).unwrap())
+        .await;
+    let mut configs: Vec<_> = std::fs::read_dir(root.join("patterns"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    configs.sort();
+    assert!(configs.len() >= 4, "{configs:?}");
+    let url = db.db.url.clone();
+    for path in configs {
+        let url = url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let out = Command::new(Path::new(env!("CARGO_BIN_EXE_cachesync")))
+                .args(["check", "--connect", "--config"])
+                .arg(&path)
+                .env("CACHESYNC_POSTGRES_URL", &url)
+                .output()
+                .expect("run cachesync check");
+            (path, out)
+        })
+        .await
+        .unwrap();
+        let (path, out) = out;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{}: {text}", path.display());
+        assert!(text.contains("verified"), "{}: {text}", path.display());
+    }
+}

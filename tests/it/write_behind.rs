@@ -187,8 +187,24 @@ async fn one_bad_row_among_ten_thousand_is_set_aside_and_the_rest_land() {
     drained(&http).await;
     let v: i32 = db.scalar("SELECT v FROM nums WHERE id = 5000").await;
     assert_eq!(v, -1);
-    // Another bad write, dropped by the operator.
-    assert_eq!(http.put("/v1/kv/nums/30000", r#"{"v": null}"#).await.status, 202);
+    // Values the column certainly refuses are turned away at once, and nothing is queued.
+    for (body, says) in [
+        (r#"{"v": null}"#, "NOT NULL"),
+        (r#"{"v": true}"#, "expected an integer"),
+        (r#"{"v": 3000000000}"#, "out of range"),
+    ] {
+        let r = http.put("/v1/kv/nums/30000", body).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"], "invalid_value", "{}", r.body);
+        assert!(r.body.contains(says) && r.body.contains("`v`"), "{}", r.body);
+    }
+    assert_eq!(backlog(&http).await, 0.0);
+    assert_eq!(http.get("/v1/kv/nums/30000").await.status, 404);
+    // Another bad write (a string only Postgres can judge), dropped by the operator.
+    assert_eq!(
+        http.put("/v1/kv/nums/30000", r#"{"v": "99999999999"}"#).await.status,
+        202
+    );
     drained(&http).await;
     let letters = http.get("/v1/deadletters").await.json()["deadletters"].clone();
     assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
