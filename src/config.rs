@@ -44,6 +44,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// Entry bound when a keyspace sets neither `max_entries` nor `max_bytes`.
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+/// Refresh-ahead factor when none is configured: off.
+pub const DEFAULT_REFRESH_AHEAD: f64 = 0.0;
+/// Background refreshes one keyspace runs at once when none is configured.
+pub const DEFAULT_REFRESH_CONCURRENCY: usize = 4;
 /// Name of the keyspace of the embedded default configuration.
 pub const DEFAULT_KEYSPACE: &str = "default";
 /// Schema assumed for a table named without one.
@@ -421,6 +425,17 @@ pub enum WriteMode {
     Behind,
 }
 
+impl WriteMode {
+    /// The value as the config file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteMode::None => "none",
+            WriteMode::Through => "through",
+            WriteMode::Behind => "behind",
+        }
+    }
+}
+
 /// `[[keyspace]]`: one named cache and its rules.
 #[derive(Debug, Clone, Serialize)]
 pub struct KeyspaceConfig {
@@ -449,6 +464,11 @@ pub struct KeyspaceConfig {
     /// With CDC: load the whole table from a consistent snapshot when the sidecar starts or its
     /// slot is (re)created, so the keyspace is complete before it serves.
     pub warm: bool,
+    /// Refresh-ahead factor in `[0, 1)`: a read of an entry older than `factor × ttl` schedules a
+    /// background reload; 0 turns refresh-ahead off.
+    pub refresh_ahead: f64,
+    /// Most background refreshes of this keyspace running at once.
+    pub refresh_concurrency: usize,
 }
 
 /// What a keyspace does with the changes CDC delivers.
@@ -477,6 +497,8 @@ impl KeyspaceConfig {
             write: WriteMode::None,
             cdc: CdcMode::Off,
             warm: false,
+            refresh_ahead: DEFAULT_REFRESH_AHEAD,
+            refresh_concurrency: DEFAULT_REFRESH_CONCURRENCY,
         }
     }
 }
@@ -793,6 +815,19 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
             CdcMode::Off
         }
     };
+    let refresh_ahead = s.get::<f64>("refresh_ahead").unwrap_or(DEFAULT_REFRESH_AHEAD);
+    if !(0.0..1.0).contains(&refresh_ahead) {
+        s.problem_at(
+            "refresh_ahead",
+            format!("must be at least 0 (off) and below 1 (a fraction of ttl), not {refresh_ahead}"),
+        );
+    }
+    let refresh_concurrency = s
+        .get::<usize>("refresh_concurrency")
+        .unwrap_or(DEFAULT_REFRESH_CONCURRENCY);
+    if refresh_concurrency == 0 {
+        s.problem_at("refresh_concurrency", "must be at least 1");
+    }
     let warm = s.get::<bool>("warm");
     if warm == Some(true) && cdc == CdcMode::Off {
         s.problem_at(
@@ -883,6 +918,12 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
             );
         }
     }
+    if refresh_ahead > 0.0 && (!has_table || read_through == Some(false)) {
+        s.problem_at(
+            "refresh_ahead",
+            "refresh-ahead reloads entries from the table: it needs `table` and read_through",
+        );
+    }
     s.finish();
     Some(KeyspaceConfig {
         name: name?,
@@ -896,6 +937,8 @@ fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         write,
         cdc,
         warm: warm.unwrap_or(cdc != CdcMode::Off),
+        refresh_ahead,
+        refresh_concurrency,
     })
 }
 
@@ -1161,6 +1204,40 @@ write = "sideways"
         assert!(p.iter().any(|p| p.message.contains("unknown CDC mode")), "{p:#?}");
         assert!(p.iter().any(|p| p.message.contains("slot name")), "{p:#?}");
         assert!(p.iter().any(|p| p.message.contains("CDC needs `table`")), "{p:#?}");
+    }
+
+    #[test]
+    fn refresh_ahead_settings() {
+        let pg = "[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n";
+        let c = Config::parse(&format!(
+            "{pg}[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\nrefresh_ahead = 0.75\nrefresh_concurrency = 2\n[[keyspace]]\nname = \"v\"\ntable = \"users\"\nkey = \"id\"\nrefresh_ahead = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.keyspaces[0].refresh_ahead, 0.75);
+        assert_eq!(c.keyspaces[0].refresh_concurrency, 2);
+        assert_eq!(c.keyspaces[1].refresh_ahead, 0.0, "an integer 0 reads as off");
+        assert_eq!(c.keyspaces[1].refresh_concurrency, DEFAULT_REFRESH_CONCURRENCY);
+        let p = problems(&format!(
+            "{pg}[[keyspace]]\nname = \"a\"\ntable = \"t\"\nkey = \"id\"\nrefresh_ahead = 1.0\nrefresh_concurrency = 0\n\
+             [[keyspace]]\nname = \"b\"\ntable = \"t\"\nkey = \"id\"\nread_through = false\nrefresh_ahead = 0.5\n\
+             [[keyspace]]\nname = \"m\"\nrefresh_ahead = -0.5\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.path.ends_with("refresh_ahead") && p.message.contains("below 1")),
+            "{p:#?}"
+        );
+        assert!(p.iter().any(|p| p.path.ends_with("refresh_concurrency")), "{p:#?}");
+        assert!(
+            p.iter()
+                .any(|p| p.path == "keyspace[b].refresh_ahead" && p.message.contains("read_through")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.path == "keyspace[m].refresh_ahead" && p.message.contains("at least 0")),
+            "{p:#?}"
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum Origin {
     Hit,
     /// Loaded from the source by this read (or by the flight it joined).
     Miss,
+    /// Served from L1 late in the entry's life, with a background refresh underway.
+    Refreshing,
 }
 
 /// A read's answer: the entry (possibly negative) and where it came from.
@@ -106,6 +108,8 @@ pub struct Keyspace {
     load_hook: RwLock<Option<LoadHook>>,
     /// Write-behind writes not yet flushed: reads see them first.
     pub pending: crate::patterns::write_behind::PendingWrites,
+    /// Refresh-ahead, when the keyspace has it on.
+    refresher: Option<crate::patterns::refresh_ahead::Refresher>,
     pub(crate) hlc: Arc<Hlc>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) m: KeyspaceMetrics,
@@ -128,6 +132,14 @@ impl Keyspace {
             blockers: Mutex::new(blockers),
             load_hook: RwLock::new(None),
             pending: Default::default(),
+            refresher: (config.refresh_ahead > 0.0).then(|| {
+                crate::patterns::refresh_ahead::Refresher::new(
+                    config.refresh_ahead,
+                    config.refresh_concurrency,
+                    &metrics,
+                    &config.name,
+                )
+            }),
             m: KeyspaceMetrics::new(&metrics, &config.name),
             metrics,
             hlc,
@@ -186,6 +198,11 @@ impl Keyspace {
         *self.load_hook.write().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
+    /// Refresh-ahead state, when on.
+    pub fn refresher(&self) -> Option<&crate::patterns::refresh_ahead::Refresher> {
+        self.refresher.as_ref()
+    }
+
     pub(crate) fn load_hook(&self) -> Option<LoadHook> {
         self.load_hook.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -235,7 +252,7 @@ impl Keyspace {
     }
 
     /// Reads a key: L1, then (read-through) the table.
-    pub async fn get(&self, key: &Key) -> Result<Read, KeyspaceError> {
+    pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Read, KeyspaceError> {
         if let Some(p) = self.pending.get(&key.cache_key) {
             // An acknowledged write not yet flushed: read-your-writes, whatever L1 holds.
             let mut entry = Entry::new(p.doc, Lsn::ZERO, p.version);

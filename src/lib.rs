@@ -1,6 +1,7 @@
 //! cachesync: a cache-synchronization sidecar. It serves a JSON cache on localhost, loads misses
-//! from Postgres, writes back to Postgres, and (as the later parts land) keeps entries fresh from
-//! logical replication through a local durable change log.
+//! from Postgres, writes back to Postgres (through, or behind via the log), keeps entries fresh
+//! from logical replication through a local durable change log, and refreshes hot entries ahead
+//! of their expiry.
 //!
 //! # Layout
 //!
@@ -12,6 +13,8 @@
 //!  keyspace  one named cache: config + L1 + in-flight loads + binding to its table
 //!     │  patterns::read_through   miss → single-flight load → lease-checked fill
 //!     │  patterns::write_through  Postgres first, then cache what RETURNING gave
+//!     │  patterns::write_behind   commit log first (202), overlay, coalescing flusher, dead letters
+//!     │  patterns::refresh_ahead  a hit late in its life → bounded background reload
 //!     ▼
 //!  cache     L1 (moka) with versioned installs; flights = single flight + load leases
 //!  key       URL key encoding, composite keys, per-type normalization

@@ -42,6 +42,17 @@ pub struct Metrics {
     /// `cachesync_cache_fills_skipped_total{keyspace}`: loads not installed because the key
     /// changed while they ran.
     pub fills_skipped: IntCounterVec,
+    /// `cachesync_refresh_started_total{keyspace}`: background refreshes whose query began.
+    pub refresh_started: IntCounterVec,
+    /// `cachesync_refresh_completed_total{keyspace,result}` with result
+    /// `succeeded|failed|superseded` (a write or change of the key won, or made it moot).
+    pub refresh_completed: IntCounterVec,
+    /// `cachesync_refresh_duration_seconds{keyspace}`
+    pub refresh_duration: HistogramVec,
+    /// `cachesync_refresh_in_flight{keyspace}`: refreshes running (at most the concurrency limit).
+    pub refresh_in_flight: IntGaugeVec,
+    /// `cachesync_refresh_queued{keyspace}`: refreshes waiting for a slot.
+    pub refresh_queued: IntGaugeVec,
     /// `cachesync_source_loads_total{keyspace,result}` with result `found|absent|error`
     pub loads: IntCounterVec,
     /// `cachesync_source_load_duration_seconds{keyspace}`
@@ -167,6 +178,36 @@ impl Metrics {
                 &r,
                 "cachesync_cache_fills_skipped_total",
                 "Loads not installed because the key changed while they ran.",
+                &["keyspace"],
+            ),
+            refresh_started: counter(
+                &r,
+                "cachesync_refresh_started_total",
+                "Background refreshes (refresh-ahead) whose reload began.",
+                &["keyspace"],
+            ),
+            refresh_completed: counter(
+                &r,
+                "cachesync_refresh_completed_total",
+                "Background refreshes by outcome: succeeded, failed, superseded.",
+                &["keyspace", "result"],
+            ),
+            refresh_duration: histogram(
+                &r,
+                "cachesync_refresh_duration_seconds",
+                "Background refresh latency (reload and install).",
+                &["keyspace"],
+            ),
+            refresh_in_flight: gauge(
+                &r,
+                "cachesync_refresh_in_flight",
+                "Background refreshes running.",
+                &["keyspace"],
+            ),
+            refresh_queued: gauge(
+                &r,
+                "cachesync_refresh_queued",
+                "Background refreshes waiting for one of the keyspace's refresh slots.",
                 &["keyspace"],
             ),
             loads: counter(

@@ -111,6 +111,15 @@ impl RawHttp {
         }
     }
 
+    /// A header of the last response read, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let end = find(&self.buf, b"\r\n\r\n")?;
+        std::str::from_utf8(&self.buf[..end]).ok()?.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
     async fn read_more(&mut self) {
         let mut chunk = [0u8; 8192];
         let n = self.stream.read(&mut chunk).await.expect("read");

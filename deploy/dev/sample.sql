@@ -14,6 +14,11 @@ CREATE TABLE IF NOT EXISTS orders (
     details jsonb,
     PRIMARY KEY (tenant, id)
 );
+-- A view: CDC cannot follow it (patterns/refresh-ahead.toml keeps it fresh instead).
+CREATE OR REPLACE VIEW tenant_totals AS
+    SELECT tenant, count(*)::int AS orders, sum(total) AS total,
+           count(*) FILTER (WHERE status = 'open')::int AS open
+    FROM orders GROUP BY tenant;
 INSERT INTO users (id, name, email, tags) VALUES
     (1, 'Ada Lovelace', 'ada@example.com', '{admin}'),
     (2, 'Alan Turing', 'alan@example.com', '{}'),

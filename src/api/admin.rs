@@ -32,6 +32,7 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "load_errors": m.loads_error.get(),
                 "fills_skipped": m.fills_skipped.get(),
                 "loads_in_flight": ks.flights.len(),
+                "refreshes_pending": ks.refresher().map(|r| r.pending()),
             },
         }));
     }

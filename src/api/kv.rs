@@ -59,6 +59,7 @@ fn x_cache(origin: Origin) -> HeaderValue {
     HeaderValue::from_static(match origin {
         Origin::Hit => "hit",
         Origin::Miss => "miss",
+        Origin::Refreshing => "stale-refreshing",
     })
 }
 
@@ -234,7 +235,7 @@ pub async fn mget(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap,
 /// One `_mget` item as JSON text, the cached document spliced in without re-parsing (stored
 /// values are always valid JSON: rendered from a row, or parsed on `PUT`). Keys use the same
 /// encoding as in URLs.
-async fn mget_one(keyspace: &Keyspace, raw: &str) -> String {
+async fn mget_one(keyspace: &Arc<Keyspace>, raw: &str) -> String {
     let key_json = serde_json::to_string(raw).unwrap_or_default();
     let read = match keyspace.parse_key(raw) {
         Ok(key) => keyspace.get(&key).await.map_err(ApiError::from),

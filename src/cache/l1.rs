@@ -82,10 +82,14 @@ impl L1 {
         }
     }
 
+    /// An entry's lifetime: `ttl`, or `negative_ttl` for "not found".
+    pub fn lifetime(&self, e: &Entry) -> Duration {
+        if e.value.is_some() { self.ttl } else { self.negative_ttl }
+    }
+
     /// Whether an entry has outlived its lifetime on the tokio clock.
     pub fn is_expired(&self, e: &Entry) -> bool {
-        let life = if e.value.is_some() { self.ttl } else { self.negative_ttl };
-        e.stored_at.elapsed() >= life
+        e.stored_at.elapsed() >= self.lifetime(e)
     }
 
     pub fn ttl(&self) -> Duration {

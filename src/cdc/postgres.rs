@@ -733,11 +733,12 @@ pub async fn prerequisites(client: &tokio_postgres::Client, config: &crate::conf
                               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
                               WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2",
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                 &[&t.schema, &t.name],
             )
             .await;
-        let Ok(Some(r)) = info else { continue }; // a missing table is reported by the binding check
+        // A missing table, or a view, is reported by the binding check.
+        let Ok(Some(r)) = info else { continue };
         let (identity, owner, identity_cols): (String, bool, Vec<String>) = (r.get(0), r.get(1), r.get(2));
         if identity != "f" {
             for k in &ks.key {

@@ -14,19 +14,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cache::Lease;
 use crate::cache::{Entry, Install, Installed};
 use crate::key::Key;
 use crate::keyspace::{Keyspace, KeyspaceError, LoadResult, Origin, Read};
 use crate::lsn::Lsn;
+use crate::patterns::refresh_ahead;
 
 /// Reads `key`: from L1 when present and live, else (read-through keyspaces) from the table.
-pub async fn get(ks: &Keyspace, key: &Key) -> Result<Read, KeyspaceError> {
+/// A hit late in the entry's life may schedule a background refresh ([`refresh_ahead`]).
+pub async fn get(ks: &Arc<Keyspace>, key: &Key) -> Result<Read, KeyspaceError> {
     if let Some(entry) = ks.l1.get(&key.cache_key).await {
         ks.m.hits_l1.inc();
-        return Ok(Read {
-            entry,
-            origin: Origin::Hit,
-        });
+        let origin = refresh_ahead::on_hit(ks, key, &entry);
+        return Ok(Read { entry, origin });
     }
     ks.m.misses.inc();
     if !ks.config.read_through {
@@ -44,9 +45,20 @@ pub async fn get(ks: &Keyspace, key: &Key) -> Result<Read, KeyspaceError> {
     })
 }
 
+/// Reloads `key` for a background refresh. `Ok(false)` when the result was not installed
+/// because the key was written or changed while it loaded.
+pub async fn reload(ks: &Keyspace, key: &Key) -> Result<bool, KeyspaceError> {
+    load_leased(ks, key).await.map(|(_, held)| held)
+}
+
 /// Loads `key` through the keyspace's flight registry and installs the result if its lease
-/// held. Shared by misses and (later) background refreshes.
+/// held. Shared by misses and background refreshes.
 pub async fn load(ks: &Keyspace, key: &Key) -> Result<Arc<Entry>, KeyspaceError> {
+    load_leased(ks, key).await.map(|(entry, _)| entry)
+}
+
+/// [`load`], also saying whether the flight's lease held (its result was installed).
+async fn load_leased(ks: &Keyspace, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
     let source = ks.source()?;
     let (flight, _leader) = ks.flights.join(&key.cache_key);
     let lease = flight.clone();
@@ -83,5 +95,6 @@ pub async fn load(ks: &Keyspace, key: &Key) -> Result<Arc<Entry>, KeyspaceError>
         })
         .await;
     ks.flights.finish(&key.cache_key, &flight);
-    Ok(result?)
+    let held = flight.is_valid();
+    Ok((result?, held))
 }

@@ -219,15 +219,20 @@ impl TableSource {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.select).await.map_err(|e| classify(&e))?;
         let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        match client.query_one(&stmt, &params).await {
-            Ok(row) => Ok(Loaded {
-                lsn: parse_lsn(row.get(0)),
-                snapshot: row.get::<_, Option<&str>>(1).and_then(crate::cache::Snapshot::parse),
-                value: row
-                    .get::<_, Option<bool>>(2)
-                    .is_some()
-                    .then(|| self.render_row(&row, 3)),
-            }),
+        match client.query(&stmt, &params).await {
+            Ok(rows) => match rows.as_slice() {
+                [row] => Ok(Loaded {
+                    lsn: parse_lsn(row.get(0)),
+                    snapshot: row.get::<_, Option<&str>>(1).and_then(crate::cache::Snapshot::parse),
+                    value: row.get::<_, Option<bool>>(2).is_some().then(|| self.render_row(row, 3)),
+                }),
+                // Only a view can do this: a table's key is checked to be unique at binding.
+                _ => Err(SourceError::Database(format!(
+                    "{} rows of {} have this key; a keyspace key must identify one row",
+                    rows.len(),
+                    self.binding.table
+                ))),
+            },
             Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
             Err(e) => Err(classify(&e)),
         }

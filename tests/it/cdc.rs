@@ -13,7 +13,7 @@ use cachesync::testkit::eventually;
 use cachesync::testkit::postgres::{PgOptions, PgServer};
 use serde_json::json;
 
-use crate::common::{Db, Http, Node, Resp, WAIT};
+use crate::common::{Db, Http, Node, Resp, WAIT, metric};
 
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nmax_entries = 500000\n{extra}\n")
@@ -41,13 +41,6 @@ async fn stats(http: &Http, name: &str) -> serde_json::Value {
         .find(|k| k["name"] == name)
         .unwrap()["stats"]
         .clone()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

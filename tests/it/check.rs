@@ -131,6 +131,43 @@ async fn connect_reports_cdc_prerequisites() {
     assert!(!out.contains("REPLICATION attribute"), "{out}");
 }
 
+#[tokio::test]
+async fn connect_accepts_a_view_for_reads_and_refuses_cdc_and_writes_on_it() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int); CREATE VIEW tv AS SELECT id, v * 2 AS doubled FROM t;")
+        .await;
+    let reads = db.config_text(
+        "[[keyspace]]\nname = \"doubled\"\ntable = \"tv\"\nkey = \"id\"\nttl = \"1s\"\nrefresh_ahead = 0.5\n",
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&reads, true)).await.unwrap();
+    assert!(ok, "a view serves reads without a unique key: {out}");
+    let log = cachesync::testkit::temp_dir("check-view", None);
+    let config = format!(
+        "{}\n[log]\ndir = \"{}\"\n",
+        db.config_text(
+            "[[keyspace]]\nname = \"followed\"\ntable = \"tv\"\nkey = \"id\"\ncdc = \"invalidate\"\n\
+             [[keyspace]]\nname = \"written\"\ntable = \"tv\"\nkey = \"id\"\nwrite = \"behind\"\n"
+        ),
+        log.display()
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true)).await.unwrap();
+    let _ = std::fs::remove_dir_all(&log);
+    assert!(!ok, "{out}");
+    assert!(out.contains("2 problem(s)"), "{out}");
+    assert!(
+        out.contains("keyspace[followed]: public.tv is a view; logical replication carries only the changes of tables"),
+        "{out}"
+    );
+    assert!(
+        out.contains("refresh_ahead"),
+        "the message names the alternative: {out}"
+    );
+    assert!(
+        out.contains("keyspace[written]: public.tv is a view; write = \"behind\" needs a table"),
+        "{out}"
+    );
+}
+
 /// The runnable configs in `patterns/` stay runnable: each passes `check --connect` against the
 /// sample schema that `deploy/dev/postgres.sh` loads.
 #[tokio::test]
@@ -145,7 +182,7 @@ async fn every_pattern_config_passes_check_against_the_sample_schema() {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     configs.sort();
-    assert!(configs.len() >= 4, "{configs:?}");
+    assert!(configs.len() >= 5, "{configs:?}");
     let url = db.db.url.clone();
     for path in configs {
         let url = url.clone();

@@ -65,6 +65,15 @@ impl Db {
     }
 }
 
+/// The sum of the samples of a Prometheus metric whose line starts with `name` (a name, or a
+/// name with the start of its labels).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Sends the server's logs to the test output when `CACHESYNC_TEST_LOG` is set (an EnvFilter,
 /// e.g. `cachesync=debug`).
 pub fn init_logging() {

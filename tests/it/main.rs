@@ -10,5 +10,6 @@ mod commitlog_crash;
 mod embedded;
 mod harness;
 mod read_through;
+mod refresh_ahead;
 mod write_behind;
 mod write_through;

@@ -13,17 +13,10 @@ use cachesync::testkit::postgres::{PgOptions, PgServer};
 use cachesync::testkit::sidecar::Sidecar;
 use serde_json::json;
 
-use crate::common::{Db, Http, Node, WAIT};
+use crate::common::{Db, Http, Node, WAIT, metric};
 
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nwrite = \"behind\"\n{extra}\n")
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn backlog(http: &Http) -> f64 {
