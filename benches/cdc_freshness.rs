@@ -41,11 +41,7 @@ const SAMPLES_PER_SECOND: f64 = 200.0;
 const SNAPSHOT_ROWS: i64 = 1_000_000;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 struct Recv {

@@ -28,11 +28,7 @@ use prometheus::Registry;
 const RUN_FOR: Duration = Duration::from_secs(3);
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 fn base_dir() -> std::path::PathBuf {

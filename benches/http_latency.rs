@@ -26,11 +26,7 @@ const HIT_REQUESTS: usize = 40_000;
 const MISS_ROWS: usize = 10_000;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 async fn run() {

@@ -34,11 +34,7 @@ const READERS: usize = 8;
 const ROUND: Duration = Duration::from_secs(8);
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 /// What one mode measured.
@@ -102,13 +98,9 @@ async fn readers(addr: std::net::SocketAddr, keyspace: &str) -> Outcome {
 }
 
 async fn counter(addr: std::net::SocketAddr, prefix: &str) -> f64 {
-    let body = reqwest::get(format!("http://{addr}/metrics"))
+    common::metrics_text(addr)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    body.lines()
+        .lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -32,11 +32,7 @@ const RUN_FOR: Duration = Duration::from_secs(4);
 const DRAIN_ROWS: u64 = 100_000;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 fn put_request(id: u64) -> Vec<u8> {
@@ -129,13 +125,9 @@ fn rate(l: &Lat) -> f64 {
 }
 
 async fn backlog(addr: std::net::SocketAddr) -> u64 {
-    let body = reqwest::get(format!("http://{addr}/metrics"))
+    common::metrics_text(addr)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    body.lines()
+        .lines()
         .find_map(|l| {
             l.strip_prefix("cachesync_writebehind_backlog_records ")
                 .and_then(|v| v.trim().parse::<f64>().ok())
