@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use cachesync::config::Config;
 use cachesync::server::Server;
-use cachesync::testkit::postgres::{PgOptions, PgServer};
+use cachesync_testkit::postgres::{PgOptions, PgServer};
 use common::{Lat, echo_load, echo_server, get_request, http_load, ratio_line};
 
 const HIT_REQUESTS: usize = 40_000;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use cachesync::config::Config;
 use cachesync::server::Server;
-use cachesync::testkit::postgres::{PgOptions, PgServer};
+use cachesync_testkit::postgres::{PgOptions, PgServer};
 use common::{Lat, RawHttp, get_request};
 
 const HOT_KEYS: usize = 1000;

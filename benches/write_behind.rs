@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use cachesync::config::Config;
 use cachesync::server::Server;
-use cachesync::testkit::postgres::{PgOptions, PgServer, bindir};
-use cachesync::testkit::{find_program, temp_dir};
+use cachesync_testkit::postgres::{PgOptions, PgServer, bindir};
+use cachesync_testkit::{find_program, temp_dir};
 use common::{Lat, RawHttp};
 
 const RUN_FOR: Duration = Duration::from_secs(4);

@@ -31,7 +31,6 @@
 //!  cli       serve / check
 //!  metrics   Prometheus registry, bounded labels
 //!  hlc, lsn  version clocks: hybrid logical clock, Postgres WAL positions
-//!  testkit   throwaway Postgres and Redis servers for tests and benchmarks
 //! ```
 #![forbid(unsafe_code)]
 
@@ -50,4 +49,3 @@ pub mod metrics;
 pub mod patterns;
 pub mod server;
 pub mod source;
-pub mod testkit;

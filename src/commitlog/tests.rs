@@ -9,7 +9,7 @@ use prometheus::Registry;
 use proptest::prelude::*;
 
 use super::*;
-use crate::testkit::temp_dir;
+use cachesync_testkit::temp_dir;
 
 fn cfg(dir: &Path) -> LogConfig {
     LogConfig::new(dir)

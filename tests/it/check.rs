@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::common::Db;
 
 fn check(config: &str, connect: bool) -> (bool, String) {
-    let dir = cachesync::testkit::temp_dir("check", None);
+    let dir = cachesync_testkit::temp_dir("check", None);
     let path = dir.join("c.toml");
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(Path::new(env!("CARGO_BIN_EXE_cachesync")));
@@ -141,7 +141,7 @@ async fn connect_accepts_a_view_for_reads_and_refuses_cdc_and_writes_on_it() {
     );
     let (ok, out) = tokio::task::spawn_blocking(move || check(&reads, true)).await.unwrap();
     assert!(ok, "a view serves reads without a unique key: {out}");
-    let log = cachesync::testkit::temp_dir("check-view", None);
+    let log = cachesync_testkit::temp_dir("check-view", None);
     let config = format!(
         "{}\n[log]\ndir = \"{}\"\n",
         db.config_text(

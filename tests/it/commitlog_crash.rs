@@ -92,7 +92,7 @@ fn crash_child() {
 
 #[tokio::test]
 async fn sigkill_during_appends_loses_nothing_acknowledged() {
-    let dir = cachesync::testkit::temp_dir("crashlog", None);
+    let dir = cachesync_testkit::temp_dir("crashlog", None);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cachesync::config::Config;
 use cachesync::server::Server;
-use cachesync::testkit::postgres::{self, PgServer, TestDb};
-use cachesync::testkit::{temp_dir, unique};
+use cachesync_testkit::postgres::{self, PgServer, TestDb};
+use cachesync_testkit::{temp_dir, unique};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::Value;

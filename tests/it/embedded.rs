@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cachesync::testkit::sidecar::Sidecar;
+use cachesync_testkit::sidecar::Sidecar;
 
 use crate::common::{Db, Http, WAIT};
 
@@ -41,7 +41,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     let config = db.config_text("[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\n");
     let mut sidecar = Sidecar::spawn(bin(), Some(&config));
     let http = Http::at(sidecar.base_url());
-    cachesync::testkit::eventually(WAIT, "sidecar ready", || async {
+    cachesync_testkit::eventually(WAIT, "sidecar ready", || async {
         if http.get("/readyz").await.status == 200 {
             Ok(())
         } else {
@@ -61,14 +61,14 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
         async move { http.get("/v1/kv/items/1").await }
     });
     // Wait until the load is really waiting on the lock.
-    cachesync::testkit::eventually(WAIT, "load blocked on the lock", || async {
+    cachesync_testkit::eventually(WAIT, "load blocked on the lock", || async {
         let n: i64 = db.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").await;
         if n > 0 { Ok(()) } else { Err(n) }
     })
     .await;
     sidecar.signal("TERM");
     // New connections are refused once the listener is closed.
-    cachesync::testkit::eventually(WAIT, "listener closed", || async {
+    cachesync_testkit::eventually(WAIT, "listener closed", || async {
         match tokio::net::TcpStream::connect(sidecar.addr).await {
             Err(_) => Ok(()),
             Ok(_) => Err("still accepting"),

@@ -1,6 +1,6 @@
 //! The harness itself: its servers are real and reachable over loopback sockets.
 
-use cachesync::testkit;
+use cachesync_testkit as testkit;
 
 use crate::common::Db;
 

@@ -1,5 +1,5 @@
 //! Black-box integration tests: the real server over real sockets, against real Postgres and
-//! Redis servers started by `cachesync::testkit` (one of each per run of this binary; each test
+//! Redis servers started by `cachesync_testkit` (one of each per run of this binary; each test
 //! has its own database or key prefix).
 
 mod common;

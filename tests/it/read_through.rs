@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use cachesync::testkit::eventually;
-use cachesync::testkit::postgres::{PgOptions, PgServer};
+use cachesync_testkit::eventually;
+use cachesync_testkit::postgres::{PgOptions, PgServer};
 use serde_json::json;
 
 use crate::common::{Db, WAIT, serve};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cachesync::testkit::eventually;
+use cachesync_testkit::eventually;
 
 use crate::common::{Db, Http, Node, WAIT, metric, serve};
 

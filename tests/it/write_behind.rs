@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cachesync::testkit::eventually;
-use cachesync::testkit::postgres::{PgOptions, PgServer};
-use cachesync::testkit::sidecar::Sidecar;
+use cachesync_testkit::eventually;
+use cachesync_testkit::postgres::{PgOptions, PgServer};
+use cachesync_testkit::sidecar::Sidecar;
 use serde_json::json;
 
 use crate::common::{Db, Http, Node, WAIT, metric};

@@ -130,7 +130,7 @@ mod tests {
 
     #[test]
     fn letters_survive_reopening_and_can_be_removed() {
-        let dir = crate::testkit::temp_dir("deadletters", None);
+        let dir = cachesync_testkit::temp_dir("deadletters", None);
         let store = DeadLetters::open(&dir).unwrap();
         store
             .add(DeadLetter {
