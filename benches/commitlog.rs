@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachesync::commitlog::{CommitLog, LogConfig, Offset};
-use cachesync::event::{ChangeEvent, Op, Source};
+use cachesync::event::{ChangeEvent, Source};
 use common::Lat;
 use prometheus::Registry;
 
@@ -39,20 +39,7 @@ fn base_dir() -> std::path::PathBuf {
 
 /// An encoded event whose payload is about `size` bytes.
 fn payload(size: usize) -> Vec<u8> {
-    let mut e = ChangeEvent {
-        keyspace: "users".into(),
-        key: "123456".into(),
-        op: Op::Put,
-        value: Some(Bytes::new()),
-        origin: "bench".into(),
-        version: 1 << 40,
-        source: Source::Api,
-        source_position: 0,
-        source_time_us: 0,
-        unchanged: vec![],
-        source_xid: None,
-        written: vec![],
-    };
+    let mut e = ChangeEvent::put("users", "123456", Bytes::new()).from_origin("bench", 1 << 40, Source::Api);
     let overhead = e.encode().len();
     e.value = Some(Bytes::from(vec![b'x'; size.saturating_sub(overhead)]));
     e.encode()

@@ -41,6 +41,18 @@ pub enum Op {
     Clear = 4,
 }
 
+impl Op {
+    /// The op as a metric label and in logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::Delete => "delete",
+            Op::Invalidate => "invalidate",
+            Op::Clear => "clear",
+        }
+    }
+}
+
 /// Where the event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -150,6 +162,78 @@ fn put_int_field(out: &mut Vec<u8>, tag: u8, v: u64) {
 }
 
 impl ChangeEvent {
+    fn new(op: Op, keyspace: impl Into<String>, key: impl Into<String>, value: Option<Bytes>) -> ChangeEvent {
+        ChangeEvent {
+            keyspace: keyspace.into(),
+            key: key.into(),
+            op,
+            value,
+            origin: String::new(),
+            version: 0,
+            source: Source::Api,
+            source_position: 0,
+            source_time_us: 0,
+            unchanged: Vec::new(),
+            source_xid: None,
+            written: Vec::new(),
+        }
+    }
+
+    /// The entry's new value is `value`. Stamp it with [`ChangeEvent::from_origin`].
+    pub fn put(keyspace: impl Into<String>, key: impl Into<String>, value: Bytes) -> ChangeEvent {
+        ChangeEvent::new(Op::Put, keyspace, key, Some(value))
+    }
+
+    /// The row is gone.
+    pub fn delete(keyspace: impl Into<String>, key: impl Into<String>) -> ChangeEvent {
+        ChangeEvent::new(Op::Delete, keyspace, key, None)
+    }
+
+    /// The entry changed to something this event does not carry.
+    pub fn invalidate(keyspace: impl Into<String>, key: impl Into<String>) -> ChangeEvent {
+        ChangeEvent::new(Op::Invalidate, keyspace, key, None)
+    }
+
+    /// Every entry of the keyspace is gone.
+    pub fn clear(keyspace: impl Into<String>) -> ChangeEvent {
+        ChangeEvent::new(Op::Clear, keyspace, String::new(), None)
+    }
+
+    /// An event of `op` (a put carries `value`; other ops ignore it).
+    pub fn of(op: Op, keyspace: impl Into<String>, key: impl Into<String>, value: Option<Bytes>) -> ChangeEvent {
+        let value = if op == Op::Put { value } else { None };
+        ChangeEvent::new(op, keyspace, key, value)
+    }
+
+    /// Where and when the change entered cachesync: the origin node, its HLC version, the path.
+    pub fn from_origin(mut self, origin: impl Into<String>, version: u64, source: Source) -> ChangeEvent {
+        self.origin = origin.into();
+        self.version = version;
+        self.source = source;
+        self
+    }
+
+    /// The change's place in its source: position (the commit LSN for CDC), commit time in µs
+    /// since the epoch, transaction id.
+    pub fn at_source(mut self, position: u64, time_us: u64, xid: Option<u32>) -> ChangeEvent {
+        self.source_position = position;
+        self.source_time_us = time_us;
+        self.source_xid = xid;
+        self
+    }
+
+    /// Fields the source did not send (unchanged TOAST values).
+    pub fn with_unchanged(mut self, unchanged: Vec<String>) -> ChangeEvent {
+        self.unchanged = unchanged;
+        self
+    }
+
+    /// The fields an API write named.
+    pub fn with_written(mut self, written: Vec<String>) -> ChangeEvent {
+        self.written = written;
+        self
+    }
+
     /// The encoded form, as stored in a log record's payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut out =
@@ -417,20 +501,7 @@ pub mod tests {
 
     #[test]
     fn unknown_fields_are_skipped_and_newer_formats_refused() {
-        let e = ChangeEvent {
-            keyspace: "users".into(),
-            key: "1".into(),
-            op: Op::Put,
-            value: Some(Bytes::from_static(b"{}")),
-            origin: "n1".into(),
-            version: 7,
-            source: Source::Api,
-            source_position: 0,
-            source_time_us: 0,
-            unchanged: vec![],
-            source_xid: None,
-            written: vec![],
-        };
+        let e = ChangeEvent::put("users", "1", Bytes::from_static(b"{}")).from_origin("n1", 7, Source::Api);
         let mut b = e.encode();
         put_field(&mut b, 200, b"from the future");
         assert_eq!(ChangeEvent::decode(&b).unwrap(), e);

@@ -114,7 +114,7 @@ impl Applier {
             return;
         };
         apply_event(ks, &e).await;
-        let op = op_label(e.op);
+        let op = e.op.label();
         self.metrics.cdc_applied.with_label_values(&[ks.name(), op]).inc();
         if e.source_time_us > 0 {
             let now = crate::commitlog::now_ms() as f64 * 1000.0;
@@ -122,15 +122,6 @@ impl Applier {
                 .cdc_apply_lag
                 .observe(((now - e.source_time_us as f64) / 1e6).max(0.0));
         }
-    }
-}
-
-pub fn op_label(op: Op) -> &'static str {
-    match op {
-        Op::Put => "put",
-        Op::Delete => "delete",
-        Op::Invalidate => "invalidate",
-        Op::Clear => "clear",
     }
 }
 

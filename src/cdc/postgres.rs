@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CdcError, Gate, ReplicationSource, StreamEvent};
 use crate::commitlog::CommitLog;
 use crate::config::{CdcConfig, PostgresConfig};
-use crate::event::{ChangeEvent, Op, Source};
+use crate::event::{ChangeEvent, Source};
 use crate::hlc::Hlc;
 use crate::keyspace::{Blocker, Keyspace};
 use crate::lsn::Lsn;
@@ -418,9 +418,7 @@ impl Capture {
     ) -> Result<(), CdcError> {
         let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
         for e in events.iter() {
-            *counts
-                .entry((e.keyspace.clone(), super::applier::op_label(e.op)))
-                .or_default() += 1;
+            *counts.entry((e.keyspace.clone(), e.op.label())).or_default() += 1;
         }
         let pending = self
             .log
@@ -603,20 +601,11 @@ impl Capture {
     fn unfit(&self, ks: &Arc<Keyspace>, why: String, t: &mut Txn) {
         tracing::error!(keyspace = ks.name(), reason = %why, "keyspace cannot follow its table; clearing it");
         ks.set_blocker(Blocker::Schema, Some(why));
-        t.events.push(ChangeEvent {
-            keyspace: ks.name().to_string(),
-            key: String::new(),
-            op: Op::Clear,
-            value: None,
-            origin: self.node.to_string(),
-            version: t.info.version,
-            source: Source::Cdc,
-            source_position: t.info.lsn,
-            source_time_us: t.info.commit_time_us,
-            unchanged: Vec::new(),
-            source_xid: Some(t.info.xid),
-            written: Vec::new(),
-        });
+        t.events.push(
+            ChangeEvent::clear(ks.name())
+                .from_origin(&*self.node, t.info.version, Source::Cdc)
+                .at_source(t.info.lsn, t.info.commit_time_us, Some(t.info.xid)),
+        );
     }
 }
 

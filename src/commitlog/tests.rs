@@ -440,20 +440,11 @@ async fn a_second_writer_is_refused() {
 async fn inspection_reads_without_changing_anything() {
     let dir = temp_dir("log", None);
     let log = open(cfg(&dir)).await;
-    let e = crate::event::ChangeEvent {
-        keyspace: "users".into(),
-        key: "1".into(),
-        op: crate::event::Op::Put,
-        value: Some(bytes::Bytes::from_static(br#"{"a":1}"#)),
-        origin: "n1".into(),
-        version: 5,
-        source: crate::event::Source::Api,
-        source_position: 0,
-        source_time_us: 0,
-        unchanged: vec![],
-        source_xid: None,
-        written: vec![],
-    };
+    let e = crate::event::ChangeEvent::put("users", "1", bytes::Bytes::from_static(br#"{"a":1}"#)).from_origin(
+        "n1",
+        5,
+        crate::event::Source::Api,
+    );
     log.append_events(&[e.clone(), e]).await.unwrap();
     log.cursor("c", false).unwrap().commit(Offset(1)).unwrap();
     let st = inspect::stat(&dir).unwrap();

@@ -262,20 +262,10 @@ impl WriteBehind {
     ) -> Result<Accepted, KeyspaceError> {
         self.check_backlog()?;
         let version = self.hlc.now();
-        let event = ChangeEvent {
-            keyspace: ks.name().to_string(),
-            key: key.cache_key.to_string(),
-            op,
-            value: doc.clone(),
-            origin: self.node.clone(),
-            version,
-            source: Source::Api,
-            source_position: 0,
-            source_time_us: crate::commitlog::now_ms() * 1000,
-            unchanged: Vec::new(),
-            source_xid: None,
-            written,
-        };
+        let event = ChangeEvent::of(op, ks.name(), &*key.cache_key, doc.clone())
+            .from_origin(&self.node, version, Source::Api)
+            .at_source(0, crate::commitlog::now_ms() * 1000, None)
+            .with_written(written);
         let payload = event.encode();
         let size = payload.len() as u64;
         let range = self.log.append(vec![payload]).await.map_err(|e| {
@@ -303,7 +293,7 @@ impl WriteBehind {
         );
         self.metrics
             .wb_accepted
-            .with_label_values(&[ks.name(), crate::cdc::applier::op_label(op)])
+            .with_label_values(&[ks.name(), op.label()])
             .inc();
         Ok(Accepted {
             doc,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachesync::commitlog::{CommitLog, LogConfig, Offset};
-use cachesync::event::{ChangeEvent, Op, Source};
+use cachesync::event::{ChangeEvent, Source};
 
 const CHILD_DIR: &str = "CACHESYNC_CRASH_CHILD_DIR";
 const CYCLES: usize = 20;
@@ -32,20 +32,12 @@ impl Rng {
 fn event(task: u64, seq: u64, rng: &mut Rng) -> ChangeEvent {
     let len = 10 + (rng.next() % 300) as usize;
     let value: Vec<u8> = (0..len).map(|_| b'a' + (rng.next() % 26) as u8).collect();
-    ChangeEvent {
-        keyspace: "crash".into(),
-        key: format!("t{task}-{seq}"),
-        op: Op::Put,
-        value: Some(Bytes::from(format!("\"{}\"", String::from_utf8(value).unwrap()))),
-        origin: "child".into(),
-        version: seq,
-        source: Source::Api,
-        source_position: 0,
-        source_time_us: 0,
-        unchanged: vec![],
-        source_xid: None,
-        written: vec![],
-    }
+    ChangeEvent::put(
+        "crash",
+        format!("t{task}-{seq}"),
+        Bytes::from(format!("\"{}\"", String::from_utf8(value).unwrap())),
+    )
+    .from_origin("child", seq, Source::Api)
 }
 
 /// The child: appends until killed, printing `ack <offset> <crc32c of payload>` for every record

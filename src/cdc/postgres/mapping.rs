@@ -175,20 +175,10 @@ impl TableMapping {
     }
 
     fn event(&self, txn: &TxnInfo, op: Op, key: String, value: Option<Bytes>, unchanged: Vec<String>) -> ChangeEvent {
-        ChangeEvent {
-            keyspace: self.keyspace.name().to_string(),
-            key,
-            op,
-            value,
-            origin: txn.origin.to_string(),
-            version: txn.version,
-            source: Source::Cdc,
-            source_position: txn.lsn,
-            source_time_us: txn.commit_time_us,
-            unchanged,
-            source_xid: Some(txn.xid),
-            written: Vec::new(),
-        }
+        ChangeEvent::of(op, self.keyspace.name(), key, value)
+            .from_origin(&*txn.origin, txn.version, Source::Cdc)
+            .at_source(txn.lsn, txn.commit_time_us, Some(txn.xid))
+            .with_unchanged(unchanged)
     }
 
     /// The event for a key whose row is now `new` (`None` = gone).
