@@ -1,6 +1,6 @@
 //! The local HTTP API (axum): the key-value routes, the admin routes and the shared state they
-//! read. Handlers are thin: parse, call the keyspace, map the answer; every error goes through
-//! [`error::ApiError`].
+//! read. Handlers are thin: parse, call the keyspace's pipeline (`patterns::Pipeline`), map the
+//! answer; every error goes through [`error::ApiError`].
 //!
 //! | Route | What it does |
 //! |---|---|
@@ -30,12 +30,14 @@ use axum::routing::{get, post};
 use crate::config::ServerConfig;
 use crate::keyspace::Keyspace;
 use crate::metrics::Metrics;
+use crate::patterns::Pipeline;
 use crate::source::postgres::PgPool;
 use error::ApiError;
 
 /// What every handler can see.
 pub struct AppState {
-    pub keyspaces: BTreeMap<String, Arc<Keyspace>>,
+    /// Each keyspace's pipeline, by keyspace name.
+    pub pipelines: BTreeMap<String, Pipeline>,
     pub server: ServerConfig,
     pub metrics: Arc<Metrics>,
     pub pool: Option<Arc<PgPool>>,
@@ -44,12 +46,17 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The keyspace by name, or a 404 naming the configured ones.
-    pub fn keyspace(&self, name: &str) -> Result<&Arc<Keyspace>, ApiError> {
-        self.keyspaces.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.keyspaces.keys().map(String::as_str).collect();
+    /// The keyspace's pipeline by name, or a 404 naming the configured ones.
+    pub fn pipeline(&self, name: &str) -> Result<&Pipeline, ApiError> {
+        self.pipelines.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.pipelines.keys().map(String::as_str).collect();
             ApiError::unknown_keyspace(name, &known)
         })
+    }
+
+    /// Every keyspace, in name order.
+    pub fn keyspaces(&self) -> impl Iterator<Item = &Arc<Keyspace>> {
+        self.pipelines.values().map(Pipeline::keyspace)
     }
 }
 

@@ -54,6 +54,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Op
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::ChangeEvent;
+use crate::lifecycle::Tasks;
 pub use cursor::Cursor;
 pub use reader::{Record, Tail};
 use segment::Segment;
@@ -366,8 +367,19 @@ pub struct Recovery {
 
 impl CommitLog {
     /// Opens (creating if needed) the log in `config.dir`, recovering the active segment, and
-    /// starts its writer thread, interval timer and retention task (in the current runtime).
+    /// starts its writer thread, interval timer and retention task, the timers as tasks of a
+    /// lifecycle of their own (tests, tools); a server uses [`CommitLog::open_with_tasks`].
     pub async fn open(config: LogConfig, registry: &Registry) -> Result<(CommitLog, Recovery), LogError> {
+        CommitLog::open_with_tasks(config, registry, &Tasks::detached()).await
+    }
+
+    /// [`CommitLog::open`], with the timers spawned under `tasks`: they end when its phase
+    /// stops (or when every handle on the log is gone).
+    pub async fn open_with_tasks(
+        config: LogConfig,
+        registry: &Registry,
+        tasks: &Tasks,
+    ) -> Result<(CommitLog, Recovery), LogError> {
         let metrics = LogMetrics::new(registry);
         let cfg = config.clone();
         let Opened {
@@ -397,11 +409,15 @@ impl CommitLog {
         };
         if let FsyncPolicy::Interval(every) = config.fsync {
             let tx = log.tx.downgrade();
-            tokio::spawn(async move {
+            let stop = tasks.child_token();
+            tasks.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
                     let Some(tx) = tx.upgrade() else { return };
                     // A full queue means the writer is busy and will sync anyway.
                     let _ = tx.try_send(Command::Tick);
@@ -411,11 +427,15 @@ impl CommitLog {
         if config.retention_bytes.is_some() || config.retention_age.is_some() {
             let tx = log.tx.downgrade();
             let every = config.retention_check;
-            tokio::spawn(async move {
+            let stop = tasks.child_token();
+            tasks.spawn(async move {
                 // First pass one interval after opening, then every interval.
                 let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
                     let Some(tx) = tx.upgrade() else { return };
                     let _ = tx.try_send(Command::Retention { reply: None });
                 }

@@ -1,27 +1,38 @@
-//! A keyspace at run time: its configuration, its L1 tier and in-flight loads, and — for a
-//! sourced keyspace — its binding to a Postgres table. The patterns (`patterns::*`) operate on
-//! it; the HTTP layer only calls `get`/`put`/`delete`.
+//! A keyspace at run time: the entry state of one named cache and the one door every change
+//! goes through. It owns its configuration, its L1 tier, its in-flight loads (single flight and
+//! their leases), the overlay of pending write-behind writes, and — for a sourced keyspace — its
+//! binding to a Postgres table. It calls nothing above it: the patterns (`patterns::*`) decide
+//! *when* to read, load, write or refresh; this module decides *whether* a result may be
+//! installed (see `cache` for the ordering rules).
+//!
+//! The door: [`Keyspace::mutate`], [`Keyspace::invalidate`], [`Keyspace::clear`] and
+//! [`Keyspace::write_pending`] first mark the key's in-flight load stale, then change the state,
+//! so a load that read the row before the change never installs its older result after it.
+//! Every producer of change events — writes, the CDC applier, the warm load, write-behind, the
+//! flusher — enters through it; [`Keyspace::load`] is the only fill.
 //!
 //! A sourced keyspace is *not ready* until its table has been read from the catalog and the
 //! configuration checked against it; until then its requests answer 503 and `/readyz` says why.
 //! Binding is retried in the background, so a sidecar that starts before its database comes up
 //! becomes ready by itself.
 
-use std::sync::{Arc, Mutex, RwLock};
+pub mod overlay;
 
-use bytes::Bytes;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
 use prometheus::{Histogram, IntCounter};
 
-use crate::cache::{Entry, Flights, Install, Installed, L1};
-use crate::config::{KeyspaceConfig, WriteMode};
+use crate::cache::{Entry, Flights, Install, Installed, L1, Lease};
+use crate::config::KeyspaceConfig;
 use crate::hlc::Hlc;
 use crate::key::{self, Key, KeyError};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::patterns::{read_through, write_through};
 use crate::source::SourceError;
 use crate::source::postgres::schema::{Binding, TableMeta};
 use crate::source::postgres::{PgPool, TableSource};
+use overlay::{Overlay, Pending};
 
 /// What a keyspace operation can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,12 +41,6 @@ pub enum KeyspaceError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("keyspace {0} is read-only (write = \"none\"); configure write = \"through\" to accept writes")]
-    ReadOnly(String),
-    #[error("the body is not valid JSON: {0}")]
-    BadJson(String),
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// Where a read's answer came from.
@@ -43,6 +48,8 @@ pub enum KeyspaceError {
 pub enum Origin {
     /// Served from L1.
     Hit,
+    /// Served from this node's pending write-behind write (not yet in Postgres).
+    Pending,
     /// Loaded from the source by this read (or by the flight it joined).
     Miss,
     /// Served from L1 late in the entry's life, with a background refresh underway.
@@ -101,15 +108,13 @@ pub type LoadHook = Arc<dyn Fn(Arc<str>) -> futures::future::BoxFuture<'static, 
 /// One keyspace.
 pub struct Keyspace {
     pub config: KeyspaceConfig,
-    pub l1: L1,
-    pub(crate) flights: Flights<LoadResult>,
+    l1: L1,
+    flights: Flights<LoadResult>,
     source: RwLock<Option<Arc<TableSource>>>,
     blockers: Mutex<std::collections::BTreeMap<Blocker, String>>,
     load_hook: RwLock<Option<LoadHook>>,
     /// Write-behind writes not yet flushed: reads see them first.
-    pub pending: crate::patterns::write_behind::PendingWrites,
-    /// Refresh-ahead, when the keyspace has it on.
-    refresher: Option<crate::patterns::refresh_ahead::Refresher>,
+    pending: Overlay,
     pub(crate) hlc: Arc<Hlc>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) m: KeyspaceMetrics,
@@ -131,15 +136,7 @@ impl Keyspace {
             source: RwLock::new(None),
             blockers: Mutex::new(blockers),
             load_hook: RwLock::new(None),
-            pending: Default::default(),
-            refresher: (config.refresh_ahead > 0.0).then(|| {
-                crate::patterns::refresh_ahead::Refresher::new(
-                    config.refresh_ahead,
-                    config.refresh_concurrency,
-                    &metrics,
-                    &config.name,
-                )
-            }),
+            pending: Overlay::default(),
             m: KeyspaceMetrics::new(&metrics, &config.name),
             metrics,
             hlc,
@@ -198,12 +195,7 @@ impl Keyspace {
         *self.load_hook.write().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
-    /// Refresh-ahead state, when on.
-    pub fn refresher(&self) -> Option<&crate::patterns::refresh_ahead::Refresher> {
-        self.refresher.as_ref()
-    }
-
-    pub(crate) fn load_hook(&self) -> Option<LoadHook> {
+    fn load_hook(&self) -> Option<LoadHook> {
         self.load_hook.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -251,65 +243,94 @@ impl Keyspace {
         )?)
     }
 
-    /// Reads a key: L1, then (read-through) the table.
-    pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Read, KeyspaceError> {
-        if let Some(p) = self.pending.get(&key.cache_key) {
+    /// What this node serves for `key` without loading: its pending write-behind write, else the
+    /// live L1 entry.
+    pub async fn lookup(&self, key: &str) -> Option<Read> {
+        if let Some(p) = self.pending.get(key) {
             // An acknowledged write not yet flushed: read-your-writes, whatever L1 holds.
             let mut entry = Entry::new(p.doc, Lsn::ZERO, p.version);
             entry.stored_at = p.at;
-            self.m.hits_l1.inc();
-            return Ok(Read {
+            return Some(Read {
                 entry: Arc::new(entry),
-                origin: Origin::Hit,
+                origin: Origin::Pending,
             });
         }
-        read_through::get(self, key).await
+        let entry = self.l1.get(key).await?;
+        Some(Read {
+            entry,
+            origin: Origin::Hit,
+        })
     }
 
-    /// Writes a key's value (a JSON document). Returns the entry now cached.
-    pub async fn put(&self, key: &Key, body: &Bytes) -> Result<Arc<Entry>, KeyspaceError> {
-        if !self.is_sourced() {
-            let value: serde_json::Value =
-                serde_json::from_slice(body).map_err(|e| KeyspaceError::BadJson(e.to_string()))?;
-            let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| KeyspaceError::BadJson(e.to_string()))?);
-            let entry = Entry::new(Some(bytes), Lsn::ZERO, self.hlc.now());
-            self.mutate(key.cache_key.clone(), entry.clone()).await;
-            return Ok(Arc::new(entry));
-        }
-        match self.config.write {
-            WriteMode::None => Err(KeyspaceError::ReadOnly(self.config.name.clone())),
-            WriteMode::Through => write_through::put(self, key, body).await,
-            WriteMode::Behind => Err(KeyspaceError::Unsupported(
-                "write-behind writes go through the server's write-behind service",
-            )),
-        }
+    /// The live L1 entry for `key` (the database's state as this node holds it), ignoring the
+    /// overlay.
+    pub async fn cached(&self, key: &str) -> Option<Arc<Entry>> {
+        self.l1.get(key).await
     }
 
-    /// Deletes a key. `false` when there was nothing to delete.
-    pub async fn delete(&self, key: &Key) -> Result<bool, KeyspaceError> {
-        if !self.is_sourced() {
-            let existed = self.l1.get(&key.cache_key).await.is_some_and(|e| e.value.is_some());
-            self.flights.invalidate(&key.cache_key);
-            self.l1.remove(&key.cache_key).await;
-            return Ok(existed);
-        }
-        match self.config.write {
-            WriteMode::None => Err(KeyspaceError::ReadOnly(self.config.name.clone())),
-            WriteMode::Through => write_through::delete(self, key).await,
-            WriteMode::Behind => Err(KeyspaceError::Unsupported(
-                "write-behind writes go through the server's write-behind service",
-            )),
-        }
+    /// The key's pending write-behind write, if any.
+    pub fn pending(&self, key: &str) -> Option<Pending> {
+        self.pending.get(key)
     }
 
-    /// Installs a mutation's result: marks the key's in-flight load stale first, then installs
-    /// unless the cached state is newer (see `cache` for why this order is safe).
+    /// An entry's lifetime: `ttl`, or `negative_ttl` for "not found".
+    pub fn lifetime(&self, e: &Entry) -> Duration {
+        self.l1.lifetime(e)
+    }
+
+    /// Loads `key` from the table through the keyspace's flights — concurrent loads of one key
+    /// share one query — and installs the result if no change of the key happened while it ran
+    /// (the flight is the load's lease). Returns the loaded entry and whether it was installed.
+    pub async fn load(&self, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
+        let source = self.source()?;
+        let (flight, _leader) = self.flights.join(&key.cache_key);
+        let lease = flight.clone();
+        let result: LoadResult = flight
+            .run(|| async move {
+                let started = std::time::Instant::now();
+                let loaded = source.load(&key.parts).await;
+                self.m.load_seconds.observe(started.elapsed().as_secs_f64());
+                let loaded = match loaded {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.m.loads_error.inc();
+                        return Err(e);
+                    }
+                };
+                if loaded.value.is_some() {
+                    self.m.loads_found.inc();
+                } else {
+                    self.m.loads_absent.inc();
+                }
+                if let Some(hook) = self.load_hook() {
+                    hook(key.cache_key.clone()).await;
+                }
+                let entry = Entry::new(loaded.value, loaded.lsn, self.hlc.now()).with_snapshot(loaded.snapshot);
+                if self
+                    .l1
+                    .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
+                    .await
+                    == Installed::Skipped
+                {
+                    self.m.fills_skipped.inc();
+                }
+                Ok(Arc::new(entry))
+            })
+            .await;
+        self.flights.finish(&key.cache_key, &flight);
+        let held = flight.is_valid();
+        Ok((result?, held))
+    }
+
+    /// The door for a change whose new state is known: marks the key's in-flight load stale
+    /// first, then installs unless the cached state is newer (see `cache` for why this order is
+    /// safe).
     pub async fn mutate(&self, key: Arc<str>, entry: Entry) -> Installed {
         self.flights.invalidate(&key);
         self.l1.install(key, entry, Install::IfNotOlder).await
     }
 
-    /// Forgets a key after a change whose new state is not known.
+    /// The door for a change whose new state is not known: forgets the key.
     pub async fn invalidate(&self, key: &str) {
         self.flights.invalidate(key);
         self.l1.remove(key).await;
@@ -320,4 +341,37 @@ impl Keyspace {
         self.flights.invalidate_all();
         self.l1.clear();
     }
+
+    /// The door for an accepted write-behind write: overlays it for reads (unless a newer one
+    /// is there) and marks the key's in-flight load stale — that load read the old row.
+    pub fn write_pending(&self, key: Arc<str>, p: Pending) {
+        self.flights.invalidate(&key);
+        self.pending.set(key, p);
+    }
+
+    /// The write with `version` (and any older one) reached Postgres, or was set aside: stop
+    /// overlaying it.
+    pub fn settle(&self, key: &str, version: u64) {
+        self.pending.settle(key, version);
+    }
+
+    /// Live numbers for `/v1/keyspaces` and the metrics, after moka's pending bookkeeping.
+    pub async fn stats(&self) -> Stats {
+        self.l1.sync().await;
+        Stats {
+            entries: self.l1.entry_count(),
+            weighted_size_bytes: self.l1.weighted_size(),
+            loads_in_flight: self.flights.len(),
+            pending_writes: self.pending.len(),
+        }
+    }
+}
+
+/// A keyspace's live numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub entries: u64,
+    pub weighted_size_bytes: u64,
+    pub loads_in_flight: usize,
+    pub pending_writes: usize,
 }

@@ -44,6 +44,7 @@ pub mod event;
 pub mod hlc;
 pub mod key;
 pub mod keyspace;
+pub mod lifecycle;
 pub mod lsn;
 pub mod metrics;
 pub mod patterns;

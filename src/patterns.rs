@@ -1,13 +1,199 @@
 //! The caching patterns, one file each, each described for users in `patterns/*.md` at the top
-//! of the repository:
+//! of the repository, and the [`Pipeline`] that assembles them per keyspace at start:
 //!
 //! - [`read_through`]: a miss loads the row; concurrent misses share one load; "not found" is
 //!   remembered for `negative_ttl`; a load never installs over a change made while it ran.
+//! - [`refresh_ahead`]: a read late in an entry's life reloads it in the background.
 //! - [`write_through`]: Postgres first, then the cache holds exactly what Postgres stored.
 //! - [`write_behind`]: durable in the commit log, acknowledged, flushed to Postgres in batches.
-//! - [`refresh_ahead`]: a read late in an entry's life reloads it in the background.
+//!
+//! A pipeline is one keyspace's reader (L1, then read-through with refresh-ahead when
+//! configured; room for more tiers between them) and its writer (memory, none, through or
+//! behind), chosen once from the configuration. The API calls only the pipeline; the pipeline
+//! calls the keyspace's door (`keyspace`), the source and the commit log below it. Nothing
+//! below calls back up.
 
 pub mod read_through;
 pub mod refresh_ahead;
 pub mod write_behind;
 pub mod write_through;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::cache::Entry;
+use crate::commitlog::LogError;
+use crate::config::WriteMode;
+use crate::key::{Key, KeyError};
+use crate::keyspace::{Keyspace, KeyspaceError, Read};
+use crate::lifecycle::Tasks;
+use crate::lsn::Lsn;
+use crate::source::SourceError;
+use refresh_ahead::Refresher;
+use write_behind::{Accepted, WriteBehind};
+
+/// What a read or a write through a pipeline can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PatternError {
+    #[error(transparent)]
+    Keyspace(#[from] KeyspaceError),
+    #[error(
+        "keyspace {0} is read-only (write = \"none\"); configure write = \"through\" or \"behind\" to accept writes"
+    )]
+    ReadOnly(String),
+    #[error("the body is not valid JSON: {0}")]
+    BadJson(String),
+    /// Write-behind: too many writes are waiting for Postgres.
+    #[error(
+        "the write-behind backlog is full ({records} writes, {bytes} bytes unflushed; limits {max_records} and {max_bytes}); retry later"
+    )]
+    BacklogFull {
+        records: u64,
+        bytes: u64,
+        max_records: u64,
+        max_bytes: u64,
+    },
+    /// Write-behind: the commit log could not make the write durable.
+    #[error("the commit log refused the write: {0}")]
+    Log(#[from] LogError),
+    /// The dead-letter store could not be changed.
+    #[error(transparent)]
+    DeadLetters(#[from] write_behind::deadletters::DeadLetterError),
+}
+
+impl From<SourceError> for PatternError {
+    fn from(e: SourceError) -> Self {
+        PatternError::Keyspace(e.into())
+    }
+}
+
+impl From<KeyError> for PatternError {
+    fn from(e: KeyError) -> Self {
+        PatternError::Keyspace(e.into())
+    }
+}
+
+/// What a `PUT` did.
+#[derive(Debug, Clone)]
+pub enum Written {
+    /// Stored (in Postgres first, for write-through); the entry now cached.
+    Stored(Arc<Entry>),
+    /// Durable in the log, Postgres later (write-behind).
+    Accepted(Accepted),
+}
+
+/// What a `DELETE` did.
+#[derive(Debug, Clone)]
+pub enum Removed {
+    Deleted,
+    /// There was nothing to delete.
+    Absent,
+    /// Durable in the log, Postgres later (write-behind).
+    Accepted(Accepted),
+}
+
+/// How a keyspace's writes are handled.
+enum Writer {
+    /// An in-memory keyspace: the cache is the store.
+    Memory,
+    /// `write = "none"` on a table.
+    ReadOnly,
+    Through,
+    Behind(Arc<WriteBehind>),
+}
+
+/// One keyspace's reader and writer, assembled once at start.
+pub struct Pipeline {
+    ks: Arc<Keyspace>,
+    refresher: Option<Arc<Refresher>>,
+    writer: Writer,
+    tasks: Tasks,
+}
+
+impl Pipeline {
+    /// Assembles the keyspace's pipeline. Background work it starts (refreshes) runs under
+    /// `tasks`. `write_behind` must be given for a `write = "behind"` keyspace (config
+    /// validation guarantees the log it needs).
+    pub fn new(ks: Arc<Keyspace>, write_behind: Option<&Arc<WriteBehind>>, tasks: Tasks) -> Result<Pipeline, String> {
+        let c = &ks.config;
+        let writer = match (c.table.is_some(), c.write) {
+            (false, _) => Writer::Memory,
+            (true, WriteMode::None) => Writer::ReadOnly,
+            (true, WriteMode::Through) => Writer::Through,
+            (true, WriteMode::Behind) => Writer::Behind(
+                write_behind
+                    .ok_or_else(|| format!("keyspace {}: write = \"behind\" needs the commit log ([log])", c.name))?
+                    .clone(),
+            ),
+        };
+        let refresher = (c.refresh_ahead > 0.0).then(|| {
+            Arc::new(Refresher::new(
+                c.refresh_ahead,
+                c.refresh_concurrency,
+                &ks.metrics,
+                &c.name,
+            ))
+        });
+        Ok(Pipeline {
+            ks,
+            refresher,
+            writer,
+            tasks,
+        })
+    }
+
+    pub fn keyspace(&self) -> &Arc<Keyspace> {
+        &self.ks
+    }
+
+    /// Refreshes queued or running, when refresh-ahead is on.
+    pub fn refreshes_pending(&self) -> Option<usize> {
+        self.refresher.as_ref().map(|r| r.pending())
+    }
+
+    /// Parses a key from its URL form for this keyspace.
+    pub fn parse_key(&self, raw: &str) -> Result<Key, PatternError> {
+        Ok(self.ks.parse_key(raw)?)
+    }
+
+    /// Reads a key: the pending write, else L1, else (read-through) the table.
+    pub async fn get(&self, key: &Key) -> Result<Read, PatternError> {
+        Ok(read_through::get(&self.ks, self.refresher.as_ref(), &self.tasks, key).await?)
+    }
+
+    /// Writes a key's value (a JSON document).
+    pub async fn put(&self, key: &Key, body: &Bytes) -> Result<Written, PatternError> {
+        match &self.writer {
+            Writer::Memory => {
+                let value: serde_json::Value =
+                    serde_json::from_slice(body).map_err(|e| PatternError::BadJson(e.to_string()))?;
+                let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| PatternError::BadJson(e.to_string()))?);
+                let entry = Entry::new(Some(bytes), Lsn::ZERO, self.ks.hlc.now());
+                self.ks.mutate(key.cache_key.clone(), entry.clone()).await;
+                Ok(Written::Stored(Arc::new(entry)))
+            }
+            Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
+            Writer::Through => write_through::put(&self.ks, key, body).await.map(Written::Stored),
+            Writer::Behind(wb) => wb.put(&self.ks, key, body).await.map(Written::Accepted),
+        }
+    }
+
+    /// Deletes a key.
+    pub async fn delete(&self, key: &Key) -> Result<Removed, PatternError> {
+        match &self.writer {
+            Writer::Memory => {
+                let existed = self.ks.cached(&key.cache_key).await.is_some_and(|e| e.value.is_some());
+                self.ks.invalidate(&key.cache_key).await;
+                Ok(if existed { Removed::Deleted } else { Removed::Absent })
+            }
+            Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
+            Writer::Through => Ok(if write_through::delete(&self.ks, key).await? {
+                Removed::Deleted
+            } else {
+                Removed::Absent
+            }),
+            Writer::Behind(wb) => wb.delete(&self.ks, key).await.map(Removed::Accepted),
+        }
+    }
+}

@@ -1,12 +1,15 @@
-//! Assembles a running sidecar from a [`Config`]: metrics, clock, Postgres pool, keyspaces, the
-//! HTTP listener, and the background tasks; and takes it down again in order.
+//! Assembles a running sidecar from a [`Config`]: metrics, clock, Postgres pool, keyspaces and
+//! their pipelines, the HTTP listener, and the background tasks; and takes it down again in
+//! order.
 //!
-//! Lifecycle: one root `CancellationToken` and one `TaskTracker`. `start` binds the listener
-//! (failing fast if the address is taken) and returns at once; sourced keyspaces bind to their
-//! tables in the background, retrying with capped backoff while Postgres is unreachable, so the
-//! sidecar comes up before its database does and `/readyz` reports the wait. `shutdown` stops
-//! accepting, lets in-flight requests finish within the grace period, then stops the background
-//! tasks, and reports whether everything finished in time.
+//! Lifecycle: every task runs under one [`Lifecycle`], in the phase it belongs to. `start` binds
+//! the listener (failing fast if the address is taken) and returns at once; sourced keyspaces
+//! bind to their tables in the background, retrying with capped [`Backoff`] while Postgres is
+//! unreachable, so the sidecar comes up before its database does and `/readyz` reports the wait.
+//! `shutdown` runs the phases in order within one grace period: stop accepting and let in-flight
+//! requests finish (serve), stop capture after confirming what is durable (capture), flush what
+//! write-behind has left (drain), then sync and close the log (log) — and reports whether every
+//! phase finished in time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +19,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::cdc::applier::Applier;
@@ -26,8 +28,11 @@ use crate::config::Config;
 use crate::config::{CdcMode, WriteMode};
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
+use crate::lifecycle::{Backoff, Lifecycle, Phase};
 use crate::metrics::Metrics;
+use crate::patterns::Pipeline;
 use crate::patterns::write_behind::WriteBehind;
+use crate::patterns::write_behind::deadletters::DeadLetterError;
 use crate::patterns::write_behind::flusher::Flusher;
 use crate::source::SourceError;
 use crate::source::postgres::PgPool;
@@ -48,6 +53,10 @@ pub enum StartError {
     Source(#[from] SourceError),
     #[error("cannot open the commit log: {0}")]
     Log(#[from] crate::commitlog::LogError),
+    #[error("cannot open the write-behind dead letters: {0}")]
+    DeadLetters(#[from] DeadLetterError),
+    #[error("{0}")]
+    Assembly(String),
 }
 
 /// How shutdown ended.
@@ -69,19 +78,13 @@ pub struct CdcStatus {
 }
 
 /// A running sidecar.
-struct FlusherHandle {
-    task: JoinHandle<()>,
-    drain: watch::Sender<bool>,
-    stop: CancellationToken,
-}
-
 pub struct Server {
     addr: SocketAddr,
     cdc: Option<CdcStatus>,
-    flusher: Option<FlusherHandle>,
+    /// Tells the flusher to flush what is left and stop (set at shutdown, after requests).
+    drain: Option<watch::Sender<bool>>,
     state: Arc<AppState>,
-    token: CancellationToken,
-    tracker: TaskTracker,
+    life: Lifecycle,
     http: JoinHandle<std::io::Result<()>>,
     grace: Duration,
 }
@@ -89,6 +92,7 @@ pub struct Server {
 impl Server {
     /// Builds everything and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        let life = Lifecycle::new();
         let metrics = Arc::new(Metrics::new());
         let hlc = Arc::new(Hlc::new());
         let pool = match &config.postgres {
@@ -105,7 +109,8 @@ impl Server {
             .collect();
         let log = match &config.log {
             Some(cfg) => {
-                let (log, recovery) = CommitLog::open(cfg.clone(), &metrics.registry).await?;
+                let (log, recovery) =
+                    CommitLog::open_with_tasks(cfg.clone(), &metrics.registry, &life.tasks(Phase::Log)).await?;
                 tracing::info!(dir = %cfg.dir.display(), start = %log.start(), end = %log.end(), segments = recovery.segments, "commit log open");
                 Some(log)
             }
@@ -140,15 +145,24 @@ impl Server {
                 )?;
                 let wb = Arc::new(wb);
                 let w = wb.clone();
-                tokio::task::spawn_blocking(move || w.recover())
+                life.tasks(Phase::Serve)
+                    .spawn_blocking(move || w.recover())
                     .await
                     .map_err(|e| StartError::Log(crate::commitlog::LogError::Failed(e.to_string())))??;
                 Some(wb)
             }
             _ => None,
         };
+        let serve = life.tasks(Phase::Serve);
+        let pipelines = keyspaces
+            .iter()
+            .map(|(name, ks)| {
+                Pipeline::new(ks.clone(), write_behind.as_ref(), serve.clone()).map(|p| (name.clone(), p))
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(StartError::Assembly)?;
         let state = Arc::new(AppState {
-            keyspaces,
+            pipelines,
             server: config.server.clone(),
             metrics,
             pool: pool.clone(),
@@ -156,16 +170,13 @@ impl Server {
             write_behind,
         });
 
-        let token = CancellationToken::new();
-        let tracker = TaskTracker::new();
         if let Some(pool) = &pool {
-            for ks in state.keyspaces.values().filter(|k| k.is_sourced()) {
-                tracker.spawn(bind_until_ready(ks.clone(), pool.clone(), token.child_token()));
+            for ks in state.keyspaces().filter(|k| k.is_sourced()) {
+                serve.spawn(bind_until_ready(ks.clone(), pool.clone(), serve.child_token()));
             }
         }
         let cdc_keyspaces: Vec<Arc<Keyspace>> = state
-            .keyspaces
-            .values()
+            .keyspaces()
             .filter(|k| k.config.cdc != CdcMode::Off)
             .cloned()
             .collect();
@@ -178,6 +189,7 @@ impl Server {
                     reason: "CDC needs [postgres] and [log]".into(),
                 }));
             };
+            let capture_tasks = life.tasks(Phase::Capture);
             let (capture, gate) = Capture::new(CaptureParts {
                 pg,
                 pool,
@@ -188,6 +200,7 @@ impl Server {
                 hlc: hlc.clone(),
                 metrics: state.metrics.clone(),
                 max_key_bytes: config.server.max_key_bytes,
+                tasks: capture_tasks.clone(),
             });
             let by_name = cdc_keyspaces
                 .iter()
@@ -198,36 +211,35 @@ impl Server {
                 slot: capture.slot().to_string(),
                 applied,
             });
-            tracker.spawn(capture.run(token.child_token()));
-            tracker.spawn(applier.run(gate, token.child_token()));
+            capture_tasks.spawn(capture.run());
+            capture_tasks.spawn(applier.run(gate, capture_tasks.child_token()));
         }
-        // The flusher stops on its own token: at shutdown it drains after requests have stopped.
-        let mut flusher = None;
+        // The flusher runs in the drain phase: at shutdown it drains after requests and capture
+        // have stopped.
+        let mut drain = None;
         if let (Some(wb), Some(pool)) = (state.write_behind.clone(), pool.clone()) {
             let marker = state
-                .keyspaces
-                .values()
+                .keyspaces()
                 .any(|k| k.config.write == WriteMode::Behind && k.config.cdc != CdcMode::Off);
-            let (drain, drain_rx) = watch::channel(false);
-            let stop = CancellationToken::new();
-            let task = tokio::spawn(Flusher::new(wb, pool, marker).run(drain_rx, stop.clone()));
-            flusher = Some(FlusherHandle { task, drain, stop });
+            let (tx, rx) = watch::channel(false);
+            let tasks = life.tasks(Phase::Drain);
+            tasks.spawn(Flusher::new(wb, pool, marker).run(rx, tasks.clone()));
+            drain = Some(tx);
         }
         let app = api::router(state.clone());
-        let stop = token.clone();
+        let stop = serve.token().clone();
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });
-        tracing::info!(%addr, keyspaces = state.keyspaces.len(), "cachesync started");
+        tracing::info!(%addr, keyspaces = state.pipelines.len(), "cachesync started");
         Ok(Server {
             addr,
             cdc,
-            flusher,
+            drain,
             state,
-            token,
-            tracker,
+            life,
             http,
             grace: config.server.shutdown_grace,
         })
@@ -240,6 +252,11 @@ impl Server {
 
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// A keyspace by name.
+    pub fn keyspace(&self, name: &str) -> Option<&Arc<Keyspace>> {
+        self.state.pipelines.get(name).map(Pipeline::keyspace)
     }
 
     /// CDC's slot and progress, when any keyspace has CDC on.
@@ -269,7 +286,7 @@ impl Server {
 
     /// Whether every keyspace can serve.
     pub fn is_ready(&self) -> bool {
-        self.state.keyspaces.values().all(|k| k.readiness().is_ok())
+        self.state.keyspaces().all(|k| k.readiness().is_ok())
     }
 
     /// Waits until every keyspace can serve, or the deadline passes (returns the last reasons).
@@ -282,8 +299,7 @@ impl Server {
             if tokio::time::Instant::now() >= deadline {
                 let reasons: Vec<String> = self
                     .state
-                    .keyspaces
-                    .values()
+                    .keyspaces()
                     .filter_map(|k| k.readiness().err().map(|r| format!("{}: {r}", k.name())))
                     .collect();
                 return Err(reasons.join("; "));
@@ -292,30 +308,38 @@ impl Server {
         }
     }
 
-    /// Stops accepting, lets in-flight requests finish within the grace period, then stops the
-    /// background tasks.
+    /// Shuts down in order, within the grace period: stop accepting and finish in-flight
+    /// requests; stop capture (it confirms what is durable before it leaves); drain write-behind;
+    /// sync and close the log. Logs each phase that ran out of time.
     pub async fn shutdown(self) -> Drain {
-        self.token.cancel();
-        self.tracker.close();
         let deadline = tokio::time::Instant::now() + self.grace;
         let mut outcome = Drain::Complete;
+        let mut late = |phase: Phase| {
+            tracing::warn!(phase = phase.name(), "shutdown: the grace period ran out in this phase");
+            outcome = Drain::TimedOut;
+        };
+        // 1. Serve: the listener stops accepting; requests in flight finish.
+        let serve = self.life.tasks(Phase::Serve);
+        serve.token().cancel();
         let mut http = self.http;
         if tokio::time::timeout_at(deadline, &mut http).await.is_err() {
             http.abort();
-            outcome = Drain::TimedOut;
+            late(Phase::Serve);
         }
-        if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err() {
-            outcome = Drain::TimedOut;
+        if !serve.stop(deadline).await {
+            late(Phase::Serve);
         }
-        // No request can add writes now: flush what is left, within the grace period. What
-        // does not make it stays durable in the log and is flushed on the next start.
-        if let Some(f) = self.flusher {
-            let _ = f.drain.send(true);
-            let mut task = f.task;
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                f.stop.cancel();
-                let _ = task.await;
-                outcome = Drain::TimedOut;
+        // 2. Capture: the stream confirms its durable position and leaves; the applier stops.
+        if !self.life.tasks(Phase::Capture).stop(deadline).await {
+            late(Phase::Capture);
+        }
+        // 3. Drain: no request can add writes now; flush what is left, within the grace period.
+        // What does not make it stays durable in the log and is flushed on the next start.
+        let drain = self.life.tasks(Phase::Drain);
+        if let Some(tx) = &self.drain {
+            let _ = tx.send(true);
+            if !drain.finish(deadline).await {
+                late(Phase::Drain);
             }
             if let Some(wb) = &self.state.write_behind {
                 let left = wb.backlog.records.load(std::sync::atomic::Ordering::Relaxed);
@@ -329,21 +353,34 @@ impl Server {
                 }
             }
         }
-        // Last: make everything appended durable and stop the writer.
+        // Cut off what is still draining (it resumes from its durable cursor on the next start).
+        drain.stop(tokio::time::Instant::now() + CUTOFF_WAIT).await;
+        // 4. Log: make everything appended durable, stop the writer and the timers.
         if let Some(log) = self.state.log.clone()
             && let Err(e) = log.close().await
         {
             tracing::error!(error = %e, "closing the commit log failed");
             outcome = Drain::TimedOut;
         }
+        if !self
+            .life
+            .tasks(Phase::Log)
+            .stop(deadline.max(tokio::time::Instant::now() + CUTOFF_WAIT))
+            .await
+        {
+            outcome = Drain::TimedOut;
+        }
         outcome
     }
 }
 
+/// How long a phase cut off after the grace period gets to wind down.
+const CUTOFF_WAIT: Duration = Duration::from_secs(2);
+
 /// Binds one keyspace to its table, retrying with capped exponential backoff until it works or
 /// the server shuts down. Logs each distinct failure once, so a long outage is not a log flood.
 async fn bind_until_ready(ks: Arc<Keyspace>, pool: Arc<PgPool>, stop: CancellationToken) {
-    let mut wait = BIND_RETRY_INITIAL;
+    let mut backoff = Backoff::new(BIND_RETRY_INITIAL, BIND_RETRY_MAX);
     let mut last_reason = String::new();
     loop {
         let attempt = tokio::select! {
@@ -362,10 +399,8 @@ async fn bind_until_ready(ks: Arc<Keyspace>, pool: Arc<PgPool>, stop: Cancellati
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.cancelled() => return,
+        if !backoff.wait(&stop).await {
+            return;
         }
-        wait = (wait * 2).min(BIND_RETRY_MAX);
     }
 }

@@ -14,8 +14,9 @@ use super::error::ApiError;
 /// `GET /v1/keyspaces`: each keyspace's settings and live stats.
 pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
     let mut out = Vec::new();
-    for ks in st.keyspaces.values() {
-        ks.l1.sync().await;
+    for p in st.pipelines.values() {
+        let ks = p.keyspace();
+        let stats = ks.stats().await;
         let m = &ks.m;
         out.push(json!({
             "name": ks.name(),
@@ -23,16 +24,17 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
             "ready": ks.readiness().is_ok(),
             "not_ready_reason": ks.readiness().err(),
             "stats": {
-                "entries": ks.l1.entry_count(),
-                "weighted_size_bytes": ks.l1.weighted_size(),
+                "entries": stats.entries,
+                "weighted_size_bytes": stats.weighted_size_bytes,
                 "hits": m.hits_l1.get(),
                 "misses": m.misses.get(),
                 "loads_found": m.loads_found.get(),
                 "loads_absent": m.loads_absent.get(),
                 "load_errors": m.loads_error.get(),
                 "fills_skipped": m.fills_skipped.get(),
-                "loads_in_flight": ks.flights.len(),
-                "refreshes_pending": ks.refresher().map(|r| r.pending()),
+                "loads_in_flight": stats.loads_in_flight,
+                "pending_writes": stats.pending_writes,
+                "refreshes_pending": p.refreshes_pending(),
             },
         }));
     }
@@ -42,14 +44,14 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
 /// `GET /metrics`: refreshes the mirrored gauges, then renders the registry.
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.metrics;
-    for ks in st.keyspaces.values() {
-        ks.l1.sync().await;
+    for ks in st.keyspaces() {
+        let stats = ks.stats().await;
         m.cache_entries
             .with_label_values(&[ks.name()])
-            .set(ks.l1.entry_count() as i64);
+            .set(stats.entries as i64);
         m.cache_weighted_bytes
             .with_label_values(&[ks.name()])
-            .set(ks.l1.weighted_size() as i64);
+            .set(stats.weighted_size_bytes as i64);
         m.keyspace_ready
             .with_label_values(&[ks.name()])
             .set(ks.readiness().is_ok() as i64);
@@ -85,8 +87,7 @@ pub async fn healthz() -> Json<Value> {
 /// `GET /readyz`: 200 when every keyspace can serve, else 503 naming each one that cannot and why.
 pub async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     let not_ready: serde_json::Map<String, Value> = st
-        .keyspaces
-        .values()
+        .keyspaces()
         .filter_map(|ks| ks.readiness().err().map(|r| (ks.name().to_string(), Value::String(r))))
         .collect();
     if not_ready.is_empty() {
@@ -157,11 +158,7 @@ pub async fn drop_deadletter(State(st): State<Arc<AppState>>, Path(id): Path<Str
                 "not_found",
                 format!("no dead letter {id}"),
             )),
-            Err(e) => Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            )),
+            Err(e) => Err(e.into()),
         }
     }
     .await;

@@ -5,8 +5,11 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::commitlog::LogError;
 use crate::key::KeyError;
 use crate::keyspace::KeyspaceError;
+use crate::patterns::PatternError;
+use crate::patterns::write_behind::deadletters::DeadLetterError;
 use crate::source::SourceError;
 
 /// Seconds a 503 asks the client to wait before retrying.
@@ -89,12 +92,39 @@ impl From<KeyspaceError> for ApiError {
         match e {
             KeyspaceError::Source(e) => e.into(),
             KeyspaceError::Key(e) => e.into(),
-            KeyspaceError::ReadOnly(_) => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string()),
-            KeyspaceError::BadJson(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
-            KeyspaceError::Unsupported(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            }
         }
+    }
+}
+
+impl From<PatternError> for ApiError {
+    fn from(e: PatternError) -> ApiError {
+        match e {
+            PatternError::Keyspace(e) => e.into(),
+            PatternError::ReadOnly(_) => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string()),
+            PatternError::BadJson(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+            PatternError::BacklogFull { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backlog_full", e.to_string())
+            }
+            PatternError::Log(log) => log.into(),
+            PatternError::DeadLetters(d) => d.into(),
+        }
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> ApiError {
+        // The write could not be made durable here: nothing was acknowledged or changed.
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log_unavailable",
+            format!("the commit log refused the write: {e}"),
+        )
+    }
+}
+
+impl From<DeadLetterError> for ApiError {
+    fn from(e: DeadLetterError) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "deadletter_store", e.to_string())
     }
 }
 

@@ -14,11 +14,11 @@ use serde::Deserialize;
 use super::AppState;
 use super::error::ApiError;
 use crate::cache::Entry;
-use crate::config::WriteMode;
 use crate::key::Key;
-use crate::keyspace::{Keyspace, Origin};
+use crate::keyspace::Origin;
 use crate::metrics::UNKNOWN_KEYSPACE;
-use crate::patterns::write_behind::{Accepted, WriteBehind};
+use crate::patterns::write_behind::Accepted;
+use crate::patterns::{Pipeline, Removed, Written};
 
 /// Splits `/v1/kv/{keyspace}/{key...}` into the decoded keyspace name and the raw key.
 fn split_path(uri: &Uri) -> (String, &str) {
@@ -29,7 +29,7 @@ fn split_path(uri: &Uri) -> (String, &str) {
 
 /// Records the request in the metrics and returns the response.
 fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -> Response {
-    let label = if st.keyspaces.contains_key(ks) {
+    let label = if st.pipelines.contains_key(ks) {
         ks
     } else {
         UNKNOWN_KEYSPACE
@@ -45,10 +45,10 @@ fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -
     resp
 }
 
-fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Arc<Keyspace>, Key), ApiError> {
-    let keyspace = st.keyspace(ks)?;
-    let key = keyspace.parse_key(raw_key)?;
-    Ok((keyspace, key))
+fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Pipeline, Key), ApiError> {
+    let pipeline = st.pipeline(ks)?;
+    let key = pipeline.parse_key(raw_key)?;
+    Ok((pipeline, key))
 }
 
 fn etag(entry: &Entry) -> HeaderValue {
@@ -57,7 +57,8 @@ fn etag(entry: &Entry) -> HeaderValue {
 
 fn x_cache(origin: Origin) -> HeaderValue {
     HeaderValue::from_static(match origin {
-        Origin::Hit => "hit",
+        // A pending write-behind write is this node's own state: a hit.
+        Origin::Hit | Origin::Pending => "hit",
         Origin::Miss => "miss",
         Origin::Refreshing => "stale-refreshing",
     })
@@ -77,8 +78,8 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
     let started = Instant::now();
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
-        let (keyspace, key) = lookup(&st, &ks, raw_key)?;
-        let read = keyspace.get(&key).await?;
+        let (pipeline, key) = lookup(&st, &ks, raw_key)?;
+        let read = pipeline.get(&key).await?;
         let entry = &read.entry;
         let mut resp = match &entry.value {
             None => ApiError::not_found(&ks, &key.cache_key).into_response(),
@@ -120,16 +121,6 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Byt
     })
 }
 
-fn write_behind(st: &AppState) -> Result<&Arc<WriteBehind>, ApiError> {
-    st.write_behind.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the write-behind service is not running",
-        )
-    })
-}
-
 /// 202: durable here, Postgres later. The body is the document reads now see (for a delete,
 /// `{"deleted": true}`); `ETag` the write's version, `X-Log-Offset` its place in the log.
 fn accepted_response(a: &Accepted) -> Response {
@@ -152,15 +143,12 @@ pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, 
     let started = Instant::now();
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
-        let (keyspace, key) = lookup(&st, &ks, raw_key)?;
+        let (pipeline, key) = lookup(&st, &ks, raw_key)?;
         let body = read_body(&st, &headers, body).await?;
-        if keyspace.config.write == WriteMode::Behind {
-            let accepted = write_behind(&st)?.put(keyspace, &key, &body).await?;
-            return Ok(accepted_response(&accepted));
-        }
-        let entry = keyspace.put(&key, &body).await?;
-        let value = entry.value.clone().unwrap_or_default();
-        Ok::<_, ApiError>(document(value, &entry))
+        Ok::<_, ApiError>(match pipeline.put(&key, &body).await? {
+            Written::Stored(entry) => document(entry.value.clone().unwrap_or_default(), &entry),
+            Written::Accepted(accepted) => accepted_response(&accepted),
+        })
     }
     .await
     .unwrap_or_else(IntoResponse::into_response);
@@ -172,15 +160,11 @@ pub async fn delete(State(st): State<Arc<AppState>>, uri: Uri) -> Response {
     let started = Instant::now();
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
-        let (keyspace, key) = lookup(&st, &ks, raw_key)?;
-        if keyspace.config.write == WriteMode::Behind {
-            let accepted = write_behind(&st)?.delete(keyspace, &key).await?;
-            return Ok(accepted_response(&accepted));
-        }
-        if keyspace.delete(&key).await? {
-            Ok(StatusCode::NO_CONTENT.into_response())
-        } else {
-            Err(ApiError::not_found(&ks, &key.cache_key))
+        let (pipeline, key) = lookup(&st, &ks, raw_key)?;
+        match pipeline.delete(&key).await? {
+            Removed::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+            Removed::Absent => Err(ApiError::not_found(&ks, &key.cache_key)),
+            Removed::Accepted(accepted) => Ok(accepted_response(&accepted)),
         }
     }
     .await
@@ -201,7 +185,7 @@ pub async fn mget(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap,
     let started = Instant::now();
     let (ks, _) = split_path(&uri);
     let resp = async {
-        let keyspace = st.keyspace(&ks)?;
+        let pipeline = st.pipeline(&ks)?;
         let body = read_body(&st, &headers, body).await?;
         let req: MgetRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("expected {{\"keys\": [\"k1\", ...]}}: {e}")))?;
@@ -212,7 +196,7 @@ pub async fn mget(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap,
                 st.server.max_mget_keys
             )));
         }
-        let items = futures::future::join_all(req.keys.iter().map(|raw| mget_one(keyspace, raw))).await;
+        let items = futures::future::join_all(req.keys.iter().map(|raw| mget_one(pipeline, raw))).await;
         let mut out = Vec::with_capacity(64 * items.len());
         out.extend_from_slice(b"{\"items\":[");
         for (i, item) in items.iter().enumerate() {
@@ -235,10 +219,10 @@ pub async fn mget(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap,
 /// One `_mget` item as JSON text, the cached document spliced in without re-parsing (stored
 /// values are always valid JSON: rendered from a row, or parsed on `PUT`). Keys use the same
 /// encoding as in URLs.
-async fn mget_one(keyspace: &Arc<Keyspace>, raw: &str) -> String {
+async fn mget_one(pipeline: &Pipeline, raw: &str) -> String {
     let key_json = serde_json::to_string(raw).unwrap_or_default();
-    let read = match keyspace.parse_key(raw) {
-        Ok(key) => keyspace.get(&key).await.map_err(ApiError::from),
+    let read = match pipeline.parse_key(raw) {
+        Ok(key) => pipeline.get(&key).await.map_err(ApiError::from),
         Err(e) => Err(ApiError::from(e)),
     };
     match read {

@@ -21,7 +21,7 @@
 //!    slot does not pin WAL; optional heartbeats (`pg_logical_emit_message`) keep a quiet
 //!    database's slot moving.
 //!
-//! Any error ends the session; the supervisor retries with capped, jittered backoff. CDC
+//! Any error ends the session; the supervisor retries with capped, jittered [`Backoff`]. CDC
 //! keyspaces are not ready until their first warm load is done, and stop being ready when the
 //! stream has been down longer than `ready_grace`.
 
@@ -46,6 +46,7 @@ use crate::config::{CdcConfig, PostgresConfig};
 use crate::event::{ChangeEvent, Source};
 use crate::hlc::Hlc;
 use crate::keyspace::{Blocker, Keyspace};
+use crate::lifecycle::{Backoff, Tasks};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::postgres::sql::{qualified, quote_ident};
@@ -57,9 +58,9 @@ use transport::PgwireSource;
 /// Events of one transaction appended per log write; bounds memory for huge transactions.
 const CHUNK_EVENTS: usize = 4096;
 /// First wait before reconnecting.
-const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 /// Longest wait between reconnects.
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A session that streamed this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Appends awaiting durability at once; the stream reads no further until one completes.
@@ -96,6 +97,7 @@ pub struct Capture {
     metrics: Arc<Metrics>,
     gate: watch::Sender<Gate>,
     max_key_bytes: usize,
+    tasks: Tasks,
     /// A warm start has happened in this process (the caches hold stream-fed data).
     warmed: bool,
 }
@@ -111,6 +113,8 @@ pub struct CaptureParts {
     pub hlc: Arc<Hlc>,
     pub metrics: Arc<Metrics>,
     pub max_key_bytes: usize,
+    /// Where the capture's own tasks (heartbeat, snapshot workers) run.
+    pub tasks: Tasks,
 }
 
 impl Capture {
@@ -134,6 +138,7 @@ impl Capture {
                 metrics: p.metrics,
                 gate,
                 max_key_bytes: p.max_key_bytes,
+                tasks: p.tasks,
                 warmed: false,
             },
             rx,
@@ -150,12 +155,13 @@ impl Capture {
         }
     }
 
-    /// Runs sessions until `stop`, reconnecting after failures.
-    pub async fn run(mut self, stop: CancellationToken) {
+    /// Runs sessions until its phase stops, reconnecting after failures.
+    pub async fn run(mut self) {
+        let stop = self.tasks.child_token();
         if let Some(every) = self.config.heartbeat {
-            tokio::spawn(heartbeat(self.pool.clone(), every, stop.clone()));
+            self.tasks.spawn(heartbeat(self.pool.clone(), every, stop.clone()));
         }
-        let mut wait = BACKOFF_INITIAL;
+        let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let mut down_since: Option<Instant> = None;
         loop {
             self.metrics
@@ -173,13 +179,14 @@ impl Capture {
             if let Some(t) = streaming_since {
                 down_since = Some(Instant::now());
                 if t.elapsed() >= HEALTHY_SESSION {
-                    wait = BACKOFF_INITIAL;
+                    backoff.reset();
                 }
             }
             let since = *down_since.get_or_insert_with(Instant::now);
+            let wait = backoff.next_delay();
             tracing::warn!(slot = %self.slot, error = %e, retry_in_ms = wait.as_millis() as u64, "replication stream failed; reconnecting");
             // Wait out the backoff, marking the keyspaces not ready once the grace has passed.
-            let deadline = Instant::now() + wait.mul_f64(0.5 + rand::random::<f64>());
+            let deadline = Instant::now() + wait;
             while Instant::now() < deadline {
                 let grace_left = self.config.ready_grace.saturating_sub(since.elapsed());
                 if grace_left.is_zero() {
@@ -198,7 +205,6 @@ impl Capture {
                     _ = stop.cancelled() => return,
                 }
             }
-            wait = (wait * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -299,6 +305,7 @@ impl Capture {
                 &self.hlc,
                 &self.metrics,
                 self.max_key_bytes,
+                &self.tasks,
             )
             .await?;
             tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), consistent_point = %cp, "warm start loaded the CDC keyspaces");

@@ -34,8 +34,8 @@ use tokio::time::Instant;
 use crate::cache::Entry;
 use crate::key::Key;
 use crate::keyspace::{Keyspace, Origin};
+use crate::lifecycle::Tasks;
 use crate::metrics::Metrics;
-use crate::patterns::read_through;
 
 /// Pending refreshes (queued or running) allowed per refresh slot.
 pub const PENDING_PER_SLOT: usize = 256;
@@ -174,22 +174,27 @@ impl Refresher {
 
 /// Called on every L1 hit: schedules a refresh when the entry is in its refresh window, and
 /// says how the read should be reported.
-pub fn on_hit(ks: &Arc<Keyspace>, key: &Key, entry: &Entry) -> Origin {
-    let Some(r) = ks.refresher() else {
-        return Origin::Hit;
-    };
-    match r.check(&key.cache_key, entry.stored_at, ks.l1.lifetime(entry)) {
+pub fn on_hit(r: &Arc<Refresher>, ks: &Arc<Keyspace>, tasks: &Tasks, key: &Key, entry: &Entry) -> Origin {
+    match r.check(&key.cache_key, entry.stored_at, ks.lifetime(entry)) {
         Check::Fresh | Check::Later => Origin::Hit,
         Check::Refreshing { start } => {
             if start {
-                tokio::spawn(refresh(ks.clone(), key.clone()));
+                let stop = tasks.child_token();
+                let (r, ks, key) = (r.clone(), ks.clone(), key.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = refresh(&r, &ks, &key) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
             }
             Origin::Refreshing
         }
     }
 }
 
-/// Marks the key's refresh over when dropped (also if the task panics or is cancelled).
+/// Marks the key's refresh over when dropped (also if the task panics or is cancelled at
+/// shutdown).
 struct Finish<'a> {
     r: &'a Refresher,
     key: &'a Arc<str>,
@@ -204,10 +209,7 @@ impl Drop for Finish<'_> {
 
 /// One background refresh: waits for a slot, reloads the key if it is still due, installs the
 /// result under the load's lease.
-async fn refresh(ks: Arc<Keyspace>, key: Key) {
-    let Some(r) = ks.refresher() else {
-        return;
-    };
+async fn refresh(r: &Refresher, ks: &Keyspace, key: &Key) {
     let mut finish = Finish {
         r,
         key: &key.cache_key,
@@ -220,17 +222,17 @@ async fn refresh(ks: Arc<Keyspace>, key: Key) {
         return;
     };
     // Still wanted? While it waited, the entry may have been changed, evicted or expired.
-    let Some(entry) = ks.l1.get(&key.cache_key).await else {
+    let Some(entry) = ks.cached(&key.cache_key).await else {
         return;
     };
-    let life = ks.l1.lifetime(&entry);
+    let life = ks.lifetime(&entry);
     if !r.is_due(entry.stored_at, life) {
         return;
     }
     r.m.started.inc();
     r.m.in_flight.inc();
     let started = Instant::now();
-    let result = read_through::reload(&ks, &key).await;
+    let result = ks.load(key).await.map(|(_, installed)| installed);
     r.m.in_flight.dec();
     r.m.duration.observe(started.elapsed().as_secs_f64());
     match result {

@@ -22,8 +22,8 @@ pub mod flusher;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -33,65 +33,16 @@ use crate::config::WriteBehindConfig;
 use crate::event::{ChangeEvent, Op, Source};
 use crate::hlc::Hlc;
 use crate::key::Key;
-use crate::keyspace::{Keyspace, KeyspaceError};
+use crate::keyspace::Keyspace;
+use crate::keyspace::overlay::Pending;
 use crate::metrics::Metrics;
+use crate::patterns::PatternError;
 use crate::source::SourceError;
 use crate::source::postgres::render::render_value;
 use deadletters::DeadLetters;
 
 /// Striped locks serializing writes of one key.
 const STRIPES: usize = 256;
-
-/// One key's unflushed write, as reads see it.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    /// The document after the write; `None` for a delete.
-    pub doc: Option<Bytes>,
-    /// The write's version (HLC): orders and identifies it.
-    pub version: u64,
-    /// When it was accepted (for `Age`).
-    pub at: tokio::time::Instant,
-}
-
-/// The unflushed writes of one keyspace.
-#[derive(Debug, Default)]
-pub struct PendingWrites {
-    map: Mutex<HashMap<Arc<str>, Pending>>,
-}
-
-impl PendingWrites {
-    pub fn get(&self, key: &str) -> Option<Pending> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
-    }
-
-    /// Records a write unless a newer one is already recorded.
-    pub fn set(&self, key: Arc<str>, p: Pending) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&key) {
-            Some(old) if old.version > p.version => {}
-            _ => {
-                map.insert(key, p);
-            }
-        }
-    }
-
-    /// The write with `version` (and any older one) is done: stop overlaying it. A newer
-    /// pending write of the key stays.
-    pub fn settle(&self, key: &str, version: u64) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(key).is_some_and(|p| p.version <= version) {
-            map.remove(key);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// What a 202 reports.
 #[derive(Debug, Clone)]
@@ -137,7 +88,7 @@ impl WriteBehind {
         hlc: Arc<Hlc>,
         metrics: Arc<Metrics>,
         keyspaces: HashMap<String, Arc<Keyspace>>,
-    ) -> Result<WriteBehind, crate::commitlog::LogError> {
+    ) -> Result<WriteBehind, deadletters::DeadLetterError> {
         let deadletters = DeadLetters::open(&log.config().dir.join("deadletters"))?;
         metrics.wb_deadletters.set(deadletters.len() as i64);
         Ok(WriteBehind {
@@ -164,39 +115,40 @@ impl WriteBehind {
         &self.stripes[(h.finish() as usize) % STRIPES]
     }
 
-    fn check_backlog(&self) -> Result<(), KeyspaceError> {
+    fn check_backlog(&self) -> Result<(), PatternError> {
         let (records, bytes) = (
             self.backlog.records.load(Ordering::Relaxed),
             self.backlog.bytes.load(Ordering::Relaxed),
         );
         if records >= self.config.max_backlog_records || bytes >= self.config.max_backlog_bytes {
             self.metrics.wb_rejected.inc();
-            return Err(KeyspaceError::Source(SourceError::Unavailable(format!(
-                "the write-behind backlog is full ({records} writes, {bytes} bytes unflushed; limits {} and {}); retry later",
-                self.config.max_backlog_records, self.config.max_backlog_bytes
-            ))));
+            return Err(PatternError::BacklogFull {
+                records,
+                bytes,
+                max_records: self.config.max_backlog_records,
+                max_bytes: self.config.max_backlog_bytes,
+            });
         }
         Ok(())
     }
 
     /// Accepts a `PUT`: validates the body against the table, appends the write durably, and
     /// makes it visible to reads on this node.
-    pub async fn put(&self, ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Accepted, KeyspaceError> {
+    pub async fn put(&self, ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Accepted, PatternError> {
         let fields = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(map)) => map,
             Ok(_) => return Err(SourceError::BadBody("expected a JSON object of fields".into()).into()),
-            Err(e) => return Err(KeyspaceError::BadJson(e.to_string())),
+            Err(e) => return Err(PatternError::BadJson(e.to_string())),
         };
         let source = ks.source()?;
         source.check_body(&key.parts, &fields)?;
         let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
         // The document after this write: what the key had (pending, else cached) with the named
         // fields replaced.
-        let base: Option<Map<String, Value>> = match ks.pending.get(&key.cache_key) {
+        let base: Option<Map<String, Value>> = match ks.pending(&key.cache_key) {
             Some(p) => p.doc.and_then(|d| serde_json::from_slice(&d).ok()),
             None => ks
-                .l1
-                .get(&key.cache_key)
+                .cached(&key.cache_key)
                 .await
                 .and_then(|e| e.value.clone())
                 .and_then(|d| serde_json::from_slice(&d).ok()),
@@ -245,7 +197,7 @@ impl WriteBehind {
     }
 
     /// Accepts a `DELETE`.
-    pub async fn delete(&self, ks: &Keyspace, key: &Key) -> Result<Accepted, KeyspaceError> {
+    pub async fn delete(&self, ks: &Keyspace, key: &Key) -> Result<Accepted, PatternError> {
         ks.source()?;
         let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
         self.accept(ks, key, Op::Delete, None, Vec::new()).await
@@ -259,7 +211,7 @@ impl WriteBehind {
         op: Op,
         doc: Option<Bytes>,
         written: Vec<String>,
-    ) -> Result<Accepted, KeyspaceError> {
+    ) -> Result<Accepted, PatternError> {
         self.check_backlog()?;
         let version = self.hlc.now();
         let event = ChangeEvent::of(op, ks.name(), &*key.cache_key, doc.clone())
@@ -268,12 +220,10 @@ impl WriteBehind {
             .with_written(written);
         let payload = event.encode();
         let size = payload.len() as u64;
-        let range = self.log.append(vec![payload]).await.map_err(|e| {
-            KeyspaceError::Source(SourceError::Unavailable(format!(
-                "the commit log refused the write: {e}"
-            )))
-        })?;
-        ks.pending.set(
+        let range = self.log.append(vec![payload]).await?;
+        // Through the keyspace's door: a load in flight for the key read the old row and must
+        // not install it.
+        ks.write_pending(
             key.cache_key.clone(),
             Pending {
                 doc: doc.clone(),
@@ -281,8 +231,6 @@ impl WriteBehind {
                 at: tokio::time::Instant::now(),
             },
         );
-        // A load in flight for the key read the old row: it must not install it.
-        ks.flights.invalidate(&key.cache_key);
         self.backlog.records.fetch_add(1, Ordering::Relaxed);
         self.backlog.bytes.fetch_add(size, Ordering::Relaxed);
         let _ = self.backlog.oldest_ms.compare_exchange(
@@ -322,7 +270,7 @@ impl WriteBehind {
                 let Some(ks) = self.keyspaces.get(&e.keyspace) else {
                     continue;
                 };
-                ks.pending.set(
+                ks.write_pending(
                     e.key.as_str().into(),
                     Pending {
                         doc: if e.op == Op::Delete { None } else { e.value.clone() },
@@ -367,7 +315,7 @@ impl WriteBehind {
     }
 
     /// Puts a dead letter back in the log as a new write; `None` when there is no such letter.
-    pub async fn requeue(&self, id: u64) -> Result<Option<Accepted>, KeyspaceError> {
+    pub async fn requeue(&self, id: u64) -> Result<Option<Accepted>, PatternError> {
         let Some(letter) = self.deadletters.get(id) else {
             return Ok(None);
         };
@@ -389,9 +337,7 @@ impl WriteBehind {
                 letter.written.clone(),
             )
             .await?;
-        self.deadletters
-            .remove(id)
-            .map_err(|e| KeyspaceError::Source(SourceError::Unavailable(e.to_string())))?;
+        self.deadletters.remove(id)?;
         Ok(Some(accepted))
     }
 }

@@ -21,15 +21,16 @@ use serde_json::Value;
 
 use crate::cache::Entry;
 use crate::key::Key;
-use crate::keyspace::{Keyspace, KeyspaceError};
+use crate::keyspace::Keyspace;
+use crate::patterns::PatternError;
 use crate::source::SourceError;
 
 /// Upserts the row from a JSON object body and caches what Postgres stored.
-pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, KeyspaceError> {
+pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, PatternError> {
     let fields = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => map,
         Ok(other) => return Err(SourceError::BadBody(format!("got {}", kind_of(&other))).into()),
-        Err(e) => return Err(KeyspaceError::BadJson(e.to_string())),
+        Err(e) => return Err(PatternError::BadJson(e.to_string())),
     };
     let source = ks.source()?;
     let started = Instant::now();
@@ -42,7 +43,7 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, K
 }
 
 /// Deletes the row and caches "absent". `false` when there was no such row.
-pub async fn delete(ks: &Keyspace, key: &Key) -> Result<bool, KeyspaceError> {
+pub async fn delete(ks: &Keyspace, key: &Key) -> Result<bool, PatternError> {
     let source = ks.source()?;
     let started = Instant::now();
     let deleted = source.delete(&key.parts).await;

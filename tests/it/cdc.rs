@@ -208,7 +208,7 @@ async fn a_load_that_raced_an_update_never_installs_the_old_value() {
                 &keyspace("users", "users", &format!("cdc = \"{mode}\"\nwarm = false")),
             )
             .await;
-        let ks = server.state().keyspaces["users"].clone();
+        let ks = server.keyspace("users").expect("configured").clone();
         // Hold the load between its query and its install.
         let (reached_tx, mut reached) = tokio::sync::mpsc::channel::<()>(1);
         let release = Arc::new(tokio::sync::Notify::new());
@@ -257,6 +257,79 @@ async fn a_load_that_raced_an_update_never_installs_the_old_value() {
         assert_eq!(stats(&http, "users").await["fills_skipped"], 1, "{mode}");
         server.shutdown().await;
     }
+}
+
+/// A read-through load that read the row before a warm load installed a newer version of it
+/// (a resnapshot) must not install its older result afterwards: the warm load goes through the
+/// keyspace's door, which revokes the load's lease.
+#[tokio::test]
+async fn a_load_that_raced_a_warm_load_never_installs_the_old_value() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, name text); INSERT INTO users VALUES (1, 'old');")
+        .await;
+    let config = db.config(&keyspace("users", "users", ""));
+    let pg = config.postgres.clone().expect("the test config has [postgres]");
+    let server = cachesync::server::Server::start(config).await.expect("start");
+    server.wait_ready(WAIT).await.expect("ready");
+    let http = Http::at(format!("http://{}", server.local_addr()));
+    let ks = server.keyspace("users").expect("configured").clone();
+    let (reached_tx, mut reached) = tokio::sync::mpsc::channel::<()>(1);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r2 = release.clone();
+    ks.set_load_hook(Some(Arc::new(move |_key| {
+        let (tx, release) = (reached_tx.clone(), r2.clone());
+        Box::pin(async move {
+            let _ = tx.send(()).await;
+            release.notified().await;
+        })
+    })));
+    let slow = tokio::spawn({
+        let http = http.clone();
+        async move { http.get("/v1/kv/users/1").await }
+    });
+    reached.recv().await.expect("the load ran its query");
+    // The row changes, and a warm load from a snapshot taken after the change installs it while
+    // the load still holds the old row.
+    db.exec("UPDATE users SET name = 'new' WHERE id = 1").await;
+    let snap = db.pg.connect(&db.db.name).await;
+    snap.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let row = snap
+        .query_one("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap();
+    let (name, lsn): (String, String) = (row.get(0), row.get(1));
+    let cp: cachesync::lsn::Lsn = lsn.parse().expect("an LSN");
+    let rows = cachesync::cdc::postgres::snapshot::warm(
+        &pg,
+        &name,
+        cp,
+        std::slice::from_ref(&ks),
+        &Arc::new(cachesync::hlc::Hlc::new()),
+        &cachesync::metrics::Metrics::new(),
+        1024,
+        &cachesync::lifecycle::Tasks::detached(),
+    )
+    .await
+    .expect("warm load");
+    assert_eq!(rows, 1);
+    snap.batch_execute("COMMIT").await.unwrap();
+    ks.set_load_hook(None);
+    release.notify_one();
+    assert_eq!(
+        slow.await.unwrap().json()["name"],
+        "old",
+        "the racing read may answer what it read"
+    );
+    let after = http.get("/v1/kv/users/1").await;
+    assert_eq!(
+        after.json()["name"],
+        "new",
+        "the load did not install the old row over the warm one"
+    );
+    assert_eq!(stats(&http, "users").await["fills_skipped"], 1);
+    server.shutdown().await;
 }
 
 #[tokio::test]

@@ -193,7 +193,7 @@ async fn a_write_or_a_change_during_a_slow_refresh_wins() {
         let node = Node::new();
         let (server, http) = node.start(&db, &keyspace("users", extra)).await;
         assert_eq!(http.get("/v1/kv/users/1").await.json()["name"], "old");
-        let ks = server.state().keyspaces["users"].clone();
+        let ks = server.keyspace("users").expect("configured").clone();
         let gate = hold_loads(&ks);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         // The read that schedules the refresh is answered at once, while the refresh is held.
@@ -263,7 +263,7 @@ async fn a_thousand_hot_keys_never_run_more_refreshes_at_once_than_the_limit() {
     assert_eq!(metric(&m, "cachesync_cache_misses_total{keyspace=\"many\"}"), 1000.0);
 
     // Count refresh loads running at once, each held 10 ms.
-    let ks = server.state().keyspaces["many"].clone();
+    let ks = server.keyspace("many").expect("configured").clone();
     let running = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let (r, mx) = (running.clone(), most.clone());

@@ -15,12 +15,13 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio_postgres::NoTls;
 
-use crate::cache::{Entry, Install};
+use crate::cache::Entry;
 use crate::cdc::CdcError;
 use crate::config::PostgresConfig;
 use crate::hlc::Hlc;
 use crate::key;
 use crate::keyspace::{Blocker, Keyspace};
+use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::postgres::render::render_object;
@@ -30,8 +31,11 @@ use crate::source::postgres::{classify, connection_config};
 /// How often progress is logged during a load.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Loads every keyspace in `keyspaces` from the exported snapshot `snapshot`, at version `cp`.
-/// Returns the number of rows loaded.
+/// Loads every keyspace in `keyspaces` from the exported snapshot `snapshot`, at version `cp`,
+/// each row through the keyspace's door ([`Keyspace::mutate`]): a load in flight for a key the
+/// snapshot installs will not install its own (older) result afterwards. Workers run under
+/// `tasks`. Returns the number of rows loaded.
+#[allow(clippy::too_many_arguments)]
 pub async fn warm(
     pg: &PostgresConfig,
     snapshot: &str,
@@ -40,6 +44,7 @@ pub async fn warm(
     hlc: &Arc<Hlc>,
     metrics: &Metrics,
     max_key_bytes: usize,
+    tasks: &Tasks,
 ) -> Result<u64, CdcError> {
     if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
         return Err(CdcError::Protocol(format!("unexpected snapshot name {snapshot:?}")));
@@ -48,7 +53,7 @@ pub async fn warm(
         .connect(NoTls)
         .await
         .map_err(|e| CdcError::Source(classify(&e)))?;
-    let driver = tokio::spawn(conn);
+    let driver = tasks.spawn(conn);
     let result = async {
         client
             .batch_execute(&format!(
@@ -58,7 +63,7 @@ pub async fn warm(
             .map_err(|e| CdcError::Source(classify(&e)))?;
         let mut total = 0;
         for ks in keyspaces {
-            total += warm_one(&client, ks, cp, hlc, metrics, max_key_bytes).await?;
+            total += warm_one(&client, ks, cp, hlc, metrics, max_key_bytes, tasks).await?;
         }
         client
             .batch_execute("COMMIT")
@@ -120,8 +125,9 @@ impl Job {
                 &mut value,
             );
             let entry = Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now());
-            // Versioned: a change streamed or written meanwhile (newer) is never overwritten.
-            self.ks.l1.install(key.cache_key, entry, Install::IfNotOlder).await;
+            // Through the door: a change streamed or written meanwhile (newer) is never
+            // overwritten, and a load in flight for the key will not install over this row.
+            self.ks.mutate(key.cache_key, entry).await;
             n += 1;
         }
         self.rows.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -140,6 +146,7 @@ async fn warm_one(
     hlc: &Arc<Hlc>,
     metrics: &Metrics,
     max_key_bytes: usize,
+    tasks: &Tasks,
 ) -> Result<u64, CdcError> {
     let source = ks.source()?;
     let b = source.binding().clone();
@@ -191,7 +198,7 @@ async fn warm_one(
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let job = job.clone();
         senders.push(tx);
-        handles.push(tokio::spawn(async move {
+        handles.push(tasks.spawn(async move {
             while let Some(batch) = rx.recv().await {
                 job.install(&batch).await?;
             }

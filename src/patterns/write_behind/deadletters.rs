@@ -11,8 +11,24 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::commitlog::{LogError, sync_dir};
+use crate::commitlog::sync_dir;
 use crate::event::Op;
+
+/// Why the dead-letter store failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("dead letter store {}: {detail}", path.display())]
+    Io { path: PathBuf, detail: String },
+    #[error("{} is not a dead letter ({detail}); move it out of the directory or repair it", file.display())]
+    Unreadable { file: PathBuf, detail: String },
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> DeadLetterError {
+    DeadLetterError::Io {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
 
 /// One rejected write.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,17 +57,16 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// Opens (creating) the store and reads every letter in it.
-    pub fn open(dir: &Path) -> Result<DeadLetters, LogError> {
-        std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+    pub fn open(dir: &Path) -> Result<DeadLetters, DeadLetterError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let mut letters = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
-            let path = entry.map_err(|e| LogError::io(dir, e))?.path();
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let path = entry.map_err(|e| io(dir, e))?.path();
             if path.extension().is_some_and(|x| x == "json") {
-                let text = std::fs::read(&path).map_err(|e| LogError::io(&path, e))?;
-                let letter: DeadLetter = serde_json::from_slice(&text).map_err(|e| LogError::Corrupt {
+                let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+                let letter: DeadLetter = serde_json::from_slice(&text).map_err(|e| DeadLetterError::Unreadable {
                     file: path.clone(),
-                    position: 0,
-                    detail: format!("not a dead letter: {e}"),
+                    detail: e.to_string(),
                 })?;
                 letters.insert(letter.id, letter);
             }
@@ -67,18 +82,18 @@ impl DeadLetters {
     }
 
     /// Stores a letter durably (temp file, fsync, rename, fsync of the directory).
-    pub fn add(&self, letter: DeadLetter) -> Result<(), LogError> {
+    pub fn add(&self, letter: DeadLetter) -> Result<(), DeadLetterError> {
         let path = self.path(letter.id);
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(&letter).map_err(|e| LogError::Failed(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&letter).map_err(|e| io(&path, e))?;
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_data()?;
             std::fs::rename(&tmp, &path)
         };
-        write().map_err(|e| LogError::io(&path, e))?;
-        sync_dir(&self.dir)?;
+        write().map_err(|e| io(&path, e))?;
+        sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         self.letters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -100,7 +115,7 @@ impl DeadLetters {
     }
 
     /// Removes a letter; `false` when there was none.
-    pub fn remove(&self, id: u64) -> Result<bool, LogError> {
+    pub fn remove(&self, id: u64) -> Result<bool, DeadLetterError> {
         let existed = self
             .letters
             .lock()
@@ -109,8 +124,8 @@ impl DeadLetters {
             .is_some();
         if existed {
             let path = self.path(id);
-            std::fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
-            sync_dir(&self.dir)?;
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         }
         Ok(existed)
     }

@@ -32,6 +32,7 @@ use crate::cache::Entry;
 use crate::commitlog::{Offset, Record};
 use crate::event::{ChangeEvent, Op, Source};
 use crate::keyspace::Keyspace;
+use crate::lifecycle::{Backoff, Tasks};
 use crate::source::postgres::{BatchError, PgPool};
 
 /// The cursor is moved past records that need no flush at least this often.
@@ -200,8 +201,10 @@ impl Flusher {
         let _ = tx.rollback().await;
     }
 
-    /// Runs until `stop`; when `drain` turns true it flushes what is left and returns.
-    pub async fn run(self, drain: watch::Receiver<bool>, stop: CancellationToken) {
+    /// Runs until `tasks`' phase stops; when `drain` turns true it flushes what is left and
+    /// returns. Its stages run as tasks of the same phase.
+    pub async fn run(self, drain: watch::Receiver<bool>, tasks: Tasks) {
+        let stop = tasks.token().clone();
         let cursor = match self.wb.log.cursor(CURSOR, true) {
             Ok(c) => c,
             Err(e) => {
@@ -212,8 +215,8 @@ impl Flusher {
         let me = Arc::new(self);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = mpsc::channel(1);
-        let reader = tokio::spawn(me.clone().read(cursor.position(), batch_tx, drain, stop.clone()));
-        let settler = tokio::spawn(me.clone().settle_batches(cursor, done_rx, stop.clone()));
+        let reader = tasks.spawn(me.clone().read(cursor.position(), batch_tx, drain, stop.clone()));
+        let settler = tasks.spawn(me.clone().settle_batches(cursor, done_rx, stop.clone()));
         me.write_batches(batch_rx, done_tx, &stop).await;
         let _ = reader.await;
         let _ = settler.await;
@@ -412,7 +415,7 @@ impl Flusher {
         let cfg = &self.wb.config;
         let m = &self.wb.metrics;
         let started = Instant::now();
-        let mut wait = cfg.retry_initial;
+        let mut backoff = Backoff::new(cfg.retry_initial, cfg.retry_max);
         let mut last_error = String::new();
         let mut outcome = Outcome::default();
         // Parts still to flush, the next one last.
@@ -428,7 +431,7 @@ impl Flusher {
                         tracing::info!("write-behind flushing again after Postgres returned");
                         last_error.clear();
                     }
-                    wait = cfg.retry_initial;
+                    backoff.reset();
                 }
                 Err(FlushError::Rejected(why)) if part.len() == 1 => outcome.rejected.push((part.start, why)),
                 Err(FlushError::Rejected(_)) => {
@@ -444,12 +447,9 @@ impl Flusher {
                         last_error = e;
                     }
                     work.push(part);
-                    let nap = wait.mul_f64(0.5 + rand::random::<f64>());
-                    tokio::select! {
-                        _ = tokio::time::sleep(nap) => {}
-                        _ = stop.cancelled() => return None,
+                    if !backoff.wait(stop).await {
+                        return None;
                     }
-                    wait = (wait * 2).min(cfg.retry_max);
                 }
             }
         }
@@ -545,7 +545,7 @@ impl Flusher {
                 // A delete of a row that was not there: whatever L1 held is stale.
                 None => op.ks.invalidate(&op.key).await,
             }
-            op.ks.pending.settle(&op.key, op.version);
+            op.ks.settle(&op.key, op.version);
             *flushed.entry(op.ks.name()).or_default() += 1;
         }
         for (ks, n) in flushed {
@@ -573,18 +573,18 @@ impl Flusher {
             failed_at_ms: crate::commitlog::now_ms(),
         };
         let wb = self.wb.clone();
-        let stored = tokio::task::spawn_blocking(move || wb.deadletters.add(letter))
-            .await
-            .map_err(|e| crate::commitlog::LogError::Failed(e.to_string()))
-            .and_then(|r| r);
-        if let Err(e) = stored {
+        let stored = tokio::task::spawn_blocking(move || wb.deadletters.add(letter)).await;
+        if let Err(e) = stored
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
             tracing::error!(error = %e, "cannot store a dead letter; the flusher stops here and resumes from this write on restart");
             return false;
         }
         self.wb.metrics.wb_deadlettered.inc();
         // The write did not happen: reads go back to the database's state.
         let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
-        op.ks.pending.settle(&op.key, op.version);
+        op.ks.settle(&op.key, op.version);
         op.ks.invalidate(&op.key).await;
         true
     }

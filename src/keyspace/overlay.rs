@@ -1,0 +1,90 @@
+//! The pending-write overlay of one keyspace: the document each key will have once its
+//! write-behind writes reach Postgres. Reads see it before L1 (read-your-writes whatever the
+//! database state under it); the flusher settles an entry once the flush carrying it committed
+//! and its stored row is installed. Entries are ordered by the write's version, so a late
+//! settle or an older write never removes or replaces a newer one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// One key's unflushed write, as reads see it.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The document after the write; `None` for a delete.
+    pub doc: Option<Bytes>,
+    /// The write's version (HLC): orders and identifies it.
+    pub version: u64,
+    /// When it was accepted (for `Age`).
+    pub at: tokio::time::Instant,
+}
+
+/// The unflushed writes of one keyspace.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    map: Mutex<HashMap<Arc<str>, Pending>>,
+}
+
+impl Overlay {
+    pub fn get(&self, key: &str) -> Option<Pending> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
+    /// Records a write unless a newer one is already recorded.
+    pub fn set(&self, key: Arc<str>, p: Pending) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&key) {
+            Some(old) if old.version > p.version => {}
+            _ => {
+                map.insert(key, p);
+            }
+        }
+    }
+
+    /// The write with `version` (and any older one) is done: stop overlaying it. A newer
+    /// pending write of the key stays.
+    pub fn settle(&self, key: &str, version: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(key).is_some_and(|p| p.version <= version) {
+            map.remove(key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(version: u64) -> Pending {
+        Pending {
+            doc: Some(Bytes::from(version.to_string())),
+            version,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn an_older_write_or_settle_never_displaces_a_newer_write() {
+        let o = Overlay::default();
+        o.set("k".into(), pending(5));
+        o.set("k".into(), pending(3));
+        assert_eq!(o.get("k").unwrap().version, 5);
+        o.settle("k", 4);
+        assert_eq!(
+            o.get("k").unwrap().version,
+            5,
+            "settling an older write keeps the newer one"
+        );
+        o.settle("k", 5);
+        assert!(o.get("k").is_none() && o.is_empty());
+    }
+}
