@@ -58,6 +58,10 @@ pub enum SourceError {
     /// configuration does not match the table.
     #[error("keyspace {keyspace} is not ready: {reason}")]
     NotReady { keyspace: String, reason: String },
+    /// The database refused the data for a reason no single field explains (a trigger's
+    /// exception, a view's check option).
+    #[error("the database rejected the write: {0}")]
+    Rejected(String),
     /// Anything else the database reported.
     #[error("postgres error: {0}")]
     Database(String),

@@ -75,6 +75,7 @@ impl From<SourceError> for ApiError {
             SourceError::KeyMismatch { .. } => (StatusCode::BAD_REQUEST, "key_mismatch"),
             SourceError::NotWritable { .. } => (StatusCode::BAD_REQUEST, "not_writable"),
             SourceError::BadBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            SourceError::Rejected(_) => (StatusCode::BAD_REQUEST, "rejected"),
             SourceError::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
         };
         ApiError::new(status, code, e.to_string())

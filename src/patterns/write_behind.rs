@@ -38,7 +38,7 @@ use crate::keyspace::overlay::Pending;
 use crate::metrics::Metrics;
 use crate::patterns::PatternError;
 use crate::source::SourceError;
-use crate::source::postgres::render::render_value;
+use crate::source::postgres::render::{ObjectWriter, render_value};
 use deadletters::DeadLetters;
 
 /// Striped locks serializing writes of one key.
@@ -155,8 +155,7 @@ impl WriteBehind {
         };
         let b = source.binding();
         let mut doc = Vec::with_capacity(body.len() + 64);
-        doc.push(b'{');
-        let mut first = true;
+        let mut obj = ObjectWriter::new(&mut doc);
         for f in &b.fields {
             let key_part = b
                 .key
@@ -167,25 +166,14 @@ impl WriteBehind {
                 .get(&f.name)
                 .cloned()
                 .or_else(|| base.as_ref().and_then(|m| m.get(&f.name).cloned()));
-            if value.is_none() && key_part.is_none() {
-                continue;
-            }
-            if !first {
-                doc.push(b',');
-            }
-            first = false;
-            let _ = serde_json::to_writer(&mut doc, &f.name);
-            doc.push(b':');
             match (value, key_part) {
-                (Some(v), _) => {
-                    let _ = serde_json::to_writer(&mut doc, &v);
-                }
+                (Some(v), _) => obj.value(&f.name, &v),
                 // The key as its column type renders it (42, not "42").
-                (None, Some(part)) => render_value(&f.column.kind, Some(part), &mut doc),
+                (None, Some(part)) => render_value(&f.column.kind, Some(part), obj.field(&f.name)),
                 (None, None) => {}
             }
         }
-        doc.push(b'}');
+        obj.finish();
         let doc = Bytes::from(doc);
         let written: Vec<String> = b
             .fields

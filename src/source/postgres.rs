@@ -9,6 +9,7 @@
 pub mod render;
 pub mod schema;
 pub mod sql;
+pub mod sqlstate;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use super::SourceError;
 use crate::config::PostgresConfig;
 use crate::lsn::Lsn;
 use schema::Binding;
+use sqlstate::Fault;
 
 /// Most distinct upsert column sets whose SQL is kept per keyspace; others are built per call.
 const MAX_CACHED_UPSERTS: usize = 64;
@@ -98,7 +100,8 @@ impl PgPool {
     }
 }
 
-/// Maps a driver error to what the caller can act on.
+/// Maps a driver error to what the caller can act on, by the one SQLSTATE classification
+/// ([`sqlstate`]).
 pub fn classify(e: &tokio_postgres::Error) -> SourceError {
     let Some(db) = e.as_db_error() else {
         // No server response: the connection is gone or could not be made.
@@ -109,22 +112,15 @@ pub fn classify(e: &tokio_postgres::Error) -> SourceError {
         Some(d) => format!("{} ({d})", db.message()),
         None => db.message().to_string(),
     };
-    match &code[..2] {
-        "23" => SourceError::Conflict {
+    match sqlstate::fault_of(code) {
+        Fault::Data if sqlstate::is_constraint(code) => SourceError::Conflict {
             message,
             constraint: db.constraint().map(str::to_string),
         },
-        "08" | "53" | "57" | "40" => SourceError::Unavailable(message),
-        _ => SourceError::Database(format!("{message} [SQLSTATE {code}]")),
+        Fault::Data => SourceError::Rejected(format!("{message} [SQLSTATE {code}]")),
+        Fault::Transient => SourceError::Unavailable(message),
+        Fault::Schema | Fault::Server => SourceError::Database(format!("{message} [SQLSTATE {code}]")),
     }
-}
-
-/// Whether Postgres rejected the data itself (bad text for a type, out of range, too long).
-fn is_data_error(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        let code = db.code().code();
-        code.starts_with("22") || code == "42804"
-    })
 }
 
 /// Why a batch statement failed.
@@ -233,7 +229,7 @@ impl TableSource {
                     self.binding.table
                 ))),
             },
-            Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
+            Err(e) if sqlstate::is_value_error(&e) => Err(self.blame_key(&client, key).await),
             Err(e) => Err(classify(&e)),
         }
     }
@@ -248,7 +244,7 @@ impl TableSource {
                 lsn: parse_lsn(r.get(0)),
                 xid: parse_xid(r.get(1)),
             })),
-            Err(e) if is_data_error(&e) => Err(self.blame_key(&client, key).await),
+            Err(e) if sqlstate::is_value_error(&e) => Err(self.blame_key(&client, key).await),
             Err(e) => Err(classify(&e)),
         }
     }
@@ -274,7 +270,7 @@ impl TableSource {
                 xid: parse_xid(r.get(1)),
                 value: self.render_row(&r, 2),
             }),
-            Err(e) if is_data_error(&e) => Err(self.blame_field(&client, &row, &e).await),
+            Err(e) if sqlstate::is_value_error(&e) => Err(self.blame_field(&client, &row, &e).await),
             Err(e) => Err(classify(&e)),
         }
     }

@@ -29,7 +29,7 @@ use crate::config::CdcMode;
 use crate::event::{ChangeEvent, Op, Source};
 use crate::key;
 use crate::keyspace::Keyspace;
-use crate::source::postgres::render::{TypeKind, render_value};
+use crate::source::postgres::render::{ObjectWriter, TypeKind, render_value};
 use crate::source::postgres::schema::{Binding, ColumnMeta};
 
 /// The transaction an event belongs to.
@@ -150,8 +150,7 @@ impl TableMapping {
     fn render(&self, t: &Tuple) -> (Bytes, Vec<String>) {
         let mut out = Vec::with_capacity(128);
         let mut unchanged = Vec::new();
-        out.push(b'{');
-        let mut first = true;
+        let mut obj = ObjectWriter::new(&mut out);
         for f in &self.fields {
             let text = match t.0.get(f.index) {
                 Some(Value::Text(b)) => Some(std::str::from_utf8(b).unwrap_or_default()),
@@ -162,15 +161,9 @@ impl TableMapping {
                     continue;
                 }
             };
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            let _ = serde_json::to_writer(&mut out, &f.name);
-            out.push(b':');
-            render_value(&f.kind, text, &mut out);
+            render_value(&f.kind, text, obj.field(&f.name));
         }
-        out.push(b'}');
+        obj.finish();
         (Bytes::from(out), unchanged)
     }
 

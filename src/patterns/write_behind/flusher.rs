@@ -33,6 +33,7 @@ use crate::commitlog::{Offset, Record};
 use crate::event::{ChangeEvent, Op, Source};
 use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
+use crate::source::postgres::sqlstate::{self, Fault};
 use crate::source::postgres::{BatchError, PgPool};
 
 /// The cursor is moved past records that need no flush at least this often.
@@ -78,18 +79,13 @@ pub enum FlushError {
     Rejected(String),
 }
 
-/// Classifies a driver error for the flusher. Only errors about the data itself set a write
-/// aside; anything else (connection, permissions, a missing table) is retried, keeping the
-/// writes, until it is fixed.
+/// Classifies a driver error for the flusher by the one SQLSTATE classification. Only errors
+/// about the data itself — or a column the table no longer has, which no retry will bring back —
+/// set a write aside; anything else (connection, permissions, a missing table) is retried,
+/// keeping the writes, until it is fixed.
 pub fn flush_error(e: &tokio_postgres::Error) -> FlushError {
-    let data = |code: &str| {
-        code.starts_with("22")
-            || code.starts_with("23")
-            || code.starts_with("44")
-            || matches!(code, "42804" | "42703" | "P0001")
-    };
-    match e.as_db_error() {
-        Some(db) if data(db.code().code()) => {
+    match (sqlstate::fault(e), e.as_db_error()) {
+        (Fault::Data | Fault::Schema, Some(db)) => {
             let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
             FlushError::Rejected(format!("{}{detail} [SQLSTATE {}]", db.message(), db.code().code()))
         }

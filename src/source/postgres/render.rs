@@ -85,16 +85,49 @@ pub fn render_object<'a>(
     fields: impl IntoIterator<Item = (&'a str, &'a TypeKind, Option<&'a str>)>,
     out: &mut Vec<u8>,
 ) {
-    out.push(b'{');
-    for (i, (field, kind, text)) in fields.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        push_string(field, out);
-        out.push(b':');
-        render_value(kind, text, out);
+    let mut obj = ObjectWriter::new(out);
+    for (field, kind, text) in fields {
+        render_value(kind, text, obj.field(field));
     }
-    out.push(b'}');
+    obj.finish();
+}
+
+/// Writes a JSON object straight into a buffer, one field at a time, without building a map:
+/// the one object writer behind rendered rows, CDC documents and write-behind documents.
+pub struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> ObjectWriter<'a> {
+    /// Opens the object (`{`).
+    pub fn new(out: &'a mut Vec<u8>) -> ObjectWriter<'a> {
+        out.push(b'{');
+        ObjectWriter { out, first: true }
+    }
+
+    /// Writes the separator and `"name":`, and returns the buffer for the field's value, which
+    /// the caller must write (as one JSON value) before the next field.
+    pub fn field(&mut self, name: &str) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        push_string(name, self.out);
+        self.out.push(b':');
+        self.out
+    }
+
+    /// A field whose value is any serializable JSON value.
+    pub fn value(&mut self, name: &str, v: &serde_json::Value) {
+        // Writing a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(self.field(name), v);
+    }
+
+    /// Closes the object (`}`).
+    pub fn finish(self) {
+        self.out.push(b'}');
+    }
 }
 
 fn push_string(s: &str, out: &mut Vec<u8>) {
