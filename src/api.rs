@@ -17,6 +17,7 @@
 //! | `GET /readyz` | every keyspace can serve (503 with reasons otherwise) |
 
 pub mod admin;
+pub mod config;
 pub mod error;
 pub mod kv;
 
@@ -27,7 +28,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 
-use crate::config::ServerConfig;
+use self::config::ServerConfig;
 use crate::keyspace::Keyspace;
 use crate::metrics::Metrics;
 use crate::patterns::Pipeline;

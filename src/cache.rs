@@ -31,7 +31,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::lsn::Lsn;
-pub use l1::L1;
+pub use l1::{Capacity, L1};
 
 /// One cached key.
 #[derive(Debug, Clone)]

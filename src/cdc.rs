@@ -17,6 +17,7 @@
 //! (after a resnapshot) without touching the stream. The [`Gate`] carries those instructions.
 
 pub mod applier;
+pub mod config;
 pub mod postgres;
 
 use bytes::Bytes;

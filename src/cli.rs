@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`. Parsing is clap's; each command is a short function
+//! The command line: `serve`, `check`, `log stat`/`log dump`. Parsing is clap's; each command is a short function
 //! that returns the process exit code. `main.rs` only calls [`main`].
 
 use std::path::{Path, PathBuf};
@@ -229,7 +229,13 @@ pub async fn check_connect(config: &Config) -> Vec<String> {
         Ok(c) => c,
         Err(e) => return vec![format!("postgres: cannot connect: {e}")],
     };
-    let mut problems = crate::cdc::postgres::prerequisites(&client, config).await;
+    let mut problems = crate::cdc::postgres::prerequisites::prerequisites(
+        &client,
+        &config.cdc,
+        &config.server.node_id,
+        &config.keyspaces,
+    )
+    .await;
     for ks in config.keyspaces.iter() {
         let Some(table) = &ks.table else { continue };
         match TableMeta::load(&**client, table).await {

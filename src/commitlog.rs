@@ -35,8 +35,10 @@
 //! - Retention (by total size, by age) removes whole sealed segments, never one holding records a
 //!   *required* cursor has not passed.
 
+pub mod config;
 pub mod cursor;
 pub mod inspect;
+mod metrics;
 pub mod reader;
 pub mod record;
 pub mod segment;
@@ -48,14 +50,18 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::ChangeEvent;
 use crate::lifecycle::Tasks;
+pub use config::{
+    DEFAULT_INDEX_INTERVAL_BYTES, DEFAULT_MAX_QUEUED_APPENDS, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_RETENTION_CHECK,
+    DEFAULT_SEGMENT_BYTES, FsyncPolicy, LogConfig, MAX_SEGMENT_BYTES,
+};
 pub use cursor::Cursor;
+pub use metrics::LogMetrics;
 pub use reader::{Record, Tail};
 use segment::Segment;
 
@@ -70,91 +76,8 @@ impl fmt::Display for Offset {
     }
 }
 
-/// When an append counts as durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsyncPolicy {
-    /// After `fdatasync` of the batch (group commit). The default.
-    Always,
-    /// After the next periodic `fdatasync`, at most this long.
-    Interval(#[serde(with = "crate::config::humantime_serde_shim")] Duration),
-    /// After the write; the OS flushes when it likes (a crash of the machine can lose data).
-    Never,
-}
-
-impl FsyncPolicy {
-    /// Parses `"always"`, `"never"` or a duration such as `"10ms"`.
-    pub fn parse(text: &str) -> Result<FsyncPolicy, String> {
-        match text {
-            "always" => Ok(FsyncPolicy::Always),
-            "never" => Ok(FsyncPolicy::Never),
-            other => match humantime::parse_duration(other) {
-                Ok(d) if !d.is_zero() => Ok(FsyncPolicy::Interval(d)),
-                _ => Err(format!(
-                    "invalid fsync policy {text:?}; expected \"always\", \"never\" or an interval such as \"10ms\""
-                )),
-            },
-        }
-    }
-}
-
-/// Segment size when none is configured.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
-/// Largest segment size accepted (index positions are u32).
-pub const MAX_SEGMENT_BYTES: u64 = 1024 * 1024 * 1024;
-/// Bytes of records between sparse index entries.
-pub const DEFAULT_INDEX_INTERVAL_BYTES: u64 = 4096;
-/// Appends that may wait for the writer before appenders are held back.
-pub const DEFAULT_MAX_QUEUED_APPENDS: usize = 4096;
-/// Payload bytes that may wait for the writer before appenders are held back.
-pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
-/// How often retention runs.
-pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(30);
 /// Most bytes of records the writer puts in one write + sync.
 pub const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
-
-/// How the log is kept.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LogConfig {
-    /// Directory of segments and cursors.
-    pub dir: PathBuf,
-    /// Durability of appends.
-    pub fsync: FsyncPolicy,
-    /// A segment rolls once it reaches this size.
-    pub segment_bytes: u64,
-    /// Bytes between sparse index entries.
-    pub index_interval_bytes: u64,
-    /// Keep at most about this many bytes of segments (whole sealed segments are removed).
-    pub retention_bytes: Option<u64>,
-    /// Remove sealed segments whose newest record is older than this.
-    #[serde(with = "crate::config::humantime_serde_shim::option")]
-    pub retention_age: Option<Duration>,
-    /// How often retention runs.
-    #[serde(with = "crate::config::humantime_serde_shim")]
-    pub retention_check: Duration,
-    /// Bound of the append queue.
-    pub max_queued_appends: usize,
-    /// Most payload bytes waiting for the writer; appenders wait beyond it (one append larger
-    /// than this waits until the queue is empty and then goes alone).
-    pub max_queued_bytes: u64,
-}
-
-impl LogConfig {
-    /// Defaults for `dir`.
-    pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
-        LogConfig {
-            dir: dir.into(),
-            fsync: FsyncPolicy::Always,
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-            index_interval_bytes: DEFAULT_INDEX_INTERVAL_BYTES,
-            retention_bytes: None,
-            retention_age: None,
-            retention_check: DEFAULT_RETENTION_CHECK,
-            max_queued_appends: DEFAULT_MAX_QUEUED_APPENDS,
-            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
-        }
-    }
-}
 
 /// What can go wrong with the log.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -186,89 +109,6 @@ impl LogError {
         LogError::Io {
             path: path.to_path_buf(),
             detail: e.to_string(),
-        }
-    }
-}
-
-/// The log's metrics.
-#[derive(Clone)]
-pub struct LogMetrics {
-    pub appended_records: IntCounter,
-    pub appended_bytes: IntCounter,
-    pub group_records: Histogram,
-    pub fsync_seconds: Histogram,
-    pub disk_bytes: IntGauge,
-    pub segments: IntGauge,
-    pub start_offset: IntGauge,
-    pub end_offset: IntGauge,
-    pub cursor_lag: IntGaugeVec,
-}
-
-impl LogMetrics {
-    /// Registers the log's metrics in `registry`.
-    pub fn new(registry: &Registry) -> LogMetrics {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-            let _ = r.register(Box::new(m.clone()));
-            m
-        }
-        let gauge = |n: &str, h: &str| reg(registry, IntGauge::new(n, h).expect("valid metric"));
-        LogMetrics {
-            appended_records: reg(
-                registry,
-                IntCounter::new(
-                    "cachesync_log_appended_records_total",
-                    "Records appended to the commit log.",
-                )
-                .expect("valid"),
-            ),
-            appended_bytes: reg(
-                registry,
-                IntCounter::new(
-                    "cachesync_log_appended_bytes_total",
-                    "Record bytes (with framing) appended.",
-                )
-                .expect("valid"),
-            ),
-            group_records: reg(
-                registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "cachesync_log_group_commit_records",
-                        "Records per group commit (one write + one sync).",
-                    )
-                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid")),
-                )
-                .expect("valid"),
-            ),
-            fsync_seconds: reg(
-                registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "cachesync_log_fsync_duration_seconds",
-                        "Duration of fdatasync on the active segment.",
-                    )
-                    .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
-                )
-                .expect("valid"),
-            ),
-            disk_bytes: gauge("cachesync_log_disk_bytes", "Bytes of segment and index files."),
-            segments: gauge("cachesync_log_segments", "Segment files in the log."),
-            start_offset: gauge("cachesync_log_start_offset", "First offset still in the log."),
-            end_offset: gauge(
-                "cachesync_log_end_offset",
-                "Offset the next record will get (durable end).",
-            ),
-            cursor_lag: reg(
-                registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "cachesync_log_cursor_lag_records",
-                        "Records between a cursor and the end of the log.",
-                    ),
-                    &["cursor"],
-                )
-                .expect("valid"),
-            ),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! Binding is retried in the background, so a sidecar that starts before its database comes up
 //! becomes ready by itself.
 
+pub mod config;
 pub mod overlay;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,9 +25,9 @@ use std::time::Duration;
 use prometheus::{Histogram, IntCounter};
 
 use crate::cache::{Entry, Flights, Install, Installed, L1, Lease};
-use crate::config::KeyspaceConfig;
 use crate::hlc::Hlc;
 use crate::key::{self, Key, KeyError};
+use crate::keyspace::config::KeyspaceConfig;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::SourceError;
@@ -241,6 +242,16 @@ impl Keyspace {
             &source.binding().key,
             self.max_key_bytes,
         )?)
+    }
+
+    /// The cache key of a stored row from the text of its key columns, as Postgres printed them.
+    pub fn key_of_texts(&self, texts: &[String]) -> Option<Arc<str>> {
+        let source = self.source().ok()?;
+        let mut parts = Vec::with_capacity(texts.len());
+        for (col, t) in source.binding().key.iter().zip(texts) {
+            parts.push(key::normalize(col, t.clone()).ok()?);
+        }
+        key::key_from_parts(parts, usize::MAX).ok().map(|k| k.cache_key)
     }
 
     /// What this node serves for `key` without loading: its pending write-behind write, else the

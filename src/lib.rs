@@ -5,33 +5,46 @@
 //!
 //! # Layout
 //!
+//! The data path reads one way, top to bottom; nothing below calls back up.
+//!
 //! ```text
-//!  HTTP (axum) ─ api ──────────────┐  api::kv      GET/PUT/DELETE/_mget on keys
-//!                                  │  api::admin   /v1/keyspaces /metrics /healthz /readyz
-//!                                  │  api::error   the one error → status mapping
-//!                                  ▼
-//!  keyspace  one named cache: config + L1 + in-flight loads + binding to its table
-//!     │  patterns::read_through   miss → single-flight load → lease-checked fill
-//!     │  patterns::write_through  Postgres first, then cache what RETURNING gave
-//!     │  patterns::write_behind   commit log first (202), overlay, coalescing flusher, dead letters
-//!     │  patterns::refresh_ahead  a hit late in its life → bounded background reload
-//!     ▼
-//!  cache     L1 (moka) with versioned installs; flights = single flight + load leases
-//!  key       URL key encoding, composite keys, per-type normalization
-//!  source    Postgres: pool, catalog binding (schema), SQL text (sql), value rendering (render)
-//!  cdc       change data capture: cdc::postgres (pgoutput protocol → decoder → mapping →
-//!            stream with slot, publication, warm start, feedback) and cdc::applier (log →
-//!            keyspaces)
-//!  commitlog the durable log of change events: segments (record framing, sparse index,
-//!            recovery), group-commit writer, tailing readers, durable cursors, retention,
-//!            read-only inspection
-//!  event     the change event and its versioned binary encoding
-//!  config    TOML + env overrides; reader reports every problem with its line
-//!  server    assembly, background binding, ordered shutdown
-//!  cli       serve / check
-//!  metrics   Prometheus registry, bounded labels
-//!  hlc, lsn  version clocks: hybrid logical clock, Postgres WAL positions
+//!  cli        serve / check / log stat|dump
+//!  server     assembly: metrics, pool, log, keyspaces, pipelines, tasks; ordered shutdown
+//!  config     the whole file: composes every section below, env overrides, cross-section checks
+//!   │
+//!  api        HTTP (axum): api::kv GET/PUT/DELETE/_mget · api::admin /v1/keyspaces /v1/deadletters
+//!   │         /metrics /healthz /readyz · api::error the one error → status mapping ·
+//!   │         api::config [server]
+//!   ▼
+//!  patterns   one Pipeline per keyspace, assembled at start: a reader and a writer
+//!   │         read_through   miss → single-flight load → lease-checked fill
+//!   │         refresh_ahead  a hit late in its life → bounded background reload
+//!   │         write_through  Postgres first, then cache what RETURNING gave
+//!   │         write_behind   commit log first (202), overlay, coalescing flusher, dead letters,
+//!   │                        [write_behind]
+//!  cdc        change data capture: cdc::postgres (pgoutput protocol → decoder → mapping → stream
+//!   │         with catalog, slot, warm start, feedback; prerequisites for check) and
+//!   │         cdc::applier (log → keyspaces); [cdc]
+//!   ▼
+//!  keyspace   one named cache's state and the one door every change goes through: lookup,
+//!   │         load (single flight + lease), mutate / invalidate / clear, the pending-write
+//!   │         overlay (keyspace::overlay); [[keyspace]] (keyspace::config)
+//!   ▼
+//!  key        URL key encoding, composite keys, per-type normalization
+//!  source     Postgres: pool, catalog binding (schema), SQL text (sql), rendering (render),
+//!             value checks (validate), the one SQLSTATE classification (sqlstate); [postgres]
+//!  cache      L1 (moka) with versioned installs; flights = single flight + load leases
+//!  commitlog  the durable log of change events: segments (framing, sparse index, recovery),
+//!             group-commit writer, tailing readers, durable cursors, retention, inspection; [log]
+//!  event      the change event, its constructors and its versioned binary encoding
+//!  lifecycle  phases (serve → capture → drain → log), the spawn handle every task uses, Backoff
+//!  section    the TOML section reader every `*/config.rs` uses: every problem, with its line
+//!  metrics    Prometheus registry, bounded labels
+//!  hlc, lsn   version clocks: hybrid logical clock, Postgres WAL positions
 //! ```
+//!
+//! Each subsystem's configuration section lives beside it (`<subsystem>/config.rs`, with its
+//! `DEFAULT_*` constants); test support is the dev-only crate `tests/testkit`.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -48,5 +61,6 @@ pub mod lifecycle;
 pub mod lsn;
 pub mod metrics;
 pub mod patterns;
+pub mod section;
 pub mod server;
 pub mod source;

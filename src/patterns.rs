@@ -24,8 +24,8 @@ use bytes::Bytes;
 
 use crate::cache::Entry;
 use crate::commitlog::LogError;
-use crate::config::WriteMode;
 use crate::key::{Key, KeyError};
+use crate::keyspace::config::WriteMode;
 use crate::keyspace::{Keyspace, KeyspaceError, Read};
 use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;

@@ -11,9 +11,9 @@ use std::time::Duration;
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
+use serde::Serialize;
 
 use super::{Entry, Install, Installed};
-use crate::config::Capacity;
 
 /// Bytes charged per entry on top of key and value under a byte capacity: moka's node, the
 /// `Entry` struct and the `Arc`s, rounded.
@@ -44,6 +44,16 @@ impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
     ) -> Option<Duration> {
         Some(self.of(v))
     }
+}
+
+/// How an L1 bounds its memory (a keyspace's `max_entries` or `max_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capacity {
+    /// At most this many entries.
+    Entries(u64),
+    /// At most this many weighed bytes (key + value + a fixed per-entry overhead).
+    Bytes(u64),
 }
 
 /// The in-memory tier of one keyspace.

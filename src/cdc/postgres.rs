@@ -25,8 +25,10 @@
 //! keyspaces are not ready until their first warm load is done, and stop being ready when the
 //! stream has been down longer than `ready_grace`.
 
+pub mod catalog;
 pub mod decoder;
 pub mod mapping;
+pub mod prerequisites;
 pub mod protocol;
 pub mod snapshot;
 pub mod transport;
@@ -41,16 +43,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{CdcError, Gate, ReplicationSource, StreamEvent};
+use crate::cdc::config::CdcConfig;
 use crate::commitlog::CommitLog;
-use crate::config::{CdcConfig, PostgresConfig};
 use crate::event::{ChangeEvent, Source};
 use crate::hlc::Hlc;
 use crate::keyspace::{Blocker, Keyspace};
 use crate::lifecycle::{Backoff, Tasks};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::source::postgres::sql::{qualified, quote_ident};
-use crate::source::postgres::{PgPool, classify};
+use crate::source::postgres::PgPool;
+use crate::source::postgres::config::PostgresConfig;
+use catalog::SlotState;
 use decoder::{Change, Decoder, RelationInfo};
 use mapping::{TableMapping, TxnInfo};
 use transport::PgwireSource;
@@ -69,15 +72,6 @@ const MAX_INFLIGHT: usize = 256;
 type Inflight = FuturesOrdered<futures::future::BoxFuture<'static, Result<Option<Lsn>, CdcError>>>;
 /// Prefix of the logical decoding message that marks a write-behind flush transaction.
 pub const FLUSH_MARKER: &str = "cachesync.flush";
-
-/// What `pg_replication_slots` says about the slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum SlotState {
-    Missing,
-    Lost,
-    Present,
-    InUse(i32),
-}
 
 struct Txn {
     info: TxnInfo,
@@ -159,7 +153,8 @@ impl Capture {
     pub async fn run(mut self) {
         let stop = self.tasks.child_token();
         if let Some(every) = self.config.heartbeat {
-            self.tasks.spawn(heartbeat(self.pool.clone(), every, stop.clone()));
+            self.tasks
+                .spawn(catalog::heartbeat(self.pool.clone(), every, stop.clone()));
         }
         let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let mut down_since: Option<Instant> = None;
@@ -222,8 +217,8 @@ impl Capture {
                     .map_err(|why| CdcError::Setup(format!("keyspace {}: {why}", ks.name())))?;
             }
         }
-        self.ensure_publication().await?;
-        let state = self.slot_state().await?;
+        catalog::ensure_publication(&self.pool, &self.config, &self.keyspaces).await?;
+        let state = catalog::slot_state(&self.pool, &self.slot).await?;
         if let SlotState::InUse(pid) = state {
             return Err(CdcError::Setup(format!(
                 "replication slot {} is in use by another connection (pid {pid})",
@@ -246,7 +241,7 @@ impl Capture {
                         ks.clear();
                     }
                     if state == SlotState::Lost {
-                        self.drop_slot().await?;
+                        catalog::drop_slot(&self.pool, &self.slot).await?;
                     }
                 }
                 let (cp, snapshot) = client.create_slot(&self.slot, false).await?;
@@ -315,102 +310,6 @@ impl Capture {
             g.from = from;
             g.generation += 1;
         });
-        Ok(())
-    }
-
-    /// Creates or extends the publication so it covers every CDC table.
-    async fn ensure_publication(&self) -> Result<(), CdcError> {
-        let client = self.pool.get().await?;
-        let name = &self.config.publication;
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[name])
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?
-            .is_some();
-        let listed: Vec<(String, String)> = client
-            .query(
-                "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
-                &[name],
-            )
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let mut missing: Vec<&crate::config::TableRef> = Vec::new();
-        for ks in &self.keyspaces {
-            let t = ks.config.table.as_ref().expect("CDC keyspaces have tables");
-            if !listed.iter().any(|(s, n)| s == &t.schema && n == &t.name) && !missing.contains(&t) {
-                missing.push(t);
-            }
-        }
-        if exists && missing.is_empty() {
-            return Ok(());
-        }
-        let list = missing.iter().map(|t| qualified(t)).collect::<Vec<_>>().join(", ");
-        if !self.config.create_publication {
-            return Err(CdcError::Setup(if exists {
-                format!(
-                    "publication {name} does not include {list}; add them (ALTER PUBLICATION {} ADD TABLE {list}) or set [cdc] create_publication = true",
-                    quote_ident(name)
-                )
-            } else {
-                format!(
-                    "publication {name} does not exist; create it (CREATE PUBLICATION {} FOR TABLE {list}) or set [cdc] create_publication = true",
-                    quote_ident(name)
-                )
-            }));
-        }
-        let sql = if exists {
-            format!("ALTER PUBLICATION {} ADD TABLE {list}", quote_ident(name))
-        } else {
-            format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name))
-        };
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| CdcError::Setup(format!("{sql}: {}", classify(&e))))?;
-        tracing::info!(publication = %name, tables = %list, "publication updated");
-        Ok(())
-    }
-
-    async fn slot_state(&self) -> Result<SlotState, CdcError> {
-        let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT coalesce(wal_status, ''), coalesce(plugin, ''), coalesce(database::text, ''), active_pid, current_database()::text \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?;
-        let Some(r) = row else { return Ok(SlotState::Missing) };
-        let (wal_status, plugin, database, pid, current): (String, String, String, Option<i32>, String) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        if plugin != "pgoutput" || database != current {
-            return Err(CdcError::Setup(format!(
-                "replication slot {} exists but is for plugin {plugin:?} in database {database:?}; choose another [cdc] slot name",
-                self.slot
-            )));
-        }
-        if wal_status == "lost" {
-            return Ok(SlotState::Lost);
-        }
-        Ok(match pid {
-            Some(pid) => SlotState::InUse(pid),
-            None => SlotState::Present,
-        })
-    }
-
-    async fn drop_slot(&self) -> Result<(), CdcError> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?;
         Ok(())
     }
 
@@ -622,144 +521,4 @@ fn fits(columns: &[(String, u32)], rel: &RelationInfo) -> bool {
     rel.columns
         .iter()
         .all(|c| columns.iter().any(|(n, t)| n == &c.name && *t == c.type_oid))
-}
-
-/// Emits a small non-transactional logical message now and then, so a slot on a database with
-/// no writes of its own still moves with the server's WAL.
-async fn heartbeat(pool: Arc<PgPool>, every: Duration, stop: CancellationToken) {
-    let mut warned = false;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-        let r = async {
-            let c = pool.get().await?;
-            c.execute("SELECT pg_logical_emit_message(false, 'cachesync.heartbeat', '')", &[])
-                .await
-                .map_err(|e| classify(&e))
-        }
-        .await;
-        match r {
-            Ok(_) => warned = false,
-            Err(e) if !warned => {
-                tracing::warn!(error = %e, "CDC heartbeat failed (it needs EXECUTE on pg_logical_emit_message); set [cdc] heartbeat = \"0s\" to turn it off");
-                warned = true;
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// Checks what CDC needs from Postgres, for `cachesync check --connect`: every problem found.
-pub async fn prerequisites(client: &tokio_postgres::Client, config: &crate::config::Config) -> Vec<String> {
-    let cdc: Vec<&crate::config::KeyspaceConfig> = config
-        .keyspaces
-        .iter()
-        .filter(|k| k.cdc != crate::config::CdcMode::Off)
-        .collect();
-    if cdc.is_empty() {
-        return Vec::new();
-    }
-    let mut problems = Vec::new();
-    let q = |e: tokio_postgres::Error| format!("cdc: cannot read the server's settings: {}", classify(&e));
-    let row = match client
-        .query_one(
-            "SELECT current_setting('wal_level'), r.rolreplication OR r.rolsuper, r.rolsuper, current_setting('max_replication_slots')::int, \
-                    (SELECT count(*)::int FROM pg_catalog.pg_replication_slots) \
-             FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
-            &[],
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return vec![q(e)],
-    };
-    let (wal_level, replication, superuser, max_slots, slots): (String, bool, bool, i32, i32) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-    if wal_level != "logical" {
-        problems.push(format!(
-            "cdc: wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart Postgres"
-        ));
-    }
-    if !replication {
-        problems.push("cdc: this role lacks the REPLICATION attribute; run ALTER ROLE <role> REPLICATION".into());
-    }
-    let slot = config.cdc.slot_name(&config.server.node_id);
-    match client
-        .query_opt(
-            "SELECT plugin, database::text = current_database(), coalesce(wal_status, '') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-    {
-        Ok(Some(r)) => {
-            let (plugin, same_db, wal_status): (Option<String>, Option<bool>, String) = (r.get(0), r.get(1), r.get(2));
-            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
-                problems.push(format!("cdc: replication slot {slot} exists for another plugin or database; choose another [cdc] slot"));
-            }
-            if wal_status == "lost" {
-                problems.push(format!("cdc: replication slot {slot} is invalidated (wal_status = lost); cachesync will drop, recreate and reload it on start"));
-            }
-        }
-        Ok(None) if slots >= max_slots => {
-            problems.push(format!("cdc: all {max_slots} replication slots are in use; raise max_replication_slots or drop an unused slot"));
-        }
-        Ok(None) => {}
-        Err(e) => problems.push(q(e)),
-    }
-    let publication = &config.cdc.publication;
-    let listed: Vec<(String, String)> = match client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-    {
-        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-        Err(e) => return [problems, vec![q(e)]].concat(),
-    };
-    for ks in cdc {
-        let Some(t) = &ks.table else { continue };
-        let name = format!("keyspace[{}]", ks.name);
-        let info = client
-            .query_opt(
-                "SELECT c.relreplident::text, pg_has_role(c.relowner, 'USAGE'), \
-                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i \
-                              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                              WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
-                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                &[&t.schema, &t.name],
-            )
-            .await;
-        // A missing table, or a view, is reported by the binding check.
-        let Ok(Some(r)) = info else { continue };
-        let (identity, owner, identity_cols): (String, bool, Vec<String>) = (r.get(0), r.get(1), r.get(2));
-        if identity != "f" {
-            for k in &ks.key {
-                if !identity_cols.contains(k) {
-                    problems.push(format!(
-                        "{name}: key column `{k}` is not in the replica identity of {t} (identity: {}), so CDC could not tell which entry a delete removes; \
-                         make the key the primary key or run ALTER TABLE {} REPLICA IDENTITY FULL",
-                        if identity_cols.is_empty() { "none".to_string() } else { identity_cols.join(", ") },
-                        qualified(t)
-                    ));
-                }
-            }
-        }
-        let in_publication = listed.iter().any(|(s, n)| s == &t.schema && n == &t.name);
-        if !in_publication {
-            if !config.cdc.create_publication {
-                problems.push(format!("{name}: publication {publication} does not include {t}; add it or set [cdc] create_publication = true"));
-            } else if !owner && !superuser {
-                problems.push(format!(
-                    "{name}: publication {publication} does not include {t} and this role cannot add it (only the table's owner can); add it as the owner: ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(publication),
-                    qualified(t)
-                ));
-            }
-        }
-    }
-    problems
 }

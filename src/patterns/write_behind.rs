@@ -17,6 +17,7 @@
 //! - **Back-pressure.** Above `max_backlog_records` or `max_backlog_bytes` of unflushed writes,
 //!   writes answer 503 with `Retry-After` — never a silent drop.
 
+pub mod config;
 pub mod deadletters;
 pub mod flusher;
 
@@ -29,7 +30,6 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::commitlog::{CommitLog, Offset};
-use crate::config::WriteBehindConfig;
 use crate::event::{ChangeEvent, Op, Source};
 use crate::hlc::Hlc;
 use crate::key::Key;
@@ -37,6 +37,7 @@ use crate::keyspace::Keyspace;
 use crate::keyspace::overlay::Pending;
 use crate::metrics::Metrics;
 use crate::patterns::PatternError;
+use crate::patterns::write_behind::config::WriteBehindConfig;
 use crate::source::SourceError;
 use crate::source::postgres::render::{ObjectWriter, render_value};
 use deadletters::DeadLetters;

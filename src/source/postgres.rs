@@ -6,6 +6,7 @@
 //! here, into [`SourceError`]; when Postgres rejects a row's data without naming the column
 //! (`invalid input syntax for type integer`), each field is probed on its own to name it.
 
+pub mod config;
 pub mod render;
 pub mod schema;
 pub mod sql;
@@ -23,8 +24,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::SourceError;
-use crate::config::PostgresConfig;
 use crate::lsn::Lsn;
+use crate::source::postgres::config::PostgresConfig;
 use schema::Binding;
 use sqlstate::Fault;
 
@@ -293,23 +294,19 @@ impl TableSource {
         Ok(())
     }
 
-    /// The cache key of a stored row from the text of its key columns.
-    fn key_from_texts(&self, texts: &[Option<&str>]) -> Option<Arc<str>> {
-        let mut parts = Vec::with_capacity(texts.len());
-        for (col, t) in self.binding.key.iter().zip(texts) {
-            parts.push(crate::key::normalize(col, (*t)?.to_string()).ok()?);
-        }
-        crate::key::key_from_parts(parts, usize::MAX).ok().map(|k| k.cache_key)
+    /// The text of a stored row's key columns (`None` when one is NULL, which a key never is).
+    fn key_texts(texts: &[Option<&str>]) -> Option<Vec<String>> {
+        texts.iter().map(|t| t.map(str::to_string)).collect()
     }
 
     /// Upserts many rows in one statement: each row its key components and the fields it writes
     /// (every row of one call writes the same fields). Returns the stored rows as entries (their
-    /// version left for the caller), by cache key.
+    /// version left for the caller), each with the text of its key columns.
     pub async fn upsert_rows(
         &self,
         client: &impl deadpool_postgres::GenericClient,
         rows: &[(Vec<String>, &Map<String, Value>)],
-    ) -> Result<Vec<(Arc<str>, crate::cache::Entry)>, BatchError> {
+    ) -> Result<Vec<(Vec<String>, crate::cache::Entry)>, BatchError> {
         let Some((_, first)) = rows.first() else {
             return Ok(Vec::new());
         };
@@ -368,7 +365,7 @@ impl TableSource {
                             .and_then(|i| r.get::<_, Option<&str>>(2 + i))
                     })
                     .collect();
-                let key = self.key_from_texts(&texts)?;
+                let key = Self::key_texts(&texts)?;
                 let entry = crate::cache::Entry::new(Some(self.render_row(r, 2)), parse_lsn(r.get(0)), 0)
                     .with_xid(parse_xid(r.get(1)));
                 Some((key, entry))
@@ -381,7 +378,7 @@ impl TableSource {
         &self,
         client: &impl deadpool_postgres::GenericClient,
         keys: &[Vec<String>],
-    ) -> Result<Vec<(Arc<str>, crate::cache::Entry)>, BatchError> {
+    ) -> Result<Vec<(Vec<String>, crate::cache::Entry)>, BatchError> {
         let b = &self.binding;
         let array: Vec<Value> = keys
             .iter()
@@ -404,7 +401,7 @@ impl TableSource {
             .iter()
             .filter_map(|r| {
                 let texts: Vec<Option<&str>> = (0..b.key.len()).map(|i| r.get::<_, Option<&str>>(2 + i)).collect();
-                let key = self.key_from_texts(&texts)?;
+                let key = Self::key_texts(&texts)?;
                 Some((
                     key,
                     crate::cache::Entry::new(None, parse_lsn(r.get(0)), 0).with_xid(parse_xid(r.get(1))),

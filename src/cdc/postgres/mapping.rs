@@ -25,10 +25,10 @@ use bytes::Bytes;
 
 use super::decoder::{Change, RelationInfo};
 use super::protocol::{Tuple, Value};
-use crate::config::CdcMode;
 use crate::event::{ChangeEvent, Op, Source};
 use crate::key;
 use crate::keyspace::Keyspace;
+use crate::keyspace::config::CdcMode;
 use crate::source::postgres::render::{ObjectWriter, TypeKind, render_value};
 use crate::source::postgres::schema::{Binding, ColumnMeta};
 

@@ -17,13 +17,13 @@ use tokio_postgres::NoTls;
 
 use crate::cache::Entry;
 use crate::cdc::CdcError;
-use crate::config::PostgresConfig;
 use crate::hlc::Hlc;
 use crate::key;
 use crate::keyspace::{Blocker, Keyspace};
 use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
+use crate::source::postgres::config::PostgresConfig;
 use crate::source::postgres::render::render_object;
 use crate::source::postgres::sql::{qualified, quote_ident};
 use crate::source::postgres::{classify, connection_config};

@@ -12,8 +12,8 @@ use std::time::Duration;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
 use crate::cdc::{CdcError, ReplicationSource, StreamEvent, pg_time_to_unix_us};
-use crate::config::PostgresConfig;
 use crate::lsn::Lsn;
+use crate::source::postgres::config::PostgresConfig;
 
 /// How often confirmed positions reach the server.
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);

@@ -496,7 +496,8 @@ impl Flusher {
                 deletes.push(parts(op)?);
             }
             if !deletes.is_empty() {
-                rows.extend(source.delete_rows(&tx, &deletes).await.map_err(batch_error)?);
+                let deleted = source.delete_rows(&tx, &deletes).await.map_err(batch_error)?;
+                rows.extend(deleted.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
             }
             // Upserts, one statement per set of written columns.
             let mut groups: HashMap<Vec<&str>, Vec<UpsertRow>> = HashMap::new();
@@ -508,7 +509,12 @@ impl Flusher {
                 }
             }
             for group in groups.values() {
-                rows.extend(source.upsert_rows(&tx, group).await.map_err(batch_error)?);
+                let upserted = source.upsert_rows(&tx, group).await.map_err(batch_error)?;
+                rows.extend(
+                    upserted
+                        .into_iter()
+                        .filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))),
+                );
             }
         }
         tx.commit().await.map_err(|e| flush_error(&e))?;

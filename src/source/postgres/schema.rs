@@ -9,7 +9,7 @@
 use tokio_postgres::GenericClient;
 
 use super::render::TypeKind;
-use crate::config::{CdcMode, KeyspaceConfig, TableRef, WriteMode};
+use crate::keyspace::config::{CdcMode, KeyspaceConfig, TableRef, WriteMode};
 
 /// How a message names a relation of this `pg_class.relkind`.
 fn relkind_name(relkind: char) -> &'static str {

@@ -8,7 +8,7 @@
 //! prints `true`, `inet` adds a netmask).
 
 use super::schema::{Binding, ColumnMeta};
-use crate::config::TableRef;
+use crate::keyspace::config::TableRef;
 
 /// `ident` as a quoted SQL identifier.
 pub fn quote_ident(ident: &str) -> String {

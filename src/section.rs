@@ -315,3 +315,23 @@ mod tests {
         assert_eq!(ctx.line_of(5), 3);
     }
 }
+
+/// Serializes durations as human strings ("5m") in `/v1/keyspaces` and `check` output.
+pub mod humantime_serde_shim {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `[cdc]`: how changes are captured from Postgres — publication, slot, heartbeats and the
+//! readiness grace.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::section::{Section, humantime_serde_shim};
+
+/// Default name of the publication cachesync creates and follows.
+pub const DEFAULT_PUBLICATION: &str = "cachesync";
+
+/// Default interval of heartbeat messages that keep an idle database's slot moving.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// How long the stream may be down before CDC keyspaces stop reporting ready.
+pub const DEFAULT_READY_GRACE: Duration = Duration::from_secs(5);
+
+/// `[cdc]`: how changes are captured.
+#[derive(Debug, Clone, Serialize)]
+pub struct CdcConfig {
+    /// Replication slot name (lower-case letters, digits, `_`). Default: `cachesync_<node_id>`.
+    pub slot: Option<String>,
+    /// Publication to follow.
+    pub publication: String,
+    /// Create the publication for the CDC keyspaces' tables when it does not exist, and add
+    /// missing tables to it. Off: the publication must exist and include them.
+    pub create_publication: bool,
+    /// Interval of `pg_logical_emit_message` heartbeats; none disables them.
+    #[serde(with = "humantime_serde_shim::option")]
+    pub heartbeat: Option<Duration>,
+    /// How long the stream may be down before CDC keyspaces stop reporting ready.
+    #[serde(with = "humantime_serde_shim")]
+    pub ready_grace: Duration,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            slot: None,
+            publication: DEFAULT_PUBLICATION.into(),
+            create_publication: true,
+            heartbeat: Some(DEFAULT_HEARTBEAT),
+            ready_grace: DEFAULT_READY_GRACE,
+        }
+    }
+}
+
+impl CdcConfig {
+    /// The slot name in effect.
+    pub fn slot_name(&self, node_id: &str) -> String {
+        self.slot.clone().unwrap_or_else(|| {
+            let n: String = node_id
+                .to_ascii_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let mut name = format!("cachesync_{n}");
+            name.truncate(63);
+            name
+        })
+    }
+}
+
+pub(crate) fn read_cdc(mut s: Section<'_, '_>) -> CdcConfig {
+    let d = CdcConfig::default();
+    let slot: Option<String> = s.get("slot");
+    if let Some(name) = &slot
+        && (name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+    {
+        s.problem_at("slot", "a slot name is 1 to 63 lower-case letters, digits and `_`");
+    }
+    let publication: String = s.get("publication").unwrap_or(d.publication);
+    if publication.is_empty() {
+        s.problem_at("publication", "must not be empty");
+    }
+    let heartbeat = match s.duration("heartbeat") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None if s.span_of("heartbeat").is_some() => None,
+        None => d.heartbeat,
+    };
+    let c = CdcConfig {
+        slot,
+        publication,
+        create_publication: s.get("create_publication").unwrap_or(d.create_publication),
+        heartbeat,
+        ready_grace: s.duration("ready_grace").unwrap_or(d.ready_grace),
+    };
+    s.finish();
+    c
+}
