@@ -12,7 +12,9 @@
 //!
 //! Lower layers (the commit log, CDC) take a `Tasks` handle rather than calling `tokio::spawn`,
 //! so nothing runs outside the lifecycle. A standalone handle ([`Tasks::detached`]) serves
-//! tests and tools that have no server around them.
+//! tests and tools that have no server around them. The one thread not spawned here is the
+//! commit log's writer: a dedicated OS thread (its fsyncs block), stopped by `CommitLog::close`
+//! in the log phase.
 
 use std::future::Future;
 use std::time::Duration;

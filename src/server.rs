@@ -228,7 +228,7 @@ impl Server {
         }
         let app = api::router(state.clone());
         let stop = serve.token().clone();
-        let http = tokio::spawn(async move {
+        let http = serve.spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
