@@ -13,7 +13,7 @@ use cachesync_testkit::eventually;
 use cachesync_testkit::postgres::{PgOptions, PgServer};
 use serde_json::json;
 
-use crate::common::{Db, Http, Node, Resp, WAIT, metric};
+use crate::common::{Db, Http, Node, Resp, WAIT, hold_loads, metric};
 
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nmax_entries = 500000\n{extra}\n")
@@ -210,21 +210,12 @@ async fn a_load_that_raced_an_update_never_installs_the_old_value() {
             .await;
         let ks = server.keyspace("users").expect("configured").clone();
         // Hold the load between its query and its install.
-        let (reached_tx, mut reached) = tokio::sync::mpsc::channel::<()>(1);
-        let release = Arc::new(tokio::sync::Notify::new());
-        let r2 = release.clone();
-        ks.set_load_hook(Some(Arc::new(move |_key| {
-            let (tx, release) = (reached_tx.clone(), r2.clone());
-            Box::pin(async move {
-                let _ = tx.send(()).await;
-                release.notified().await;
-            })
-        })));
+        let gate = hold_loads(&ks);
         let slow = tokio::spawn({
             let http = http.clone();
             async move { http.get("/v1/kv/users/1").await }
         });
-        reached.recv().await.expect("the load ran its query");
+        gate.reached.lock().await.recv().await.expect("the load ran its query");
         // The row changes and CDC applies it while the load holds the old row.
         db.exec("UPDATE users SET name = 'new' WHERE id = 1").await;
         server
@@ -241,7 +232,7 @@ async fn a_load_that_raced_an_update_never_installs_the_old_value() {
         })
         .await;
         ks.set_load_hook(None);
-        release.notify_one();
+        gate.release.notify_one();
         let raced = slow.await.unwrap();
         assert_eq!(
             raced.json()["name"],
@@ -273,21 +264,12 @@ async fn a_load_that_raced_a_warm_load_never_installs_the_old_value() {
     server.wait_ready(WAIT).await.expect("ready");
     let http = Http::at(format!("http://{}", server.local_addr()));
     let ks = server.keyspace("users").expect("configured").clone();
-    let (reached_tx, mut reached) = tokio::sync::mpsc::channel::<()>(1);
-    let release = Arc::new(tokio::sync::Notify::new());
-    let r2 = release.clone();
-    ks.set_load_hook(Some(Arc::new(move |_key| {
-        let (tx, release) = (reached_tx.clone(), r2.clone());
-        Box::pin(async move {
-            let _ = tx.send(()).await;
-            release.notified().await;
-        })
-    })));
+    let gate = hold_loads(&ks);
     let slow = tokio::spawn({
         let http = http.clone();
         async move { http.get("/v1/kv/users/1").await }
     });
-    reached.recv().await.expect("the load ran its query");
+    gate.reached.lock().await.recv().await.expect("the load ran its query");
     // The row changes, and a warm load from a snapshot taken after the change installs it while
     // the load still holds the old row.
     db.exec("UPDATE users SET name = 'new' WHERE id = 1").await;
@@ -316,7 +298,7 @@ async fn a_load_that_raced_a_warm_load_never_installs_the_old_value() {
     assert_eq!(rows, 1);
     snap.batch_execute("COMMIT").await.unwrap();
     ks.set_load_hook(None);
-    release.notify_one();
+    gate.release.notify_one();
     assert_eq!(
         slow.await.unwrap().json()["name"],
         "old",

@@ -224,3 +224,26 @@ impl Node {
         (server, http)
     }
 }
+
+/// Holds loads between their query and their install until released.
+pub struct Gate {
+    pub reached: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>,
+    pub release: Arc<tokio::sync::Notify>,
+}
+
+pub fn hold_loads(ks: &cachesync::keyspace::Keyspace) -> Gate {
+    let (tx, rx) = tokio::sync::mpsc::channel::<()>(8);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    ks.set_load_hook(Some(Arc::new(move |_key| {
+        let (tx, release) = (tx.clone(), r.clone());
+        Box::pin(async move {
+            let _ = tx.send(()).await;
+            release.notified().await;
+        })
+    })));
+    Gate {
+        reached: tokio::sync::Mutex::new(rx),
+        release,
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cachesync_testkit::eventually;
 
-use crate::common::{Db, Http, Node, WAIT, metric, serve};
+use crate::common::{Db, Http, Node, WAIT, hold_loads, metric, serve};
 
 fn keyspace(table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{table}\"\ntable = \"{table}\"\nkey = \"id\"\n{extra}\n")
@@ -155,29 +155,6 @@ async fn a_reload_that_fails_keeps_the_old_value_until_it_expires() {
     })
     .await;
     server.shutdown().await;
-}
-
-/// Holds loads between their query and their install until released.
-struct Gate {
-    reached: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>,
-    release: Arc<tokio::sync::Notify>,
-}
-
-fn hold_loads(ks: &cachesync::keyspace::Keyspace) -> Gate {
-    let (tx, rx) = tokio::sync::mpsc::channel::<()>(8);
-    let release = Arc::new(tokio::sync::Notify::new());
-    let r = release.clone();
-    ks.set_load_hook(Some(Arc::new(move |_key| {
-        let (tx, release) = (tx.clone(), r.clone());
-        Box::pin(async move {
-            let _ = tx.send(()).await;
-            release.notified().await;
-        })
-    })));
-    Gate {
-        reached: tokio::sync::Mutex::new(rx),
-        release,
-    }
 }
 
 #[tokio::test]
