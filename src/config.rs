@@ -201,7 +201,13 @@ fn validate(config: &Config) -> Vec<Problem> {
             });
         }
     }
-    if let Some(pg) = &config.postgres
+    if config.postgres.as_ref().is_some_and(|pg| pg.url.expose().is_empty()) {
+        problems.push(Problem {
+            line: None,
+            path: "postgres.url".into(),
+            message: format!("missing: set `url` in [postgres] or the {ENV_POSTGRES_URL} environment variable"),
+        });
+    } else if let Some(pg) = &config.postgres
         && let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>()
     {
         // The parser's message can quote the input; keep only its kind.
@@ -353,6 +359,22 @@ write = "sideways"
             "postgres://u:pw@127.0.0.1/db"
         );
         assert_eq!(c.keyspaces[0].name, DEFAULT_KEYSPACE);
+    }
+
+    #[test]
+    fn the_env_var_supplies_a_url_the_postgres_section_leaves_out() {
+        let text = "[postgres]\npool_size = 4\n[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\n";
+        let env = |k: &str| (k == ENV_POSTGRES_URL).then(|| "postgres://u@127.0.0.1/db".to_string());
+        let c = Config::from_parts(Some(text), "test", &env).expect("the env var fills in the url");
+        let pg = c.postgres.as_ref().unwrap();
+        assert_eq!((pg.url.expose(), pg.pool_size), ("postgres://u@127.0.0.1/db", 4));
+        // Without it, the one problem names both ways to give it.
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].path == "postgres.url" && p[0].message.contains(ENV_POSTGRES_URL),
+            "{p:#?}"
+        );
     }
 
     #[test]

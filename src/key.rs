@@ -39,6 +39,10 @@ pub enum KeyError {
     #[error("the key is not valid UTF-8 after percent-decoding")]
     NotUtf8,
     #[error(
+        "the key has an invalid percent-escape at byte {at}: `%` must be followed by two hex digits (write a literal % as %25)"
+    )]
+    BadEscape { at: usize },
+    #[error(
         "the key has {got} component(s) but keyspace {keyspace} has a key of {want} column(s) ({columns}); join components with ',' and write a comma inside one as %2C"
     )]
     WrongArity {
@@ -55,7 +59,21 @@ pub enum KeyError {
     },
 }
 
+/// Checks that every `%` starts a two-hex-digit escape: `50%` and `%zz` are refused rather than
+/// taken literally, so two spellings can never name one key.
+fn check_escapes(raw: &str) -> Result<(), KeyError> {
+    let b = raw.as_bytes();
+    for (at, _) in b.iter().enumerate().filter(|(_, c)| **c == b'%') {
+        let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+        if !hex(at + 1) || !hex(at + 2) {
+            return Err(KeyError::BadEscape { at });
+        }
+    }
+    Ok(())
+}
+
 fn decode(raw: &str) -> Result<String, KeyError> {
+    check_escapes(raw)?;
     percent_decode_str(raw)
         .decode_utf8()
         .map(|c| c.into_owned())
@@ -85,6 +103,7 @@ fn check_len(k: &str, max: usize) -> Result<(), KeyError> {
 /// Parses a sourced keyspace's key against its key columns.
 pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Key, KeyError> {
     // The limit applies to the key as sent, before normalization could fail on it.
+    check_escapes(raw)?;
     let len = percent_decode_str(raw).count();
     if len > max {
         return Err(KeyError::TooLong { len, max });
@@ -225,6 +244,21 @@ mod tests {
         assert_eq!(parse_opaque("%FF", 10), Err(KeyError::NotUtf8));
     }
 
+    #[test]
+    fn malformed_percent_escapes_are_refused_not_taken_literally() {
+        let cols = [col("name", "text", TypeKind::Text)];
+        for (raw, at) in [("%zz", 0), ("50%", 2), ("a%2", 1), ("%%41", 0), ("x%g1", 1)] {
+            assert_eq!(parse_opaque(raw, 100), Err(KeyError::BadEscape { at }), "{raw}");
+            assert_eq!(
+                parse_columns(raw, "ks", &cols, 100),
+                Err(KeyError::BadEscape { at }),
+                "{raw}"
+            );
+        }
+        // `50%25` is the one spelling of "50%".
+        assert_eq!(&*parse_opaque("50%25", 100).unwrap().cache_key, "50%");
+    }
+
     proptest! {
         #[test]
         fn composite_cache_keys_parse_back(a in ".{1,20}", b in ".{1,20}") {
@@ -233,6 +267,18 @@ mod tests {
             let back = parse_columns(&k.cache_key, "ks", &cols, 1000).unwrap();
             prop_assert_eq!(back.parts, vec![a, b]);
             prop_assert_eq!(back.cache_key, k.cache_key);
+        }
+
+        #[test]
+        fn decoding_any_text_never_panics_and_accepts_exactly_well_formed_escapes(raw in "[%0-9a-fA-Fgz,x ]{0,24}") {
+            let well_formed = {
+                let b = raw.as_bytes();
+                b.iter().enumerate().filter(|(_, c)| **c == b'%').all(|(i, _)| {
+                    b.get(i + 1).is_some_and(u8::is_ascii_hexdigit) && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+                })
+            };
+            let r = parse_opaque(&raw, 1000);
+            prop_assert_eq!(matches!(r, Err(KeyError::BadEscape { .. })), !well_formed);
         }
     }
 }

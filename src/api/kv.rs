@@ -55,6 +55,18 @@ fn etag(entry: &Entry) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{}\"", entry.version)).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
+/// Whether an `If-None-Match` / `If-Match` value names the entry: `*` (any current entry), or a
+/// comma-separated list of entity tags, compared weakly (`W/"1"` matches `"1"`) as RFC 9110
+/// asks for `If-None-Match`.
+fn etag_matches(header: &HeaderValue, entry: &Entry) -> bool {
+    let Ok(text) = header.to_str() else { return false };
+    let ours = etag(entry);
+    let ours = ours.to_str().unwrap_or_default();
+    text.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == ours)
+}
+
 fn x_cache(origin: Origin) -> HeaderValue {
     HeaderValue::from_static(match origin {
         // A pending write-behind write is this node's own state: a hit.
@@ -83,7 +95,11 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
         let entry = &read.entry;
         let mut resp = match &entry.value {
             None => ApiError::not_found(&ks, &key.cache_key).into_response(),
-            Some(_) if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v == etag(entry)) => {
+            Some(_)
+                if headers
+                    .get(header::IF_NONE_MATCH)
+                    .is_some_and(|v| etag_matches(v, entry)) =>
+            {
                 let mut r = StatusCode::NOT_MODIFIED.into_response();
                 r.headers_mut().insert(header::ETAG, etag(entry));
                 r

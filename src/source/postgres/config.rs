@@ -80,10 +80,12 @@ impl Serialize for Secret {
     }
 }
 
+/// Reads `[postgres]`. `url` may be left out here when `CACHESYNC_POSTGRES_URL` supplies it; the
+/// whole-config check reports it missing only if neither does.
 pub(crate) fn read_postgres(mut s: Section<'_, '_>) -> Option<PostgresConfig> {
-    let url: Option<String> = s.required("url");
+    let url: Option<String> = s.get("url");
     let config = PostgresConfig {
-        url: Secret::new(url.clone().unwrap_or_default()),
+        url: Secret::new(url.unwrap_or_default()),
         pool_size: s.get("pool_size").unwrap_or(DEFAULT_POOL_SIZE),
         connect_timeout: s.duration("connect_timeout").unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         acquire_timeout: s.duration("acquire_timeout").unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
@@ -93,5 +95,5 @@ pub(crate) fn read_postgres(mut s: Section<'_, '_>) -> Option<PostgresConfig> {
         s.problem_at("pool_size", "must be at least 1");
     }
     s.finish();
-    url.map(|_| config)
+    Some(config)
 }
