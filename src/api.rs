@@ -20,12 +20,16 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod listener;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use self::config::ServerConfig;
@@ -61,8 +65,28 @@ impl AppState {
     }
 }
 
+/// Refuses requests whose `Host` is not on `[server] allowed_hosts` (421): with no credential on
+/// loopback, a page on another site that points its own name at 127.0.0.1 (DNS rebinding) must
+/// not reach the API. A request with no `Host` (HTTP/1.0 tools) is let through: browsers always
+/// send one.
+async fn check_host(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(host) = req.headers().get(header::HOST) {
+        let ok = host.to_str().is_ok_and(|h| st.server.host_allowed(h));
+        if !ok {
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected_host",
+                "this sidecar does not answer for that Host; add it to [server] allowed_hosts if it is yours",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// The router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
+    let host_check = axum::middleware::from_fn_with_state(state.clone(), check_host);
     Router::new()
         .route("/v1/kv/{keyspace}/_mget", post(kv::mget))
         .route("/v1/kv/{keyspace}/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
@@ -87,5 +111,6 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "this route does not accept that method",
             )
         })
+        .layer(host_check)
         .with_state(state)
 }

@@ -15,7 +15,7 @@ use toml::de::DeTable;
 pub use crate::section::Problem;
 use crate::section::{Ctx, Section};
 
-use crate::api::config::{ServerConfig, read_server};
+use crate::api::config::{ServerConfig, default_allowed_hosts, read_server};
 use crate::cdc::config::{CdcConfig, read_cdc};
 use crate::commitlog::config::read_log;
 use crate::keyspace::config::{CdcMode, DEFAULT_KEYSPACE, KeyspaceConfig, WriteMode, read_keyspace};
@@ -154,7 +154,13 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
 fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) {
     if let Some(listen) = env(ENV_LISTEN) {
         match listen.parse() {
-            Ok(a) => config.server.listen = a,
+            Ok(a) => {
+                // An allow-list left at its default follows the address.
+                if config.server.allowed_hosts == default_allowed_hosts(config.server.listen) {
+                    config.server.allowed_hosts = default_allowed_hosts(a);
+                }
+                config.server.listen = a;
+            }
             Err(e) => problems.push(Problem {
                 line: None,
                 path: ENV_LISTEN.into(),

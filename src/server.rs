@@ -85,7 +85,7 @@ pub struct Server {
     drain: Option<watch::Sender<bool>>,
     state: Arc<AppState>,
     life: Lifecycle,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     grace: Duration,
 }
 
@@ -228,11 +228,13 @@ impl Server {
         }
         let app = api::router(state.clone());
         let stop = serve.token().clone();
-        let http = serve.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let http = serve.spawn(api::listener::serve(
+            listener,
+            app,
+            api::listener::Limits::of(&config.server),
+            stop,
+            serve.clone(),
+        ));
         tracing::info!(%addr, keyspaces = state.pipelines.len(), "cachesync started");
         Ok(Server {
             addr,

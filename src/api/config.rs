@@ -23,6 +23,19 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
 /// Most keys one `_mget` may ask for.
 pub const DEFAULT_MAX_MGET_KEYS: usize = 1000;
 
+/// Time a request's headers may take once its first byte arrived (slowloris bound).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a keep-alive connection may sit with no request before it is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Open connections beyond which new ones are refused with 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// `Host` names a loopback listener answers (with any port): a browser page on another origin
+/// that reaches the API through DNS rebinding carries its own name and is refused.
+pub const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
 /// `[server]`: the local HTTP API.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
@@ -41,6 +54,49 @@ pub struct ServerConfig {
     /// This node's id: the origin of the events it produces and part of its default slot name.
     /// Default: the host name.
     pub node_id: String,
+    /// Once a request's first byte has arrived, its headers must be complete within this, or the
+    /// client gets 408 and the connection is closed.
+    #[serde(with = "humantime_serde_shim")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request for this long is closed.
+    #[serde(with = "humantime_serde_shim")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once; more are answered 503 `too_many_connections`.
+    pub max_connections: usize,
+    /// `Host` header names (without port) requests may carry; others get 421 `misdirected_host`.
+    /// Default: the loopback names when `listen` is a loopback address, plus its IP; `["*"]`
+    /// (any) otherwise. `"*"` turns the check off.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl ServerConfig {
+    /// Whether a request's `Host` (name and optional port) is one this listener answers.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => rest.split(']').next().map(|h| format!("[{h}]")).unwrap_or_default(),
+            None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_string(),
+        };
+        self.allowed_hosts
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(&name))
+    }
+}
+
+/// The default allow-list for `listen` (see [`ServerConfig::allowed_hosts`]).
+pub fn default_allowed_hosts(listen: SocketAddr) -> Vec<String> {
+    if !listen.ip().is_loopback() {
+        return vec!["*".into()];
+    }
+    let mut hosts: Vec<String> = LOOPBACK_HOSTS.iter().map(|h| h.to_string()).collect();
+    let ip = match listen.ip() {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    if !hosts.contains(&ip) {
+        hosts.push(ip);
+    }
+    hosts
 }
 
 impl Default for ServerConfig {
@@ -52,6 +108,10 @@ impl Default for ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_mget_keys: DEFAULT_MAX_MGET_KEYS,
             node_id: default_node_id(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            allowed_hosts: default_allowed_hosts(DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid address")),
         }
     }
 }
@@ -94,7 +154,25 @@ pub(crate) fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
         max_body_bytes: s.byte_size("max_body_bytes").unwrap_or(d.max_body_bytes),
         max_mget_keys: s.get("max_mget_keys").unwrap_or(d.max_mget_keys),
         node_id: s.get("node_id").unwrap_or(d.node_id),
+        header_read_timeout: s.duration("header_read_timeout").unwrap_or(d.header_read_timeout),
+        idle_timeout: s.duration("idle_timeout").unwrap_or(d.idle_timeout),
+        max_connections: s.get("max_connections").unwrap_or(d.max_connections),
+        allowed_hosts: s.get("allowed_hosts").unwrap_or_else(|| default_allowed_hosts(listen)),
     };
+    for (name, d) in [
+        ("header_read_timeout", config.header_read_timeout),
+        ("idle_timeout", config.idle_timeout),
+    ] {
+        if d.is_zero() {
+            s.problem_at(name, "must be longer than zero");
+        }
+    }
+    if config.max_connections == 0 {
+        s.problem_at("max_connections", "must be at least 1");
+    }
+    if config.allowed_hosts.is_empty() {
+        s.problem_at("allowed_hosts", "name at least one host, or \"*\" for any");
+    }
     if config.node_id.is_empty()
         || !config
             .node_id

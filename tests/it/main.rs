@@ -8,6 +8,7 @@ mod cdc;
 mod check;
 mod commitlog_crash;
 mod embedded;
+mod front_door;
 mod harness;
 mod read_through;
 mod refresh_ahead;

@@ -1,0 +1,242 @@
+//! The HTTP front door tried as an attacker or a careless client would: slow and idle
+//! connections are cut off, the connection bound refuses cleanly and recovers, every error —
+//! including those the HTTP library answers itself — is the JSON error shape, keys with broken
+//! escapes are refused, a foreign `Host` is refused, and `If-None-Match: *` is honoured.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cachesync::config::Config;
+use cachesync_testkit::eventually;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{WAIT, serve};
+
+fn config(server_extra: &str) -> Config {
+    Config::parse(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[[keyspace]]\nname = \"default\"\n"
+    ))
+    .expect("valid test config")
+}
+
+/// Reads whatever the server sends until it closes the connection (or `limit` passes).
+async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Sends `request` on a fresh connection and returns the whole answer (the server closes).
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("send");
+    let (text, closed) = read_to_close(&mut s, WAIT).await;
+    assert!(closed, "the server closed the connection; got so far: {text}");
+    text
+}
+
+/// The status and JSON body of a raw answer.
+fn parse(answer: &str) -> (u16, Value) {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let status = head[9..12].parse().expect("a status code");
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {answer:?}"));
+    (status, json)
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let (server, http) = serve(config("header_read_timeout = \"1s\"")).await;
+    let addr = server.local_addr();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // One header byte every 100 ms: never complete, always active.
+    let trickle = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            if slow.write_all(b"a").await.is_err() {
+                break;
+            }
+            tokio::select! {
+                r = slow.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            if started.elapsed() > WAIT {
+                break;
+            }
+        }
+        (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+    });
+    // Meanwhile a normal client is served at once.
+    for _ in 0..5 {
+        assert_eq!(http.get("/healthz").await.status, 200);
+    }
+    let (answer, after) = trickle.await.unwrap();
+    assert!(after < Duration::from_secs(10), "cut off after {after:?}");
+    let (status, body) = parse(&answer);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (408, Some("request_timeout")),
+        "{answer}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let (server, _http) = serve(config("idle_timeout = \"1s\"")).await;
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Keep-alive: the connection stays open after the answer, then idles out.
+    let started = Instant::now();
+    let (rest, closed) = read_to_close(&mut s, WAIT).await;
+    assert!(closed && rest.is_empty(), "closed without another answer: {rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // A connection that never sends anything idles out too.
+    let mut silent = TcpStream::connect(server.local_addr()).await.unwrap();
+    assert!(read_to_close(&mut silent, WAIT).await.1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_connection_bound_refuses_cleanly_and_recovers() {
+    let (server, http) = serve(config("max_connections = 4")).await;
+    let addr = server.local_addr();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // Each makes a request so it surely holds a slot, and keeps the connection.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        held.push(s);
+    }
+    let refused = raw(addr, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    let (status, body) = parse(&refused);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("too_many_connections")),
+        "{refused}"
+    );
+    assert!(refused.to_ascii_lowercase().contains("retry-after: 1"), "{refused}");
+    // One closes: new connections are served again.
+    drop(held.pop());
+    eventually(WAIT, "a freed slot is usable", || async {
+        let r = http.get("/healthz").await;
+        if r.status == 200 { Ok(()) } else { Err(r.status) }
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn errors_the_http_library_answers_are_json_too() {
+    let (server, _http) = serve(config("")).await;
+    let addr = server.local_addr();
+    // Not HTTP at all.
+    let (status, body) = parse(&raw(addr, b"GARBAGE\r\n\r\n").await);
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    // Headers far beyond any sane size.
+    let mut big = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 1 << 20));
+    big.extend_from_slice(b"\r\n\r\n");
+    let (status, body) = parse(&raw(addr, &big).await);
+    assert_eq!((status, body["error"].as_str()), (431, Some("headers_too_large")));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_foreign_host_is_refused_and_loopback_names_are_served() {
+    let (server, _http) = serve(config("")).await;
+    let addr = server.local_addr();
+    let port = addr.port();
+    let answer = raw(
+        addr,
+        b"GET /v1/keyspaces HTTP/1.1\r\nHost: attacker.example:7070\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (status, body) = parse(&answer);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (421, Some("misdirected_host")),
+        "{answer}"
+    );
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "localhost".into(),
+    ] {
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw(addr, req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_with_broken_escapes_are_refused_and_if_none_match_star_is_honoured() {
+    let (server, http) = serve(config("")).await;
+    for bad in ["%zz", "50%", "a%2"] {
+        let r = http.put(&format!("/v1/kv/default/{bad}"), "1").await;
+        assert_eq!(
+            (r.status.as_u16(), r.error()),
+            (400, "invalid_key".to_string()),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    // `50%25` is the one way to write "50%"; nothing was written under the refused spellings.
+    assert_eq!(http.put("/v1/kv/default/50%25", "1").await.status, 200);
+    assert_eq!(http.get("/v1/kv/default/50%25").await.body, "1");
+    assert_eq!(http.get("/v1/kv/default/%zz").await.status, 400);
+    let ks = http.get("/v1/keyspaces").await.json();
+    assert_eq!(ks["keyspaces"][0]["stats"]["entries"], 1);
+    // If-None-Match: * matches any current entry.
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("{}/v1/kv/default/50%25", http.base))
+        .header("if-none-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = client
+        .get(format!("{}/v1/kv/default/absent", http.base))
+        .header("if-none-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "no entry: nothing to match");
+    server.shutdown().await;
+}
