@@ -84,6 +84,8 @@ pub const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 pub enum LogError {
     #[error("{}: {detail}", path.display())]
     Io { path: PathBuf, detail: String },
+    #[error("the disk under the commit log is full (writing {}); free space or move [log] dir", path.display())]
+    DiskFull { path: PathBuf },
     #[error("corrupt log data in {} at byte {position}: {detail}", file.display())]
     Corrupt {
         file: PathBuf,
@@ -105,7 +107,14 @@ pub enum LogError {
 }
 
 impl LogError {
+    /// An I/O error on `path`; a full disk is told apart ([`LogError::DiskFull`]) so callers can
+    /// say so instead of a generic failure.
     pub fn io(path: &Path, e: std::io::Error) -> LogError {
+        if e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::QuotaExceeded {
+            return LogError::DiskFull {
+                path: path.to_path_buf(),
+            };
+        }
         LogError::Io {
             path: path.to_path_buf(),
             detail: e.to_string(),

@@ -114,6 +114,9 @@ impl From<PatternError> for ApiError {
 
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> ApiError {
+        if let LogError::DiskFull { .. } = e {
+            return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string());
+        }
         // The write could not be made durable here: nothing was acknowledged or changed.
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

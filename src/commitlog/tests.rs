@@ -255,6 +255,50 @@ async fn cursors_are_durable_and_validated() {
 }
 
 #[tokio::test]
+async fn cursor_commits_overwrite_in_place_and_survive_a_torn_slot() {
+    let dir = temp_dir("log", None);
+    let log = open(cfg(&dir)).await;
+    let path = dir.join("cursors/c.cursor");
+    // A format-1 file from an earlier build is read, then replaced on the next commit.
+    std::fs::create_dir_all(dir.join("cursors")).unwrap();
+    let mut v1 = b"CSC1".to_vec();
+    v1.extend_from_slice(&3u64.to_le_bytes());
+    v1.extend_from_slice(&crc32c::crc32c(&v1).to_le_bytes());
+    std::fs::write(&path, &v1).unwrap();
+    let cur = log.cursor("c", true).unwrap();
+    assert_eq!(cur.position(), Offset(3));
+    let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    for to in 4..=9 {
+        cur.commit(Offset(to)).unwrap();
+    }
+    let first_ino = ino(&path);
+    cur.commit(Offset(10)).unwrap();
+    assert_eq!(
+        ino(&path),
+        first_ino,
+        "commits after the first rewrite the same file in place"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        48,
+        "two fixed slots; the file never grows"
+    );
+    assert_eq!(cursor::read_file(&path).unwrap(), Some(Offset(10)));
+    // Tear the newest slot: the other slot's position is read.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let seq = |at: usize| u64::from_le_bytes(bytes[at + 4..at + 12].try_into().unwrap());
+    let newest = if seq(0) > seq(24) { 0 } else { 24 };
+    bytes[newest + 14] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(
+        cursor::read_file(&path).unwrap(),
+        Some(Offset(9)),
+        "a torn newest slot falls back to the one before"
+    );
+    log.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn retention_by_size_and_age_respects_required_cursors() {
     let dir = temp_dir("log", None);
     let mut c = cfg(&dir);

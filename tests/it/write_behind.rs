@@ -213,6 +213,87 @@ async fn one_bad_row_among_ten_thousand_is_set_aside_and_the_rest_land() {
     server.shutdown().await;
 }
 
+/// A tmpfs mounted for one test (the process runs as root, as on CI); unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> SmallDisk {
+        let dir = cachesync_testkit::temp_dir("smalldisk", None);
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill the commit log's disk and needs root (as CI has): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_under_the_log_is_named_as_such_and_loses_nothing_acknowledged() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let disk = SmallDisk::mount(1 << 20);
+    let text = format!(
+        "{}\n[log]\ndir = \"{}\"\nsegment_bytes = \"64KiB\"\n",
+        db.config_text(&keyspace("t", "t", "")),
+        disk.0.join("log").display()
+    );
+    let (server, http) = crate::common::serve(cachesync::config::Config::parse(&text).unwrap()).await;
+    // Postgres holds the flush back, so the log only grows.
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    let value = "x".repeat(2000);
+    let mut acked = Vec::new();
+    let mut full = None;
+    for id in 0..2000 {
+        let r = http
+            .put(&format!("/v1/kv/t/{id}"), format!(r#"{{"v": "{value}"}}"#))
+            .await;
+        match r.status.as_u16() {
+            202 => acked.push(id),
+            _ => {
+                full = Some((id, r));
+                break;
+            }
+        }
+    }
+    let (refused_id, r) = full.expect("a 1 MiB disk fills up");
+    assert_eq!(
+        (r.status.as_u16(), r.error()),
+        (507, "disk_full".to_string()),
+        "{}",
+        r.body
+    );
+    assert!(r.detail().contains("disk"), "{}", r.detail());
+    assert_eq!(
+        http.get(&format!("/v1/kv/t/{refused_id}")).await.status,
+        404,
+        "the refused write changed nothing"
+    );
+    assert!(acked.len() > 50, "{} writes fit", acked.len());
+    // Everything acknowledged reaches Postgres once it lets the flush through.
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    let n: i64 = db.scalar("SELECT count(*) FROM t").await;
+    assert_eq!(n as usize, acked.len());
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_full_backlog_answers_503_and_accepts_again_once_drained() {
     let db = Db::new().await;
@@ -237,6 +318,7 @@ async fn a_full_backlog_answers_503_and_accepts_again_once_drained() {
     assert_eq!(full.status, 503, "{}", full.body);
     assert_eq!(full.header("retry-after"), "1");
     assert!(full.detail().contains("backlog is full"), "{}", full.detail());
+    assert_eq!(full.error(), "backlog_full", "not mistaken for Postgres being down");
     assert_eq!(
         http.get("/v1/kv/t/5").await.status,
         404,
