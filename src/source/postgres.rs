@@ -254,6 +254,7 @@ impl TableSource {
     /// what Postgres stored.
     pub async fn upsert(&self, key: &[String], body: &Map<String, Value>) -> Result<Written, SourceError> {
         let row = self.columns_of(key, body)?;
+        self.check_values(body)?;
         let columns: Vec<&str> = self
             .binding
             .fields
@@ -281,6 +282,12 @@ impl TableSource {
     /// Also rejects values their column's type certainly refuses ([`validate`]).
     pub fn check_body(&self, key: &[String], body: &Map<String, Value>) -> Result<(), SourceError> {
         self.columns_of(key, body)?;
+        self.check_values(body)
+    }
+
+    /// Rejects values their column's type certainly refuses ([`validate`]): the one check both
+    /// write modes run before anything is written.
+    fn check_values(&self, body: &Map<String, Value>) -> Result<(), SourceError> {
         for (name, value) in body {
             if let Some(f) = self.binding.field(name) {
                 validate::check(&f.column, value).map_err(|message| SourceError::InvalidValue {

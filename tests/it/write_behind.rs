@@ -294,6 +294,55 @@ async fn a_full_disk_under_the_log_is_named_as_such_and_loses_nothing_acknowledg
     server.shutdown().await;
 }
 
+/// Values Postgres certainly refuses get the same 400 from both write modes, and write-behind
+/// acknowledges none of them (before, each got a 202, was served to readers, then became a dead
+/// letter).
+#[tokio::test]
+async fn write_behind_refuses_what_write_through_refuses_with_the_same_answer() {
+    let db = Db::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, big bigint, n int, s text, code varchar(5), u uuid, at timestamptz, ok bool)",
+    )
+    .await;
+    let node = Node::new();
+    let keyspaces = format!(
+        "{}[[keyspace]]\nname = \"wt\"\ntable = \"t\"\nkey = \"id\"\nwrite = \"through\"\n",
+        keyspace("wb", "t", "")
+    );
+    let (server, http) = node.start_text(&node.config_text(&db, &keyspaces, "")).await;
+    let cases = [
+        r#"{"big": 18446744073709551616}"#,
+        r#"{"n": 1e400}"#,
+        r#"{"n": "abc"}"#,
+        r#"{"s": "a\u0000b"}"#,
+        r#"{"code": "toolong"}"#,
+        r#"{"u": "not-a-uuid"}"#,
+        r#"{"at": "whenever"}"#,
+        r#"{"ok": "maybe"}"#,
+    ];
+    for body in cases {
+        let through = http.put("/v1/kv/wt/1", body).await;
+        let behind = http.put("/v1/kv/wb/1", body).await;
+        assert_eq!(through.status, 400, "{body}: {}", through.body);
+        assert_eq!(
+            (behind.status, behind.error(), behind.detail()),
+            (through.status, through.error(), through.detail()),
+            "{body}: both modes answer alike"
+        );
+        assert_eq!(behind.error(), "invalid_value", "{body}");
+    }
+    assert_eq!(backlog(&http).await, 0.0, "nothing was acknowledged");
+    assert_eq!(http.get("/v1/kv/wb/1").await.status, 404);
+    // A good write of the same fields is taken by both.
+    let good = r#"{"big": 9007199254740993, "n": "42", "s": "fine", "code": "five ", "u": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "at": "2026-12-01 10:00+00", "ok": "yes"}"#;
+    assert_eq!(http.put("/v1/kv/wb/2", good).await.status, 202);
+    assert_eq!(http.put("/v1/kv/wt/3", good).await.status, 200);
+    drained(&http).await;
+    let n: i64 = db.scalar("SELECT count(*) FROM t").await;
+    assert_eq!(n, 2);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_full_backlog_answers_503_and_accepts_again_once_drained() {
     let db = Db::new().await;
