@@ -44,7 +44,8 @@ pub struct Entry {
     pub xid: Option<u32>,
     /// For state read by a load: what its snapshot could not see.
     pub snapshot: Option<Arc<Snapshot>>,
-    /// HLC timestamp of the install: the entry's `ETag`.
+    /// HLC timestamp of the install: orders this node's writes of the key. (The `ETag` is the
+    /// value's [`etag`], so every node and restart names the same bytes alike.)
     pub version: u64,
     /// When this state was stored: the start of its TTL life and the base of `Age`.
     pub stored_at: Instant,
@@ -57,6 +58,89 @@ pub struct Entry {
 pub struct Snapshot {
     pub xmax: u32,
     pub xip: Vec<u32>,
+}
+
+/// The entity tag of a stored document: 64 bits of two CRC32C digests of its bytes, quoted.
+/// Derived from the bytes alone, so it is the same on every node and across restarts, and a
+/// conditional write can be checked against Postgres's row (rendered the same way) or against
+/// any node's copy.
+pub fn etag(doc: &[u8]) -> String {
+    let hi = crc32c::crc32c(doc);
+    let lo = crc32c::crc32c_append(0x9e37_79b9, doc);
+    format!("\"{hi:08x}{lo:08x}\"")
+}
+
+/// Which entity tags a precondition names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tags {
+    /// `*`: any current document.
+    Any,
+    /// A list of tags as the client sent them (quoted; weak ones `W/"…"`).
+    List(Vec<String>),
+}
+
+impl Tags {
+    /// Parses an `If-Match` / `If-None-Match` value.
+    pub fn parse(header: &str) -> Tags {
+        let items: Vec<String> = header
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if items.iter().any(|t| t == "*") {
+            Tags::Any
+        } else {
+            Tags::List(items)
+        }
+    }
+
+    /// Strong comparison (`If-Match`): a weak tag never matches.
+    fn matches_strong(&self, doc: &[u8]) -> bool {
+        match self {
+            Tags::Any => true,
+            Tags::List(l) => {
+                let tag = etag(doc);
+                l.contains(&tag)
+            }
+        }
+    }
+
+    /// Weak comparison (`If-None-Match`).
+    fn matches_weak(&self, doc: &[u8]) -> bool {
+        match self {
+            Tags::Any => true,
+            Tags::List(l) => {
+                let tag = etag(doc);
+                l.iter().any(|t| t.strip_prefix("W/").unwrap_or(t) == tag)
+            }
+        }
+    }
+}
+
+/// A write's precondition on the key's current document (HTTP `If-Match` / `If-None-Match`,
+/// Redis `SET NX`/`XX`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    Always,
+    /// Write only if there is a current document and it matches (`*`: any).
+    IfMatch(Tags),
+    /// Write only if there is no current document matching (`*`: none at all — create only).
+    IfNoneMatch(Tags),
+}
+
+impl Condition {
+    /// Whether the write may go ahead given the current document (`None`: absent).
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+        match self {
+            Condition::Always => true,
+            Condition::IfMatch(t) => current.is_some_and(|d| t.matches_strong(d)),
+            Condition::IfNoneMatch(t) => !current.is_some_and(|d| t.matches_weak(d)),
+        }
+    }
+
+    pub fn is_always(&self) -> bool {
+        *self == Condition::Always
+    }
 }
 
 /// `a` precedes `b` in Postgres's circular xid order.
@@ -248,6 +332,34 @@ impl<T> Flights<T> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn conditions_follow_http_semantics() {
+        let doc = br#"{"n":1}"#;
+        let tag = etag(doc);
+        assert_eq!(tag, etag(doc), "stable");
+        assert_ne!(tag, etag(br#"{"n":2}"#));
+        let if_match = |h: &str| Condition::IfMatch(Tags::parse(h));
+        let if_none = |h: &str| Condition::IfNoneMatch(Tags::parse(h));
+        assert!(if_match(&tag).holds(Some(doc)));
+        assert!(if_match(&format!("\"x\", {tag}")).holds(Some(doc)), "a list");
+        assert!(
+            !if_match(&format!("W/{tag}")).holds(Some(doc)),
+            "If-Match compares strongly"
+        );
+        assert!(!if_match(&tag).holds(None), "nothing to match");
+        assert!(if_match("*").holds(Some(doc)) && !if_match("*").holds(None));
+        assert!(
+            if_none("*").holds(None) && !if_none("*").holds(Some(doc)),
+            "create only"
+        );
+        assert!(
+            !if_none(&format!("W/{tag}")).holds(Some(doc)),
+            "If-None-Match compares weakly"
+        );
+        assert!(if_none(&tag).holds(Some(br#"{"n":2}"#)));
+        assert!(Condition::Always.holds(None));
+    }
 
     #[test]
     fn snapshots_parse_and_decide_visibility() {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::cache::Entry;
+use crate::cache::{Condition, Entry};
 use crate::commitlog::LogError;
 use crate::key::{Key, KeyError};
 use crate::keyspace::config::WriteMode;
@@ -109,7 +109,34 @@ pub struct Pipeline {
     refresher: Option<Arc<Refresher>>,
     writer: Writer,
     tasks: Tasks,
+    /// Serializes an in-memory keyspace's writes per key, so a conditional write's check and
+    /// its install are one step.
+    stripes: Stripes,
 }
+
+/// Striped async locks by key.
+pub(crate) struct Stripes {
+    locks: Vec<tokio::sync::Mutex<()>>,
+    hasher: ahash::RandomState,
+}
+
+impl Stripes {
+    pub(crate) fn new(n: usize) -> Stripes {
+        Stripes {
+            locks: (0..n.max(1)).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    /// The lock of `key` in `keyspace`.
+    pub(crate) fn of(&self, keyspace: &str, key: &str) -> &tokio::sync::Mutex<()> {
+        let h = self.hasher.hash_one((keyspace, key));
+        &self.locks[(h as usize) % self.locks.len()]
+    }
+}
+
+/// Stripes of an in-memory keyspace's write locks.
+const MEMORY_STRIPES: usize = 64;
 
 impl Pipeline {
     /// Assembles the keyspace's pipeline. Background work it starts (refreshes) runs under
@@ -140,6 +167,7 @@ impl Pipeline {
             refresher,
             writer,
             tasks,
+            stripes: Stripes::new(MEMORY_STRIPES),
         })
     }
 
@@ -162,38 +190,55 @@ impl Pipeline {
         Ok(read_through::get(&self.ks, self.refresher.as_ref(), &self.tasks, key).await?)
     }
 
-    /// Writes a key's value (a JSON document).
-    pub async fn put(&self, key: &Key, body: &Bytes) -> Result<Written, PatternError> {
+    /// Writes a key's value (a JSON document), if `cond` holds for the key's current document.
+    pub async fn put(&self, key: &Key, body: &Bytes, cond: &Condition) -> Result<Written, PatternError> {
         match &self.writer {
             Writer::Memory => {
                 let value: serde_json::Value =
                     serde_json::from_slice(body).map_err(|e| PatternError::BadJson(e.to_string()))?;
                 let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| PatternError::BadJson(e.to_string()))?);
+                let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
+                self.check_memory(key, cond).await?;
                 let entry = Entry::new(Some(bytes), Lsn::ZERO, self.ks.hlc.now());
                 self.ks.mutate(key.cache_key.clone(), entry.clone()).await;
                 Ok(Written::Stored(Arc::new(entry)))
             }
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
-            Writer::Through => write_through::put(&self.ks, key, body).await.map(Written::Stored),
-            Writer::Behind(wb) => wb.put(&self.ks, key, body).await.map(Written::Accepted),
+            Writer::Through => write_through::put(&self.ks, key, body, cond).await.map(Written::Stored),
+            Writer::Behind(wb) => wb.put(&self.ks, key, body, cond).await.map(Written::Accepted),
         }
     }
 
-    /// Deletes a key.
-    pub async fn delete(&self, key: &Key) -> Result<Removed, PatternError> {
+    /// An in-memory keyspace's precondition, checked under the key's stripe.
+    async fn check_memory(&self, key: &Key, cond: &Condition) -> Result<(), PatternError> {
+        if cond.is_always() {
+            return Ok(());
+        }
+        let current = self.ks.cached(&key.cache_key).await.and_then(|e| e.value.clone());
+        if cond.holds(current.as_deref()) {
+            Ok(())
+        } else {
+            Err(SourceError::PreconditionFailed(crate::source::postgres::describe(cond, current.as_deref())).into())
+        }
+    }
+
+    /// Deletes a key, if `cond` holds for its current document.
+    pub async fn delete(&self, key: &Key, cond: &Condition) -> Result<Removed, PatternError> {
         match &self.writer {
             Writer::Memory => {
+                let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
+                self.check_memory(key, cond).await?;
                 let existed = self.ks.cached(&key.cache_key).await.is_some_and(|e| e.value.is_some());
                 self.ks.invalidate(&key.cache_key).await;
                 Ok(if existed { Removed::Deleted } else { Removed::Absent })
             }
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
-            Writer::Through => Ok(if write_through::delete(&self.ks, key).await? {
+            Writer::Through => Ok(if write_through::delete(&self.ks, key, cond).await? {
                 Removed::Deleted
             } else {
                 Removed::Absent
             }),
-            Writer::Behind(wb) => wb.delete(&self.ks, key).await.map(Removed::Accepted),
+            Writer::Behind(wb) => wb.delete(&self.ks, key, cond).await.map(Removed::Accepted),
         }
     }
 }

@@ -58,6 +58,10 @@ pub enum SourceError {
     /// configuration does not match the table.
     #[error("keyspace {keyspace} is not ready: {reason}")]
     NotReady { keyspace: String, reason: String },
+    /// A conditional write's precondition (`If-Match`, `If-None-Match`) does not hold for the
+    /// row as stored; nothing was written.
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
     /// The database refused the data for a reason no single field explains (a trigger's
     /// exception, a view's check option).
     #[error("the database rejected the write: {0}")]

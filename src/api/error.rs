@@ -76,6 +76,7 @@ impl From<SourceError> for ApiError {
             SourceError::NotWritable { .. } => (StatusCode::BAD_REQUEST, "not_writable"),
             SourceError::BadBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             SourceError::Rejected(_) => (StatusCode::BAD_REQUEST, "rejected"),
+            SourceError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             SourceError::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
         };
         ApiError::new(status, code, e.to_string())

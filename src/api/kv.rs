@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::cache::Entry;
+use crate::cache::{Condition, Entry, Tags};
 use crate::key::Key;
 use crate::keyspace::Origin;
 use crate::metrics::UNKNOWN_KEYSPACE;
@@ -51,20 +51,39 @@ fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Pipeline
     Ok((pipeline, key))
 }
 
+/// The entry's `ETag`: the tag of its document's bytes (see [`crate::cache::etag`]).
 fn etag(entry: &Entry) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{}\"", entry.version)).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    let tag = entry.value.as_deref().map(crate::cache::etag).unwrap_or_default();
+    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
-/// Whether an `If-None-Match` / `If-Match` value names the entry: `*` (any current entry), or a
-/// comma-separated list of entity tags, compared weakly (`W/"1"` matches `"1"`) as RFC 9110
-/// asks for `If-None-Match`.
+/// The write's precondition from `If-Match` / `If-None-Match` (both at once is refused as
+/// ambiguous).
+fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let get = |name| {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(Tags::parse)
+                    .map_err(|_| ApiError::bad_request("If-Match / If-None-Match must be ASCII entity tags"))
+            })
+            .transpose()
+    };
+    match (get(header::IF_MATCH)?, get(header::IF_NONE_MATCH)?) {
+        (None, None) => Ok(Condition::Always),
+        (Some(t), None) => Ok(Condition::IfMatch(t)),
+        (None, Some(t)) => Ok(Condition::IfNoneMatch(t)),
+        (Some(_), Some(_)) => Err(ApiError::bad_request("send If-Match or If-None-Match, not both")),
+    }
+}
+
+/// Whether a GET's `If-None-Match` names the entry's document (`*`, or a tag compared weakly).
 fn etag_matches(header: &HeaderValue, entry: &Entry) -> bool {
-    let Ok(text) = header.to_str() else { return false };
-    let ours = etag(entry);
-    let ours = ours.to_str().unwrap_or_default();
-    text.split(',')
-        .map(str::trim)
-        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == ours)
+    let (Ok(text), Some(doc)) = (header.to_str(), entry.value.as_deref()) else {
+        return false;
+    };
+    !Condition::IfNoneMatch(Tags::parse(text)).holds(Some(doc))
 }
 
 fn x_cache(origin: Origin) -> HeaderValue {
@@ -147,7 +166,11 @@ fn accepted_response(a: &Accepted) -> Response {
     let mut resp = (StatusCode::ACCEPTED, body).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", a.version)) {
+    if let Some(v) = a
+        .doc
+        .as_deref()
+        .and_then(|d| HeaderValue::from_str(&crate::cache::etag(d)).ok())
+    {
         h.insert(header::ETAG, v);
     }
     h.insert("x-log-offset", HeaderValue::from(a.offset.0));
@@ -160,8 +183,9 @@ pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, 
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
         let (pipeline, key) = lookup(&st, &ks, raw_key)?;
+        let cond = condition(&headers)?;
         let body = read_body(&st, &headers, body).await?;
-        Ok::<_, ApiError>(match pipeline.put(&key, &body).await? {
+        Ok::<_, ApiError>(match pipeline.put(&key, &body, &cond).await? {
             Written::Stored(entry) => document(entry.value.clone().unwrap_or_default(), &entry),
             Written::Accepted(accepted) => accepted_response(&accepted),
         })
@@ -172,12 +196,13 @@ pub async fn put(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, 
 }
 
 /// `DELETE /v1/kv/{keyspace}/{key}`
-pub async fn delete(State(st): State<Arc<AppState>>, uri: Uri) -> Response {
+pub async fn delete(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let (ks, raw_key) = split_path(&uri);
     let resp = async {
         let (pipeline, key) = lookup(&st, &ks, raw_key)?;
-        match pipeline.delete(&key).await? {
+        let cond = condition(&headers)?;
+        match pipeline.delete(&key, &cond).await? {
             Removed::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
             Removed::Absent => Err(ApiError::not_found(&ks, &key.cache_key)),
             Removed::Accepted(accepted) => Ok(accepted_response(&accepted)),

@@ -22,13 +22,13 @@ pub mod deadletters;
 pub mod flusher;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::cache::Condition;
 use crate::commitlog::{CommitLog, Offset};
 use crate::event::{ChangeEvent, Op, Source};
 use crate::hlc::Hlc;
@@ -36,8 +36,8 @@ use crate::key::Key;
 use crate::keyspace::Keyspace;
 use crate::keyspace::overlay::Pending;
 use crate::metrics::Metrics;
-use crate::patterns::PatternError;
 use crate::patterns::write_behind::config::WriteBehindConfig;
+use crate::patterns::{PatternError, Stripes};
 use crate::source::SourceError;
 use crate::source::postgres::render::{ObjectWriter, render_value};
 use deadletters::DeadLetters;
@@ -74,8 +74,7 @@ pub struct WriteBehind {
     pub(crate) keyspaces: HashMap<String, Arc<Keyspace>>,
     pub backlog: Backlog,
     pub deadletters: DeadLetters,
-    stripes: Vec<tokio::sync::Mutex<()>>,
-    hasher: ahash::RandomState,
+    stripes: Stripes,
 }
 
 /// The name of the flusher's durable cursor.
@@ -101,8 +100,7 @@ impl WriteBehind {
             keyspaces,
             backlog: Backlog::default(),
             deadletters,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            hasher: ahash::RandomState::new(),
+            stripes: Stripes::new(STRIPES),
         })
     }
 
@@ -110,10 +108,28 @@ impl WriteBehind {
     /// key, so a write's pending entry and backlog count are recorded before its flush can
     /// settle them (the log makes a record readable before `accept` has returned).
     pub(crate) fn stripe(&self, ks: &str, key: &str) -> &tokio::sync::Mutex<()> {
-        let mut h = self.hasher.build_hasher();
-        ks.hash(&mut h);
-        key.hash(&mut h);
-        &self.stripes[(h.finish() as usize) % STRIPES]
+        self.stripes.of(ks, key)
+    }
+
+    /// Checks a write's precondition against this node's current document of the key — its
+    /// pending write, else the cached entry, else the row loaded from Postgres (which must then
+    /// be reachable). Runs under the key's stripe lock, so no write of the key slips in between.
+    async fn check(&self, ks: &Keyspace, key: &Key, cond: &Condition) -> Result<(), PatternError> {
+        if cond.is_always() {
+            return Ok(());
+        }
+        let current: Option<Bytes> = match ks.pending(&key.cache_key) {
+            Some(p) => p.doc,
+            None => match ks.cached(&key.cache_key).await {
+                Some(e) => e.value.clone(),
+                None => ks.load(key).await?.0.value.clone(),
+            },
+        };
+        if cond.holds(current.as_deref()) {
+            Ok(())
+        } else {
+            Err(SourceError::PreconditionFailed(crate::source::postgres::describe(cond, current.as_deref())).into())
+        }
     }
 
     fn check_backlog(&self) -> Result<(), PatternError> {
@@ -135,7 +151,13 @@ impl WriteBehind {
 
     /// Accepts a `PUT`: validates the body against the table, appends the write durably, and
     /// makes it visible to reads on this node.
-    pub async fn put(&self, ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Accepted, PatternError> {
+    pub async fn put(
+        &self,
+        ks: &Keyspace,
+        key: &Key,
+        body: &Bytes,
+        cond: &Condition,
+    ) -> Result<Accepted, PatternError> {
         let fields = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(map)) => map,
             Ok(_) => return Err(SourceError::BadBody("expected a JSON object of fields".into()).into()),
@@ -144,6 +166,7 @@ impl WriteBehind {
         let source = ks.source()?;
         source.check_body(&key.parts, &fields)?;
         let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
+        self.check(ks, key, cond).await?;
         // The document after this write: what the key had (pending, else cached) with the named
         // fields replaced.
         let base: Option<Map<String, Value>> = match ks.pending(&key.cache_key) {
@@ -186,9 +209,10 @@ impl WriteBehind {
     }
 
     /// Accepts a `DELETE`.
-    pub async fn delete(&self, ks: &Keyspace, key: &Key) -> Result<Accepted, PatternError> {
+    pub async fn delete(&self, ks: &Keyspace, key: &Key, cond: &Condition) -> Result<Accepted, PatternError> {
         ks.source()?;
         let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
+        self.check(ks, key, cond).await?;
         self.accept(ks, key, Op::Delete, None, Vec::new()).await
     }
 

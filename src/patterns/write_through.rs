@@ -19,14 +19,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::cache::Entry;
+use crate::cache::{Condition, Entry};
 use crate::key::Key;
 use crate::keyspace::Keyspace;
 use crate::patterns::PatternError;
 use crate::source::SourceError;
 
-/// Upserts the row from a JSON object body and caches what Postgres stored.
-pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, PatternError> {
+/// Upserts the row from a JSON object body, if `cond` holds for the stored row (checked in
+/// Postgres under the row's lock), and caches what Postgres stored.
+pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes, cond: &Condition) -> Result<Arc<Entry>, PatternError> {
     let fields = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => map,
         Ok(other) => return Err(SourceError::BadBody(format!("got {}", kind_of(&other))).into()),
@@ -34,7 +35,7 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, P
     };
     let source = ks.source()?;
     let started = Instant::now();
-    let written = source.upsert(&key.parts, &fields).await;
+    let written = source.upsert(&key.parts, &fields, cond).await;
     observe(ks, "put", started, written.is_ok());
     let written = written?;
     let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now()).with_xid(written.xid);
@@ -42,11 +43,12 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes) -> Result<Arc<Entry>, P
     Ok(Arc::new(entry))
 }
 
-/// Deletes the row and caches "absent". `false` when there was no such row.
-pub async fn delete(ks: &Keyspace, key: &Key) -> Result<bool, PatternError> {
+/// Deletes the row, if `cond` holds for it, and caches "absent". `false` when there was no such
+/// row.
+pub async fn delete(ks: &Keyspace, key: &Key, cond: &Condition) -> Result<bool, PatternError> {
     let source = ks.source()?;
     let started = Instant::now();
-    let deleted = source.delete(&key.parts).await;
+    let deleted = source.delete(&key.parts, cond).await;
     observe(ks, "delete", started, deleted.is_ok());
     match deleted? {
         Some(d) => {

@@ -24,6 +24,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::SourceError;
+use crate::cache::{Condition, Tags};
 use crate::lsn::Lsn;
 use crate::source::postgres::config::PostgresConfig;
 use schema::Binding;
@@ -121,6 +122,21 @@ pub fn classify(e: &tokio_postgres::Error) -> SourceError {
         Fault::Data => SourceError::Rejected(format!("{message} [SQLSTATE {code}]")),
         Fault::Transient => SourceError::Unavailable(message),
         Fault::Schema | Fault::Server => SourceError::Database(format!("{message} [SQLSTATE {code}]")),
+    }
+}
+
+fn precondition(why: &str) -> SourceError {
+    SourceError::PreconditionFailed(why.to_string())
+}
+
+/// Why `cond` failed for `current`, in the client's terms.
+pub fn describe(cond: &Condition, current: Option<&[u8]>) -> String {
+    match (cond, current) {
+        (Condition::IfMatch(_), None) => "there is no entry to match (If-Match)".into(),
+        (Condition::IfMatch(_), Some(d)) => format!("the entry's ETag is {} (If-Match)", crate::cache::etag(d)),
+        (Condition::IfNoneMatch(Tags::Any), _) => "the key exists (If-None-Match: *)".into(),
+        (_, Some(d)) => format!("the entry's ETag {} matches (If-None-Match)", crate::cache::etag(d)),
+        _ => "the precondition does not hold".into(),
     }
 }
 
@@ -235,12 +251,27 @@ impl TableSource {
         }
     }
 
-    /// Deletes the row with this key; `None` when there was none.
-    pub async fn delete(&self, key: &[String]) -> Result<Option<Deleted>, SourceError> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
+    /// Deletes the row with this key if `cond` holds for it (checked under the row's lock);
+    /// `None` when there was none.
+    pub async fn delete(&self, key: &[String], cond: &Condition) -> Result<Option<Deleted>, SourceError> {
+        let mut client = self.pool.get().await?;
         let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        match client.query_opt(&stmt, &params).await {
+        let deleted = if cond.is_always() {
+            let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
+            client.query_opt(&stmt, &params).await
+        } else {
+            let tx = client.transaction().await.map_err(|e| classify(&e))?;
+            let current = self.locked(&tx, key).await?;
+            if !cond.holds(current.as_deref()) {
+                return Err(precondition(&describe(cond, current.as_deref())));
+            }
+            let stmt = tx.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
+            match tx.query_opt(&stmt, &params).await {
+                Ok(r) => tx.commit().await.map(|_| r),
+                Err(e) => Err(e),
+            }
+        };
+        match deleted {
             Ok(row) => Ok(row.map(|r| Deleted {
                 lsn: parse_lsn(r.get(0)),
                 xid: parse_xid(r.get(1)),
@@ -250,9 +281,16 @@ impl TableSource {
         }
     }
 
-    /// Upserts the row with this key from a JSON object of fields (key fields optional). Returns
-    /// what Postgres stored.
-    pub async fn upsert(&self, key: &[String], body: &Map<String, Value>) -> Result<Written, SourceError> {
+    /// Upserts the row with this key from a JSON object of fields (key fields optional), if
+    /// `cond` holds for the row as stored (checked under the row's lock, or for a create-only
+    /// write by the insert itself, so no other write slips in between). Returns what Postgres
+    /// stored.
+    pub async fn upsert(
+        &self,
+        key: &[String],
+        body: &Map<String, Value>,
+        cond: &Condition,
+    ) -> Result<Written, SourceError> {
         let row = self.columns_of(key, body)?;
         self.check_values(body)?;
         let columns: Vec<&str> = self
@@ -262,11 +300,44 @@ impl TableSource {
             .map(|f| f.column.name.as_str())
             .filter(|c| row.contains_key(*c))
             .collect();
-        let sql = self.upsert_sql(&columns, false);
         let json = Value::Object(row.clone()).to_string();
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&sql).await.map_err(|e| classify(&e))?;
-        match client.query_one(&stmt, &[&json]).await {
+        let mut client = self.pool.get().await?;
+        let stored = match cond {
+            Condition::Always => {
+                let stmt = client
+                    .prepare_cached(&self.upsert_sql(&columns, false))
+                    .await
+                    .map_err(|e| classify(&e))?;
+                client.query_one(&stmt, &[&json]).await
+            }
+            Condition::IfNoneMatch(Tags::Any) => {
+                let stmt = client
+                    .prepare_cached(&sql::insert_if_absent(&self.binding, &columns))
+                    .await
+                    .map_err(|e| classify(&e))?;
+                match client.query_opt(&stmt, &[&json]).await {
+                    Ok(Some(r)) => Ok(r),
+                    Ok(None) => return Err(precondition("the key exists (If-None-Match: *)")),
+                    Err(e) => Err(e),
+                }
+            }
+            cond => {
+                let tx = client.transaction().await.map_err(|e| classify(&e))?;
+                let current = self.locked(&tx, key).await?;
+                if !cond.holds(current.as_deref()) {
+                    return Err(precondition(&describe(cond, current.as_deref())));
+                }
+                let stmt = tx
+                    .prepare_cached(&self.upsert_sql(&columns, false))
+                    .await
+                    .map_err(|e| classify(&e))?;
+                match tx.query_one(&stmt, &[&json]).await {
+                    Ok(r) => tx.commit().await.map(|_| r),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match stored {
             Ok(r) => Ok(Written {
                 lsn: parse_lsn(r.get(0)),
                 xid: parse_xid(r.get(1)),
@@ -275,6 +346,21 @@ impl TableSource {
             Err(e) if sqlstate::is_value_error(&e) => Err(self.blame_field(&client, &row, &e).await),
             Err(e) => Err(classify(&e)),
         }
+    }
+
+    /// The row with this key as stored, locked until `tx` ends; `None` when there is none.
+    async fn locked(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        key: &[String],
+    ) -> Result<Option<Bytes>, SourceError> {
+        let stmt = tx
+            .prepare_cached(&sql::select_for_update(&self.binding))
+            .await
+            .map_err(|e| classify(&e))?;
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let row = tx.query_opt(&stmt, &params).await.map_err(|e| classify(&e))?;
+        Ok(row.map(|r| self.render_row(&r, 0)))
     }
 
     /// Checks a write's body against the binding (unknown fields, key fields that differ from

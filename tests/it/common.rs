@@ -8,7 +8,7 @@ use std::time::Duration;
 use cachesync::config::Config;
 use cachesync::server::Server;
 use cachesync_testkit::postgres::{self, PgServer, TestDb};
-use cachesync_testkit::{temp_dir, unique};
+use cachesync_testkit::{eventually, temp_dir, unique};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
@@ -246,4 +246,21 @@ pub fn hold_loads(ks: &cachesync::keyspace::Keyspace) -> Gate {
         reached: tokio::sync::Mutex::new(rx),
         release,
     }
+}
+
+/// Write-behind writes not yet flushed, from `/metrics`.
+pub async fn backlog(http: &Http) -> f64 {
+    metric(
+        &http.get("/metrics").await.body,
+        "cachesync_writebehind_backlog_records",
+    )
+}
+
+/// Waits until every write-behind write reached Postgres.
+pub async fn drained(http: &Http) {
+    eventually(Duration::from_secs(60), "the backlog drains", || async {
+        let b = backlog(http).await;
+        if b == 0.0 { Ok(()) } else { Err(b) }
+    })
+    .await;
 }

@@ -188,9 +188,9 @@ async fn bad_inputs_get_clear_errors_and_write_nothing() {
             "PUT",
             "/v1/kv/users/1",
             r#"{"name": null}"#.into(),
-            409,
-            "conflict",
-            "name",
+            400,
+            "invalid_value",
+            "NOT NULL",
         ),
         (
             "PUT",

@@ -70,6 +70,40 @@ pub fn select_by_key(b: &Binding) -> String {
     )
 }
 
+/// Reads and locks one row by key (`FOR UPDATE`): a conditional write checks its precondition
+/// against the row as stored, and no other write of it can commit in between.
+pub fn select_for_update(b: &Binding) -> String {
+    format!(
+        "SELECT {} FROM {} WHERE {} FOR UPDATE",
+        output_list("", b),
+        qualified(&b.table),
+        key_predicate(b, 1)
+    )
+}
+
+/// Inserts one row from a JSON object bound as `$1` unless its key exists (a create-only
+/// write): no row is returned then. Same result columns as [`upsert`].
+pub fn insert_if_absent(b: &Binding, columns: &[&str]) -> String {
+    let table = qualified(&b.table);
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
+    let raw_keys = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{k} AS k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r \
+         ON CONFLICT ({keys}) DO NOTHING \
+         RETURNING pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {out}, {raw_keys}",
+        cols = cols.join(", "),
+        rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
+        keys = key.join(", "),
+        out = output_list("t.", b),
+    )
+}
+
 /// Upserts the columns in `columns` (table column names, key columns included) from a JSON
 /// object bound as `$1` — or, with `many`, from a JSON array of such objects (one per row,
 /// unique keys). Returns per stored row: the WAL insert position, the transaction id, the output
