@@ -8,6 +8,8 @@
 //! | `PUT /v1/kv/{keyspace}/{key}` | write (write-through, or in-memory) |
 //! | `DELETE /v1/kv/{keyspace}/{key}` | delete |
 //! | `POST /v1/kv/{keyspace}/_mget` | read many: `{"keys": [...]}` |
+//! | `POST /v1/kv/{keyspace}/_mput` | write many: `{"items": [{"key", "value", "if_match"?}]}`, one answer per item |
+//! | `POST /v1/kv/{keyspace}/_mdelete` | delete many: `{"keys": [...]}`, one answer per item |
 //! | `GET /v1/keyspaces` | every keyspace's settings and live stats |
 //! | `GET /v1/deadletters` | write-behind writes Postgres rejected |
 //! | `POST /v1/deadletters/{id}/requeue` | put one back in the queue as a new write |
@@ -89,6 +91,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let host_check = axum::middleware::from_fn_with_state(state.clone(), check_host);
     Router::new()
         .route("/v1/kv/{keyspace}/_mget", post(kv::mget))
+        .route("/v1/kv/{keyspace}/_mput", post(kv::mput))
+        .route("/v1/kv/{keyspace}/_mdelete", post(kv::mdelete))
         .route("/v1/kv/{keyspace}/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
         .route("/v1/keyspaces", get(admin::keyspaces))
         .route("/v1/deadletters", get(admin::deadletters))

@@ -31,7 +31,7 @@ use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;
 use crate::source::SourceError;
 use refresh_ahead::Refresher;
-use write_behind::{Accepted, WriteBehind};
+use write_behind::{Accepted, WriteBehind, WriteItem};
 
 /// What a read or a write through a pipeline can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -128,10 +128,30 @@ impl Stripes {
         }
     }
 
+    fn index(&self, keyspace: &str, key: &str) -> usize {
+        (self.hasher.hash_one((keyspace, key)) as usize) % self.locks.len()
+    }
+
     /// The lock of `key` in `keyspace`.
     pub(crate) fn of(&self, keyspace: &str, key: &str) -> &tokio::sync::Mutex<()> {
-        let h = self.hasher.hash_one((keyspace, key));
-        &self.locks[(h as usize) % self.locks.len()]
+        &self.locks[self.index(keyspace, key)]
+    }
+
+    /// The locks of all `keys`, taken in stripe order so two batches never wait on each other
+    /// in a circle.
+    pub(crate) async fn lock_all<'a>(
+        &self,
+        keyspace: &str,
+        keys: impl Iterator<Item = &'a str>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = keys.map(|k| self.index(keyspace, k)).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.locks[i].lock().await);
+        }
+        guards
     }
 }
 
@@ -206,6 +226,66 @@ impl Pipeline {
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
             Writer::Through => write_through::put(&self.ks, key, body, cond).await.map(Written::Stored),
             Writer::Behind(wb) => wb.put(&self.ks, key, body, cond).await.map(Written::Accepted),
+        }
+    }
+
+    /// Writes many keys (`_mput`): each item validated and conditioned like a single `PUT` and
+    /// answered on its own; write-through runs them in one Postgres transaction, write-behind
+    /// makes them durable with one log append. One result per item, in order.
+    pub async fn put_many(&self, items: Vec<(Key, Bytes, Condition)>) -> Vec<Result<Written, PatternError>> {
+        match &self.writer {
+            Writer::Through => write_through::put_many(&self.ks, items)
+                .await
+                .into_iter()
+                .map(|r| r.map(Written::Stored))
+                .collect(),
+            Writer::Behind(wb) => {
+                let items = items
+                    .into_iter()
+                    .map(|(key, body, cond)| WriteItem::Put { key, body, cond })
+                    .collect();
+                wb.write_many(&self.ks, items)
+                    .await
+                    .into_iter()
+                    .map(|r| r.map(Written::Accepted))
+                    .collect()
+            }
+            Writer::Memory | Writer::ReadOnly => {
+                let mut out = Vec::with_capacity(items.len());
+                for (key, body, cond) in items {
+                    out.push(self.put(&key, &body, &cond).await);
+                }
+                out
+            }
+        }
+    }
+
+    /// Deletes many keys (`_mdelete`), like [`Pipeline::put_many`].
+    pub async fn delete_many(&self, items: Vec<(Key, Condition)>) -> Vec<Result<Removed, PatternError>> {
+        match &self.writer {
+            Writer::Through => write_through::delete_many(&self.ks, items)
+                .await
+                .into_iter()
+                .map(|r| r.map(|d| if d { Removed::Deleted } else { Removed::Absent }))
+                .collect(),
+            Writer::Behind(wb) => {
+                let items = items
+                    .into_iter()
+                    .map(|(key, cond)| WriteItem::Delete { key, cond })
+                    .collect();
+                wb.write_many(&self.ks, items)
+                    .await
+                    .into_iter()
+                    .map(|r| r.map(Removed::Accepted))
+                    .collect()
+            }
+            Writer::Memory | Writer::ReadOnly => {
+                let mut out = Vec::with_capacity(items.len());
+                for (key, cond) in items {
+                    out.push(self.delete(&key, &cond).await);
+                }
+                out
+            }
         }
     }
 

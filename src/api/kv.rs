@@ -278,3 +278,197 @@ async fn mget_one(pipeline: &Pipeline, raw: &str) -> String {
         Err(e) => serde_json::json!({"key": raw, "found": false, "error": e.code, "detail": e.detail}).to_string(),
     }
 }
+
+/// One `_mput` item.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MputItem {
+    key: String,
+    value: Box<serde_json::value::RawValue>,
+    #[serde(default)]
+    if_match: Option<String>,
+    #[serde(default)]
+    if_none_match: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MputRequest {
+    items: Vec<MputItem>,
+}
+
+/// One `_mdelete` item.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MdeleteItem {
+    key: String,
+    #[serde(default)]
+    if_match: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MdeleteRequest {
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    items: Vec<MdeleteItem>,
+}
+
+fn item_condition(if_match: Option<&str>, if_none_match: Option<&str>) -> Result<Condition, ApiError> {
+    match (if_match, if_none_match) {
+        (None, None) => Ok(Condition::Always),
+        (Some(t), None) => Ok(Condition::IfMatch(Tags::parse(t))),
+        (None, Some(t)) => Ok(Condition::IfNoneMatch(Tags::parse(t))),
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give if_match or if_none_match, not both")),
+    }
+}
+
+/// The body of a bulk request, with the item bound.
+async fn bulk_body<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    expected: &str,
+    count: impl Fn(&T) -> usize,
+) -> Result<T, ApiError> {
+    let body = read_body(st, headers, body).await?;
+    let req: T =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("expected {expected}: {e}")))?;
+    let n = count(&req);
+    if n > st.server.max_mget_keys {
+        return Err(ApiError::bad_request(format!(
+            "{n} items; the limit is {} (server.max_mget_keys)",
+            st.server.max_mget_keys
+        )));
+    }
+    Ok(req)
+}
+
+/// One bulk item's answer as JSON.
+fn item_json(key: &str, result: Result<(u16, Option<&Bytes>), ApiError>) -> serde_json::Value {
+    match result {
+        Ok((status, doc)) => {
+            let mut item = serde_json::json!({ "key": key, "status": status });
+            if let Some(doc) = doc {
+                item["etag"] = crate::cache::etag(doc).into();
+                item["value"] = serde_json::from_slice(doc).unwrap_or(serde_json::Value::Null);
+            }
+            item
+        }
+        Err(e) => serde_json::json!({ "key": key, "status": e.status.as_u16(), "error": e.code, "detail": e.detail }),
+    }
+}
+
+fn items_response(items: Vec<serde_json::Value>) -> Response {
+    let mut resp = (StatusCode::OK, axum::Json(serde_json::json!({ "items": items }))).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// `POST /v1/kv/{keyspace}/_mput` with `{"items": [{"key", "value", "if_match"?,
+/// "if_none_match"?}, ...]}`: each item validated and conditioned like a single `PUT` and answered
+/// in its own item (`status` 200/202 with `etag` and `value`, or the error); write-through runs
+/// them in one Postgres transaction, write-behind makes them durable with one log append.
+pub async fn mput(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (ks, _) = split_path(&uri);
+    let resp = async {
+        let pipeline = st.pipeline(&ks)?;
+        let req: MputRequest = bulk_body(
+            &st,
+            &headers,
+            body,
+            r#"{"items": [{"key": "k", "value": {...}}, ...]}"#,
+            |r: &MputRequest| r.items.len(),
+        )
+        .await?;
+        let mut answers: Vec<Option<serde_json::Value>> = (0..req.items.len()).map(|_| None).collect();
+        let mut batch = Vec::with_capacity(req.items.len());
+        let mut index = Vec::with_capacity(req.items.len());
+        for (i, item) in req.items.iter().enumerate() {
+            let prepared = pipeline.parse_key(&item.key).map_err(ApiError::from).and_then(|key| {
+                let cond = item_condition(item.if_match.as_deref(), item.if_none_match.as_deref())?;
+                Ok((key, Bytes::copy_from_slice(item.value.get().as_bytes()), cond))
+            });
+            match prepared {
+                Ok(p) => {
+                    batch.push(p);
+                    index.push(i);
+                }
+                Err(e) => answers[i] = Some(item_json(&item.key, Err(e))),
+            }
+        }
+        for (i, r) in index.into_iter().zip(pipeline.put_many(batch).await) {
+            let key = &req.items[i].key;
+            answers[i] = Some(match r {
+                Ok(Written::Stored(e)) => item_json(key, Ok((200, e.value.as_ref()))),
+                Ok(Written::Accepted(a)) => {
+                    let mut item = item_json(key, Ok((202, a.doc.as_ref())));
+                    item["offset"] = a.offset.0.into();
+                    item
+                }
+                Err(e) => item_json(key, Err(e.into())),
+            });
+        }
+        Ok::<_, ApiError>(items_response(answers.into_iter().flatten().collect()))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    finish(&st, &ks, "mput", started, resp)
+}
+
+/// `POST /v1/kv/{keyspace}/_mdelete` with `{"keys": [...]}` or `{"items": [{"key",
+/// "if_match"?}, ...]}`: like `_mput`, each item answered on its own (`status` 204, 202, or the
+/// error: 404 when there was nothing to delete).
+pub async fn mdelete(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (ks, _) = split_path(&uri);
+    let resp = async {
+        let pipeline = st.pipeline(&ks)?;
+        let req: MdeleteRequest = bulk_body(&st, &headers, body, r#"{"keys": ["k1", ...]}"#, |r: &MdeleteRequest| {
+            r.keys.len() + r.items.len()
+        })
+        .await?;
+        let items: Vec<MdeleteItem> = req
+            .keys
+            .into_iter()
+            .map(|key| MdeleteItem { key, if_match: None })
+            .chain(req.items)
+            .collect();
+        let mut answers: Vec<Option<serde_json::Value>> = (0..items.len()).map(|_| None).collect();
+        let mut batch = Vec::with_capacity(items.len());
+        let mut index = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let prepared = pipeline
+                .parse_key(&item.key)
+                .map_err(ApiError::from)
+                .and_then(|key| Ok((key, item_condition(item.if_match.as_deref(), None)?)));
+            match prepared {
+                Ok(p) => {
+                    batch.push(p);
+                    index.push(i);
+                }
+                Err(e) => answers[i] = Some(item_json(&item.key, Err(e))),
+            }
+        }
+        for (i, r) in index.into_iter().zip(pipeline.delete_many(batch).await) {
+            let key = &items[i].key;
+            answers[i] = Some(match r {
+                Ok(Removed::Deleted) => item_json(key, Ok((204, None))),
+                Ok(Removed::Absent) => item_json(key, Err(ApiError::not_found(&ks, key))),
+                Ok(Removed::Accepted(a)) => {
+                    let mut item = item_json(key, Ok((202, None)));
+                    item["offset"] = a.offset.0.into();
+                    item
+                }
+                Err(e) => item_json(key, Err(e.into())),
+            });
+        }
+        Ok::<_, ApiError>(items_response(answers.into_iter().flatten().collect()))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    finish(&st, &ks, "mdelete", started, resp)
+}

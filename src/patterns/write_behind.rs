@@ -55,6 +55,60 @@ pub struct Accepted {
     pub offset: Offset,
 }
 
+/// One write of a batch ([`WriteBehind::write_many`]).
+#[derive(Debug, Clone)]
+pub enum WriteItem {
+    Put { key: Key, body: Bytes, cond: Condition },
+    Delete { key: Key, cond: Condition },
+}
+
+/// A batch item that parsed and validated: its index, key, fields (none for a delete) and
+/// precondition.
+type Checked<'a> = (usize, &'a Key, Option<Map<String, Value>>, &'a Condition);
+
+/// A write that passed its checks, ready to append.
+struct Staged {
+    key: Arc<str>,
+    op: Op,
+    doc: Option<Bytes>,
+    written: Vec<String>,
+}
+
+/// The document a partial `PUT` leaves: `base` (the key's current document) with the named
+/// fields replaced, key fields as their column type renders them; and the fields the write
+/// names (what the flush writes).
+fn document_after(
+    b: &crate::source::postgres::schema::Binding,
+    key: &Key,
+    fields: &Map<String, Value>,
+    base: Option<&Map<String, Value>>,
+) -> (Bytes, Vec<String>) {
+    let mut doc = Vec::with_capacity(64 * b.fields.len());
+    let mut obj = ObjectWriter::new(&mut doc);
+    for f in &b.fields {
+        let key_part = b
+            .key
+            .iter()
+            .position(|k| k.name == f.column.name)
+            .map(|i| &key.parts[i]);
+        let value = fields.get(&f.name).or_else(|| base.and_then(|m| m.get(&f.name)));
+        match (value, key_part) {
+            (Some(v), _) => obj.value(&f.name, v),
+            // The key as its column type renders it (42, not "42").
+            (None, Some(part)) => render_value(&f.column.kind, Some(part), obj.field(&f.name)),
+            (None, None) => {}
+        }
+    }
+    obj.finish();
+    let written = b
+        .fields
+        .iter()
+        .filter(|f| fields.contains_key(&f.name))
+        .map(|f| f.name.clone())
+        .collect();
+    (Bytes::from(doc), written)
+}
+
 /// Counters of unflushed writes, shared by the accept path, the flusher and the metrics.
 #[derive(Debug, Default)]
 pub struct Backlog {
@@ -111,34 +165,29 @@ impl WriteBehind {
         self.stripes.of(ks, key)
     }
 
-    /// Checks a write's precondition against this node's current document of the key — its
-    /// pending write, else the cached entry, else the row loaded from Postgres (which must then
-    /// be reachable). Runs under the key's stripe lock, so no write of the key slips in between.
-    async fn check(&self, ks: &Keyspace, key: &Key, cond: &Condition) -> Result<(), PatternError> {
-        if cond.is_always() {
-            return Ok(());
+    /// This node's current document of the key: its pending write, else the cached entry, else
+    /// (with `load`) the row loaded from Postgres, which must then be reachable. `None` inside
+    /// means absent; the outer `None` means not known without a load.
+    async fn current(&self, ks: &Keyspace, key: &Key, load: bool) -> Result<Option<Option<Bytes>>, PatternError> {
+        if let Some(p) = ks.pending(&key.cache_key) {
+            return Ok(Some(p.doc));
         }
-        let current: Option<Bytes> = match ks.pending(&key.cache_key) {
-            Some(p) => p.doc,
-            None => match ks.cached(&key.cache_key).await {
-                Some(e) => e.value.clone(),
-                None => ks.load(key).await?.0.value.clone(),
-            },
-        };
-        if cond.holds(current.as_deref()) {
-            Ok(())
-        } else {
-            Err(SourceError::PreconditionFailed(crate::source::postgres::describe(cond, current.as_deref())).into())
+        if let Some(e) = ks.cached(&key.cache_key).await {
+            return Ok(Some(e.value.clone()));
         }
+        if load {
+            return Ok(Some(ks.load(key).await?.0.value.clone()));
+        }
+        Ok(None)
     }
 
-    fn check_backlog(&self) -> Result<(), PatternError> {
+    fn check_backlog(&self, adding: u64) -> Result<(), PatternError> {
         let (records, bytes) = (
             self.backlog.records.load(Ordering::Relaxed),
             self.backlog.bytes.load(Ordering::Relaxed),
         );
-        if records >= self.config.max_backlog_records || bytes >= self.config.max_backlog_bytes {
-            self.metrics.wb_rejected.inc();
+        if records + adding > self.config.max_backlog_records || bytes >= self.config.max_backlog_bytes {
+            self.metrics.wb_rejected.inc_by(adding);
             return Err(PatternError::BacklogFull {
                 records,
                 bytes,
@@ -158,93 +207,175 @@ impl WriteBehind {
         body: &Bytes,
         cond: &Condition,
     ) -> Result<Accepted, PatternError> {
-        let fields = match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(map)) => map,
-            Ok(_) => return Err(SourceError::BadBody("expected a JSON object of fields".into()).into()),
-            Err(e) => return Err(PatternError::BadJson(e.to_string())),
+        let item = WriteItem::Put {
+            key: key.clone(),
+            body: body.clone(),
+            cond: cond.clone(),
         };
-        let source = ks.source()?;
-        source.check_body(&key.parts, &fields)?;
-        let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
-        self.check(ks, key, cond).await?;
-        // The document after this write: what the key had (pending, else cached) with the named
-        // fields replaced.
-        let base: Option<Map<String, Value>> = match ks.pending(&key.cache_key) {
-            Some(p) => p.doc.and_then(|d| serde_json::from_slice(&d).ok()),
-            None => ks
-                .cached(&key.cache_key)
-                .await
-                .and_then(|e| e.value.clone())
-                .and_then(|d| serde_json::from_slice(&d).ok()),
-        };
-        let b = source.binding();
-        let mut doc = Vec::with_capacity(body.len() + 64);
-        let mut obj = ObjectWriter::new(&mut doc);
-        for f in &b.fields {
-            let key_part = b
-                .key
-                .iter()
-                .position(|k| k.name == f.column.name)
-                .map(|i| &key.parts[i]);
-            let value = fields
-                .get(&f.name)
-                .cloned()
-                .or_else(|| base.as_ref().and_then(|m| m.get(&f.name).cloned()));
-            match (value, key_part) {
-                (Some(v), _) => obj.value(&f.name, &v),
-                // The key as its column type renders it (42, not "42").
-                (None, Some(part)) => render_value(&f.column.kind, Some(part), obj.field(&f.name)),
-                (None, None) => {}
-            }
-        }
-        obj.finish();
-        let doc = Bytes::from(doc);
-        let written: Vec<String> = b
-            .fields
-            .iter()
-            .filter(|f| fields.contains_key(&f.name))
-            .map(|f| f.name.clone())
-            .collect();
-        self.accept(ks, key, Op::Put, Some(doc), written).await
+        self.write_many(ks, vec![item])
+            .await
+            .pop()
+            .expect("one result per item")
     }
 
     /// Accepts a `DELETE`.
     pub async fn delete(&self, ks: &Keyspace, key: &Key, cond: &Condition) -> Result<Accepted, PatternError> {
-        ks.source()?;
-        let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
-        self.check(ks, key, cond).await?;
-        self.accept(ks, key, Op::Delete, None, Vec::new()).await
+        let item = WriteItem::Delete {
+            key: key.clone(),
+            cond: cond.clone(),
+        };
+        self.write_many(ks, vec![item])
+            .await
+            .pop()
+            .expect("one result per item")
     }
 
-    /// Appends the write (durably) and records it as pending. Runs under the key's stripe lock.
-    async fn accept(
-        &self,
-        ks: &Keyspace,
-        key: &Key,
-        op: Op,
-        doc: Option<Bytes>,
-        written: Vec<String>,
-    ) -> Result<Accepted, PatternError> {
-        self.check_backlog()?;
-        let version = self.hlc.now();
-        let event = ChangeEvent::of(op, ks.name(), &*key.cache_key, doc.clone())
-            .from_origin(&self.node, version, Source::Api)
-            .at_source(0, crate::commitlog::now_ms() * 1000, None)
-            .with_written(written);
-        let payload = event.encode();
-        let size = payload.len() as u64;
-        let range = self.log.append(vec![payload]).await?;
-        // Through the keyspace's door: a load in flight for the key read the old row and must
-        // not install it.
-        ks.write_pending(
-            key.cache_key.clone(),
-            Pending {
-                doc: doc.clone(),
+    /// Accepts several writes of one keyspace with one durable append: each item is validated
+    /// and its precondition checked like a single write (a failed item is answered on its own
+    /// and does not stop the others); the rest become durable together and are answered 202
+    /// together. Writes of one key in the batch apply in item order. Returns one result per item.
+    pub async fn write_many(&self, ks: &Keyspace, items: Vec<WriteItem>) -> Vec<Result<Accepted, PatternError>> {
+        let mut results: Vec<Option<Result<Accepted, PatternError>>> = (0..items.len()).map(|_| None).collect();
+        let source = match ks.source() {
+            Ok(s) => s,
+            Err(e) => return items.iter().map(|_| Err(PatternError::from(e.clone()))).collect(),
+        };
+        // 1. Parse and validate, without locks.
+        // (item index, key, the fields of a put — none for a delete, precondition)
+        let mut parsed: Vec<Checked<'_>> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                WriteItem::Put { key, body, cond } => {
+                    let fields = match serde_json::from_slice::<Value>(body) {
+                        Ok(Value::Object(map)) => map,
+                        Ok(_) => {
+                            results[i] = Some(Err(
+                                SourceError::BadBody("expected a JSON object of fields".into()).into()
+                            ));
+                            continue;
+                        }
+                        Err(e) => {
+                            results[i] = Some(Err(PatternError::BadJson(e.to_string())));
+                            continue;
+                        }
+                    };
+                    if let Err(e) = source.check_body(&key.parts, &fields) {
+                        results[i] = Some(Err(e.into()));
+                        continue;
+                    }
+                    parsed.push((i, key, Some(fields), cond));
+                }
+                WriteItem::Delete { key, cond } => parsed.push((i, key, None, cond)),
+            }
+        }
+        // 2. Lock every key's stripe (in one order, so batches never deadlock), then check each
+        // precondition against the document the earlier items of this batch leave.
+        let _guards = self
+            .stripes
+            .lock_all(ks.name(), parsed.iter().map(|(_, k, _, _)| &*k.cache_key))
+            .await;
+        let mut batch_docs: HashMap<Arc<str>, Option<Bytes>> = HashMap::new();
+        let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(parsed.len());
+        for (i, key, fields, cond) in parsed {
+            let known = match batch_docs.get(&key.cache_key) {
+                Some(doc) => Some(doc.clone()),
+                None => match self.current(ks, key, !cond.is_always()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue;
+                    }
+                },
+            };
+            let current = known.clone().flatten();
+            if !cond.holds(current.as_deref()) {
+                let why = crate::source::postgres::describe(cond, current.as_deref());
+                results[i] = Some(Err(SourceError::PreconditionFailed(why).into()));
+                continue;
+            }
+            let write = match fields {
+                Some(fields) => {
+                    let base: Option<Map<String, Value>> =
+                        current.as_deref().and_then(|d| serde_json::from_slice(d).ok());
+                    let (doc, written) = document_after(source.binding(), key, &fields, base.as_ref());
+                    Staged {
+                        key: key.cache_key.clone(),
+                        op: Op::Put,
+                        doc: Some(doc),
+                        written,
+                    }
+                }
+                None => Staged {
+                    key: key.cache_key.clone(),
+                    op: Op::Delete,
+                    doc: None,
+                    written: Vec::new(),
+                },
+            };
+            batch_docs.insert(key.cache_key.clone(), write.doc.clone());
+            staged.push((i, write));
+        }
+        // 3. One durable append for everything that passed.
+        let (idx, writes): (Vec<usize>, Vec<Staged>) = staged.into_iter().unzip();
+        match self.commit(ks, writes).await {
+            Ok(accepted) => {
+                for (i, a) in idx.into_iter().zip(accepted) {
+                    results[i] = Some(Ok(a));
+                }
+            }
+            Err(e) => {
+                for i in idx {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+        results.into_iter().map(|r| r.expect("every item answered")).collect()
+    }
+
+    /// Appends the writes (durably, in one append) and records them as pending. Runs under the
+    /// keys' stripe locks.
+    async fn commit(&self, ks: &Keyspace, writes: Vec<Staged>) -> Result<Vec<Accepted>, PatternError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_backlog(writes.len() as u64)?;
+        let now_us = crate::commitlog::now_ms() * 1000;
+        let mut payloads = Vec::with_capacity(writes.len());
+        let mut versions = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let version = self.hlc.now();
+            let event = ChangeEvent::of(w.op, ks.name(), &*w.key, w.doc.clone())
+                .from_origin(&self.node, version, Source::Api)
+                .at_source(0, now_us, None)
+                .with_written(w.written.clone());
+            payloads.push(event.encode());
+            versions.push(version);
+        }
+        let size: u64 = payloads.iter().map(|p| p.len() as u64).sum();
+        let range = self.log.append(payloads).await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for (j, (w, version)) in writes.into_iter().zip(versions).enumerate() {
+            // Through the keyspace's door: a load in flight for the key read the old row and
+            // must not install it.
+            ks.write_pending(
+                w.key.clone(),
+                Pending {
+                    doc: w.doc.clone(),
+                    version,
+                    at: tokio::time::Instant::now(),
+                },
+            );
+            self.metrics
+                .wb_accepted
+                .with_label_values(&[ks.name(), w.op.label()])
+                .inc();
+            out.push(Accepted {
+                doc: w.doc,
                 version,
-                at: tokio::time::Instant::now(),
-            },
-        );
-        self.backlog.records.fetch_add(1, Ordering::Relaxed);
+                offset: Offset(range.start.0 + j as u64),
+            });
+        }
+        self.backlog.records.fetch_add(out.len() as u64, Ordering::Relaxed);
         self.backlog.bytes.fetch_add(size, Ordering::Relaxed);
         let _ = self.backlog.oldest_ms.compare_exchange(
             0,
@@ -252,15 +383,7 @@ impl WriteBehind {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
-        self.metrics
-            .wb_accepted
-            .with_label_values(&[ks.name(), op.label()])
-            .inc();
-        Ok(Accepted {
-            doc,
-            version,
-            offset: range.start,
-        })
+        Ok(out)
     }
 
     /// Rebuilds the pending writes and the backlog counters from the unflushed part of the log
@@ -341,15 +464,17 @@ impl WriteBehind {
         };
         let key = ks.parse_key(&letter.key)?;
         let _guard = self.stripe(ks.name(), &key.cache_key).lock().await;
+        let write = Staged {
+            key: key.cache_key.clone(),
+            op: letter.op,
+            doc: letter.doc.as_ref().map(|d| Bytes::from(d.to_string())),
+            written: letter.written.clone(),
+        };
         let accepted = self
-            .accept(
-                ks,
-                &key,
-                letter.op,
-                letter.doc.as_ref().map(|d| Bytes::from(d.to_string())),
-                letter.written.clone(),
-            )
-            .await?;
+            .commit(ks, vec![write])
+            .await?
+            .pop()
+            .expect("one write, one answer");
         self.deadletters.remove(id)?;
         Ok(Some(accepted))
     }

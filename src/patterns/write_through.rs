@@ -28,11 +28,7 @@ use crate::source::SourceError;
 /// Upserts the row from a JSON object body, if `cond` holds for the stored row (checked in
 /// Postgres under the row's lock), and caches what Postgres stored.
 pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes, cond: &Condition) -> Result<Arc<Entry>, PatternError> {
-    let fields = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => map,
-        Ok(other) => return Err(SourceError::BadBody(format!("got {}", kind_of(&other))).into()),
-        Err(e) => return Err(PatternError::BadJson(e.to_string())),
-    };
+    let fields = fields_of(body)?;
     let source = ks.source()?;
     let started = Instant::now();
     let written = source.upsert(&key.parts, &fields, cond).await;
@@ -41,6 +37,84 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes, cond: &Condition) -> Re
     let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now()).with_xid(written.xid);
     ks.mutate(key.cache_key.clone(), entry.clone()).await;
     Ok(Arc::new(entry))
+}
+
+/// Upserts many rows in one Postgres transaction (each item validated, conditioned and run
+/// under its own savepoint, so one refused item does not fail the rest) and caches what Postgres
+/// stored for each. One result per item, in order.
+pub async fn put_many(ks: &Keyspace, items: Vec<(Key, Bytes, Condition)>) -> Vec<Result<Arc<Entry>, PatternError>> {
+    let source = match ks.source() {
+        Ok(s) => s,
+        Err(e) => return items.iter().map(|_| Err(PatternError::from(e.clone()))).collect(),
+    };
+    let mut results: Vec<Option<Result<Arc<Entry>, PatternError>>> = (0..items.len()).map(|_| None).collect();
+    let mut batch = Vec::with_capacity(items.len());
+    let mut index = Vec::with_capacity(items.len());
+    for (i, (key, body, cond)) in items.iter().enumerate() {
+        match fields_of(body) {
+            Ok(fields) => {
+                batch.push((key.parts.clone(), fields, cond.clone()));
+                index.push(i);
+            }
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    let started = Instant::now();
+    let written = source.upsert_many(&batch).await;
+    observe(ks, "put", started, written.iter().all(Result::is_ok));
+    for (i, w) in index.into_iter().zip(written) {
+        let key = &items[i].0;
+        results[i] = Some(match w {
+            Ok(w) => {
+                let entry = Entry::new(Some(w.value), w.lsn, ks.hlc.now()).with_xid(w.xid);
+                ks.mutate(key.cache_key.clone(), entry.clone()).await;
+                Ok(Arc::new(entry))
+            }
+            Err(e) => Err(e.into()),
+        });
+    }
+    results.into_iter().map(|r| r.expect("every item answered")).collect()
+}
+
+/// Deletes many rows in one Postgres transaction (see [`put_many`]); `Ok(false)` for a row that
+/// was not there.
+pub async fn delete_many(ks: &Keyspace, items: Vec<(Key, Condition)>) -> Vec<Result<bool, PatternError>> {
+    let source = match ks.source() {
+        Ok(s) => s,
+        Err(e) => return items.iter().map(|_| Err(PatternError::from(e.clone()))).collect(),
+    };
+    let batch: Vec<(Vec<String>, Condition)> = items.iter().map(|(k, c)| (k.parts.clone(), c.clone())).collect();
+    let started = Instant::now();
+    let deleted = source.delete_many(&batch).await;
+    observe(ks, "delete", started, deleted.iter().all(Result::is_ok));
+    let mut out = Vec::with_capacity(items.len());
+    for ((key, _), d) in items.iter().zip(deleted) {
+        out.push(match d {
+            Ok(Some(d)) => {
+                ks.mutate(
+                    key.cache_key.clone(),
+                    Entry::new(None, d.lsn, ks.hlc.now()).with_xid(d.xid),
+                )
+                .await;
+                Ok(true)
+            }
+            Ok(None) => {
+                ks.invalidate(&key.cache_key).await;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        });
+    }
+    out
+}
+
+/// The body as a JSON object of fields.
+fn fields_of(body: &Bytes) -> Result<serde_json::Map<String, Value>, PatternError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(SourceError::BadBody(format!("got {}", kind_of(&other))).into()),
+        Err(e) => Err(PatternError::BadJson(e.to_string())),
+    }
 }
 
 /// Deletes the row, if `cond` holds for it, and caches "absent". `false` when there was no such

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use serde_json::{Map, Value};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -125,8 +125,16 @@ pub fn classify(e: &tokio_postgres::Error) -> SourceError {
     }
 }
 
-fn precondition(why: &str) -> SourceError {
-    SourceError::PreconditionFailed(why.to_string())
+/// Why one write failed: its precondition, or the database.
+enum Failed {
+    Precondition(String),
+    Db(tokio_postgres::Error),
+}
+
+/// Whether `cond` must be checked against the locked row (a create-only write is checked by its
+/// insert).
+fn needs_lock(cond: &Condition) -> bool {
+    !matches!(cond, Condition::Always | Condition::IfNoneMatch(Tags::Any))
 }
 
 /// Why `cond` failed for `current`, in the client's terms.
@@ -255,29 +263,83 @@ impl TableSource {
     /// `None` when there was none.
     pub async fn delete(&self, key: &[String], cond: &Condition) -> Result<Option<Deleted>, SourceError> {
         let mut client = self.pool.get().await?;
-        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        let deleted = if cond.is_always() {
-            let stmt = client.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
-            client.query_opt(&stmt, &params).await
-        } else {
+        let deleted = if needs_lock(cond) {
             let tx = client.transaction().await.map_err(|e| classify(&e))?;
-            let current = self.locked(&tx, key).await?;
-            if !cond.holds(current.as_deref()) {
-                return Err(precondition(&describe(cond, current.as_deref())));
-            }
-            let stmt = tx.prepare_cached(&self.delete).await.map_err(|e| classify(&e))?;
-            match tx.query_opt(&stmt, &params).await {
-                Ok(r) => tx.commit().await.map(|_| r),
+            match self.delete_on(&tx, key, cond).await {
+                Ok(r) => tx.commit().await.map(|_| r).map_err(Failed::Db),
                 Err(e) => Err(e),
             }
+        } else {
+            self.delete_on(&client, key, cond).await
         };
         match deleted {
-            Ok(row) => Ok(row.map(|r| Deleted {
-                lsn: parse_lsn(r.get(0)),
-                xid: parse_xid(r.get(1)),
-            })),
-            Err(e) if sqlstate::is_value_error(&e) => Err(self.blame_key(&client, key).await),
-            Err(e) => Err(classify(&e)),
+            Ok(d) => Ok(d),
+            Err(f) => Err(self.key_failure(&client, f, key).await),
+        }
+    }
+
+    /// Deletes many rows in one transaction, each under its own savepoint and precondition (see
+    /// [`TableSource::upsert_many`]). One result per item, in order.
+    pub async fn delete_many(&self, items: &[(Vec<String>, Condition)]) -> Vec<Result<Option<Deleted>, SourceError>> {
+        let all = |e: SourceError| items.iter().map(|_| Err(e.clone())).collect();
+        let mut client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => return all(e),
+        };
+        let tx = match client.transaction().await {
+            Ok(t) => t,
+            Err(e) => return all(classify(&e)),
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (key, cond) in items {
+            if let Err(e) = tx.batch_execute("SAVEPOINT cachesync_item").await {
+                return all(classify(&e));
+            }
+            let result = match self.delete_on(&tx, key, cond).await {
+                Ok(d) => Ok(d),
+                Err(f) => {
+                    if let Err(e) = tx.batch_execute("ROLLBACK TO SAVEPOINT cachesync_item").await {
+                        return all(classify(&e));
+                    }
+                    Err(self.key_failure(&tx, f, key).await)
+                }
+            };
+            out.push(result);
+        }
+        if let Err(e) = tx.commit().await {
+            return all(classify(&e));
+        }
+        out
+    }
+
+    async fn delete_on(
+        &self,
+        client: &impl GenericClient,
+        key: &[String],
+        cond: &Condition,
+    ) -> Result<Option<Deleted>, Failed> {
+        if needs_lock(cond) {
+            let current = self.locked(client, key).await.map_err(Failed::Db)?;
+            if !cond.holds(current.as_deref()) {
+                return Err(Failed::Precondition(describe(cond, current.as_deref())));
+            }
+        }
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let stmt = client.prepare_cached(&self.delete).await.map_err(Failed::Db)?;
+        let row = client.query_opt(&stmt, &params).await.map_err(Failed::Db)?;
+        Ok(row.map(|r| Deleted {
+            lsn: parse_lsn(r.get(0)),
+            xid: parse_xid(r.get(1)),
+        }))
+    }
+
+    /// What a failed delete answers: a precondition as such, a key that does not fit its column
+    /// pinned to the component.
+    async fn key_failure(&self, client: &impl GenericClient, f: Failed, key: &[String]) -> SourceError {
+        match f {
+            Failed::Precondition(why) => SourceError::PreconditionFailed(why),
+            Failed::Db(e) if sqlstate::is_value_error(&e) => self.blame_key(client, key).await,
+            Failed::Db(e) => classify(&e),
         }
     }
 
@@ -293,6 +355,79 @@ impl TableSource {
     ) -> Result<Written, SourceError> {
         let row = self.columns_of(key, body)?;
         self.check_values(body)?;
+        let mut client = self.pool.get().await?;
+        let stored = if needs_lock(cond) {
+            let tx = client.transaction().await.map_err(|e| classify(&e))?;
+            match self.upsert_on(&tx, key, &row, cond).await {
+                Ok(r) => tx.commit().await.map(|_| r).map_err(Failed::Db),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.upsert_on(&client, key, &row, cond).await
+        };
+        match stored {
+            Ok(r) => Ok(self.written(&r)),
+            Err(f) => Err(self.failure(&client, f, &row).await),
+        }
+    }
+
+    /// Upserts many rows in one transaction — each item validated and conditioned like a
+    /// single write, and run under its own savepoint, so an item Postgres refuses is answered
+    /// on its own and the others still commit. One result per item, in order.
+    pub async fn upsert_many(
+        &self,
+        items: &[(Vec<String>, Map<String, Value>, Condition)],
+    ) -> Vec<Result<Written, SourceError>> {
+        let all = |e: SourceError| items.iter().map(|_| Err(e.clone())).collect();
+        let mut client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => return all(e),
+        };
+        let tx = match client.transaction().await {
+            Ok(t) => t,
+            Err(e) => return all(classify(&e)),
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (key, body, cond) in items {
+            let row = match self
+                .columns_of(key, body)
+                .and_then(|r| self.check_values(body).map(|_| r))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            if let Err(e) = tx.batch_execute("SAVEPOINT cachesync_item").await {
+                return all(classify(&e));
+            }
+            let result = match self.upsert_on(&tx, key, &row, cond).await {
+                Ok(r) => Ok(self.written(&r)),
+                Err(f) => {
+                    if let Err(e) = tx.batch_execute("ROLLBACK TO SAVEPOINT cachesync_item").await {
+                        return all(classify(&e));
+                    }
+                    Err(self.failure(&tx, f, &row).await)
+                }
+            };
+            out.push(result);
+        }
+        if let Err(e) = tx.commit().await {
+            return all(classify(&e));
+        }
+        out
+    }
+
+    /// One upsert on `client` (a connection, or a transaction when `cond` needs the row's
+    /// lock), returning the stored row.
+    async fn upsert_on(
+        &self,
+        client: &impl GenericClient,
+        key: &[String],
+        row: &Map<String, Value>,
+        cond: &Condition,
+    ) -> Result<tokio_postgres::Row, Failed> {
         let columns: Vec<&str> = self
             .binding
             .fields
@@ -301,65 +436,51 @@ impl TableSource {
             .filter(|c| row.contains_key(*c))
             .collect();
         let json = Value::Object(row.clone()).to_string();
-        let mut client = self.pool.get().await?;
-        let stored = match cond {
-            Condition::Always => {
-                let stmt = client
-                    .prepare_cached(&self.upsert_sql(&columns, false))
-                    .await
-                    .map_err(|e| classify(&e))?;
-                client.query_one(&stmt, &[&json]).await
+        if let Condition::IfNoneMatch(Tags::Any) = cond {
+            let stmt = client
+                .prepare_cached(&sql::insert_if_absent(&self.binding, &columns))
+                .await
+                .map_err(Failed::Db)?;
+            return match client.query_opt(&stmt, &[&json]).await.map_err(Failed::Db)? {
+                Some(r) => Ok(r),
+                None => Err(Failed::Precondition("the key exists (If-None-Match: *)".into())),
+            };
+        }
+        if needs_lock(cond) {
+            let current = self.locked(client, key).await.map_err(Failed::Db)?;
+            if !cond.holds(current.as_deref()) {
+                return Err(Failed::Precondition(describe(cond, current.as_deref())));
             }
-            Condition::IfNoneMatch(Tags::Any) => {
-                let stmt = client
-                    .prepare_cached(&sql::insert_if_absent(&self.binding, &columns))
-                    .await
-                    .map_err(|e| classify(&e))?;
-                match client.query_opt(&stmt, &[&json]).await {
-                    Ok(Some(r)) => Ok(r),
-                    Ok(None) => return Err(precondition("the key exists (If-None-Match: *)")),
-                    Err(e) => Err(e),
-                }
-            }
-            cond => {
-                let tx = client.transaction().await.map_err(|e| classify(&e))?;
-                let current = self.locked(&tx, key).await?;
-                if !cond.holds(current.as_deref()) {
-                    return Err(precondition(&describe(cond, current.as_deref())));
-                }
-                let stmt = tx
-                    .prepare_cached(&self.upsert_sql(&columns, false))
-                    .await
-                    .map_err(|e| classify(&e))?;
-                match tx.query_one(&stmt, &[&json]).await {
-                    Ok(r) => tx.commit().await.map(|_| r),
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        match stored {
-            Ok(r) => Ok(Written {
-                lsn: parse_lsn(r.get(0)),
-                xid: parse_xid(r.get(1)),
-                value: self.render_row(&r, 2),
-            }),
-            Err(e) if sqlstate::is_value_error(&e) => Err(self.blame_field(&client, &row, &e).await),
-            Err(e) => Err(classify(&e)),
+        }
+        let stmt = client
+            .prepare_cached(&self.upsert_sql(&columns, false))
+            .await
+            .map_err(Failed::Db)?;
+        client.query_one(&stmt, &[&json]).await.map_err(Failed::Db)
+    }
+
+    fn written(&self, r: &tokio_postgres::Row) -> Written {
+        Written {
+            lsn: parse_lsn(r.get(0)),
+            xid: parse_xid(r.get(1)),
+            value: self.render_row(r, 2),
+        }
+    }
+
+    /// What a failed write answers: a precondition as such, a value error pinned to its field.
+    async fn failure(&self, client: &impl GenericClient, f: Failed, row: &Map<String, Value>) -> SourceError {
+        match f {
+            Failed::Precondition(why) => SourceError::PreconditionFailed(why),
+            Failed::Db(e) if sqlstate::is_value_error(&e) => self.blame_field(client, row, &e).await,
+            Failed::Db(e) => classify(&e),
         }
     }
 
     /// The row with this key as stored, locked until `tx` ends; `None` when there is none.
-    async fn locked(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        key: &[String],
-    ) -> Result<Option<Bytes>, SourceError> {
-        let stmt = tx
-            .prepare_cached(&sql::select_for_update(&self.binding))
-            .await
-            .map_err(|e| classify(&e))?;
+    async fn locked(&self, tx: &impl GenericClient, key: &[String]) -> Result<Option<Bytes>, tokio_postgres::Error> {
+        let stmt = tx.prepare_cached(&sql::select_for_update(&self.binding)).await?;
         let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        let row = tx.query_opt(&stmt, &params).await.map_err(|e| classify(&e))?;
+        let row = tx.query_opt(&stmt, &params).await?;
         Ok(row.map(|r| self.render_row(&r, 0)))
     }
 
@@ -559,7 +680,7 @@ impl TableSource {
     /// Names the field whose value Postgres rejected by trying each one alone.
     async fn blame_field(
         &self,
-        client: &deadpool_postgres::Object,
+        client: &impl GenericClient,
         row: &Map<String, Value>,
         original: &tokio_postgres::Error,
     ) -> SourceError {
@@ -585,7 +706,7 @@ impl TableSource {
     }
 
     /// Names the key component Postgres could not cast to its column's type.
-    async fn blame_key(&self, client: &deadpool_postgres::Object, key: &[String]) -> SourceError {
+    async fn blame_key(&self, client: &impl GenericClient, key: &[String]) -> SourceError {
         for (col, value) in self.binding.key.iter().zip(key) {
             let probe = format!("SELECT CAST($1::text AS {}) IS NULL", col.type_sql);
             if client.query_one(&probe, &[value]).await.is_err() {

@@ -342,3 +342,119 @@ async fn conditional_read_modify_write_under_concurrency_counts_exactly() {
     assert_eq!(stored, served, "write-behind's count reached Postgres");
     server.shutdown().await;
 }
+
+/// `_mput` / `_mdelete`: each item validated and conditioned like a single write and answered in
+/// its own item; the good ones land (write-through in one transaction, write-behind with one log
+/// append: consecutive offsets) and the bad ones change nothing.
+#[tokio::test]
+async fn bulk_writes_answer_per_item_and_land_only_the_good_ones() {
+    let db = crate::common::Db::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL CHECK (v >= 0))")
+        .await;
+    let node = crate::common::Node::new();
+    let keyspaces = "[[keyspace]]\nname = \"wt\"\ntable = \"t\"\nkey = \"id\"\nwrite = \"through\"\n\
+        [[keyspace]]\nname = \"wb\"\ntable = \"t\"\nkey = \"id\"\nwrite = \"behind\"\n\
+        [[keyspace]]\nname = \"mem\"\n";
+    let (server, http) = node.start_text(&node.config_text(&db, keyspaces, "")).await;
+    let statuses = |r: &crate::common::Resp| -> Vec<u64> {
+        r.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["status"].as_u64().unwrap())
+            .collect()
+    };
+    // Write-through: a good row, a value no int takes, a CHECK violation, a bad key, a good row.
+    let r = http
+        .post(
+            "/v1/kv/wt/_mput",
+            r#"{"items": [{"key": "1", "value": {"v": 10}}, {"key": "2", "value": {"v": "abc"}},
+                          {"key": "3", "value": {"v": -1}}, {"key": "%zz", "value": {"v": 1}},
+                          {"key": "4", "value": {"v": 40}}]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(statuses(&r), vec![200, 400, 409, 400, 200], "{}", r.body);
+    let items = r.json()["items"].clone();
+    assert_eq!(items[1]["error"], "invalid_value");
+    assert_eq!(items[3]["error"], "invalid_key");
+    assert_eq!(items[0]["value"]["v"], 10);
+    let ids: Vec<i32> = db
+        .sql
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![1, 4], "the good items landed, the refused ones did not");
+    // A stale If-Match fails its own item only.
+    let tag = items[0]["etag"].as_str().unwrap().to_string();
+    let body = serde_json::json!({"items": [
+        {"key": "1", "value": {"v": 11}, "if_match": tag},
+        {"key": "4", "value": {"v": 41}, "if_match": "\"0000000000000000\""},
+    ]});
+    let r = http.post("/v1/kv/wt/_mput", body.to_string()).await;
+    assert_eq!(statuses(&r), vec![200, 412], "{}", r.body);
+    assert_eq!(http.get("/v1/kv/wt/1").await.json()["v"], 11);
+    assert_eq!(http.get("/v1/kv/wt/4").await.json()["v"], 40);
+    let r = http.post("/v1/kv/wt/_mdelete", r#"{"keys": ["1", "99"]}"#).await;
+    assert_eq!(statuses(&r), vec![204, 404], "{}", r.body);
+    assert_eq!(http.get("/v1/kv/wt/1").await.status, 404);
+
+    // Write-behind: the accepted items share one append (consecutive offsets).
+    let r = http
+        .post(
+            "/v1/kv/wb/_mput",
+            r#"{"items": [{"key": "10", "value": {"v": 1}}, {"key": "11", "value": {"v": null}},
+                          {"key": "12", "value": {"v": 2}}, {"key": "10", "value": {"v": 3}}]}"#,
+        )
+        .await;
+    assert_eq!(statuses(&r), vec![202, 400, 202, 202], "{}", r.body);
+    let items = r.json()["items"].clone();
+    let offsets: Vec<u64> = [0, 2, 3]
+        .iter()
+        .map(|&i| items[i]["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![offsets[0], offsets[0] + 1, offsets[0] + 2], "one append");
+    assert_eq!(
+        http.get("/v1/kv/wb/10").await.json()["v"],
+        3,
+        "later items of one key win"
+    );
+    let r = http
+        .post("/v1/kv/wb/_mdelete", r#"{"items": [{"key": "12"}, {"key": "bad%"}]}"#)
+        .await;
+    assert_eq!(statuses(&r), vec![202, 400], "{}", r.body);
+    crate::common::drained(&http).await;
+    let rows: Vec<(i32, i32)> = db
+        .sql
+        .query("SELECT id, v FROM t WHERE id >= 10 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(10, 3)]);
+
+    // In memory, and the bound on items.
+    let r = http
+        .post(
+            "/v1/kv/mem/_mput",
+            r#"{"items": [{"key": "a", "value": 1}, {"key": "b", "value": [2]}]}"#,
+        )
+        .await;
+    assert_eq!(statuses(&r), vec![200, 200], "{}", r.body);
+    assert_eq!(http.get("/v1/kv/mem/b").await.body, "[2]");
+    let many: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
+    let r = http
+        .post("/v1/kv/mem/_mdelete", serde_json::json!({ "keys": many }).to_string())
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error()),
+        (400, "bad_request".to_string()),
+        "{}",
+        r.body
+    );
+    server.shutdown().await;
+}
