@@ -131,6 +131,34 @@ enum Failed {
     Db(tokio_postgres::Error),
 }
 
+/// One item of a batch write.
+enum BatchOp<'a> {
+    Upsert(&'a [String], &'a Map<String, Value>, &'a Condition),
+    Delete(&'a [String], &'a Condition),
+}
+
+/// What one item of a batch did.
+enum Done {
+    Written(Written),
+    Deleted(Option<Deleted>),
+}
+
+/// Why one item of a batch failed.
+enum ItemError {
+    /// Refused before any statement ran (validation).
+    Refused(SourceError),
+    /// A statement failed; what to probe to name the cause once its savepoint is rolled back.
+    Failed(Failed, Explain),
+}
+
+/// What a failed statement's error is pinned to.
+enum Explain {
+    /// A field of this row (a value that does not fit its column).
+    Row(Map<String, Value>),
+    /// A component of this key.
+    Key(Vec<String>),
+}
+
 /// Whether `cond` must be checked against the locked row (a create-only write is checked by its
 /// insert).
 fn needs_lock(cond: &Condition) -> bool {
@@ -281,35 +309,17 @@ impl TableSource {
     /// Deletes many rows in one transaction, each under its own savepoint and precondition (see
     /// [`TableSource::upsert_many`]). One result per item, in order.
     pub async fn delete_many(&self, items: &[(Vec<String>, Condition)]) -> Vec<Result<Option<Deleted>, SourceError>> {
-        let all = |e: SourceError| items.iter().map(|_| Err(e.clone())).collect();
-        let mut client = match self.pool.get().await {
-            Ok(c) => c,
-            Err(e) => return all(e),
-        };
-        let tx = match client.transaction().await {
-            Ok(t) => t,
-            Err(e) => return all(classify(&e)),
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for (key, cond) in items {
-            if let Err(e) = tx.batch_execute("SAVEPOINT cachesync_item").await {
-                return all(classify(&e));
-            }
-            let result = match self.delete_on(&tx, key, cond).await {
-                Ok(d) => Ok(d),
-                Err(f) => {
-                    if let Err(e) = tx.batch_execute("ROLLBACK TO SAVEPOINT cachesync_item").await {
-                        return all(classify(&e));
-                    }
-                    Err(self.key_failure(&tx, f, key).await)
-                }
-            };
-            out.push(result);
-        }
-        if let Err(e) = tx.commit().await {
-            return all(classify(&e));
-        }
-        out
+        let ops: Vec<BatchOp<'_>> = items.iter().map(|(k, c)| BatchOp::Delete(k, c)).collect();
+        self.per_item(&ops)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.and_then(|done| match done {
+                    Done::Deleted(d) => Ok(d),
+                    Done::Written(_) => Err(SourceError::Database("a delete answered as an upsert".into())),
+                })
+            })
+            .collect()
     }
 
     async fn delete_on(
@@ -378,6 +388,45 @@ impl TableSource {
         &self,
         items: &[(Vec<String>, Map<String, Value>, Condition)],
     ) -> Vec<Result<Written, SourceError>> {
+        let ops: Vec<BatchOp<'_>> = items.iter().map(|(k, b, c)| BatchOp::Upsert(k, b, c)).collect();
+        self.per_item(&ops)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.and_then(|done| match done {
+                    Done::Written(w) => Ok(w),
+                    Done::Deleted(_) => Err(SourceError::Database("an upsert answered as a delete".into())),
+                })
+            })
+            .collect()
+    }
+
+    /// One item of a batch, in the batch's transaction.
+    async fn run_item(&self, tx: &deadpool_postgres::Transaction<'_>, op: &BatchOp<'_>) -> Result<Done, ItemError> {
+        match *op {
+            BatchOp::Upsert(key, body, cond) => {
+                let row = self
+                    .columns_of(key, body)
+                    .and_then(|r| self.check_values(body).map(|_| r))
+                    .map_err(ItemError::Refused)?;
+                match self.upsert_on(tx, key, &row, cond).await {
+                    Ok(r) => Ok(Done::Written(self.written(&r))),
+                    Err(f) => Err(ItemError::Failed(f, Explain::Row(row))),
+                }
+            }
+            BatchOp::Delete(key, cond) => self
+                .delete_on(tx, key, cond)
+                .await
+                .map(Done::Deleted)
+                .map_err(|f| ItemError::Failed(f, Explain::Key(key.to_vec()))),
+        }
+    }
+
+    /// Runs each item in one transaction under its own savepoint: an item that fails is rolled
+    /// back alone (then explained: a value pinned to its field, a key to its component) and the
+    /// others commit together. One result per item, in order; if the transaction itself fails,
+    /// every item fails with it.
+    async fn per_item(&self, items: &[BatchOp<'_>]) -> Vec<Result<Done, SourceError>> {
         let all = |e: SourceError| items.iter().map(|_| Err(e.clone())).collect();
         let mut client = match self.pool.get().await {
             Ok(c) => c,
@@ -388,27 +437,22 @@ impl TableSource {
             Err(e) => return all(classify(&e)),
         };
         let mut out = Vec::with_capacity(items.len());
-        for (key, body, cond) in items {
-            let row = match self
-                .columns_of(key, body)
-                .and_then(|r| self.check_values(body).map(|_| r))
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    out.push(Err(e));
-                    continue;
-                }
-            };
+        for item in items {
             if let Err(e) = tx.batch_execute("SAVEPOINT cachesync_item").await {
                 return all(classify(&e));
             }
-            let result = match self.upsert_on(&tx, key, &row, cond).await {
-                Ok(r) => Ok(self.written(&r)),
-                Err(f) => {
+            let result = match self.run_item(&tx, item).await {
+                Ok(v) => Ok(v),
+                Err(ItemError::Refused(e)) => Err(e),
+                Err(ItemError::Failed(f, what)) => {
+                    // The failed statement aborted the savepoint: roll it back before probing.
                     if let Err(e) = tx.batch_execute("ROLLBACK TO SAVEPOINT cachesync_item").await {
                         return all(classify(&e));
                     }
-                    Err(self.failure(&tx, f, &row).await)
+                    Err(match what {
+                        Explain::Row(row) => self.failure(&tx, f, &row).await,
+                        Explain::Key(key) => self.key_failure(&tx, f, &key).await,
+                    })
                 }
             };
             out.push(result);
