@@ -12,9 +12,10 @@
 //!  server     assembly: metrics, pool, log, keyspaces, pipelines, tasks; ordered shutdown
 //!  config     the whole file: composes every section below, env overrides, cross-section checks
 //!   │
-//!  api        HTTP (axum): api::kv GET/PUT/DELETE/_mget · api::admin /v1/keyspaces /v1/deadletters
-//!   │         /metrics /healthz /readyz · api::error the one error → status mapping ·
-//!   │         api::config [server]
+//!  api        HTTP (axum): api::kv GET/PUT/DELETE/_mget/_mput/_mdelete · api::admin /v1/keyspaces
+//!   │         /v1/deadletters /metrics /healthz /readyz · api::error the one error → status
+//!   │         mapping · api::listener connections, timeouts, the connection bound · api::config
+//!   │         [server]
 //!   ▼
 //!  patterns   one Pipeline per keyspace, assembled at start: a reader and a writer
 //!   │         read_through   miss → single-flight load → lease-checked fill
