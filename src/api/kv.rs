@@ -360,6 +360,51 @@ fn item_json(key: &str, result: Result<(u16, Option<&Bytes>), ApiError>) -> serd
     }
 }
 
+/// A bulk item's key, for its answer.
+trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for MputItem {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl Keyed for MdeleteItem {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// Prepares each bulk item: those that fail (a bad key, a bad precondition) are answered at
+/// once; the rest go to the batch, with their item index.
+type Split<P> = (Vec<Option<serde_json::Value>>, Vec<P>, Vec<usize>);
+
+fn split_items<I: Keyed, P>(items: &[I], prepare: impl Fn(&I) -> Result<P, ApiError>) -> Split<P> {
+    let mut answers = Vec::with_capacity(items.len());
+    let mut batch = Vec::with_capacity(items.len());
+    let mut index = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match prepare(item) {
+            Ok(p) => {
+                answers.push(None);
+                batch.push(p);
+                index.push(i);
+            }
+            Err(e) => answers.push(Some(item_json(item.key(), Err(e)))),
+        }
+    }
+    (answers, batch, index)
+}
+
+/// A bulk item durable in the log (202), with its offset.
+fn accepted_item(key: &str, a: &Accepted) -> serde_json::Value {
+    let mut item = item_json(key, Ok((202, a.doc.as_ref())));
+    item["offset"] = a.offset.0.into();
+    item
+}
+
 fn items_response(items: Vec<serde_json::Value>) -> Response {
     let mut resp = (StatusCode::OK, axum::Json(serde_json::json!({ "items": items }))).into_response();
     resp.headers_mut()
@@ -384,31 +429,16 @@ pub async fn mput(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap,
             |r: &MputRequest| r.items.len(),
         )
         .await?;
-        let mut answers: Vec<Option<serde_json::Value>> = (0..req.items.len()).map(|_| None).collect();
-        let mut batch = Vec::with_capacity(req.items.len());
-        let mut index = Vec::with_capacity(req.items.len());
-        for (i, item) in req.items.iter().enumerate() {
-            let prepared = pipeline.parse_key(&item.key).map_err(ApiError::from).and_then(|key| {
-                let cond = item_condition(item.if_match.as_deref(), item.if_none_match.as_deref())?;
-                Ok((key, Bytes::copy_from_slice(item.value.get().as_bytes()), cond))
-            });
-            match prepared {
-                Ok(p) => {
-                    batch.push(p);
-                    index.push(i);
-                }
-                Err(e) => answers[i] = Some(item_json(&item.key, Err(e))),
-            }
-        }
+        let (mut answers, batch, index) = split_items(&req.items, |item: &MputItem| {
+            let key = pipeline.parse_key(&item.key)?;
+            let cond = item_condition(item.if_match.as_deref(), item.if_none_match.as_deref())?;
+            Ok((key, Bytes::copy_from_slice(item.value.get().as_bytes()), cond))
+        });
         for (i, r) in index.into_iter().zip(pipeline.put_many(batch).await) {
             let key = &req.items[i].key;
             answers[i] = Some(match r {
                 Ok(Written::Stored(e)) => item_json(key, Ok((200, e.value.as_ref()))),
-                Ok(Written::Accepted(a)) => {
-                    let mut item = item_json(key, Ok((202, a.doc.as_ref())));
-                    item["offset"] = a.offset.0.into();
-                    item
-                }
+                Ok(Written::Accepted(a)) => accepted_item(key, &a),
                 Err(e) => item_json(key, Err(e.into())),
             });
         }
@@ -437,32 +467,18 @@ pub async fn mdelete(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderM
             .map(|key| MdeleteItem { key, if_match: None })
             .chain(req.items)
             .collect();
-        let mut answers: Vec<Option<serde_json::Value>> = (0..items.len()).map(|_| None).collect();
-        let mut batch = Vec::with_capacity(items.len());
-        let mut index = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let prepared = pipeline
-                .parse_key(&item.key)
-                .map_err(ApiError::from)
-                .and_then(|key| Ok((key, item_condition(item.if_match.as_deref(), None)?)));
-            match prepared {
-                Ok(p) => {
-                    batch.push(p);
-                    index.push(i);
-                }
-                Err(e) => answers[i] = Some(item_json(&item.key, Err(e))),
-            }
-        }
+        let (mut answers, batch, index) = split_items(&items, |item: &MdeleteItem| {
+            Ok((
+                pipeline.parse_key(&item.key)?,
+                item_condition(item.if_match.as_deref(), None)?,
+            ))
+        });
         for (i, r) in index.into_iter().zip(pipeline.delete_many(batch).await) {
             let key = &items[i].key;
             answers[i] = Some(match r {
                 Ok(Removed::Deleted) => item_json(key, Ok((204, None))),
                 Ok(Removed::Absent) => item_json(key, Err(ApiError::not_found(&ks, key))),
-                Ok(Removed::Accepted(a)) => {
-                    let mut item = item_json(key, Ok((202, None)));
-                    item["offset"] = a.offset.0.into();
-                    item
-                }
+                Ok(Removed::Accepted(a)) => accepted_item(key, &a),
                 Err(e) => item_json(key, Err(e.into())),
             });
         }
