@@ -41,7 +41,7 @@ fn put_request(id: u64) -> Vec<u8> {
         id % 1000
     );
     format!(
-        "PUT /v1/kv/users/{id} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n{body}",
+        "PUT /v1/kv/users/{id} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()

@@ -153,7 +153,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// `GET path` as request bytes.
 pub fn get_request(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes()
 }
 
 /// `conns` keep-alive connections each sending `per_conn` GETs of `path(conn, i)`; all
