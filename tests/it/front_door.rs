@@ -173,6 +173,13 @@ async fn errors_the_http_library_answers_are_json_too() {
     big.extend_from_slice(b"\r\n\r\n");
     let (status, body) = parse(&raw(addr, &big).await);
     assert_eq!((status, body["error"].as_str()), (431, Some("headers_too_large")));
+    // A URI longer than the HTTP library takes.
+    let long = format!(
+        "GET /v1/kv/default/{} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "k".repeat(70_000)
+    );
+    let (status, body) = parse(&raw(addr, long.as_bytes()).await);
+    assert_eq!((status, body["error"].as_str()), (414, Some("uri_too_long")));
     server.shutdown().await;
 }
 
