@@ -70,6 +70,22 @@ pub fn select_by_key(b: &Binding) -> String {
     )
 }
 
+/// What every write statement returns per stored row: the WAL insert position, the transaction
+/// id, the output fields, then the raw key columns (`k0`, `k1`, …).
+fn returning(b: &Binding) -> String {
+    let raw_keys = b
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} AS k{i}", quote_ident(&k.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {}, {raw_keys}",
+        output_list("t.", b)
+    )
+}
+
 /// Reads and locks one row by key (`FOR UPDATE`): a conditional write checks its precondition
 /// against the row as stored, and no other write of it can commit in between.
 pub fn select_for_update(b: &Binding) -> String {
@@ -87,20 +103,13 @@ pub fn insert_if_absent(b: &Binding, columns: &[&str]) -> String {
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
-    let raw_keys = key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{k} AS k{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
     format!(
         "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r \
-         ON CONFLICT ({keys}) DO NOTHING \
-         RETURNING pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {out}, {raw_keys}",
+         ON CONFLICT ({keys}) DO NOTHING RETURNING {returning}",
         cols = cols.join(", "),
         rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
-        out = output_list("t.", b),
+        returning = returning(b),
     )
 }
 
@@ -133,16 +142,7 @@ pub fn upsert(b: &Binding, columns: &[&str], many: bool) -> String {
                 .join(", ")
         }
     };
-    let raw_keys = key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{k} AS k{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let returning = format!(
-        "pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {}, {raw_keys}",
-        output_list("t.", b)
-    );
+    let returning = returning(b);
     let key_match = key
         .iter()
         .map(|k| format!("t.{k} = r.{k}"))
@@ -198,12 +198,6 @@ fn insert_on_conflict(b: &Binding, columns: &[&str], many: bool) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let raw_keys = key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{k} AS k{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let from = if many {
         "jsonb_populate_recordset"
     } else {
@@ -211,12 +205,11 @@ fn insert_on_conflict(b: &Binding, columns: &[&str], many: bool) -> String {
     };
     format!(
         "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM {from}(NULL::{table}, $1::text::jsonb) AS r \
-         ON CONFLICT ({keys}) DO UPDATE SET {set} \
-         RETURNING pg_current_wal_insert_lsn()::text AS lsn, pg_current_xact_id()::text AS xid, {out}, {raw_keys}",
+         ON CONFLICT ({keys}) DO UPDATE SET {set} RETURNING {returning}",
         cols = cols.join(", "),
         rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
-        out = output_list("t.", b),
+        returning = returning(b),
     )
 }
 
