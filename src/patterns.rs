@@ -74,6 +74,26 @@ impl From<KeyError> for PatternError {
     }
 }
 
+/// A write's body as a JSON object of fields (both write modes on a table take only that).
+pub(crate) fn fields_of(body: &Bytes) -> Result<serde_json::Map<String, serde_json::Value>, PatternError> {
+    use serde_json::Value;
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => {
+            let kind = match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "an array",
+                Value::Object(_) => "an object",
+            };
+            Err(SourceError::BadBody(format!("got {kind}")).into())
+        }
+        Err(e) => Err(PatternError::BadJson(e.to_string())),
+    }
+}
+
 /// What a `PUT` did.
 #[derive(Debug, Clone)]
 pub enum Written {

@@ -37,7 +37,7 @@ use crate::keyspace::Keyspace;
 use crate::keyspace::overlay::Pending;
 use crate::metrics::Metrics;
 use crate::patterns::write_behind::config::WriteBehindConfig;
-use crate::patterns::{PatternError, Stripes};
+use crate::patterns::{PatternError, Stripes, fields_of};
 use crate::source::SourceError;
 use crate::source::postgres::render::{ObjectWriter, render_value};
 use deadletters::DeadLetters;
@@ -165,18 +165,19 @@ impl WriteBehind {
         self.stripes.of(ks, key)
     }
 
-    /// This node's current document of the key: its pending write, else the cached entry, else
-    /// (with `load`) the row loaded from Postgres, which must then be reachable. `None` inside
-    /// means absent; the outer `None` means not known without a load.
-    async fn current(&self, ks: &Keyspace, key: &Key, load: bool) -> Result<Option<Option<Bytes>>, PatternError> {
+    /// This node's current document of the key (`None`: absent): its pending write, else the
+    /// cached entry, else — with `load`, for a precondition — the row loaded from Postgres, which
+    /// must then be reachable. Without `load` an uncached key counts as absent: a partial write
+    /// then carries only the fields it names.
+    async fn current(&self, ks: &Keyspace, key: &Key, load: bool) -> Result<Option<Bytes>, PatternError> {
         if let Some(p) = ks.pending(&key.cache_key) {
-            return Ok(Some(p.doc));
+            return Ok(p.doc);
         }
         if let Some(e) = ks.cached(&key.cache_key).await {
-            return Ok(Some(e.value.clone()));
+            return Ok(e.value.clone());
         }
         if load {
-            return Ok(Some(ks.load(key).await?.0.value.clone()));
+            return Ok(ks.load(key).await?.0.value.clone());
         }
         Ok(None)
     }
@@ -246,16 +247,10 @@ impl WriteBehind {
         for (i, item) in items.iter().enumerate() {
             match item {
                 WriteItem::Put { key, body, cond } => {
-                    let fields = match serde_json::from_slice::<Value>(body) {
-                        Ok(Value::Object(map)) => map,
-                        Ok(_) => {
-                            results[i] = Some(Err(
-                                SourceError::BadBody("expected a JSON object of fields".into()).into()
-                            ));
-                            continue;
-                        }
+                    let fields = match fields_of(body) {
+                        Ok(f) => f,
                         Err(e) => {
-                            results[i] = Some(Err(PatternError::BadJson(e.to_string())));
+                            results[i] = Some(Err(e));
                             continue;
                         }
                     };
@@ -277,8 +272,8 @@ impl WriteBehind {
         let mut batch_docs: HashMap<Arc<str>, Option<Bytes>> = HashMap::new();
         let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(parsed.len());
         for (i, key, fields, cond) in parsed {
-            let known = match batch_docs.get(&key.cache_key) {
-                Some(doc) => Some(doc.clone()),
+            let current = match batch_docs.get(&key.cache_key) {
+                Some(doc) => doc.clone(),
                 None => match self.current(ks, key, !cond.is_always()).await {
                     Ok(c) => c,
                     Err(e) => {
@@ -287,7 +282,6 @@ impl WriteBehind {
                     }
                 },
             };
-            let current = known.clone().flatten();
             if !cond.holds(current.as_deref()) {
                 let why = crate::source::postgres::describe(cond, current.as_deref());
                 results[i] = Some(Err(SourceError::PreconditionFailed(why).into()));

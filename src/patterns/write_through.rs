@@ -17,13 +17,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use serde_json::Value;
 
 use crate::cache::{Condition, Entry};
 use crate::key::Key;
 use crate::keyspace::Keyspace;
-use crate::patterns::PatternError;
-use crate::source::SourceError;
+use crate::patterns::{PatternError, fields_of};
 
 /// Upserts the row from a JSON object body, if `cond` holds for the stored row (checked in
 /// Postgres under the row's lock), and caches what Postgres stored.
@@ -108,15 +106,6 @@ pub async fn delete_many(ks: &Keyspace, items: Vec<(Key, Condition)>) -> Vec<Res
     out
 }
 
-/// The body as a JSON object of fields.
-fn fields_of(body: &Bytes) -> Result<serde_json::Map<String, Value>, PatternError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(SourceError::BadBody(format!("got {}", kind_of(&other))).into()),
-        Err(e) => Err(PatternError::BadJson(e.to_string())),
-    }
-}
-
 /// Deletes the row, if `cond` holds for it, and caches "absent". `false` when there was no such
 /// row.
 pub async fn delete(ks: &Keyspace, key: &Key, cond: &Condition) -> Result<bool, PatternError> {
@@ -146,15 +135,4 @@ fn observe(ks: &Keyspace, op: &str, started: Instant, ok: bool) {
     m.writes
         .with_label_values(&[ks.name(), op, if ok { "ok" } else { "error" }])
         .inc();
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
