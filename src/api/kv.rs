@@ -57,24 +57,30 @@ fn etag(entry: &Entry) -> HeaderValue {
     HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
-/// The write's precondition from `If-Match` / `If-None-Match` (both at once is refused as
-/// ambiguous).
+/// The write's precondition from `If-Match` / `If-None-Match` (see [`precondition`]).
 fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
     let get = |name| {
         headers
             .get(name)
             .map(|v| {
                 v.to_str()
-                    .map(Tags::parse)
                     .map_err(|_| ApiError::bad_request("If-Match / If-None-Match must be ASCII entity tags"))
             })
             .transpose()
     };
-    match (get(header::IF_MATCH)?, get(header::IF_NONE_MATCH)?) {
+    precondition(get(header::IF_MATCH)?, get(header::IF_NONE_MATCH)?)
+}
+
+/// A write's precondition from its `If-Match` and `If-None-Match` values (headers, or a bulk
+/// item's `if_match` / `if_none_match`); both at once is refused as ambiguous.
+fn precondition(if_match: Option<&str>, if_none_match: Option<&str>) -> Result<Condition, ApiError> {
+    match (if_match, if_none_match) {
         (None, None) => Ok(Condition::Always),
-        (Some(t), None) => Ok(Condition::IfMatch(t)),
-        (None, Some(t)) => Ok(Condition::IfNoneMatch(t)),
-        (Some(_), Some(_)) => Err(ApiError::bad_request("send If-Match or If-None-Match, not both")),
+        (Some(t), None) => Ok(Condition::IfMatch(Tags::parse(t))),
+        (None, Some(t)) => Ok(Condition::IfNoneMatch(Tags::parse(t))),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give If-Match (if_match) or If-None-Match (if_none_match), not both",
+        )),
     }
 }
 
@@ -315,15 +321,6 @@ struct MdeleteRequest {
     items: Vec<MdeleteItem>,
 }
 
-fn item_condition(if_match: Option<&str>, if_none_match: Option<&str>) -> Result<Condition, ApiError> {
-    match (if_match, if_none_match) {
-        (None, None) => Ok(Condition::Always),
-        (Some(t), None) => Ok(Condition::IfMatch(Tags::parse(t))),
-        (None, Some(t)) => Ok(Condition::IfNoneMatch(Tags::parse(t))),
-        (Some(_), Some(_)) => Err(ApiError::bad_request("give if_match or if_none_match, not both")),
-    }
-}
-
 /// The body of a bulk request, with the item bound.
 async fn bulk_body<T: serde::de::DeserializeOwned>(
     st: &AppState,
@@ -431,7 +428,7 @@ pub async fn mput(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap,
         .await?;
         let (mut answers, batch, index) = split_items(&req.items, |item: &MputItem| {
             let key = pipeline.parse_key(&item.key)?;
-            let cond = item_condition(item.if_match.as_deref(), item.if_none_match.as_deref())?;
+            let cond = precondition(item.if_match.as_deref(), item.if_none_match.as_deref())?;
             Ok((key, Bytes::copy_from_slice(item.value.get().as_bytes()), cond))
         });
         for (i, r) in index.into_iter().zip(pipeline.put_many(batch).await) {
@@ -470,7 +467,7 @@ pub async fn mdelete(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderM
         let (mut answers, batch, index) = split_items(&items, |item: &MdeleteItem| {
             Ok((
                 pipeline.parse_key(&item.key)?,
-                item_condition(item.if_match.as_deref(), None)?,
+                precondition(item.if_match.as_deref(), None)?,
             ))
         });
         for (i, r) in index.into_iter().zip(pipeline.delete_many(batch).await) {
