@@ -49,6 +49,9 @@ pub struct Entry {
     pub version: u64,
     /// When this state was stored: the start of its TTL life and the base of `Age`.
     pub stored_at: Instant,
+    /// When this state was read from Postgres itself (a load's query, a write-through's
+    /// statement): it is known fresh as of then, whatever the change stream has confirmed.
+    pub read_at: Option<Instant>,
 }
 
 /// The visibility of a load's snapshot, from `pg_current_snapshot()` (`xmin:xmax:xip,...`):
@@ -180,7 +183,14 @@ impl Entry {
             snapshot: None,
             version,
             stored_at: Instant::now(),
+            read_at: None,
         }
+    }
+
+    /// The same entry, read from Postgres at `at`.
+    pub fn read_at(mut self, at: Instant) -> Entry {
+        self.read_at = Some(at);
+        self
     }
 
     /// The same entry, produced by transaction `xid`.
@@ -195,14 +205,16 @@ impl Entry {
         self
     }
 
-    /// Whether this entry, as a mutation, may replace `old` (see the module docs).
+    /// Whether this entry, as a mutation, may replace `old` (see the module docs). Between a
+    /// change and state read through a snapshot, the snapshot's visibility of the change's
+    /// transaction decides, in either direction; otherwise the positions do.
     pub fn supersedes(&self, old: &Entry) -> bool {
-        if self.lsn >= old.lsn {
-            return true;
-        }
-        match (&old.snapshot, self.xid) {
-            (Some(snap), Some(xid)) => !snap.sees(xid),
-            _ => false,
+        match (&old.snapshot, self.xid, &self.snapshot, old.xid) {
+            (Some(snap), Some(xid), _, _) if self.lsn < old.lsn => !snap.sees(xid),
+            // Read through a snapshot (a resnapshot's row) over a change: newer exactly when
+            // the snapshot saw that change.
+            (_, _, Some(snap), Some(xid)) => snap.sees(xid),
+            _ => self.lsn >= old.lsn,
         }
     }
 
@@ -387,6 +399,12 @@ mod tests {
         // Between changes with known positions, the position decides.
         let applied = Entry::new(None, Lsn(500), 1).with_xid(Some(96));
         assert!(!invisible.supersedes(&applied));
+        // A row read through a snapshot replaces a change exactly when the snapshot saw it,
+        // whatever the positions say (a commit record can precede its visibility).
+        let reread = Entry::new(None, Lsn(450), 3).with_snapshot(Snapshot::parse("90:100:95"));
+        assert!(reread.supersedes(&visible), "saw xid 94");
+        assert!(!reread.supersedes(&invisible), "xid 95 was in progress");
+        assert!(reread.supersedes(&later), "saw xid 94 although its position is later");
     }
 
     #[tokio::test]

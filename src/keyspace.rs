@@ -17,9 +17,11 @@
 //! becomes ready by itself.
 
 pub mod config;
+pub mod freshness;
 pub mod overlay;
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter};
@@ -33,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::source::SourceError;
 use crate::source::postgres::schema::{Binding, TableMeta};
 use crate::source::postgres::{PgPool, TableSource};
+use freshness::Freshness;
 use overlay::{Overlay, Pending};
 
 /// What a keyspace operation can fail with.
@@ -42,6 +45,17 @@ pub enum KeyspaceError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Key(#[from] KeyError),
+}
+
+/// Why a keyspace could not be bound to its table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// Postgres could not be asked; try again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The table is missing or does not fit the keyspace's configuration.
+    #[error("{0}")]
+    Unfit(String),
 }
 
 /// Where a read's answer came from.
@@ -62,6 +76,18 @@ pub enum Origin {
 pub struct Read {
     pub entry: Arc<Entry>,
     pub origin: Origin,
+    /// Set when the answer is outside the freshness contract (it could not be reloaded): how
+    /// far behind the database it may be (`None` inside: unknown).
+    pub lag: Option<Lag>,
+}
+
+/// How far behind the database an answer may be, when that is more than the contract allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lag {
+    /// At most this far behind.
+    Behind(Duration),
+    /// Not known: the change stream has not caught up since this process started.
+    Unknown,
 }
 
 /// The result every caller of one load flight receives.
@@ -76,6 +102,10 @@ pub struct KeyspaceMetrics {
     pub loads_error: IntCounter,
     pub load_seconds: Histogram,
     pub fills_skipped: IntCounter,
+    /// Reads outside the freshness contract, reloaded from Postgres.
+    pub stale_reloaded: IntCounter,
+    /// Reads outside the freshness contract, served with their lag reported.
+    pub stale_served: IntCounter,
 }
 
 impl KeyspaceMetrics {
@@ -88,6 +118,8 @@ impl KeyspaceMetrics {
             loads_error: m.loads.with_label_values(&[ks, "error"]),
             load_seconds: m.load_duration.with_label_values(&[ks]),
             fills_skipped: m.fills_skipped.with_label_values(&[ks]),
+            stale_reloaded: m.stale_reads.with_label_values(&[ks, "reloaded"]),
+            stale_served: m.stale_reads.with_label_values(&[ks, "served"]),
         }
     }
 }
@@ -120,6 +152,10 @@ pub struct Keyspace {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) m: KeyspaceMetrics,
     max_key_bytes: usize,
+    /// The freshness contract, for a keyspace fed by change data capture.
+    freshness: OnceLock<Arc<Freshness>>,
+    /// Source position below which no state is accepted any more (see [`Keyspace::reset_below`]).
+    floor: AtomicU64,
 }
 
 impl Keyspace {
@@ -143,6 +179,32 @@ impl Keyspace {
             hlc,
             max_key_bytes,
             config,
+            freshness: OnceLock::new(),
+            floor: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts the keyspace under the freshness contract of its change stream.
+    pub fn set_freshness(&self, f: Arc<Freshness>) {
+        let _ = self.freshness.set(f);
+    }
+
+    /// The keyspace's freshness contract, if it has one.
+    pub fn freshness(&self) -> Option<&Arc<Freshness>> {
+        self.freshness.get()
+    }
+
+    /// Whether `entry` is within the freshness contract (always, without one).
+    pub fn is_fresh(&self, entry: &Entry) -> bool {
+        self.freshness.get().is_none_or(|f| f.is_fresh(entry.read_at))
+    }
+
+    /// How far behind the database this keyspace's cached state may be.
+    pub fn lag(&self) -> Lag {
+        match self.freshness.get().map(|f| f.behind()) {
+            Some(Some(d)) => Lag::Behind(d),
+            Some(None) => Lag::Unknown,
+            None => Lag::Behind(Duration::ZERO),
         }
     }
 
@@ -200,32 +262,52 @@ impl Keyspace {
         self.load_hook.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Reads the table's metadata and binds the keyspace to it. On failure the keyspace stays
-    /// (or becomes) not ready with the reason.
-    pub async fn bind(&self, pool: &Arc<PgPool>) -> Result<(), String> {
+    /// Reads the table's metadata and binds the keyspace to it; `true` when it was bound before
+    /// and the documents it makes have changed shape (see [`Binding::same_shape`]) — what is
+    /// cached was made under the old shape. When the table does not fit, the keyspace becomes
+    /// not ready with the reason; when Postgres cannot be asked, a keyspace already bound keeps
+    /// its binding and stays as it is.
+    pub async fn bind(&self, pool: &Arc<PgPool>) -> Result<bool, BindError> {
         let table = self
             .config
             .table
             .as_ref()
             .expect("bind is only called for sourced keyspaces");
         let result = async {
-            let client = pool.get().await.map_err(|e| e.to_string())?;
-            let meta = TableMeta::load(&**client, table)
+            let client = pool
+                .get()
                 .await
-                .map_err(|e| crate::source::postgres::classify(&e).to_string())?;
-            Binding::resolve(&self.config, meta.as_ref()).map_err(|p| p.join("; "))
+                .map_err(|e| BindError::Unavailable(e.to_string()))?;
+            let meta =
+                TableMeta::load(&**client, table)
+                    .await
+                    .map_err(|e| match crate::source::postgres::classify(&e) {
+                        e @ SourceError::Unavailable(_) => BindError::Unavailable(e.to_string()),
+                        e => BindError::Unfit(e.to_string()),
+                    })?;
+            Binding::resolve(&self.config, meta.as_ref()).map_err(|p| BindError::Unfit(p.join("; ")))
         }
         .await;
         match result {
             Ok(binding) => {
-                *self.source.write().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Arc::new(TableSource::new(pool.clone(), binding)));
+                let mut source = self.source.write().unwrap_or_else(|p| p.into_inner());
+                let changed = source.as_ref().is_some_and(|s| !s.binding().same_shape(&binding));
+                let same_table = source
+                    .as_ref()
+                    .is_some_and(|s| !changed && s.binding().columns == binding.columns);
+                if !same_table {
+                    *source = Some(Arc::new(TableSource::new(pool.clone(), binding)));
+                }
+                drop(source);
                 self.set_blocker(Blocker::Bind, None);
-                Ok(())
+                Ok(changed)
             }
-            Err(reason) => {
-                self.set_blocker(Blocker::Bind, Some(reason.clone()));
-                Err(reason)
+            Err(e) => {
+                let bound = self.source.read().unwrap_or_else(|p| p.into_inner()).is_some();
+                if !(bound && matches!(e, BindError::Unavailable(_))) {
+                    self.set_blocker(Blocker::Bind, Some(e.to_string()));
+                }
+                Err(e)
             }
         }
     }
@@ -264,12 +346,14 @@ impl Keyspace {
             return Some(Read {
                 entry: Arc::new(entry),
                 origin: Origin::Pending,
+                lag: None,
             });
         }
         let entry = self.l1.get(key).await?;
         Some(Read {
             entry,
             origin: Origin::Hit,
+            lag: None,
         })
     }
 
@@ -292,13 +376,45 @@ impl Keyspace {
     /// Loads `key` from the table through the keyspace's flights — concurrent loads of one key
     /// share one query — and installs the result if no change of the key happened while it ran
     /// (the flight is the load's lease). Returns the loaded entry and whether it was installed.
+    ///
+    /// A load that finds the table changed under its binding (a column or the table renamed or
+    /// dropped) re-reads the table's shape and tries once more with it.
     pub async fn load(&self, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
+        match self.load_once(key).await {
+            Err(KeyspaceError::Source(SourceError::SchemaChanged(why))) => {
+                let pool = self.source()?.pool().clone();
+                tracing::info!(keyspace = self.name(), reason = %why, "a load found the table changed; re-reading its columns");
+                self.metrics
+                    .cdc_schema_changes
+                    .with_label_values(&[self.name(), "rebound"])
+                    .inc();
+                // A failed bind leaves the keyspace not ready, with the reason.
+                let reshaped = self.bind(&pool).await.map_err(|e| match e {
+                    BindError::Unavailable(why) => SourceError::Unavailable(why),
+                    BindError::Unfit(reason) => SourceError::NotReady {
+                        keyspace: self.name().to_string(),
+                        reason,
+                    },
+                })?;
+                if reshaped {
+                    // What is cached was made in the old shape. (A CDC keyspace's capture also
+                    // sees the change and raises its floor; this read must not wait for that.)
+                    self.clear();
+                }
+                self.load_once(key).await
+            }
+            other => other,
+        }
+    }
+
+    async fn load_once(&self, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
         let source = self.source()?;
         let (flight, _leader) = self.flights.join(&key.cache_key);
         let lease = flight.clone();
         let result: LoadResult = flight
             .run(|| async move {
                 let started = std::time::Instant::now();
+                let read_at = tokio::time::Instant::now();
                 let loaded = source.load(&key.parts).await;
                 self.m.load_seconds.observe(started.elapsed().as_secs_f64());
                 let loaded = match loaded {
@@ -316,7 +432,9 @@ impl Keyspace {
                 if let Some(hook) = self.load_hook() {
                     hook(key.cache_key.clone()).await;
                 }
-                let entry = Entry::new(loaded.value, loaded.lsn, self.hlc.now()).with_snapshot(loaded.snapshot);
+                let entry = Entry::new(loaded.value, loaded.lsn, self.hlc.now())
+                    .with_snapshot(loaded.snapshot)
+                    .read_at(read_at);
                 if self
                     .l1
                     .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
@@ -338,7 +456,15 @@ impl Keyspace {
     /// safe).
     pub async fn mutate(&self, key: Arc<str>, entry: Entry) -> Installed {
         self.flights.invalidate(&key);
+        if self.below_floor(&entry) {
+            return Installed::Skipped;
+        }
         self.l1.install(key, entry, Install::IfNotOlder).await
+    }
+
+    /// Whether `entry` describes state from before the keyspace's floor.
+    fn below_floor(&self, entry: &Entry) -> bool {
+        entry.lsn.0 < self.floor.load(Ordering::Acquire) && entry.lsn != Lsn::ZERO
     }
 
     /// The door for a change whose new state is not known: forgets the key.
@@ -347,10 +473,28 @@ impl Keyspace {
         self.l1.remove(key).await;
     }
 
+    /// The door for a change at source position `lsn` (by transaction `xid`) whose new state is
+    /// not known: forgets the key unless what is cached is newer than the change (a replayed
+    /// change must not drop a newer entry).
+    pub async fn invalidate_at(&self, key: Arc<str>, lsn: Lsn, xid: Option<u32>) -> Installed {
+        self.flights.invalidate(&key);
+        self.l1
+            .remove_unless_newer(key, &Entry::new(None, lsn, 0).with_xid(xid))
+            .await
+    }
+
     /// Forgets every key (a TRUNCATE, or a resnapshot); loads in flight will not install.
     pub fn clear(&self) {
         self.flights.invalidate_all();
         self.l1.clear();
+    }
+
+    /// Forgets every key and, from now on, refuses state from before source position `lsn`:
+    /// a change captured earlier but applied later, or a load that started earlier, cannot put
+    /// back what the reset removed. Used when the table's shape changed at `lsn`.
+    pub fn reset_below(&self, lsn: Lsn) {
+        self.floor.fetch_max(lsn.0, Ordering::AcqRel);
+        self.clear();
     }
 
     /// The door for an accepted write-behind write: overlays it for reads (unless a newer one

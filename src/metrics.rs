@@ -93,6 +93,21 @@ pub struct Metrics {
     pub cdc_applied_offset: IntGauge,
     /// `cachesync_cdc_echoes_total`: transactions recognised as this or a peer's write-behind flush.
     pub cdc_echoes: IntCounter,
+    /// `cachesync_stale_reads_total{keyspace,outcome}`: reads outside the freshness contract,
+    /// `reloaded` from Postgres or `served` with `X-Cache-Lag-Ms`.
+    pub stale_reads: IntCounterVec,
+    /// `cachesync_cdc_behind_seconds`: how far behind the database the CDC keyspaces may be
+    /// (time since the last probe the stream and the applier passed); -1 while unknown.
+    pub cdc_behind: Gauge,
+    /// `cachesync_cdc_schema_changes_total{keyspace,action}`: table changes seen, by what was
+    /// done (`rebound`, `reloaded`, `unfit`).
+    pub cdc_schema_changes: IntCounterVec,
+    /// `cachesync_cdc_slot_conflicts_total{kind}`: the slot found held by another live process
+    /// with this node id (`held`), or advanced past this node's position (`advanced`).
+    pub cdc_slot_conflicts: IntCounterVec,
+    /// `cachesync_cdc_session_close_timeouts_total`: replication sessions that did not end within
+    /// the close timeout.
+    pub cdc_close_timeouts: IntCounter,
     /// `cachesync_writebehind_accepted_total{keyspace,op}`: writes acknowledged (202).
     pub wb_accepted: IntCounterVec,
     /// `cachesync_writebehind_rejected_total`: writes refused (503) because the backlog was full.
@@ -341,6 +356,38 @@ impl Metrics {
                 IntCounter::new(
                     "cachesync_cdc_echoes_total",
                     "Transactions recognised as a write-behind flush (their changes echo acknowledged writes).",
+                ),
+            ),
+            stale_reads: counter(
+                &r,
+                "cachesync_stale_reads_total",
+                "Reads outside the freshness contract: reloaded from Postgres, or served with their lag reported.",
+                &["keyspace", "outcome"],
+            ),
+            cdc_behind: reg(
+                &r,
+                Gauge::new(
+                    "cachesync_cdc_behind_seconds",
+                    "How far behind the database CDC keyspaces may be; -1 while unknown.",
+                ),
+            ),
+            cdc_schema_changes: counter(
+                &r,
+                "cachesync_cdc_schema_changes_total",
+                "Table changes seen by CDC, by what was done.",
+                &["keyspace", "action"],
+            ),
+            cdc_slot_conflicts: counter(
+                &r,
+                "cachesync_cdc_slot_conflicts_total",
+                "Replication slot held by another process with this node id, or advanced past this node.",
+                &["kind"],
+            ),
+            cdc_close_timeouts: reg(
+                &r,
+                IntCounter::new(
+                    "cachesync_cdc_session_close_timeouts_total",
+                    "Replication sessions that did not end within the close timeout.",
                 ),
             ),
             wb_accepted: counter(

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
 use crate::keyspace::config::{CdcMode, WriteMode};
+use crate::keyspace::freshness::Freshness;
 use crate::lifecycle::{Backoff, Lifecycle, Phase};
 use crate::metrics::Metrics;
 use crate::patterns::Pipeline;
@@ -190,7 +191,12 @@ impl Server {
                 }));
             };
             let capture_tasks = life.tasks(Phase::Capture);
+            let freshness = Arc::new(Freshness::new(config.cdc.max_staleness));
+            for ks in &cdc_keyspaces {
+                ks.set_freshness(freshness.clone());
+            }
             let (capture, gate) = Capture::new(CaptureParts {
+                freshness: freshness.clone(),
                 pg,
                 pool,
                 config: config.cdc.clone(),
@@ -206,7 +212,7 @@ impl Server {
                 .iter()
                 .map(|k| (k.name().to_string(), k.clone()))
                 .collect();
-            let (applier, applied) = Applier::new(log, by_name, state.metrics.clone());
+            let (applier, applied) = Applier::new(log, by_name, state.metrics.clone(), freshness);
             cdc = Some(CdcStatus {
                 slot: capture.slot().to_string(),
                 applied,
@@ -390,11 +396,12 @@ async fn bind_until_ready(ks: Arc<Keyspace>, pool: Arc<PgPool>, stop: Cancellati
             _ = stop.cancelled() => return,
         };
         match attempt {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(keyspace = ks.name(), "keyspace bound to its table");
                 return;
             }
             Err(reason) => {
+                let reason = reason.to_string();
                 if reason != last_reason {
                     tracing::warn!(keyspace = ks.name(), %reason, "keyspace not ready; retrying");
                     last_reason = reason;

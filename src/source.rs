@@ -66,6 +66,10 @@ pub enum SourceError {
     /// exception, a view's check option).
     #[error("the database rejected the write: {0}")]
     Rejected(String),
+    /// The table no longer has a column the keyspace maps, or no longer exists under its name
+    /// (SQLSTATE 42703, 42P01): the keyspace's binding is out of date and is being re-read.
+    #[error("the table changed: {0}")]
+    SchemaChanged(String),
     /// Anything else the database reported.
     #[error("postgres error: {0}")]
     Database(String),

@@ -77,6 +77,7 @@ impl From<SourceError> for ApiError {
             SourceError::BadBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             SourceError::Rejected(_) => (StatusCode::BAD_REQUEST, "rejected"),
             SourceError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
+            SourceError::SchemaChanged(_) => (StatusCode::SERVICE_UNAVAILABLE, "schema_changed"),
             SourceError::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
         };
         ApiError::new(status, code, e.to_string())

@@ -15,7 +15,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::cache::{Condition, Entry, Tags};
 use crate::key::Key;
-use crate::keyspace::Origin;
+use crate::keyspace::{Lag, Origin};
 use crate::metrics::UNKNOWN_KEYSPACE;
 use crate::patterns::write_behind::Accepted;
 use crate::patterns::{Pipeline, Removed, Written};
@@ -101,6 +101,15 @@ fn x_cache(origin: Origin) -> HeaderValue {
     })
 }
 
+/// `X-Cache-Lag-Ms`: milliseconds the answer may be behind the database, or `unknown` while the
+/// change stream has not caught up since the start.
+fn lag_header(lag: Lag) -> HeaderValue {
+    match lag {
+        Lag::Behind(d) => HeaderValue::from(d.as_millis() as u64),
+        Lag::Unknown => HeaderValue::from_static("unknown"),
+    }
+}
+
 /// A 200 carrying a JSON document with its entry's headers.
 fn document(value: Bytes, entry: &Entry) -> Response {
     let mut resp = (StatusCode::OK, value).into_response();
@@ -134,6 +143,10 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
         let h = resp.headers_mut();
         h.insert("x-cache", x_cache(read.origin));
         h.insert(header::AGE, HeaderValue::from(entry.stored_at.elapsed().as_secs()));
+        if let Some(lag) = read.lag {
+            // Outside the freshness contract: say how far behind the database this may be.
+            h.insert("x-cache-lag-ms", lag_header(lag));
+        }
         Ok::<_, ApiError>(resp)
     }
     .await

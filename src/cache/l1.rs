@@ -118,7 +118,7 @@ impl L1 {
         if entry.value.is_none() && self.negative_ttl.is_zero() {
             // Negative caching is off: storing "absent" means forgetting the key, except that a
             // mutation must still displace an older positive entry.
-            return self.remove_if(key, rule).await;
+            return self.remove_if(key, &entry, rule).await;
         }
         let weight = entry.weight(&key) as i64;
         let new = Arc::new(entry);
@@ -153,14 +153,17 @@ impl L1 {
         }
     }
 
-    async fn remove_if(&self, key: Arc<str>, rule: Install) -> Installed {
+    /// Removes `key` as `rule` allows `absent` to replace what is there: a fill while its lease
+    /// holds, a mutation unless the entry there is newer.
+    async fn remove_if(&self, key: Arc<str>, absent: &Entry, rule: Install) -> Installed {
         let result = self
             .cache
             .entry(key)
             .and_compute_with(|existing| {
-                let ok = match &rule {
-                    Install::Fill(lease) => lease.is_valid(),
-                    Install::IfNotOlder => true,
+                let ok = match (&rule, existing.as_ref()) {
+                    (Install::Fill(lease), _) => lease.is_valid(),
+                    (Install::IfNotOlder, Some(old)) => self.is_expired(old.value()) || absent.supersedes(old.value()),
+                    (Install::IfNotOlder, None) => false,
                 };
                 std::future::ready(if ok && existing.is_some() { Op::Remove } else { Op::Nop })
             })
@@ -169,6 +172,12 @@ impl L1 {
             CompResult::Removed(_) => Installed::Stored,
             _ => Installed::Skipped,
         }
+    }
+
+    /// Forgets `key` unless the entry there is newer than `change` (a change whose new state is
+    /// not known).
+    pub async fn remove_unless_newer(&self, key: Arc<str>, change: &Entry) -> Installed {
+        self.remove_if(key, change, Install::IfNotOlder).await
     }
 
     /// Forgets `key` unconditionally.

@@ -22,6 +22,7 @@ use crate::cache::Entry;
 use crate::commitlog::{CommitLog, LogError, Offset, Record};
 use crate::event::{ChangeEvent, Op, Source};
 use crate::keyspace::Keyspace;
+use crate::keyspace::freshness::Freshness;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 
@@ -39,10 +40,17 @@ pub struct Applier {
     keyspaces: HashMap<String, Arc<Keyspace>>,
     metrics: Arc<Metrics>,
     applied: watch::Sender<Offset>,
+    /// Told how far the log is applied: the freshness watermark moves with it.
+    freshness: Arc<Freshness>,
 }
 
 impl Applier {
-    pub fn new(log: CommitLog, keyspaces: HashMap<String, Arc<Keyspace>>, metrics: Arc<Metrics>) -> (Applier, Applied) {
+    pub fn new(
+        log: CommitLog,
+        keyspaces: HashMap<String, Arc<Keyspace>>,
+        metrics: Arc<Metrics>,
+        freshness: Arc<Freshness>,
+    ) -> (Applier, Applied) {
         let (applied, rx) = watch::channel(log.end());
         (
             Applier {
@@ -50,6 +58,7 @@ impl Applier {
                 keyspaces,
                 metrics,
                 applied,
+                freshness,
             },
             rx,
         )
@@ -71,6 +80,7 @@ impl Applier {
                 generation = g.generation;
                 tail.seek(g.from);
                 self.applied.send_replace(g.from);
+                self.freshness.applied(g.from);
             }
             let batch = tokio::select! {
                 r = tail.next(BATCH, BATCH_BYTES) => r,
@@ -85,6 +95,7 @@ impl Applier {
                     let at = tail.position();
                     self.metrics.cdc_applied_offset.set(at.0 as i64);
                     self.applied.send_replace(at);
+                    self.freshness.applied(at);
                 }
                 Err(LogError::Closed) => return,
                 Err(e) => {
@@ -133,7 +144,7 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
     match e.op {
         Op::Put => {
             let Some(value) = e.value.clone() else {
-                ks.invalidate(&key).await;
+                ks.invalidate_at(key, lsn, e.source_xid).await;
                 return;
             };
             let value = if e.unchanged.is_empty() {
@@ -143,7 +154,7 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
                     Some(v) => v,
                     None => {
                         // Nothing to take the unsent values from: never guess.
-                        ks.invalidate(&key).await;
+                        ks.invalidate_at(key, lsn, e.source_xid).await;
                         return;
                     }
                 }
@@ -155,7 +166,11 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
             ks.mutate(key, Entry::new(None, lsn, e.version).with_xid(e.source_xid))
                 .await;
         }
-        Op::Invalidate => ks.invalidate(&key).await,
+        // Versioned: a change replayed from before what is cached (a restart's replay after a
+        // newer warm load) leaves the newer entry alone.
+        Op::Invalidate => {
+            ks.invalidate_at(key, lsn, e.source_xid).await;
+        }
         Op::Clear => ks.clear(),
     }
 }

@@ -13,6 +13,13 @@ pub const DEFAULT_PUBLICATION: &str = "cachesync";
 /// Default interval of heartbeat messages that keep an idle database's slot moving.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 
+/// How far behind the database a CDC keyspace's reads may be (the freshness contract).
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(1);
+
+/// How often each CDC table's columns are compared with the catalog, so a schema change is seen
+/// even before the table's next change arrives.
+pub const DEFAULT_SCHEMA_CHECK: Duration = Duration::from_secs(1);
+
 /// How long the stream may be down before CDC keyspaces stop reporting ready.
 pub const DEFAULT_READY_GRACE: Duration = Duration::from_secs(5);
 
@@ -32,6 +39,14 @@ pub struct CdcConfig {
     /// How long the stream may be down before CDC keyspaces stop reporting ready.
     #[serde(with = "humantime_serde_shim")]
     pub ready_grace: Duration,
+    /// The freshness contract: a read reflects every change committed in Postgres at least this
+    /// long ago, or is reloaded (read-through keyspaces) or reported (`X-Cache-Lag-Ms`).
+    #[serde(with = "humantime_serde_shim")]
+    pub max_staleness: Duration,
+    /// Interval of the catalog check of each CDC table; none disables it (schema changes are
+    /// then seen with the table's next change).
+    #[serde(with = "humantime_serde_shim::option")]
+    pub schema_check: Option<Duration>,
 }
 
 impl Default for CdcConfig {
@@ -42,6 +57,8 @@ impl Default for CdcConfig {
             create_publication: true,
             heartbeat: Some(DEFAULT_HEARTBEAT),
             ready_grace: DEFAULT_READY_GRACE,
+            max_staleness: DEFAULT_MAX_STALENESS,
+            schema_check: Some(DEFAULT_SCHEMA_CHECK),
         }
     }
 }
@@ -84,12 +101,27 @@ pub(crate) fn read_cdc(mut s: Section<'_, '_>) -> CdcConfig {
         None if s.span_of("heartbeat").is_some() => None,
         None => d.heartbeat,
     };
+    let max_staleness = s.duration("max_staleness").unwrap_or(d.max_staleness);
+    if max_staleness < std::time::Duration::from_millis(20) {
+        s.problem_at(
+            "max_staleness",
+            "must be at least 20ms (the bound is kept by probing Postgres a quarter of it apart)",
+        );
+    }
+    let schema_check = match s.duration("schema_check") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None if s.span_of("schema_check").is_some() => None,
+        None => d.schema_check,
+    };
     let c = CdcConfig {
         slot,
         publication,
         create_publication: s.get("create_publication").unwrap_or(d.create_publication),
         heartbeat,
         ready_grace: s.duration("ready_grace").unwrap_or(d.ready_grace),
+        max_staleness,
+        schema_check,
     };
     s.finish();
     c

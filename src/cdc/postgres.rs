@@ -30,11 +30,13 @@ pub mod decoder;
 pub mod mapping;
 pub mod prerequisites;
 pub mod protocol;
+pub mod reshape;
 pub mod snapshot;
 pub mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -46,8 +48,9 @@ use tokio_util::sync::CancellationToken;
 use super::{CdcError, Gate, ReplicationSource, StreamEvent};
 use crate::cdc::config::CdcConfig;
 use crate::commitlog::CommitLog;
-use crate::event::{ChangeEvent, Source};
+use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
+use crate::keyspace::freshness::Freshness;
 use crate::keyspace::{Blocker, Keyspace};
 use crate::lifecycle::{Backoff, Tasks};
 use crate::lsn::Lsn;
@@ -57,7 +60,8 @@ use crate::source::postgres::config::PostgresConfig;
 use catalog::SlotState;
 use decoder::{Change, Decoder, RelationInfo};
 use mapping::{TableMapping, TxnInfo};
-use transport::PgwireSource;
+use reshape::{At, Reshaped, Reshaper};
+use transport::{Closed, PgwireSource};
 
 /// Events of one transaction appended per log write; bounds memory for huge transactions.
 const CHUNK_EVENTS: usize = 4096;
@@ -86,6 +90,8 @@ pub struct Capture {
     config: CdcConfig,
     slot: String,
     node: Arc<str>,
+    /// `application_name` of this process's replication sessions (node id and instance).
+    app: String,
     log: CommitLog,
     keyspaces: Vec<Arc<Keyspace>>,
     hlc: Arc<Hlc>,
@@ -93,8 +99,13 @@ pub struct Capture {
     gate: watch::Sender<Gate>,
     max_key_bytes: usize,
     tasks: Tasks,
+    freshness: Arc<Freshness>,
+    reshaper: Arc<Reshaper>,
     /// A warm start has happened in this process (the caches hold stream-fed data).
     warmed: bool,
+    /// The highest position this process confirmed to the slot: a slot found past it was
+    /// consumed by someone else, and this node's caches missed what they took.
+    confirmed: AtomicU64,
 }
 
 /// Everything a capture needs.
@@ -108,8 +119,10 @@ pub struct CaptureParts {
     pub hlc: Arc<Hlc>,
     pub metrics: Arc<Metrics>,
     pub max_key_bytes: usize,
-    /// Where the capture's own tasks (heartbeat, snapshot workers) run.
+    /// Where the capture's own tasks (heartbeat, probes, snapshot workers) run.
     pub tasks: Tasks,
+    /// The keyspaces' freshness contract, which the capture's probes and positions feed.
+    pub freshness: Arc<Freshness>,
 }
 
 impl Capture {
@@ -120,8 +133,18 @@ impl Capture {
             ks.set_blocker(Blocker::Cdc, Some("waiting for the replication stream to start".into()));
         }
         let slot = p.config.slot_name(&p.node_id);
+        let instance = format!("{:08x}", rand::random::<u32>());
+        let reshaper = Arc::new(Reshaper::new(
+            p.pool.clone(),
+            p.pg.clone(),
+            p.hlc.clone(),
+            p.metrics.clone(),
+            p.max_key_bytes,
+            p.tasks.clone(),
+        ));
         (
             Capture {
+                app: transport::application_name(&p.node_id, &instance),
                 pg: p.pg,
                 pool: p.pool,
                 config: p.config,
@@ -134,7 +157,10 @@ impl Capture {
                 gate,
                 max_key_bytes: p.max_key_bytes,
                 tasks: p.tasks,
+                freshness: p.freshness,
+                reshaper,
                 warmed: false,
+                confirmed: AtomicU64::new(0),
             },
             rx,
         )
@@ -150,12 +176,27 @@ impl Capture {
         }
     }
 
-    /// Runs sessions until its phase stops, reconnecting after failures.
+    /// Runs sessions until its phase stops, reconnecting after failures: at once after a
+    /// session that streamed, then with capped, jittered backoff.
     pub async fn run(mut self) {
         let stop = self.tasks.child_token();
         if let Some(every) = self.config.heartbeat {
             self.tasks
                 .spawn(catalog::heartbeat(self.pool.clone(), every, stop.clone()));
+        }
+        self.tasks.spawn(catalog::probe(
+            self.pool.clone(),
+            self.freshness.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        ));
+        if let Some(every) = self.config.schema_check {
+            self.tasks.spawn(reshape::watch(
+                self.reshaper.clone(),
+                self.keyspaces.clone(),
+                every,
+                stop.clone(),
+            ));
         }
         let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let mut down_since: Option<Instant> = None;
@@ -172,24 +213,31 @@ impl Capture {
                 Err(e) => e,
             };
             self.metrics.set_cdc_state("reconnecting");
-            if let Some(t) = streaming_since {
+            let wait = if let Some(t) = streaming_since {
+                // The stream was up: try again at once (a dropped connection, a restarted
+                // server that is already back); back off only if that fails too.
                 down_since = Some(Instant::now());
                 if t.elapsed() >= HEALTHY_SESSION {
                     backoff.reset();
                 }
-            }
+                Duration::ZERO
+            } else {
+                backoff.next_delay()
+            };
             let since = *down_since.get_or_insert_with(Instant::now);
-            let wait = backoff.next_delay();
             tracing::warn!(slot = %self.slot, error = %e, retry_in_ms = wait.as_millis() as u64, "replication stream failed; reconnecting");
             // Wait out the backoff, marking the keyspaces not ready once the grace has passed.
             let deadline = Instant::now() + wait;
-            while Instant::now() < deadline {
+            loop {
                 let grace_left = self.config.ready_grace.saturating_sub(since.elapsed());
                 if grace_left.is_zero() {
-                    self.block_all(Some(format!(
+                    self.block_unserved(&format!(
                         "replication stream down for {}s: {e}",
                         since.elapsed().as_secs()
-                    )));
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    break;
                 }
                 let nap = (deadline - Instant::now()).min(if grace_left.is_zero() {
                     Duration::from_secs(1)
@@ -200,6 +248,19 @@ impl Capture {
                     _ = tokio::time::sleep(nap) => {}
                     _ = stop.cancelled() => return,
                 }
+            }
+        }
+    }
+
+    /// The stream is down: keyspaces that can keep the freshness contract without it — they
+    /// read through and Postgres answers — stay ready; the others are not ready with `why`.
+    fn block_unserved(&self, why: &str) {
+        let reachable = self.freshness.is_reachable();
+        for ks in &self.keyspaces {
+            if ks.config.read_through && reachable {
+                ks.set_blocker(Blocker::Cdc, None);
+            } else {
+                ks.set_blocker(Blocker::Cdc, Some(why.to_string()));
             }
         }
     }
@@ -220,27 +281,17 @@ impl Capture {
         }
         catalog::ensure_publication(&self.pool, &self.config, &self.keyspaces).await?;
         let state = catalog::slot_state(&self.pool, &self.slot).await?;
-        if let SlotState::InUse(pid) = state {
-            return Err(CdcError::Setup(format!(
-                "replication slot {} is in use by another connection (pid {pid})",
-                self.slot
-            )));
+        if let SlotState::InUse(holder) = &state {
+            return Err(self.slot_held(holder));
         }
-        let mut client = PgwireSource::connect_gated(&self.pg, &self.slot, &self.config.publication).await?;
+        let mut client = PgwireSource::connect_gated(&self.pg, &self.slot, &self.config.publication, &self.app).await?;
         match state {
             SlotState::Missing | SlotState::Lost => {
                 let lost = state == SlotState::Lost || self.warmed;
                 if lost {
                     self.metrics.cdc_slot_recreations.inc();
                     tracing::warn!(slot = %self.slot, "replication slot is gone or invalidated: recreating it and reloading the CDC keyspaces");
-                    self.gate.send_modify(|g| g.open = false);
-                    for ks in &self.keyspaces {
-                        ks.set_blocker(
-                            Blocker::Cdc,
-                            Some("replication slot was lost; reloading from a new snapshot".into()),
-                        );
-                        ks.clear();
-                    }
+                    self.forget_all("replication slot was lost; reloading from a new snapshot");
                     if state == SlotState::Lost {
                         catalog::drop_slot(&self.pool, &self.slot).await?;
                     }
@@ -249,33 +300,81 @@ impl Capture {
                 tracing::info!(slot = %self.slot, consistent_point = %cp, "created the replication slot");
                 self.warm(&snapshot, cp).await?;
             }
-            SlotState::Present if !self.warmed => {
-                if self.keyspaces.iter().any(|k| k.config.warm) {
-                    let mut temp = PgwireSource::connect_gated(&self.pg, &self.slot, &self.config.publication).await?;
-                    let name = format!("{}_w{}", &self.slot[..self.slot.len().min(50)], std::process::id());
-                    let (cp, snapshot) = temp.create_slot(&name, true).await?;
-                    self.warm(&snapshot, cp).await?;
-                    // Ending the session drops the temporary slot.
-                    temp.shutdown().await;
-                } else {
-                    self.open_gate();
+            SlotState::Present { confirmed } => {
+                let mine = Lsn(self.confirmed.load(Ordering::Acquire));
+                let advanced = self.warmed && confirmed > mine;
+                if advanced {
+                    // Another process consumed this slot (one node id on two nodes): the
+                    // changes it took never reached this node's caches. Never resume blind.
+                    self.metrics.cdc_slot_conflicts.with_label_values(&["advanced"]).inc();
+                    tracing::error!(slot = %self.slot, slot_confirmed = %confirmed, this_node_confirmed = %mine,
+                        "the replication slot was advanced past this node's position by another consumer (is node_id {} used twice?); reloading the CDC keyspaces from a new snapshot", self.node);
+                    self.forget_all("replication slot was consumed by another process; reloading from a new snapshot");
+                }
+                if !self.warmed || advanced {
+                    if self.keyspaces.iter().any(|k| k.config.warm) {
+                        let mut temp =
+                            PgwireSource::connect_gated(&self.pg, &self.slot, &self.config.publication, &self.app)
+                                .await?;
+                        let name = format!("{}_w{}", &self.slot[..self.slot.len().min(50)], std::process::id());
+                        let (cp, snapshot) = temp.create_slot(&name, true).await?;
+                        self.warm(&snapshot, cp).await?;
+                        // Ending the session drops the temporary slot.
+                        if temp.close().await == Closed::TimedOut {
+                            self.metrics.cdc_close_timeouts.inc();
+                        }
+                    } else {
+                        self.open_gate();
+                    }
                 }
             }
-            _ => {}
+            SlotState::InUse(_) => unreachable!("handled above"),
         }
         self.warmed = true;
         client.start().await?;
         *streaming_since = Some(Instant::now());
-        self.block_all(None);
         self.metrics.set_cdc_state("streaming");
         tracing::info!(slot = %self.slot, "streaming changes");
         let result = self.stream(&mut client, stop).await;
-        client.shutdown().await;
+        if client.close().await == Closed::TimedOut {
+            self.metrics.cdc_close_timeouts.inc();
+        }
         result
+    }
+
+    /// The slot is held by a live session: refuse, naming who holds it.
+    fn slot_held(&self, holder: &catalog::Holder) -> CdcError {
+        let same_node = format!("{}{}/", transport::APPLICATION_PREFIX, self.node);
+        let why = if holder.application_name.starts_with(&same_node) && holder.application_name != self.app {
+            self.metrics.cdc_slot_conflicts.with_label_values(&["held"]).inc();
+            format!(
+                "two live nodes share node_id {}: replication slot {} is held by another cachesync process \
+                 (pid {} on the server, client {}, application_name {}); give each node its own [server] node_id",
+                self.node, self.slot, holder.pid, holder.client, holder.application_name
+            )
+        } else {
+            format!(
+                "replication slot {} is in use by another connection (pid {}, client {}, application_name {:?})",
+                self.slot, holder.pid, holder.client, holder.application_name
+            )
+        };
+        tracing::error!(slot = %self.slot, reason = %why, "refusing to share the replication slot");
+        self.block_all(Some(why.clone()));
+        CdcError::Setup(why)
+    }
+
+    /// Holds the applier and empties every CDC keyspace: what they hold may be stale.
+    fn forget_all(&self, why: &str) {
+        self.gate.send_modify(|g| g.open = false);
+        for ks in &self.keyspaces {
+            ks.set_blocker(Blocker::Cdc, Some(why.into()));
+            ks.clear();
+        }
     }
 
     fn open_gate(&self) {
         let from = self.log.end();
+        self.freshness.restart(from);
         self.gate.send_modify(|g| {
             g.open = true;
             g.from = from;
@@ -306,6 +405,7 @@ impl Capture {
             .await?;
             tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), consistent_point = %cp, "warm start loaded the CDC keyspaces");
         }
+        self.freshness.restart(from);
         self.gate.send_modify(|g| {
             g.open = true;
             g.from = from;
@@ -345,6 +445,9 @@ impl Capture {
 
     fn confirm(&self, client: &impl ReplicationSource, lsn: Lsn) {
         client.confirm(lsn);
+        self.confirmed.fetch_max(lsn.0, Ordering::AcqRel);
+        // Everything up to `lsn` is in the log before its current end.
+        self.freshness.confirmed(lsn, self.log.end());
         self.metrics.cdc_confirmed_lsn.set(lsn.0 as i64);
         self.metrics
             .cdc_slot_lag
@@ -359,7 +462,17 @@ impl Capture {
         let mut mappings: HashMap<u32, Vec<TableMapping>> = HashMap::new();
         let mut txn: Option<Txn> = None;
         let mut inflight: Inflight = FuturesOrdered::new();
+        // Ready once the cache holds every change committed before this session began: a
+        // restarted node does not report ready while it replays what it missed.
+        let began = self.freshness.now();
+        let mut fresh = self.freshness.subscribe();
+        let mut caught_up = false;
         loop {
+            if !caught_up && self.freshness.as_of() >= began {
+                caught_up = true;
+                self.block_all(None);
+                tracing::info!(slot = %self.slot, "caught up with the database");
+            }
             let ev = tokio::select! {
                 biased;
                 _ = stop.cancelled() => {
@@ -378,6 +491,7 @@ impl Capture {
                     }
                     continue;
                 }
+                _ = fresh.changed(), if !caught_up => continue,
                 ev = client.recv(), if inflight.len() < MAX_INFLIGHT => ev?,
             };
             let Some(ev) = ev else {
@@ -462,57 +576,51 @@ impl Capture {
         }
     }
 
-    /// (Re)builds the mappings of the keyspaces that follow `rel`, rebinding a keyspace whose
-    /// table changed. A keyspace that no longer fits is cleared and marked not ready.
-    async fn mappings_for(&self, rel: &Arc<RelationInfo>, t: &mut Txn) -> Vec<TableMapping> {
+    /// (Re)builds the mappings of the keyspaces that follow `rel`, re-reading the table of a
+    /// keyspace whose binding no longer describes it (see `reshape`): a keyspace whose documents
+    /// change shape is reset at this transaction and reloaded; one that no longer fits is
+    /// emptied and not ready. A keyspace bound to this relation under another name (the table
+    /// was renamed) is rechecked too.
+    async fn mappings_for(&self, rel: &Arc<RelationInfo>, t: &Txn) -> Vec<TableMapping> {
         let mut out = Vec::new();
-        for ks in self.keyspaces.iter().filter(|k| {
-            k.config
+        let at = At::Txn(Lsn(t.info.lsn));
+        for ks in &self.keyspaces {
+            let named = ks
+                .config
                 .table
                 .as_ref()
-                .is_some_and(|t| t.schema == rel.schema && t.name == rel.name)
-        }) {
+                .is_some_and(|t| t.schema == rel.schema && t.name == rel.name);
+            let bound_oid = ks.source().ok().map(|s| s.binding().table_oid);
+            if !named {
+                if bound_oid == Some(rel.oid) {
+                    // Its table now goes by another name.
+                    self.reshaper
+                        .recheck(ks, at, &format!("table renamed to {}.{}", rel.schema, rel.name))
+                        .await;
+                }
+                continue;
+            }
             let stale = match ks.source() {
-                Ok(s) => !fits(&s.binding().columns, rel),
+                Ok(s) => s.binding().table_oid != rel.oid || !fits(&s.binding().columns, rel),
                 Err(_) => true,
             };
-            if stale {
+            if stale || self.reshaper.is_unfit(ks) {
                 tracing::info!(keyspace = ks.name(), table = %rel.name, "the table changed; re-reading its columns");
-                if let Err(why) = ks.bind(&self.pool).await {
-                    self.unfit(
-                        ks,
-                        format!("table {}.{} changed and no longer fits: {why}", rel.schema, rel.name),
-                        t,
-                    );
+                if let Reshaped::Unfit(_) = self
+                    .reshaper
+                    .recheck(ks, at, "the stream sent a new shape of the table")
+                    .await
+                {
                     continue;
                 }
             }
-            let source = match ks.source() {
-                Ok(s) => s,
-                Err(e) => {
-                    self.unfit(ks, e.to_string(), t);
-                    continue;
-                }
-            };
+            let Ok(source) = ks.source() else { continue };
             match TableMapping::build(ks.clone(), source.binding(), rel, self.max_key_bytes) {
-                Ok(m) => {
-                    ks.set_blocker(Blocker::Schema, None);
-                    out.push(m);
-                }
-                Err(why) => self.unfit(ks, why, t),
+                Ok(m) => out.push(m),
+                Err(why) => self.reshaper.make_unfit(ks, Lsn(t.info.lsn + 1), why),
             }
         }
         out
-    }
-
-    fn unfit(&self, ks: &Arc<Keyspace>, why: String, t: &mut Txn) {
-        tracing::error!(keyspace = ks.name(), reason = %why, "keyspace cannot follow its table; clearing it");
-        ks.set_blocker(Blocker::Schema, Some(why));
-        t.events.push(
-            ChangeEvent::clear(ks.name())
-                .from_origin(&*self.node, t.info.version, Source::Cdc)
-                .at_source(t.info.lsn, t.info.commit_time_us, Some(t.info.xid)),
-        );
     }
 }
 

@@ -10,6 +10,10 @@
 //!   installed — the fill/invalidate race of look-aside caches cannot leave an old value behind.
 //! - **Errors are not cached.** A failed load answers its waiters with the error; the next read
 //!   tries again.
+//! - **The freshness contract.** In a CDC keyspace, a cached entry that may be further behind
+//!   the database than `[cdc] max_staleness` (the change stream is down, reconnecting or
+//!   catching up — see `keyspace::freshness`) is reloaded like a miss; if the load fails, or the
+//!   keyspace does not read through, the entry is served with its lag reported.
 
 use std::sync::Arc;
 
@@ -30,6 +34,9 @@ pub async fn get(
     key: &Key,
 ) -> Result<Read, KeyspaceError> {
     if let Some(mut read) = ks.lookup(&key.cache_key).await {
+        if read.origin == Origin::Hit && !ks.is_fresh(&read.entry) {
+            return outside_contract(ks, key, read).await;
+        }
         ks.m.hits_l1.inc();
         if let (Some(r), Origin::Hit) = (refresher, read.origin) {
             read.origin = refresh_ahead::on_hit(r, ks, tasks, key, &read.entry);
@@ -38,16 +45,45 @@ pub async fn get(
     }
     ks.m.misses.inc();
     if !ks.config.read_through {
-        // Nothing to load from: an absent key is simply absent.
+        // Nothing to load from: an absent key is absent — as far as the stream has told.
         let entry = Arc::new(Entry::new(None, Lsn::ZERO, 0));
+        let fresh = ks.freshness().is_none_or(|f| f.is_fresh(None));
+        if !fresh {
+            ks.m.stale_served.inc();
+        }
         return Ok(Read {
             entry,
             origin: Origin::Miss,
+            lag: (!fresh).then(|| ks.lag()),
         });
     }
     let (entry, _installed) = ks.load(key).await?;
     Ok(Read {
         entry,
         origin: Origin::Miss,
+        lag: None,
     })
+}
+
+/// A cached entry that may be further behind the database than the contract allows: reload it
+/// (read-through keyspaces), or serve it saying how far behind it may be.
+async fn outside_contract(ks: &Arc<Keyspace>, key: &Key, mut cached: Read) -> Result<Read, KeyspaceError> {
+    if ks.config.read_through {
+        match ks.load(key).await {
+            Ok((entry, _)) => {
+                ks.m.stale_reloaded.inc();
+                return Ok(Read {
+                    entry,
+                    origin: Origin::Miss,
+                    lag: None,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(keyspace = ks.name(), error = %e, "reload outside the freshness contract failed; serving the cached entry")
+            }
+        }
+    }
+    ks.m.stale_served.inc();
+    cached.lag = Some(ks.lag());
+    Ok(cached)
 }

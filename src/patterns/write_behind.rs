@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::cache::Condition;
@@ -74,14 +75,29 @@ struct Staged {
     written: Vec<String>,
 }
 
-/// The document a partial `PUT` leaves: `base` (the key's current document) with the named
-/// fields replaced, key fields as their column type renders them; and the fields the write
-/// names (what the flush writes).
+/// A stored document's fields, each kept as its raw JSON text: the merge never looks inside
+/// them, so a value nested deeper than a parser's recursion limit is carried over whole
+/// (serde_json skips a raw value without recursing).
+type StoredFields = HashMap<String, Box<RawValue>>;
+
+/// The fields of the key's current document, for a partial write to merge onto. A document
+/// that cannot be read field by field is refused, never merged as if it were empty.
+fn stored_fields(doc: &[u8]) -> Result<StoredFields, PatternError> {
+    serde_json::from_slice(doc).map_err(|e| {
+        PatternError::BadJson(format!(
+            "the key's current document cannot be merged with a partial write: {e}"
+        ))
+    })
+}
+
+/// The document a partial `PUT` leaves: `base` (the key's current document, from
+/// [`fields_of_stored`]) with the named fields replaced, key fields as their column type
+/// renders them; and the fields the write names (what the flush writes).
 fn document_after(
     b: &crate::source::postgres::schema::Binding,
     key: &Key,
     fields: &Map<String, Value>,
-    base: Option<&Map<String, Value>>,
+    base: Option<&StoredFields>,
 ) -> (Bytes, Vec<String>) {
     let mut doc = Vec::with_capacity(64 * b.fields.len());
     let mut obj = ObjectWriter::new(&mut doc);
@@ -91,12 +107,13 @@ fn document_after(
             .iter()
             .position(|k| k.name == f.column.name)
             .map(|i| &key.parts[i]);
-        let value = fields.get(&f.name).or_else(|| base.and_then(|m| m.get(&f.name)));
-        match (value, key_part) {
-            (Some(v), _) => obj.value(&f.name, v),
+        let stored = base.and_then(|m| m.get(&f.name));
+        match (fields.get(&f.name), stored, key_part) {
+            (Some(v), _, _) => obj.value(&f.name, v),
+            (None, Some(raw), _) => obj.field(&f.name).extend_from_slice(raw.get().as_bytes()),
             // The key as its column type renders it (42, not "42").
-            (None, Some(part)) => render_value(&f.column.kind, Some(part), obj.field(&f.name)),
-            (None, None) => {}
+            (None, None, Some(part)) => render_value(&f.column.kind, Some(part), obj.field(&f.name)),
+            (None, None, None) => {}
         }
     }
     obj.finish();
@@ -289,8 +306,13 @@ impl WriteBehind {
             }
             let write = match fields {
                 Some(fields) => {
-                    let base: Option<Map<String, Value>> =
-                        current.as_deref().and_then(|d| serde_json::from_slice(d).ok());
+                    let base = match current.as_deref().map(stored_fields).transpose() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            results[i] = Some(Err(e));
+                            continue;
+                        }
+                    };
                     let (doc, written) = document_after(source.binding(), key, &fields, base.as_ref());
                     Staged {
                         key: key.cache_key.clone(),

@@ -32,7 +32,9 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes, cond: &Condition) -> Re
     let written = source.upsert(&key.parts, &fields, cond).await;
     observe(ks, "put", started, written.is_ok());
     let written = written?;
-    let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now()).with_xid(written.xid);
+    let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now())
+        .with_xid(written.xid)
+        .read_at(tokio::time::Instant::from_std(started));
     ks.mutate(key.cache_key.clone(), entry.clone()).await;
     Ok(Arc::new(entry))
 }
@@ -64,7 +66,9 @@ pub async fn put_many(ks: &Keyspace, items: Vec<(Key, Bytes, Condition)>) -> Vec
         let key = &items[i].0;
         results[i] = Some(match w {
             Ok(w) => {
-                let entry = Entry::new(Some(w.value), w.lsn, ks.hlc.now()).with_xid(w.xid);
+                let entry = Entry::new(Some(w.value), w.lsn, ks.hlc.now())
+                    .with_xid(w.xid)
+                    .read_at(tokio::time::Instant::from_std(started));
                 ks.mutate(key.cache_key.clone(), entry.clone()).await;
                 Ok(Arc::new(entry))
             }
@@ -91,7 +95,9 @@ pub async fn delete_many(ks: &Keyspace, items: Vec<(Key, Condition)>) -> Vec<Res
             Ok(Some(d)) => {
                 ks.mutate(
                     key.cache_key.clone(),
-                    Entry::new(None, d.lsn, ks.hlc.now()).with_xid(d.xid),
+                    Entry::new(None, d.lsn, ks.hlc.now())
+                        .with_xid(d.xid)
+                        .read_at(tokio::time::Instant::from_std(started)),
                 )
                 .await;
                 Ok(true)
@@ -115,7 +121,9 @@ pub async fn delete(ks: &Keyspace, key: &Key, cond: &Condition) -> Result<bool, 
     observe(ks, "delete", started, deleted.is_ok());
     match deleted? {
         Some(d) => {
-            let entry = Entry::new(None, d.lsn, ks.hlc.now()).with_xid(d.xid);
+            let entry = Entry::new(None, d.lsn, ks.hlc.now())
+                .with_xid(d.xid)
+                .read_at(tokio::time::Instant::from_std(started));
             ks.mutate(key.cache_key.clone(), entry).await;
             Ok(true)
         }

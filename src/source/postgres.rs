@@ -121,7 +121,9 @@ pub fn classify(e: &tokio_postgres::Error) -> SourceError {
         },
         Fault::Data => SourceError::Rejected(format!("{message} [SQLSTATE {code}]")),
         Fault::Transient => SourceError::Unavailable(message),
-        Fault::Schema | Fault::Server => SourceError::Database(format!("{message} [SQLSTATE {code}]")),
+        Fault::Schema => SourceError::SchemaChanged(format!("{message} [SQLSTATE {code}]")),
+        Fault::Server if code == "42P01" => SourceError::SchemaChanged(format!("{message} [SQLSTATE {code}]")),
+        Fault::Server => SourceError::Database(format!("{message} [SQLSTATE {code}]")),
     }
 }
 
@@ -234,6 +236,11 @@ pub struct TableSource {
 }
 
 impl TableSource {
+    /// The pool the source queries through.
+    pub fn pool(&self) -> &Arc<PgPool> {
+        &self.pool
+    }
+
     pub fn new(pool: Arc<PgPool>, binding: Binding) -> TableSource {
         TableSource {
             select: sql::select_by_key(&binding),

@@ -12,5 +12,6 @@ mod front_door;
 mod harness;
 mod read_through;
 mod refresh_ahead;
+mod under_change;
 mod write_behind;
 mod write_through;

@@ -1,6 +1,7 @@
 //! The catalog side of CDC: the publication that must cover every CDC table, the replication
 //! slot's state in `pg_replication_slots`, dropping a lost slot, and the heartbeat that keeps an
-//! idle database's slot moving. Plain SQL over the ordinary pool, with bound parameters and
+//! idle database's slot moving; and the probe of the server's flush position that the freshness
+//! contract is measured against. Plain SQL over the ordinary pool, with bound parameters and
 //! quoted identifiers.
 
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use crate::cdc::CdcError;
 use crate::cdc::config::CdcConfig;
 use crate::keyspace::Keyspace;
 use crate::keyspace::config::TableRef;
+use crate::keyspace::freshness::Freshness;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::source::postgres::sql::{qualified, quote_ident};
 use crate::source::postgres::{PgPool, classify};
 
@@ -20,8 +24,20 @@ use crate::source::postgres::{PgPool, classify};
 pub enum SlotState {
     Missing,
     Lost,
-    Present,
-    InUse(i32),
+    /// Usable, with the position its last consumer confirmed.
+    Present {
+        confirmed: Lsn,
+    },
+    /// Held by a live session.
+    InUse(Holder),
+}
+
+/// The session holding a slot, from `pg_stat_activity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: i32,
+    pub application_name: String,
+    pub client: String,
 }
 
 /// Creates or extends the publication so it covers every CDC table.
@@ -88,8 +104,10 @@ pub async fn slot_state(pool: &PgPool, slot: &str) -> Result<SlotState, CdcError
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT coalesce(wal_status, ''), coalesce(plugin, ''), coalesce(database::text, ''), active_pid, current_database()::text \
-             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            "SELECT coalesce(s.wal_status, ''), coalesce(s.plugin, ''), coalesce(s.database::text, ''), s.active_pid, current_database()::text, \
+                    coalesce(s.confirmed_flush_lsn::text, '0/0'), coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket') \
+             FROM pg_catalog.pg_replication_slots s LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1",
             &[&slot],
         )
         .await
@@ -97,6 +115,7 @@ pub async fn slot_state(pool: &PgPool, slot: &str) -> Result<SlotState, CdcError
     let Some(r) = row else { return Ok(SlotState::Missing) };
     let (wal_status, plugin, database, pid, current): (String, String, String, Option<i32>, String) =
         (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    let (confirmed, application_name, client): (String, String, String) = (r.get(5), r.get(6), r.get(7));
     if plugin != "pgoutput" || database != current {
         return Err(CdcError::Setup(format!(
             "replication slot {} exists but is for plugin {plugin:?} in database {database:?}; choose another [cdc] slot name",
@@ -107,8 +126,14 @@ pub async fn slot_state(pool: &PgPool, slot: &str) -> Result<SlotState, CdcError
         return Ok(SlotState::Lost);
     }
     Ok(match pid {
-        Some(pid) => SlotState::InUse(pid),
-        None => SlotState::Present,
+        Some(pid) => SlotState::InUse(Holder {
+            pid,
+            application_name,
+            client,
+        }),
+        None => SlotState::Present {
+            confirmed: confirmed.parse().unwrap_or(Lsn::ZERO),
+        },
     })
 }
 
@@ -148,5 +173,44 @@ pub async fn heartbeat(pool: Arc<PgPool>, every: Duration, stop: CancellationTok
             }
             Err(_) => {}
         }
+    }
+}
+
+/// Probes where the database stands for the freshness contract (see `keyspace::freshness`):
+/// every quarter of `max_staleness`, the server's WAL flush position with the time it was asked.
+pub async fn probe(pool: Arc<PgPool>, freshness: Arc<Freshness>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let every = freshness.probe_interval();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let at = freshness.now();
+        let position = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let row = tokio::time::timeout(
+                every.max(Duration::from_secs(1)),
+                client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]),
+            )
+            .await
+            .map_err(|_| "the probe timed out".to_string())?
+            .map_err(|e| classify(&e).to_string())?;
+            row.get::<_, String>(0)
+                .parse::<Lsn>()
+                .map_err(|_| "unexpected WAL position".to_string())
+        }
+        .await;
+        match position {
+            Ok(lsn) => freshness.probed(lsn, at),
+            Err(e) => {
+                tracing::debug!(error = %e, "freshness probe failed");
+                freshness.unreachable();
+            }
+        }
+        metrics
+            .cdc_behind
+            .set(freshness.behind().map_or(-1.0, |d| d.as_secs_f64()));
     }
 }

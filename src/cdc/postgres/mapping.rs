@@ -11,8 +11,10 @@
 //! - TRUNCATE clears the keyspace.
 //!
 //! A mapped column pgoutput does not send at all (a generated column before Postgres 18, or one
-//! left out of the publication's column list) cannot be rendered; such a keyspace invalidates on
-//! every change instead of putting rows it cannot complete.
+//! left out of the publication's column list), or sends with another type than the table has
+//! now (changes replayed from before an `ALTER TABLE`), cannot be rendered in the keyspace's
+//! current shape; such a mapping invalidates — at the change's position, so a newer entry is
+//! kept — instead of putting rows it cannot complete.
 //!
 //! Old-row tuples carry only the replica identity columns, so a keyspace's key must be among
 //! them (primary key = key, `REPLICA IDENTITY USING INDEX` on the key, or `REPLICA IDENTITY
@@ -82,6 +84,15 @@ impl TableMapping {
         let mut degraded = None;
         for f in &binding.fields {
             match rel.index_of(&f.column.name) {
+                // The relation was written under another schema than the table has now (a
+                // change replayed from before an ALTER): its rows cannot be rendered in the
+                // current shape, so they only invalidate — by position, so a newer entry stays.
+                Some(index) if rel.columns[index].type_oid != f.column.type_oid => {
+                    degraded = Some(format!(
+                        "column `{}` had another type when these changes were written",
+                        f.column.name
+                    ));
+                }
                 Some(index) => fields.push(Field {
                     name: f.name.clone(),
                     index,

@@ -8,6 +8,11 @@
 //! supersedes, in whichever order the two reach the cache. Rows are read with `COPY … TO
 //! STDOUT` in text format — the same output-function text pgoutput sends — and rendered by the
 //! same renderer as loads and CDC.
+//!
+//! [`reload`] reloads one keyspace while the stream runs (its table changed shape): from an
+//! ordinary repeatable-read snapshot, each row installed with that snapshot's visibility
+//! (`pg_current_snapshot()`), which orders it against every streamed change exactly as a load's
+//! row is ordered (see `cache`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +20,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio_postgres::NoTls;
 
-use crate::cache::Entry;
+use crate::cache::{Entry, Snapshot};
 use crate::cdc::CdcError;
 use crate::hlc::Hlc;
 use crate::key;
@@ -54,6 +59,7 @@ pub async fn warm(
         .await
         .map_err(|e| CdcError::Source(classify(&e)))?;
     let driver = tasks.spawn(conn);
+    let read_at = tokio::time::Instant::now();
     let result = async {
         client
             .batch_execute(&format!(
@@ -61,9 +67,15 @@ pub async fn warm(
             ))
             .await
             .map_err(|e| CdcError::Source(classify(&e)))?;
+        let version = Version {
+            lsn: cp,
+            snapshot: None,
+            read_at,
+            blocker: Blocker::Cdc,
+        };
         let mut total = 0;
         for ks in keyspaces {
-            total += warm_one(&client, ks, cp, hlc, metrics, max_key_bytes, tasks).await?;
+            total += warm_one(&client, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
         }
         client
             .batch_execute("COMMIT")
@@ -77,12 +89,78 @@ pub async fn warm(
     result
 }
 
+/// Reloads one keyspace from a fresh repeatable-read snapshot while the stream runs; its rows
+/// carry the snapshot's visibility, so each is installed only over changes it saw. The keyspace
+/// is marked with `Blocker::Schema` while it loads. Returns the number of rows loaded.
+pub async fn reload(
+    pg: &PostgresConfig,
+    ks: &Arc<Keyspace>,
+    hlc: &Arc<Hlc>,
+    metrics: &Metrics,
+    max_key_bytes: usize,
+    tasks: &Tasks,
+) -> Result<u64, CdcError> {
+    let (client, conn) = connection_config(pg)?
+        .connect(NoTls)
+        .await
+        .map_err(|e| CdcError::Source(classify(&e)))?;
+    let driver = tasks.spawn(conn);
+    let read_at = tokio::time::Instant::now();
+    let result = async {
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?;
+        // The first statement takes the transaction's snapshot; the position is read inside it.
+        let row = client
+            .query_one("SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?;
+        let (snap, lsn): (String, String) = (row.get(0), row.get(1));
+        let version = Version {
+            lsn: lsn
+                .parse()
+                .map_err(|_| CdcError::Protocol(format!("unexpected WAL position {lsn:?}")))?,
+            snapshot: Some(Arc::new(
+                Snapshot::parse(&snap).ok_or_else(|| CdcError::Protocol(format!("unexpected snapshot {snap:?}")))?,
+            )),
+            read_at,
+            blocker: Blocker::Schema,
+        };
+        let rows = warm_one(&client, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?;
+        Ok(rows)
+    }
+    .await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+/// The version every row of one load is installed at.
+struct Version {
+    /// The position the rows are at: a slot's consistent point, or a position read inside the
+    /// snapshot.
+    lsn: Lsn,
+    /// For an ordinary snapshot: what it could not see.
+    snapshot: Option<Arc<Snapshot>>,
+    /// When the snapshot was taken: the rows are fresh as of then.
+    read_at: tokio::time::Instant,
+    /// What the keyspace reports while it loads.
+    blocker: Blocker,
+}
+
 /// What every load worker of one keyspace needs.
 struct Job {
     ks: Arc<Keyspace>,
     binding: crate::source::postgres::schema::Binding,
     key_index: Vec<usize>,
     cp: Lsn,
+    snapshot: Option<Arc<Snapshot>>,
+    read_at: tokio::time::Instant,
     hlc: Arc<Hlc>,
     max_key_bytes: usize,
     rows: std::sync::atomic::AtomicU64,
@@ -124,7 +202,9 @@ impl Job {
                     .map(|(f, v)| (f.name.as_str(), &f.column.kind, v.as_deref())),
                 &mut value,
             );
-            let entry = Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now());
+            let mut entry =
+                Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now()).read_at(self.read_at);
+            entry.snapshot = self.snapshot.clone();
             // Through the door: a change streamed or written meanwhile (newer) is never
             // overwritten, and a load in flight for the key will not install over this row.
             self.ks.mutate(key.cache_key, entry).await;
@@ -142,7 +222,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 async fn warm_one(
     client: &tokio_postgres::Client,
     ks: &Arc<Keyspace>,
-    cp: Lsn,
+    version: &Version,
     hlc: &Arc<Hlc>,
     metrics: &Metrics,
     max_key_bytes: usize,
@@ -174,7 +254,13 @@ async fn warm_one(
         .await
         .map_err(|e| CdcError::Source(classify(&e)))?;
     futures::pin_mut!(stream);
-    ks.set_blocker(Blocker::Cdc, Some("warming from a consistent snapshot".into()));
+    ks.set_blocker(
+        version.blocker,
+        Some(match version.blocker {
+            Blocker::Schema => "reloading from a new snapshot after its table changed".into(),
+            _ => "warming from a consistent snapshot".into(),
+        }),
+    );
 
     // One worker per core parses, renders and installs; this task only cuts whole lines. A
     // consistent snapshot has one row per key, so batches can go to any worker.
@@ -182,7 +268,9 @@ async fn warm_one(
         ks: ks.clone(),
         binding: b,
         key_index,
-        cp,
+        cp: version.lsn,
+        snapshot: version.snapshot.clone(),
+        read_at: version.read_at,
         hlc: hlc.clone(),
         max_key_bytes,
         rows: Default::default(),

@@ -14,6 +14,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 use crate::cdc::{CdcError, ReplicationSource, StreamEvent, pg_time_to_unix_us};
 use crate::lsn::Lsn;
 use crate::source::postgres::config::PostgresConfig;
+use crate::source::postgres::sql::quote_ident;
 
 /// How often confirmed positions reach the server.
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
@@ -27,9 +28,52 @@ pub const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalS
 pub struct PgwireSource {
     client: ReplicationClient,
     slot: String,
+    started: bool,
 }
 
-fn replication_config(pg: &PostgresConfig, slot: &str, publication: &str) -> Result<ReplicationConfig, CdcError> {
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The server was told (Terminate, or CopyDone after the last confirmed position).
+    Cleanly,
+    /// The worker did not finish within [`CLOSE_TIMEOUT`]; it was left to end in the background.
+    TimedOut,
+}
+
+/// Longest wait for a streaming session to send its last position and end.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `publication_names` option value for a publication named exactly `name`.
+///
+/// Postgres splits the option as a list of SQL identifiers, folding unquoted ones to lower
+/// case, so `MyPub` unquoted would name `mypub`. The name is therefore sent double-quoted, the
+/// same way `CREATE PUBLICATION` and `ALTER PUBLICATION` quote it (the transport escapes the
+/// single quotes of the surrounding literal).
+pub fn publication_option(name: &str) -> String {
+    quote_ident(name)
+}
+
+/// The `application_name` of this process's replication sessions: it names the node and the
+/// process instance, so a slot held by another live process with the same node id can be told
+/// apart from a session of this process (see `catalog::slot_holder`).
+pub fn application_name(node: &str, instance: &str) -> String {
+    let mut name = format!("{APPLICATION_PREFIX}{node}/{instance}");
+    // Postgres truncates application_name to 63 bytes; keep it on a character boundary.
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+/// Prefix of every cachesync replication session's `application_name`.
+pub const APPLICATION_PREFIX: &str = "cachesync-cdc/";
+
+fn replication_config(
+    pg: &PostgresConfig,
+    slot: &str,
+    publication: &str,
+    app: &str,
+) -> Result<ReplicationConfig, CdcError> {
     let cfg: tokio_postgres::Config = pg
         .url
         .expose()
@@ -47,10 +91,10 @@ fn replication_config(pg: &PostgresConfig, slot: &str, publication: &str) -> Res
         .unwrap_or_default();
     let database = cfg.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
     Ok(
-        ReplicationConfig::new(host, user, password, database, slot, publication)
+        ReplicationConfig::new(host, user, password, database, slot, publication_option(publication))
             .with_port(cfg.get_ports().first().copied().unwrap_or(5432))
             .with_options(SESSION_OPTIONS)
-            .with_application_name("cachesync-cdc")
+            .with_application_name(app)
             .with_status_interval(STATUS_INTERVAL)
             .with_wakeup_interval(Duration::from_secs(5))
             .with_buffer_size(BUFFER_EVENTS),
@@ -76,14 +120,20 @@ fn classify(slot: &str, e: PgWireError) -> CdcError {
 
 impl PgwireSource {
     /// Connects and authenticates without starting to stream.
-    pub async fn connect_gated(pg: &PostgresConfig, slot: &str, publication: &str) -> Result<PgwireSource, CdcError> {
-        let cfg = replication_config(pg, slot, publication)?;
+    pub async fn connect_gated(
+        pg: &PostgresConfig,
+        slot: &str,
+        publication: &str,
+        app: &str,
+    ) -> Result<PgwireSource, CdcError> {
+        let cfg = replication_config(pg, slot, publication, app)?;
         let client = ReplicationClient::connect_gated(cfg)
             .await
             .map_err(|e| classify(slot, e))?;
         Ok(PgwireSource {
             client,
             slot: slot.to_string(),
+            started: false,
         })
     }
 
@@ -115,7 +165,23 @@ impl PgwireSource {
     /// Sends `START_REPLICATION` and waits until the server holds the slot for this session.
     pub async fn start(&mut self) -> Result<(), CdcError> {
         self.client.start().await.map_err(|e| classify(&self.slot, e))?;
+        self.started = true;
         self.client.wait_started().await.map_err(|e| classify(&self.slot, e))
+    }
+
+    /// Ends the session. A session that never started streaming (the temporary slot of a warm
+    /// start) has nothing to flush: dropping its client closes the command gate, and the worker
+    /// sends Terminate at once, which also drops a temporary slot. (Asking such a worker to stop
+    /// and waiting for it, as a streaming session is ended, waits for a stop it never looks at.)
+    pub async fn close(mut self) -> Closed {
+        if !self.started {
+            drop(self);
+            return Closed::Cleanly;
+        }
+        match tokio::time::timeout(CLOSE_TIMEOUT, self.client.shutdown()).await {
+            Ok(_) => Closed::Cleanly,
+            Err(_) => Closed::TimedOut,
+        }
     }
 }
 
@@ -169,6 +235,6 @@ impl ReplicationSource for PgwireSource {
     }
 
     async fn shutdown(&mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.client.shutdown()).await;
     }
 }

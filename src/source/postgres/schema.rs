@@ -172,6 +172,19 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// Whether documents made under `other` have the same shape as under this binding: the same
+    /// table (by OID), the same fields from the same columns of the same types, the same key.
+    pub fn same_shape(&self, other: &Binding) -> bool {
+        let fields = |b: &Binding| -> Vec<(String, String, u32)> {
+            b.fields
+                .iter()
+                .map(|f| (f.name.clone(), f.column.name.clone(), f.column.type_oid))
+                .collect()
+        };
+        let key = |b: &Binding| -> Vec<(String, u32)> { b.key.iter().map(|k| (k.name.clone(), k.type_oid)).collect() };
+        self.table_oid == other.table_oid && fields(self) == fields(other) && key(self) == key(other)
+    }
+
     /// Checks `ks` against the table's metadata (`None` = table missing), returning every problem.
     pub fn resolve(ks: &KeyspaceConfig, meta: Option<&TableMeta>) -> Result<Binding, Vec<String>> {
         let table = ks.table.clone().expect("resolve is only called for sourced keyspaces");
