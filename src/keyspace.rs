@@ -274,10 +274,7 @@ impl Keyspace {
             .as_ref()
             .expect("bind is only called for sourced keyspaces");
         let result = async {
-            let client = pool
-                .get()
-                .await
-                .map_err(|e| BindError::Unavailable(e.to_string()))?;
+            let client = pool.get().await.map_err(|e| BindError::Unavailable(e.to_string()))?;
             let meta =
                 TableMeta::load(&**client, table)
                     .await

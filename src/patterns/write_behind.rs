@@ -34,8 +34,8 @@ use crate::commitlog::{CommitLog, Offset};
 use crate::event::{ChangeEvent, Op, Source};
 use crate::hlc::Hlc;
 use crate::key::Key;
-use crate::keyspace::Keyspace;
 use crate::keyspace::overlay::Pending;
+use crate::keyspace::{Keyspace, KeyspaceError};
 use crate::metrics::Metrics;
 use crate::patterns::write_behind::config::WriteBehindConfig;
 use crate::patterns::{PatternError, Stripes, fields_of};
@@ -73,6 +73,17 @@ struct Staged {
     op: Op,
     doc: Option<Bytes>,
     written: Vec<String>,
+}
+
+/// Whether a `PUT` names only some of the keyspace's fields: its document is the current one
+/// with those replaced, so the current one must be known (loaded if need be) — a partial write
+/// never leaves a pending document missing the other columns.
+fn is_partial(b: &crate::source::postgres::schema::Binding, fields: Option<&Map<String, Value>>) -> bool {
+    fields.is_some_and(|f| {
+        b.fields
+            .iter()
+            .any(|bf| !f.contains_key(&bf.name) && !b.key.iter().any(|k| k.name == bf.column.name))
+    })
 }
 
 /// A stored document's fields, each kept as its raw JSON text: the merge never looks inside
@@ -186,15 +197,26 @@ impl WriteBehind {
     /// cached entry, else — with `load`, for a precondition — the row loaded from Postgres, which
     /// must then be reachable. Without `load` an uncached key counts as absent: a partial write
     /// then carries only the fields it names.
+    /// The key's current document as this node knows it: its pending write, else the cached
+    /// entry, else (with `load`) the row in Postgres. With `load`, a cached entry outside the
+    /// CDC freshness contract is reloaded too — a condition or a partial write must not build on
+    /// an old document — falling back to it only when Postgres cannot be reached.
     async fn current(&self, ks: &Keyspace, key: &Key, load: bool) -> Result<Option<Bytes>, PatternError> {
         if let Some(p) = ks.pending(&key.cache_key) {
             return Ok(p.doc);
         }
-        if let Some(e) = ks.cached(&key.cache_key).await {
+        let cached = ks.cached(&key.cache_key).await;
+        if let Some(e) = &cached
+            && (!load || ks.is_fresh(e))
+        {
             return Ok(e.value.clone());
         }
         if load {
-            return Ok(ks.load(key).await?.0.value.clone());
+            return match (ks.load(key).await, cached) {
+                (Ok((e, _)), _) => Ok(e.value.clone()),
+                (Err(KeyspaceError::Source(SourceError::Unavailable(_))), Some(e)) => Ok(e.value.clone()),
+                (Err(e), _) => Err(e.into()),
+            };
         }
         Ok(None)
     }
@@ -291,7 +313,14 @@ impl WriteBehind {
         for (i, key, fields, cond) in parsed {
             let current = match batch_docs.get(&key.cache_key) {
                 Some(doc) => doc.clone(),
-                None => match self.current(ks, key, !cond.is_always()).await {
+                None => match self
+                    .current(
+                        ks,
+                        key,
+                        !cond.is_always() || is_partial(source.binding(), fields.as_ref()),
+                    )
+                    .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         results[i] = Some(Err(e));

@@ -551,10 +551,7 @@ async fn a_postgres_restart_under_load_keeps_the_freshness_bound() {
     stop.cancel();
     run.await.unwrap();
     // Reads that started while Postgres itself was down do not count.
-    let (n, bad, examples) = timeline
-        .lock()
-        .unwrap()
-        .violations(BOUND, |at| at < down || at > up);
+    let (n, bad, examples) = timeline.lock().unwrap().violations(BOUND, |at| at < down || at > up);
     assert!(n >= 300, "{n} reads counted");
     assert_eq!(bad, 0, "{bad} of {n} reads were outside the bound: {examples:?}");
     server.shutdown().await;
@@ -601,7 +598,7 @@ async fn a_partial_write_onto_a_deeply_nested_row_keeps_every_column() {
     let db = Db::new().await;
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
     db.exec(&format!(
-        "CREATE TABLE docs (id int PRIMARY KEY, v text, body jsonb); INSERT INTO docs VALUES (1, 'a', '{deep}');"
+        "CREATE TABLE docs (id int PRIMARY KEY, v text, body jsonb); INSERT INTO docs VALUES (1, 'a', '{deep}'), (2, 'c', '{{\"k\": 1}}');"
     ))
     .await;
     let node = Node::new();
@@ -624,5 +621,9 @@ async fn a_partial_write_onto_a_deeply_nested_row_keeps_every_column() {
     let refused = http.put("/v1/kv/docs/1", too_deep).await;
     assert_eq!(refused.status, 400, "{}", refused.body);
     assert_eq!(http.get("/v1/kv/docs/1").await.body.replace(' ', ""), expected);
+    // A partial write to a key this node never read builds on the stored row, not on nothing.
+    let put = http.put("/v1/kv/docs/2", r#"{"v": "d"}"#).await;
+    assert_eq!(put.status, 202, "{}", put.body);
+    assert_eq!(put.json(), json!({"id": 2, "v": "d", "body": {"k": 1}}));
     server.shutdown().await;
 }
