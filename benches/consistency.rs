@@ -16,8 +16,11 @@
 //!
 //! Reported:
 //! - **stale reads**: a read that started at `t` returned version `v` of a key although a newer
-//!   version had been acknowledged before `t - 100 ms` — as a fraction of all reads. Reads that
-//!   started while Postgres itself was down are counted apart.
+//!   version had been acknowledged before `t - 100 ms` — as a fraction of all reads. A
+//!   write-behind write is in the database only once flushed, so a node that did not take it is
+//!   held to when it reached Postgres instead (the flush's commit timestamp, with
+//!   `track_commit_timestamp = on`, read by a watcher every few ms). Reads that started while
+//!   Postgres itself was down are counted apart.
 //! - **regressions**: a reader (pinned to one node) saw a key's version go down.
 //! - **read-your-writes misses**: right after a write was acknowledged by a node, a read of the
 //!   key on that node returned an older version.
@@ -89,6 +92,8 @@ struct Record {
     unknown: HashMap<i64, Vec<i64>>,
     /// Windows in which Postgres was down.
     pg_down: Vec<(Instant, Instant)>,
+    /// Write-behind keys: (version, committed no earlier than) as first seen in Postgres.
+    in_db: HashMap<i64, Vec<(i64, Instant)>>,
     ryw_checks: u64,
     ryw_misses: u64,
     faults: Vec<String>,
@@ -96,6 +101,8 @@ struct Record {
 
 /// One read's result.
 struct ReadResult {
+    /// The node the reader is pinned to.
+    node: usize,
     key: i64,
     ver: i64,
     started: Instant,
@@ -274,7 +281,11 @@ async fn run() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let pg = PgServer::start(PgOptions::default());
+    // Commit timestamps tell when a write-behind flush really committed.
+    let pg = PgServer::start(PgOptions {
+        settings: vec![("track_commit_timestamp".into(), "on".into())],
+        ..PgOptions::default()
+    });
     let db = pg.create_database().await;
     let sql = pg.connect(&db.name).await;
     sql.batch_execute(&format!(
@@ -389,6 +400,52 @@ async fn run() {
         }));
     }
 
+    // Write-behind writes reach Postgres later than their 202: watch the table to learn when
+    // each version got there (its commit timestamp, on this machine's clock).
+    let watcher = {
+        let (record, stop, url) = (record.clone(), stop.clone(), pg.url(&db.name));
+        tokio::spawn(async move {
+            let mut client = None;
+            let (base_sys, base) = (std::time::SystemTime::now(), Instant::now());
+            let base_epoch = base_sys.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+            while !stop.load(Ordering::Relaxed) {
+                if client.is_none() {
+                    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                        Ok((c, conn)) => {
+                            tokio::spawn(conn);
+                            client = Some(c);
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                }
+                let q = "SELECT id, ver, coalesce(extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8, 0) FROM kv WHERE id > 200";
+                match client.as_ref().unwrap().query(q, &[]).await {
+                    Ok(rows) => {
+                        let mut r = record.lock().unwrap();
+                        for row in rows {
+                            let (key, ver, at) =
+                                (row.get::<_, i32>(0) as i64, row.get::<_, i64>(1), row.get::<_, f64>(2));
+                            let committed = if at - base_epoch >= 0.0 {
+                                base + Duration::from_secs_f64(at - base_epoch)
+                            } else {
+                                base
+                            };
+                            let seen = r.in_db.entry(key).or_default();
+                            if seen.last().is_none_or(|&(v, _)| v < ver) {
+                                seen.push((ver, committed));
+                            }
+                        }
+                    }
+                    Err(_) => client = None,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
     // Readers, pinned to a node each.
     let mut readers = Vec::new();
     for n in 0..2 {
@@ -408,6 +465,7 @@ async fn run() {
                         Some((200, reported, body)) => {
                             if let Some(ver) = ver_of(&body) {
                                 out.push(ReadResult {
+                                    node: n,
                                     key,
                                     ver,
                                     started,
@@ -485,6 +543,7 @@ async fn run() {
     for w in writers {
         w.await.unwrap();
     }
+    watcher.await.unwrap();
     let stopped = Instant::now();
     let mut reads: Vec<ReadResult> = Vec::new();
     let mut per_reader = Vec::new();
@@ -536,7 +595,12 @@ async fn run() {
     let (mut counted, mut stale, mut reported, mut during_down, mut stale_during_down) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut examples = Vec::new();
     for r in &reads {
-        let acks = record.acks.get(&r.key).map(Vec::as_slice).unwrap_or(&[]);
+        // What the read is held to: the acknowledged history — except for a write-behind key
+        // read on the node that did not take its writes, which can only see them once they
+        // are in Postgres.
+        let other_node = path_of(r.key) == Path_::Behind && (r.key <= 250) != (r.node == 0);
+        let history = if other_node { &record.in_db } else { &record.acks };
+        let acks = history.get(&r.key).map(Vec::as_slice).unwrap_or(&[]);
         let is_stale = acks.iter().any(|&(v, at)| v > r.ver && at + FRESH < r.started);
         if in_pg_down(r.started) {
             during_down += 1;

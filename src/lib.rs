@@ -24,12 +24,14 @@
 //!   │         write_behind   commit log first (202), overlay, coalescing flusher, dead letters,
 //!   │                        [write_behind]
 //!  cdc        change data capture: cdc::postgres (pgoutput protocol → decoder → mapping → stream
-//!   │         with catalog, slot, warm start, feedback; prerequisites for check) and
-//!   │         cdc::applier (log → keyspaces); [cdc]
+//!   │         with catalog, slot and its ownership, warm start, feedback, freshness probes;
+//!   │         reshape = schema changes; prerequisites for check) and cdc::applier
+//!   │         (log → keyspaces); [cdc]
 //!   ▼
 //!  keyspace   one named cache's state and the one door every change goes through: lookup,
-//!   │         load (single flight + lease), mutate / invalidate / clear, the pending-write
-//!   │         overlay (keyspace::overlay); [[keyspace]] (keyspace::config)
+//!   │         load (single flight + lease), mutate / invalidate / clear / reset_below, the
+//!   │         pending-write overlay (keyspace::overlay), the freshness contract
+//!   │         (keyspace::freshness); [[keyspace]] (keyspace::config)
 //!   ▼
 //!  key        URL key encoding, composite keys, per-type normalization
 //!  source     Postgres: pool, catalog binding (schema), SQL text (sql), rendering (render),

@@ -185,9 +185,10 @@ impl Capture {
                 .spawn(catalog::heartbeat(self.pool.clone(), every, stop.clone()));
         }
         self.tasks.spawn(catalog::probe(
-            self.pool.clone(),
+            self.pg.clone(),
             self.freshness.clone(),
             self.metrics.clone(),
+            self.tasks.clone(),
             stop.clone(),
         ));
         if let Some(every) = self.config.schema_check {

@@ -104,31 +104,40 @@ async fn connect_passes_when_everything_matches() {
 #[tokio::test]
 async fn connect_reports_cdc_prerequisites() {
     let db = Db::new().await;
-    db.exec("CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE NOT NULL, name text);")
-        .await;
+    // A publication whose name differs only in case is not the one configured.
+    db.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE NOT NULL, name text); CREATE PUBLICATION mypub;",
+    )
+    .await;
     let config = format!(
-        "{}\n[log]\ndir = \"/tmp/unused\"\n[cdc]\npublication = \"missing_pub\"\ncreate_publication = false\n",
+        "{}\n[log]\ndir = \"/tmp/unused\"\n[cdc]\npublication = \"MyPub\"\ncreate_publication = false\n",
         db.config_text(
             "[[keyspace]]\nname = \"by_email\"\ntable = \"users\"\nkey = \"email\"\ncdc = \"update\"\n\
              [[keyspace]]\nname = \"by_id\"\ntable = \"users\"\nkey = \"id\"\ncdc = \"invalidate\"\n"
         )
     );
-    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true)).await.unwrap();
+    let first = config.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&first, true)).await.unwrap();
     assert!(!ok, "{out}");
     assert!(
         out.contains("keyspace[by_email]: key column `email` is not in the replica identity"),
         "{out}"
     );
     assert!(out.contains("REPLICA IDENTITY FULL"), "{out}");
-    assert!(
-        out.contains("keyspace[by_id]: publication missing_pub does not include public.users"),
-        "{out}"
-    );
+    assert!(out.contains("cdc: publication \"MyPub\" does not exist"), "{out}");
     assert!(
         !out.contains("wal_level"),
         "the test server has wal_level = logical: {out}"
     );
     assert!(!out.contains("REPLICATION attribute"), "{out}");
+    // The publication that does exist, without the table.
+    let config = config.replace("MyPub", "mypub");
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&config, true)).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("keyspace[by_id]: publication mypub does not include public.users"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

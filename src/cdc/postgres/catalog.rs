@@ -14,10 +14,12 @@ use crate::cdc::config::CdcConfig;
 use crate::keyspace::Keyspace;
 use crate::keyspace::config::TableRef;
 use crate::keyspace::freshness::Freshness;
+use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
+use crate::source::postgres::config::PostgresConfig;
 use crate::source::postgres::sql::{qualified, quote_ident};
-use crate::source::postgres::{PgPool, classify};
+use crate::source::postgres::{PgPool, classify, connection_config};
 
 /// What `pg_replication_slots` says about the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,10 +180,20 @@ pub async fn heartbeat(pool: Arc<PgPool>, every: Duration, stop: CancellationTok
 
 /// Probes where the database stands for the freshness contract (see `keyspace::freshness`):
 /// every quarter of `max_staleness`, the server's WAL flush position with the time it was asked.
-pub async fn probe(pool: Arc<PgPool>, freshness: Arc<Freshness>, metrics: Arc<Metrics>, stop: CancellationToken) {
+/// On a connection of its own, so a pool busy with loads (as when many reads are outside the
+/// contract) cannot hold the watermark back.
+pub async fn probe(
+    pg: PostgresConfig,
+    freshness: Arc<Freshness>,
+    metrics: Arc<Metrics>,
+    tasks: Tasks,
+    stop: CancellationToken,
+) {
     let every = freshness.probe_interval();
+    let timeout = every.max(Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -189,14 +201,22 @@ pub async fn probe(pool: Arc<PgPool>, freshness: Arc<Freshness>, metrics: Arc<Me
         }
         let at = freshness.now();
         let position = async {
-            let client = pool.get().await.map_err(|e| e.to_string())?;
-            let row = tokio::time::timeout(
-                every.max(Duration::from_secs(1)),
-                client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]),
-            )
-            .await
-            .map_err(|_| "the probe timed out".to_string())?
-            .map_err(|e| classify(&e).to_string())?;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let config = connection_config(&pg).map_err(|e| e.to_string())?;
+                let (c, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
+                    .await
+                    .map_err(|_| "connecting timed out".to_string())?
+                    .map_err(|e| classify(&e).to_string())?;
+                tasks.spawn(async move {
+                    let _ = conn.await;
+                });
+                client = Some(c);
+            }
+            let c = client.as_ref().expect("connected above");
+            let row = tokio::time::timeout(timeout, c.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]))
+                .await
+                .map_err(|_| "the probe timed out".to_string())?
+                .map_err(|e| classify(&e).to_string())?;
             row.get::<_, String>(0)
                 .parse::<Lsn>()
                 .map_err(|_| "unexpected WAL position".to_string())
@@ -206,6 +226,7 @@ pub async fn probe(pool: Arc<PgPool>, freshness: Arc<Freshness>, metrics: Arc<Me
             Ok(lsn) => freshness.probed(lsn, at),
             Err(e) => {
                 tracing::debug!(error = %e, "freshness probe failed");
+                client = None;
                 freshness.unreachable();
             }
         }

@@ -67,6 +67,22 @@ pub async fn prerequisites(
         Err(e) => problems.push(q(e)),
     }
     let publication = &cdc_config.publication;
+    // The name is exact (it is quoted wherever it is used), so `MyPub` is not `mypub`.
+    let exists = match client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+    {
+        Ok(r) => r.is_some(),
+        Err(e) => return [problems, vec![q(e)]].concat(),
+    };
+    if !exists && !cdc_config.create_publication {
+        problems.push(format!(
+            "cdc: publication {publication:?} does not exist (names are exact: case and spaces count); create it or set [cdc] create_publication = true"
+        ));
+    }
     let listed: Vec<(String, String)> = match client
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
@@ -107,7 +123,7 @@ pub async fn prerequisites(
             }
         }
         let in_publication = listed.iter().any(|(s, n)| s == &t.schema && n == &t.name);
-        if !in_publication {
+        if !in_publication && exists {
             if !cdc_config.create_publication {
                 problems.push(format!("{name}: publication {publication} does not include {t}; add it or set [cdc] create_publication = true"));
             } else if !owner && !superuser {

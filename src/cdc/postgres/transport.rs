@@ -238,3 +238,24 @@ impl ReplicationSource for PgwireSource {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.client.shutdown()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publication_names_are_sent_as_quoted_identifiers() {
+        // Unquoted, Postgres would fold MyPub to mypub.
+        assert_eq!(publication_option("MyPub"), "\"MyPub\"");
+        assert_eq!(publication_option("my pub, 2"), "\"my pub, 2\"");
+        assert_eq!(publication_option("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn application_names_fit_postgres_and_name_the_node() {
+        let app = application_name("api-7", "0000abcd");
+        assert_eq!(app, "cachesync-cdc/api-7/0000abcd");
+        let long = application_name(&"é".repeat(60), "0000abcd");
+        assert!(long.len() <= 63 && long.starts_with(APPLICATION_PREFIX));
+    }
+}
