@@ -28,8 +28,9 @@
 //! - **stale after quiescence**: keys whose value on some node differs from Postgres 1 s after
 //!   the writes stop.
 //!
-//! Run: `cargo bench --bench consistency -- [--faults] [--seconds N]` (defaults: no faults,
-//! 60 s). Nothing here asserts; it prints its figures.
+//! Run: `cargo bench --bench consistency -- [--faults] [--seconds N] [--max-staleness D]`
+//! (defaults: no faults, 60 s, 50ms). A loose `--max-staleness 5s` shows the checker catching
+//! what the contract prevents. Nothing here asserts; it prints its figures.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -188,7 +189,7 @@ fn ver_of(body: &[u8]) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(body).ok()?["ver"].as_i64()
 }
 
-fn config(pg: &PgServer, db: &str, node: &str, log: &Path) -> String {
+fn config(pg: &PgServer, db: &str, node: &str, log: &Path, max_staleness: &str) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -204,7 +205,7 @@ dir = "{log}"
 slot = "check_{node}"
 heartbeat = "0s"
 ready_grace = "2s"
-max_staleness = "50ms"
+max_staleness = "{max_staleness}"
 schema_check = "500ms"
 [write_behind]
 batch_delay = "2ms"
@@ -281,6 +282,12 @@ async fn run() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let max_staleness = args
+        .iter()
+        .position(|a| a == "--max-staleness")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "50ms".into());
     // Commit timestamps tell when a write-behind flush really committed.
     let pg = PgServer::start(PgOptions {
         settings: vec![("track_commit_timestamp".into(), "on".into())],
@@ -295,14 +302,20 @@ async fn run() {
     .await
     .unwrap();
     let nodes: Arc<Vec<Node>> = Arc::new(vec![
-        Node::start("s1", config(&pg, &db.name, "s1", &temp_dir("check-s1", None))),
-        Node::start("s2", config(&pg, &db.name, "s2", &temp_dir("check-s2", None))),
+        Node::start(
+            "s1",
+            config(&pg, &db.name, "s1", &temp_dir("check-s1", None), &max_staleness),
+        ),
+        Node::start(
+            "s2",
+            config(&pg, &db.name, "s2", &temp_dir("check-s2", None), &max_staleness),
+        ),
     ]);
     for n in nodes.iter() {
         wait_ready(&n.addr).await;
     }
     println!(
-        "consistency check: {KEYS} keys, 2 sidecars, {} readers, {seconds}s, faults {}",
+        "consistency check: {KEYS} keys, 2 sidecars, {} readers, {seconds}s, faults {}, max_staleness {max_staleness}",
         2 * READERS_PER_NODE,
         if faults { "on" } else { "off" }
     );
@@ -657,12 +670,35 @@ async fn run() {
     );
     println!("acknowledged writes lost:   {lost}");
     println!("keys stale 1 s after stop:  {stale_after} (of {} key reads)", 2 * KEYS);
+    println!(
+        "read rate:                  {:.0} reads/s; the contract's cost: {} reads reloaded from Postgres, {} served with their lag",
+        reads.len() as f64 / (stopped - started).as_secs_f64(),
+        stale_metric(&nodes, "reloaded").await,
+        stale_metric(&nodes, "served").await
+    );
     for n in nodes.iter() {
         if let Some(mut s) = n.sidecar.lock().unwrap().take() {
             s.signal("TERM");
             let _ = s.wait_timeout(Duration::from_secs(20));
         }
     }
+}
+
+/// `cachesync_stale_reads_total{outcome}` summed over the nodes (since their last start).
+async fn stale_metric(nodes: &[Node], outcome: &str) -> f64 {
+    let mut total = 0.0;
+    for n in nodes {
+        let mut c = Conn::new(n.addr.clone());
+        if let Some((200, _, body)) = c.send("GET", "/metrics", "").await {
+            let needle = format!("outcome=\"{outcome}\"");
+            total += String::from_utf8_lossy(&body)
+                .lines()
+                .filter(|l| l.starts_with("cachesync_stale_reads_total") && l.contains(&needle))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    total
 }
 
 async fn ddl(pg: &PgServer, db: &str, sql: &str) {
