@@ -276,18 +276,14 @@ impl Node {
 async fn run() {
     let args: Vec<String> = std::env::args().collect();
     let faults = args.iter().any(|a| a == "--faults");
-    let seconds: u64 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    let max_staleness = args
-        .iter()
-        .position(|a| a == "--max-staleness")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "50ms".into());
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let seconds: u64 = value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(60);
+    let max_staleness = value("--max-staleness").unwrap_or_else(|| "50ms".into());
     // Commit timestamps tell when a write-behind flush really committed.
     let pg = PgServer::start(PgOptions {
         settings: vec![("track_commit_timestamp".into(), "on".into())],
@@ -593,7 +589,7 @@ async fn run() {
             }
         }
     }
-    let record = record.lock().unwrap();
+    let record = std::mem::take(&mut *record.lock().unwrap());
     // Lost: the final version is below the last acknowledged one.
     let mut lost = 0;
     for (key, acks) in &record.acks {

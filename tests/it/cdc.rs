@@ -13,23 +13,10 @@ use cachesync_testkit::eventually;
 use cachesync_testkit::postgres::{PgOptions, PgServer};
 use serde_json::json;
 
-use crate::common::{Db, Http, Node, Resp, WAIT, hold_loads, metric};
+use crate::common::{Db, Http, Node, WAIT, hold_loads, metric, until};
 
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nmax_entries = 500000\n{extra}\n")
-}
-
-/// GETs `path` until `pred` holds for the response.
-async fn until(http: &Http, path: &str, what: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
-    eventually(WAIT, what, || async {
-        let r = http.get(path).await;
-        if pred(&r) {
-            Ok(r)
-        } else {
-            Err(format!("{} {}", r.status, r.body))
-        }
-    })
-    .await
 }
 
 async fn stats(http: &Http, name: &str) -> serde_json::Value {

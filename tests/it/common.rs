@@ -171,6 +171,19 @@ impl Http {
     }
 }
 
+/// GETs `path` until `pred` holds for the response (or fails the test after [`WAIT`]).
+pub async fn until(http: &Http, path: &str, what: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
+    eventually(WAIT, what, || async {
+        let r = http.get(path).await;
+        if pred(&r) {
+            Ok(r)
+        } else {
+            Err(format!("{} {}", r.status, r.body))
+        }
+    })
+    .await
+}
+
 /// A sidecar's durable identity across restarts: its log directory and slot.
 pub struct Node {
     pub log: PathBuf,

@@ -20,23 +20,17 @@ use cachesync_testkit::postgres::{PgOptions, PgServer, bindir};
 use cachesync_testkit::sidecar::Sidecar;
 use serde_json::json;
 
-use crate::common::{Db, Http, Node, Resp, WAIT, metric};
+use crate::common::{Db, Http, Node, WAIT, metric, until};
 
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\n{extra}\n")
 }
 
-/// GETs `path` until `pred` holds for the response.
-async fn until(http: &Http, path: &str, what: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
-    eventually(WAIT, what, || async {
-        let r = http.get(path).await;
-        if pred(&r) {
-            Ok(r)
-        } else {
-            Err(format!("{} {}", r.status, r.body))
-        }
-    })
-    .await
+/// Starts `node` on `db` with keyspace `t` on table `t` (`ks` lines added to it) and `cdc` lines
+/// added to `[cdc]`.
+async fn start_t(db: &Db, node: &Node, ks: &str, cdc: &str) -> (cachesync::server::Server, Http) {
+    node.start_text(&node.config_text(db, &keyspace("t", "t", ks), cdc))
+        .await
 }
 
 // ---- 1. Schema changes ---------------------------------------------------------------------
@@ -89,13 +83,7 @@ async fn a_column_dropped_on_a_quiet_table_is_seen_by_the_catalog_check() {
         .await;
     let node = Node::new();
     // Read-through: the entry is loaded on demand; no row changes after the ALTER.
-    let (server, http) = node
-        .start_text(&node.config_text(
-            &db,
-            &keyspace("t", "t", "cdc = \"update\"\nwarm = false"),
-            "schema_check = \"200ms\"",
-        ))
-        .await;
+    let (server, http) = start_t(&db, &node, "cdc = \"update\"\nwarm = false", "schema_check = \"200ms\"").await;
     assert_eq!(
         http.get("/v1/kv/t/1").await.json(),
         json!({"id": 1, "v": "a", "w": "x"})
@@ -345,13 +333,13 @@ async fn a_publication_name_that_needs_quotes_streams() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');")
         .await;
     let node = Node::new();
-    let (server, http) = node
-        .start_text(&node.config_text(
-            &db,
-            &keyspace("t", "t", "cdc = \"update\"\nread_through = false"),
-            "publication = \"My Pub\"",
-        ))
-        .await;
+    let (server, http) = start_t(
+        &db,
+        &node,
+        "cdc = \"update\"\nread_through = false",
+        "publication = \"My Pub\"",
+    )
+    .await;
     let exists: bool = db
         .scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'My Pub')")
         .await;
@@ -519,13 +507,7 @@ async fn a_postgres_restart_under_load_keeps_the_freshness_bound() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY, n bigint NOT NULL); INSERT INTO t VALUES (1, 0);")
         .await;
     let node = Node::new();
-    let (server, _) = node
-        .start_text(&node.config_text(
-            &db,
-            &keyspace("t", "t", "cdc = \"update\""),
-            "max_staleness = \"100ms\"",
-        ))
-        .await;
+    let (server, _) = start_t(&db, &node, "cdc = \"update\"", "max_staleness = \"100ms\"").await;
     let base = Arc::new(Mutex::new(format!("http://{}", server.local_addr())));
     let timeline = Arc::new(Mutex::new(Timeline::default()));
     let stop = tokio_util::sync::CancellationToken::new();

@@ -54,19 +54,14 @@ pub async fn warm(
     if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
         return Err(CdcError::Protocol(format!("unexpected snapshot name {snapshot:?}")));
     }
-    let (client, conn) = connection_config(pg)?
-        .connect(NoTls)
-        .await
-        .map_err(|e| CdcError::Source(classify(&e)))?;
-    let driver = tasks.spawn(conn);
     let read_at = tokio::time::Instant::now();
+    let tx = ReadOnly::begin(
+        pg,
+        tasks,
+        &format!("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"),
+    )
+    .await?;
     let result = async {
-        client
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
-            ))
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?;
         let version = Version {
             lsn: cp,
             snapshot: None,
@@ -75,18 +70,12 @@ pub async fn warm(
         };
         let mut total = 0;
         for ks in keyspaces {
-            total += warm_one(&client, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
+            total += warm_one(&tx.client, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
         }
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?;
         Ok(total)
     }
     .await;
-    drop(client);
-    let _ = driver.await;
-    result
+    tx.end(result).await
 }
 
 /// Reloads one keyspace from a fresh repeatable-read snapshot while the stream runs; its rows
@@ -100,19 +89,12 @@ pub async fn reload(
     max_key_bytes: usize,
     tasks: &Tasks,
 ) -> Result<u64, CdcError> {
-    let (client, conn) = connection_config(pg)?
-        .connect(NoTls)
-        .await
-        .map_err(|e| CdcError::Source(classify(&e)))?;
-    let driver = tasks.spawn(conn);
     let read_at = tokio::time::Instant::now();
+    let tx = ReadOnly::begin(pg, tasks, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
     let result = async {
-        client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?;
         // The first statement takes the transaction's snapshot; the position is read inside it.
-        let row = client
+        let row = tx
+            .client
             .query_one("SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text", &[])
             .await
             .map_err(|e| CdcError::Source(classify(&e)))?;
@@ -127,17 +109,50 @@ pub async fn reload(
             read_at,
             blocker: Blocker::Schema,
         };
-        let rows = warm_one(&client, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| CdcError::Source(classify(&e)))?;
-        Ok(rows)
+        warm_one(&tx.client, ks, &version, hlc, metrics, max_key_bytes, tasks).await
     }
     .await;
-    drop(client);
-    let _ = driver.await;
-    result
+    tx.end(result).await
+}
+
+/// A read-only transaction on a connection of its own, for one load.
+struct ReadOnly {
+    client: tokio_postgres::Client,
+    driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl ReadOnly {
+    /// Connects and runs `begin` (the statements that open the transaction).
+    async fn begin(pg: &PostgresConfig, tasks: &Tasks, begin: &str) -> Result<ReadOnly, CdcError> {
+        let (client, conn) = connection_config(pg)?
+            .connect(NoTls)
+            .await
+            .map_err(|e| CdcError::Source(classify(&e)))?;
+        let tx = ReadOnly {
+            client,
+            driver: tasks.spawn(conn),
+        };
+        match tx.client.batch_execute(begin).await {
+            Ok(()) => Ok(tx),
+            Err(e) => tx.end(Err(CdcError::Source(classify(&e)))).await,
+        }
+    }
+
+    /// Commits when the load succeeded, then closes the connection.
+    async fn end<T>(self, result: Result<T, CdcError>) -> Result<T, CdcError> {
+        let result = match result {
+            Ok(v) => self
+                .client
+                .batch_execute("COMMIT")
+                .await
+                .map(|_| v)
+                .map_err(|e| CdcError::Source(classify(&e))),
+            e => e,
+        };
+        drop(self.client);
+        let _ = self.driver.await;
+        result
+    }
 }
 
 /// The version every row of one load is installed at.
