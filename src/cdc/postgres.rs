@@ -58,9 +58,9 @@ use crate::metrics::Metrics;
 use crate::source::postgres::PgPool;
 use crate::source::postgres::config::PostgresConfig;
 use catalog::SlotState;
-use decoder::{Change, Decoder, RelationInfo};
+use decoder::{Change, Decoder};
 use mapping::{TableMapping, TxnInfo};
-use reshape::{At, Reshaped, Reshaper};
+use reshape::Reshaper;
 use transport::{Closed, PgwireSource};
 
 /// Events of one transaction appended per log write; bounds memory for huge transactions.
@@ -345,20 +345,10 @@ impl Capture {
 
     /// The slot is held by a live session: refuse, naming who holds it.
     fn slot_held(&self, holder: &catalog::Holder) -> CdcError {
-        let same_node = format!("{}{}/", transport::APPLICATION_PREFIX, self.node);
-        let why = if holder.application_name.starts_with(&same_node) && holder.application_name != self.app {
+        let (twin, why) = holder.conflict(&self.slot, &self.node, &self.app);
+        if twin {
             self.metrics.cdc_slot_conflicts.with_label_values(&["held"]).inc();
-            format!(
-                "two live nodes share node_id {}: replication slot {} is held by another cachesync process \
-                 (pid {} on the server, client {}, application_name {}); give each node its own [server] node_id",
-                self.node, self.slot, holder.pid, holder.client, holder.application_name
-            )
-        } else {
-            format!(
-                "replication slot {} is in use by another connection (pid {}, client {}, application_name {:?})",
-                self.slot, holder.pid, holder.client, holder.application_name
-            )
-        };
+        }
         tracing::error!(slot = %self.slot, reason = %why, "refusing to share the replication slot");
         self.block_all(Some(why.clone()));
         CdcError::Setup(why)
@@ -520,7 +510,10 @@ impl Capture {
                     let Some(t) = txn.as_mut() else { continue };
                     match &change {
                         Change::Relation { rel, .. } => {
-                            let built = self.mappings_for(rel, t).await;
+                            let built = self
+                                .reshaper
+                                .mappings(&self.keyspaces, rel, Lsn(t.info.lsn), self.max_key_bytes)
+                                .await;
                             mappings.insert(rel.oid, built);
                         }
                         Change::Insert { rel, .. } | Change::Update { rel, .. } | Change::Delete { rel, .. } => {
@@ -576,59 +569,4 @@ impl Capture {
             }
         }
     }
-
-    /// (Re)builds the mappings of the keyspaces that follow `rel`, re-reading the table of a
-    /// keyspace whose binding no longer describes it (see `reshape`): a keyspace whose documents
-    /// change shape is reset at this transaction and reloaded; one that no longer fits is
-    /// emptied and not ready. A keyspace bound to this relation under another name (the table
-    /// was renamed) is rechecked too.
-    async fn mappings_for(&self, rel: &Arc<RelationInfo>, t: &Txn) -> Vec<TableMapping> {
-        let mut out = Vec::new();
-        let at = At::Txn(Lsn(t.info.lsn));
-        for ks in &self.keyspaces {
-            let named = ks
-                .config
-                .table
-                .as_ref()
-                .is_some_and(|t| t.schema == rel.schema && t.name == rel.name);
-            let bound_oid = ks.source().ok().map(|s| s.binding().table_oid);
-            if !named {
-                if bound_oid == Some(rel.oid) {
-                    // Its table now goes by another name.
-                    self.reshaper
-                        .recheck(ks, at, &format!("table renamed to {}.{}", rel.schema, rel.name))
-                        .await;
-                }
-                continue;
-            }
-            let stale = match ks.source() {
-                Ok(s) => s.binding().table_oid != rel.oid || !fits(&s.binding().columns, rel),
-                Err(_) => true,
-            };
-            if stale || self.reshaper.is_unfit(ks) {
-                tracing::info!(keyspace = ks.name(), table = %rel.name, "the table changed; re-reading its columns");
-                if let Reshaped::Unfit(_) = self
-                    .reshaper
-                    .recheck(ks, at, "the stream sent a new shape of the table")
-                    .await
-                {
-                    continue;
-                }
-            }
-            let Ok(source) = ks.source() else { continue };
-            match TableMapping::build(ks.clone(), source.binding(), rel, self.max_key_bytes) {
-                Ok(m) => out.push(m),
-                Err(why) => self.reshaper.make_unfit(ks, Lsn(t.info.lsn + 1), why),
-            }
-        }
-        out
-    }
-}
-
-/// Whether a binding read from the catalog still describes the relation pgoutput sent: every
-/// replicated column present with the same type.
-fn fits(columns: &[(String, u32)], rel: &RelationInfo) -> bool {
-    rel.columns
-        .iter()
-        .all(|c| columns.iter().any(|(n, t)| n == &c.name && *t == c.type_oid))
 }

@@ -42,6 +42,32 @@ pub struct Holder {
     pub client: String,
 }
 
+impl Holder {
+    /// Why this session holding `slot` keeps a node (`node`, whose own sessions are named
+    /// `app`) from streaming; `true` when it is another live process with the same node id.
+    pub fn conflict(&self, slot: &str, node: &str, app: &str) -> (bool, String) {
+        let same_node = format!("{}{node}/", super::transport::APPLICATION_PREFIX);
+        if self.application_name.starts_with(&same_node) && self.application_name != app {
+            (
+                true,
+                format!(
+                    "two live nodes share node_id {node}: replication slot {slot} is held by another cachesync process \
+                     (pid {} on the server, client {}, application_name {}); give each node its own [server] node_id",
+                    self.pid, self.client, self.application_name
+                ),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "replication slot {slot} is in use by another connection (pid {}, client {}, application_name {:?})",
+                    self.pid, self.client, self.application_name
+                ),
+            )
+        }
+    }
+}
+
 /// Creates or extends the publication so it covers every CDC table.
 pub async fn ensure_publication(
     pool: &PgPool,

@@ -2,7 +2,8 @@
 //! no longer holds.
 //!
 //! A change is seen two ways: pgoutput sends a Relation message before the first row change of
-//! a table after its schema changed (the stream calls [`Reshaper::recheck`] with that
+//! a table after its schema changed (the stream builds its row mappings with
+//! [`Reshaper::mappings`], which rechecks a keyspace its relation no longer fits, at that
 //! transaction's position), and a catalog check every `[cdc] schema_check` re-reads each CDC
 //! table ([`watch`]), so a table that changed and then stays quiet — or was dropped — is noticed
 //! too. Either way the keyspace's binding is re-read from the catalog:
@@ -26,6 +27,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::decoder::RelationInfo;
+use super::mapping::TableMapping;
 use super::snapshot;
 use crate::hlc::Hlc;
 use crate::keyspace::{BindError, Blocker, Keyspace};
@@ -209,6 +212,54 @@ impl Reshaper {
         }
     }
 
+    /// (Re)builds the mappings of the keyspaces that follow `rel`, re-reading the table of a
+    /// keyspace whose binding no longer describes it: a keyspace whose documents
+    /// change shape is reset at this transaction and reloaded; one that no longer fits is
+    /// emptied and not ready. A keyspace bound to this relation under another name (the table
+    /// was renamed) is rechecked too.
+    pub async fn mappings(
+        self: &Arc<Self>,
+        keyspaces: &[Arc<Keyspace>],
+        rel: &Arc<RelationInfo>,
+        txn: Lsn,
+        max_key_bytes: usize,
+    ) -> Vec<TableMapping> {
+        let mut out = Vec::new();
+        let at = At::Txn(txn);
+        for ks in keyspaces {
+            let named = ks
+                .config
+                .table
+                .as_ref()
+                .is_some_and(|t| t.schema == rel.schema && t.name == rel.name);
+            let bound_oid = ks.source().ok().map(|s| s.binding().table_oid);
+            if !named {
+                if bound_oid == Some(rel.oid) {
+                    // Its table now goes by another name.
+                    self.recheck(ks, at, &format!("table renamed to {}.{}", rel.schema, rel.name))
+                        .await;
+                }
+                continue;
+            }
+            let stale = match ks.source() {
+                Ok(s) => s.binding().table_oid != rel.oid || !fits(&s.binding().columns, rel),
+                Err(_) => true,
+            };
+            if stale || self.is_unfit(ks) {
+                tracing::info!(keyspace = ks.name(), table = %rel.name, "the table changed; re-reading its columns");
+                if let Reshaped::Unfit(_) = self.recheck(ks, at, "the stream sent a new shape of the table").await {
+                    continue;
+                }
+            }
+            let Ok(source) = ks.source() else { continue };
+            match TableMapping::build(ks.clone(), source.binding(), rel, max_key_bytes) {
+                Ok(m) => out.push(m),
+                Err(why) => self.make_unfit(ks, Lsn(txn.0 + 1), why),
+            }
+        }
+        out
+    }
+
     async fn flush_position(&self) -> Result<Lsn, ()> {
         let client = self.pool.get().await.map_err(|_| ())?;
         let row = client
@@ -240,4 +291,12 @@ pub async fn watch(reshaper: Arc<Reshaper>, keyspaces: Vec<Arc<Keyspace>>, every
                 .await;
         }
     }
+}
+
+/// Whether a binding read from the catalog still describes the relation pgoutput sent: every
+/// replicated column present with the same type.
+fn fits(columns: &[(String, u32)], rel: &RelationInfo) -> bool {
+    rel.columns
+        .iter()
+        .all(|c| columns.iter().any(|(n, t)| n == &c.name && *t == c.type_oid))
 }
