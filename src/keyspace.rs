@@ -156,6 +156,8 @@ pub struct Keyspace {
     freshness: OnceLock<Arc<Freshness>>,
     /// Source position below which no state is accepted any more (see [`Keyspace::reset_below`]).
     floor: AtomicU64,
+    /// The change stream keeps the keyspace up to date (see [`Keyspace::set_followed`]).
+    followed: std::sync::atomic::AtomicBool,
 }
 
 impl Keyspace {
@@ -181,6 +183,7 @@ impl Keyspace {
             config,
             freshness: OnceLock::new(),
             floor: AtomicU64::new(0),
+            followed: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -196,7 +199,22 @@ impl Keyspace {
 
     /// Whether `entry` is within the freshness contract (always, without one).
     pub fn is_fresh(&self, entry: &Entry) -> bool {
-        self.freshness.get().is_none_or(|f| f.is_fresh(entry.read_at))
+        self.is_fresh_read(entry.read_at)
+    }
+
+    /// Whether state read from Postgres at `read_at` (`None`: only what the stream brought, or
+    /// the absence of an entry) is within the freshness contract.
+    pub fn is_fresh_read(&self, read_at: Option<tokio::time::Instant>) -> bool {
+        self.freshness
+            .get()
+            .is_none_or(|f| f.is_fresh_as(read_at, self.followed.load(Ordering::Acquire)))
+    }
+
+    /// Whether the change stream keeps this keyspace up to date. Off while its table cannot be
+    /// followed: then the stream's watermark says nothing about it, and only an entry's own
+    /// read from Postgres makes it fresh.
+    pub fn set_followed(&self, on: bool) {
+        self.followed.store(on, Ordering::Release);
     }
 
     /// How far behind the database this keyspace's cached state may be.

@@ -177,7 +177,15 @@ impl Freshness {
 
     /// Whether an entry read from Postgres at `read_at` (if it was) is within the contract.
     pub fn is_fresh(&self, read_at: Option<Instant>) -> bool {
-        let known = self.as_of().max(read_at.map_or(0, |t| self.stamp(t)));
+        self.is_fresh_as(read_at, true)
+    }
+
+    /// [`Freshness::is_fresh`] for a keyspace the stream may not be following
+    /// (`followed = false`: its table changed so that changes cannot be mapped): only its own
+    /// reads from Postgres count, not the watermark.
+    pub fn is_fresh_as(&self, read_at: Option<Instant>, followed: bool) -> bool {
+        let watermark = if followed { self.as_of() } else { 0 };
+        let known = watermark.max(read_at.map_or(0, |t| self.stamp(t)));
         known != 0 && Duration::from_millis(self.now().saturating_sub(known)) <= self.max_staleness
     }
 }

@@ -47,7 +47,7 @@ pub async fn get(
     if !ks.config.read_through {
         // Nothing to load from: an absent key is absent — as far as the stream has told.
         let entry = Arc::new(Entry::new(None, Lsn::ZERO, 0));
-        let fresh = ks.freshness().is_none_or(|f| f.is_fresh(None));
+        let fresh = ks.is_fresh_read(None);
         if !fresh {
             ks.m.stale_served.inc();
         }

@@ -1,7 +1,8 @@
 //! Correct under change: schema migrations, restarts, outages and misconfiguration never leave a
 //! cache silently wrong. One test per finding of the "correct under change" issue:
 //!
-//! 1. schema changes on a CDC table (drop, rename, add across a restart, table renamed);
+//! 1. schema changes on a CDC table (drop, rename, add across a restart, table renamed or
+//!    dropped, the key taken out of the replica identity);
 //! 2. two sidecars with one node id (detected and refused; a slot consumed by another process
 //!    is never resumed blind);
 //! 3. a publication name that needs quoting;
@@ -180,6 +181,72 @@ async fn a_renamed_table_empties_the_keyspace_and_makes_it_not_ready() {
     server.wait_ready(WAIT).await.expect("ready again once the table fits");
     until(&http, "/v1/kv/t/1", "reloaded after the table came back", |r| {
         r.status == 200 && r.json()["v"] == "moved"
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dropped_table_is_seen_by_the_catalog_check_and_its_keyspace_emptied() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');")
+        .await;
+    let node = Node::new();
+    let (server, http) = start_t(
+        &db,
+        &node,
+        "cdc = \"update\"\nread_through = false",
+        "schema_check = \"200ms\"",
+    )
+    .await;
+    assert_eq!(http.get("/v1/kv/t/1").await.status, 200);
+    db.exec("DROP TABLE t").await;
+    let r = until(&http, "/readyz", "not ready, naming the table", |r| r.status == 503).await;
+    assert!(r.body.contains("public.t does not exist"), "{}", r.body);
+    assert_eq!(
+        http.get("/v1/kv/t/1").await.status,
+        404,
+        "nothing served from a dropped table"
+    );
+    let m = http.get("/metrics").await.body;
+    assert!(
+        metric(
+            &m,
+            "cachesync_cdc_schema_changes_total{action=\"unfit\",keyspace=\"t\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_taken_out_of_the_replica_identity_empties_the_keyspace_with_the_fix_in_the_reason() {
+    let db = Db::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, email text UNIQUE NOT NULL, v text); ALTER TABLE t REPLICA IDENTITY FULL; \
+         INSERT INTO t VALUES (1, 'a@x', 'a');",
+    )
+    .await;
+    let node = Node::new();
+    let ks =
+        "[[keyspace]]\nname = \"by_email\"\ntable = \"t\"\nkey = \"email\"\ncdc = \"update\"\nread_through = false\n";
+    let (server, http) = node.start_text(&node.config_text(&db, ks, "")).await;
+    assert_eq!(http.get("/v1/kv/by_email/a@x").await.json()["v"], "a");
+    // Deletes would no longer name the entry they remove.
+    db.exec("ALTER TABLE t REPLICA IDENTITY DEFAULT; UPDATE t SET v = 'b' WHERE id = 1;")
+        .await;
+    let r = until(&http, "/readyz", "not ready, saying how to fix it", |r| r.status == 503).await;
+    assert!(r.body.contains("replica identity"), "{}", r.body);
+    assert_eq!(http.get("/v1/kv/by_email/a@x").await.status, 404, "emptied");
+    // Fixed: ready again and loaded as the table is.
+    db.exec("ALTER TABLE t REPLICA IDENTITY FULL; UPDATE t SET v = 'c' WHERE id = 1;")
+        .await;
+    server
+        .wait_ready(WAIT)
+        .await
+        .expect("ready again once the key is in the identity");
+    until(&http, "/v1/kv/by_email/a@x", "reloaded", |r| {
+        r.status == 200 && r.json()["v"] == "c"
     })
     .await;
     server.shutdown().await;

@@ -253,7 +253,10 @@ impl Reshaper {
             }
             let Ok(source) = ks.source() else { continue };
             match TableMapping::build(ks.clone(), source.binding(), rel, max_key_bytes) {
-                Ok(m) => out.push(m),
+                Ok(m) => {
+                    ks.set_followed(true);
+                    out.push(m);
+                }
                 Err(why) => self.make_unfit(ks, Lsn(txn.0 + 1), why),
             }
         }
