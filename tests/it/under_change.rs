@@ -430,6 +430,21 @@ struct Timeline {
     acks: Vec<(i64, Instant)>,
     /// (started at, value, served with X-Cache-Lag-Ms)
     reads: Vec<(Instant, i64, bool)>,
+    /// Writes that failed (the database was unreachable).
+    write_errors: u64,
+}
+
+/// Waits until the load has been running a while: `reads` reads and `acks` writes recorded.
+async fn under_load(timeline: &Arc<Mutex<Timeline>>, reads: usize, acks: usize) {
+    eventually(WAIT, "the load is running", || async {
+        let t = timeline.lock().unwrap();
+        if t.reads.len() >= reads && t.acks.len() >= acks {
+            Ok(())
+        } else {
+            Err((t.reads.len(), t.acks.len()))
+        }
+    })
+    .await;
 }
 
 impl Timeline {
@@ -466,6 +481,7 @@ async fn drive(
             let mut v = 0i64;
             while !stop.is_cancelled() {
                 let Ok((client, conn)) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await else {
+                    timeline.lock().unwrap().write_errors += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
@@ -476,6 +492,7 @@ async fn drive(
                         .await
                         .is_err()
                     {
+                        timeline.lock().unwrap().write_errors += 1;
                         break;
                     }
                     v += 1;
@@ -536,7 +553,7 @@ async fn a_sigkill_restart_under_load_keeps_the_freshness_bound() {
     let timeline = Arc::new(Mutex::new(Timeline::default()));
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(drive(db.db.url.clone(), base.clone(), timeline.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    under_load(&timeline, 200, 50).await;
     a.kill();
     let b = Sidecar::spawn(bin, Some(&text));
     let restarted = Instant::now();
@@ -579,18 +596,19 @@ async fn a_postgres_restart_under_load_keeps_the_freshness_bound() {
     let timeline = Arc::new(Mutex::new(Timeline::default()));
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(drive(db.db.url.clone(), base, timeline.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    under_load(&timeline, 200, 50).await;
     let down = Instant::now();
-    tokio::task::spawn_blocking({
-        let pg = pg.clone();
-        move || {
-            pg.stop();
-            std::thread::sleep(Duration::from_millis(500));
-            pg.resume();
-        }
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.stop()).await.unwrap();
+    // Down until the writer has seen it fail a few times.
+    let failed = timeline.lock().unwrap().write_errors;
+    eventually(WAIT, "writes fail while Postgres is down", || async {
+        let n = timeline.lock().unwrap().write_errors;
+        if n >= failed + 3 { Ok(()) } else { Err(n) }
     })
-    .await
-    .unwrap();
+    .await;
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.resume()).await.unwrap();
     let up = Instant::now();
     eventually(WAIT, "reads after Postgres returned", || async {
         let n = timeline.lock().unwrap().reads.iter().filter(|r| r.0 > up).count();
