@@ -31,6 +31,7 @@ use super::decoder::RelationInfo;
 use super::mapping::TableMapping;
 use super::snapshot;
 use crate::hlc::Hlc;
+use crate::keyspace::config::TableRef;
 use crate::keyspace::{BindError, Blocker, Keyspace};
 use crate::lifecycle::{Backoff, Tasks};
 use crate::lsn::Lsn;
@@ -263,6 +264,27 @@ impl Reshaper {
         out
     }
 
+    /// The table's OID and its columns (name, type OID) in order, as the catalog has them now;
+    /// `None` when there is no such table.
+    async fn catalog_columns(&self, table: &TableRef) -> Result<Option<(u32, Vec<(String, u32)>)>, ()> {
+        let client = self.pool.get().await.map_err(|_| ())?;
+        let row = client
+            .query_opt(
+                "SELECT c.oid, array_remove(array_agg(a.attname::text ORDER BY a.attnum), NULL), \
+                        array_remove(array_agg(a.atttypid ORDER BY a.attnum), NULL) \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 WHERE n.nspname = $1 AND c.relname = $2 GROUP BY c.oid",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(|e| tracing::debug!(error = %classify(&e), "the catalog check failed"))?;
+        Ok(row.map(|r| {
+            let (oid, names, types): (u32, Vec<String>, Vec<u32>) = (r.get(0), r.get(1), r.get(2));
+            (oid, names.into_iter().zip(types).collect())
+        }))
+    }
+
     async fn flush_position(&self) -> Result<Lsn, ()> {
         let client = self.pool.get().await.map_err(|_| ())?;
         let row = client
@@ -277,7 +299,9 @@ fn table_of(ks: &Keyspace) -> String {
     ks.config.table.as_ref().map(|t| t.to_string()).unwrap_or_default()
 }
 
-/// Re-reads every CDC keyspace's table every `every`, until `stop`.
+/// Compares every CDC keyspace's table with the catalog every `every`, until `stop`: one small
+/// query per table (its OID and its columns' names and types), and the full re-read of
+/// [`Reshaper::recheck`] only when that differs from the keyspace's binding.
 pub async fn watch(reshaper: Arc<Reshaper>, keyspaces: Vec<Arc<Keyspace>>, every: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -286,12 +310,19 @@ pub async fn watch(reshaper: Arc<Reshaper>, keyspaces: Vec<Arc<Keyspace>>, every
         }
         for ks in &keyspaces {
             // Not bound yet: the capture's session binds it first.
-            if ks.source().is_err() {
-                continue;
+            let Ok(source) = ks.source() else { continue };
+            let b = source.binding();
+            let unchanged = match reshaper.catalog_columns(&b.table).await {
+                // Postgres could not be asked: the next check tries again.
+                Err(()) => continue,
+                Ok(Some((oid, columns))) => oid == b.table_oid && columns == b.columns,
+                Ok(None) => false,
+            };
+            if !unchanged || reshaper.is_unfit(ks) {
+                reshaper
+                    .recheck(ks, At::Now, "the catalog check found the table changed")
+                    .await;
             }
-            reshaper
-                .recheck(ks, At::Now, "the catalog check found the table changed")
-                .await;
         }
     }
 }
