@@ -20,7 +20,7 @@ pub mod config;
 pub mod freshness;
 pub mod overlay;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -76,8 +76,8 @@ pub enum Origin {
 pub struct Read {
     pub entry: Arc<Entry>,
     pub origin: Origin,
-    /// Set when the answer is outside the freshness contract (it could not be reloaded): how
-    /// far behind the database it may be (`None` inside: unknown).
+    /// Set only when the answer is outside the freshness contract (it could not be reloaded):
+    /// how far behind the database it may be. `None`: within the contract.
     pub lag: Option<Lag>,
 }
 
@@ -157,7 +157,7 @@ pub struct Keyspace {
     /// Source position below which no state is accepted any more (see [`Keyspace::reset_below`]).
     floor: AtomicU64,
     /// The change stream keeps the keyspace up to date (see [`Keyspace::set_followed`]).
-    followed: std::sync::atomic::AtomicBool,
+    followed: AtomicBool,
 }
 
 impl Keyspace {
@@ -183,18 +183,13 @@ impl Keyspace {
             config,
             freshness: OnceLock::new(),
             floor: AtomicU64::new(0),
-            followed: std::sync::atomic::AtomicBool::new(true),
+            followed: AtomicBool::new(true),
         }
     }
 
     /// Puts the keyspace under the freshness contract of its change stream.
     pub fn set_freshness(&self, f: Arc<Freshness>) {
         let _ = self.freshness.set(f);
-    }
-
-    /// The keyspace's freshness contract, if it has one.
-    pub fn freshness(&self) -> Option<&Arc<Freshness>> {
-        self.freshness.get()
     }
 
     /// Whether `entry` is within the freshness contract (always, without one).

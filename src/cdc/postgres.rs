@@ -312,6 +312,9 @@ impl Capture {
                         "the replication slot was advanced past this node's position by another consumer (is node_id {} used twice?); reloading the CDC keyspaces from a new snapshot", self.node);
                     self.forget_all("replication slot was consumed by another process; reloading from a new snapshot");
                 }
+                // From here this node is consistent with the slot's position (it resumes from
+                // there, or reloads from a snapshot taken after it).
+                self.confirmed.fetch_max(confirmed.0, Ordering::AcqRel);
                 if !self.warmed || advanced {
                     if self.keyspaces.iter().any(|k| k.config.warm) {
                         let mut temp =
@@ -329,7 +332,8 @@ impl Capture {
                     }
                 }
             }
-            SlotState::InUse(_) => unreachable!("handled above"),
+            // Refused above, before connecting.
+            SlotState::InUse(_) => {}
         }
         self.warmed = true;
         client.start().await?;
