@@ -1,5 +1,6 @@
 //! Test and benchmark support: throwaway Postgres and Redis servers on free loopback ports in
-//! temporary directories, and a handle on the real `cachesync` binary. Integration tests and
+//! temporary directories, a handle on the real `cachesync` binary, and a loopback TCP proxy that
+//! delays, cuts and blackholes links ([`faultlink`]). Integration tests and
 //! benchmarks use it; the sidecar itself never does.
 //!
 //! Each server runs under a tiny shell *guardian* whose stdin is a pipe held by this process.
@@ -9,6 +10,7 @@
 //! own database or key prefix. A missing server binary is a test failure whose message says how
 //! to install it — tests never skip.
 
+pub mod faultlink;
 pub mod postgres;
 pub mod redis;
 pub mod sidecar;
