@@ -8,6 +8,7 @@
 //! ```text
 //! DIR/
 //!   LOCK                           held (flock) by the one process that writes this log
+//!   IDENTITY                       this log's identity: offsets mean something only within it
 //!   00000000000000000000.log       segment: framed records from offset 0
 //!   00000000000000000000.index     sparse index of that segment
 //!   00000000000000052817.log       next segment: its first record has offset 52817
@@ -20,6 +21,7 @@
 //! | `NNNNNNNNNNNNNNNNNNNN.log` (20-digit base offset) | records back to back; each: `magic 0xCA (1) \| payload length u32 LE (4) \| crc32c u32 LE (4) of the next three fields \| offset u64 LE (8) \| append time ms u64 LE (8) \| payload` |
 //! | `NNNNNNNNNNNNNNNNNNNN.index` | `(offset − base: u32 LE, file position: u32 LE)` every `index_interval_bytes` of records; rebuilt from the segment when missing or invalid |
 //! | `cursors/NAME.cursor` | `"CSC1" (4) \| offset u64 LE (8) \| crc32c u32 LE (4)` of the first 12 bytes; replaced atomically (temp file, fsync, rename, fsync of the directory) |
+//! | `IDENTITY` | `"cachesync-log "` + 32 hex digits (128 random bits) + `"\n"`; made when the log is created, or when its segments are found wiped (see `identity`) |
 //! | payload | an encoded [`ChangeEvent`](crate::event::ChangeEvent), format byte first (see `event`) |
 //!
 //! # Guarantees
@@ -37,6 +39,7 @@
 
 pub mod config;
 pub mod cursor;
+pub mod identity;
 pub mod inspect;
 mod metrics;
 pub mod reader;
@@ -156,6 +159,9 @@ pub struct Shared {
     /// Set when the writer has stopped; waiting tails return `Closed`.
     pub(crate) closed: std::sync::atomic::AtomicBool,
     pub(crate) metrics: LogMetrics,
+    /// The log's identity (see [`identity`]); `None` only for a read-only open of a log that
+    /// has none yet.
+    pub(crate) identity: Option<String>,
 }
 
 impl Shared {
@@ -378,6 +384,13 @@ impl CommitLog {
         self.shared.end()
     }
 
+    /// The log's identity: 128 random bits in hex, made when the log was created (or its
+    /// segments were found wiped). An offset means something only together with it: a follower
+    /// that finds another identity behind the same address knows the log was recreated.
+    pub fn identity(&self) -> &str {
+        self.shared.identity.as_deref().unwrap_or_default()
+    }
+
     pub fn config(&self) -> &LogConfig {
         &self.shared.config
     }
@@ -473,6 +486,19 @@ pub(crate) fn open_dir(config: LogConfig, metrics: LogMetrics, read_only: bool) 
             std::io::Error::other("no segment files here; is this a cachesync log directory?"),
         ));
     }
+    let identity = if read_only {
+        identity::read(&dir)?
+    } else if bases.is_empty() {
+        // A new log — or one whose segments were wiped — gets a new identity, so offsets into
+        // an earlier log are never taken as offsets into this one.
+        Some(identity::create(&dir)?)
+    } else {
+        Some(match identity::read(&dir)? {
+            Some(id) => id,
+            // A log written before identities existed gets one now.
+            None => identity::create(&dir)?,
+        })
+    };
     if bases.is_empty() {
         Segment::create(&dir, Offset(0))?;
         sync_dir(&dir)?;
@@ -507,6 +533,7 @@ pub(crate) fn open_dir(config: LogConfig, metrics: LogMetrics, read_only: bool) 
         failed: Mutex::new(None),
         closed: std::sync::atomic::AtomicBool::new(false),
         metrics,
+        identity,
     });
     Ok(Opened {
         shared,

@@ -27,6 +27,8 @@ pub struct SegmentStat {
 #[derive(Debug, Serialize)]
 pub struct LogStat {
     pub dir: String,
+    /// The log's identity (`None` for a log written before identities existed).
+    pub identity: Option<String>,
     pub start_offset: u64,
     pub end_offset: u64,
     pub records: u64,
@@ -90,6 +92,7 @@ pub fn stat(dir: &Path) -> Result<LogStat, LogError> {
         .collect();
     Ok(LogStat {
         dir: dir.display().to_string(),
+        identity: shared.identity.clone(),
         start_offset: shared.start().0,
         end_offset: end.0,
         records: end.0 - shared.start().0,

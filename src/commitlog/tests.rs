@@ -570,3 +570,32 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn a_log_keeps_its_identity_and_a_recreated_log_gets_a_new_one() {
+    let dir = temp_dir("log", None);
+    let log = open(cfg(&dir)).await;
+    let id = log.identity().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    log.append(vec![payload(0, 10)]).await.unwrap();
+    log.close().await.unwrap();
+    let log = open(cfg(&dir)).await;
+    assert_eq!(log.identity(), id, "reopened: the same log");
+    assert_eq!(inspect::stat(&dir).unwrap().identity.as_deref(), Some(id.as_str()));
+    log.close().await.unwrap();
+    // Segments wiped (the IDENTITY file left behind): offsets restart, so the identity must not.
+    for f in segment_files(&dir) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let log = open(cfg(&dir)).await;
+    assert_eq!(log.end(), Offset(0));
+    assert_ne!(log.identity(), id, "a recreated log is another log");
+    log.close().await.unwrap();
+    // A file that is not an identity is refused, not replaced.
+    std::fs::write(dir.join("IDENTITY"), "something else\n").unwrap();
+    let err = CommitLog::open(cfg(&dir), &Registry::new())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("not a cachesync log identity"), "{err}");
+}
