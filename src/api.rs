@@ -86,9 +86,49 @@ async fn check_host(State(st): State<Arc<AppState>>, req: Request, next: Next) -
     next.run(req).await
 }
 
+/// With `[server] token_file`, refuses requests without `Authorization: Bearer <token>` (401
+/// `unauthorized`), except the probes `/healthz` and `/readyz`, which orchestrators call without
+/// credentials. The comparison takes the same time wherever the tokens differ; neither token
+/// appears in the answer or the logs.
+async fn check_token(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(token) = &st.server.token else {
+        return next.run(req).await;
+    };
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented.is_some_and(|p| same_secret(p.trim().as_bytes(), token.expose().as_bytes())) {
+        return next.run(req).await;
+    }
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        if presented.is_some() {
+            "the bearer token does not match [server] token_file"
+        } else {
+            "this API needs Authorization: Bearer <the token in [server] token_file>"
+        },
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
     let host_check = axum::middleware::from_fn_with_state(state.clone(), check_host);
+    let token_check = axum::middleware::from_fn_with_state(state.clone(), check_token);
     Router::new()
         .route("/v1/kv/{keyspace}/_mget", post(kv::mget))
         .route("/v1/kv/{keyspace}/_mput", post(kv::mput))
@@ -115,6 +155,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "this route does not accept that method",
             )
         })
+        .layer(token_check)
         .layer(host_check)
         .with_state(state)
 }

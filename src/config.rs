@@ -187,6 +187,14 @@ fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, problems
 /// Checks that span sections (after overrides); each problem is reported, none stops the others.
 fn validate(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
+    // After the environment: CACHESYNC_LISTEN can move the listener off loopback.
+    if let Some(message) = crate::api::config::needs_credential(config.server.listen, config.server.token.as_ref()) {
+        problems.push(Problem {
+            line: None,
+            path: "server.listen".into(),
+            message,
+        });
+    }
     let mut names = std::collections::HashSet::new();
     for ks in &config.keyspaces {
         if !names.insert(ks.name.as_str()) {

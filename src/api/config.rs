@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::section::{Section, humantime_serde_shim};
+use crate::source::postgres::config::Secret;
 
 /// Where the HTTP API listens when nothing else is configured: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -39,9 +40,15 @@ pub const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 /// `[server]`: the local HTTP API.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
-    /// Address to listen on. Loopback by default: the API has no authentication and is meant for
-    /// the service in the same pod or host. Env: `CACHESYNC_LISTEN`.
+    /// Address to listen on. Loopback by default: the API is meant for the service in the same
+    /// pod or host. Any other address needs `token_file`. Env: `CACHESYNC_LISTEN`.
     pub listen: SocketAddr,
+    /// A file holding the API's bearer token: with it, every route but `/healthz` and `/readyz`
+    /// needs `Authorization: Bearer <token>`. Required when `listen` is not loopback.
+    pub token_file: Option<std::path::PathBuf>,
+    /// The token read from `token_file` (never printed).
+    #[serde(skip)]
+    pub token: Option<Secret>,
     /// Time allowed on SIGTERM/SIGINT for in-flight requests to finish.
     #[serde(with = "humantime_serde_shim")]
     pub shutdown_grace: Duration,
@@ -103,6 +110,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid address"),
+            token_file: None,
+            token: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -114,6 +123,30 @@ impl Default for ServerConfig {
             allowed_hosts: default_allowed_hosts(DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid address")),
         }
     }
+}
+
+/// Reads a token file: its content without surrounding whitespace, at least 16 bytes.
+pub fn read_token(path: &std::path::Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{} must hold one token of at least 16 characters without spaces",
+            path.display()
+        ));
+    }
+    Ok(Secret::new(token))
+}
+
+/// The problem with a listener on `listen` without a credential, if any: only loopback may go
+/// without one.
+pub fn needs_credential(listen: SocketAddr, token: Option<&Secret>) -> Option<String> {
+    (!listen.ip().is_loopback() && token.is_none()).then(|| {
+        format!(
+            "{listen} is not a loopback address: a listener others can reach needs a credential; set [server] token_file \
+             (clients then send Authorization: Bearer <token>), or listen on 127.0.0.1"
+        )
+    })
 }
 
 /// The host name (from `/etc/hostname` or `HOSTNAME`), made safe for a slot name; `cachesync`
@@ -147,8 +180,21 @@ pub(crate) fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
         },
         None => d.listen,
     };
+    let token_file: Option<std::path::PathBuf> = s.get::<String>("token_file").map(Into::into);
+    let token = match &token_file {
+        None => None,
+        Some(path) => match read_token(path) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                s.problem_at("token_file", why);
+                None
+            }
+        },
+    };
     let config = ServerConfig {
         listen,
+        token_file,
+        token,
         shutdown_grace: s.duration("shutdown_grace").unwrap_or(d.shutdown_grace),
         max_key_bytes: s.get("max_key_bytes").unwrap_or(d.max_key_bytes),
         max_body_bytes: s.byte_size("max_body_bytes").unwrap_or(d.max_body_bytes),

@@ -465,3 +465,85 @@ async fn bulk_writes_answer_per_item_and_land_only_the_good_ones() {
     );
     server.shutdown().await;
 }
+
+#[test]
+fn a_listener_others_can_reach_needs_a_credential() {
+    let err = Config::parse("[server]\nlisten = \"0.0.0.0:7070\"\n")
+        .err()
+        .expect("refused without a token")
+        .to_string();
+    assert!(
+        err.contains("needs a credential") && err.contains("token_file"),
+        "{err}"
+    );
+    let dir = cachesync_testkit::temp_dir("token", None);
+    let short = dir.join("short");
+    std::fs::write(&short, "abc\n").unwrap();
+    let err = Config::parse(&format!(
+        "[server]\nlisten = \"0.0.0.0:7070\"\ntoken_file = \"{}\"\n",
+        short.display()
+    ))
+    .err()
+    .expect("a weak token is refused")
+    .to_string();
+    assert!(err.contains("at least 16 characters") && !err.contains("abc"), "{err}");
+    let good = dir.join("good");
+    std::fs::write(&good, "0123456789abcdef0123\n").unwrap();
+    let config = Config::parse(&format!(
+        "[server]\nlisten = \"0.0.0.0:7070\"\ntoken_file = \"{}\"\n[[keyspace]]\nname = \"default\"\n",
+        good.display()
+    ))
+    .expect("a token makes it acceptable");
+    assert!(
+        !format!("{config:?}").contains("0123456789abcdef0123"),
+        "the token never shows in the config's debug output"
+    );
+}
+
+#[tokio::test]
+async fn with_a_token_every_route_but_the_probes_needs_it() {
+    let dir = cachesync_testkit::temp_dir("token", None);
+    let path = dir.join("token");
+    let token = "s3cret-token-0123456789";
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    let (server, _) = serve(config(&format!("token_file = \"{}\"", path.display()))).await;
+    let base = format!("http://{}", server.local_addr());
+    let client = reqwest::Client::new();
+    let get = |path: &str, auth: Option<&str>| {
+        let mut r = client.get(format!("{base}{path}"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    for (auth, what) in [
+        (None, "no token"),
+        (Some("Bearer wrong-token-0123456789"), "a wrong token"),
+    ] {
+        let r = get("/v1/keyspaces", auth).await.unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized", "{what}");
+        assert!(!body.to_string().contains(token), "the token is never echoed");
+    }
+    let put = client
+        .put(format!("{base}/v1/kv/default/k"))
+        .body("{\"a\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 401, "writes too");
+    let bearer = format!("Bearer {token}");
+    assert_eq!(get("/v1/keyspaces", Some(&bearer)).await.unwrap().status(), 200);
+    assert_eq!(get("/metrics", Some(&bearer)).await.unwrap().status(), 200);
+    assert_eq!(
+        get("/metrics", None).await.unwrap().status(),
+        401,
+        "metrics are not public"
+    );
+    // The probes answer orchestrators without credentials.
+    assert_eq!(get("/healthz", None).await.unwrap().status(), 200);
+    assert_eq!(get("/readyz", None).await.unwrap().status(), 200);
+    server.shutdown().await;
+}
