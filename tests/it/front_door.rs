@@ -469,8 +469,7 @@ async fn bulk_writes_answer_per_item_and_land_only_the_good_ones() {
 #[test]
 fn a_listener_others_can_reach_needs_a_credential() {
     let err = Config::parse("[server]\nlisten = \"0.0.0.0:7070\"\n")
-        .err()
-        .expect("refused without a token")
+        .expect_err("refused without a token")
         .to_string();
     assert!(
         err.contains("needs a credential") && err.contains("token_file"),
@@ -483,8 +482,7 @@ fn a_listener_others_can_reach_needs_a_credential() {
         "[server]\nlisten = \"0.0.0.0:7070\"\ntoken_file = \"{}\"\n",
         short.display()
     ))
-    .err()
-    .expect("a weak token is refused")
+    .expect_err("a weak token is refused")
     .to_string();
     assert!(err.contains("at least 16 characters") && !err.contains("abc"), "{err}");
     let good = dir.join("good");
