@@ -159,6 +159,17 @@ impl<'a, 'i> Section<'a, 'i> {
     }
 
     /// Reads a duration written as a human string ("250ms", "30s", "5m").
+    /// A duration that `"0s"` turns off: `None` for zero (or an invalid value, which is
+    /// reported), `default` when the key is absent.
+    pub fn duration_or_off(&mut self, key: &'static str, default: Option<Duration>) -> Option<Duration> {
+        match self.duration(key) {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None if self.span_of(key).is_some() => None,
+            None => default,
+        }
+    }
+
     pub fn duration(&mut self, key: &'static str) -> Option<Duration> {
         let text: String = self.get(key)?;
         match humantime::parse_duration(&text) {

@@ -95,12 +95,7 @@ pub(crate) fn read_cdc(mut s: Section<'_, '_>) -> CdcConfig {
     if publication.is_empty() {
         s.problem_at("publication", "must not be empty");
     }
-    let heartbeat = match s.duration("heartbeat") {
-        Some(d) if d.is_zero() => None,
-        Some(d) => Some(d),
-        None if s.span_of("heartbeat").is_some() => None,
-        None => d.heartbeat,
-    };
+    let heartbeat = s.duration_or_off("heartbeat", d.heartbeat);
     let max_staleness = s.duration("max_staleness").unwrap_or(d.max_staleness);
     if max_staleness < std::time::Duration::from_millis(20) {
         s.problem_at(
@@ -108,12 +103,7 @@ pub(crate) fn read_cdc(mut s: Section<'_, '_>) -> CdcConfig {
             "must be at least 20ms (the bound is kept by probing Postgres a quarter of it apart)",
         );
     }
-    let schema_check = match s.duration("schema_check") {
-        Some(d) if d.is_zero() => None,
-        Some(d) => Some(d),
-        None if s.span_of("schema_check").is_some() => None,
-        None => d.schema_check,
-    };
+    let schema_check = s.duration_or_off("schema_check", d.schema_check);
     let c = CdcConfig {
         slot,
         publication,
