@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CdcError, Gate, ReplicationSource, StreamEvent};
 use crate::cdc::config::CdcConfig;
-use crate::commitlog::CommitLog;
+use crate::commitlog::{CommitLog, Offset};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
 use crate::keyspace::freshness::Freshness;
@@ -328,7 +328,7 @@ impl Capture {
                             self.metrics.cdc_close_timeouts.inc();
                         }
                     } else {
-                        self.open_gate();
+                        self.open_gate(self.log.end());
                     }
                 }
             }
@@ -367,8 +367,9 @@ impl Capture {
         }
     }
 
-    fn open_gate(&self) {
-        let from = self.log.end();
+    /// Lets the applier go on from `from` (where the stream's next events will be), and starts
+    /// the freshness watermark's bookkeeping over from there.
+    fn open_gate(&self, from: Offset) {
         self.freshness.restart(from);
         self.gate.send_modify(|g| {
             g.open = true;
@@ -400,12 +401,7 @@ impl Capture {
             .await?;
             tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), consistent_point = %cp, "warm start loaded the CDC keyspaces");
         }
-        self.freshness.restart(from);
-        self.gate.send_modify(|g| {
-            g.open = true;
-            g.from = from;
-            g.generation += 1;
-        });
+        self.open_gate(from);
         Ok(())
     }
 

@@ -70,10 +70,6 @@ impl Freshness {
         }
     }
 
-    pub fn max_staleness(&self) -> Duration {
-        self.max_staleness
-    }
-
     /// How often the capture probes.
     pub fn probe_interval(&self) -> Duration {
         (self.max_staleness / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
@@ -175,14 +171,9 @@ impl Freshness {
         }
     }
 
-    /// Whether an entry read from Postgres at `read_at` (if it was) is within the contract.
-    pub fn is_fresh(&self, read_at: Option<Instant>) -> bool {
-        self.is_fresh_as(read_at, true)
-    }
-
-    /// [`Freshness::is_fresh`] for a keyspace the stream may not be following
-    /// (`followed = false`: its table changed so that changes cannot be mapped): only its own
-    /// reads from Postgres count, not the watermark.
+    /// Whether state read from Postgres at `read_at` (if it was) is within the contract. For a
+    /// keyspace the stream is not following (`followed = false`: its table changed so that
+    /// changes cannot be mapped) only its own reads from Postgres count, not the watermark.
     pub fn is_fresh_as(&self, read_at: Option<Instant>, followed: bool) -> bool {
         let watermark = if followed { self.as_of() } else { 0 };
         let known = watermark.max(read_at.map_or(0, |t| self.stamp(t)));
@@ -197,7 +188,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_is_passed_only_when_the_stream_and_the_applier_are_past_it() {
         let f = Freshness::new(Duration::from_millis(100));
-        assert!(f.behind().is_none() && !f.is_fresh(None), "nothing known at start");
+        assert!(
+            f.behind().is_none() && !f.is_fresh_as(None, true),
+            "nothing known at start"
+        );
         let t = f.now();
         f.probed(Lsn(100), t);
         f.confirmed(Lsn(120), Offset(10));
@@ -206,11 +200,11 @@ mod tests {
         assert_eq!(f.as_of(), 0);
         f.applied(Offset(10));
         assert_eq!(f.as_of(), t, "applied past the probe's position");
-        assert!(f.is_fresh(None));
+        assert!(f.is_fresh_as(None, true));
         tokio::time::advance(Duration::from_millis(150)).await;
-        assert!(!f.is_fresh(None), "no newer probe passed: outside the bound");
+        assert!(!f.is_fresh_as(None, true), "no newer probe passed: outside the bound");
         assert!(
-            f.is_fresh(Some(Instant::now())),
+            f.is_fresh_as(Some(Instant::now()), true),
             "an entry just read from Postgres is fresh"
         );
         // A probe past what the stream confirmed waits for it.
