@@ -14,6 +14,7 @@
 //! | `GET /v1/deadletters` | write-behind writes Postgres rejected |
 //! | `POST /v1/deadletters/{id}/requeue` | put one back in the queue as a new write |
 //! | `DELETE /v1/deadletters/{id}` | drop one |
+//! | `GET /v1/replication` | this node's role, log identity and end, followers, upstreams |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | the process is up |
 //! | `GET /readyz` | every keyspace can serve (503 with reasons otherwise) |
@@ -50,6 +51,9 @@ pub struct AppState {
     pub pool: Option<Arc<PgPool>>,
     pub log: Option<crate::commitlog::CommitLog>,
     pub write_behind: Option<Arc<crate::patterns::write_behind::WriteBehind>>,
+    /// This node's place in the replicated log (`GET /v1/replication`).
+    pub replication: Arc<crate::replication::ReplicationStatus>,
+    pub replication_metrics: Arc<crate::replication::ReplicationMetrics>,
 }
 
 impl AppState {
@@ -121,7 +125,7 @@ async fn check_token(State(st): State<Arc<AppState>>, req: Request, next: Next) 
 }
 
 /// Compares two secrets in time that depends only on their lengths.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -138,6 +142,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/deadletters", get(admin::deadletters))
         .route("/v1/deadletters/{id}", axum::routing::delete(admin::drop_deadletter))
         .route("/v1/deadletters/{id}/requeue", post(admin::requeue_deadletter))
+        .route("/v1/replication", get(admin::replication))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))

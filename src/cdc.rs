@@ -23,6 +23,7 @@ pub mod postgres;
 use bytes::Bytes;
 
 use crate::commitlog::{LogError, Offset};
+use crate::keyspace::{Blocker, Keyspace};
 use crate::lsn::Lsn;
 use crate::source::SourceError;
 
@@ -97,6 +98,57 @@ impl Gate {
             open: false,
             from: Offset(0),
             generation: 0,
+        }
+    }
+}
+
+/// The change source is down: keyspaces that can keep the freshness contract without it — they
+/// read through and Postgres answers (`reachable`) — stay ready; the others are not ready with
+/// `why`.
+pub fn block_unserved(keyspaces: &[std::sync::Arc<Keyspace>], reachable: bool, why: &str) {
+    for ks in keyspaces {
+        if ks.config.read_through && reachable {
+            ks.set_blocker(Blocker::Cdc, None);
+        } else {
+            ks.set_blocker(Blocker::Cdc, Some(why.to_string()));
+        }
+    }
+}
+
+/// Waits `wait` before a change source's next attempt; once it has been down (`since`) longer
+/// than `grace`, keyspaces that cannot keep the freshness contract without it are marked not
+/// ready (`why`, with how long). False when `stop` came first.
+pub async fn wait_down(
+    keyspaces: &[std::sync::Arc<Keyspace>],
+    reachable: &(dyn Fn() -> bool + Sync),
+    since: tokio::time::Instant,
+    wait: std::time::Duration,
+    grace: std::time::Duration,
+    why: &str,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    use tokio::time::Instant;
+    let deadline = Instant::now() + wait;
+    loop {
+        let grace_left = grace.saturating_sub(since.elapsed());
+        if grace_left.is_zero() {
+            block_unserved(
+                keyspaces,
+                reachable(),
+                &format!("{why} (down for {}s)", since.elapsed().as_secs()),
+            );
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        let nap = (deadline - Instant::now()).min(if grace_left.is_zero() {
+            std::time::Duration::from_secs(1)
+        } else {
+            grace_left
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(nap) => {}
+            _ = stop.cancelled() => return false,
         }
     }
 }

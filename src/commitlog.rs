@@ -35,7 +35,7 @@
 //! - On open, a torn tail of the active segment is truncated; bad bytes followed by valid records
 //!   are reported as corruption with file and position (never a panic, never a silent cut).
 //! - Retention (by total size, by age) removes whole sealed segments, never one holding records a
-//!   *required* cursor has not passed.
+//!   *required* cursor or a live [`Hold`] (a connected follower) has not passed.
 
 pub mod config;
 pub mod cursor;
@@ -162,6 +162,8 @@ pub struct Shared {
     /// The log's identity (see [`identity`]); `None` only for a read-only open of a log that
     /// has none yet.
     pub(crate) identity: Option<String>,
+    /// In-memory retention floors ([`Hold`]): a connected follower's position.
+    pub(crate) holds: Mutex<Vec<std::sync::Weak<Hold>>>,
 }
 
 impl Shared {
@@ -411,6 +413,19 @@ impl CommitLog {
         cursor::open(&self.shared, name, required)
     }
 
+    /// An in-memory retention floor at `at`: while the returned [`Hold`] lives, retention keeps
+    /// every record from its position on (a connected follower that has not yet made them its
+    /// own). Nothing is written; a hold ends when it is dropped.
+    pub fn hold(&self, at: Offset) -> Arc<Hold> {
+        let hold = Arc::new(Hold {
+            position: std::sync::atomic::AtomicU64::new(at.0),
+        });
+        let mut holds = self.shared.holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.retain(|h| h.strong_count() > 0);
+        holds.push(Arc::downgrade(&hold));
+        hold
+    }
+
     /// Runs retention once now.
     pub async fn apply_retention(&self) -> Result<usize, LogError> {
         let (reply, rx) = oneshot::channel();
@@ -442,6 +457,23 @@ impl CommitLog {
                 .with_label_values(&[name])
                 .set(end.0.saturating_sub(c.position().0) as i64);
         }
+    }
+}
+
+/// An in-memory retention floor (see [`CommitLog::hold`]).
+#[derive(Debug)]
+pub struct Hold {
+    position: std::sync::atomic::AtomicU64,
+}
+
+impl Hold {
+    /// Moves the floor (only forwards).
+    pub fn advance(&self, to: Offset) {
+        self.position.fetch_max(to.0, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    pub fn position(&self) -> Offset {
+        Offset(self.position.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 
@@ -530,6 +562,7 @@ pub(crate) fn open_dir(config: LogConfig, metrics: LogMetrics, read_only: bool) 
         segments: RwLock::new(segments),
         durable,
         cursors: Mutex::new(BTreeMap::new()),
+        holds: Mutex::new(Vec::new()),
         failed: Mutex::new(None),
         closed: std::sync::atomic::AtomicBool::new(false),
         metrics,
@@ -572,8 +605,8 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(|e| LogError::io(dir, e))
 }
 
-/// Removes sealed segments beyond the size or age bound, never one a required cursor still
-/// needs. Returns how many were removed.
+/// Removes sealed segments beyond the size or age bound, never one a required cursor or a live
+/// hold still needs. Returns how many were removed.
 pub(crate) fn retention(shared: &Shared) -> Result<usize, LogError> {
     let cfg = &shared.config;
     let floor = shared
@@ -583,6 +616,14 @@ pub(crate) fn retention(shared: &Shared) -> Result<usize, LogError> {
         .values()
         .filter(|c| c.required)
         .map(|c| c.position())
+        .chain(
+            shared
+                .holds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter_map(|h| h.upgrade().map(|h| h.position())),
+        )
         .min()
         .unwrap_or(Offset(u64::MAX));
     let now_ms = now_ms();

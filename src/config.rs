@@ -19,7 +19,9 @@ use crate::api::config::{ServerConfig, default_allowed_hosts, read_server};
 use crate::cdc::config::{CdcConfig, read_cdc};
 use crate::commitlog::config::read_log;
 use crate::keyspace::config::{CdcMode, DEFAULT_KEYSPACE, KeyspaceConfig, WriteMode, read_keyspace};
+use crate::cdc::config::CdcSource;
 use crate::patterns::write_behind::config::{WriteBehindConfig, read_write_behind};
+use crate::replication::config::{ReplicationConfig, UpstreamConfig, read_replication, read_upstream};
 use crate::source::postgres::config::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT, PostgresConfig,
     Secret, read_postgres,
@@ -40,6 +42,10 @@ pub struct Config {
     pub cdc: CdcConfig,
     /// The flusher of `write = "behind"` keyspaces.
     pub write_behind: WriteBehindConfig,
+    /// This node's log server, for followers; absent when off.
+    pub replication: Option<ReplicationConfig>,
+    /// Logs this node follows.
+    pub upstreams: Vec<UpstreamConfig>,
 }
 
 /// Everything wrong with a configuration.
@@ -66,6 +72,8 @@ impl Config {
             log: None,
             cdc: CdcConfig::default(),
             write_behind: WriteBehindConfig::default(),
+            replication: None,
+            upstreams: Vec::new(),
         }
     }
 
@@ -140,6 +148,8 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
     let log = root.table("log").and_then(read_log);
     let cdc = root.table("cdc").map(read_cdc).unwrap_or_default();
     let write_behind = root.table("write_behind").map(read_write_behind).unwrap_or_default();
+    let replication = root.table("replication").map(read_replication);
+    let upstreams = root.tables("upstream").into_iter().filter_map(read_upstream).collect();
     root.finish();
     Config {
         server,
@@ -148,6 +158,8 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
         log,
         cdc,
         write_behind,
+        replication,
+        upstreams,
     }
 }
 
@@ -250,6 +262,46 @@ fn validate(config: &Config) -> Vec<Problem> {
             path: "log".into(),
             message: "CDC keyspaces need the commit log: add a [log] section with `dir` (changes are made durable there before Postgres is told they are safe)".into(),
         });
+    }
+    if config.replication.is_some() && config.log.is_none() {
+        problems.push(Problem {
+            line: None,
+            path: "log".into(),
+            message: "[replication] serves the commit log: add a [log] section with `dir`".into(),
+        });
+    }
+    let mut upstream_names = std::collections::HashSet::new();
+    for u in &config.upstreams {
+        if !upstream_names.insert(u.name.as_str()) {
+            problems.push(Problem {
+                line: None,
+                path: format!("upstream[{}]", u.name),
+                message: format!("upstream name `{}` is used twice; give each [[upstream]] its own `name`", u.name),
+            });
+        }
+    }
+    match (config.cdc.source, config.upstreams.len()) {
+        (CdcSource::Upstream, 0) => problems.push(Problem {
+            line: None,
+            path: "cdc.source".into(),
+            message: "source = \"upstream\" needs an [[upstream]] whose log to follow".into(),
+        }),
+        (CdcSource::Upstream, 1) if !config.keyspaces.iter().any(|k| k.cdc != CdcMode::Off) => problems.push(Problem {
+            line: None,
+            path: "cdc.source".into(),
+            message: "source = \"upstream\" feeds CDC keyspaces, and no keyspace has `cdc` on".into(),
+        }),
+        (CdcSource::Upstream, 1) | (CdcSource::Postgres, 0) => {}
+        (CdcSource::Upstream, _) => problems.push(Problem {
+            line: None,
+            path: "upstream".into(),
+            message: "an edge follows one [[upstream]]; several (federation) are not supported by this build".into(),
+        }),
+        (CdcSource::Postgres, _) => problems.push(Problem {
+            line: None,
+            path: "upstream".into(),
+            message: "[[upstream]] feeds the CDC keyspaces: set [cdc] source = \"upstream\" (this node then holds no slot)".into(),
+        }),
     }
     if config.keyspaces.is_empty() {
         problems.push(Problem {

@@ -499,6 +499,13 @@ impl Keyspace {
         self.l1.clear();
     }
 
+    /// Every live entry of L1 (a follower's snapshot), and whether L1 holds the whole table:
+    /// the keyspace is warmed and has dropped no document for room or age since.
+    pub fn entries(&self) -> (Vec<(Arc<str>, Arc<Entry>)>, bool) {
+        let whole = self.config.warm && self.l1.dropped() == 0;
+        (self.l1.entries().collect(), whole)
+    }
+
     /// Forgets every key and, from now on, refuses state from before source position `lsn`:
     /// a change captured earlier but applied later, or a load that started earlier, cannot put
     /// back what the reset removed. Used when the table's shape changed at `lsn`.

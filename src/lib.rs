@@ -64,6 +64,7 @@ pub mod lifecycle;
 pub mod lsn;
 pub mod metrics;
 pub mod patterns;
+pub mod replication;
 pub mod section;
 pub mod server;
 pub mod source;

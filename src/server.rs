@@ -35,6 +35,10 @@ use crate::patterns::Pipeline;
 use crate::patterns::write_behind::WriteBehind;
 use crate::patterns::write_behind::deadletters::DeadLetterError;
 use crate::patterns::write_behind::flusher::Flusher;
+use crate::replication::follow::{Follower, FollowerParts};
+use crate::replication::serve::LogServer;
+use crate::replication::{self, ReplicationMetrics, ReplicationStatus, UpstreamState};
+use crate::cdc::config::CdcSource;
 use crate::source::SourceError;
 use crate::source::postgres::PgPool;
 use std::collections::HashMap;
@@ -72,8 +76,8 @@ pub enum Drain {
 /// What a running server exposes about its CDC.
 #[derive(Clone)]
 pub struct CdcStatus {
-    /// The replication slot in use.
-    pub slot: String,
+    /// The replication slot in use (none on an edge, which follows an upstream).
+    pub slot: Option<String>,
     /// The commit log offset the applier has reached.
     pub applied: crate::cdc::applier::Applied,
 }
@@ -162,6 +166,32 @@ impl Server {
             })
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(StartError::Assembly)?;
+        let replication_metrics = Arc::new(ReplicationMetrics::new(&metrics.registry));
+        let upstreams: Vec<Arc<UpstreamState>> = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(UpstreamState::new(&u.name, &u.url)))
+            .collect();
+        let freshness = Arc::new(Freshness::new(config.cdc.max_staleness));
+        let replication = Arc::new(ReplicationStatus {
+            node: config.server.node_id.clone(),
+            log: log.clone(),
+            serving: std::sync::Mutex::new(None),
+            followers: std::sync::Mutex::new(BTreeMap::new()),
+            upstreams: upstreams.clone(),
+            freshness: Some(freshness.clone()),
+        });
+        // The log server binds now, so a taken port fails the start like the API's.
+        let replication_listener = match &config.replication {
+            Some(rc) => {
+                let l = TcpListener::bind(rc.listen)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: rc.listen, source })?;
+                *replication.serving.lock().unwrap_or_else(|p| p.into_inner()) = l.local_addr().ok();
+                Some(l)
+            }
+            None => None,
+        };
         let state = Arc::new(AppState {
             pipelines,
             server: config.server.clone(),
@@ -169,6 +199,8 @@ impl Server {
             pool: pool.clone(),
             log,
             write_behind,
+            replication,
+            replication_metrics,
         });
 
         if let Some(pool) = &pool {
@@ -183,42 +215,78 @@ impl Server {
             .collect();
         let mut cdc = None;
         if !cdc_keyspaces.is_empty() {
-            // Validation guarantees both for CDC keyspaces.
-            let (Some(pool), Some(log), Some(pg)) = (pool.clone(), state.log.clone(), config.postgres.clone()) else {
-                return Err(StartError::Source(SourceError::NotReady {
-                    keyspace: cdc_keyspaces[0].name().to_string(),
-                    reason: "CDC needs [postgres] and [log]".into(),
-                }));
+            let Some(log) = state.log.clone() else {
+                return Err(StartError::Assembly("CDC keyspaces need [log]".into()));
             };
             let capture_tasks = life.tasks(Phase::Capture);
-            let freshness = Arc::new(Freshness::new(config.cdc.max_staleness));
             for ks in &cdc_keyspaces {
                 ks.set_freshness(freshness.clone());
             }
-            let (capture, gate) = Capture::new(CaptureParts {
-                freshness: freshness.clone(),
-                pg,
-                pool,
-                config: config.cdc.clone(),
-                node_id: config.server.node_id.clone(),
-                log: log.clone(),
-                keyspaces: cdc_keyspaces.clone(),
-                hlc: hlc.clone(),
-                metrics: state.metrics.clone(),
-                max_key_bytes: config.server.max_key_bytes,
-                tasks: capture_tasks.clone(),
-            });
+            let (gate, slot) = match (config.cdc.source, config.upstreams.first()) {
+                (CdcSource::Upstream, Some(upstream)) => {
+                    let (follower, gate) = Follower::new(FollowerParts {
+                        config: upstream.clone(),
+                        node_id: config.server.node_id.clone(),
+                        log: log.clone(),
+                        keyspaces: cdc_keyspaces.clone(),
+                        freshness: freshness.clone(),
+                        metrics: state.replication_metrics.clone(),
+                        state: upstreams[0].clone(),
+                        ready_grace: config.cdc.ready_grace,
+                        tasks: capture_tasks.clone(),
+                    });
+                    capture_tasks.spawn(follower.run(capture_tasks.child_token()));
+                    (gate, None)
+                }
+                _ => {
+                    // Validation guarantees [postgres] for CDC keyspaces fed by a slot.
+                    let (Some(pool), Some(pg)) = (pool.clone(), config.postgres.clone()) else {
+                        return Err(StartError::Source(SourceError::NotReady {
+                            keyspace: cdc_keyspaces[0].name().to_string(),
+                            reason: "CDC needs [postgres] and [log]".into(),
+                        }));
+                    };
+                    let (capture, gate) = Capture::new(CaptureParts {
+                        freshness: freshness.clone(),
+                        pg,
+                        pool,
+                        config: config.cdc.clone(),
+                        node_id: config.server.node_id.clone(),
+                        log: log.clone(),
+                        keyspaces: cdc_keyspaces.clone(),
+                        hlc: hlc.clone(),
+                        metrics: state.metrics.clone(),
+                        max_key_bytes: config.server.max_key_bytes,
+                        tasks: capture_tasks.clone(),
+                    });
+                    let slot = capture.slot().to_string();
+                    capture_tasks.spawn(capture.run());
+                    (gate, Some(slot))
+                }
+            };
             let by_name = cdc_keyspaces
                 .iter()
                 .map(|k| (k.name().to_string(), k.clone()))
                 .collect();
-            let (applier, applied) = Applier::new(log, by_name, state.metrics.clone(), freshness);
-            cdc = Some(CdcStatus {
-                slot: capture.slot().to_string(),
-                applied,
-            });
-            capture_tasks.spawn(capture.run());
+            let (applier, applied) = Applier::new(log, by_name, state.metrics.clone(), freshness.clone());
+            cdc = Some(CdcStatus { slot, applied });
             capture_tasks.spawn(applier.run(gate, capture_tasks.child_token()));
+        }
+        if let (Some(listener), Some(rc), Some(log)) = (replication_listener, &config.replication, state.log.clone()) {
+            let serve = life.tasks(Phase::Serve);
+            let server = Arc::new(LogServer {
+                config: rc.clone(),
+                log,
+                status: state.replication.clone(),
+                metrics: state.replication_metrics.clone(),
+                keyspaces: cdc_keyspaces.iter().map(|k| (k.name().to_string(), k.clone())).collect(),
+                applied: cdc.as_ref().map(|c| c.applied.clone()),
+                freshness: cdc.as_ref().map(|_| freshness.clone()),
+                stop: serve.child_token(),
+                next_id: std::sync::atomic::AtomicU64::new(0),
+            });
+            tracing::info!(addr = ?state.replication.serving.lock().unwrap_or_else(|p| p.into_inner()), "log server listening for followers");
+            serve.spawn(replication::serve::serve(listener, server, serve.clone()));
         }
         // The flusher runs in the drain phase: at shutdown it drains after requests and capture
         // have stopped.
@@ -251,6 +319,11 @@ impl Server {
             http,
             grace: config.server.shutdown_grace,
         })
+    }
+
+    /// The address the log server listens on, when `[replication]` is on.
+    pub fn replication_addr(&self) -> Option<SocketAddr> {
+        *self.state.replication.serving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The address the API listens on (the real port when the config said `:0`).

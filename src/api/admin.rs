@@ -42,6 +42,11 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `GET /metrics`: refreshes the mirrored gauges, then renders the registry.
+/// `GET /v1/replication`: this node's role, log, followers and upstreams.
+pub async fn replication(State(st): State<Arc<AppState>>) -> Response {
+    axum::Json(st.replication.report()).into_response()
+}
+
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.metrics;
     for ks in st.keyspaces() {
@@ -68,6 +73,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     if let Some(log) = &st.log {
         log.refresh_metrics();
     }
+    st.replication.refresh_metrics(&st.replication_metrics);
     if let Some(wb) = &st.write_behind {
         wb.refresh_metrics();
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use moka::Expiry;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use serde::Serialize;
 
@@ -64,16 +65,24 @@ pub struct L1 {
     /// Weighed bytes held, kept exact by counting installs in and removals (of any cause, via
     /// moka's eviction listener) out — so the size is in bytes under either capacity kind.
     bytes: Arc<AtomicI64>,
+    /// Documents dropped for room or age (not by a change): once non-zero, this tier no longer
+    /// holds every row it was warmed with.
+    dropped: Arc<AtomicI64>,
 }
 
 impl L1 {
     pub fn new(capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> L1 {
         let bytes = Arc::new(AtomicI64::new(0));
         let out = bytes.clone();
+        let dropped = Arc::new(AtomicI64::new(0));
+        let lost = dropped.clone();
         let builder = Cache::builder()
             .expire_after(Lifetimes { ttl, negative_ttl })
-            .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Entry>, _| {
+            .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Entry>, cause| {
                 out.fetch_sub(v.weight(&k) as i64, Ordering::Relaxed);
+                if v.value.is_some() && matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                }
             });
         // A randomly keyed hasher (keys come from clients, so no fixed seed) that is much cheaper
         // than the default SipHash on the read and fill paths.
@@ -89,6 +98,7 @@ impl L1 {
             ttl,
             negative_ttl,
             bytes,
+            dropped,
         }
     }
 
@@ -197,6 +207,20 @@ impl L1 {
     /// Weighed bytes held (key + value + [`ENTRY_OVERHEAD_BYTES`] per entry).
     pub fn weighted_size(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Documents dropped for room or age since this tier was made (see [`L1::entries`]).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Every live entry, in no particular order (a snapshot for a follower). Entries changing
+    /// meanwhile may be seen old or new; each is whole.
+    pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, Arc<Entry>)> + '_ {
+        self.cache
+            .iter()
+            .filter(|(_, e)| !self.is_expired(e))
+            .map(|(k, e)| (Arc::clone(&*k), e))
     }
 
     /// Applies pending moka bookkeeping so counts are exact (metrics, tests).

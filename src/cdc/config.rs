@@ -23,9 +23,21 @@ pub const DEFAULT_SCHEMA_CHECK: Duration = Duration::from_secs(1);
 /// How long the stream may be down before CDC keyspaces stop reporting ready.
 pub const DEFAULT_READY_GRACE: Duration = Duration::from_secs(5);
 
+/// Where a node's CDC keyspaces get their changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CdcSource {
+    /// A replication slot of this node's own (a single sidecar, or the hub).
+    Postgres,
+    /// The log of this node's `[[upstream]]` (an edge): no slot, no WAL decoding here.
+    Upstream,
+}
+
 /// `[cdc]`: how changes are captured.
 #[derive(Debug, Clone, Serialize)]
 pub struct CdcConfig {
+    /// Where the changes come from.
+    pub source: CdcSource,
     /// Replication slot name (lower-case letters, digits, `_`). Default: `cachesync_<node_id>`.
     pub slot: Option<String>,
     /// Publication to follow.
@@ -52,6 +64,7 @@ pub struct CdcConfig {
 impl Default for CdcConfig {
     fn default() -> Self {
         CdcConfig {
+            source: CdcSource::Postgres,
             slot: None,
             publication: DEFAULT_PUBLICATION.into(),
             create_publication: true,
@@ -104,7 +117,19 @@ pub(crate) fn read_cdc(mut s: Section<'_, '_>) -> CdcConfig {
         );
     }
     let schema_check = s.duration_or_off("schema_check", d.schema_check);
+    let source = match s.get::<String>("source").as_deref() {
+        None | Some("postgres") => CdcSource::Postgres,
+        Some("upstream") => CdcSource::Upstream,
+        Some(other) => {
+            s.problem_at(
+                "source",
+                format!("{other:?} is not a change source; use \"postgres\" (a slot of this node's own) or \"upstream\" (follow [[upstream]])"),
+            );
+            CdcSource::Postgres
+        }
+    };
     let c = CdcConfig {
+        source,
         slot,
         publication,
         create_publication: s.get("create_publication").unwrap_or(d.create_publication),

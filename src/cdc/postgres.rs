@@ -228,40 +228,10 @@ impl Capture {
             let since = *down_since.get_or_insert_with(Instant::now);
             tracing::warn!(slot = %self.slot, error = %e, retry_in_ms = wait.as_millis() as u64, "replication stream failed; reconnecting");
             // Wait out the backoff, marking the keyspaces not ready once the grace has passed.
-            let deadline = Instant::now() + wait;
-            loop {
-                let grace_left = self.config.ready_grace.saturating_sub(since.elapsed());
-                if grace_left.is_zero() {
-                    self.block_unserved(&format!(
-                        "replication stream down for {}s: {e}",
-                        since.elapsed().as_secs()
-                    ));
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let nap = (deadline - Instant::now()).min(if grace_left.is_zero() {
-                    Duration::from_secs(1)
-                } else {
-                    grace_left
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(nap) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        }
-    }
-
-    /// The stream is down: keyspaces that can keep the freshness contract without it — they
-    /// read through and Postgres answers — stay ready; the others are not ready with `why`.
-    fn block_unserved(&self, why: &str) {
-        let reachable = self.freshness.is_reachable();
-        for ks in &self.keyspaces {
-            if ks.config.read_through && reachable {
-                ks.set_blocker(Blocker::Cdc, None);
-            } else {
-                ks.set_blocker(Blocker::Cdc, Some(why.to_string()));
+            let freshness = self.freshness.clone();
+            let why = format!("replication stream down: {e}");
+            if !super::wait_down(&self.keyspaces, &|| freshness.is_reachable(), since, wait, self.config.ready_grace, &why, &stop).await {
+                return;
             }
         }
     }

@@ -56,6 +56,8 @@ struct Progress {
     applied: Offset,
     /// Highest confirmed position the applier has applied.
     through: Lsn,
+    /// Positions numbered for [`Freshness::reached`] (a follower has no WAL positions).
+    relayed: u64,
 }
 
 impl Freshness {
@@ -113,6 +115,43 @@ impl Freshness {
         }
         p.passed.push_back((lsn, needs));
         self.advance(&mut p);
+    }
+
+    /// An upstream said its log below what this node's log now holds up to `needs` has every
+    /// change committed before `at` (this tracker's clock): once the applier is there, the
+    /// cache is fresh as of `at`. A follower's whole contract rests on these.
+    pub fn reached(&self, at: u64, needs: Offset) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.relayed += 1;
+        let seq = Lsn(p.relayed);
+        if p.probes.len() >= MAX_PROBES {
+            p.probes.pop_front();
+        }
+        p.probes.push_back((seq, at));
+        if p.passed.len() >= MAX_PASSED {
+            p.passed.pop_front();
+        }
+        p.passed.push_back((seq, needs));
+        self.advance(&mut p);
+    }
+
+    /// A wall-clock time (ms since the Unix epoch) in this tracker's clock; 0 for 0. Positions
+    /// relayed between nodes carry wall-clock times: across machines the bound is then as good
+    /// as their clocks agree.
+    pub fn from_unix_ms(&self, ms: u64) -> u64 {
+        if ms == 0 {
+            return 0;
+        }
+        let ago = crate::commitlog::now_ms().saturating_sub(ms);
+        self.now().saturating_sub(ago).max(1)
+    }
+
+    /// The watermark as a wall-clock time (ms since the Unix epoch); 0 when not known.
+    pub fn as_of_unix_ms(&self) -> u64 {
+        match self.as_of() {
+            0 => 0,
+            t => crate::commitlog::now_ms().saturating_sub(self.now().saturating_sub(t)),
+        }
     }
 
     /// The applier has applied the log up to `offset`.

@@ -12,6 +12,7 @@ mod front_door;
 mod harness;
 mod read_through;
 mod refresh_ahead;
+mod replication;
 mod under_change;
 mod write_behind;
 mod write_through;

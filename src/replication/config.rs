@@ -1,0 +1,188 @@
+//! `[replication]` (this node serves its commit log to followers) and `[[upstream]]` (this node
+//! follows another node's log), with their defaults and the readers of their sections.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::api::config::read_token;
+use crate::section::{Section, humantime_serde_shim};
+use crate::source::postgres::config::Secret;
+
+/// Where a log server listens when `[replication]` names no address.
+pub const DEFAULT_REPLICATION_LISTEN: &str = "127.0.0.1:7071";
+/// How often an idle stream tells its follower where the log and its freshness stand.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long a connected follower may go without reporting its position before the server
+/// closes its stream (and its hold on retention ends).
+pub const DEFAULT_FOLLOWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most followers served at once.
+pub const DEFAULT_MAX_FOLLOWERS: usize = 256;
+/// How long a follower waits for any frame before it calls the link dead (a blackhole).
+pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Name of an `[[upstream]]` that names none.
+pub const DEFAULT_UPSTREAM_NAME: &str = "upstream";
+
+/// `[replication]`: this node's log server.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicationConfig {
+    /// Where followers connect (a port of its own). Loopback unless `token_file` is set.
+    pub listen: SocketAddr,
+    /// A file holding the token followers must present (`Authorization: Bearer`).
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` (never printed).
+    #[serde(skip)]
+    pub token: Option<Secret>,
+    /// Interval of progress frames on an idle stream (the followers' freshness and liveness).
+    #[serde(with = "humantime_serde_shim")]
+    pub heartbeat: Duration,
+    /// A follower silent this long (no position report) is disconnected and stops holding
+    /// retention.
+    #[serde(with = "humantime_serde_shim")]
+    pub follower_timeout: Duration,
+    /// Most followers connected at once.
+    pub max_followers: usize,
+}
+
+/// `[[upstream]]`: a log this node follows.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamConfig {
+    /// A name for logs, metrics and the cursor file (letters, digits, `_`, `-`).
+    pub name: String,
+    /// The upstream's log server, `http://host:port`.
+    pub url: String,
+    pub token_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub token: Option<Secret>,
+    /// No frame for this long (the server sends one every heartbeat) and the link is dead.
+    #[serde(with = "humantime_serde_shim")]
+    pub link_timeout: Duration,
+}
+
+fn token_of(s: &Section<'_, '_>, file: &Option<PathBuf>) -> Option<Secret> {
+    match file {
+        None => None,
+        Some(path) => match read_token(path) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                s.problem_at("token_file", why);
+                None
+            }
+        },
+    }
+}
+
+pub(crate) fn read_replication(mut s: Section<'_, '_>) -> ReplicationConfig {
+    let listen = s.get::<String>("listen").unwrap_or_else(|| DEFAULT_REPLICATION_LISTEN.into());
+    let listen = match listen.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            s.problem_at(
+                "listen",
+                format!("invalid address {listen:?} ({e}); write it like \"127.0.0.1:7071\""),
+            );
+            DEFAULT_REPLICATION_LISTEN.parse().expect("valid default")
+        }
+    };
+    let token_file: Option<PathBuf> = s.get::<String>("token_file").map(Into::into);
+    let token = token_of(&s, &token_file);
+    let c = ReplicationConfig {
+        listen,
+        token_file,
+        token,
+        heartbeat: s.duration("heartbeat").unwrap_or(DEFAULT_HEARTBEAT),
+        follower_timeout: s.duration("follower_timeout").unwrap_or(DEFAULT_FOLLOWER_TIMEOUT),
+        max_followers: s.get("max_followers").unwrap_or(DEFAULT_MAX_FOLLOWERS),
+    };
+    if c.heartbeat < Duration::from_millis(10) {
+        s.problem_at("heartbeat", "must be at least 10ms");
+    }
+    if c.follower_timeout <= c.heartbeat {
+        s.problem_at("follower_timeout", "must be longer than heartbeat");
+    }
+    if c.max_followers == 0 {
+        s.problem_at("max_followers", "must be at least 1");
+    }
+    if let Some(why) = needs_credential(c.listen, c.token.as_ref()) {
+        s.problem_at("listen", why);
+    }
+    s.finish();
+    c
+}
+
+/// Why a log server on `listen` with this token may not start (`None`: it may).
+pub fn needs_credential(listen: SocketAddr, token: Option<&Secret>) -> Option<String> {
+    (!listen.ip().is_loopback() && token.is_none()).then(|| {
+        format!(
+            "{listen} is not a loopback address: a log server others can reach needs a credential; set [replication] token_file \
+             (followers then present it from their [[upstream]] token_file), or listen on 127.0.0.1"
+        )
+    })
+}
+
+pub(crate) fn read_upstream(mut s: Section<'_, '_>) -> Option<UpstreamConfig> {
+    let name: String = s.get("name").unwrap_or_else(|| DEFAULT_UPSTREAM_NAME.into());
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        s.problem_at("name", "use letters, digits, `_` and `-`");
+    }
+    let Some(url) = s.get::<String>("url") else {
+        s.problem_at("url", "missing: the upstream's log server, like \"http://hub:7071\"");
+        s.finish();
+        return None;
+    };
+    let url = url.trim_end_matches('/').to_string();
+    if !url.starts_with("http://") || url.len() <= "http://".len() {
+        s.problem_at("url", format!("{url:?} is not an http:// address like \"http://hub:7071\""));
+    }
+    let token_file: Option<PathBuf> = s.get::<String>("token_file").map(Into::into);
+    let token = token_of(&s, &token_file);
+    let link_timeout = s.duration("link_timeout").unwrap_or(DEFAULT_LINK_TIMEOUT);
+    if link_timeout < Duration::from_millis(50) {
+        s.problem_at("link_timeout", "must be at least 50ms");
+    }
+    s.finish();
+    Some(UpstreamConfig {
+        name,
+        url,
+        token_file,
+        token,
+        link_timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems.iter().map(|p| p.to_string()).collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_reachable_log_server_needs_a_token() {
+        let text = "[replication]\nlisten = \"0.0.0.0:7071\"\n[[keyspace]]\nname = \"a\"\n";
+        let p = problems(text);
+        assert!(
+            p.iter().any(|p| p.contains("not a loopback address") && p.contains("token_file")),
+            "{p:?}"
+        );
+        let ok = "[replication]\n[log]\ndir = \"/tmp/x\"\n[[keyspace]]\nname = \"a\"\n";
+        assert!(problems(ok).is_empty(), "{:?}", problems(ok));
+        let p = problems("[replication]\n[[keyspace]]\nname = \"a\"\n");
+        assert!(p.iter().any(|p| p.contains("[replication] serves the commit log")), "{p:?}");
+    }
+
+    #[test]
+    fn an_upstream_needs_an_http_url() {
+        let p = problems("[[upstream]]\nurl = \"hub:7071\"\n[[keyspace]]\nname = \"a\"\n");
+        assert!(p.iter().any(|p| p.contains("is not an http:// address")), "{p:?}");
+        let p = problems("[[upstream]]\nname = \"hub\"\n[[keyspace]]\nname = \"a\"\n");
+        assert!(p.iter().any(|p| p.contains("url") && p.contains("missing")), "{p:?}");
+    }
+}
