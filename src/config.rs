@@ -16,10 +16,10 @@ pub use crate::section::Problem;
 use crate::section::{Ctx, Section};
 
 use crate::api::config::{ServerConfig, default_allowed_hosts, read_server};
+use crate::cdc::config::CdcSource;
 use crate::cdc::config::{CdcConfig, read_cdc};
 use crate::commitlog::config::read_log;
 use crate::keyspace::config::{CdcMode, DEFAULT_KEYSPACE, KeyspaceConfig, WriteMode, read_keyspace};
-use crate::cdc::config::CdcSource;
 use crate::patterns::write_behind::config::{WriteBehindConfig, read_write_behind};
 use crate::replication::config::{ReplicationConfig, UpstreamConfig, read_replication, read_upstream};
 use crate::source::postgres::config::{
@@ -276,7 +276,10 @@ fn validate(config: &Config) -> Vec<Problem> {
             problems.push(Problem {
                 line: None,
                 path: format!("upstream[{}]", u.name),
-                message: format!("upstream name `{}` is used twice; give each [[upstream]] its own `name`", u.name),
+                message: format!(
+                    "upstream name `{}` is used twice; give each [[upstream]] its own `name`",
+                    u.name
+                ),
             });
         }
     }
@@ -300,7 +303,9 @@ fn validate(config: &Config) -> Vec<Problem> {
         (CdcSource::Postgres, _) => problems.push(Problem {
             line: None,
             path: "upstream".into(),
-            message: "[[upstream]] feeds the CDC keyspaces: set [cdc] source = \"upstream\" (this node then holds no slot)".into(),
+            message:
+                "[[upstream]] feeds the CDC keyspaces: set [cdc] source = \"upstream\" (this node then holds no slot)"
+                    .into(),
         }),
     }
     if config.keyspaces.is_empty() {

@@ -41,6 +41,8 @@ use crate::commitlog::{CommitLog, Hold};
 
 /// The header naming a log's identity, on answers and on a follower's requests.
 pub const IDENTITY_HEADER: &str = "x-cachesync-log-identity";
+/// The header giving the first offset a log still holds, on a snapshot.
+pub const LOG_START_HEADER: &str = "x-cachesync-log-start";
 /// The header naming a stream's connection id, which position reports quote.
 pub const CONNECTION_HEADER: &str = "x-cachesync-connection";
 
@@ -82,10 +84,16 @@ impl ReplicationMetrics {
         }
         let counter = |name: &str, help: &str| reg(r, IntCounter::new(name, help).expect("valid metric"));
         let counters = |name: &str, help: &str, labels: &[&str]| {
-            reg(r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let gauges = |name: &str, help: &str, labels: &[&str]| {
-            reg(r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         ReplicationMetrics {
             sent_records: counter(

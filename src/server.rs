@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::cdc::applier::Applier;
+use crate::cdc::config::CdcSource;
 use crate::cdc::postgres::{Capture, CaptureParts};
 use crate::commitlog::CommitLog;
 use crate::config::Config;
@@ -38,7 +39,6 @@ use crate::patterns::write_behind::flusher::Flusher;
 use crate::replication::follow::{Follower, FollowerParts};
 use crate::replication::serve::LogServer;
 use crate::replication::{self, ReplicationMetrics, ReplicationStatus, UpstreamState};
-use crate::cdc::config::CdcSource;
 use crate::source::SourceError;
 use crate::source::postgres::PgPool;
 use std::collections::HashMap;
@@ -184,9 +184,10 @@ impl Server {
         // The log server binds now, so a taken port fails the start like the API's.
         let replication_listener = match &config.replication {
             Some(rc) => {
-                let l = TcpListener::bind(rc.listen)
-                    .await
-                    .map_err(|source| StartError::Bind { addr: rc.listen, source })?;
+                let l = TcpListener::bind(rc.listen).await.map_err(|source| StartError::Bind {
+                    addr: rc.listen,
+                    source,
+                })?;
                 *replication.serving.lock().unwrap_or_else(|p| p.into_inner()) = l.local_addr().ok();
                 Some(l)
             }
@@ -279,7 +280,10 @@ impl Server {
                 log,
                 status: state.replication.clone(),
                 metrics: state.replication_metrics.clone(),
-                keyspaces: cdc_keyspaces.iter().map(|k| (k.name().to_string(), k.clone())).collect(),
+                keyspaces: cdc_keyspaces
+                    .iter()
+                    .map(|k| (k.name().to_string(), k.clone()))
+                    .collect(),
                 applied: cdc.as_ref().map(|c| c.applied.clone()),
                 freshness: cdc.as_ref().map(|_| freshness.clone()),
                 stop: serve.child_token(),

@@ -230,7 +230,17 @@ impl Capture {
             // Wait out the backoff, marking the keyspaces not ready once the grace has passed.
             let freshness = self.freshness.clone();
             let why = format!("replication stream down: {e}");
-            if !super::wait_down(&self.keyspaces, &|| freshness.is_reachable(), since, wait, self.config.ready_grace, &why, &stop).await {
+            if !super::wait_down(
+                &self.keyspaces,
+                &|| freshness.is_reachable(),
+                since,
+                wait,
+                self.config.ready_grace,
+                &why,
+                &stop,
+            )
+            .await
+            {
                 return;
             }
         }

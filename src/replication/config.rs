@@ -75,7 +75,9 @@ fn token_of(s: &Section<'_, '_>, file: &Option<PathBuf>) -> Option<Secret> {
 }
 
 pub(crate) fn read_replication(mut s: Section<'_, '_>) -> ReplicationConfig {
-    let listen = s.get::<String>("listen").unwrap_or_else(|| DEFAULT_REPLICATION_LISTEN.into());
+    let listen = s
+        .get::<String>("listen")
+        .unwrap_or_else(|| DEFAULT_REPLICATION_LISTEN.into());
     let listen = match listen.parse() {
         Ok(a) => a,
         Err(e) => {
@@ -134,7 +136,10 @@ pub(crate) fn read_upstream(mut s: Section<'_, '_>) -> Option<UpstreamConfig> {
     };
     let url = url.trim_end_matches('/').to_string();
     if !url.starts_with("http://") || url.len() <= "http://".len() {
-        s.problem_at("url", format!("{url:?} is not an http:// address like \"http://hub:7071\""));
+        s.problem_at(
+            "url",
+            format!("{url:?} is not an http:// address like \"http://hub:7071\""),
+        );
     }
     let token_file: Option<PathBuf> = s.get::<String>("token_file").map(Into::into);
     let token = token_of(&s, &token_file);
@@ -169,13 +174,17 @@ mod tests {
         let text = "[replication]\nlisten = \"0.0.0.0:7071\"\n[[keyspace]]\nname = \"a\"\n";
         let p = problems(text);
         assert!(
-            p.iter().any(|p| p.contains("not a loopback address") && p.contains("token_file")),
+            p.iter()
+                .any(|p| p.contains("not a loopback address") && p.contains("token_file")),
             "{p:?}"
         );
         let ok = "[replication]\n[log]\ndir = \"/tmp/x\"\n[[keyspace]]\nname = \"a\"\n";
         assert!(problems(ok).is_empty(), "{:?}", problems(ok));
         let p = problems("[replication]\n[[keyspace]]\nname = \"a\"\n");
-        assert!(p.iter().any(|p| p.contains("[replication] serves the commit log")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains("[replication] serves the commit log")),
+            "{p:?}"
+        );
     }
 
     #[test]

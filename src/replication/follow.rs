@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::UpstreamConfig;
 use super::position::{Position, PositionFile};
 use super::wire::{self, Frame};
-use super::{CONNECTION_HEADER, IDENTITY_HEADER, ReplicationMetrics, UpstreamState};
+use super::{CONNECTION_HEADER, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, UpstreamState};
 use crate::cdc::Gate;
 use crate::commitlog::{CommitLog, Offset};
 use crate::event::{ChangeEvent, Source};
@@ -201,7 +201,17 @@ impl Follower {
             tracing::warn!(upstream = %self.label(), error = %ended.why, retry_in_ms = wait.as_millis() as u64, "upstream stream ended; reconnecting");
             self.p.state.set_error(Some(ended.why.clone()));
             let why = format!("upstream {} unreachable: {}", self.label(), ended.why);
-            if !crate::cdc::wait_down(&self.p.keyspaces, &|| true, since, wait, self.p.ready_grace, &why, &stop).await {
+            if !crate::cdc::wait_down(
+                &self.p.keyspaces,
+                &|| true,
+                since,
+                wait,
+                self.p.ready_grace,
+                &why,
+                &stop,
+            )
+            .await
+            {
                 self.store().await;
                 return;
             }
@@ -221,7 +231,9 @@ impl Follower {
         .await;
         match r {
             Ok(Ok(())) => self.stored = self.at.clone(),
-            Ok(Err(e)) => tracing::error!(upstream = %self.p.config.name, error = %e, "cannot store the upstream position"),
+            Ok(Err(e)) => {
+                tracing::error!(upstream = %self.p.config.name, error = %e, "cannot store the upstream position")
+            }
             Err(e) => tracing::error!(error = %e, "storing the upstream position panicked"),
         }
     }
@@ -267,13 +279,23 @@ impl Follower {
             .and_then(|v| v.to_str().ok())
             .ok_or("the upstream's snapshot names no log identity")?
             .to_string();
-        if let Some(at) = &self.at
-            && at.identity != identity
-        {
-            tracing::error!(upstream = %self.label(), stored = %at.identity, found = %identity,
-                "the upstream's log was recreated (its identity changed): the stored position means nothing there; bootstrapping");
-            self.reason = "identity";
-            self.at = None;
+        let start: u64 = resp
+            .headers()
+            .get(LOG_START_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        if let Some(at) = &self.at {
+            if at.identity != identity {
+                tracing::error!(upstream = %self.label(), stored = %at.identity, found = %identity,
+                    "the upstream's log was recreated (its identity changed): the stored position means nothing there; bootstrapping");
+                self.reason = "identity";
+                self.at = None;
+            } else if at.next.0 < start {
+                tracing::warn!(upstream = %self.label(), position = at.next.0, upstream_start = start,
+                    "the upstream's retention passed this node's stored position; following from its snapshot");
+                self.reason = "retention";
+                self.at = None;
+            }
         }
         if self.fed {
             self.forget_all(&format!(
@@ -303,12 +325,10 @@ impl Follower {
                     Frame::SnapshotHead { position, keyspaces } => {
                         let mut order = Vec::new();
                         for (name, whole) in keyspaces {
-                            let ks = self
-                                .p
-                                .keyspaces
-                                .iter()
-                                .find(|k| k.name() == name)
-                                .ok_or_else(|| format!("the snapshot has keyspace {name}, which was not asked for"))?;
+                            let ks =
+                                self.p.keyspaces.iter().find(|k| k.name() == name).ok_or_else(|| {
+                                    format!("the snapshot has keyspace {name}, which was not asked for")
+                                })?;
                             if ks.config.warm && !ks.config.read_through && !whole {
                                 let why = format!(
                                     "upstream {} does not hold keyspace {name} whole (warm it there, with no ttl expiry or max_entries/max_bytes eviction), and it does not read through here",
@@ -336,7 +356,11 @@ impl Follower {
                         if entries != installed {
                             return Err(format!("the snapshot said {entries} entries but carried {installed}"));
                         }
-                        self.p.metrics.bootstraps.with_label_values(&[self.label(), self.reason]).inc();
+                        self.p
+                            .metrics
+                            .bootstraps
+                            .with_label_values(&[self.label(), self.reason])
+                            .inc();
                         self.p.state.bootstraps.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(upstream = %self.label(), reason = self.reason, %identity, position, entries,
                             seconds = started.elapsed().as_secs_f64(), "bootstrapped from the upstream's snapshot");
@@ -400,7 +424,11 @@ impl Follower {
             let body = resp.text().await.unwrap_or_default();
             match status.as_u16() {
                 409 => {
-                    self.reason = if body.contains("past this log's end") { "ahead" } else { "identity" };
+                    self.reason = if body.contains("past this log's end") {
+                        "ahead"
+                    } else {
+                        "identity"
+                    };
                     self.at = None;
                 }
                 410 => {
@@ -509,8 +537,16 @@ impl Follower {
     }
 
     /// Handles every whole frame received.
-    async fn frames(&mut self, decoder: &mut wire::Decoder, s: &mut Stream, inflight: &mut Inflight) -> Result<(), String> {
-        while let Some(frame) = decoder.next_frame().map_err(|e| format!("the upstream's stream: {e}"))? {
+    async fn frames(
+        &mut self,
+        decoder: &mut wire::Decoder,
+        s: &mut Stream,
+        inflight: &mut Inflight,
+    ) -> Result<(), String> {
+        while let Some(frame) = decoder
+            .next_frame()
+            .map_err(|e| format!("the upstream's stream: {e}"))?
+        {
             match frame {
                 Frame::Records { first, records } => {
                     if first.0 != s.received {

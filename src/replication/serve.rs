@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::ReplicationConfig;
 use super::wire::{self, Progress, WireEntry};
-use super::{CONNECTION_HEADER, FollowerState, IDENTITY_HEADER, ReplicationMetrics, ReplicationStatus};
+use super::{
+    CONNECTION_HEADER, FollowerState, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, ReplicationStatus,
+};
 use crate::cdc::applier::Applied;
 use crate::commitlog::{CommitLog, LogError, Offset, Tail};
 use crate::keyspace::Keyspace;
@@ -159,7 +161,11 @@ async fn check_token(State(server): State<Arc<LogServer>>, req: Request, next: N
     if presented.is_some_and(|p| crate::api::same_secret(p.trim().as_bytes(), token.expose().as_bytes())) {
         return next.run(req).await;
     }
-    let peer = req.extensions().get::<Peer>().map(|p| p.0.to_string()).unwrap_or_default();
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0.to_string())
+        .unwrap_or_default();
     let follower = req
         .uri()
         .query()
@@ -210,7 +216,11 @@ async fn stream_log(
 ) -> Response {
     let identity = server.log.identity().to_string();
     let asked = headers.get(IDENTITY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let follower = if q.follower.is_empty() { peer.to_string() } else { q.follower.clone() };
+    let follower = if q.follower.is_empty() {
+        peer.to_string()
+    } else {
+        q.follower.clone()
+    };
     let refused = |reason: &str, status: StatusCode, detail: String| {
         server.metrics.refusals.with_label_values(&[reason]).inc();
         tracing::warn!(follower = %follower, %peer, %detail, "replication: refused a stream");
@@ -224,7 +234,9 @@ async fn stream_log(
         return refused(
             "identity",
             StatusCode::CONFLICT,
-            format!("this log's identity is {identity}, not {asked}: the log was recreated; bootstrap from /v1/snapshot"),
+            format!(
+                "this log's identity is {identity}, not {asked}: the log was recreated; bootstrap from /v1/snapshot"
+            ),
         );
     }
     let (start, end) = (server.log.start(), server.log.end());
@@ -232,14 +244,20 @@ async fn stream_log(
         return refused(
             "identity",
             StatusCode::CONFLICT,
-            format!("offset {} is past this log's end {end}: the log lost records the follower has; bootstrap from /v1/snapshot", q.from),
+            format!(
+                "offset {} is past this log's end {end}: the log lost records the follower has; bootstrap from /v1/snapshot",
+                q.from
+            ),
         );
     }
     if q.from < start.0 {
         return refused(
             "out_of_range",
             StatusCode::GONE,
-            format!("offset {} is no longer in the log (it starts at {start}); retention removed it; bootstrap from /v1/snapshot", q.from),
+            format!(
+                "offset {} is no longer in the log (it starts at {start}); retention removed it; bootstrap from /v1/snapshot",
+                q.from
+            ),
         );
     }
     let id = server.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -274,8 +292,10 @@ async fn stream_log(
         s.next_chunk().await.map(|b| (Ok::<_, std::convert::Infallible>(b), s))
     }));
     let mut resp = Response::new(body);
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-cachesync-frames"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-cachesync-frames"),
+    );
     if let Ok(v) = HeaderValue::from_str(&identity) {
         resp.headers_mut().insert(IDENTITY_HEADER, v);
     }
@@ -442,10 +462,14 @@ async fn snapshot(State(server): State<Arc<LogServer>>, Query(q): Query<Snapshot
             .map(Ok::<_, std::convert::Infallible>),
     );
     let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-cachesync-frames"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-cachesync-frames"),
+    );
     if let Ok(v) = HeaderValue::from_str(server.log.identity()) {
         resp.headers_mut().insert(IDENTITY_HEADER, v);
     }
+    resp.headers_mut()
+        .insert(LOG_START_HEADER, HeaderValue::from(server.log.start().0));
     resp
 }

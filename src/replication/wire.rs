@@ -81,10 +81,7 @@ impl WireEntry {
         e = e.with_snapshot(self.snapshot.map(|(xmax, xip)| Snapshot { xmax, xip }));
         if let Some(age) = self.read_age_ms {
             let now = tokio::time::Instant::now();
-            e = e.read_at(
-                now.checked_sub(std::time::Duration::from_millis(age))
-                    .unwrap_or(now),
-            );
+            e = e.read_at(now.checked_sub(std::time::Duration::from_millis(age)).unwrap_or(now));
         }
         e
     }
@@ -93,12 +90,23 @@ impl WireEntry {
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Records { first: Offset, records: Vec<(u64, Bytes)> },
+    Records {
+        first: Offset,
+        records: Vec<(u64, Bytes)>,
+    },
     Progress(Progress),
     Failed(String),
-    SnapshotHead { position: Offset, keyspaces: Vec<(String, bool)> },
-    Entries { keyspace: usize, entries: Vec<WireEntry> },
-    SnapshotEnd { entries: u64 },
+    SnapshotHead {
+        position: Offset,
+        keyspaces: Vec<(String, bool)>,
+    },
+    Entries {
+        keyspace: usize,
+        entries: Vec<WireEntry>,
+    },
+    SnapshotEnd {
+        entries: u64,
+    },
 }
 
 /// Why bytes are not frames.
@@ -301,11 +309,10 @@ fn decode(k: u8, body: &Bytes) -> Result<Frame, WireError> {
             for _ in 0..n {
                 let ts = b.int()?;
                 let len = b.int()? as usize;
-                let end = b
-                    .at
-                    .checked_add(len)
-                    .filter(|e| *e <= body.len())
-                    .ok_or_else(|| WireError::Malformed("record runs past the frame".into()))?;
+                let end =
+                    b.at.checked_add(len)
+                        .filter(|e| *e <= body.len())
+                        .ok_or_else(|| WireError::Malformed("record runs past the frame".into()))?;
                 records.push((ts, body.slice(b.at..end)));
                 b.at = end;
             }
@@ -440,7 +447,10 @@ mod tests {
                 position: Offset(9),
                 keyspaces: vec![("users".into(), true), ("orders".into(), false)],
             },
-            Frame::Entries { keyspace: 1, entries: e },
+            Frame::Entries {
+                keyspace: 1,
+                entries: e,
+            },
             Frame::SnapshotEnd { entries: 2 },
             Frame::Failed("bye".into()),
         ];
