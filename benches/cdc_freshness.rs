@@ -21,201 +21,22 @@ mod common;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cachesync::config::Config;
 use cachesync::server::Server;
 use cachesync_testkit::postgres::{PgOptions, PgServer, bindir};
 use cachesync_testkit::{find_program, temp_dir};
-use common::{BlockingHttp, Lat, get_request};
+use common::Lat;
+use common::freshness::{run_rate, start_recvlogical};
 
 const KEYS: i64 = 10_000;
 const RUN_FOR: Duration = Duration::from_secs(5);
-const WRITERS: usize = 8;
-/// Updates sampled for freshness per second, whatever the rate.
-const SAMPLES_PER_SECOND: f64 = 200.0;
 const SNAPSHOT_ROWS: i64 = 1_000_000;
 
 fn main() {
     common::block_on(run());
-}
-
-struct Recv {
-    /// Arrival instant of each sampled value's line.
-    arrivals: Arc<Mutex<HashMap<i64, Instant>>>,
-    sampled: Arc<Mutex<std::collections::HashSet<i64>>>,
-    _child: std::process::Child,
-}
-
-/// Starts pg_recvlogical on its own slot, noting when each sampled value's line arrives.
-fn start_recvlogical(pg: &PgServer, db: &str) -> Recv {
-    let bin = find_program("pg_recvlogical", "CACHESYNC_PG_BINDIR", &[bindir(), "/usr/bin".into()])
-        .expect("pg_recvlogical (postgresql-client) is installed");
-    let mut child = Command::new(bin)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-        ])
-        .args([
-            "--slot",
-            "bench_recvlogical",
-            "--create-slot",
-            "--if-not-exists",
-            "--start",
-            "-P",
-            "test_decoding",
-            "-f",
-            "-",
-            "-F",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pg_recvlogical");
-    let stdout = child.stdout.take().expect("stdout");
-    let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
-    let sampled: Arc<Mutex<std::collections::HashSet<i64>>> = Arc::default();
-    let (a, s) = (arrivals.clone(), sampled.clone());
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let arrived = Instant::now();
-            // table public.bench: UPDATE: id[integer]:42 v[bigint]:1234
-            let Some(v) = line
-                .split("v[bigint]:")
-                .nth(1)
-                .and_then(|t| t.trim().parse::<i64>().ok())
-            else {
-                continue;
-            };
-            if s.lock().unwrap().remove(&v) {
-                a.lock().unwrap().insert(v, arrived);
-            }
-        }
-    });
-    Recv {
-        arrivals,
-        sampled,
-        _child: child,
-    }
-}
-
-/// A sampled update: its value, key and commit instant.
-type Sample = (i64, i64, Instant);
-
-/// Polls a sample's key until GET returns its value (or a newer one); returns the latency.
-fn poll(http: &mut BlockingHttp, (v, id, committed): Sample) -> Option<Duration> {
-    let req = get_request(&format!("/v1/kv/bench/{id}"));
-    loop {
-        let (status, body) = http.fetch(&req);
-        let seen = (status == 200)
-            .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
-            .flatten()
-            .and_then(|j| j["v"].as_i64())
-            .unwrap_or(-1);
-        if seen >= v {
-            return Some(committed.elapsed());
-        }
-        if committed.elapsed() > Duration::from_secs(30) {
-            return None;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
-/// Persistent poller connections.
-const POLLERS: usize = 16;
-
-/// One run at `rate` updates/s: returns (cachesync freshness, pg_recvlogical freshness,
-/// achieved rate).
-async fn run_rate(url: &str, addr: std::net::SocketAddr, recv: &Recv, rate: f64, seq_base: i64) -> (Lat, Lat, f64) {
-    let sample_every = ((rate / SAMPLES_PER_SECOND).round() as i64).max(1);
-    let commits: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
-    let ours = Arc::new(Mutex::new(Lat::new()));
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Sample>();
-    let rx = Arc::new(Mutex::new(rx));
-    let mut pollers = Vec::new();
-    for _ in 0..POLLERS {
-        let (rx, ours) = (rx.clone(), ours.clone());
-        pollers.push(std::thread::spawn(move || {
-            let mut http = BlockingHttp::connect(addr);
-            loop {
-                let next = rx.lock().unwrap().blocking_recv();
-                let Some(sample) = next else { return };
-                if let Some(d) = poll(&mut http, sample) {
-                    ours.lock().unwrap().record(d);
-                }
-            }
-        }));
-    }
-    let started = Instant::now();
-    let total = (rate * RUN_FOR.as_secs_f64()) as i64;
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (url, commits, sampled, tx) = (url.to_string(), commits.clone(), recv.sampled.clone(), tx.clone());
-        writers.push(tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .expect("writer connects");
-            tokio::spawn(conn);
-            let stmt = client
-                .prepare("UPDATE bench SET v = $1 WHERE id = $2")
-                .await
-                .expect("prepare");
-            let mut i = w as i64;
-            while i < total {
-                let due = started + Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
-                let v = seq_base + i;
-                let id = v % KEYS;
-                let sample = v % sample_every == 0;
-                if sample {
-                    sampled.lock().unwrap().insert(v);
-                }
-                client.execute(&stmt, &[&v, &(id as i32)]).await.expect("update");
-                let committed = Instant::now();
-                if sample {
-                    commits.lock().unwrap().insert(v, committed);
-                    let _ = tx.send((v, id, committed));
-                }
-                i += WRITERS as i64;
-            }
-        }));
-    }
-    for w in writers {
-        w.await.expect("writer");
-    }
-    let achieved = total as f64 / started.elapsed().as_secs_f64().max(RUN_FOR.as_secs_f64());
-    drop(tx);
-    tokio::task::spawn_blocking(move || {
-        for p in pollers {
-            let _ = p.join();
-        }
-    })
-    .await
-    .expect("pollers");
-    // Give pg_recvlogical a moment to print the last lines, then join arrivals with commits.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut theirs = Lat::new();
-    let arrivals = std::mem::take(&mut *recv.arrivals.lock().unwrap());
-    let commits = commits.lock().unwrap();
-    for (v, arrived) in arrivals {
-        if let Some(c) = commits.get(&v) {
-            theirs.record(arrived.saturating_duration_since(*c));
-        }
-    }
-    let ours = std::mem::replace(&mut *ours.lock().unwrap(), Lat::new());
-    (ours, theirs, achieved)
 }
 
 fn row(label: &str, l: &Lat) -> String {
@@ -268,7 +89,8 @@ async fn freshness(pg: &PgServer) {
     println!("\n== freshness: commit → served (cachesync GET) vs commit → received (pg_recvlogical) ==");
     let mut seq = 1_000_000_000i64;
     for rate in [1000.0, 5000.0] {
-        let (ours, theirs, achieved) = run_rate(&db.url, addr, &recv, rate, seq).await;
+        let (ours, theirs, achieved) = run_rate(&db.url, &[addr], &recv, rate, seq, KEYS, RUN_FOR).await;
+        let ours = &ours[0];
         seq += 100_000_000;
         println!("-- {rate:.0} updates/s target, {achieved:.0}/s achieved");
         println!("{}", row("cachesync: commit → GET serves it", &ours));
@@ -284,7 +106,8 @@ async fn freshness(pg: &PgServer) {
     println!("\n== highest sustained update rate (p99 freshness under 250ms, writers reach 90% of the rate) ==");
     let mut best = 0.0;
     for rate in [2_000.0, 5_000.0, 7_500.0, 10_000.0, 15_000.0, 20_000.0] {
-        let (ours, _, achieved) = run_rate(&db.url, addr, &recv, rate, seq).await;
+        let (ours, _, achieved) = run_rate(&db.url, &[addr], &recv, rate, seq, KEYS, RUN_FOR).await;
+        let ours = &ours[0];
         seq += 100_000_000;
         let ok = ours.p(0.99) < 250_000.0 && achieved >= 0.9 * rate;
         println!(

@@ -2,6 +2,8 @@
 //! keep-alive client (so the client's own overhead stays small and the same for every target).
 #![allow(dead_code)]
 
+pub mod freshness;
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
