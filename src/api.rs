@@ -101,32 +101,24 @@ async fn check_token(State(st): State<Arc<AppState>>, req: Request, next: Next) 
     if matches!(req.uri().path(), "/healthz" | "/readyz") {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented.is_some_and(|p| same_secret(p.trim().as_bytes(), token.expose().as_bytes())) {
-        return next.run(req).await;
-    }
+    let refused = match crate::credential::check_bearer(req.headers(), token) {
+        Ok(()) => return next.run(req).await,
+        Err(r) => r,
+    };
     let mut resp = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
-        if presented.is_some() {
-            "the bearer token does not match [server] token_file"
-        } else {
-            "this API needs Authorization: Bearer <the token in [server] token_file>"
+        match refused {
+            crate::credential::Refused::Wrong => "the bearer token does not match [server] token_file",
+            crate::credential::Refused::Missing => {
+                "this API needs Authorization: Bearer <the token in [server] token_file>"
+            }
         },
     )
     .into_response();
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
     resp
-}
-
-/// Compares two secrets in time that depends only on their lengths.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The router with every route.

@@ -23,6 +23,10 @@
 //!   │         write_through  Postgres first, then cache what RETURNING gave
 //!   │         write_behind   commit log first (202), overlay, coalescing flusher, dead letters,
 //!   │                        [write_behind]
+//!  replication the replicated log: replication::serve (log server: frames, snapshots, retention
+//!   │         holds) · replication::follow (an upstream's log → this log → the applier) ·
+//!   │         wire (frames) · position (a follower's durable place); [replication] [[upstream]]
+//!   ▼
 //!  cdc        change data capture: cdc::postgres (pgoutput protocol → decoder → mapping → stream
 //!   │         with catalog, slot and its ownership, warm start, feedback, freshness probes;
 //!   │         reshape = schema changes; prerequisites for check) and cdc::applier
@@ -41,6 +45,7 @@
 //!             group-commit writer, tailing readers, durable cursors, retention, inspection; [log]
 //!  event      the change event, its constructors and its versioned binary encoding
 //!  lifecycle  phases (serve → capture → drain → log), the spawn handle every task uses, Backoff
+//!  credential bearer tokens: token files, constant-time checks, the loopback-only rule
 //!  section    the TOML section reader every `*/config.rs` uses: every problem, with its line
 //!  metrics    Prometheus registry, bounded labels
 //!  hlc, lsn   version clocks: hybrid logical clock, Postgres WAL positions
@@ -56,6 +61,7 @@ pub mod cdc;
 pub mod cli;
 pub mod commitlog;
 pub mod config;
+pub mod credential;
 pub mod event;
 pub mod hlc;
 pub mod key;

@@ -125,28 +125,9 @@ impl Default for ServerConfig {
     }
 }
 
-/// Reads a token file: its content without surrounding whitespace, at least 16 bytes.
-pub fn read_token(path: &std::path::Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let token = text.trim();
-    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "{} must hold one token of at least 16 characters without spaces",
-            path.display()
-        ));
-    }
-    Ok(Secret::new(token))
-}
-
-/// The problem with a listener on `listen` without a credential, if any: only loopback may go
-/// without one.
+/// The problem with an API listener on `listen` without a credential, if any.
 pub fn needs_credential(listen: SocketAddr, token: Option<&Secret>) -> Option<String> {
-    (!listen.ip().is_loopback() && token.is_none()).then(|| {
-        format!(
-            "{listen} is not a loopback address: a listener others can reach needs a credential; set [server] token_file \
-             (clients then send Authorization: Bearer <token>), or listen on 127.0.0.1"
-        )
-    })
+    crate::credential::needs_credential(listen, token, "listener", "[server] token_file")
 }
 
 /// The host name (from `/etc/hostname` or `HOSTNAME`), made safe for a slot name; `cachesync`
@@ -183,7 +164,7 @@ pub(crate) fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
     let token_file: Option<std::path::PathBuf> = s.get::<String>("token_file").map(Into::into);
     let token = match &token_file {
         None => None,
-        Some(path) => match read_token(path) {
+        Some(path) => match crate::credential::read_token(path) {
             Ok(t) => Some(t),
             Err(why) => {
                 s.problem_at("token_file", why);

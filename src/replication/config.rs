@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::api::config::read_token;
+use crate::credential::read_token;
 use crate::section::{Section, humantime_serde_shim};
 use crate::source::postgres::config::Secret;
 
@@ -116,12 +116,7 @@ pub(crate) fn read_replication(mut s: Section<'_, '_>) -> ReplicationConfig {
 
 /// Why a log server on `listen` with this token may not start (`None`: it may).
 pub fn needs_credential(listen: SocketAddr, token: Option<&Secret>) -> Option<String> {
-    (!listen.ip().is_loopback() && token.is_none()).then(|| {
-        format!(
-            "{listen} is not a loopback address: a log server others can reach needs a credential; set [replication] token_file \
-             (followers then present it from their [[upstream]] token_file), or listen on 127.0.0.1"
-        )
-    })
+    crate::credential::needs_credential(listen, token, "log server", "[replication] token_file")
 }
 
 pub(crate) fn read_upstream(mut s: Section<'_, '_>) -> Option<UpstreamConfig> {

@@ -153,14 +153,10 @@ async fn check_token(State(server): State<Arc<LogServer>>, req: Request, next: N
     let Some(token) = &server.config.token else {
         return next.run(req).await;
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented.is_some_and(|p| crate::api::same_secret(p.trim().as_bytes(), token.expose().as_bytes())) {
-        return next.run(req).await;
-    }
+    let refused = match crate::credential::check_bearer(req.headers(), token) {
+        Ok(()) => return next.run(req).await,
+        Err(r) => r,
+    };
     let peer = req
         .extensions()
         .get::<Peer>()
@@ -173,10 +169,9 @@ async fn check_token(State(server): State<Arc<LogServer>>, req: Request, next: N
         .unwrap_or("?")
         .to_string();
     server.metrics.refusals.with_label_values(&["unauthorized"]).inc();
-    let why = if presented.is_some() {
-        "the follower's token does not match [replication] token_file"
-    } else {
-        "the follower presented no token; [replication] token_file is set"
+    let why = match refused {
+        crate::credential::Refused::Wrong => "the follower's token does not match [replication] token_file",
+        crate::credential::Refused::Missing => "the follower presented no token; [replication] token_file is set",
     };
     tracing::warn!(%peer, follower = %follower, reason = why, "replication: refused a follower");
     let mut resp = refuse(StatusCode::UNAUTHORIZED, "unauthorized", why.into());
