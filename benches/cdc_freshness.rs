@@ -93,7 +93,7 @@ async fn freshness(pg: &PgServer) {
         let ours = &ours[0];
         seq += 100_000_000;
         println!("-- {rate:.0} updates/s target, {achieved:.0}/s achieved");
-        println!("{}", row("cachesync: commit → GET serves it", &ours));
+        println!("{}", row("cachesync: commit → GET serves it", ours));
         println!("{}", row("pg_recvlogical: commit → line read", &theirs));
         println!(
             "{:<36} p50 {:+.2}ms   p99 {:+.2}ms",

@@ -1,15 +1,17 @@
 //! The replicated log: one hub on a Postgres slot, edges following its log.
 //!
-//! 1. Shipping: events appended to the hub's log (fsync = always, batches of 1000) while an edge
-//!    follows it (appending to its own log, fsync = always): the hub's append rate, and the rate
-//!    at which the edge has them durable — the time from the first append to the edge's place
-//!    reaching the hub's end. Three runs; the ratio (shipped / appended) is printed per run and
-//!    as the median.
-//! 2. Freshness: UPDATEs committed at 1k/s and 10k/s; for a sample, commit → a GET on the hub
-//!    serves it, commit → a GET on the edge serves it, and commit → `pg_recvlogical` (its own
-//!    slot, the floor any logical-decoding consumer pays) prints it. p50 and p99 of each, and the
-//!    edge's cost over the hub.
-//! 3. WAL senders and slots Postgres runs for 1 hub + 8 edges.
+//! In this order (freshness first, while the nodes are quiet):
+//!
+//! - Freshness: UPDATEs committed at 1k/s and 10k/s; for a sample, commit → a GET on the hub
+//!   serves it, commit → a GET on the edge serves it, and commit → `pg_recvlogical` (its own
+//!   slot, the floor any logical-decoding consumer pays) prints it. p50 and p99 of each, and the
+//!   edge's cost over the hub.
+//! - Shipping: events appended to the hub's log (fsync = always, batches of 1000) while an edge
+//!   follows it (appending to its own log, fsync = always): the hub's append rate, and the rate
+//!   at which the edge has them durable — the time from the first append to the edge's place
+//!   reaching the hub's end. Three runs; the ratio (shipped / appended) is printed per run and as
+//!   the median.
+//! - WAL senders and slots Postgres runs for 1 hub + 8 edges.
 //!
 //! Run: `cargo bench --bench replication` (starts its own throwaway Postgres; logs in temp dirs).
 //! Nothing here asserts a time.
@@ -98,8 +100,6 @@ async fn run() {
     let upstream = hub.replication_addr().expect("the hub serves its log");
     let edge = started(edge_config(&db.url, "edge0", upstream)).await;
 
-    shipping(&hub, &edge).await;
-
     let recv = start_recvlogical(&pg, &db.name);
     tokio::time::sleep(Duration::from_secs(1)).await;
     println!("\n== freshness: commit → served on the hub, on an edge, and commit → pg_recvlogical line ==");
@@ -126,6 +126,8 @@ async fn run() {
         );
     }
     drop(recv);
+
+    shipping(&hub, &edge).await;
 
     println!("\n== WAL senders for 1 hub + {EDGES} edges ==");
     let mut more = Vec::new();

@@ -71,6 +71,9 @@ pub enum Origin {
     Refreshing,
 }
 
+/// Keys and their entries, as a snapshot hands them out.
+pub type Entries = Vec<(Arc<str>, Arc<Entry>)>;
+
 /// A read's answer: the entry (possibly negative) and where it came from.
 #[derive(Debug, Clone)]
 pub struct Read {
@@ -501,7 +504,7 @@ impl Keyspace {
 
     /// Every live entry of L1 (a follower's snapshot), and whether L1 holds the whole table:
     /// the keyspace is warmed and has dropped no document for room or age since.
-    pub fn entries(&self) -> (Vec<(Arc<str>, Arc<Entry>)>, bool) {
+    pub fn entries(&self) -> (Entries, bool) {
         let whole = self.config.warm && self.l1.dropped() == 0;
         (self.l1.entries().collect(), whole)
     }

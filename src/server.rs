@@ -290,7 +290,13 @@ impl Server {
                 next_id: std::sync::atomic::AtomicU64::new(0),
             });
             tracing::info!(addr = ?state.replication.serving.lock().unwrap_or_else(|p| p.into_inner()), "log server listening for followers");
-            serve.spawn(replication::serve::serve(listener, server, serve.clone()));
+            let tls = rc
+                .tls
+                .as_ref()
+                .map(replication::serve::tls_acceptor)
+                .transpose()
+                .map_err(StartError::Assembly)?;
+            serve.spawn(replication::serve::serve(listener, server, tls, serve.clone()));
         }
         // The flusher runs in the drain phase: at shutdown it drains after requests and capture
         // have stopped.

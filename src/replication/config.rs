@@ -44,6 +44,15 @@ pub struct ReplicationConfig {
     pub follower_timeout: Duration,
     /// Most followers connected at once.
     pub max_followers: usize,
+    /// TLS: the server's certificate chain and private key (PEM files); none serves plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A TLS certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[[upstream]]`: a log this node follows.
@@ -56,6 +65,9 @@ pub struct UpstreamConfig {
     pub token_file: Option<PathBuf>,
     #[serde(skip)]
     pub token: Option<Secret>,
+    /// For an `https://` url: a PEM file of the certificate(s) to trust (the hub's own, or the CA
+    /// that signed it) besides the built-in web roots.
+    pub ca_file: Option<PathBuf>,
     /// No frame for this long (the server sends one every heartbeat) and the link is dead.
     #[serde(with = "humantime_serde_shim")]
     pub link_timeout: Duration,
@@ -97,6 +109,23 @@ pub(crate) fn read_replication(mut s: Section<'_, '_>) -> ReplicationConfig {
         heartbeat: s.duration("heartbeat").unwrap_or(DEFAULT_HEARTBEAT),
         follower_timeout: s.duration("follower_timeout").unwrap_or(DEFAULT_FOLLOWER_TIMEOUT),
         max_followers: s.get("max_followers").unwrap_or(DEFAULT_MAX_FOLLOWERS),
+        tls: None,
+    };
+    let cert_file: Option<PathBuf> = s.get::<String>("tls_cert_file").map(Into::into);
+    let key_file: Option<PathBuf> = s.get::<String>("tls_key_file").map(Into::into);
+    let c = match (cert_file, key_file) {
+        (None, None) => c,
+        (Some(cert_file), Some(key_file)) => {
+            let files = TlsFiles { cert_file, key_file };
+            if let Err(why) = super::serve::tls_acceptor(&files) {
+                s.problem_at("tls_cert_file", why);
+            }
+            ReplicationConfig { tls: Some(files), ..c }
+        }
+        _ => {
+            s.problem_at("tls_cert_file", "TLS needs both tls_cert_file and tls_key_file");
+            c
+        }
     };
     if c.heartbeat < Duration::from_millis(10) {
         s.problem_at("heartbeat", "must be at least 10ms");
@@ -130,11 +159,21 @@ pub(crate) fn read_upstream(mut s: Section<'_, '_>) -> Option<UpstreamConfig> {
         return None;
     };
     let url = url.trim_end_matches('/').to_string();
-    if !url.starts_with("http://") || url.len() <= "http://".len() {
+    let scheme_len = ["http://", "https://"]
+        .iter()
+        .find(|p| url.starts_with(*p))
+        .map(|p| p.len());
+    if scheme_len.is_none_or(|n| url.len() <= n) {
         s.problem_at(
             "url",
-            format!("{url:?} is not an http:// address like \"http://hub:7071\""),
+            format!("{url:?} is not an http:// or https:// address like \"http://hub:7071\""),
         );
+    }
+    let ca_file: Option<PathBuf> = s.get::<String>("ca_file").map(Into::into);
+    if let Some(path) = &ca_file
+        && let Err(why) = super::follow::trust(path)
+    {
+        s.problem_at("ca_file", why);
     }
     let token_file: Option<PathBuf> = s.get::<String>("token_file").map(Into::into);
     let token = token_of(&s, &token_file);
@@ -148,6 +187,7 @@ pub(crate) fn read_upstream(mut s: Section<'_, '_>) -> Option<UpstreamConfig> {
         url,
         token_file,
         token,
+        ca_file,
         link_timeout,
     })
 }
@@ -185,7 +225,10 @@ mod tests {
     #[test]
     fn an_upstream_needs_an_http_url() {
         let p = problems("[[upstream]]\nurl = \"hub:7071\"\n[[keyspace]]\nname = \"a\"\n");
-        assert!(p.iter().any(|p| p.contains("is not an http:// address")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains("is not an http:// or https:// address")),
+            "{p:?}"
+        );
         let p = problems("[[upstream]]\nname = \"hub\"\n[[keyspace]]\nname = \"a\"\n");
         assert!(p.iter().any(|p| p.contains("url") && p.contains("missing")), "{p:?}");
     }

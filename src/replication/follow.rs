@@ -129,11 +129,21 @@ impl Follower {
                 Some(format!("waiting for upstream {} ({})", p.config.name, p.config.url)),
             );
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
             .connect_timeout(p.config.link_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .expect("an HTTP client builds");
+            .tcp_nodelay(true);
+        // Checked when the configuration was read; a file changed since is reported here.
+        match p.config.ca_file.as_deref().map(trust) {
+            Some(Ok(certs)) => {
+                for c in certs {
+                    builder = builder.add_root_certificate(c);
+                }
+            }
+            Some(Err(why)) => tracing::error!(upstream = %p.config.name, reason = %why, "ca_file cannot be used"),
+            None => {}
+        }
+        let client = builder.build().expect("an HTTP client builds");
         let file = PositionFile::new(&p.log.config().dir, &p.config.name);
         (
             Follower {
@@ -697,6 +707,17 @@ impl Follower {
             }
         });
     }
+}
+
+/// The certificates of a PEM file, to trust for an `https://` upstream.
+pub fn trust(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 /// An HTTP client error without the URL (which could carry a query the operator did not mean

@@ -28,17 +28,18 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::config::ReplicationConfig;
+use super::config::{ReplicationConfig, TlsFiles};
 use super::wire::{self, Progress, WireEntry};
 use super::{
     CONNECTION_HEADER, FollowerState, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, ReplicationStatus,
 };
 use crate::cdc::applier::Applied;
 use crate::commitlog::{CommitLog, LogError, Offset, Tail};
-use crate::keyspace::Keyspace;
 use crate::keyspace::freshness::Freshness;
+use crate::keyspace::{Entries, Keyspace};
 use crate::lifecycle::Tasks;
 
 /// Most records in one frame.
@@ -91,8 +92,59 @@ impl LogServer {
     }
 }
 
+/// A TLS acceptor for the certificate chain and key in `files` (PEM).
+pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", files.cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", files.cert_file.display()));
+    }
+    // The error names the file, never its content.
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", files.key_file.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!(
+                "{} and {} do not make a TLS identity: {e}",
+                files.cert_file.display(),
+                files.key_file.display()
+            )
+        })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one connection's requests until it closes or `stop`.
+async fn serve_connection<I>(io: I, app: Router, stop: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "replication connection ended with an error");
+    }
+}
+
 /// Serves `app` on `listener` until `stop` (at most `max` connections; streams end on `stop`).
-pub async fn serve(listener: TcpListener, server: Arc<LogServer>, tasks: Tasks) {
+pub async fn serve(listener: TcpListener, server: Arc<LogServer>, tls: Option<TlsAcceptor>, tasks: Tasks) {
     let app = router(server.clone());
     let slots = Arc::new(Semaphore::new(server.config.max_followers.saturating_mul(2)));
     let stop = server.stop.clone();
@@ -118,20 +170,16 @@ pub async fn serve(listener: TcpListener, server: Arc<LogServer>, tasks: Tasks) 
         let _ = stream.set_nodelay(true);
         let app = app.clone().layer(axum::Extension(Peer(peer)));
         let stop = stop.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "replication connection ended with an error");
+            match tls {
+                None => serve_connection(stream, app, stop).await,
+                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(tls, app, stop).await,
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "replication: a TLS handshake failed"),
+                    Err(_) => tracing::warn!(%peer, "replication: a TLS handshake did not finish in time"),
+                },
             }
         });
     }
@@ -314,48 +362,43 @@ impl Streamer {
             return None;
         }
         let timeout = self.server.config.follower_timeout.as_millis() as u64;
-        loop {
-            let mut out = BytesMut::new();
-            tokio::select! {
-                biased;
-                _ = self.server.stop.cancelled() => return None,
-                r = self.tail.next(BATCH_RECORDS, BATCH_BYTES) => match r {
-                    Ok(records) => {
-                        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
-                        wire::records(&mut out, &records);
-                        wire::progress(&mut out, self.server.progress());
-                        self.server.metrics.sent_records.inc_by(records.len() as u64);
-                        self.server.metrics.sent_bytes.inc_by(bytes as u64);
-                        self.follower.sent.store(self.tail.position().0, Ordering::Relaxed);
-                        self.beat.reset();
-                        return Some(out.freeze());
-                    }
-                    Err(LogError::Closed) => return None,
-                    Err(e @ LogError::OffsetOutOfRange { .. }) => {
-                        self.done = true;
-                        wire::failed(&mut out, &format!("offset_out_of_range: {e}"));
-                        return Some(out.freeze());
-                    }
-                    Err(e) => {
-                        tracing::error!(follower = %self.follower.name, error = %e, "replication: cannot read the log for a follower");
-                        self.done = true;
-                        wire::failed(&mut out, &format!("log: {e}"));
-                        return Some(out.freeze());
-                    }
-                },
-                _ = self.beat.tick() => {
-                    let silent = crate::commitlog::now_ms().saturating_sub(self.follower.reported_ms.load(Ordering::Relaxed));
-                    if silent > timeout {
-                        tracing::warn!(follower = %self.follower.name, silent_ms = silent, "replication: a follower stopped reporting its position; closing its stream");
-                        self.done = true;
-                        wire::failed(&mut out, &format!("silent: no position report for {silent} ms"));
-                        return Some(out.freeze());
-                    }
+        let mut out = BytesMut::new();
+        tokio::select! {
+            biased;
+            _ = self.server.stop.cancelled() => return None,
+            r = self.tail.next(BATCH_RECORDS, BATCH_BYTES) => match r {
+                Ok(records) => {
+                    let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+                    wire::records(&mut out, &records);
                     wire::progress(&mut out, self.server.progress());
-                    return Some(out.freeze());
+                    self.server.metrics.sent_records.inc_by(records.len() as u64);
+                    self.server.metrics.sent_bytes.inc_by(bytes as u64);
+                    self.follower.sent.store(self.tail.position().0, Ordering::Relaxed);
+                    self.beat.reset();
+                }
+                Err(LogError::Closed) => return None,
+                Err(e @ LogError::OffsetOutOfRange { .. }) => {
+                    self.done = true;
+                    wire::failed(&mut out, &format!("offset_out_of_range: {e}"));
+                }
+                Err(e) => {
+                    tracing::error!(follower = %self.follower.name, error = %e, "replication: cannot read the log for a follower");
+                    self.done = true;
+                    wire::failed(&mut out, &format!("log: {e}"));
+                }
+            },
+            _ = self.beat.tick() => {
+                let silent = crate::commitlog::now_ms().saturating_sub(self.follower.reported_ms.load(Ordering::Relaxed));
+                if silent > timeout {
+                    tracing::warn!(follower = %self.follower.name, silent_ms = silent, "replication: a follower stopped reporting its position; closing its stream");
+                    self.done = true;
+                    wire::failed(&mut out, &format!("silent: no position report for {silent} ms"));
+                } else {
+                    wire::progress(&mut out, self.server.progress());
                 }
             }
         }
+        Some(out.freeze())
     }
 }
 
@@ -422,7 +465,7 @@ async fn snapshot(State(server): State<Arc<LogServer>>, Query(q): Query<Snapshot
         None => server.log.end(),
     };
     let mut head = BytesMut::new();
-    let mut parts: Vec<(Vec<(Arc<str>, Arc<crate::cache::Entry>)>, bool)> = Vec::new();
+    let mut parts: Vec<(Entries, bool)> = Vec::new();
     for ks in &chosen {
         parts.push(ks.entries());
     }
@@ -434,7 +477,7 @@ async fn snapshot(State(server): State<Arc<LogServer>>, Query(q): Query<Snapshot
     wire::snapshot_head(&mut head, position, &listed);
     let total: u64 = parts.iter().map(|(e, _)| e.len() as u64).sum();
     tracing::info!(position = %position, entries = total, keyspaces = ?names, "replication: serving a snapshot");
-    let mut chunks: Vec<(usize, Vec<(Arc<str>, Arc<crate::cache::Entry>)>)> = Vec::new();
+    let mut chunks: Vec<(usize, Entries)> = Vec::new();
     for (i, (entries, _)) in parts.into_iter().enumerate() {
         let mut it = entries.into_iter().peekable();
         while it.peek().is_some() {

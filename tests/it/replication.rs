@@ -687,3 +687,59 @@ async fn a_second_hub_on_the_same_slot_reports_the_conflict_and_takes_nothing() 
     second.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_tls_link_carries_the_log_and_an_untrusted_certificate_is_refused() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL); INSERT INTO items VALUES (1, 0);")
+        .await;
+    let dir = temp_dir("tls", None);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    std::fs::write(dir.join("hub.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("hub.key"), cert.key_pair.serialize_pem()).unwrap();
+    let hub_node = Node::new();
+    let tls = format!(
+        "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        dir.join("hub.pem").display(),
+        dir.join("hub.key").display()
+    );
+    let (hub, _) = start(&hub_text(&db, &hub_node, ITEMS, &tls)).await;
+    let upstream = format!("localhost:{}", hub.replication_addr().unwrap().port());
+    let https = |text: String| text.replace("url = \"http://", "url = \"https://");
+    let trusting = https(edge_text(
+        &db,
+        "edge-tls",
+        &temp_dir("edgelog", None),
+        &upstream,
+        ITEMS,
+        &format!("ca_file = \"{}\"", dir.join("hub.pem").display()),
+    ));
+    let (edge, http) = start(&trusting).await;
+    db.exec("UPDATE items SET n = 7 WHERE id = 1").await;
+    converges(&http, "/v1/kv/items/1", Some(json!({"id": 1, "n": 7}))).await;
+    // Without the hub's certificate to trust, the link is refused and says why.
+    let doubting = https(edge_text(
+        &db,
+        "edge-notls",
+        &temp_dir("edgelog", None),
+        &upstream,
+        ITEMS,
+        "",
+    ));
+    init_logging();
+    let untrusted = Server::start(cachesync::config::Config::parse(&doubting).unwrap())
+        .await
+        .expect("starts");
+    let uhttp = Http::new(untrusted.local_addr());
+    let r = until(&uhttp, "/v1/replication", "the certificate is refused", |r| {
+        r.json()["upstreams"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate"))
+    })
+    .await;
+    assert_eq!(r.json()["upstreams"][0]["connected"], false);
+    assert!(!untrusted.is_ready());
+    untrusted.shutdown().await;
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
