@@ -21,13 +21,12 @@ mod common;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cachesync::config::Config;
 use cachesync::server::Server;
-use cachesync_testkit::postgres::{PgOptions, PgServer, bindir};
-use cachesync_testkit::{find_program, temp_dir};
+use cachesync_testkit::postgres::{PgOptions, PgServer};
+use cachesync_testkit::temp_dir;
 use common::Lat;
 use common::freshness::{run_rate, start_recvlogical};
 
@@ -40,12 +39,7 @@ fn main() {
 }
 
 fn row(label: &str, l: &Lat) -> String {
-    format!(
-        "{label:<36} n={:<6} p50={:>8.2}ms p99={:>8.2}ms",
-        l.h.len(),
-        l.p(0.5) / 1000.0,
-        l.p(0.99) / 1000.0
-    )
+    common::ms_row(label, l, 36)
 }
 
 async fn run() {
@@ -136,20 +130,11 @@ async fn warmup(pg: &PgServer) {
     .await
     .expect("load rows");
     bsql.batch_execute("VACUUM ANALYZE users").await.expect("vacuum");
-    let psql = find_program("psql", "CACHESYNC_PG_BINDIR", &[bindir(), "/usr/bin".into()]).expect("psql is installed");
     let mut copy_best = f64::MAX;
     for _ in 0..2 {
         let t = Instant::now();
-        let st = Command::new(&psql)
+        let st = common::pg_tool("psql", pg, &big.name)
             .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                &big.name,
                 "-c",
                 "\\copy (SELECT id, name, email, age, created FROM users) TO /dev/null",
             ])

@@ -72,12 +72,7 @@ async fn started(config: Config) -> Server {
 }
 
 fn row(label: &str, l: &Lat) -> String {
-    format!(
-        "{label:<40} n={:<6} p50={:>8.2}ms p99={:>8.2}ms",
-        l.h.len(),
-        l.p(0.5) / 1000.0,
-        l.p(0.99) / 1000.0
-    )
+    common::ms_row(label, l, 40)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use cachesync::config::Config;
 use cachesync::server::Server;
-use cachesync_testkit::postgres::{PgOptions, PgServer, bindir};
-use cachesync_testkit::{find_program, temp_dir};
+use cachesync_testkit::postgres::{PgOptions, PgServer};
+use cachesync_testkit::temp_dir;
 use common::{Lat, RawHttp};
 
 const RUN_FOR: Duration = Duration::from_secs(4);
@@ -255,21 +255,9 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
         text.push_str(&format!("{id},user {id},u{id}@example.com,{}\n", id % 1000));
     }
     std::fs::write(&csv, text).expect("csv");
-    let psql = find_program("psql", "CACHESYNC_PG_BINDIR", &[bindir(), "/usr/bin".into()]).expect("psql is installed");
     let t = Instant::now();
-    let st = std::process::Command::new(psql)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-q",
-            "-c",
-        ])
+    let st = common::pg_tool("psql", pg, db)
+        .args(["-q", "-c"])
         .arg(format!(
             "\\copy copied (id, name, email, v) FROM '{}' WITH (FORMAT csv)",
             csv.display()

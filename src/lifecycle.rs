@@ -1,5 +1,6 @@
 //! One lifecycle for every task the sidecar runs: where tasks are spawned, how they learn to
-//! stop, and the order in which they are stopped. Also the one [`Backoff`] every retry loop uses.
+//! stop, and the order in which they are stopped. Also the one [`Backoff`] every retry loop uses,
+//! and the one accept loop ([`accept`]) every listener uses.
 //!
 //! A running server has one [`Lifecycle`] with a phase per step of the ordered shutdown —
 //! [`Phase::Serve`] (listeners, request work such as refreshes, keyspace binding), then
@@ -22,6 +23,34 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. Accept errors (out of
+/// file descriptors and the like) are logged (`what` names the listener) and retried after a
+/// moment instead of spinning.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => {
+                    let _ = s.0.set_nodelay(true);
+                    return Some(s);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accepting a connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = stop.cancelled() => return None,
+                    }
+                }
+            },
+            _ = stop.cancelled() => return None,
+        }
+    }
+}
 
 /// A step of the ordered shutdown, in the order the steps run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

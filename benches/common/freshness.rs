@@ -5,12 +5,11 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cachesync_testkit::find_program;
-use cachesync_testkit::postgres::{PgServer, bindir};
+use cachesync_testkit::postgres::PgServer;
 
 use super::{BlockingHttp, Lat, get_request};
 
@@ -30,19 +29,7 @@ pub struct Recv {
 
 /// Starts pg_recvlogical on its own slot, noting when each sampled value's line arrives.
 pub fn start_recvlogical(pg: &PgServer, db: &str) -> Recv {
-    let bin = find_program("pg_recvlogical", "CACHESYNC_PG_BINDIR", &[bindir(), "/usr/bin".into()])
-        .expect("pg_recvlogical (postgresql-client) is installed");
-    let mut child = Command::new(bin)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-        ])
+    let mut child = super::pg_tool("pg_recvlogical", pg, db)
         .args([
             "--slot",
             "bench_recvlogical",

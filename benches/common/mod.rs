@@ -4,6 +4,36 @@
 
 pub mod freshness;
 
+/// A Postgres client tool (`psql`, `pg_recvlogical`) of the test server's installation, pointed at
+/// database `db` on `pg` as the superuser.
+pub fn pg_tool(name: &str, pg: &cachesync_testkit::postgres::PgServer, db: &str) -> std::process::Command {
+    use cachesync_testkit::postgres::bindir;
+    let bin = cachesync_testkit::find_program(name, "CACHESYNC_PG_BINDIR", &[bindir(), "/usr/bin".into()])
+        .unwrap_or_else(|| panic!("{name} is not installed: run deploy/dev/install-deps.sh (postgresql-client)"));
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        db,
+    ]);
+    cmd
+}
+
+/// A latency line: samples, p50 and p99 in ms, the label padded to `width`.
+pub fn ms_row(label: &str, l: &Lat, width: usize) -> String {
+    format!(
+        "{label:<width$} n={:<6} p50={:>8.2}ms p99={:>8.2}ms",
+        l.h.len(),
+        l.p(0.5) / 1000.0,
+        l.p(0.99) / 1000.0
+    )
+}
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;

@@ -71,21 +71,9 @@ impl Limits {
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: CancellationToken, tasks: Tasks) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off a moment instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            },
-            _ = stop.cancelled() => return,
+        let Some((stream, _)) = crate::lifecycle::accept(&listener, &stop, "http").await else {
+            return;
         };
-        let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tasks.spawn(refuse(stream, limits.max_connections));
             continue;

@@ -149,25 +149,14 @@ pub async fn serve(listener: TcpListener, server: Arc<LogServer>, tls: Option<Tl
     let slots = Arc::new(Semaphore::new(server.config.max_followers.saturating_mul(2)));
     let stop = server.stop.clone();
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "replication: accepting a connection failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            },
-            _ = stop.cancelled() => return,
+        let Some((stream, peer)) = crate::lifecycle::accept(&listener, &stop, "replication").await else {
+            return;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             server.metrics.refusals.with_label_values(&["too_many"]).inc();
             tracing::warn!(%peer, "replication: too many connections; refusing one");
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let app = app.clone().layer(axum::Extension(Peer(peer)));
         let stop = stop.clone();
         let tls = tls.clone();

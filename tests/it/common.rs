@@ -214,16 +214,7 @@ impl Node {
 
     /// Starts an in-process server from a configuration text.
     pub async fn start_text(&self, text: &str) -> (Server, Http) {
-        init_logging();
-        let server = Server::start(Config::parse(text).expect("valid test config"))
-            .await
-            .expect("server starts");
-        server
-            .wait_ready(Duration::from_secs(60))
-            .await
-            .expect("keyspaces become ready");
-        let http = Http::new(server.local_addr());
-        (server, http)
+        start_text(text).await
     }
 
     pub async fn start(&self, db: &Db, keyspaces: &str) -> (Server, Http) {
@@ -236,6 +227,20 @@ impl Node {
         let http = Http::new(server.local_addr());
         (server, http)
     }
+}
+
+/// Starts an in-process server from a configuration text, once every keyspace is ready.
+pub async fn start_text(text: &str) -> (Server, Http) {
+    init_logging();
+    let server = Server::start(Config::parse(text).expect("valid test config"))
+        .await
+        .expect("server starts");
+    server
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("keyspaces become ready");
+    let http = Http::new(server.local_addr());
+    (server, http)
 }
 
 /// Holds loads between their query and their install until released.
