@@ -580,13 +580,14 @@ impl Follower {
                     s.received += records.len() as u64;
                     // Split where the snapshot ends: what is before it is kept, not applied.
                     let split = match s.apply_from {
-                        Some(p) if p < s.received => (p - start) as usize,
+                        Some(p) if p <= s.received => (p - start) as usize,
                         _ => records.len(),
                     };
                     let (before, after) = records.split_at(split);
                     self.append(before, start + split as u64, inflight).await?;
+                    // Reached the snapshot's position (in this batch, or at its very end).
                     if let Some(p) = s.apply_from
-                        && p < s.received
+                        && p <= s.received
                     {
                         // Everything before the snapshot's position is durable first; the
                         // applier starts right after it.

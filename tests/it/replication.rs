@@ -333,6 +333,43 @@ async fn a_cut_link_is_survived_from_memory_and_the_edge_catches_up_when_it_heal
 }
 
 #[tokio::test]
+async fn changes_made_while_an_edge_was_stopped_reach_it_on_a_quiet_database() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL); INSERT INTO items VALUES (1, 0), (2, 0);")
+        .await;
+    let hub_node = Node::new();
+    let (hub, _hub_http, addr) = start_hub(&db, &hub_node, ITEMS).await;
+    let log = temp_dir("edgelog", None);
+    let text = edge_text(&db, "edge-q", &log, &addr, ITEMS, "");
+    let (edge, _) = start(&text).await;
+    edge.shutdown().await;
+    // While the edge is away: changes, then nothing more.
+    db.exec("UPDATE items SET n = 1 WHERE id = 1; DELETE FROM items WHERE id = 2;")
+        .await;
+    let hub_log = hub.state().log.clone().unwrap();
+    let stored = || {
+        let text = std::fs::read_to_string(log.join("upstreams/hub.position")).unwrap();
+        text.split(' ').nth(2).unwrap().parse::<u64>().unwrap()
+    };
+    eventually(WAIT, "the hub logged the changes", || async {
+        let (end, at) = (hub_log.end().0, stored());
+        if end > at { Ok(()) } else { Err((end, at)) }
+    })
+    .await;
+    // It fetches from its stored place and applies from the snapshot's; it becomes ready
+    // though no change arrives after it.
+    let (edge, http) = start(&text).await;
+    converges(&http, "/v1/kv/items/1", Some(json!({"id": 1, "n": 1}))).await;
+    converges(&http, "/v1/kv/items/2", None).await;
+    until(&http, "/v1/replication", "the edge reaches the hub's end", |r| {
+        r.json()["upstreams"][0]["position"].as_u64() == Some(hub_log.end().0)
+    })
+    .await;
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_blackholed_link_is_detected_and_reported() {
     let db = Db::new().await;
     db.exec("CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL); INSERT INTO items VALUES (1, 0);")
