@@ -513,6 +513,9 @@ impl Keyspace {
     /// a change captured earlier but applied later, or a load that started earlier, cannot put
     /// back what the reset removed. Used when the table's shape changed at `lsn`.
     pub fn reset_below(&self, lsn: Lsn) {
+        if let Some(f) = self.freshness.get() {
+            f.reloaded();
+        }
         self.floor.fetch_max(lsn.0, Ordering::AcqRel);
         self.clear();
     }

@@ -43,6 +43,8 @@ use crate::commitlog::{CommitLog, Hold};
 pub const IDENTITY_HEADER: &str = "x-cachesync-log-identity";
 /// The header giving the first offset a log still holds, on a snapshot.
 pub const LOG_START_HEADER: &str = "x-cachesync-log-start";
+/// The header giving a snapshot's epoch: `instance.reloads` (see `wire::Progress`).
+pub const EPOCH_HEADER: &str = "x-cachesync-epoch";
 /// The header naming a stream's connection id, which position reports quote.
 pub const CONNECTION_HEADER: &str = "x-cachesync-connection";
 

@@ -277,6 +277,9 @@ impl Capture {
                         catalog::drop_slot(&self.pool, &self.slot).await?;
                     }
                 }
+                // What a new slot's snapshot loads was never in the log: followers of this
+                // node's log take a new snapshot.
+                self.freshness.reloaded();
                 let (cp, snapshot) = client.create_slot(&self.slot, false).await?;
                 tracing::info!(slot = %self.slot, consistent_point = %cp, "created the replication slot");
                 self.warm(&snapshot, cp).await?;
@@ -340,6 +343,7 @@ impl Capture {
 
     /// Holds the applier and empties every CDC keyspace: what they hold may be stale.
     fn forget_all(&self, why: &str) {
+        self.freshness.reloaded();
         self.gate.send_modify(|g| g.open = false);
         for ks in &self.keyspaces {
             ks.set_blocker(Blocker::Cdc, Some(why.into()));

@@ -45,6 +45,11 @@ pub struct Freshness {
     reachable: AtomicBool,
     progress: Mutex<Progress>,
     notify: watch::Sender<u64>,
+    /// This tracker's process instance (random) and how many times its keyspaces were reloaded
+    /// outside the log since (a lost slot, a schema change): followers of this node's log must
+    /// then take a new snapshot, since the log alone does not carry what the reload found.
+    instance: u64,
+    reloads: AtomicU64,
 }
 
 #[derive(Default)]
@@ -69,7 +74,19 @@ impl Freshness {
             reachable: AtomicBool::new(true),
             progress: Mutex::new(Progress::default()),
             notify: watch::channel(0).0,
+            instance: rand::random::<u64>() | 1,
+            reloads: AtomicU64::new(0),
         }
+    }
+
+    /// The keyspaces were (or are being) reloaded outside the log: followers re-bootstrap.
+    pub fn reloaded(&self) {
+        self.reloads.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// (instance, reloads): see [`Freshness::reloaded`].
+    pub fn epoch(&self) -> (u64, u64) {
+        (self.instance, self.reloads.load(Ordering::Acquire))
     }
 
     /// How often the capture probes.

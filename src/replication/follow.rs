@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::UpstreamConfig;
 use super::position::{Position, PositionFile};
 use super::wire::{self, Frame};
-use super::{CONNECTION_HEADER, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, UpstreamState};
+use super::{CONNECTION_HEADER, EPOCH_HEADER, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, UpstreamState};
 use crate::cdc::Gate;
 use crate::commitlog::{CommitLog, Offset};
 use crate::event::{ChangeEvent, Source};
@@ -103,6 +103,9 @@ pub struct Follower {
     fed: bool,
     /// Why the next bootstrap happens (a metric label).
     reason: &'static str,
+    /// The upstream's (instance, reloads) as of the snapshot this node holds: when the upstream
+    /// reloads its caches outside its log, this node takes a new snapshot.
+    epoch: Option<(u64, u64)>,
 }
 
 /// Progress the stream has made but not yet made durable and applied here.
@@ -155,6 +158,7 @@ impl Follower {
                 stored: None,
                 fed: false,
                 reason: "start",
+                epoch: None,
             },
             rx,
         )
@@ -250,6 +254,8 @@ impl Follower {
 
     /// Holds the applier and empties the keyspaces: what they hold may have missed changes.
     fn forget_all(&self, why: &str) {
+        // This node's own followers must re-bootstrap too.
+        self.p.freshness.reloaded();
         self.gate.send_modify(|g| g.open = false);
         for ks in &self.p.keyspaces {
             ks.set_blocker(Blocker::Cdc, Some(why.into()));
@@ -289,6 +295,12 @@ impl Follower {
             .and_then(|v| v.to_str().ok())
             .ok_or("the upstream's snapshot names no log identity")?
             .to_string();
+        let epoch = resp
+            .headers()
+            .get(EPOCH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once('.'))
+            .and_then(|(i, r)| Some((i.parse::<u64>().ok()?, r.parse::<u64>().ok()?)));
         let start: u64 = resp
             .headers()
             .get(LOG_START_HEADER)
@@ -387,6 +399,7 @@ impl Follower {
                         *self.p.state.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
                         self.fed = true;
                         self.reason = "start";
+                        self.epoch = epoch;
                         self.store().await;
                         return Ok(position);
                     }
@@ -399,7 +412,7 @@ impl Follower {
     /// One session: bootstrap if needed, then stream until an error or `stop`.
     async fn session(&mut self, stop: &CancellationToken) -> Ended {
         let failed = |why: String| Ended { why, streamed: false };
-        let apply_from = if !self.fed || self.at.is_none() {
+        let apply_from = if !self.fed || self.at.is_none() || self.epoch.is_none() {
             match self.bootstrap().await {
                 Ok(p) => Some(p),
                 Err(why) => return failed(why),
@@ -601,6 +614,20 @@ impl Follower {
                 }
                 Frame::Progress(p) => {
                     self.p.state.upstream_end.store(p.end.0, Ordering::Relaxed);
+                    // The upstream reloaded its caches outside its log (a lost slot, a schema
+                    // change) since this node's snapshot: what the reload found is not in the
+                    // log, so take a new snapshot. A restarted upstream that has not reloaded
+                    // rebuilt its caches from its log's own position: nothing is missing.
+                    let reloaded = match self.epoch {
+                        Some((instance, reloads)) if instance == p.instance => p.reloads > reloads,
+                        _ => p.reloads > 0,
+                    };
+                    if reloaded {
+                        self.epoch = None;
+                        self.reason = "upstream_reload";
+                        return Err("the upstream reloaded its caches outside its log; taking a new snapshot".into());
+                    }
+                    self.epoch = Some((p.instance, p.reloads));
                     if p.as_of_unix_ms > 0 {
                         if s.marks.len() >= MAX_MARKS {
                             s.marks.pop_front();

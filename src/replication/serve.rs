@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use super::config::{ReplicationConfig, TlsFiles};
 use super::wire::{self, Progress, WireEntry};
 use super::{
-    CONNECTION_HEADER, FollowerState, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, ReplicationStatus,
+    CONNECTION_HEADER, EPOCH_HEADER, FollowerState, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics,
+    ReplicationStatus,
 };
 use crate::cdc::applier::Applied;
 use crate::commitlog::{CommitLog, LogError, Offset, Tail};
@@ -83,11 +84,14 @@ impl LogServer {
             Some(a) => *a.borrow(),
             None => end,
         };
+        let (instance, reloads) = self.freshness.as_ref().map_or((0, 0), |f| f.epoch());
         Progress {
             start: self.log.start(),
             end,
             covered: covered.min(end),
             as_of_unix_ms: if self.freshness.is_some() { as_of } else { 0 },
+            instance,
+            reloads,
         }
     }
 }
@@ -449,6 +453,7 @@ async fn snapshot(State(server): State<Arc<LogServer>>, Query(q): Query<Snapshot
         }
         chosen.push(ks.clone());
     }
+    let (instance, reloads) = server.freshness.as_ref().map_or((0, 0), |f| f.epoch());
     let position = match &server.applied {
         Some(a) => *a.borrow(),
         None => server.log.end(),
@@ -498,5 +503,8 @@ async fn snapshot(State(server): State<Arc<LogServer>>, Query(q): Query<Snapshot
     }
     resp.headers_mut()
         .insert(LOG_START_HEADER, HeaderValue::from(server.log.start().0));
+    if let Ok(v) = HeaderValue::from_str(&format!("{instance}.{reloads}")) {
+        resp.headers_mut().insert(EPOCH_HEADER, v);
+    }
     resp
 }

@@ -6,7 +6,7 @@
 //! | Kind | Frame | Body |
 //! |---|---|---|
 //! | 1 | records | first offset, count, then per record: append time ms, payload length, payload (an encoded change event, byte for byte as in the upstream's log) |
-//! | 2 | progress | log start, log end, *covered*, *as of* (wall ms; 0 unknown): the log below *covered* holds every change committed in Postgres before *as of* |
+//! | 2 | progress | log start, log end, *covered*, *as of* (wall ms; 0 unknown), instance, reloads: the log below *covered* holds every change committed in Postgres before *as of*; *reloads* counts reloads of the upstream's caches outside its log since its process *instance* started |
 //! | 3 | failed | UTF-8 reason: the stream ends here (the follower reconnects) |
 //! | 4 | snapshot head | position to follow from, keyspace count, per keyspace: name, whole (u8 1/0) |
 //! | 5 | entries | keyspace index (into the head's list), count, entries (below) |
@@ -46,6 +46,10 @@ pub struct Progress {
     pub covered: Offset,
     /// Wall-clock ms since the Unix epoch; 0 when the upstream does not know its freshness.
     pub as_of_unix_ms: u64,
+    /// The upstream's process instance and how often it reloaded its caches outside its log
+    /// (followers then take a new snapshot).
+    pub instance: u64,
+    pub reloads: u64,
 }
 
 /// One cache entry of a snapshot, with everything that orders it against changes.
@@ -148,7 +152,7 @@ pub fn records(out: &mut BytesMut, records: &[Record]) {
 
 pub fn progress(out: &mut BytesMut, p: Progress) {
     let mut body = Vec::with_capacity(32);
-    for v in [p.start.0, p.end.0, p.covered.0, p.as_of_unix_ms] {
+    for v in [p.start.0, p.end.0, p.covered.0, p.as_of_unix_ms, p.instance, p.reloads] {
         put_varint(&mut body, v);
     }
     frame(out, kind::PROGRESS, &body);
@@ -323,6 +327,8 @@ fn decode(k: u8, body: &Bytes) -> Result<Frame, WireError> {
             end: Offset(b.int()?),
             covered: Offset(b.int()?),
             as_of_unix_ms: b.int()?,
+            instance: b.int()?,
+            reloads: b.int()?,
         }),
         kind::FAILED => Frame::Failed(String::from_utf8_lossy(body).into_owned()),
         kind::SNAPSHOT_HEAD => {
@@ -407,6 +413,8 @@ mod tests {
             end: Offset(10),
             covered: Offset(9),
             as_of_unix_ms: 1_700_000_000_123,
+            instance: u64::MAX,
+            reloads: 2,
         };
         progress(&mut out, p);
         snapshot_head(&mut out, Offset(9), &[("users".into(), true), ("orders".into(), false)]);

@@ -781,3 +781,52 @@ async fn a_tls_link_carries_the_log_and_an_untrusted_certificate_is_refused() {
     edge.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_hub_that_reloads_outside_its_log_makes_its_edges_take_a_new_snapshot() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL); INSERT INTO items VALUES (1, 0), (2, 0);")
+        .await;
+    let hub_node = Node::new();
+    let (hub, hub_http, addr) = start_hub(&db, &hub_node, ITEMS).await;
+    let log = temp_dir("edgelog", None);
+    let (edge, http) = start(&edge_text(&db, "edge-s", &log, &addr, ITEMS, "")).await;
+    // The hub loses its slot: it recreates it and reloads its keyspaces from the new slot's
+    // snapshot — state its log never carried. (A terminated session holds the slot for a moment:
+    // retry the drop until it is gone.)
+    let slot = hub_node.slot.clone();
+    eventually(WAIT, "the hub's slot is dropped", || async {
+        db.exec(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await;
+        let dropped = db
+            .sql
+            .query(
+                &format!("SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NULL"),
+                &[],
+            )
+            .await
+            .map(|rows| rows.len())
+            .unwrap_or(0);
+        if dropped == 1 { Ok(()) } else { Err("the slot is still held") }
+    })
+    .await;
+    until(&hub_http, "/metrics", "the hub recreated its slot", |r| {
+        metric(&r.body, "cachesync_cdc_slot_recreations_total") >= 1.0
+    })
+    .await;
+    let r = until(&http, "/metrics", "the edge took a new snapshot", |r| {
+        metric(
+            &r.body,
+            "cachesync_replication_bootstraps_total{reason=\"upstream_reload\",upstream=\"hub\"}",
+        ) >= 1.0
+    })
+    .await;
+    assert!(metric(&r.body, "cachesync_replication_bootstraps_total") >= 2.0);
+    db.exec("UPDATE items SET n = 3 WHERE id = 2").await;
+    converges(&http, "/v1/kv/items/2", Some(json!({"id": 2, "n": 3}))).await;
+    converges(&http, "/v1/kv/items/1", Some(json!({"id": 1, "n": 0}))).await;
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
