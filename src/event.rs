@@ -149,6 +149,31 @@ pub fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     Err(DecodeError::BadVarint(start))
 }
 
+/// The field at `*pos` (its tag and bytes), advancing past it.
+fn next_field<'a>(buf: &'a [u8], pos: &mut usize) -> Result<(u8, &'a [u8]), DecodeError> {
+    let tag = *buf.get(*pos).ok_or(DecodeError::Truncated(*pos))?;
+    *pos += 1;
+    let len = get_varint(buf, pos)?;
+    let end = pos
+        .checked_add(usize::try_from(len).map_err(|_| DecodeError::Truncated(*pos))?)
+        .ok_or(DecodeError::Truncated(*pos))?;
+    let field = buf.get(*pos..end).ok_or(DecodeError::Truncated(*pos))?;
+    *pos = end;
+    Ok((tag, field))
+}
+
+fn source_of_field(field: &[u8]) -> Result<Source, DecodeError> {
+    match field {
+        [1] => Ok(Source::Cdc),
+        [2] => Ok(Source::Api),
+        [3] => Ok(Source::Federation),
+        _ => Err(DecodeError::BadField {
+            tag: tag::SOURCE,
+            why: "unknown source",
+        }),
+    }
+}
+
 fn put_field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
     out.push(tag);
     put_varint(out, bytes.len() as u64);
@@ -273,6 +298,24 @@ impl ChangeEvent {
     }
 
     /// Decodes an event. Fields this build does not know are skipped.
+    /// Only the event's source, without decoding the rest (a relay filtering by source).
+    pub fn source_of(buf: &[u8]) -> Result<Option<Source>, DecodeError> {
+        match buf.first() {
+            None => return Err(DecodeError::Empty),
+            Some(0) => return Err(DecodeError::ZeroFormat),
+            Some(&f) if f > EVENT_FORMAT => return Err(DecodeError::NewerFormat(f)),
+            Some(_) => {}
+        }
+        let mut pos = 1;
+        while pos < buf.len() {
+            let (tag, field) = next_field(buf, &mut pos)?;
+            if tag == tag::SOURCE {
+                return source_of_field(field).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
     pub fn decode(buf: &[u8]) -> Result<ChangeEvent, DecodeError> {
         let format = *buf.first().ok_or(DecodeError::Empty)?;
         if format == 0 {
@@ -295,14 +338,7 @@ impl ChangeEvent {
         ) = (None, None, None, None, String::new(), None, None, 0, 0);
         let (mut unchanged, mut source_xid, mut written) = (Vec::new(), None, Vec::new());
         while pos < buf.len() {
-            let tag = buf[pos];
-            pos += 1;
-            let len = get_varint(buf, &mut pos)?;
-            let end = pos
-                .checked_add(usize::try_from(len).map_err(|_| DecodeError::Truncated(pos))?)
-                .ok_or(DecodeError::Truncated(pos))?;
-            let field = buf.get(pos..end).ok_or(DecodeError::Truncated(pos))?;
-            pos = end;
+            let (tag, field) = next_field(buf, &mut pos)?;
             let text = |why| {
                 std::str::from_utf8(field)
                     .map(str::to_string)
@@ -336,19 +372,7 @@ impl ChangeEvent {
                 tag::VALUE => value = Some(Bytes::copy_from_slice(field)),
                 tag::ORIGIN => origin = text("origin is not UTF-8")?,
                 tag::VERSION => version = Some(int()?),
-                tag::SOURCE => {
-                    source = Some(match field {
-                        [1] => Source::Cdc,
-                        [2] => Source::Api,
-                        [3] => Source::Federation,
-                        _ => {
-                            return Err(DecodeError::BadField {
-                                tag,
-                                why: "unknown source",
-                            });
-                        }
-                    })
-                }
+                tag::SOURCE => source = Some(source_of_field(field)?),
                 tag::SOURCE_POSITION => source_position = int()?,
                 tag::SOURCE_TIME => source_time_us = int()?,
                 tag::UNCHANGED => {
@@ -475,8 +499,14 @@ pub mod tests {
         }
 
         #[test]
+        fn the_source_alone_is_the_decoded_source(e in arb_event()) {
+            prop_assert_eq!(ChangeEvent::source_of(&e.encode()).unwrap(), Some(e.source));
+        }
+
+        #[test]
         fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = ChangeEvent::decode(&bytes);
+            let _ = ChangeEvent::source_of(&bytes);
         }
 
         #[test]

@@ -655,7 +655,7 @@ impl Follower {
     async fn append(&self, records: &[(u64, bytes::Bytes)], next: u64, inflight: &mut Inflight) -> Result<(), String> {
         let payloads: Vec<Vec<u8>> = records
             .iter()
-            .filter(|(_, p)| !matches!(ChangeEvent::decode(p), Ok(e) if e.source != Source::Cdc))
+            .filter(|(_, p)| !matches!(ChangeEvent::source_of(p), Ok(Some(s)) if s != Source::Cdc))
             .map(|(_, p)| p.to_vec())
             .collect();
         if payloads.is_empty() {
