@@ -1,6 +1,7 @@
 //! One lifecycle for every task the sidecar runs: where tasks are spawned, how they learn to
 //! stop, and the order in which they are stopped. Also the one [`Backoff`] every retry loop uses,
-//! and the one accept loop ([`accept`]) every listener uses.
+//! and the one accept loop ([`accept`]) and connection driver ([`drive_connection`]) every
+//! listener uses.
 //!
 //! A running server has one [`Lifecycle`] with a phase per step of the ordered shutdown —
 //! [`Phase::Serve`] (listeners, request work such as refreshes, keyspace binding), then
@@ -49,6 +50,26 @@ pub async fn accept(
             },
             _ = stop.cancelled() => return None,
         }
+    }
+}
+
+/// Drives one HTTP connection until it ends; once `stop` is cancelled, lets the request in
+/// flight finish and closes it (`what` names the listener in the log).
+pub async fn drive_connection<C>(conn: C, stop: &CancellationToken, what: &str)
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, listener = what, "a connection ended with an error");
     }
 }
 

@@ -94,18 +94,7 @@ async fn serve_connection(stream: TcpStream, app: Router, limits: Limits, stop: 
     let mut builder = hyper::server::conn::http1::Builder::new();
     // The timeouts are the stream's; hyper's own header timer would close without an answer.
     builder.header_read_timeout(None);
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
-    }
+    crate::lifecycle::drive_connection(builder.serve_connection(io, svc), &stop, "http").await;
 }
 
 /// Answers a connection over the bound with a JSON 503 and closes it.

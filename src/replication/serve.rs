@@ -134,17 +134,7 @@ where
 {
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "replication connection ended with an error");
-    }
+    crate::lifecycle::drive_connection(conn, &stop, "replication").await;
 }
 
 /// Serves `app` on `listener` until `stop` (at most `max` connections; streams end on `stop`).
