@@ -241,7 +241,7 @@ pub struct ReplicationStatus {
     pub followers: Mutex<BTreeMap<u64, Arc<FollowerState>>>,
     pub upstreams: Vec<Arc<UpstreamState>>,
     /// How far behind the database the upstream-fed cache may be.
-    pub freshness: Option<Arc<crate::keyspace::freshness::Freshness>>,
+    pub freshness: Arc<crate::keyspace::freshness::Freshness>,
 }
 
 impl ReplicationStatus {
@@ -296,7 +296,7 @@ impl ReplicationStatus {
                 })
             })
             .collect();
-        let behind = self.freshness.as_ref().and_then(|f| f.behind());
+        let behind = self.freshness.behind();
         let upstreams: Vec<Value> = self
             .upstreams
             .iter()

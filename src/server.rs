@@ -179,7 +179,7 @@ impl Server {
             serving: std::sync::Mutex::new(None),
             followers: std::sync::Mutex::new(BTreeMap::new()),
             upstreams: upstreams.clone(),
-            freshness: Some(freshness.clone()),
+            freshness: freshness.clone(),
         });
         // The log server binds now, so a taken port fails the start like the API's.
         let replication_listener = match &config.replication {

@@ -41,12 +41,12 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "keyspaces": out }))
 }
 
-/// `GET /metrics`: refreshes the mirrored gauges, then renders the registry.
 /// `GET /v1/replication`: this node's role, log, followers and upstreams.
 pub async fn replication(State(st): State<Arc<AppState>>) -> Response {
     axum::Json(st.replication.report()).into_response()
 }
 
+/// `GET /metrics`: refreshes the mirrored gauges, then renders the registry.
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.metrics;
     for ks in st.keyspaces() {
