@@ -52,6 +52,33 @@ pub struct Entry {
     /// When this state was read from Postgres itself (a load's query, a write-through's
     /// statement): it is known fresh as of then, whatever the change stream has confirmed.
     pub read_at: Option<Instant>,
+    /// For state of a federated keyspace: the event that made it (its conflict order is
+    /// `(version, origin)`). Such an entry never expires by time — a federated keyspace is a
+    /// replicated store, and a delete stays as a versioned tombstone (`value: None`) until
+    /// every peer has passed it.
+    pub fed: Option<Arc<FedMeta>>,
+}
+
+/// Which federated event made an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FedMeta {
+    pub origin: Arc<str>,
+    /// Its place in its origin's sequence, once known (a write applied at its origin before the
+    /// log numbered it has none until the applier sees it).
+    pub stamp: Option<crate::event::Stamp>,
+}
+
+/// What a federated merge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// The event's state is now the entry's.
+    Stored,
+    /// The entry already holds this very event.
+    Same,
+    /// The entry holds a later event from another origin: this one lost the conflict.
+    Lost,
+    /// The entry holds a later event from the same origin (no conflict: just an old event).
+    Superseded,
 }
 
 /// The visibility of a load's snapshot, from `pg_current_snapshot()` (`xmin:xmax:xip,...`):
@@ -184,7 +211,29 @@ impl Entry {
             version,
             stored_at: Instant::now(),
             read_at: None,
+            fed: None,
         }
+    }
+
+    /// The same entry, made by the federated event from `origin` (stamp when known).
+    pub fn federated(mut self, origin: Arc<str>, stamp: Option<crate::event::Stamp>) -> Entry {
+        self.fed = Some(Arc::new(FedMeta { origin, stamp }));
+        self
+    }
+
+    /// The federated conflict order: highest `(version, origin)` wins; within one origin and
+    /// version (the changes of one source transaction share its version) the later sequence
+    /// number. A write applied at its origin before the log numbered it counts as sequence 0.
+    pub fn merge_order(&self) -> (u64, &str, u64) {
+        match &self.fed {
+            Some(f) => (self.version, &*f.origin, f.stamp.map_or(0, |s| s.seq)),
+            None => (self.version, "", 0),
+        }
+    }
+
+    /// A federated delete: no value, kept until every peer has passed it.
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none() && self.fed.is_some()
     }
 
     /// The same entry, read from Postgres at `at`.

@@ -148,6 +148,19 @@ enum Command {
     Close,
 }
 
+/// An admission hook, run by the writer thread on every record as it is framed, in log order:
+/// it may change the payload in place (without changing its length) or keep it out of the log.
+/// The federation's sequencer is one: it numbers this node's own events and drops an event from
+/// another node that is already here. A group whose write fails is undone in the hook too.
+pub trait Admit: Send + Sync {
+    /// A group of records begins.
+    fn begin(&self);
+    /// Whether `payload` goes into the log (it may be rewritten first).
+    fn admit(&self, payload: &mut [u8]) -> bool;
+    /// The group's write failed: forget what was admitted since [`Admit::begin`].
+    fn undo(&self);
+}
+
 /// State shared by the handle, readers, cursors and the writer.
 pub struct Shared {
     pub(crate) config: LogConfig,
@@ -165,6 +178,9 @@ pub struct Shared {
     /// In-memory retention floors ([`Hold`]): a connected follower's position.
     pub(crate) holds: Mutex<Vec<std::sync::Weak<Hold>>>,
 }
+
+/// The writer's admission hook, if any.
+pub type AdmitHook = Option<Arc<dyn Admit>>;
 
 impl Shared {
     pub fn start(&self) -> Offset {
@@ -237,6 +253,16 @@ impl CommitLog {
         registry: &Registry,
         tasks: &Tasks,
     ) -> Result<(CommitLog, Recovery), LogError> {
+        CommitLog::open_with(config, registry, tasks, None).await
+    }
+
+    /// [`CommitLog::open_with_tasks`], with an admission hook run on every appended record.
+    pub async fn open_with(
+        config: LogConfig,
+        registry: &Registry,
+        tasks: &Tasks,
+        admit: AdmitHook,
+    ) -> Result<(CommitLog, Recovery), LogError> {
         let metrics = LogMetrics::new(registry);
         let cfg = config.clone();
         let Opened {
@@ -250,7 +276,7 @@ impl CommitLog {
         let (tx, rx) = mpsc::channel(config.max_queued_appends.max(1));
         // The writer thread owns the directory lock: it is released exactly when writing stops, even
         // if readers keep the shared state alive longer.
-        let writer = writer::Writer::new(shared.clone(), active, lock)?;
+        let writer = writer::Writer::new(shared.clone(), active, lock, admit)?;
         let handle = std::thread::Builder::new()
             .name("cachesync-log-writer".into())
             .spawn(move || writer.run(rx))

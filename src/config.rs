@@ -19,6 +19,7 @@ use crate::api::config::{ServerConfig, default_allowed_hosts, read_server};
 use crate::cdc::config::CdcSource;
 use crate::cdc::config::{CdcConfig, read_cdc};
 use crate::commitlog::config::read_log;
+use crate::federation::config::{FederationConfig, read_federation, read_peer};
 use crate::keyspace::config::{CdcMode, DEFAULT_KEYSPACE, KeyspaceConfig, WriteMode, read_keyspace};
 use crate::patterns::write_behind::config::{WriteBehindConfig, read_write_behind};
 use crate::replication::config::{ReplicationConfig, UpstreamConfig, read_replication, read_upstream};
@@ -46,6 +47,10 @@ pub struct Config {
     pub replication: Option<ReplicationConfig>,
     /// Logs this node follows.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Event federation settings (used when a keyspace has `federate = true`).
+    pub federation: FederationConfig,
+    /// Nodes whose logs this node follows by version vector (federation).
+    pub peers: Vec<UpstreamConfig>,
 }
 
 /// Everything wrong with a configuration.
@@ -74,6 +79,8 @@ impl Config {
             write_behind: WriteBehindConfig::default(),
             replication: None,
             upstreams: Vec::new(),
+            federation: FederationConfig::default(),
+            peers: Vec::new(),
         }
     }
 
@@ -150,6 +157,8 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
     let write_behind = root.table("write_behind").map(read_write_behind).unwrap_or_default();
     let replication = root.table("replication").map(read_replication);
     let upstreams = root.tables("upstream").into_iter().filter_map(read_upstream).collect();
+    let federation = root.table("federation").map(read_federation).unwrap_or_default();
+    let peers = root.tables("peer").into_iter().filter_map(read_peer).collect();
     root.finish();
     Config {
         server,
@@ -160,6 +169,8 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
         write_behind,
         replication,
         upstreams,
+        federation,
+        peers,
     }
 }
 
@@ -308,12 +319,94 @@ fn validate(config: &Config) -> Vec<Problem> {
                     .into(),
         }),
     }
+    problems.extend(validate_federation(config));
     if config.keyspaces.is_empty() {
         problems.push(Problem {
             line: None,
             path: "keyspace".into(),
             message: "no [[keyspace]] is configured; add at least one".into(),
         });
+    }
+    problems
+}
+
+/// Federation's cross-section rules.
+fn validate_federation(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |path: &str, message: String| {
+        problems.push(Problem {
+            line: None,
+            path: path.into(),
+            message,
+        })
+    };
+    let federated: Vec<&KeyspaceConfig> = config.keyspaces.iter().filter(|k| k.federate).collect();
+    if !config.peers.is_empty() && federated.is_empty() {
+        problem(
+            "peer",
+            "[[peer]] follows another node's federated keyspaces, and no keyspace has federate = true".into(),
+        );
+    }
+    if federated.is_empty() {
+        return problems;
+    }
+    if config.log.is_none() {
+        problem(
+            "log",
+            "federated keyspaces need the commit log: add a [log] section with `dir` (every federated change is durable there first)".into(),
+        );
+    }
+    if config.replication.is_none() {
+        problem(
+            "replication",
+            "federated keyspaces are served to peers by the log server: add a [replication] section".into(),
+        );
+    }
+    if config.server.node_id.len() >= 0x80 {
+        problem("server.node_id", "a federating node's id is at most 127 bytes".into());
+    }
+    let mut names = std::collections::HashSet::new();
+    for p in &config.peers {
+        if !names.insert(p.name.as_str()) {
+            problem(
+                &format!("peer[{}]", p.name),
+                format!(
+                    "peer name `{}` is used twice; give each [[peer]] its own `name`",
+                    p.name
+                ),
+            );
+        }
+    }
+    for k in federated {
+        let at_home = k.home.as_deref().is_none_or(|h| h == config.server.node_id);
+        if k.table.is_some() && !at_home {
+            problem(
+                &format!("keyspace[{}].home", k.name),
+                format!(
+                    "keyspace `{}` has a table here but its home is `{}`: only the home reads its Postgres; elsewhere declare it without a table",
+                    k.name,
+                    k.home.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        if k.table.is_some() && k.cdc == CdcMode::Off {
+            problem(
+                &format!("keyspace[{}].cdc", k.name),
+                format!(
+                    "keyspace `{}` federates a table: its changes travel as CDC events, so set cdc = \"update\"",
+                    k.name
+                ),
+            );
+        }
+        if k.table.is_some() && k.write == WriteMode::Through {
+            problem(
+                &format!("keyspace[{}].write", k.name),
+                format!(
+                    "keyspace `{}` federates a table: use write = \"behind\" (or \"none\"); its CDC carries every stored row to the other regions",
+                    k.name
+                ),
+            );
+        }
     }
     problems
 }

@@ -21,6 +21,11 @@
 //! | 10 | fields left out of `value` because the source did not send them (unchanged TOAST) | LEB128 count, then each as LEB128 length + UTF-8 |
 //! | 11 | source transaction id (the 32-bit xid for CDC and writes) | LEB128 u64 |
 //! | 12 | fields a write named (write-behind: the columns the flush writes; `value` is the whole document readers see) | as tag 10 |
+//! | 13 | federation stamp: the origin's gap-free sequence number and its log epoch (see `federation`) | fixed: u64 LE sequence, u64 LE epoch |
+//!
+//! A federated event's stamp is always the first field and its origin the second, so the log's
+//! admission hook (`federation::Sequencer`) finds them without decoding the rest; an event the
+//! origin has yet to sequence carries sequence 0, which the hook fills in as it is appended.
 
 use bytes::Bytes;
 
@@ -86,6 +91,61 @@ pub struct ChangeEvent {
     pub source_xid: Option<u32>,
     /// For an API write: the fields the client named (a write-behind flush writes only these).
     pub written: Vec<String>,
+    /// Set on events that federate between regions: their place in their origin's sequence.
+    pub stamp: Option<Stamp>,
+}
+
+/// A federated event's identity beside its origin: the origin's log epoch (a new one when a
+/// node's log is created afresh, so a wiped node never reuses numbers its peers have seen) and
+/// its gap-free sequence number within that epoch (0: not yet sequenced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Stamp {
+    pub seq: u64,
+    pub epoch: u64,
+}
+
+/// Bytes of a stamp field's value.
+pub const STAMP_BYTES: usize = 16;
+
+/// Where a federated event's stamp and origin sit in its encoding, found without decoding the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StampAt<'a> {
+    pub stamp: Stamp,
+    pub origin: &'a [u8],
+    /// Byte position of the stamp's value (for the hook that fills it in).
+    pub at: usize,
+}
+
+/// The stamp and origin of an encoded event, if it is federated (its first field is a stamp
+/// and its second the origin); `None` for every other event.
+pub fn stamp_of(buf: &[u8]) -> Option<StampAt<'_>> {
+    // format, tag 13, length 16, 16 bytes, tag 5, origin length (one byte: ids are short), origin
+    if buf.len() < 3 + STAMP_BYTES + 2 || buf[1] != tag::STAMP || buf[2] != STAMP_BYTES as u8 {
+        return None;
+    }
+    let at = 3;
+    let seq = u64::from_le_bytes(buf[at..at + 8].try_into().ok()?);
+    let epoch = u64::from_le_bytes(buf[at + 8..at + 16].try_into().ok()?);
+    let o = at + STAMP_BYTES;
+    if buf[o] != tag::ORIGIN {
+        return None;
+    }
+    let len = buf[o + 1] as usize;
+    if len >= 0x80 {
+        return None;
+    }
+    let origin = buf.get(o + 2..o + 2 + len)?;
+    Some(StampAt {
+        stamp: Stamp { seq, epoch },
+        origin,
+        at,
+    })
+}
+
+/// Writes `stamp` into an encoded federated event at `at` (from [`stamp_of`]).
+pub fn set_stamp(buf: &mut [u8], at: usize, stamp: Stamp) {
+    buf[at..at + 8].copy_from_slice(&stamp.seq.to_le_bytes());
+    buf[at + 8..at + 16].copy_from_slice(&stamp.epoch.to_le_bytes());
 }
 
 /// Why bytes are not an event.
@@ -120,6 +180,7 @@ mod tag {
     pub const UNCHANGED: u8 = 10;
     pub const SOURCE_XID: u8 = 11;
     pub const WRITTEN: u8 = 12;
+    pub const STAMP: u8 = 13;
 }
 
 /// Appends `v` as LEB128.
@@ -201,6 +262,7 @@ impl ChangeEvent {
             unchanged: Vec::new(),
             source_xid: None,
             written: Vec::new(),
+            stamp: None,
         }
     }
 
@@ -253,6 +315,13 @@ impl ChangeEvent {
         self
     }
 
+    /// Marks the event as federated: the log's admission hook gives it the next number of this
+    /// node's sequence as it is appended (the origin must be this node's id, under 128 bytes).
+    pub fn federated(mut self) -> ChangeEvent {
+        self.stamp = Some(Stamp::default());
+        self
+    }
+
     /// The fields an API write named.
     pub fn with_written(mut self, written: Vec<String>) -> ChangeEvent {
         self.written = written;
@@ -269,13 +338,24 @@ impl ChangeEvent {
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(EVENT_FORMAT);
+        let mut origin_done = false;
+        if let Some(st) = self.stamp
+            && self.origin.len() < 0x80
+        {
+            let mut v = [0u8; STAMP_BYTES];
+            v[..8].copy_from_slice(&st.seq.to_le_bytes());
+            v[8..].copy_from_slice(&st.epoch.to_le_bytes());
+            put_field(out, tag::STAMP, &v);
+            put_field(out, tag::ORIGIN, self.origin.as_bytes());
+            origin_done = true;
+        }
         put_field(out, tag::KEYSPACE, self.keyspace.as_bytes());
         put_field(out, tag::KEY, self.key.as_bytes());
         put_field(out, tag::OP, &[self.op as u8]);
         if let Some(v) = &self.value {
             put_field(out, tag::VALUE, v);
         }
-        if !self.origin.is_empty() {
+        if !self.origin.is_empty() && !origin_done {
             put_field(out, tag::ORIGIN, self.origin.as_bytes());
         }
         put_int_field(out, tag::VERSION, self.version);
@@ -336,7 +416,7 @@ impl ChangeEvent {
             mut source_position,
             mut source_time_us,
         ) = (None, None, None, None, String::new(), None, None, 0, 0);
-        let (mut unchanged, mut source_xid, mut written) = (Vec::new(), None, Vec::new());
+        let (mut unchanged, mut source_xid, mut written, mut stamp) = (Vec::new(), None, Vec::new(), None);
         while pos < buf.len() {
             let (tag, field) = next_field(buf, &mut pos)?;
             let text = |why| {
@@ -387,6 +467,16 @@ impl ChangeEvent {
                         why: "malformed field list",
                     })?
                 }
+                tag::STAMP => {
+                    let v: [u8; STAMP_BYTES] = field.try_into().map_err(|_| DecodeError::BadField {
+                        tag,
+                        why: "a stamp is 16 bytes",
+                    })?;
+                    stamp = Some(Stamp {
+                        seq: u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+                        epoch: u64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
+                    });
+                }
                 tag::SOURCE_XID => {
                     let v = int()?;
                     source_xid = Some(u32::try_from(v).map_err(|_| DecodeError::BadField {
@@ -410,6 +500,7 @@ impl ChangeEvent {
             unchanged,
             source_xid,
             written,
+            stamp,
         })
     }
 }
@@ -459,6 +550,7 @@ pub mod tests {
                 proptest::collection::vec("[a-z_]{1,10}", 0..3),
                 proptest::option::of(any::<u32>()),
                 proptest::collection::vec("[a-z_]{1,10}", 0..3),
+                proptest::option::of((any::<u64>(), any::<u64>())),
             ),
         )
             .prop_map(
@@ -472,7 +564,7 @@ pub mod tests {
                     source,
                     source_position,
                     source_time_us,
-                    (unchanged, source_xid, written),
+                    (unchanged, source_xid, written, stamp),
                 )| {
                     ChangeEvent {
                         keyspace,
@@ -487,6 +579,7 @@ pub mod tests {
                         unchanged,
                         source_xid,
                         written,
+                        stamp: stamp.map(|(seq, epoch)| Stamp { seq, epoch }),
                     }
                 },
             )
@@ -504,9 +597,25 @@ pub mod tests {
         }
 
         #[test]
+        fn a_stamp_is_found_without_decoding(e in arb_event(), seq in any::<u64>(), epoch in any::<u64>()) {
+            let mut b = e.encode();
+            match stamp_of(&b) {
+                Some(s) => {
+                    prop_assert_eq!(Some(s.stamp), e.stamp);
+                    prop_assert_eq!(s.origin, e.origin.as_bytes());
+                    let at = s.at;
+                    set_stamp(&mut b, at, Stamp { seq, epoch });
+                    prop_assert_eq!(ChangeEvent::decode(&b).unwrap().stamp, Some(Stamp { seq, epoch }));
+                }
+                None => prop_assert!(e.stamp.is_none()),
+            }
+        }
+
+        #[test]
         fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = ChangeEvent::decode(&bytes);
             let _ = ChangeEvent::source_of(&bytes);
+            let _ = stamp_of(&bytes);
         }
 
         #[test]

@@ -54,6 +54,21 @@ impl Hlc {
         self.last.fetch_max(remote, Ordering::AcqRel);
     }
 
+    /// Folds in a remote timestamp, but moves this clock at most `max_drift` past the local wall
+    /// clock; returns whether the timestamp was within that bound. A node whose clock runs far
+    /// ahead cannot drag every other node's versions along (its own events keep their versions;
+    /// they win conflicts until local clocks pass them).
+    pub fn observe_bounded(&self, remote: u64, max_drift: std::time::Duration) -> bool {
+        let bound = Self::wall().saturating_add((max_drift.as_millis() as u64) << LOGICAL_BITS);
+        if remote <= bound {
+            self.observe(remote);
+            true
+        } else {
+            self.observe(bound);
+            false
+        }
+    }
+
     /// Milliseconds since the epoch carried by a timestamp.
     pub fn millis(ts: u64) -> u64 {
         ts >> LOGICAL_BITS
@@ -78,6 +93,19 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), n, "no timestamp handed out twice");
+    }
+
+    #[test]
+    fn a_remote_clock_far_ahead_moves_this_one_only_to_the_bound() {
+        let clock = Hlc::new();
+        let far = (Hlc::wall() >> LOGICAL_BITS).saturating_add(10_000) << LOGICAL_BITS;
+        assert!(!clock.observe_bounded(far, std::time::Duration::from_millis(500)));
+        let now = clock.now();
+        assert!(now < far);
+        assert!(Hlc::millis(now) <= (Hlc::wall() >> LOGICAL_BITS) + 500);
+        let near = Hlc::wall() + (100 << LOGICAL_BITS);
+        assert!(clock.observe_bounded(near, std::time::Duration::from_millis(500)));
+        assert!(clock.now() > near);
     }
 
     #[test]

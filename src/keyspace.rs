@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter};
 
-use crate::cache::{Entry, Flights, Install, Installed, L1, Lease};
+use crate::cache::{Entry, Flights, Install, Installed, L1, Lease, Merged};
 use crate::hlc::Hlc;
 use crate::key::{self, Key, KeyError};
 use crate::keyspace::config::KeyspaceConfig;
@@ -473,6 +473,18 @@ impl Keyspace {
             return Installed::Skipped;
         }
         self.l1.install(key, entry, Install::IfNotOlder).await
+    }
+
+    /// The door for a federated event: marks the key's in-flight load stale, then installs
+    /// under the conflict rule (highest `(version, origin)` wins; see `federation`).
+    pub async fn merge(&self, key: Arc<str>, entry: Entry) -> Merged {
+        self.flights.invalidate(&key);
+        self.l1.merge(key, entry).await
+    }
+
+    /// Removes a tombstone every peer has passed, unless the key changed since.
+    pub async fn drop_tombstone(&self, key: Arc<str>, tombstone: &Arc<Entry>) -> bool {
+        self.l1.drop_tombstone(key, tombstone).await
     }
 
     /// Whether `entry` describes state from before the keyspace's floor.

@@ -26,6 +26,10 @@
 //!  replication the replicated log: replication::serve (log server: frames, snapshots, retention
 //!   │         holds) · replication::follow (an upstream's log → this log → the applier) ·
 //!   │         wire (frames) · position (a follower's durable place); [replication] [[upstream]]
+//!  federation event federation between regions: the sequencer (the log's admission hook:
+//!   │         gap-free per-origin numbers, at-most-once), the version vector and its checkpoint,
+//!   │         the conflict rule's applier, tombstones, gossip; federation::link follows a
+//!   │         [[peer]], federation::serve answers peers on the log server; [federation]
 //!   ▼
 //!  cdc        change data capture: cdc::postgres (pgoutput protocol → decoder → mapping → stream
 //!   │         with catalog, slot and its ownership, warm start, feedback, freshness probes;
@@ -63,6 +67,7 @@ pub mod commitlog;
 pub mod config;
 pub mod credential;
 pub mod event;
+pub mod federation;
 pub mod hlc;
 pub mod key;
 pub mod keyspace;

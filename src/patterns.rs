@@ -24,6 +24,7 @@ use bytes::Bytes;
 
 use crate::cache::{Condition, Entry};
 use crate::commitlog::LogError;
+use crate::federation::Federation;
 use crate::key::{Key, KeyError};
 use crate::keyspace::config::WriteMode;
 use crate::keyspace::{Keyspace, KeyspaceError, Read};
@@ -42,6 +43,18 @@ pub enum PatternError {
         "keyspace {0} is read-only (write = \"none\"); configure write = \"through\" or \"behind\" to accept writes"
     )]
     ReadOnly(String),
+    /// A federated keyspace whose data lives in another region.
+    #[error(
+        "keyspace {keyspace} is a read-only view here: its home is node {home}; write there (or configure write = \"behind\" to land writes in the home's Postgres)"
+    )]
+    HomedElsewhere { keyspace: String, home: String },
+    /// A conditional write where the current row is only known at the home.
+    #[error(
+        "keyspace {0} lands its writes in its home region's Postgres: a conditional write (If-Match / If-None-Match) cannot be checked here; send it to the home"
+    )]
+    Conditional(String),
+    #[error(transparent)]
+    Federation(#[from] crate::federation::FederationError),
     #[error("the body is not valid JSON: {0}")]
     BadJson(String),
     /// Write-behind: too many writes are waiting for Postgres.
@@ -94,6 +107,14 @@ pub(crate) fn fields_of(body: &Bytes) -> Result<serde_json::Map<String, serde_js
     }
 }
 
+/// A JSON body as compact bytes (an in-memory keyspace stores any JSON document).
+fn canonical_json(body: &Bytes) -> Result<Bytes, PatternError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| PatternError::BadJson(e.to_string()))?;
+    Ok(Bytes::from(
+        serde_json::to_vec(&value).map_err(|e| PatternError::BadJson(e.to_string()))?,
+    ))
+}
+
 /// What a `PUT` did.
 #[derive(Debug, Clone)]
 pub enum Written {
@@ -121,6 +142,12 @@ enum Writer {
     ReadOnly,
     Through,
     Behind(Arc<WriteBehind>),
+    /// A federated in-memory keyspace: the write is this node's next federated event.
+    Federated(Arc<Federation>),
+    /// A federated view of another region's table.
+    View(String),
+    /// A federated view whose writes land in the home region's Postgres (`write = "behind"`).
+    Home(Arc<Federation>),
 }
 
 /// One keyspace's reader and writer, assembled once at start.
@@ -182,9 +209,24 @@ impl Pipeline {
     /// Assembles the keyspace's pipeline. Background work it starts (refreshes) runs under
     /// `tasks`. `write_behind` must be given for a `write = "behind"` keyspace (config
     /// validation guarantees the log it needs).
-    pub fn new(ks: Arc<Keyspace>, write_behind: Option<&Arc<WriteBehind>>, tasks: Tasks) -> Result<Pipeline, String> {
+    pub fn new(
+        ks: Arc<Keyspace>,
+        write_behind: Option<&Arc<WriteBehind>>,
+        federation: Option<&Arc<Federation>>,
+        tasks: Tasks,
+    ) -> Result<Pipeline, String> {
         let c = &ks.config;
+        let fed = || {
+            federation
+                .cloned()
+                .ok_or_else(|| format!("keyspace {}: federate = true needs the federation", c.name))
+        };
         let writer = match (c.table.is_some(), c.write) {
+            (false, _) if c.federate => match (&c.home, federation) {
+                (Some(home), Some(f)) if *home != f.node && c.write == WriteMode::Behind => Writer::Home(f.clone()),
+                (Some(home), Some(f)) if *home != f.node => Writer::View(home.clone()),
+                _ => Writer::Federated(fed()?),
+            },
             (false, _) => Writer::Memory,
             (true, WriteMode::None) => Writer::ReadOnly,
             (true, WriteMode::Through) => Writer::Through,
@@ -234,14 +276,28 @@ impl Pipeline {
     pub async fn put(&self, key: &Key, body: &Bytes, cond: &Condition) -> Result<Written, PatternError> {
         match &self.writer {
             Writer::Memory => {
-                let value: serde_json::Value =
-                    serde_json::from_slice(body).map_err(|e| PatternError::BadJson(e.to_string()))?;
-                let bytes = Bytes::from(serde_json::to_vec(&value).map_err(|e| PatternError::BadJson(e.to_string()))?);
+                let bytes = canonical_json(body)?;
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
                 self.check_memory(key, cond).await?;
                 let entry = Entry::new(Some(bytes), Lsn::ZERO, self.ks.hlc.now());
                 self.ks.mutate(key.cache_key.clone(), entry.clone()).await;
                 Ok(Written::Stored(Arc::new(entry)))
+            }
+            Writer::Federated(fed) => {
+                let bytes = canonical_json(body)?;
+                let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
+                self.check_memory(key, cond).await?;
+                let entry = fed.originate(&self.ks, key.cache_key.clone(), Some(bytes)).await?;
+                Ok(Written::Stored(entry))
+            }
+            Writer::View(home) => Err(self.homed_elsewhere(home)),
+            Writer::Home(fed) => {
+                if !cond.is_always() {
+                    return Err(PatternError::Conditional(self.ks.name().to_string()));
+                }
+                let fields = fields_of(body)?;
+                let a = fed.write_home(&self.ks, key.cache_key.clone(), Some(fields)).await?;
+                Ok(Written::Accepted(a))
             }
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
             Writer::Through => write_through::put(&self.ks, key, body, cond).await.map(Written::Stored),
@@ -270,7 +326,7 @@ impl Pipeline {
                     .map(|r| r.map(Written::Accepted))
                     .collect()
             }
-            Writer::Memory | Writer::ReadOnly => {
+            Writer::Memory | Writer::ReadOnly | Writer::Federated(_) | Writer::View(_) | Writer::Home(_) => {
                 let mut out = Vec::with_capacity(items.len());
                 for (key, body, cond) in items {
                     out.push(self.put(&key, &body, &cond).await);
@@ -299,13 +355,20 @@ impl Pipeline {
                     .map(|r| r.map(Removed::Accepted))
                     .collect()
             }
-            Writer::Memory | Writer::ReadOnly => {
+            Writer::Memory | Writer::ReadOnly | Writer::Federated(_) | Writer::View(_) | Writer::Home(_) => {
                 let mut out = Vec::with_capacity(items.len());
                 for (key, cond) in items {
                     out.push(self.delete(&key, &cond).await);
                 }
                 out
             }
+        }
+    }
+
+    fn homed_elsewhere(&self, home: &str) -> PatternError {
+        PatternError::HomedElsewhere {
+            keyspace: self.ks.name().to_string(),
+            home: home.to_string(),
         }
     }
 
@@ -331,6 +394,22 @@ impl Pipeline {
                 let existed = self.ks.cached(&key.cache_key).await.is_some_and(|e| e.value.is_some());
                 self.ks.invalidate(&key.cache_key).await;
                 Ok(if existed { Removed::Deleted } else { Removed::Absent })
+            }
+            Writer::Federated(fed) => {
+                let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
+                self.check_memory(key, cond).await?;
+                let existed = self.ks.cached(&key.cache_key).await.is_some_and(|e| e.value.is_some());
+                // A tombstone, so the delete wins or loses like any write everywhere.
+                fed.originate(&self.ks, key.cache_key.clone(), None).await?;
+                Ok(if existed { Removed::Deleted } else { Removed::Absent })
+            }
+            Writer::View(home) => Err(self.homed_elsewhere(home)),
+            Writer::Home(fed) => {
+                if !cond.is_always() {
+                    return Err(PatternError::Conditional(self.ks.name().to_string()));
+                }
+                let a = fed.write_home(&self.ks, key.cache_key.clone(), None).await?;
+                Ok(Removed::Accepted(a))
             }
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
             Writer::Through => Ok(if write_through::delete(&self.ks, key, cond).await? {

@@ -242,6 +242,8 @@ pub struct ReplicationStatus {
     pub upstreams: Vec<Arc<UpstreamState>>,
     /// How far behind the database the upstream-fed cache may be.
     pub freshness: Arc<crate::keyspace::freshness::Freshness>,
+    /// This node's federation, when any keyspace federates.
+    pub federation: Option<Arc<crate::federation::Federation>>,
 }
 
 impl ReplicationStatus {
@@ -325,6 +327,7 @@ impl ReplicationStatus {
             "log": log,
             "followers": followers,
             "upstreams": upstreams,
+            "federation": self.federation.as_ref().map(|f| f.report()),
         })
     }
 }

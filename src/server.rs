@@ -26,6 +26,8 @@ use crate::cdc::config::CdcSource;
 use crate::cdc::postgres::{Capture, CaptureParts};
 use crate::commitlog::CommitLog;
 use crate::config::Config;
+use crate::federation::link::PeerLink;
+use crate::federation::{Federation, PeerState};
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
 use crate::keyspace::config::{CdcMode, WriteMode};
@@ -112,15 +114,45 @@ impl Server {
                 (k.name.clone(), Arc::new(ks))
             })
             .collect();
+        // Federation numbers and filters records as the log writes them: it exists before the log.
+        let federated: BTreeMap<String, Arc<Keyspace>> = keyspaces
+            .iter()
+            .filter(|(_, k)| k.config.federate)
+            .map(|(n, k)| (n.clone(), k.clone()))
+            .collect();
+        let federation = (!federated.is_empty()).then(|| {
+            let peers = config
+                .peers
+                .iter()
+                .map(|p| Arc::new(PeerState::new(&p.name, &p.url)))
+                .collect();
+            Arc::new(Federation::new(
+                &config.server.node_id,
+                config.federation.clone(),
+                hlc.clone(),
+                federated,
+                peers,
+                &metrics.registry,
+            ))
+        });
         let log = match &config.log {
             Some(cfg) => {
-                let (log, recovery) =
-                    CommitLog::open_with_tasks(cfg.clone(), &metrics.registry, &life.tasks(Phase::Log)).await?;
+                let (log, recovery) = CommitLog::open_with(
+                    cfg.clone(),
+                    &metrics.registry,
+                    &life.tasks(Phase::Log),
+                    federation.as_ref().map(|f| f.admit_hook()),
+                )
+                .await?;
                 tracing::info!(dir = %cfg.dir.display(), start = %log.start(), end = %log.end(), segments = recovery.segments, "commit log open");
                 Some(log)
             }
             None => None,
         };
+        // Before anything appends: the vector, and the federated keyspaces rebuilt from the log.
+        if let (Some(f), Some(log)) = (&federation, &log) {
+            f.recover(log.clone()).await?;
+        }
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -135,7 +167,8 @@ impl Server {
         // reads see every acknowledged write from the start.
         let behind: HashMap<String, Arc<Keyspace>> = keyspaces
             .values()
-            .filter(|k| k.config.write == WriteMode::Behind)
+            // A federated view's writes land in its home's Postgres, through the home's flusher.
+            .filter(|k| k.config.write == WriteMode::Behind && k.is_sourced())
             .map(|k| (k.name().to_string(), k.clone()))
             .collect();
         let write_behind = match (&log, behind.is_empty()) {
@@ -162,7 +195,8 @@ impl Server {
         let pipelines = keyspaces
             .iter()
             .map(|(name, ks)| {
-                Pipeline::new(ks.clone(), write_behind.as_ref(), serve.clone()).map(|p| (name.clone(), p))
+                Pipeline::new(ks.clone(), write_behind.as_ref(), federation.as_ref(), serve.clone())
+                    .map(|p| (name.clone(), p))
             })
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(StartError::Assembly)?;
@@ -180,6 +214,7 @@ impl Server {
             followers: std::sync::Mutex::new(BTreeMap::new()),
             upstreams: upstreams.clone(),
             freshness: freshness.clone(),
+            federation: federation.clone(),
         });
         // The log server binds now, so a taken port fails the start like the API's.
         let replication_listener = match &config.replication {
@@ -288,6 +323,8 @@ impl Server {
                 freshness: cdc.as_ref().map(|_| freshness.clone()),
                 stop: serve.child_token(),
                 next_id: std::sync::atomic::AtomicU64::new(0),
+                federation: federation.clone(),
+                federation_links: Default::default(),
             });
             tracing::info!(addr = ?state.replication.serving.lock().unwrap_or_else(|p| p.into_inner()), "log server listening for followers");
             let tls = rc
@@ -297,6 +334,16 @@ impl Server {
                 .transpose()
                 .map_err(StartError::Assembly)?;
             serve.spawn(replication::serve::serve(listener, server, tls, serve.clone()));
+        }
+        // Federation: the applier (checkpoints, tombstones) and one link per peer, stopped with
+        // capture, before the log closes.
+        if let Some(f) = &federation {
+            let tasks = life.tasks(Phase::Capture);
+            tasks.spawn(f.clone().run_applier(tasks.child_token()));
+            for (peer, state) in config.peers.iter().zip(&f.peers) {
+                let link = PeerLink::new(peer.clone(), f.clone(), state.clone(), tasks.clone());
+                tasks.spawn(link.run(tasks.child_token()));
+            }
         }
         // The flusher runs in the drain phase: at shutdown it drains after requests and capture
         // have stopped.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need and a fresh Debian/Ubuntu machine lacks:
-# the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql) and redis-server.
+# the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql), redis-server and libfaketime.
 # Does nothing when they are already there. The tests start their own throwaway servers;
 # no system service is used or started here.
 set -euo pipefail
@@ -10,6 +10,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# A fake wall clock for one process (LD_PRELOAD): the federation clock-drift test runs a node 10 s ahead.
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi

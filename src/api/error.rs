@@ -104,6 +104,15 @@ impl From<PatternError> for ApiError {
         match e {
             PatternError::Keyspace(e) => e.into(),
             PatternError::ReadOnly(_) => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read_only", e.to_string()),
+            PatternError::HomedElsewhere { .. } => {
+                ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "homed_elsewhere", e.to_string())
+            }
+            PatternError::Conditional(_) => ApiError::new(
+                StatusCode::PRECONDITION_REQUIRED,
+                "conditional_elsewhere",
+                e.to_string(),
+            ),
+            PatternError::Federation(crate::federation::FederationError::Log(log)) => log.into(),
             PatternError::BadJson(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
             PatternError::BacklogFull { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backlog_full", e.to_string())

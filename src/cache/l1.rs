@@ -14,7 +14,7 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use serde::Serialize;
 
-use super::{Entry, Install, Installed};
+use super::{Entry, Install, Installed, Merged};
 
 /// Bytes charged per entry on top of key and value under a byte capacity: moka's node, the
 /// `Entry` struct and the `Arc`s, rounded.
@@ -26,14 +26,21 @@ struct Lifetimes {
 }
 
 impl Lifetimes {
-    fn of(&self, e: &Entry) -> Duration {
-        if e.value.is_some() { self.ttl } else { self.negative_ttl }
+    /// `None`: never expires (federated state, see [`Entry::fed`]).
+    fn of(&self, e: &Entry) -> Option<Duration> {
+        if e.fed.is_some() {
+            None
+        } else if e.value.is_some() {
+            Some(self.ttl)
+        } else {
+            Some(self.negative_ttl)
+        }
     }
 }
 
 impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
     fn expire_after_create(&self, _: &Arc<str>, v: &Arc<Entry>, _: std::time::Instant) -> Option<Duration> {
-        Some(self.of(v))
+        self.of(v)
     }
 
     fn expire_after_update(
@@ -43,7 +50,7 @@ impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
         _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(self.of(v))
+        self.of(v)
     }
 }
 
@@ -107,9 +114,10 @@ impl L1 {
         if e.value.is_some() { self.ttl } else { self.negative_ttl }
     }
 
-    /// Whether an entry has outlived its lifetime on the tokio clock.
+    /// Whether an entry has outlived its lifetime on the tokio clock (federated state never
+    /// does).
     pub fn is_expired(&self, e: &Entry) -> bool {
-        e.stored_at.elapsed() >= self.lifetime(e)
+        e.fed.is_none() && e.stored_at.elapsed() >= self.lifetime(e)
     }
 
     pub fn ttl(&self) -> Duration {
@@ -161,6 +169,54 @@ impl L1 {
                 _ => true,
             },
         }
+    }
+
+    /// Installs a federated event's state under the conflict rule: it replaces the entry unless
+    /// the entry's `(version, origin)` is higher. A delete is stored as a tombstone whatever the
+    /// negative-caching settings. Atomic with respect to every other install of the key.
+    pub async fn merge(&self, key: Arc<str>, entry: Entry) -> Merged {
+        let weight = entry.weight(&key) as i64;
+        let new = Arc::new(entry);
+        let mut outcome = Merged::Stored;
+        let result = self
+            .cache
+            .entry(key)
+            .and_compute_with(|existing| {
+                let op = match existing.as_ref().map(|e| e.value()) {
+                    Some(old) if old.merge_order() > new.merge_order() => {
+                        outcome = if old.merge_order().1 == new.merge_order().1 {
+                            Merged::Superseded
+                        } else {
+                            Merged::Lost
+                        };
+                        Op::Nop
+                    }
+                    Some(old) if old.merge_order() == new.merge_order() => {
+                        outcome = Merged::Same;
+                        Op::Nop
+                    }
+                    _ => Op::Put(new.clone()),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        if matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) {
+            self.bytes.fetch_add(weight, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// Removes `key` if it still holds exactly `tombstone` (a tombstone every peer has passed).
+    pub async fn drop_tombstone(&self, key: Arc<str>, tombstone: &Arc<Entry>) -> bool {
+        let result = self
+            .cache
+            .entry(key)
+            .and_compute_with(|existing| {
+                let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), tombstone));
+                std::future::ready(if same { Op::Remove } else { Op::Nop })
+            })
+            .await;
+        matches!(result, CompResult::Removed(_))
     }
 
     /// Removes `key` as `rule` allows `absent` to replace what is there: a fill while its lease

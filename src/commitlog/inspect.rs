@@ -123,6 +123,7 @@ pub fn record_json(r: &Record) -> serde_json::Value {
                 "source": e.source,
                 "source_position": e.source_position,
                 "source_time_us": e.source_time_us,
+                "stamp": e.stamp.map(|s| serde_json::json!({"seq": s.seq, "epoch": s.epoch})),
             })
         }
         Err(err) => serde_json::json!({

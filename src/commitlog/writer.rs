@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::record;
 use super::segment::{self, IndexEntry, Segment};
-use super::{Command, FsyncPolicy, LogError, MAX_GROUP_BYTES, Offset, Shared, now_ms, sync_dir};
+use super::{AdmitHook, Command, FsyncPolicy, LogError, MAX_GROUP_BYTES, Offset, Shared, now_ms, sync_dir};
 
 type Reply = oneshot::Sender<Result<Range<Offset>, LogError>>;
 
@@ -39,10 +39,17 @@ pub struct Writer {
     last_sync: Instant,
     /// The directory lock, held while this thread runs.
     _lock: Option<File>,
+    /// Run on every record as it is framed (see [`super::Admit`]).
+    admit: AdmitHook,
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, seg: Arc<Segment>, lock: Option<File>) -> Result<Writer, LogError> {
+    pub fn new(
+        shared: Arc<Shared>,
+        seg: Arc<Segment>,
+        lock: Option<File>,
+        admit: AdmitHook,
+    ) -> Result<Writer, LogError> {
         let file = OpenOptions::new()
             .append(true)
             .open(&seg.path)
@@ -59,6 +66,7 @@ impl Writer {
             pending_ts: (0, 0),
             last_sync: Instant::now(),
             _lock: lock,
+            admit,
         })
     }
 
@@ -77,13 +85,16 @@ impl Writer {
             let start_len = self.len;
             let start_next = self.next;
             let ts = now_ms();
+            if let Some(a) = &self.admit {
+                a.begin();
+            }
             let mut cmd = Some(first);
             while let Some(c) = cmd.take() {
                 match c {
                     // The byte budget is returned when `budget` drops at the end of this arm:
                     // the payload has been copied into the write buffer.
                     Command::Append {
-                        payloads,
+                        mut payloads,
                         reply,
                         budget,
                     } => {
@@ -92,6 +103,9 @@ impl Writer {
                             let _ = reply.send(Err(LogError::Failed(why)));
                         } else {
                             let from = self.next;
+                            if let Some(a) = &self.admit {
+                                payloads.retain_mut(|p| a.admit(p));
+                            }
                             for p in &payloads {
                                 let pos = self.len + buf.len() as u64;
                                 self.maybe_index(pos);
@@ -185,6 +199,9 @@ impl Writer {
     /// Cuts a failed write back out of the file and answers its appenders with the error.
     fn undo(&mut self, len: u64, next: Offset, e: std::io::Error, group: Vec<(Reply, Range<Offset>)>) {
         let err = LogError::io(&self.seg.path, e);
+        if let Some(a) = &self.admit {
+            a.undo();
+        }
         if let Err(e2) = self.file.set_len(len) {
             self.shared
                 .fail(format!("a write failed ({err}) and could not be undone ({e2})"));

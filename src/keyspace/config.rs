@@ -187,6 +187,12 @@ pub struct KeyspaceConfig {
     pub refresh_ahead: f64,
     /// Most background refreshes of this keyspace running at once.
     pub refresh_concurrency: usize,
+    /// Event federation: this keyspace's changes travel to and from the `[[peer]]` nodes.
+    pub federate: bool,
+    /// For a federated keyspace whose data lives in one region's Postgres: the node id of that
+    /// region's node (the one with the table and CDC). Elsewhere the keyspace is a read-only
+    /// view of it — or, with `write = "behind"`, takes writes that land in the home's Postgres.
+    pub home: Option<String>,
 }
 
 /// What a keyspace does with the changes CDC delivers.
@@ -217,6 +223,8 @@ impl KeyspaceConfig {
             warm: false,
             refresh_ahead: DEFAULT_REFRESH_AHEAD,
             refresh_concurrency: DEFAULT_REFRESH_CONCURRENCY,
+            federate: false,
+            home: None,
         }
     }
 }
@@ -313,6 +321,8 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     if !has_table && cdc != CdcMode::Off {
         s.problem_at("cdc", "CDC needs `table`; an in-memory keyspace has no source");
     }
+    let federate = s.get::<bool>("federate").unwrap_or(false);
+    let home = s.get::<String>("home");
     let write = match s.get::<String>("write").as_deref() {
         None | Some("none") => WriteMode::None,
         Some("through") => WriteMode::Through,
@@ -386,12 +396,24 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
                 "read-through needs `table`; an in-memory keyspace has no source to load from",
             );
         }
-        if write != WriteMode::None {
+        let lands_at_home = write == WriteMode::Behind && federate && home.is_some();
+        if write != WriteMode::None && !lands_at_home {
             s.problem_at(
                 "write",
-                "writing to a source needs `table`; an in-memory keyspace stores writes in memory only",
+                "writing to a source needs `table`; an in-memory keyspace stores writes in memory only (or, federated with a `home`, write = \"behind\" lands writes in the home's Postgres)",
             );
         }
+    }
+    if home.is_some() && !federate {
+        s.problem_at(
+            "home",
+            "`home` names where a federated keyspace's data lives; set federate = true",
+        );
+    }
+    if let Some(h) = &home
+        && (h.is_empty() || h.len() >= 0x80)
+    {
+        s.problem_at("home", "must be a node id (1 to 127 bytes)");
     }
     if refresh_ahead > 0.0 && (!has_table || read_through == Some(false)) {
         s.problem_at(
@@ -414,5 +436,7 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         warm: warm.unwrap_or(cdc != CdcMode::Off),
         refresh_ahead,
         refresh_concurrency,
+        federate,
+        home,
     })
 }

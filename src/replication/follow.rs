@@ -750,7 +750,7 @@ pub fn trust(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String
 
 /// An HTTP client error without the URL (which could carry a query the operator did not mean
 /// to log).
-fn without_url(e: &reqwest::Error) -> String {
+pub(crate) fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(url) = e.url() {
         s = s.replace(url.as_str(), "<upstream>");
@@ -765,7 +765,7 @@ fn without_url(e: &reqwest::Error) -> String {
 }
 
 /// A refusal from the upstream, in words an operator can act on.
-fn refusal(status: reqwest::StatusCode, body: &str) -> String {
+pub(crate) fn refusal(status: reqwest::StatusCode, body: &str) -> String {
     let detail = serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["detail"].as_str().map(str::to_string))

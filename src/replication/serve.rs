@@ -63,6 +63,9 @@ pub struct LogServer {
     pub freshness: Option<Arc<Freshness>>,
     pub stop: CancellationToken,
     pub next_id: AtomicU64,
+    /// This node's federation, when any keyspace federates: its routes are served here too.
+    pub federation: Option<Arc<crate::federation::Federation>>,
+    pub federation_links: crate::federation::serve::Links,
 }
 
 /// The peer of a connection, put on each of its requests.
@@ -174,6 +177,9 @@ fn router(server: Arc<LogServer>) -> Router {
         .route("/v1/log", get(stream_log))
         .route("/v1/log/position", post(report_position))
         .route("/v1/snapshot", get(snapshot))
+        .route("/v1/federation/stream", post(crate::federation::serve::stream))
+        .route("/v1/federation/report", post(crate::federation::serve::report))
+        .route("/v1/federation/snapshot", get(crate::federation::serve::snapshot))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no_route", "no such replication route".into()) })
         .layer(auth)
         .with_state(server)

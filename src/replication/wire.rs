@@ -11,16 +11,19 @@
 //! | 4 | snapshot head | position to follow from, keyspace count, per keyspace: name, whole (u8 1/0) |
 //! | 5 | entries | keyspace index (into the head's list), count, entries (below) |
 //! | 6 | snapshot end | entry count |
+//! | 7 | picked records | the offset after the last record looked at, count, then per record: payload length, payload — a federation stream's events after the subscriber's version vector (not consecutive) |
+//! | 8 | gossip | JSON: what the sender knows of every node's version vector (see `federation`) |
 //!
-//! An entry: key (length, UTF-8), flags (u8: 1 value, 2 xid, 4 snapshot, 8 read age), value
-//! (length, bytes), source position, version, xid, snapshot (xmax, count, xids), read age ms —
-//! the optional ones only when their flag is set. Offsets in a records frame are consecutive.
+//! An entry: key (length, UTF-8), flags (u8: 1 value, 2 xid, 4 snapshot, 8 read age, 16
+//! federated), value (length, bytes), source position, version, xid, snapshot (xmax, count,
+//! xids), read age ms, federated origin (length, UTF-8), sequence and epoch (0 and 0: not yet
+//! known) — the optional ones only when their flag is set. Offsets in a records frame are consecutive.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::cache::{Entry, Snapshot};
 use crate::commitlog::{Offset, Record};
-use crate::event::{get_varint, put_varint};
+use crate::event::{Stamp, get_varint, put_varint};
 use crate::lsn::Lsn;
 
 /// Largest frame body a decoder accepts (a records batch is far smaller).
@@ -35,6 +38,8 @@ mod kind {
     pub const SNAPSHOT_HEAD: u8 = 4;
     pub const ENTRIES: u8 = 5;
     pub const SNAPSHOT_END: u8 = 6;
+    pub const PICKED: u8 = 7;
+    pub const GOSSIP: u8 = 8;
 }
 
 /// Where an upstream's log stands, as one progress frame says.
@@ -63,6 +68,8 @@ pub struct WireEntry {
     pub snapshot: Option<(u32, Vec<u32>)>,
     /// How long ago the state was read from Postgres, when it was.
     pub read_age_ms: Option<u64>,
+    /// For federated state: the event's origin and its stamp (`None` when not yet known).
+    pub fed: Option<(String, Option<Stamp>)>,
 }
 
 impl WireEntry {
@@ -76,6 +83,7 @@ impl WireEntry {
             xid: e.xid,
             snapshot: e.snapshot.as_ref().map(|s| (s.xmax, s.xip.clone())),
             read_age_ms: e.read_at.map(|t| t.elapsed().as_millis() as u64),
+            fed: e.fed.as_ref().map(|f| (f.origin.to_string(), f.stamp)),
         }
     }
 
@@ -86,6 +94,9 @@ impl WireEntry {
         if let Some(age) = self.read_age_ms {
             let now = tokio::time::Instant::now();
             e = e.read_at(now.checked_sub(std::time::Duration::from_millis(age)).unwrap_or(now));
+        }
+        if let Some((origin, stamp)) = self.fed {
+            e = e.federated(origin.into(), stamp);
         }
         e
     }
@@ -111,6 +122,11 @@ pub enum Frame {
     SnapshotEnd {
         entries: u64,
     },
+    Picked {
+        next: Offset,
+        records: Vec<Bytes>,
+    },
+    Gossip(Bytes),
 }
 
 /// Why bytes are not frames.
@@ -182,7 +198,8 @@ pub fn entries(out: &mut BytesMut, keyspace: usize, entries: &[WireEntry]) {
         let flags = u8::from(e.value.is_some())
             | (u8::from(e.xid.is_some()) << 1)
             | (u8::from(e.snapshot.is_some()) << 2)
-            | (u8::from(e.read_age_ms.is_some()) << 3);
+            | (u8::from(e.read_age_ms.is_some()) << 3)
+            | (u8::from(e.fed.is_some()) << 4);
         body.push(flags);
         if let Some(v) = &e.value {
             put_bytes(&mut body, v);
@@ -202,8 +219,30 @@ pub fn entries(out: &mut BytesMut, keyspace: usize, entries: &[WireEntry]) {
         if let Some(age) = e.read_age_ms {
             put_varint(&mut body, age);
         }
+        if let Some((origin, stamp)) = &e.fed {
+            put_bytes(&mut body, origin.as_bytes());
+            let st = stamp.unwrap_or_default();
+            put_varint(&mut body, st.seq);
+            put_varint(&mut body, st.epoch);
+        }
     }
     frame(out, kind::ENTRIES, &body);
+}
+
+/// Appends a picked-records frame: `records` chosen from the log below `next`.
+pub fn picked(out: &mut BytesMut, next: Offset, records: &[&[u8]]) {
+    let size: usize = records.iter().map(|r| r.len() + 4).sum();
+    let mut body = Vec::with_capacity(size + 16);
+    put_varint(&mut body, next.0);
+    put_varint(&mut body, records.len() as u64);
+    for r in records {
+        put_bytes(&mut body, r);
+    }
+    frame(out, kind::PICKED, &body);
+}
+
+pub fn gossip(out: &mut BytesMut, json: &[u8]) {
+    frame(out, kind::GOSSIP, json);
 }
 
 pub fn snapshot_end(out: &mut BytesMut, count: u64) {
@@ -368,6 +407,16 @@ fn decode(k: u8, body: &Bytes) -> Result<Frame, WireError> {
                     None
                 };
                 let read_age_ms = if flags & 8 != 0 { Some(b.int()?) } else { None };
+                let fed = if flags & 16 != 0 {
+                    let origin = b.text()?;
+                    let stamp = Stamp {
+                        seq: b.int()?,
+                        epoch: b.int()?,
+                    };
+                    Some((origin, (stamp.seq != 0).then_some(stamp)))
+                } else {
+                    None
+                };
                 entries.push(WireEntry {
                     key,
                     value,
@@ -376,11 +425,31 @@ fn decode(k: u8, body: &Bytes) -> Result<Frame, WireError> {
                     xid,
                     snapshot,
                     read_age_ms,
+                    fed,
                 });
             }
             Frame::Entries { keyspace, entries }
         }
         kind::SNAPSHOT_END => Frame::SnapshotEnd { entries: b.int()? },
+        kind::PICKED => {
+            let next = Offset(b.int()?);
+            let n = b.count(1)?;
+            let mut records = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = b.int()? as usize;
+                let end =
+                    b.at.checked_add(len)
+                        .filter(|e| *e <= body.len())
+                        .ok_or_else(|| WireError::Malformed("record runs past the frame".into()))?;
+                records.push(body.slice(b.at..end));
+                b.at = end;
+            }
+            Frame::Picked { next, records }
+        }
+        kind::GOSSIP => {
+            b.at = body.len();
+            Frame::Gossip(body.clone())
+        }
         other => return Err(WireError::UnknownKind(other)),
     };
     if k != kind::FAILED && b.at != body.len() {
@@ -427,6 +496,7 @@ mod tests {
                 xid: Some(7),
                 snapshot: Some((10, vec![8, 9])),
                 read_age_ms: Some(5),
+                fed: Some(("eu".into(), Some(Stamp { seq: 3, epoch: 77 }))),
             },
             WireEntry {
                 key: "2".into(),
@@ -436,10 +506,13 @@ mod tests {
                 xid: None,
                 snapshot: None,
                 read_age_ms: None,
+                fed: None,
             },
         ];
         entries(&mut out, 1, &e);
         snapshot_end(&mut out, 2);
+        picked(&mut out, Offset(40), &[b"x", b""]);
+        gossip(&mut out, b"{}");
         failed(&mut out, "bye");
         let frames = vec![
             Frame::Records {
@@ -460,6 +533,11 @@ mod tests {
                 entries: e,
             },
             Frame::SnapshotEnd { entries: 2 },
+            Frame::Picked {
+                next: Offset(40),
+                records: vec![Bytes::from_static(b"x"), Bytes::new()],
+            },
+            Frame::Gossip(Bytes::from_static(b"{}")),
             Frame::Failed("bye".into()),
         ];
         (out, frames)
@@ -488,13 +566,13 @@ mod tests {
         d.push(&[1, 0xff, 0xff, 0xff, 0x7f]);
         assert!(matches!(d.next_frame(), Err(WireError::TooLarge(_))));
         let mut d = Decoder::new();
-        d.push(&[9, 0, 0, 0, 0]);
-        assert_eq!(d.next_frame(), Err(WireError::UnknownKind(9)));
+        d.push(&[99, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(WireError::UnknownKind(99)));
     }
 
     proptest! {
         #[test]
-        fn decoding_never_panics(kind in 1u8..=6, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn decoding_never_panics(kind in 1u8..=8, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut d = Decoder::new();
             let mut bytes = BytesMut::new();
             frame(&mut bytes, kind, &body);

@@ -8,6 +8,7 @@ mod cdc;
 mod check;
 mod commitlog_crash;
 mod embedded;
+mod federation;
 mod front_door;
 mod harness;
 mod read_through;

@@ -179,10 +179,16 @@ impl TableMapping {
     }
 
     fn event(&self, txn: &TxnInfo, op: Op, key: String, value: Option<Bytes>, unchanged: Vec<String>) -> ChangeEvent {
-        ChangeEvent::of(op, self.keyspace.name(), key, value)
+        let e = ChangeEvent::of(op, self.keyspace.name(), key, value)
             .from_origin(&*txn.origin, txn.version, Source::Cdc)
             .at_source(txn.lsn, txn.commit_time_us, Some(txn.xid))
-            .with_unchanged(unchanged)
+            .with_unchanged(unchanged);
+        // A federated table's changes are this node's federated events: the log numbers them.
+        if self.keyspace.config.federate {
+            e.federated()
+        } else {
+            e
+        }
     }
 
     /// The event for a key whose row is now `new` (`None` = gone).

@@ -368,6 +368,9 @@ impl Flusher {
             let Some(ks) = self.wb.keyspaces.get(&e.keyspace) else {
                 continue;
             };
+            // A write taken in another region: the CDC echo of its flush must carry a later
+            // version, so the region that took it sees the stored row supersede its pending write.
+            self.wb.hlc.observe(e.version);
             raw += 1;
             bytes += r.payload.len() as u64;
             if first_ms == 0 {

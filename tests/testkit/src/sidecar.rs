@@ -22,8 +22,14 @@ impl Sidecar {
     /// for it to print its address. `None` config runs the embedded default, with `listen`
     /// overridden through the environment.
     pub fn spawn(bin: &Path, config: Option<&str>) -> Sidecar {
+        Sidecar::spawn_with_env(bin, config, &[])
+    }
+
+    /// [`Sidecar::spawn`] with extra environment variables (e.g. a `LD_PRELOAD`ed fake clock).
+    pub fn spawn_with_env(bin: &Path, config: Option<&str>, env: &[(&str, &str)]) -> Sidecar {
         let dir = temp_dir("sidecar", None);
         let mut cmd = Command::new(bin);
+        cmd.envs(env.iter().copied());
         cmd.arg("serve");
         if let Some(text) = config {
             let path = dir.join("cachesync.toml");
