@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | 1 | keyspace | UTF-8 |
 //! | 2 | key | UTF-8 |
-//! | 3 | op | u8: 1 put, 2 delete, 3 invalidate, 4 clear (the whole keyspace; key empty) |
+//! | 3 | op | u8: 1 put, 2 delete, 3 invalidate, 4 clear (the whole keyspace; key empty), 5 rejected (the home region's Postgres rejected a write taken elsewhere; value: the dead letter) |
 //! | 4 | value | bytes (a JSON document; puts only) |
 //! | 5 | origin node id | UTF-8 |
 //! | 6 | version (hybrid logical clock) | LEB128 u64 |
@@ -44,6 +44,9 @@ pub enum Op {
     Invalidate = 3,
     /// Every entry of the keyspace is gone (a TRUNCATE); the key is empty.
     Clear = 4,
+    /// A write of the key taken in another region was rejected by the home's Postgres; the
+    /// value is the dead letter (JSON). Changes no entry.
+    Rejected = 5,
 }
 
 impl Op {
@@ -54,6 +57,7 @@ impl Op {
             Op::Delete => "delete",
             Op::Invalidate => "invalidate",
             Op::Clear => "clear",
+            Op::Rejected => "rejected",
         }
     }
 }
@@ -286,9 +290,13 @@ impl ChangeEvent {
         ChangeEvent::new(Op::Clear, keyspace, String::new(), None)
     }
 
-    /// An event of `op` (a put carries `value`; other ops ignore it).
+    /// An event of `op` (a put carries `value`, a rejection its dead letter; other ops ignore it).
     pub fn of(op: Op, keyspace: impl Into<String>, key: impl Into<String>, value: Option<Bytes>) -> ChangeEvent {
-        let value = if op == Op::Put { value } else { None };
+        let value = if matches!(op, Op::Put | Op::Rejected) {
+            value
+        } else {
+            None
+        };
         ChangeEvent::new(op, keyspace, key, value)
     }
 
@@ -444,6 +452,7 @@ impl ChangeEvent {
                         [2] => Op::Delete,
                         [3] => Op::Invalidate,
                         [4] => Op::Clear,
+                        [5] => Op::Rejected,
                         _ => {
                             return Err(DecodeError::BadField { tag, why: "unknown op" });
                         }
@@ -539,7 +548,13 @@ pub mod tests {
         (
             "[a-z_]{1,12}",
             ".{0,40}",
-            prop_oneof![Just(Op::Put), Just(Op::Delete), Just(Op::Invalidate), Just(Op::Clear)],
+            prop_oneof![
+                Just(Op::Put),
+                Just(Op::Delete),
+                Just(Op::Invalidate),
+                Just(Op::Clear),
+                Just(Op::Rejected)
+            ],
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
             "[a-z0-9-]{0,10}",
             any::<u64>(),

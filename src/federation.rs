@@ -344,6 +344,8 @@ pub struct Federation {
     /// The local log lacks part of this node's history (retention removed some): the first link
     /// to connect takes a snapshot before this node's state is whole.
     pub needs_snapshot: AtomicBool,
+    /// Writes taken here that their home's Postgres rejected (rebuilt from the log on start).
+    rejected: Mutex<Vec<serde_json::Value>>,
 }
 
 /// The checkpoint file: the applied vector, exact at `offset` of the log with `identity`.
@@ -377,6 +379,7 @@ impl Federation {
             hold: OnceLock::new(),
             stable_since: Mutex::new(BTreeMap::new()),
             needs_snapshot: AtomicBool::new(false),
+            rejected: Mutex::new(Vec::new()),
         }
     }
 
@@ -520,12 +523,16 @@ impl Federation {
         if observe && e.origin != self.node {
             self.observe(&e.origin, e.version);
         }
+        if e.op == Op::Rejected {
+            self.take_rejection(ks, e);
+            return;
+        }
         if e.source == Source::Cdc && ks.config.cdc != CdcMode::Off {
             return;
         }
         // A write to a homed keyspace is not state: the home's flusher lands it in Postgres,
         // and the home's CDC brings the stored row to every region.
-        if ks.config.home.is_some() && e.source == Source::Api {
+        if (ks.config.home.is_some() || ks.is_sourced()) && e.source == Source::Api {
             // This node's own write (replayed after a restart, or met again by the applier):
             // shown to this node's readers until the stored row comes back, which is later in
             // the log and settles it.
@@ -548,8 +555,24 @@ impl Federation {
         }
         let origin: Arc<str> = e.origin.as_str().into();
         let key: Arc<str> = e.key.as_str().into();
+        let value = match (&e.value, e.unchanged.is_empty()) {
+            (Some(v), false) => match crate::cdc::applier::merge_unchanged(ks, &e.key, v, &e.unchanged).await {
+                Some(merged) => Some(merged),
+                None => {
+                    // The home did not send fields its update left unchanged (TOAST), and this
+                    // node holds no copy to take them from: never guess a document.
+                    tracing::warn!(
+                        keyspace = ks.name(),
+                        "a federated row arrived without its unchanged large fields and no copy is held here; dropping the key until an update brings the whole row"
+                    );
+                    ks.invalidate(&e.key).await;
+                    return;
+                }
+            },
+            (v, _) => v.clone(),
+        };
         let entry = match e.op {
-            Op::Put => Entry::new(e.value.clone(), Lsn(e.source_position), e.version),
+            Op::Put => Entry::new(value, Lsn(e.source_position), e.version),
             Op::Delete => Entry::new(None, Lsn(e.source_position), e.version),
             // Neither carries state to converge on: a federated view drops the key; the next
             // event for it brings the state back.
@@ -561,6 +584,7 @@ impl Federation {
                 ks.clear();
                 return;
             }
+            Op::Rejected => return,
         }
         .federated(origin, e.stamp.filter(|s| s.seq > 0));
         if ks.merge(key, entry).await == Merged::Lost {
@@ -609,6 +633,56 @@ impl Federation {
             version,
             offset: range.start,
         })
+    }
+
+    /// Tells the region that took a write this home's Postgres rejected: a federated event
+    /// carrying the dead letter, addressed to `origin`.
+    pub async fn reject(
+        &self,
+        ks: &Keyspace,
+        letter: &crate::patterns::write_behind::deadletters::DeadLetter,
+        origin: &str,
+    ) -> Result<(), LogError> {
+        let body = serde_json::json!({ "for": origin, "home": self.node, "letter": letter });
+        let event = ChangeEvent::of(
+            Op::Rejected,
+            ks.name(),
+            letter.key.as_str(),
+            Some(Bytes::from(body.to_string())),
+        )
+        .from_origin(&self.node, self.hlc.now(), Source::Api)
+        .federated();
+        self.log().append(vec![event.encode()]).await?;
+        Ok(())
+    }
+
+    /// A dead letter from a home: kept when the rejected write was taken here, and the write no
+    /// longer shown to this node's readers.
+    fn take_rejection(&self, ks: &Keyspace, e: &ChangeEvent) {
+        let Some(body) = e
+            .value
+            .as_ref()
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+        else {
+            return;
+        };
+        if body["for"].as_str() != Some(self.node.as_str()) {
+            return;
+        }
+        if let Some(version) = body["letter"]["version"].as_u64() {
+            ks.settle(&e.key, version);
+        }
+        tracing::warn!(keyspace = ks.name(), key = %e.key, home = %e.origin, "the home region's Postgres rejected a write taken here; see /v1/deadletters");
+        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let id = body["letter"]["id"].clone();
+        if !r.iter().any(|x| x["home"] == body["home"] && x["letter"]["id"] == id) {
+            r.push(body);
+        }
+    }
+
+    /// Writes another region's home rejected, taken here: (home, dead letter), oldest first.
+    pub fn rejected(&self) -> Vec<serde_json::Value> {
+        self.rejected.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A write taken here: made durable in the log as this node's next federated event, then

@@ -191,6 +191,9 @@ impl Server {
             }
             _ => None,
         };
+        if let (Some(wb), Some(f)) = (&write_behind, &federation) {
+            wb.set_federation(f.clone());
+        }
         let serve = life.tasks(Phase::Serve);
         let pipelines = keyspaces
             .iter()

@@ -118,10 +118,17 @@ fn write_behind(st: &AppState) -> Result<&Arc<crate::patterns::write_behind::Wri
 }
 
 /// `GET /v1/deadletters`: writes Postgres rejected, oldest first.
+/// With federation, also the writes taken here that another region's home rejected
+/// (`elsewhere`: each with the home's node id and its dead letter).
 pub async fn deadletters(State(st): State<Arc<AppState>>) -> Response {
-    match write_behind(&st) {
-        Ok(wb) => Json(json!({ "deadletters": wb.deadletters.list() })).into_response(),
-        Err(e) => e.into_response(),
+    let elsewhere = st.replication.federation.as_ref().map(|f| f.rejected());
+    match (write_behind(&st), elsewhere) {
+        (Ok(wb), elsewhere) => {
+            Json(json!({ "deadletters": wb.deadletters.list(), "elsewhere": elsewhere.unwrap_or_default() }))
+                .into_response()
+        }
+        (Err(_), Some(elsewhere)) => Json(json!({ "deadletters": [], "elsewhere": elsewhere })).into_response(),
+        (Err(e), None) => e.into_response(),
     }
 }
 

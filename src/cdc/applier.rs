@@ -172,12 +172,13 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
             ks.invalidate_at(key, lsn, e.source_xid).await;
         }
         Op::Clear => ks.clear(),
+        Op::Rejected => {}
     }
 }
 
 /// The new row with its unchanged fields taken from the cached entry, in the cached field
 /// order; `None` when the entry (or one of the fields) is not there.
-async fn merge_unchanged(ks: &Keyspace, key: &str, new: &Bytes, unchanged: &[String]) -> Option<Bytes> {
+pub async fn merge_unchanged(ks: &Keyspace, key: &str, new: &Bytes, unchanged: &[String]) -> Option<Bytes> {
     let cached = ks.cached(key).await?.value.clone()?;
     let old: Map<String, Value> = serde_json::from_slice(&cached).ok()?;
     let mut new: Map<String, Value> = serde_json::from_slice(new).ok()?;

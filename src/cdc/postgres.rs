@@ -485,6 +485,7 @@ impl Capture {
                             commit_time_us,
                             version: self.hlc.now(),
                             origin: self.node.clone(),
+                            node: self.node.clone(),
                         },
                         events: Vec::new(),
                     });

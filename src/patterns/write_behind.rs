@@ -157,6 +157,9 @@ pub struct WriteBehind {
     pub backlog: Backlog,
     pub deadletters: DeadLetters,
     stripes: Stripes,
+    /// This node's federation, when a write-behind keyspace federates: a rejected write taken
+    /// in another region is reported back to it.
+    pub(crate) federation: std::sync::OnceLock<Arc<crate::federation::Federation>>,
 }
 
 /// The name of the flusher's durable cursor.
@@ -183,7 +186,13 @@ impl WriteBehind {
             backlog: Backlog::default(),
             deadletters,
             stripes: Stripes::new(STRIPES),
+            federation: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports rejected writes of federated keyspaces through `f`.
+    pub fn set_federation(&self, f: Arc<crate::federation::Federation>) {
+        let _ = self.federation.set(f);
     }
 
     /// The lock serializing writes of one key. The flusher takes it too before it settles a
@@ -445,7 +454,7 @@ impl WriteBehind {
                 let Ok(e) = ChangeEvent::decode(&r.payload) else {
                     continue;
                 };
-                if e.source != Source::Api {
+                if e.source != Source::Api || !matches!(e.op, Op::Put | Op::Delete) {
                     continue;
                 }
                 let Some(ks) = self.keyspaces.get(&e.keyspace) else {

@@ -152,7 +152,7 @@ impl World {
         eventually(CONVERGE, "the node's links stream", || async {
             let r = self.federation(i).await;
             let peers = r["peers"].as_array().cloned().unwrap_or_default();
-            if !peers.is_empty() && peers.iter().all(|p| p["connected"] == json!(true)) {
+            if peers.iter().all(|p| p["connected"] == json!(true)) {
                 Ok(())
             } else {
                 Err(peers)
@@ -619,13 +619,16 @@ async fn a_clock_ten_seconds_ahead_cannot_pull_the_others_past_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_anywhere_land_in_the_homes_postgres_and_every_node_reads_the_stored_row() {
     let db = Db::new().await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, name text, note text DEFAULT 'stored')")
-        .await;
+    db.exec(
+        "CREATE TABLE items (id int PRIMARY KEY, name text CHECK (char_length(name) < 20), note text DEFAULT 'stored')",
+    )
+    .await;
     let home_ks = "[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\ncdc = \"update\"\nwrite = \"behind\"\nfederate = true\nhome = \"a\"\n".to_string();
-    let view_ks = "[[keyspace]]\nname = \"items\"\nfederate = true\nhome = \"a\"\nwrite = \"behind\"\n";
+    let view_ks = "[[keyspace]]\nname = \"items\"\nfederate = true\nhome = \"a\"\nwrite = \"behind\"\n\
+                   [[keyspace]]\nname = \"view\"\nfederate = true\nhome = \"a\"\n";
     let mut world = World::new(mesh(), view_ks).await;
     let slot = format!("fed_{}", cachesync_testkit::unique());
-    world.regions[0].keyspaces = home_ks;
+    world.regions[0].keyspaces = format!("{home_ks}[[keyspace]]\nname = \"view\"\nfederate = true\n");
     world.regions[0].extra = format!(
         "[postgres]\nurl = \"{}\"\n[cdc]\nslot = \"{slot}\"\nheartbeat = \"0s\"\n[write_behind]\nbatch_delay = \"10ms\"\n",
         db.db.url
@@ -661,6 +664,45 @@ async fn writes_anywhere_land_in_the_homes_postgres_and_every_node_reads_the_sto
             .await;
         }
     }
+    // A view without write = "behind" refuses writes, naming the home.
+    let r = world.http(1).put("/v1/kv/view/x", "{}").await;
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert!(r.detail().contains("home is node a"), "{}", r.body);
+    // A write the home's Postgres rejects is a dead letter there and visible where it was taken;
+    // the region that took it stops showing it.
+    let long = "a name far too long for the check";
+    let r = world
+        .http(2)
+        .put("/v1/kv/items/3", json!({"name": long}).to_string())
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let seen = until(world.http(2), "/v1/deadletters", "c sees the rejection", |r| {
+        r.status == 200 && r.json()["elsewhere"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await
+    .json();
+    let letter = &seen["elsewhere"][0];
+    assert_eq!(letter["home"], json!("a"));
+    assert_eq!(letter["letter"]["key"], json!("3"));
+    assert!(
+        letter["letter"]["error"].as_str().unwrap_or("").contains("check"),
+        "{letter}"
+    );
+    until(
+        world.http(2),
+        "/v1/kv/items/3",
+        "c no longer shows the rejected write",
+        |r| r.status == 404,
+    )
+    .await;
+    let home_letters = world.http(0).get("/v1/deadletters").await.json();
+    assert_eq!(
+        home_letters["deadletters"].as_array().map(Vec::len),
+        Some(1),
+        "{home_letters}"
+    );
+    let n: i64 = db.scalar("SELECT count(*) FROM items WHERE id = 3").await;
+    assert_eq!(n, 0);
     world.stop_all();
     let _ = db
         .scalar::<i64>(&format!("SELECT count(*) FROM pg_drop_replication_slot('{slot}')"))
@@ -810,4 +852,92 @@ async fn a_node_past_its_peers_retention_catches_up_from_a_snapshot() {
         r.status == 200 && r.json() == json!({"after": true})
     })
     .await;
+}
+
+/// A chain a → b → c relays a's events through b; c then switches to follow a directly (its
+/// vector says what it has, whoever it follows): nothing is lost and nothing is held twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_upstream_by_vector_neither_loses_nor_duplicates() {
+    let mut world = World::new(vec![(1, 0), (2, 1)], MEMORY).await;
+    world.start_all().await;
+    for n in 0..100u64 {
+        let r = world
+            .http((n % 2) as usize)
+            .put(
+                &format!("/v1/kv/kv/k{}", n % KEYS as u64),
+                json!({"by": NAMES[(n % 2) as usize], "n": n}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    eventually(CONVERGE, "c has a's events through b", || async {
+        let v = world.federation(2).await["applied"]["vector"].clone();
+        let a = world.federation(0).await["vector"].clone();
+        let has = |v: &Value, node: &str| {
+            v.as_array()
+                .and_then(|x| x.iter().find(|i| i["node"] == node))
+                .and_then(|i| i["seq"].as_u64())
+                .unwrap_or(0)
+        };
+        if has(&v, "a") == has(&a, "a") && has(&v, "a") >= 50 {
+            Ok(())
+        } else {
+            Err((v, a))
+        }
+    })
+    .await;
+    // c now follows a instead of b, while a and b keep writing.
+    world.regions[2].sidecar.as_mut().expect("c").signal("TERM");
+    let _ = world.regions[2]
+        .sidecar
+        .as_mut()
+        .expect("c")
+        .wait_timeout(Duration::from_secs(20));
+    world.regions[2].sidecar = None;
+    world.follows = vec![(1, 0), (2, 0), (0, 1)];
+    for (f, up) in [(2usize, 0usize), (0, 1)] {
+        let target = format!("127.0.0.1:{}", world.regions[up].port)
+            .parse()
+            .expect("address");
+        world.links.insert((f, up), FaultLink::start(target).await);
+    }
+    for n in 100..200u64 {
+        let r = world
+            .http((n % 2) as usize)
+            .put(
+                &format!("/v1/kv/kv/k{}", n % KEYS as u64),
+                json!({"by": NAMES[(n % 2) as usize], "n": n}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // a starts following b too (a second path to b's events for c): restart a with its new peer.
+    world.regions[0].sidecar.as_mut().expect("a").signal("TERM");
+    let _ = world.regions[0]
+        .sidecar
+        .as_mut()
+        .expect("a")
+        .wait_timeout(Duration::from_secs(20));
+    world.start(0);
+    world.start(2);
+    for i in [0, 2] {
+        until(world.http(i), "/readyz", "the node is ready", |r| r.status == 200).await;
+        world.wait_linked(i).await;
+    }
+    world.converged(&keys()).await;
+    world.stop_all();
+    let mut sets = Vec::new();
+    for r in &world.regions {
+        let (counts, writes) = events_in(&r.log);
+        assert!(
+            counts.values().all(|n| *n == 1),
+            "{}'s log holds an event twice",
+            r.name
+        );
+        let by_a = writes.iter().filter(|(by, _)| by == "a").count();
+        let by_b = writes.iter().filter(|(by, _)| by == "b").count();
+        assert_eq!((by_a, by_b), (100, 100), "{} holds every write", r.name);
+        sets.push(counts.into_keys().collect::<std::collections::HashSet<_>>());
+    }
+    assert!(sets.iter().all(|s| *s == sets[0]), "every log holds the same events");
 }

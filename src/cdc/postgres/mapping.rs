@@ -44,7 +44,10 @@ pub struct TxnInfo {
     pub commit_time_us: u64,
     /// HLC stamp given to the transaction's events.
     pub version: u64,
+    /// Where the change entered cachesync: this node, or the node a write-behind flush names.
     pub origin: Arc<str>,
+    /// The node capturing it (a federated event's origin: its sequence is this node's).
+    pub node: Arc<str>,
 }
 
 struct Field {
@@ -179,8 +182,13 @@ impl TableMapping {
     }
 
     fn event(&self, txn: &TxnInfo, op: Op, key: String, value: Option<Bytes>, unchanged: Vec<String>) -> ChangeEvent {
+        let origin = if self.keyspace.config.federate {
+            &*txn.node
+        } else {
+            &*txn.origin
+        };
         let e = ChangeEvent::of(op, self.keyspace.name(), key, value)
-            .from_origin(&*txn.origin, txn.version, Source::Cdc)
+            .from_origin(origin, txn.version, Source::Cdc)
             .at_source(txn.lsn, txn.commit_time_us, Some(txn.xid))
             .with_unchanged(unchanged);
         // A federated table's changes are this node's federated events: the log numbers them.

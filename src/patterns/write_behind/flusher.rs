@@ -65,6 +65,9 @@ pub struct FlushOp {
     /// The document of the last write (JSON), for a dead letter.
     pub doc: Option<bytes::Bytes>,
     pub written: Vec<String>,
+    /// The node that took the last write coalesced (another region's, for a federated
+    /// keyspace with a home): told when Postgres rejects it.
+    pub origin: String,
 }
 
 /// One row of a set-based upsert: its key components and the fields it writes.
@@ -362,7 +365,8 @@ impl Flusher {
             let Ok(e) = ChangeEvent::decode(&r.payload) else {
                 continue;
             };
-            if e.source != Source::Api {
+            // Writes only (a `rejected` notice is an API-sourced event too, but writes nothing).
+            if e.source != Source::Api || !matches!(e.op, Op::Put | Op::Delete) {
                 continue;
             }
             let Some(ks) = self.wb.keyspaces.get(&e.keyspace) else {
@@ -387,6 +391,7 @@ impl Flusher {
                         offset: r.offset,
                         doc: e.value,
                         written: e.written,
+                        origin: e.origin,
                     });
                 }
                 std::collections::btree_map::Entry::Occupied(mut o) => {
@@ -396,6 +401,7 @@ impl Flusher {
                     op.offset = r.offset;
                     op.doc = e.value;
                     op.written = e.written;
+                    op.origin = e.origin;
                 }
             }
         }
@@ -578,6 +584,7 @@ impl Flusher {
             failed_at_ms: crate::commitlog::now_ms(),
         };
         let wb = self.wb.clone();
+        let copy = letter.clone();
         let stored = tokio::task::spawn_blocking(move || wb.deadletters.add(letter)).await;
         if let Err(e) = stored
             .map_err(|e| e.to_string())
@@ -587,6 +594,15 @@ impl Flusher {
             return false;
         }
         self.wb.metrics.wb_deadlettered.inc();
+        // A write taken in another region: that region shows it too (and stops showing the
+        // write to its readers).
+        if op.ks.config.federate
+            && op.origin != self.wb.node
+            && let Some(fed) = self.wb.federation.get()
+            && let Err(e) = fed.reject(&op.ks, &copy, &op.origin).await
+        {
+            tracing::error!(error = %e, origin = %op.origin, "cannot tell the region that took a rejected write; it is kept here as a dead letter");
+        }
         // The write did not happen: reads go back to the database's state.
         let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
         op.ks.settle(&op.key, op.version);

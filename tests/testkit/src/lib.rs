@@ -33,13 +33,25 @@ pub fn unique() -> u64 {
 
 static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
+/// Ports [`free_port`] hands out: below Linux's ephemeral range (32768–60999), so no socket
+/// bound to port 0 and no outgoing connection (a fault link, a database client) can take one
+/// between the moment it is handed out and the moment its server binds it.
+const PORTS: std::ops::Range<u16> = 15_000..32_000;
+
 /// A loopback port that was free a moment ago and has not been handed out by this process.
 pub fn free_port() -> u16 {
+    let mut x = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind 127.0.0.1:0");
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = PORTS.start + (x % u64::from(PORTS.end - PORTS.start)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
         let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
         if !seen.contains(&port) {
             seen.push(port);
