@@ -346,6 +346,11 @@ pub struct Federation {
     pub needs_snapshot: AtomicBool,
     /// Writes taken here that their home's Postgres rejected (rebuilt from the log on start).
     rejected: Mutex<Vec<serde_json::Value>>,
+    checkpointing: tokio::sync::Mutex<()>,
+    /// Keys whose last federated state was a delete: where tombstone collection looks.
+    tombstoned: Mutex<std::collections::HashSet<(String, Arc<str>)>>,
+    /// Per keyspace: (applied, conflicts) counters, resolved once.
+    counters: BTreeMap<String, (IntCounter, IntCounter)>,
 }
 
 /// The checkpoint file: the applied vector, exact at `offset` of the log with `identity`.
@@ -365,13 +370,26 @@ impl Federation {
         peers: Vec<Arc<PeerState>>,
         registry: &Registry,
     ) -> Federation {
+        let metrics = FederationMetrics::new(registry);
+        let counters = keyspaces
+            .keys()
+            .map(|k| {
+                (
+                    k.clone(),
+                    (
+                        metrics.applied.with_label_values(&[k]),
+                        metrics.conflicts.with_label_values(&[k]),
+                    ),
+                )
+            })
+            .collect();
         Federation {
             node: node.to_string(),
             config,
             sequencer: Arc::new(Sequencer::new(node)),
             hlc,
             keyspaces,
-            metrics: FederationMetrics::new(registry),
+            metrics,
             peers,
             table: Mutex::new(Table::new()),
             log: OnceLock::new(),
@@ -380,6 +398,9 @@ impl Federation {
             stable_since: Mutex::new(BTreeMap::new()),
             needs_snapshot: AtomicBool::new(false),
             rejected: Mutex::new(Vec::new()),
+            checkpointing: tokio::sync::Mutex::new(()),
+            tombstoned: Mutex::new(std::collections::HashSet::new()),
+            counters,
         }
     }
 
@@ -458,6 +479,8 @@ impl Federation {
     /// Writes the applied vector and its offset (temp file, fsync, rename), then lets retention
     /// pass the offset.
     async fn write_checkpoint(&self) -> Result<(), LogError> {
+        // One writer of the file at a time (housekeeping, and the applier at stop).
+        let _one = self.checkpointing.lock().await;
         let log = self.log().clone();
         let a = self.applied.borrow().clone();
         let path = Self::checkpoint_path(&log);
@@ -587,10 +610,24 @@ impl Federation {
             Op::Rejected => return,
         }
         .federated(origin, e.stamp.filter(|s| s.seq > 0));
-        if ks.merge(key, entry).await == Merged::Lost {
-            self.metrics.conflicts.with_label_values(&[ks.name()]).inc();
+        let tombstone = e.op == Op::Delete;
+        let merged = ks.merge(key.clone(), entry).await;
+        if tombstone && merged == Merged::Stored {
+            self.note_tombstone(ks, key);
         }
-        self.metrics.applied.with_label_values(&[ks.name()]).inc();
+        if let Some((applied, conflicts)) = self.counters.get(ks.name()) {
+            if merged == Merged::Lost {
+                conflicts.inc();
+            }
+            applied.inc();
+        }
+    }
+
+    fn note_tombstone(&self, ks: &Keyspace, key: Arc<str>) {
+        self.tombstoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((ks.name().to_string(), key));
     }
 
     /// A write to a keyspace whose data lives in another region's Postgres (`home`, `write =
@@ -702,24 +739,20 @@ impl Federation {
         .federated();
         self.log().append(vec![event.encode()]).await?;
         let entry = Entry::new(value, Lsn::ZERO, version).federated(self.node.as_str().into(), None);
-        ks.merge(key, entry.clone()).await;
+        if ks.merge(key.clone(), entry.clone()).await == Merged::Stored && entry.value.is_none() {
+            self.note_tombstone(ks, key);
+        }
         Ok(Arc::new(entry))
     }
 
     /// Tails the log from where recovery left it and applies federated events as they become
-    /// durable; checkpoints the vector and collects tombstones every `checkpoint_every`.
+    /// durable (checkpointing at stop).
     pub async fn run_applier(self: Arc<Self>, stop: CancellationToken) {
         let log = self.log().clone();
         let mut tail = log.tail(self.applied.borrow().offset);
-        let mut tick = tokio::time::interval(self.config.checkpoint_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let batch = tokio::select! {
                 r = tail.next(BATCH, BATCH_BYTES) => r,
-                _ = tick.tick() => {
-                    self.housekeeping().await;
-                    continue;
-                }
                 _ = stop.cancelled() => break,
             };
             match batch {
@@ -764,14 +797,24 @@ impl Federation {
         }
     }
 
-    async fn housekeeping(&self) {
-        if let Err(e) = self.write_checkpoint().await {
-            tracing::error!(error = %e, "cannot write the federation checkpoint");
+    /// Every `checkpoint_every` until `stop`: checkpoints the vector, collects tombstones,
+    /// refreshes gauges. A task of its own, so the applier never waits on a file sync.
+    pub async fn run_housekeeping(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.checkpoint_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = self.write_checkpoint().await {
+                tracing::error!(error = %e, "cannot write the federation checkpoint");
+            }
+            let s = &self.sequencer;
+            self.metrics.duplicates.set(s.duplicates.load(Ordering::Relaxed) as i64);
+            self.metrics.gaps.set(s.gaps.load(Ordering::Relaxed) as i64);
+            self.collect_tombstones().await;
         }
-        let s = &self.sequencer;
-        self.metrics.duplicates.set(s.duplicates.load(Ordering::Relaxed) as i64);
-        self.metrics.gaps.set(s.gaps.load(Ordering::Relaxed) as i64);
-        self.collect_tombstones().await;
     }
 
     /// The gossip table with this node's own applied vector in it.
@@ -833,28 +876,45 @@ impl Federation {
         let mut held = 0i64;
         let mut stable = self.stable_since.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut seen = std::collections::BTreeSet::new();
-        for ks in self.keyspaces.values() {
-            let (entries, _) = ks.entries();
-            for (key, e) in entries {
-                if !e.is_tombstone() {
+        // Only keys whose last state was a delete; a key written again since leaves the list.
+        let candidates: Vec<(String, Arc<str>)> = self
+            .tombstoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let mut gone = Vec::new();
+        for (name, key) in candidates {
+            let Some(ks) = self.keyspaces.get(&name) else { continue };
+            let e = match ks.cached(&key).await {
+                Some(e) if e.is_tombstone() => e,
+                _ => {
+                    gone.push((name, key));
                     continue;
                 }
-                held += 1;
-                let Some(f) = &e.fed else { continue };
-                let passed =
-                    heard_all && quiet && f.stamp.is_some_and(|st| everywhere.get(&f.origin, st.epoch) >= st.seq);
-                let id = (ks.name().to_string(), key.to_string());
-                if !passed {
-                    stable.remove(&id);
-                    continue;
-                }
-                seen.insert(id.clone());
-                let since = *stable.entry(id.clone()).or_insert(now);
-                if now.duration_since(since) >= self.config.tombstone_hold && ks.drop_tombstone(key, &e).await {
-                    held -= 1;
-                    stable.remove(&id);
-                    self.metrics.tombstones_dropped.inc();
-                }
+            };
+            held += 1;
+            let Some(f) = &e.fed else { continue };
+            let passed = heard_all && quiet && f.stamp.is_some_and(|st| everywhere.get(&f.origin, st.epoch) >= st.seq);
+            let id = (name.clone(), key.to_string());
+            if !passed {
+                stable.remove(&id);
+                continue;
+            }
+            seen.insert(id.clone());
+            let since = *stable.entry(id.clone()).or_insert(now);
+            if now.duration_since(since) >= self.config.tombstone_hold && ks.drop_tombstone(key.clone(), &e).await {
+                held -= 1;
+                stable.remove(&id);
+                gone.push((name, key));
+                self.metrics.tombstones_dropped.inc();
+            }
+        }
+        {
+            let mut t = self.tombstoned.lock().unwrap_or_else(|p| p.into_inner());
+            for g in gone {
+                t.remove(&g);
             }
         }
         stable.retain(|id, _| seen.contains(id));
@@ -937,7 +997,10 @@ impl Federation {
             if let Some(f) = &e.fed {
                 self.observe(&f.origin, e.version);
             }
-            ks.merge(key, e).await;
+            let tombstone = e.value.is_none();
+            if ks.merge(key.clone(), e).await == Merged::Stored && tombstone {
+                self.note_tombstone(&ks, key);
+            }
         }
         self.sequencer.adopt(vector);
         self.applied.send_modify(|a| a.vector.merge(vector));

@@ -343,6 +343,7 @@ impl Server {
         if let Some(f) = &federation {
             let tasks = life.tasks(Phase::Capture);
             tasks.spawn(f.clone().run_applier(tasks.child_token()));
+            tasks.spawn(f.clone().run_housekeeping(tasks.child_token()));
             for (peer, state) in config.peers.iter().zip(&f.peers) {
                 let link = PeerLink::new(peer.clone(), f.clone(), state.clone(), tasks.clone());
                 tasks.spawn(link.run(tasks.child_token()));
