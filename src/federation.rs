@@ -49,7 +49,6 @@ use crate::commitlog::{Admit, CommitLog, Hold, LogError, Offset};
 use crate::event::{ChangeEvent, Op, Source, Stamp, set_stamp, stamp_of};
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
-use crate::keyspace::config::CdcMode;
 use crate::lsn::Lsn;
 pub use config::FederationConfig;
 pub use vector::Vector;
@@ -550,7 +549,9 @@ impl Federation {
             self.take_rejection(ks, e);
             return;
         }
-        if e.source == Source::Cdc && ks.config.cdc != CdcMode::Off {
+        // The home: its own table's changes are the CDC applier's; another region's write is
+        // the flusher's; nothing else comes to it.
+        if ks.is_sourced() {
             return;
         }
         // A write to a homed keyspace is not state: the home's flusher lands it in Postgres,
@@ -603,8 +604,11 @@ impl Federation {
                 ks.invalidate(&e.key).await;
                 return;
             }
+            // A federated clear (a TRUNCATE, or the sweep after a home's load) removes what its
+            // origin had made before it; anything newer stays.
             Op::Clear => {
-                ks.clear();
+                let n = ks.sweep(&e.origin, e.version).await;
+                tracing::debug!(keyspace = ks.name(), origin = %e.origin, removed = n, "federated clear");
                 return;
             }
             Op::Rejected => return,
@@ -1019,10 +1023,24 @@ impl Federation {
                 continue;
             }
             let (entries, _) = ks.entries();
-            out.push((
-                name.clone(),
-                entries.into_iter().filter(|(_, e)| e.fed.is_some()).collect(),
-            ));
+            let entries = if ks.is_sourced() {
+                // The home: its table's rows, as this node's state.
+                let me: Arc<str> = self.node.as_str().into();
+                entries
+                    .into_iter()
+                    .filter(|(_, e)| e.value.is_some())
+                    .map(|(k, e)| {
+                        let mut copy = (*e).clone().federated(me.clone(), None);
+                        copy.snapshot = None;
+                        copy.xid = None;
+                        copy.read_at = None;
+                        (k, Arc::new(copy))
+                    })
+                    .collect()
+            } else {
+                entries.into_iter().filter(|(_, e)| e.fed.is_some()).collect()
+            };
+            out.push((name.clone(), entries));
         }
         for n in names {
             if !self.keyspaces.contains_key(n) {

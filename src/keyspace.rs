@@ -482,9 +482,22 @@ impl Keyspace {
         self.l1.merge(key, entry).await
     }
 
+    /// Removes every federated entry made by `origin` before `version` (a federated clear), each
+    /// unless it changed meanwhile. Returns how many were removed.
+    pub async fn sweep(&self, origin: &str, version: u64) -> u64 {
+        let mut n = 0;
+        for (key, e) in self.l1.entries().collect::<Vec<_>>() {
+            let stale = e.version < version && e.fed.as_ref().is_some_and(|f| &*f.origin == origin);
+            if stale && self.l1.remove_exact(key, &e).await {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Removes a tombstone every peer has passed, unless the key changed since.
     pub async fn drop_tombstone(&self, key: Arc<str>, tombstone: &Arc<Entry>) -> bool {
-        self.l1.drop_tombstone(key, tombstone).await
+        self.l1.remove_exact(key, tombstone).await
     }
 
     /// Whether `entry` describes state from before the keyspace's floor.

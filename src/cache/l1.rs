@@ -206,13 +206,14 @@ impl L1 {
         outcome
     }
 
-    /// Removes `key` if it still holds exactly `tombstone` (a tombstone every peer has passed).
-    pub async fn drop_tombstone(&self, key: Arc<str>, tombstone: &Arc<Entry>) -> bool {
+    /// Removes `key` if it still holds exactly `entry` (a tombstone every peer has passed, an
+    /// entry a federated clear covers).
+    pub async fn remove_exact(&self, key: Arc<str>, entry: &Arc<Entry>) -> bool {
         let result = self
             .cache
             .entry(key)
             .and_compute_with(|existing| {
-                let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), tombstone));
+                let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), entry));
                 std::future::ready(if same { Op::Remove } else { Op::Nop })
             })
             .await;

@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CdcError, Gate, ReplicationSource, StreamEvent};
 use crate::cdc::config::CdcConfig;
 use crate::commitlog::{CommitLog, Offset};
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Source};
 use crate::hlc::Hlc;
 use crate::keyspace::freshness::Freshness;
 use crate::keyspace::{Blocker, Keyspace};
@@ -372,6 +372,8 @@ impl Capture {
             self.metrics.set_cdc_state("snapshotting");
             self.metrics.cdc_snapshots.inc();
             let started = Instant::now();
+            // Every version the load installs, and every streamed change after it, is later.
+            let base = self.hlc.now();
             let rows = snapshot::warm(
                 &self.pg,
                 snapshot,
@@ -384,8 +386,47 @@ impl Capture {
             )
             .await?;
             tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), consistent_point = %cp, "warm start loaded the CDC keyspaces");
+            for ks in warm.iter().filter(|k| k.config.federate) {
+                self.federate_base(ks, cp, base).await?;
+            }
         }
         self.open_gate(from);
+        Ok(())
+    }
+
+    /// A federated keyspace's whole table, as loaded, for the other regions: a put per row, then
+    /// a sweep at `base` (a federated clear: every entry of this node's older than `base` that
+    /// the load did not refresh is a row deleted meanwhile). Appended before the stream starts,
+    /// so every streamed change comes after them.
+    async fn federate_base(&self, ks: &Arc<Keyspace>, cp: Lsn, base: u64) -> Result<(), CdcError> {
+        let (entries, _) = ks.entries();
+        let mut events: Vec<Vec<u8>> = entries
+            .iter()
+            .filter(|(_, e)| e.value.is_some() && e.version >= base)
+            .map(|(k, e)| {
+                ChangeEvent::put(ks.name(), &**k, e.value.clone().unwrap_or_default())
+                    .from_origin(&*self.node, e.version, Source::Federation)
+                    .at_source(cp.0, 0, None)
+                    .federated()
+                    .encode()
+            })
+            .collect();
+        let rows = events.len();
+        events.push(
+            ChangeEvent::clear(ks.name())
+                .from_origin(&*self.node, base, Source::Federation)
+                .at_source(cp.0, 0, None)
+                .federated()
+                .encode(),
+        );
+        for chunk in events.chunks(4096) {
+            self.log.append(chunk.to_vec()).await?;
+        }
+        tracing::info!(
+            keyspace = ks.name(),
+            rows,
+            "the loaded table is federated to the other regions"
+        );
         Ok(())
     }
 

@@ -623,6 +623,8 @@ async fn writes_anywhere_land_in_the_homes_postgres_and_every_node_reads_the_sto
         "CREATE TABLE items (id int PRIMARY KEY, name text CHECK (char_length(name) < 20), note text DEFAULT 'stored')",
     )
     .await;
+    db.exec("INSERT INTO items SELECT g, 'old ' || g, 'before' FROM generate_series(100, 149) g")
+        .await;
     let home_ks = "[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\ncdc = \"update\"\nwrite = \"behind\"\nfederate = true\nhome = \"a\"\n".to_string();
     let view_ks = "[[keyspace]]\nname = \"items\"\nfederate = true\nhome = \"a\"\nwrite = \"behind\"\n\
                    [[keyspace]]\nname = \"view\"\nfederate = true\nhome = \"a\"\n";
@@ -634,6 +636,16 @@ async fn writes_anywhere_land_in_the_homes_postgres_and_every_node_reads_the_sto
         db.db.url
     );
     world.start_all().await;
+    // The rows the home loaded at start reach every region (no event changed them).
+    for i in 0..3 {
+        until(
+            world.http(i),
+            "/v1/kv/items/149",
+            "the home's table reaches every region",
+            |r| r.status == 200 && r.json() == json!({"id": 149, "name": "old 149", "note": "before"}),
+        )
+        .await;
+    }
     for (i, id) in [(1usize, 1), (2, 2)] {
         let r = world
             .http(i)
@@ -703,6 +715,19 @@ async fn writes_anywhere_land_in_the_homes_postgres_and_every_node_reads_the_sto
     );
     let n: i64 = db.scalar("SELECT count(*) FROM items WHERE id = 3").await;
     assert_eq!(n, 0);
+    // A TRUNCATE at the home clears every region's view (what the home made before it).
+    db.exec("TRUNCATE items").await;
+    for i in 0..3 {
+        for id in [1, 149] {
+            until(
+                world.http(i),
+                &format!("/v1/kv/items/{id}"),
+                "the truncate reaches every region",
+                |r| r.status == 404,
+            )
+            .await;
+        }
+    }
     world.stop_all();
     let _ = db
         .scalar::<i64>(&format!("SELECT count(*) FROM pg_drop_replication_slot('{slot}')"))
