@@ -26,8 +26,11 @@ start)
         [ "$(id -u)" = 0 ] && chown postgres:postgres "$data"
         as_pg "$bindir/initdb" -D "$data" -A trust -U postgres -E UTF8 >/dev/null
     fi
-    as_pg "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
-        -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$data -c wal_level=logical -c max_wal_senders=16 -c max_replication_slots=16" start
+    # Already running (a second dev script, or a rerun): use it.
+    if ! as_pg "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        as_pg "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
+            -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$data -c wal_level=logical -c max_wal_senders=16 -c max_replication_slots=16" start
+    fi
     psql -h 127.0.0.1 -p "$port" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'app'" | grep -q 1 \
         || psql -h 127.0.0.1 -p "$port" -U postgres -qc "CREATE DATABASE app"
     psql -h 127.0.0.1 -p "$port" -U postgres -d app -q -f "$here/sample.sql"

@@ -156,18 +156,9 @@ impl PeerLink {
         if self.at == self.stored {
             return;
         }
-        let (file, at) = (self.file.clone(), self.at.clone());
-        let r = tokio::task::spawn_blocking(move || match &at {
-            Some(p) => file.store(p),
-            None => file.remove(),
-        })
-        .await;
-        match r {
-            Ok(Ok(())) => self.stored = self.at.clone(),
-            Ok(Err(e)) => {
-                tracing::error!(peer = %self.config.name, error = %e, "cannot store the place in the peer's log")
-            }
-            Err(e) => tracing::error!(error = %e, "storing the peer position panicked"),
+        match self.file.save(self.at.clone()).await {
+            Ok(()) => self.stored = self.at.clone(),
+            Err(e) => tracing::error!(peer = %self.config.name, error = %e, "cannot store the place in the peer's log"),
         }
     }
 
@@ -489,11 +480,13 @@ impl PeerLink {
                 tracing::debug!(error = %without_url(&e), "reporting to the peer failed");
             }
         });
-        let (file, stored) = (self.file.clone(), self.stored.clone());
-        if stored.as_ref() != Some(&at) {
+        if self.stored.as_ref() != Some(&at) {
             self.stored = Some(at.clone());
+            let file = self.file.clone();
             self.tasks.spawn(async move {
-                let _ = tokio::task::spawn_blocking(move || file.store(&at)).await;
+                if let Err(e) = file.save(Some(at)).await {
+                    tracing::error!(error = %e, "cannot store the place in a peer's log");
+                }
             });
         }
     }

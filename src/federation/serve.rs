@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::{Federation, Table, Vector};
 use crate::commitlog::{Hold, LogError, Offset, Tail};
 use crate::event::stamp_of;
-use crate::replication::serve::LogServer;
+use crate::replication::IDENTITY_HEADER;
+use crate::replication::serve::{Frames, LogServer, frames_response, refuse};
 use crate::replication::wire::{self, WireEntry};
-use crate::replication::{CONNECTION_HEADER, IDENTITY_HEADER};
 
 const BATCH_RECORDS: usize = 4096;
 const BATCH_BYTES: usize = 1024 * 1024;
@@ -71,11 +71,6 @@ pub struct Gossip {
     /// Where the stream stands in the sender's log (everything below it that the subscriber
     /// needs has been sent). Zero in a snapshot.
     pub sent: u64,
-}
-
-fn refuse(status: StatusCode, code: &str, detail: String) -> Response {
-    let body = serde_json::json!({ "error": code, "detail": detail }).to_string();
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn federation(server: &LogServer) -> Result<Arc<Federation>, Box<Response>> {
@@ -147,19 +142,7 @@ pub(crate) async fn stream(State(server): State<Arc<LogServer>>, body: Bytes) ->
         id,
         done: false,
     };
-    let body = Body::from_stream(futures::stream::unfold(s, |mut s| async move {
-        s.next_chunk().await.map(|b| (Ok::<_, std::convert::Infallible>(b), s))
-    }));
-    let mut resp = Response::new(body);
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-cachesync-frames"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&identity) {
-        resp.headers_mut().insert(IDENTITY_HEADER, v);
-    }
-    resp.headers_mut().insert(CONNECTION_HEADER, HeaderValue::from(id));
-    resp
+    frames_response(s, &identity, id)
 }
 
 struct Streamer {
@@ -195,7 +178,9 @@ impl Streamer {
         };
         sa.stamp.seq > self.sub.vector.get(origin, sa.stamp.epoch)
     }
+}
 
+impl Frames for Streamer {
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.done {
             return None;

@@ -237,18 +237,9 @@ impl Follower {
         if self.at == self.stored {
             return;
         }
-        let (file, at) = (self.file.clone(), self.at.clone());
-        let r = tokio::task::spawn_blocking(move || match &at {
-            Some(p) => file.store(p),
-            None => file.remove(),
-        })
-        .await;
-        match r {
-            Ok(Ok(())) => self.stored = self.at.clone(),
-            Ok(Err(e)) => {
-                tracing::error!(upstream = %self.p.config.name, error = %e, "cannot store the upstream position")
-            }
-            Err(e) => tracing::error!(error = %e, "storing the upstream position panicked"),
+        match self.file.save(self.at.clone()).await {
+            Ok(()) => self.stored = self.at.clone(),
+            Err(e) => tracing::error!(upstream = %self.p.config.name, error = %e, "cannot store the upstream position"),
         }
     }
 

@@ -70,6 +70,18 @@ impl PositionFile {
         sync_dir(&self.dir)
     }
 
+    /// Stores `at` (or, with `None`, forgets the position) on the blocking pool.
+    pub async fn save(&self, at: Option<Position>) -> Result<(), String> {
+        let file = self.clone();
+        tokio::task::spawn_blocking(move || match &at {
+            Some(p) => file.store(p),
+            None => file.remove(),
+        })
+        .await
+        .map_err(|e| format!("storing the position panicked: {e}"))?
+        .map_err(|e| e.to_string())
+    }
+
     /// Forgets the position (the next start bootstraps).
     pub fn remove(&self) -> Result<(), LogError> {
         match std::fs::remove_file(&self.path) {

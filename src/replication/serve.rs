@@ -72,7 +72,7 @@ pub struct LogServer {
 #[derive(Clone, Copy)]
 struct Peer(SocketAddr);
 
-fn refuse(status: StatusCode, code: &str, detail: String) -> Response {
+pub(crate) fn refuse(status: StatusCode, code: &str, detail: String) -> Response {
     let body = serde_json::json!({ "error": code, "detail": detail }).to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
@@ -320,7 +320,19 @@ async fn stream_log(
         server,
         done: false,
     };
-    let body = Body::from_stream(futures::stream::unfold(streamer, |mut s| async move {
+    frames_response(streamer, &identity, id)
+}
+
+/// A stream of frames that reads its next chunk only when the last was taken.
+pub(crate) trait Frames: Send + 'static {
+    /// The next chunk; `None` ends the response.
+    fn next_chunk(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send;
+}
+
+/// The response that streams `frames` (a log stream or a federation stream), naming this log's
+/// identity and the connection id the follower reports under.
+pub(crate) fn frames_response<F: Frames>(frames: F, identity: &str, connection: u64) -> Response {
+    let body = Body::from_stream(futures::stream::unfold(frames, |mut s| async move {
         s.next_chunk().await.map(|b| (Ok::<_, std::convert::Infallible>(b), s))
     }));
     let mut resp = Response::new(body);
@@ -328,10 +340,11 @@ async fn stream_log(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-cachesync-frames"),
     );
-    if let Ok(v) = HeaderValue::from_str(&identity) {
+    if let Ok(v) = HeaderValue::from_str(identity) {
         resp.headers_mut().insert(IDENTITY_HEADER, v);
     }
-    resp.headers_mut().insert(CONNECTION_HEADER, HeaderValue::from(id));
+    resp.headers_mut()
+        .insert(CONNECTION_HEADER, HeaderValue::from(connection));
     resp
 }
 
@@ -345,7 +358,7 @@ struct Streamer {
     done: bool,
 }
 
-impl Streamer {
+impl Frames for Streamer {
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
