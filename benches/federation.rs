@@ -68,7 +68,7 @@ async fn started(config: Config) -> Server {
 }
 
 fn federation(s: &Server) -> Arc<Federation> {
-    s.state().replication.federation.clone().expect("the node federates")
+    s.state().federation.clone().expect("the node federates")
 }
 
 /// The highest sequence of `a`'s events admitted (durable or about to be) at a node.

@@ -54,6 +54,8 @@ pub struct AppState {
     /// This node's place in the replicated log (`GET /v1/replication`).
     pub replication: Arc<crate::replication::ReplicationStatus>,
     pub replication_metrics: Arc<crate::replication::ReplicationMetrics>,
+    /// This node's federation, when a keyspace federates (`/v1/replication`, dead letters).
+    pub federation: Option<Arc<crate::federation::Federation>>,
 }
 
 impl AppState {

@@ -315,6 +315,14 @@ pub struct Applied {
     pub vector: Vector,
 }
 
+/// A write taken for a home region ([`Federation::write_home`]): durable here, pending here.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub doc: Option<Bytes>,
+    pub version: u64,
+    pub offset: Offset,
+}
+
 /// Why a federated write was not taken.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FederationError {
@@ -643,7 +651,7 @@ impl Federation {
         ks: &Keyspace,
         key: Arc<str>,
         fields: Option<serde_json::Map<String, serde_json::Value>>,
-    ) -> Result<crate::patterns::write_behind::Accepted, FederationError> {
+    ) -> Result<Taken, FederationError> {
         let version = self.hlc.now();
         let (event, doc) = match fields {
             Some(f) => {
@@ -669,7 +677,7 @@ impl Federation {
                 at: tokio::time::Instant::now(),
             },
         );
-        Ok(crate::patterns::write_behind::Accepted {
+        Ok(Taken {
             doc,
             version,
             offset: range.start,
@@ -677,22 +685,18 @@ impl Federation {
     }
 
     /// Tells the region that took a write this home's Postgres rejected: a federated event
-    /// carrying the dead letter, addressed to `origin`.
+    /// carrying the dead letter (JSON, with its `version`), addressed to `origin`.
     pub async fn reject(
         &self,
         ks: &Keyspace,
-        letter: &crate::patterns::write_behind::deadletters::DeadLetter,
+        key: &str,
+        letter: serde_json::Value,
         origin: &str,
     ) -> Result<(), LogError> {
         let body = serde_json::json!({ "for": origin, "home": self.node, "letter": letter });
-        let event = ChangeEvent::of(
-            Op::Rejected,
-            ks.name(),
-            letter.key.as_str(),
-            Some(Bytes::from(body.to_string())),
-        )
-        .from_origin(&self.node, self.hlc.now(), Source::Api)
-        .federated();
+        let event = ChangeEvent::of(Op::Rejected, ks.name(), key, Some(Bytes::from(body.to_string())))
+            .from_origin(&self.node, self.hlc.now(), Source::Api)
+            .federated();
         self.log().append(vec![event.encode()]).await?;
         Ok(())
     }

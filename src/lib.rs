@@ -25,11 +25,13 @@
 //!   │                        [write_behind]
 //!  replication the replicated log: replication::serve (log server: frames, snapshots, retention
 //!   │         holds) · replication::follow (an upstream's log → this log → the applier) ·
-//!   │         wire (frames) · position (a follower's durable place); [replication] [[upstream]]
+//!   │         wire (frames) · position (a follower's durable place) · tls (acceptor, trusted
+//!   │         certificates); [replication] [[upstream]]
 //!  federation event federation between regions: the sequencer (the log's admission hook:
 //!   │         gap-free per-origin numbers, at-most-once), the version vector and its checkpoint,
 //!   │         the conflict rule's applier, tombstones, gossip; federation::link follows a
-//!   │         [[peer]], federation::serve answers peers on the log server; [federation]
+//!   │         [[peer]], federation::serve answers peers (routes the log server serves beside
+//!   │         its own); [federation] [[peer]]
 //!   ▼
 //!  cdc        change data capture: cdc::postgres (pgoutput protocol → decoder → mapping → stream
 //!   │         with catalog, slot and its ownership, warm start, feedback, freshness probes;

@@ -296,8 +296,8 @@ impl Pipeline {
                     return Err(PatternError::Conditional(self.ks.name().to_string()));
                 }
                 let fields = fields_of(body)?;
-                let a = fed.write_home(&self.ks, key.cache_key.clone(), Some(fields)).await?;
-                Ok(Written::Accepted(a))
+                let t = fed.write_home(&self.ks, key.cache_key.clone(), Some(fields)).await?;
+                Ok(Written::Accepted(t.into()))
             }
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
             Writer::Through => write_through::put(&self.ks, key, body, cond).await.map(Written::Stored),
@@ -408,8 +408,8 @@ impl Pipeline {
                 if !cond.is_always() {
                     return Err(PatternError::Conditional(self.ks.name().to_string()));
                 }
-                let a = fed.write_home(&self.ks, key.cache_key.clone(), None).await?;
-                Ok(Removed::Accepted(a))
+                let t = fed.write_home(&self.ks, key.cache_key.clone(), None).await?;
+                Ok(Removed::Accepted(t.into()))
             }
             Writer::ReadOnly => Err(PatternError::ReadOnly(self.ks.name().to_string())),
             Writer::Through => Ok(if write_through::delete(&self.ks, key, cond).await? {

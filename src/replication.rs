@@ -27,6 +27,7 @@ pub mod config;
 pub mod follow;
 pub mod position;
 pub mod serve;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -242,8 +243,6 @@ pub struct ReplicationStatus {
     pub upstreams: Vec<Arc<UpstreamState>>,
     /// How far behind the database the upstream-fed cache may be.
     pub freshness: Arc<crate::keyspace::freshness::Freshness>,
-    /// This node's federation, when any keyspace federates.
-    pub federation: Option<Arc<crate::federation::Federation>>,
 }
 
 impl ReplicationStatus {
@@ -327,7 +326,6 @@ impl ReplicationStatus {
             "log": log,
             "followers": followers,
             "upstreams": upstreams,
-            "federation": self.federation.as_ref().map(|f| f.report()),
         })
     }
 }

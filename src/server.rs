@@ -27,6 +27,7 @@ use crate::cdc::postgres::{Capture, CaptureParts};
 use crate::commitlog::CommitLog;
 use crate::config::Config;
 use crate::federation::link::PeerLink;
+use crate::federation::serve::FedServer;
 use crate::federation::{Federation, PeerState};
 use crate::hlc::Hlc;
 use crate::keyspace::Keyspace;
@@ -217,7 +218,6 @@ impl Server {
             followers: std::sync::Mutex::new(BTreeMap::new()),
             upstreams: upstreams.clone(),
             freshness: freshness.clone(),
-            federation: federation.clone(),
         });
         // The log server binds now, so a taken port fails the start like the API's.
         let replication_listener = match &config.replication {
@@ -240,6 +240,7 @@ impl Server {
             write_behind,
             replication,
             replication_metrics,
+            federation: federation.clone(),
         });
 
         if let Some(pool) = &pool {
@@ -326,17 +327,28 @@ impl Server {
                 freshness: cdc.as_ref().map(|_| freshness.clone()),
                 stop: serve.child_token(),
                 next_id: std::sync::atomic::AtomicU64::new(0),
-                federation: federation.clone(),
-                federation_links: Default::default(),
             });
+            let more = match &federation {
+                Some(f) => crate::federation::serve::router(Arc::new(FedServer {
+                    fed: f.clone(),
+                    log: server.log.clone(),
+                    heartbeat: rc.heartbeat,
+                    follower_timeout: rc.follower_timeout,
+                    metrics: state.replication_metrics.clone(),
+                    stop: server.stop.clone(),
+                    next_id: std::sync::atomic::AtomicU64::new(0),
+                    links: Default::default(),
+                })),
+                None => axum::Router::new(),
+            };
             tracing::info!(addr = ?state.replication.serving.lock().unwrap_or_else(|p| p.into_inner()), "log server listening for followers");
             let tls = rc
                 .tls
                 .as_ref()
-                .map(replication::serve::tls_acceptor)
+                .map(replication::tls::tls_acceptor)
                 .transpose()
                 .map_err(StartError::Assembly)?;
-            serve.spawn(replication::serve::serve(listener, server, tls, serve.clone()));
+            serve.spawn(replication::serve::serve(listener, server, more, tls, serve.clone()));
         }
         // Federation: the applier (checkpoints, tombstones) and one link per peer, stopped with
         // capture, before the log closes.

@@ -43,7 +43,9 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
 
 /// `GET /v1/replication`: this node's role, log, followers and upstreams.
 pub async fn replication(State(st): State<Arc<AppState>>) -> Response {
-    axum::Json(st.replication.report()).into_response()
+    let mut report = st.replication.report();
+    report["federation"] = st.federation.as_ref().map_or(serde_json::Value::Null, |f| f.report());
+    axum::Json(report).into_response()
 }
 
 /// `GET /metrics`: refreshes the mirrored gauges, then renders the registry.
@@ -121,7 +123,7 @@ fn write_behind(st: &AppState) -> Result<&Arc<crate::patterns::write_behind::Wri
 /// With federation, also the writes taken here that another region's home rejected
 /// (`elsewhere`: each with the home's node id and its dead letter).
 pub async fn deadletters(State(st): State<Arc<AppState>>) -> Response {
-    let elsewhere = st.replication.federation.as_ref().map(|f| f.rejected());
+    let elsewhere = st.federation.as_ref().map(|f| f.rejected());
     match (write_behind(&st), elsewhere) {
         (Ok(wb), elsewhere) => {
             Json(json!({ "deadletters": wb.deadletters.list(), "elsewhere": elsewhere.unwrap_or_default() }))

@@ -31,8 +31,9 @@ use crate::event::stamp_of;
 use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
 use crate::replication::config::UpstreamConfig;
-use crate::replication::follow::{refusal, trust, without_url};
+use crate::replication::follow::{refusal, without_url};
 use crate::replication::position::{Position, PositionFile};
+use crate::replication::tls::trust;
 use crate::replication::wire::{self, Frame};
 use crate::replication::{CONNECTION_HEADER, IDENTITY_HEADER};
 

@@ -14,19 +14,24 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::{Federation, Table, Vector};
-use crate::commitlog::{Hold, LogError, Offset, Tail};
+use crate::commitlog::{CommitLog, Hold, LogError, Offset, Tail};
 use crate::event::stamp_of;
 use crate::replication::IDENTITY_HEADER;
-use crate::replication::serve::{Frames, LogServer, frames_response, refuse};
+use crate::replication::ReplicationMetrics;
+use crate::replication::serve::{Frames, frames_response, refuse};
 use crate::replication::wire::{self, WireEntry};
 
 const BATCH_RECORDS: usize = 4096;
@@ -73,14 +78,27 @@ pub struct Gossip {
     pub sent: u64,
 }
 
-fn federation(server: &LogServer) -> Result<Arc<Federation>, Box<Response>> {
-    server.federation.clone().ok_or_else(|| {
-        Box::new(refuse(
-            StatusCode::NOT_FOUND,
-            "not_federated",
-            "this node does not federate (no keyspace has federate = true)".into(),
-        ))
-    })
+/// What the federation routes share (served on the log server's port, behind its token check).
+pub struct FedServer {
+    pub fed: Arc<Federation>,
+    pub log: CommitLog,
+    /// Progress and gossip on an idle stream.
+    pub heartbeat: Duration,
+    /// A subscriber silent this long is cut off.
+    pub follower_timeout: Duration,
+    pub metrics: Arc<ReplicationMetrics>,
+    pub stop: CancellationToken,
+    pub next_id: AtomicU64,
+    pub links: Links,
+}
+
+/// The federation routes, for the log server to serve beside its own.
+pub fn router(server: Arc<FedServer>) -> Router {
+    Router::new()
+        .route("/v1/federation/stream", post(stream))
+        .route("/v1/federation/report", post(report))
+        .route("/v1/federation/snapshot", get(snapshot))
+        .with_state(server)
 }
 
 fn gossip_of(fed: &Federation, sent: u64) -> Bytes {
@@ -105,11 +123,8 @@ pub struct Link {
 /// The subscribers connected now, by connection id.
 pub type Links = std::sync::Mutex<std::collections::HashMap<u64, Arc<Link>>>;
 
-pub(crate) async fn stream(State(server): State<Arc<LogServer>>, body: Bytes) -> Response {
-    let fed = match federation(&server) {
-        Ok(f) => f,
-        Err(r) => return *r,
-    };
+async fn stream(State(server): State<Arc<FedServer>>, body: Bytes) -> Response {
+    let fed = server.fed.clone();
     let sub: Subscribe = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("a subscription: {e}")),
@@ -127,14 +142,14 @@ pub(crate) async fn stream(State(server): State<Arc<LogServer>>, body: Bytes) ->
         reported_ms: AtomicU64::new(crate::commitlog::now_ms()),
     });
     server
-        .federation_links
+        .links
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id, link.clone());
     tracing::info!(peer = %sub.node, from = from.0, "federation: a peer subscribed");
     let s = Streamer {
         tail: log.tail(from),
-        beat: tokio::time::interval(server.config.heartbeat),
+        beat: tokio::time::interval(server.heartbeat),
         server: server.clone(),
         fed,
         sub,
@@ -146,7 +161,7 @@ pub(crate) async fn stream(State(server): State<Arc<LogServer>>, body: Bytes) ->
 }
 
 struct Streamer {
-    server: Arc<LogServer>,
+    server: Arc<FedServer>,
     fed: Arc<Federation>,
     tail: Tail,
     beat: tokio::time::Interval,
@@ -159,7 +174,7 @@ struct Streamer {
 impl Drop for Streamer {
     fn drop(&mut self) {
         self.server
-            .federation_links
+            .links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
@@ -185,7 +200,7 @@ impl Frames for Streamer {
         if self.done {
             return None;
         }
-        let timeout = self.server.config.follower_timeout.as_millis() as u64;
+        let timeout = self.server.follower_timeout.as_millis() as u64;
         let mut out = BytesMut::new();
         tokio::select! {
             biased;
@@ -222,18 +237,15 @@ impl Frames for Streamer {
     }
 }
 
-pub(crate) async fn report(State(server): State<Arc<LogServer>>, body: Bytes) -> Response {
-    let fed = match federation(&server) {
-        Ok(f) => f,
-        Err(r) => return *r,
-    };
+async fn report(State(server): State<Arc<FedServer>>, body: Bytes) -> Response {
+    let fed = server.fed.clone();
     let r: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("a report: {e}")),
     };
     fed.learn(&r.table);
     let link = server
-        .federation_links
+        .links
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&r.connection)
@@ -253,16 +265,13 @@ pub(crate) async fn report(State(server): State<Arc<LogServer>>, body: Bytes) ->
 }
 
 #[derive(Deserialize)]
-pub(crate) struct SnapshotQuery {
+struct SnapshotQuery {
     #[serde(default)]
     keyspaces: String,
 }
 
-pub(crate) async fn snapshot(State(server): State<Arc<LogServer>>, Query(q): Query<SnapshotQuery>) -> Response {
-    let fed = match federation(&server) {
-        Ok(f) => f,
-        Err(r) => return *r,
-    };
+async fn snapshot(State(server): State<Arc<FedServer>>, Query(q): Query<SnapshotQuery>) -> Response {
+    let fed = server.fed.clone();
     let names: Vec<String> = q
         .keyspaces
         .split(',')

@@ -56,6 +56,17 @@ pub struct Accepted {
     pub offset: Offset,
 }
 
+/// A write taken for a federated keyspace's home region is accepted like a local one.
+impl From<crate::federation::Taken> for Accepted {
+    fn from(t: crate::federation::Taken) -> Accepted {
+        Accepted {
+            doc: t.doc,
+            version: t.version,
+            offset: t.offset,
+        }
+    }
+}
+
 /// One write of a batch ([`WriteBehind::write_many`]).
 #[derive(Debug, Clone)]
 pub enum WriteItem {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use super::tls::TlsFiles;
 use crate::credential::read_token;
 use crate::section::{Section, humantime_serde_shim};
 use crate::source::postgres::config::Secret;
@@ -46,13 +47,6 @@ pub struct ReplicationConfig {
     pub max_followers: usize,
     /// TLS: the server's certificate chain and private key (PEM files); none serves plain HTTP.
     pub tls: Option<TlsFiles>,
-}
-
-/// A TLS certificate chain and its private key, as PEM files.
-#[derive(Debug, Clone, Serialize)]
-pub struct TlsFiles {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
 }
 
 /// `[[upstream]]`: a log this node follows.
@@ -117,7 +111,7 @@ pub(crate) fn read_replication(mut s: Section<'_, '_>) -> ReplicationConfig {
         (None, None) => c,
         (Some(cert_file), Some(key_file)) => {
             let files = TlsFiles { cert_file, key_file };
-            if let Err(why) = super::serve::tls_acceptor(&files) {
+            if let Err(why) = super::tls::tls_acceptor(&files) {
                 s.problem_at("tls_cert_file", why);
             }
             ReplicationConfig { tls: Some(files), ..c }
@@ -171,7 +165,7 @@ pub(crate) fn read_upstream(mut s: Section<'_, '_>) -> Option<UpstreamConfig> {
     }
     let ca_file: Option<PathBuf> = s.get::<String>("ca_file").map(Into::into);
     if let Some(path) = &ca_file
-        && let Err(why) = super::follow::trust(path)
+        && let Err(why) = super::tls::trust(path)
     {
         s.problem_at("ca_file", why);
     }

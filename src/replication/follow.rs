@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::UpstreamConfig;
 use super::position::{Position, PositionFile};
+use super::tls::trust;
 use super::wire::{self, Frame};
 use super::{CONNECTION_HEADER, EPOCH_HEADER, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics, UpstreamState};
 use crate::cdc::Gate;
@@ -726,17 +727,6 @@ impl Follower {
             }
         });
     }
-}
-
-/// The certificates of a PEM file, to trust for an `https://` upstream.
-pub fn trust(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    Ok(certs)
 }
 
 /// An HTTP client error without the URL (which could carry a query the operator did not mean

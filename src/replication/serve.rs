@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{ReplicationConfig, TlsFiles};
+use super::config::ReplicationConfig;
 use super::wire::{self, Progress, WireEntry};
 use super::{
     CONNECTION_HEADER, EPOCH_HEADER, FollowerState, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics,
@@ -63,9 +63,6 @@ pub struct LogServer {
     pub freshness: Option<Arc<Freshness>>,
     pub stop: CancellationToken,
     pub next_id: AtomicU64,
-    /// This node's federation, when any keyspace federates: its routes are served here too.
-    pub federation: Option<Arc<crate::federation::Federation>>,
-    pub federation_links: crate::federation::serve::Links,
 }
 
 /// The peer of a connection, put on each of its requests.
@@ -99,34 +96,6 @@ impl LogServer {
     }
 }
 
-/// A TLS acceptor for the certificate chain and key in `files` (PEM).
-pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read certificates from {}: {e}", files.cert_file.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", files.cert_file.display()));
-    }
-    // The error names the file, never its content.
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
-        .map_err(|e| format!("cannot read a private key from {}: {e}", files.key_file.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!(
-                "{} and {} do not make a TLS identity: {e}",
-                files.cert_file.display(),
-                files.key_file.display()
-            )
-        })?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -140,9 +109,16 @@ where
     crate::lifecycle::drive_connection(conn, &stop, "replication").await;
 }
 
-/// Serves `app` on `listener` until `stop` (at most `max` connections; streams end on `stop`).
-pub async fn serve(listener: TcpListener, server: Arc<LogServer>, tls: Option<TlsAcceptor>, tasks: Tasks) {
-    let app = router(server.clone());
+/// Serves the log server's routes, and `more` beside them (federation's), on `listener` until
+/// `stop` (at most `max` connections; streams end on `stop`). Every route needs the token.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<LogServer>,
+    more: Router,
+    tls: Option<TlsAcceptor>,
+    tasks: Tasks,
+) {
+    let app = router(server.clone(), more);
     let slots = Arc::new(Semaphore::new(server.config.max_followers.saturating_mul(2)));
     let stop = server.stop.clone();
     loop {
@@ -171,18 +147,16 @@ pub async fn serve(listener: TcpListener, server: Arc<LogServer>, tls: Option<Tl
     }
 }
 
-fn router(server: Arc<LogServer>) -> Router {
+fn router(server: Arc<LogServer>, more: Router) -> Router {
     let auth = axum::middleware::from_fn_with_state(server.clone(), check_token);
     Router::new()
         .route("/v1/log", get(stream_log))
         .route("/v1/log/position", post(report_position))
         .route("/v1/snapshot", get(snapshot))
-        .route("/v1/federation/stream", post(crate::federation::serve::stream))
-        .route("/v1/federation/report", post(crate::federation::serve::report))
-        .route("/v1/federation/snapshot", get(crate::federation::serve::snapshot))
+        .with_state(server)
+        .merge(more)
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no_route", "no such replication route".into()) })
         .layer(auth)
-        .with_state(server)
 }
 
 /// The bearer token check (constant time; nothing presented is ever echoed or logged).

@@ -599,7 +599,14 @@ impl Flusher {
         if op.ks.config.federate
             && op.origin != self.wb.node
             && let Some(fed) = self.wb.federation.get()
-            && let Err(e) = fed.reject(&op.ks, &copy, &op.origin).await
+            && let Err(e) = fed
+                .reject(
+                    &op.ks,
+                    &op.key,
+                    serde_json::to_value(&copy).unwrap_or_default(),
+                    &op.origin,
+                )
+                .await
         {
             tracing::error!(error = %e, origin = %op.origin, "cannot tell the region that took a rejected write; it is kept here as a dead letter");
         }
