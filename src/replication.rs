@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde_json::{Value, json};
 
-use crate::commitlog::{CommitLog, Hold};
+use crate::commitlog::{CommitLog, Hold, Offset};
 
 /// The header naming a log's identity, on answers and on a follower's requests.
 pub const IDENTITY_HEADER: &str = "x-cachesync-log-identity";
@@ -183,10 +183,38 @@ pub struct FollowerState {
     pub connected_at: std::time::Instant,
     /// The next offset the stream will send.
     pub sent: AtomicU64,
-    /// The follower's durable position, as it last reported it; holds retention.
+    /// Its reported place and when it reported.
+    pub reports: Reports,
+}
+
+/// What a connected follower (of the log, or a federation peer) has reported: its durable
+/// place, which holds retention, and when it last said so.
+#[derive(Debug)]
+pub struct Reports {
     pub hold: Arc<Hold>,
     /// When it last reported (ms since the Unix epoch).
     pub reported_ms: AtomicU64,
+}
+
+impl Reports {
+    /// Holding retention at `hold`, as reported now.
+    pub fn new(hold: Arc<Hold>) -> Reports {
+        Reports {
+            hold,
+            reported_ms: AtomicU64::new(crate::commitlog::now_ms()),
+        }
+    }
+
+    /// The follower has `position` durable (never past `end`, the log's end).
+    pub fn reported(&self, position: u64, end: Offset) {
+        self.hold.advance(Offset(position.min(end.0)));
+        self.reported_ms.store(crate::commitlog::now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since the last report, in ms.
+    pub fn silent_ms(&self) -> u64 {
+        crate::commitlog::now_ms().saturating_sub(self.reported_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// One upstream, as its follower sees it.
@@ -263,7 +291,7 @@ impl ReplicationStatus {
         let followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
         let lag = followers
             .values()
-            .map(|f| end.saturating_sub(f.hold.position().0))
+            .map(|f| end.saturating_sub(f.reports.hold.position().0))
             .max()
             .unwrap_or(0);
         m.follower_max_lag.set(lag as i64);
@@ -285,7 +313,7 @@ impl ReplicationStatus {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .map(|f| {
-                let position = f.hold.position().0;
+                let position = f.reports.hold.position().0;
                 json!({
                     "name": f.name,
                     "address": f.peer.map(|a| a.to_string()),
@@ -293,7 +321,7 @@ impl ReplicationStatus {
                     "position": position,
                     "sent": f.sent.load(Ordering::Relaxed),
                     "lag_records": end.saturating_sub(position),
-                    "last_report_ms_ago": now_ms.saturating_sub(f.reported_ms.load(Ordering::Relaxed)),
+                    "last_report_ms_ago": now_ms.saturating_sub(f.reports.reported_ms.load(Ordering::Relaxed)),
                 })
             })
             .collect();

@@ -31,7 +31,7 @@ use crate::event::stamp_of;
 use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
 use crate::replication::config::UpstreamConfig;
-use crate::replication::follow::{refusal, without_url};
+use crate::replication::follow::{refusal, snapshot_response, without_url};
 use crate::replication::position::{Position, PositionFile};
 use crate::replication::tls::trust;
 use crate::replication::wire::{self, Frame};
@@ -166,23 +166,7 @@ impl PeerLink {
     /// Takes and installs the peer's snapshot; the stream then goes on from its place.
     async fn snapshot(&mut self) -> Result<(), String> {
         let url = format!("{}/v1/federation/snapshot", self.config.url);
-        let resp = self
-            .request(self.client.get(&url))
-            .timeout(Duration::from_secs(300))
-            .send()
-            .await
-            .map_err(|e| format!("snapshot request to {}: {}", self.config.url, without_url(&e)))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(refusal(status, &body));
-        }
-        let identity = resp
-            .headers()
-            .get(IDENTITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or("the peer's snapshot names no log identity")?
-            .to_string();
+        let (resp, identity) = snapshot_response(self.request(self.client.get(&url)), &self.config.url).await?;
         let bytes = resp
             .bytes()
             .await

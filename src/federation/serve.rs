@@ -27,12 +27,12 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Federation, Table, Vector};
-use crate::commitlog::{CommitLog, Hold, LogError, Offset, Tail};
+use crate::commitlog::{CommitLog, LogError, Offset, Tail};
 use crate::event::stamp_of;
 use crate::replication::IDENTITY_HEADER;
-use crate::replication::ReplicationMetrics;
 use crate::replication::serve::{Frames, frames_response, refuse};
 use crate::replication::wire::{self, WireEntry};
+use crate::replication::{ReplicationMetrics, Reports};
 
 const BATCH_RECORDS: usize = 4096;
 const BATCH_BYTES: usize = 1024 * 1024;
@@ -114,14 +114,8 @@ fn gossip_of(fed: &Federation, sent: u64) -> Bytes {
     Bytes::from(serde_json::to_vec(&g).unwrap_or_default())
 }
 
-/// A subscriber's connection, for reports.
-pub struct Link {
-    hold: Arc<Hold>,
-    reported_ms: AtomicU64,
-}
-
 /// The subscribers connected now, by connection id.
-pub type Links = std::sync::Mutex<std::collections::HashMap<u64, Arc<Link>>>;
+pub type Links = std::sync::Mutex<std::collections::HashMap<u64, Arc<Reports>>>;
 
 async fn stream(State(server): State<Arc<FedServer>>, body: Bytes) -> Response {
     let fed = server.fed.clone();
@@ -137,10 +131,7 @@ async fn stream(State(server): State<Arc<FedServer>>, body: Bytes) -> Response {
         _ => start,
     };
     let id = server.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-    let link = Arc::new(Link {
-        hold: log.hold(from),
-        reported_ms: AtomicU64::new(crate::commitlog::now_ms()),
-    });
+    let link = Arc::new(Reports::new(log.hold(from)));
     server
         .links
         .lock()
@@ -166,7 +157,7 @@ struct Streamer {
     tail: Tail,
     beat: tokio::time::Interval,
     sub: Subscribe,
-    link: Arc<Link>,
+    link: Arc<Reports>,
     id: u64,
     done: bool,
 }
@@ -221,7 +212,7 @@ impl Frames for Streamer {
                 }
             },
             _ = self.beat.tick() => {
-                let silent = crate::commitlog::now_ms().saturating_sub(self.link.reported_ms.load(Ordering::Relaxed));
+                let silent = self.link.silent_ms();
                 if silent > timeout {
                     tracing::warn!(peer = %self.sub.node, silent_ms = silent, "federation: a peer stopped reporting; closing its stream");
                     self.done = true;
@@ -252,8 +243,7 @@ async fn report(State(server): State<Arc<FedServer>>, body: Bytes) -> Response {
         .cloned();
     match link {
         Some(l) => {
-            l.hold.advance(Offset(r.position.min(server.log.end().0)));
-            l.reported_ms.store(crate::commitlog::now_ms(), Ordering::Relaxed);
+            l.reported(r.position, server.log.end());
             StatusCode::NO_CONTENT.into_response()
         }
         None => refuse(

@@ -270,23 +270,7 @@ impl Follower {
     async fn bootstrap(&mut self) -> Result<u64, String> {
         let names: Vec<&str> = self.p.keyspaces.iter().map(|k| k.name()).collect();
         let url = format!("{}/v1/snapshot?keyspaces={}", self.p.config.url, names.join(","));
-        let resp = self
-            .request(self.client.get(&url))
-            .timeout(Duration::from_secs(300))
-            .send()
-            .await
-            .map_err(|e| format!("snapshot request to {}: {}", self.p.config.url, without_url(&e)))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(refusal(status, &body));
-        }
-        let identity = resp
-            .headers()
-            .get(IDENTITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or("the upstream's snapshot names no log identity")?
-            .to_string();
+        let (resp, identity) = snapshot_response(self.request(self.client.get(&url)), &self.p.config.url).await?;
         let epoch = resp
             .headers()
             .get(EPOCH_HEADER)
@@ -743,6 +727,31 @@ pub(crate) fn without_url(e: &reqwest::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// Sends a snapshot request and returns the response and the log identity it is of; a refusal
+/// or a missing identity is an error in words an operator can act on.
+pub(crate) async fn snapshot_response(
+    req: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<(reqwest::Response, String), String> {
+    let resp = req
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .map_err(|e| format!("snapshot request to {url}: {}", without_url(&e)))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(refusal(status, &body));
+    }
+    let identity = resp
+        .headers()
+        .get(IDENTITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| format!("the snapshot from {url} names no log identity"))?
+        .to_string();
+    Ok((resp, identity))
 }
 
 /// A refusal from the upstream, in words an operator can act on.

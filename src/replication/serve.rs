@@ -35,7 +35,7 @@ use super::config::ReplicationConfig;
 use super::wire::{self, Progress, WireEntry};
 use super::{
     CONNECTION_HEADER, EPOCH_HEADER, FollowerState, IDENTITY_HEADER, LOG_START_HEADER, ReplicationMetrics,
-    ReplicationStatus,
+    ReplicationStatus, Reports,
 };
 use crate::cdc::applier::Applied;
 use crate::commitlog::{CommitLog, LogError, Offset, Tail};
@@ -274,8 +274,7 @@ async fn stream_log(
         peer: Some(peer),
         connected_at: std::time::Instant::now(),
         sent: AtomicU64::new(q.from),
-        hold,
-        reported_ms: AtomicU64::new(crate::commitlog::now_ms()),
+        reports: Reports::new(hold),
     });
     {
         let mut f = server.status.followers.lock().unwrap_or_else(|p| p.into_inner());
@@ -364,7 +363,7 @@ impl Frames for Streamer {
                 }
             },
             _ = self.beat.tick() => {
-                let silent = crate::commitlog::now_ms().saturating_sub(self.follower.reported_ms.load(Ordering::Relaxed));
+                let silent = self.follower.reports.silent_ms();
                 if silent > timeout {
                     tracing::warn!(follower = %self.follower.name, silent_ms = silent, "replication: a follower stopped reporting its position; closing its stream");
                     self.done = true;
@@ -394,8 +393,7 @@ async fn report_position(State(server): State<Arc<LogServer>>, Query(q): Query<P
         .cloned();
     match f {
         Some(f) => {
-            f.hold.advance(Offset(q.position.min(server.log.end().0)));
-            f.reported_ms.store(crate::commitlog::now_ms(), Ordering::Relaxed);
+            f.reports.reported(q.position, server.log.end());
             StatusCode::NO_CONTENT.into_response()
         }
         None => refuse(
