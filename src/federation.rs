@@ -270,11 +270,14 @@ impl FederationMetrics {
     }
 }
 
-/// What one node knows of another: its epoch and applied vector, as last heard.
+/// What one node knows of another: its epoch and applied vector, as last heard, and when that
+/// node said so (its own wall clock, ms: only ever compared with the same node's other reports).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Known {
     pub epoch: u64,
     pub vector: Vector,
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// What a node knows of every node: gossiped over every link, both ways.
@@ -833,6 +836,7 @@ impl Federation {
             Known {
                 epoch: self.epoch(),
                 vector: self.applied.borrow().vector.clone(),
+                at_ms: crate::commitlog::now_ms(),
             },
         );
         t
@@ -846,15 +850,15 @@ impl Federation {
                 continue;
             }
             let mine = t.entry(node.clone()).or_default();
-            if mine.epoch != k.epoch && k.epoch != 0 {
-                // A node's vector is only ever compared within its epoch: a recreated node
-                // starts over (its old vector is not what it holds any more).
-                if mine.epoch == 0 || k.vector.get(node, k.epoch) > 0 || mine.vector.get(node, mine.epoch) == 0 {
-                    *mine = k.clone();
-                    continue;
-                }
+            if mine.epoch == k.epoch {
+                // Within one epoch a node's vector only grows.
+                mine.vector.merge(&k.vector);
+                mine.at_ms = mine.at_ms.max(k.at_ms);
+            } else if k.at_ms > mine.at_ms {
+                // A recreated node starts over: its newest report is what it holds now (an
+                // older report of its previous epoch, arriving late, is ignored).
+                *mine = k.clone();
             }
-            mine.vector.merge(&k.vector);
         }
     }
 
@@ -1122,6 +1126,37 @@ mod tests {
         let before = plain.clone();
         assert!(s.admit(&mut plain));
         assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn gossip_keeps_each_nodes_newest_epoch_and_merges_within_one() {
+        let f = Federation::new(
+            "me",
+            FederationConfig::default(),
+            Arc::new(Hlc::new()),
+            BTreeMap::new(),
+            Vec::new(),
+            &Registry::new(),
+        );
+        let known = |epoch, seq, at_ms| {
+            let mut vector = Vector::default();
+            vector.set("x", epoch, seq);
+            Known { epoch, vector, at_ms }
+        };
+        let table = |k: Known| Table::from([("x".to_string(), k)]);
+        f.learn(&table(known(1, 5, 100)));
+        f.learn(&table(known(1, 3, 90)));
+        assert_eq!(
+            f.table()["x"].vector.get("x", 1),
+            5,
+            "within an epoch the vector only grows"
+        );
+        f.learn(&table(known(2, 1, 200)));
+        assert_eq!(f.table()["x"].epoch, 2, "a newer report of a new epoch replaces");
+        f.learn(&table(known(1, 9, 150)));
+        assert_eq!(f.table()["x"].epoch, 2, "a late report of the old epoch is ignored");
+        assert_eq!(f.table()["x"].vector.get("x", 1), 0);
+        assert!(f.table().contains_key("me"), "this node's own entry is always there");
     }
 
     #[test]
