@@ -426,6 +426,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn federation_is_checked_across_sections() {
+        let joined = |text: &str| {
+            problems(text)
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let p = joined("[[keyspace]]\nname = \"s\"\nfederate = true\n");
+        assert!(p.contains("need the commit log"), "{p}");
+        assert!(p.contains("add a [replication] section"), "{p}");
+        let p = joined("[[peer]]\nurl = \"http://x:1\"\n[[keyspace]]\nname = \"s\"\n");
+        assert!(p.contains("no keyspace has federate = true"), "{p}");
+        let p = joined("[[keyspace]]\nname = \"s\"\nhome = \"us\"\n");
+        assert!(p.contains("set federate = true"), "{p}");
+        let base = "[server]\nnode_id = \"eu\"\n[log]\ndir = \"/tmp/x\"\n[replication]\n[postgres]\nurl = \"postgres://a@h/d\"\n";
+        let p = joined(&format!(
+            "{base}[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\ncdc = \"update\"\nfederate = true\nhome = \"us\"\n"
+        ));
+        assert!(p.contains("its home is `us`"), "{p}");
+        let p = joined(&format!(
+            "{base}[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\nfederate = true\n"
+        ));
+        assert!(p.contains("set cdc = \"update\""), "{p}");
+        let p = joined(&format!(
+            "{base}[[keyspace]]\nname = \"v\"\nwrite = \"behind\"\nfederate = true\n"
+        ));
+        assert!(p.contains("writing to a source needs `table`"), "{p}");
+        let ok = format!(
+            "{base}[[peer]]\nname = \"us\"\nurl = \"http://us:7071\"\n[[keyspace]]\nname = \"v\"\nwrite = \"behind\"\nfederate = true\nhome = \"us\"\n"
+        );
+        assert_eq!(joined(&ok), "");
+    }
+
     const GOOD: &str = r#"
 [server]
 listen = "127.0.0.1:7171"

@@ -143,6 +143,16 @@ impl Http {
         }
     }
 
+    /// A request to `path` that the caller finishes (headers), for [`Http::send_with`].
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.base))
+    }
+
+    /// Sends a request built with [`Http::request`].
+    pub async fn send_with(&self, req: reqwest::RequestBuilder) -> Resp {
+        self.send(req).await
+    }
+
     async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
         let r = req.send().await.expect("request reaches the server");
         Resp {

@@ -676,6 +676,25 @@ async fn writes_anywhere_land_in_the_homes_postgres_and_every_node_reads_the_sto
             .await;
         }
     }
+    // A conditional write cannot be checked away from the home: refused, nothing taken.
+    let r = world
+        .http(1)
+        .send_with(
+            world
+                .http(1)
+                .request(reqwest::Method::PUT, "/v1/kv/items/77")
+                .header("if-match", "*")
+                .body("{\"name\":\"x\"}"),
+        )
+        .await;
+    assert_eq!(r.status, 428, "{}", r.body);
+    assert_eq!(world.http(1).get("/v1/kv/items/77").await.status, 404);
+    // A subscription that is not one gets a clear 400.
+    let r = Http::at(format!("http://127.0.0.1:{}", world.regions[0].port))
+        .post("/v1/federation/stream", "not json")
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.detail().contains("a subscription"), "{}", r.body);
     // A view without write = "behind" refuses writes, naming the home.
     let r = world.http(1).put("/v1/kv/view/x", "{}").await;
     assert_eq!(r.status, 405, "{}", r.body);
