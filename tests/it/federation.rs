@@ -985,3 +985,68 @@ async fn switching_upstream_by_vector_neither_loses_nor_duplicates() {
     }
     assert!(sets.iter().all(|s| *s == sets[0]), "every log holds the same events");
 }
+
+/// A home region that is also a hub: its pods' edges follow its log as before (its CDC events
+/// carry federation stamps now, which an edge keeps as they are), while another region views
+/// the same table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federating_home_is_still_a_hub_for_its_edges() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, name text)").await;
+    db.exec("INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 20) g")
+        .await;
+    let home_ks =
+        "[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\ncdc = \"update\"\nfederate = true\n";
+    let mut world = World::new(
+        vec![(1, 0)],
+        "[[keyspace]]\nname = \"items\"\nfederate = true\nhome = \"a\"\n",
+    )
+    .await;
+    let slot = format!("fedhub_{}", cachesync_testkit::unique());
+    world.regions[0].keyspaces = home_ks.to_string();
+    world.regions[0].extra = format!(
+        "[postgres]\nurl = \"{}\"\n[cdc]\nslot = \"{slot}\"\nheartbeat = \"0s\"\n",
+        db.db.url
+    );
+    world.start(0);
+    world.start(1);
+    for i in 0..2 {
+        until(world.http(i), "/readyz", "the node is ready", |r| r.status == 200).await;
+    }
+    let edge_log = temp_dir("fededge", None);
+    let edge = Sidecar::spawn(
+        bin(),
+        Some(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nnode_id = \"edge\"\n[postgres]\nurl = \"{}\"\n\
+             [log]\ndir = \"{}\"\n[cdc]\nsource = \"upstream\"\nready_grace = \"1s\"\n\
+             [[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:{}\"\nlink_timeout = \"1s\"\n\
+             [[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\ncdc = \"update\"\nread_through = false\n",
+            db.db.url,
+            edge_log.display(),
+            world.regions[0].port
+        )),
+    );
+    let edge_http = Http::new(edge.addr);
+    until(&edge_http, "/readyz", "the edge is ready", |r| r.status == 200).await;
+    db.exec("UPDATE items SET name = 'changed' WHERE id = 7").await;
+    db.exec("DELETE FROM items WHERE id = 8").await;
+    for http in [&edge_http, world.http(1)] {
+        until(
+            http,
+            "/v1/kv/items/7",
+            "the change reaches the edge and the view",
+            |r| r.status == 200 && r.json() == json!({"id": 7, "name": "changed"}),
+        )
+        .await;
+        until(http, "/v1/kv/items/8", "the delete too", |r| r.status == 404).await;
+        until(http, "/v1/kv/items/20", "and the rows loaded at start", |r| {
+            r.status == 200 && r.json() == json!({"id": 20, "name": "n20"})
+        })
+        .await;
+    }
+    drop(edge);
+    world.stop_all();
+    let _ = db
+        .scalar::<i64>(&format!("SELECT count(*) FROM pg_drop_replication_slot('{slot}')"))
+        .await;
+}
