@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -190,37 +190,20 @@ pub struct FederationMetrics {
 
 impl FederationMetrics {
     pub fn new(registry: &Registry) -> FederationMetrics {
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("metric registered once");
-            c
-        };
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("metric registered once");
-            g
-        };
-        let drift = IntCounter::new(
+        use crate::metrics::{counter as counters, counter1, gauge as gauges, gauge1};
+        let counter = |name: &str, help: &str, labels: &[&str]| counters(registry, name, help, labels);
+        let gauge = |name: &str, help: &str, labels: &[&str]| gauges(registry, name, help, labels);
+        let plain_gauge = |name: &str, help: &str| gauge1(registry, name, help);
+        let drift = counter1(
+            registry,
             "cachesync_federation_drift_rejections_total",
             "Remote versions further ahead of the local clock than max_clock_drift (the clock moved only to the bound)",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(drift.clone()))
-            .expect("metric registered once");
-        let plain_gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("metric registered once");
-            g
-        };
-        let dropped = IntCounter::new(
+        );
+        let dropped = counter1(
+            registry,
             "cachesync_federation_tombstones_dropped_total",
             "Tombstones dropped after every known node passed them",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(dropped.clone()))
-            .expect("metric registered once");
+        );
         FederationMetrics {
             conflicts: counter(
                 "cachesync_federation_conflicts_total",

@@ -132,19 +132,32 @@ pub struct Metrics {
     pub wb_deadlettered: IntCounter,
 }
 
-/// Registers a metric; definitions are static, so failure is a programming error.
-fn reg<T: Collector + Clone + 'static>(r: &Registry, m: Result<T, prometheus::Error>) -> T {
+/// Registers a metric; definitions are static, so failure is a programming error. Every
+/// subsystem's metrics register through these.
+pub fn reg<T: Collector + Clone + 'static>(r: &Registry, m: Result<T, prometheus::Error>) -> T {
     let m = m.expect("metric definition is valid");
     r.register(Box::new(m.clone())).expect("metric is registered once");
     m
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+/// A registered counter family with `labels`.
+pub fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     reg(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+/// A registered gauge family with `labels`.
+pub fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     reg(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// A registered counter without labels.
+pub fn counter1(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(r, IntCounter::new(name, help))
+}
+
+/// A registered gauge without labels.
+pub fn gauge1(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(r, IntGauge::new(name, help))
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {

@@ -81,23 +81,10 @@ pub struct ReplicationMetrics {
 
 impl ReplicationMetrics {
     pub fn new(r: &Registry) -> ReplicationMetrics {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-            r.register(Box::new(m.clone())).expect("metric registers once");
-            m
-        }
-        let counter = |name: &str, help: &str| reg(r, IntCounter::new(name, help).expect("valid metric"));
-        let counters = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                r,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
-        };
-        let gauges = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                r,
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
-        };
+        use crate::metrics::{counter1, gauge1, reg};
+        let counter = |name: &str, help: &str| counter1(r, name, help);
+        let counters = |name: &str, help: &str, labels: &[&str]| crate::metrics::counter(r, name, help, labels);
+        let gauges = |name: &str, help: &str, labels: &[&str]| crate::metrics::gauge(r, name, help, labels);
         ReplicationMetrics {
             sent_records: counter(
                 "cachesync_replication_sent_records_total",
@@ -107,17 +94,11 @@ impl ReplicationMetrics {
                 "cachesync_replication_sent_bytes_total",
                 "Bytes of log records streamed to followers.",
             ),
-            followers: reg(
+            followers: gauge1(r, "cachesync_replication_followers", "Followers connected now."),
+            follower_max_lag: gauge1(
                 r,
-                IntGauge::new("cachesync_replication_followers", "Followers connected now.").expect("valid metric"),
-            ),
-            follower_max_lag: reg(
-                r,
-                IntGauge::new(
-                    "cachesync_replication_follower_max_lag_records",
-                    "Records the furthest-behind connected follower has not reported durable.",
-                )
-                .expect("valid metric"),
+                "cachesync_replication_follower_max_lag_records",
+                "Records the furthest-behind connected follower has not reported durable.",
             ),
             refusals: counters(
                 "cachesync_replication_refusals_total",
@@ -152,8 +133,7 @@ impl ReplicationMetrics {
                         "How far behind the database this node's cache may be (the freshness watermark's age).",
                     ),
                     &["upstream"],
-                )
-                .expect("valid metric"),
+                ),
             ),
             reconnects: counters(
                 "cachesync_replication_reconnects_total",
