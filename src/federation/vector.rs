@@ -69,11 +69,6 @@ impl Vector {
         out
     }
 
-    /// Whether this vector holds everything `other` does.
-    pub fn covers(&self, other: &Vector) -> bool {
-        other.0.iter().all(|i| self.get(&i.node, i.epoch) >= i.seq)
-    }
-
     /// Entries where `other` is ahead: (node, epoch, ours, theirs).
     pub fn behind(&self, other: &Vector) -> Vec<(String, u64, u64, u64)> {
         other
@@ -92,16 +87,6 @@ impl Vector {
             .map(|i| i.seq.saturating_sub(self.get(&i.node, i.epoch)))
             .sum()
     }
-
-    /// Every entry.
-    pub fn items(&self) -> &[Item] {
-        &self.0
-    }
-
-    /// Total events held.
-    pub fn total(&self) -> u64 {
-        self.0.iter().map(|i| i.seq).sum()
-    }
 }
 
 #[cfg(test)]
@@ -118,13 +103,16 @@ mod tests {
         let mut b = Vector::default();
         b.set("a", 2, 4);
         b.set("c", 1, 1);
-        assert!(!a.covers(&b));
+        assert_eq!(
+            a.behind(&b),
+            vec![("a".to_string(), 2, 3, 4), ("c".to_string(), 1, 0, 1)]
+        );
         assert_eq!(a.missing(&b), 2);
         let m = a.min(&b);
         assert_eq!((m.get("a", 2), m.get("b", 1), m.get("c", 1)), (3, 0, 0));
         a.merge(&b);
-        assert!(a.covers(&b));
-        assert_eq!(a.total(), 10);
+        assert!(a.behind(&b).is_empty());
+        assert_eq!((a.get("a", 2), a.get("b", 1), a.get("c", 1)), (4, 5, 1));
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<Vector>(&json).unwrap(), a);
         assert!(json.starts_with("[{\"node\":\"a\""), "{json}");

@@ -181,15 +181,36 @@ impl World {
         }
     }
 
-    /// Stops every node (SIGTERM, then wait) so their logs can be read.
-    fn stop_all(&mut self) {
-        for r in &mut self.regions {
-            if let Some(mut s) = r.sidecar.take() {
-                s.signal("TERM");
-                if s.wait_timeout(Duration::from_secs(20)).is_none() {
-                    s.kill();
-                }
+    /// Stops node `i` (SIGTERM, then wait; SIGKILL if it does not end) so its log can be read
+    /// or it can be started again.
+    fn stop(&mut self, i: usize) {
+        if let Some(mut s) = self.regions[i].sidecar.take() {
+            s.signal("TERM");
+            if s.wait_timeout(Duration::from_secs(20)).is_none() {
+                s.kill();
             }
+        }
+    }
+
+    /// Stops every node.
+    fn stop_all(&mut self) {
+        for i in 0..self.regions.len() {
+            self.stop(i);
+        }
+    }
+
+    /// Writes `ns` in turn at a and b, each value naming its writer and number.
+    async fn write_at_a_and_b(&self, ns: std::ops::Range<u64>) {
+        for n in ns {
+            let node = (n % 2) as usize;
+            let r = self
+                .http(node)
+                .put(
+                    &format!("/v1/kv/kv/k{}", n % KEYS as u64),
+                    json!({"by": NAMES[node], "n": n}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
         }
     }
 
@@ -839,13 +860,7 @@ async fn a_node_past_its_peers_retention_catches_up_from_a_snapshot() {
     world.log_extra = "segment_bytes = \"64KiB\"\nretention_bytes = \"256KiB\"\nretention_check = \"100ms\"\n".into();
     world.start_all().await;
     // c goes away; a and b write well past their retention.
-    world.regions[2].sidecar.as_mut().expect("c runs").signal("TERM");
-    let _ = world.regions[2]
-        .sidecar
-        .as_mut()
-        .expect("c")
-        .wait_timeout(Duration::from_secs(20));
-    world.regions[2].sidecar = None;
+    world.stop(2);
     let filler = "x".repeat(2000);
     for n in 0..600u64 {
         let node = (n % 2) as usize;
@@ -904,16 +919,7 @@ async fn a_node_past_its_peers_retention_catches_up_from_a_snapshot() {
 async fn switching_upstream_by_vector_neither_loses_nor_duplicates() {
     let mut world = World::new(vec![(1, 0), (2, 1)], MEMORY).await;
     world.start_all().await;
-    for n in 0..100u64 {
-        let r = world
-            .http((n % 2) as usize)
-            .put(
-                &format!("/v1/kv/kv/k{}", n % KEYS as u64),
-                json!({"by": NAMES[(n % 2) as usize], "n": n}).to_string(),
-            )
-            .await;
-        assert_eq!(r.status, 200);
-    }
+    world.write_at_a_and_b(0..100).await;
     eventually(CONVERGE, "c has a's events through b", || async {
         let v = world.federation(2).await["applied"]["vector"].clone();
         let a = world.federation(0).await["vector"].clone();
@@ -931,13 +937,7 @@ async fn switching_upstream_by_vector_neither_loses_nor_duplicates() {
     })
     .await;
     // c now follows a instead of b, while a and b keep writing.
-    world.regions[2].sidecar.as_mut().expect("c").signal("TERM");
-    let _ = world.regions[2]
-        .sidecar
-        .as_mut()
-        .expect("c")
-        .wait_timeout(Duration::from_secs(20));
-    world.regions[2].sidecar = None;
+    world.stop(2);
     world.follows = vec![(1, 0), (2, 0), (0, 1)];
     for (f, up) in [(2usize, 0usize), (0, 1)] {
         let target = format!("127.0.0.1:{}", world.regions[up].port)
@@ -945,23 +945,9 @@ async fn switching_upstream_by_vector_neither_loses_nor_duplicates() {
             .expect("address");
         world.links.insert((f, up), FaultLink::start(target).await);
     }
-    for n in 100..200u64 {
-        let r = world
-            .http((n % 2) as usize)
-            .put(
-                &format!("/v1/kv/kv/k{}", n % KEYS as u64),
-                json!({"by": NAMES[(n % 2) as usize], "n": n}).to_string(),
-            )
-            .await;
-        assert_eq!(r.status, 200);
-    }
+    world.write_at_a_and_b(100..200).await;
     // a starts following b too (a second path to b's events for c): restart a with its new peer.
-    world.regions[0].sidecar.as_mut().expect("a").signal("TERM");
-    let _ = world.regions[0]
-        .sidecar
-        .as_mut()
-        .expect("a")
-        .wait_timeout(Duration::from_secs(20));
+    world.stop(0);
     world.start(0);
     world.start(2);
     for i in [0, 2] {
