@@ -52,6 +52,9 @@ pub struct Entry {
     /// When this state was read from Postgres itself (a load's query, a write-through's
     /// statement): it is known fresh as of then, whatever the change stream has confirmed.
     pub read_at: Option<Instant>,
+    /// For a keyspace with an L2 tier: when this state was last confirmed current (read from
+    /// L2 or Postgres, or found equal to L2's version); `None`: as of `stored_at`.
+    pub checked_at: Option<Instant>,
     /// For state of a federated keyspace: the event that made it (its conflict order is
     /// `(version, origin)`). Such an entry never expires by time — a federated keyspace is a
     /// replicated store, and a delete stays as a versioned tombstone (`value: None`) until
@@ -211,6 +214,7 @@ impl Entry {
             version,
             stored_at: Instant::now(),
             read_at: None,
+            checked_at: None,
             fed: None,
         }
     }

@@ -21,6 +21,7 @@ use crate::cdc::config::{CdcConfig, read_cdc};
 use crate::commitlog::config::read_log;
 use crate::federation::config::{FederationConfig, read_federation, read_peer};
 use crate::keyspace::config::{CdcMode, DEFAULT_KEYSPACE, KeyspaceConfig, WriteMode, read_keyspace};
+use crate::l2::config::{RedisConfig, read_redis};
 use crate::patterns::write_behind::config::{WriteBehindConfig, read_write_behind};
 use crate::replication::config::{ReplicationConfig, UpstreamConfig, read_replication, read_upstream};
 use crate::source::postgres::config::{
@@ -51,6 +52,8 @@ pub struct Config {
     pub federation: FederationConfig,
     /// Nodes whose logs this node follows by version vector (federation).
     pub peers: Vec<UpstreamConfig>,
+    /// The shared L2 tier on Redis, for keyspaces with `l2 = true`.
+    pub redis: Option<RedisConfig>,
 }
 
 /// Everything wrong with a configuration.
@@ -81,6 +84,7 @@ impl Config {
             upstreams: Vec::new(),
             federation: FederationConfig::default(),
             peers: Vec::new(),
+            redis: None,
         }
     }
 
@@ -159,6 +163,7 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
     let upstreams = root.tables("upstream").into_iter().filter_map(read_upstream).collect();
     let federation = root.table("federation").map(read_federation).unwrap_or_default();
     let peers = root.tables("peer").into_iter().filter_map(read_peer).collect();
+    let redis = root.table("redis").and_then(read_redis);
     root.finish();
     Config {
         server,
@@ -171,6 +176,7 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
         upstreams,
         federation,
         peers,
+        redis,
     }
 }
 
@@ -320,11 +326,42 @@ fn validate(config: &Config) -> Vec<Problem> {
         }),
     }
     problems.extend(validate_federation(config));
+    problems.extend(validate_l2(config));
     if config.keyspaces.is_empty() {
         problems.push(Problem {
             line: None,
             path: "keyspace".into(),
             message: "no [[keyspace]] is configured; add at least one".into(),
+        });
+    }
+    problems
+}
+
+/// The Redis tier's cross-section rules.
+fn validate_l2(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for k in config.keyspaces.iter().filter(|k| k.l2) {
+        if config.redis.is_none() {
+            problems.push(Problem {
+                line: None,
+                path: format!("keyspace[{}].l2", k.name),
+                message: format!(
+                    "keyspace `{}` uses the Redis tier: add a [redis] section with `url` (or `cluster`)",
+                    k.name
+                ),
+            });
+        }
+    }
+    if let (Some(r), Some(pg)) = (&config.redis, &config.postgres)
+        && r.tombstone_ttl <= pg.statement_timeout
+    {
+        problems.push(Problem {
+            line: None,
+            path: "redis.tombstone_ttl".into(),
+            message: format!(
+                "must be longer than [postgres] statement_timeout ({:?}): a load that read a row before its delete could otherwise put it back in Redis after the tombstone is gone",
+                pg.statement_timeout
+            ),
         });
     }
     problems

@@ -30,6 +30,7 @@ use crate::cache::{Entry, Flights, Install, Installed, L1, Lease, Merged};
 use crate::hlc::Hlc;
 use crate::key::{self, Key, KeyError};
 use crate::keyspace::config::KeyspaceConfig;
+use crate::l2::{Guarded, Tier};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::SourceError;
@@ -69,6 +70,8 @@ pub enum Origin {
     Miss,
     /// Served from L1 late in the entry's life, with a background refresh underway.
     Refreshing,
+    /// Loaded from the shared L2 tier (Redis) by this read (or by the flight it joined).
+    L2,
 }
 
 /// Keys and their entries, as a snapshot hands them out.
@@ -96,9 +99,18 @@ pub enum Lag {
 /// The result every caller of one load flight receives.
 pub type LoadResult = Result<Arc<Entry>, SourceError>;
 
+/// What a read's load found: the entry, whether it was installed, and whether L2 had it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub entry: Arc<Entry>,
+    pub installed: bool,
+    pub from_l2: bool,
+}
+
 /// Counters of one keyspace, resolved once so the hot path does no label lookups.
 pub struct KeyspaceMetrics {
     pub hits_l1: IntCounter,
+    pub hits_l2: IntCounter,
     pub misses: IntCounter,
     pub loads_found: IntCounter,
     pub loads_absent: IntCounter,
@@ -115,6 +127,7 @@ impl KeyspaceMetrics {
     fn new(m: &Metrics, ks: &str) -> Self {
         KeyspaceMetrics {
             hits_l1: m.cache_hits.with_label_values(&[ks, "l1"]),
+            hits_l2: m.cache_hits.with_label_values(&[ks, "l2"]),
             misses: m.cache_misses.with_label_values(&[ks]),
             loads_found: m.loads.with_label_values(&[ks, "found"]),
             loads_absent: m.loads.with_label_values(&[ks, "absent"]),
@@ -161,6 +174,10 @@ pub struct Keyspace {
     floor: AtomicU64,
     /// The change stream keeps the keyspace up to date (see [`Keyspace::set_followed`]).
     followed: AtomicBool,
+    /// The shared L2 tier, for a keyspace with `l2 = true`.
+    l2: OnceLock<Arc<Tier>>,
+    /// In-flight L2 reads: their leases, like the source loads'.
+    l2_flights: Flights<Option<Arc<Entry>>>,
 }
 
 impl Keyspace {
@@ -187,7 +204,31 @@ impl Keyspace {
             freshness: OnceLock::new(),
             floor: AtomicU64::new(0),
             followed: AtomicBool::new(true),
+            l2: OnceLock::new(),
+            l2_flights: Flights::default(),
         }
+    }
+
+    /// Puts the keyspace behind the shared L2 tier.
+    pub fn set_l2(&self, tier: Arc<Tier>) {
+        let _ = self.l2.set(tier);
+    }
+
+    /// The keyspace's L2 tier, if it has one.
+    pub fn l2(&self) -> Option<&Arc<Tier>> {
+        self.l2.get()
+    }
+
+    /// Marks the key's in-flight loads (from the source and from L2) stale.
+    fn invalidate_flights(&self, key: &str) {
+        self.flights.invalidate(key);
+        self.l2_flights.invalidate(key);
+    }
+
+    /// Whether an L1 entry may be served without revalidation (see `l2`): always, without an
+    /// L2 tier.
+    pub fn trusts(&self, entry: &Entry) -> bool {
+        self.l2.get().is_none_or(|t| t.trusts(entry))
     }
 
     /// Puts the keyspace under the freshness contract of its change stream.
@@ -392,7 +433,65 @@ impl Keyspace {
     ///
     /// A load that finds the table changed under its binding (a column or the table renamed or
     /// dropped) re-reads the table's shape and tries once more with it.
-    pub async fn load(&self, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
+    pub async fn load(&self, key: &Key) -> Result<Loaded, KeyspaceError> {
+        if let Some(tier) = self.l2.get()
+            && let Some(entry) = self.load_l2(tier, key).await
+        {
+            return Ok(Loaded {
+                entry,
+                installed: true,
+                from_l2: true,
+            });
+        }
+        let (entry, installed) = self.reload(key).await?;
+        Ok(Loaded {
+            entry,
+            installed,
+            from_l2: false,
+        })
+    }
+
+    /// The key's state from L2, installed in L1 unless a change of the key came meanwhile
+    /// (concurrent reads share one L2 request, whose flight is its lease). `None` when L2 has
+    /// nothing usable (no record, an "unknown since" marker, unavailable, or this node's own
+    /// change of the key still on its way there).
+    async fn load_l2(&self, tier: &Arc<Tier>, key: &Key) -> Option<Arc<Entry>> {
+        if tier.publishing(&key.cache_key) {
+            return None;
+        }
+        let (flight, _) = self.l2_flights.join(&key.cache_key);
+        let lease = flight.clone();
+        let found = flight
+            .run(|| async move {
+                let asked = tokio::time::Instant::now();
+                let rec = tier.get(&key.cache_key).await.ok()??;
+                if !rec.is_state() || (rec.lsn.0 < self.floor.load(Ordering::Acquire) && rec.lsn != Lsn::ZERO) {
+                    return None;
+                }
+                let mut entry = rec.to_entry(self.hlc.now());
+                entry.checked_at = Some(asked);
+                if self
+                    .l1
+                    .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
+                    .await
+                    == Installed::Skipped
+                {
+                    self.m.fills_skipped.inc();
+                }
+                Some(Arc::new(entry))
+            })
+            .await;
+        self.l2_flights.finish(&key.cache_key, &flight);
+        if found.is_some() {
+            self.m.hits_l2.inc();
+        }
+        found
+    }
+
+    /// Loads `key` from the table itself (never L2) through the keyspace's flights, like
+    /// [`Keyspace::load`] after an L2 miss; returns the entry and whether it was installed.
+    /// With an L2 tier the loaded state is written there (compare-and-set, not announced).
+    pub async fn reload(&self, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
         match self.load_once(key).await {
             Err(KeyspaceError::Source(SourceError::SchemaChanged(why))) => {
                 let pool = self.source()?.pool().clone();
@@ -428,6 +527,7 @@ impl Keyspace {
             .run(|| async move {
                 let started = std::time::Instant::now();
                 let read_at = tokio::time::Instant::now();
+                let ticket = self.l2.get().map(|t| t.ticket());
                 let loaded = source.load(&key.parts).await;
                 self.m.load_seconds.observe(started.elapsed().as_secs_f64());
                 let loaded = match loaded {
@@ -445,9 +545,11 @@ impl Keyspace {
                 if let Some(hook) = self.load_hook() {
                     hook(key.cache_key.clone()).await;
                 }
-                let entry = Entry::new(loaded.value, loaded.lsn, self.hlc.now())
+                let mut entry = Entry::new(loaded.value, loaded.lsn, self.hlc.now())
                     .with_snapshot(loaded.snapshot)
                     .read_at(read_at);
+                entry.checked_at = Some(read_at);
+                let held = lease.is_valid();
                 if self
                     .l1
                     .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
@@ -455,6 +557,11 @@ impl Keyspace {
                     == Installed::Skipped
                 {
                     self.m.fills_skipped.inc();
+                }
+                if let (Some(tier), Some(ticket), true) = (self.l2.get(), ticket, held) {
+                    // Off the read's path: the compare-and-set keeps a late fill harmless.
+                    let (tier, key, e) = (tier.clone(), key.cache_key.clone(), entry.clone());
+                    tokio::spawn(async move { tier.fill(&key, &e, ticket).await });
                 }
                 Ok(Arc::new(entry))
             })
@@ -467,8 +574,34 @@ impl Keyspace {
     /// The door for a change whose new state is known: marks the key's in-flight load stale
     /// first, then installs unless the cached state is newer (see `cache` for why this order is
     /// safe).
+    ///
+    /// With an L2 tier, a change installed here is also written to L2 and announced to the
+    /// other nodes (queued; see `l2`).
     pub async fn mutate(&self, key: Arc<str>, entry: Entry) -> Installed {
-        self.flights.invalidate(&key);
+        let Some(tier) = self.l2.get() else {
+            return self.mutate_local(key, entry).await;
+        };
+        let record = entry.clone();
+        let done = self.mutate_local(key.clone(), entry).await;
+        if done == Installed::Stored {
+            tier.changed(key, &record);
+        }
+        done
+    }
+
+    /// Waits until this node's change of `key` reached the L2 tier and was announced (see
+    /// `Tier::published`); at once without a tier.
+    pub async fn published(&self, key: &Arc<str>) {
+        if let Some(t) = self.l2.get() {
+            t.published(key).await;
+        }
+    }
+
+    /// The door for state that is not a new change here: a warm load's rows, a replicated
+    /// change (its origin announced it), L2's newer state. Installs like [`Keyspace::mutate`]
+    /// without announcing.
+    pub async fn mutate_local(&self, key: Arc<str>, entry: Entry) -> Installed {
+        self.invalidate_flights(&key);
         if self.below_floor(&entry) {
             return Installed::Skipped;
         }
@@ -478,7 +611,7 @@ impl Keyspace {
     /// The door for a federated event: marks the key's in-flight load stale, then installs
     /// under the conflict rule (highest `(version, origin)` wins; see `federation`).
     pub async fn merge(&self, key: Arc<str>, entry: Entry) -> Merged {
-        self.flights.invalidate(&key);
+        self.invalidate_flights(&key);
         self.l1.merge(key, entry).await
     }
 
@@ -507,15 +640,24 @@ impl Keyspace {
 
     /// The door for a change whose new state is not known: forgets the key.
     pub async fn invalidate(&self, key: &str) {
-        self.flights.invalidate(key);
+        self.invalidate_flights(key);
         self.l1.remove(key).await;
     }
 
     /// The door for a change at source position `lsn` (by transaction `xid`) whose new state is
     /// not known: forgets the key unless what is cached is newer than the change (a replayed
     /// change must not drop a newer entry).
+    /// With an L2 tier the change is written there (as "changed, state unknown") and announced.
     pub async fn invalidate_at(&self, key: Arc<str>, lsn: Lsn, xid: Option<u32>) -> Installed {
-        self.flights.invalidate(&key);
+        if let Some(tier) = self.l2.get() {
+            tier.invalidated(key.clone(), lsn, xid);
+        }
+        self.invalidate_at_local(key, lsn, xid).await
+    }
+
+    /// [`Keyspace::invalidate_at`] without announcing (a change another node announced).
+    pub async fn invalidate_at_local(&self, key: Arc<str>, lsn: Lsn, xid: Option<u32>) -> Installed {
+        self.invalidate_flights(&key);
         self.l1
             .remove_unless_newer(key, &Entry::new(None, lsn, 0).with_xid(xid))
             .await
@@ -524,7 +666,75 @@ impl Keyspace {
     /// Forgets every key (a TRUNCATE, or a resnapshot); loads in flight will not install.
     pub fn clear(&self) {
         self.flights.invalidate_all();
+        self.l2_flights.invalidate_all();
         self.l1.clear();
+    }
+
+    /// The table was emptied at source position `lsn` (a TRUNCATE): forgets every key and,
+    /// with an L2 tier, voids L2's older state and tells the other nodes.
+    pub fn clear_at(&self, lsn: Lsn) {
+        self.clear();
+        if let Some(tier) = self.l2.get() {
+            tier.cleared(lsn);
+        }
+    }
+
+    /// An L1 entry the L2 tier does not trust (suspect after a gap in the invalidation
+    /// channel, unconfirmed past the bound while the channel is behind, or past `l1_max_age`):
+    /// kept if L2 holds the same version, replaced by L2's newer state, else reloaded from the
+    /// table (read-through) or served with its lag unknown.
+    pub async fn revalidate(&self, key: &Key, cached: Read) -> Result<Read, KeyspaceError> {
+        let Some(tier) = self.l2.get() else {
+            return Ok(cached);
+        };
+        let asked = tokio::time::Instant::now();
+        let entry = &cached.entry;
+        if !tier.publishing(&key.cache_key)
+            && let Ok(Some(rec)) = tier.get(&key.cache_key).await
+            && rec.is_state()
+        {
+            let l2 = rec.to_entry(self.hlc.now());
+            let l2_newer = l2.supersedes(entry);
+            let l1_newer = entry.supersedes(&l2);
+            if l2_newer && l1_newer {
+                let mut confirmed = (**entry).clone();
+                confirmed.checked_at = Some(asked);
+                self.l1
+                    .replace_exact(key.cache_key.clone(), entry, confirmed.clone())
+                    .await;
+                tier.revalidated("confirmed");
+                return Ok(Read {
+                    entry: Arc::new(confirmed),
+                    ..cached
+                });
+            }
+            if l2_newer {
+                let mut newer = l2;
+                newer.checked_at = Some(asked);
+                self.mutate_local(key.cache_key.clone(), newer.clone()).await;
+                tier.revalidated("replaced");
+                return Ok(Read {
+                    entry: Arc::new(newer),
+                    origin: Origin::L2,
+                    lag: None,
+                });
+            }
+        }
+        if self.config.read_through
+            && let Ok((entry, _)) = self.reload(key).await
+        {
+            tier.revalidated("reloaded");
+            return Ok(Read {
+                entry,
+                origin: Origin::Miss,
+                lag: None,
+            });
+        }
+        tier.revalidated("served");
+        Ok(Read {
+            lag: Some(Lag::Unknown),
+            ..cached
+        })
     }
 
     /// Every live entry of L1 (a follower's snapshot), and whether L1 holds the whole table:
@@ -548,7 +758,7 @@ impl Keyspace {
     /// The door for an accepted write-behind write: overlays it for reads (unless a newer one
     /// is there) and marks the key's in-flight load stale — that load read the old row.
     pub fn write_pending(&self, key: Arc<str>, p: Pending) {
-        self.flights.invalidate(&key);
+        self.invalidate_flights(&key);
         self.pending.set(key, p);
     }
 
@@ -577,4 +787,24 @@ pub struct Stats {
     pub weighted_size_bytes: u64,
     pub loads_in_flight: usize,
     pub pending_writes: usize,
+}
+
+impl Guarded for Keyspace {
+    async fn heard(&self, key: Arc<str>, lsn: Lsn, xid: Option<u32>) {
+        self.invalidate_at_local(key, lsn, xid).await;
+    }
+
+    fn heard_clear(&self) {
+        self.clear();
+    }
+
+    fn l1_entries(&self) -> Vec<(Arc<str>, Arc<Entry>)> {
+        self.l1.entries().collect()
+    }
+
+    async fn confirm(&self, key: Arc<str>, entry: &Arc<Entry>, at: tokio::time::Instant) {
+        let mut confirmed = (**entry).clone();
+        confirmed.checked_at = Some(at);
+        self.l1.replace_exact(key, entry, confirmed).await;
+    }
 }

@@ -73,6 +73,7 @@ pub mod federation;
 pub mod hlc;
 pub mod key;
 pub mod keyspace;
+pub mod l2;
 pub mod lifecycle;
 pub mod lsn;
 pub mod metrics;

@@ -115,6 +115,22 @@ impl Server {
                 (k.name.clone(), Arc::new(ks))
             })
             .collect();
+        // The Redis tier: one connection and publisher, a tier per `l2` keyspace with its
+        // channel reader and reconciler.
+        if let Some(r) = &config.redis {
+            let l2 = crate::l2::L2::new(r.clone(), &config.server.node_id, &metrics.registry);
+            let serve = life.tasks(Phase::Serve);
+            for ks in keyspaces.values().filter(|k| k.config.l2) {
+                let c = &ks.config;
+                let tier = l2.tier(&c.name, c.l2_ttl, c.negative_ttl, c.cdc == CdcMode::Off);
+                ks.set_l2(tier.clone());
+                serve.spawn(tier.clone().run_reader(ks.clone(), serve.child_token()));
+                serve.spawn(tier.run_reconciler(ks.clone(), serve.child_token()));
+            }
+            // Last to stop: write-behind's final flush still has changes to announce.
+            let last = life.tasks(Phase::Log);
+            last.spawn(l2.run_publisher(last.child_token()));
+        }
         // Federation numbers and filters records as the log writes them: it exists before the log.
         let federated: BTreeMap<String, Arc<Keyspace>> = keyspaces
             .iter()

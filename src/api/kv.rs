@@ -97,6 +97,7 @@ fn x_cache(origin: Origin) -> HeaderValue {
         // A pending write-behind write is this node's own state: a hit.
         Origin::Hit | Origin::Pending => "hit",
         Origin::Miss => "miss",
+        Origin::L2 => "hit-l2",
         Origin::Refreshing => "stale-refreshing",
     })
 }

@@ -220,6 +220,26 @@ impl L1 {
         matches!(result, CompResult::Removed(_))
     }
 
+    /// Replaces `key`'s entry with `new` if it still holds exactly `old` (a confirmation of the
+    /// same state). Returns whether it did.
+    pub async fn replace_exact(&self, key: Arc<str>, old: &Arc<Entry>, new: Entry) -> bool {
+        let weight = new.weight(&key) as i64;
+        let new = Arc::new(new);
+        let result = self
+            .cache
+            .entry(key)
+            .and_compute_with(|existing| {
+                let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), old));
+                std::future::ready(if same { Op::Put(new.clone()) } else { Op::Nop })
+            })
+            .await;
+        let replaced = matches!(result, CompResult::ReplacedWith(_));
+        if replaced {
+            self.bytes.fetch_add(weight, Ordering::Relaxed);
+        }
+        replaced
+    }
+
     /// Removes `key` as `rule` allows `absent` to replace what is there: a fill while its lease
     /// holds, a mutation unless the entry there is newer.
     async fn remove_if(&self, key: Arc<str>, absent: &Entry, rule: Install) -> Installed {

@@ -136,15 +136,32 @@ impl Applier {
     }
 }
 
-/// Applies one change event to its keyspace.
+/// Applies one change event to its keyspace. A change this node captured is also announced on
+/// the keyspace's L2 tier (when it has one); a change replicated from the node that captured
+/// it was announced there.
 pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
     ks.hlc.observe(e.version);
     let key: Arc<str> = e.key.as_str().into();
     let lsn = Lsn(e.source_position);
+    let own = ks.l2().is_some_and(|t| t.is_node(&e.origin));
+    let install = |entry: Entry| async {
+        if own {
+            ks.mutate(key.clone(), entry).await
+        } else {
+            ks.mutate_local(key.clone(), entry).await
+        }
+    };
+    let forget = || async {
+        if own {
+            ks.invalidate_at(key.clone(), lsn, e.source_xid).await
+        } else {
+            ks.invalidate_at_local(key.clone(), lsn, e.source_xid).await
+        }
+    };
     match e.op {
         Op::Put => {
             let Some(value) = e.value.clone() else {
-                ks.invalidate_at(key, lsn, e.source_xid).await;
+                forget().await;
                 return;
             };
             let value = if e.unchanged.is_empty() {
@@ -154,23 +171,22 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
                     Some(v) => v,
                     None => {
                         // Nothing to take the unsent values from: never guess.
-                        ks.invalidate_at(key, lsn, e.source_xid).await;
+                        forget().await;
                         return;
                     }
                 }
             };
-            ks.mutate(key, Entry::new(Some(value), lsn, e.version).with_xid(e.source_xid))
-                .await;
+            install(Entry::new(Some(value), lsn, e.version).with_xid(e.source_xid)).await;
         }
         Op::Delete => {
-            ks.mutate(key, Entry::new(None, lsn, e.version).with_xid(e.source_xid))
-                .await;
+            install(Entry::new(None, lsn, e.version).with_xid(e.source_xid)).await;
         }
         // Versioned: a change replayed from before what is cached (a restart's replay after a
         // newer warm load) leaves the newer entry alone.
         Op::Invalidate => {
-            ks.invalidate_at(key, lsn, e.source_xid).await;
+            forget().await;
         }
+        Op::Clear if own => ks.clear_at(lsn),
         Op::Clear => ks.clear(),
         Op::Rejected => {}
     }

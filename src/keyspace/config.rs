@@ -193,6 +193,12 @@ pub struct KeyspaceConfig {
     /// region's node (the one with the table and CDC). Elsewhere the keyspace is a read-only
     /// view of it — or, with `write = "behind"`, takes writes that land in the home's Postgres.
     pub home: Option<String>,
+    /// The shared L2 tier (`[redis]`): misses look there before Postgres, loads and changes
+    /// are written there, and changes are announced to the other nodes.
+    pub l2: bool,
+    /// How long a document stays in L2.
+    #[serde(with = "humantime_serde_shim")]
+    pub l2_ttl: Duration,
 }
 
 /// What a keyspace does with the changes CDC delivers.
@@ -225,6 +231,8 @@ impl KeyspaceConfig {
             refresh_concurrency: DEFAULT_REFRESH_CONCURRENCY,
             federate: false,
             home: None,
+            l2: false,
+            l2_ttl: crate::l2::config::DEFAULT_L2_TTL,
         }
     }
 }
@@ -404,6 +412,17 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
             );
         }
     }
+    let l2 = s.get::<bool>("l2").unwrap_or(false);
+    let l2_ttl = s.duration("l2_ttl").unwrap_or(crate::l2::config::DEFAULT_L2_TTL);
+    if l2 && !has_table {
+        s.problem_at(
+            "l2",
+            "the Redis tier shares what a table's loads and changes produce: it needs `table` (an in-memory keyspace's data lives in each node; federate it instead)",
+        );
+    }
+    if l2_ttl < Duration::from_secs(1) {
+        s.problem_at("l2_ttl", "must be at least 1s");
+    }
     if home.is_some() && !federate {
         s.problem_at(
             "home",
@@ -438,5 +457,7 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         refresh_concurrency,
         federate,
         home,
+        l2,
+        l2_ttl,
     })
 }

@@ -8,6 +8,9 @@
 //!   lease: a write or change of the key while the query runs marks it stale, and a stale result
 //!   is returned to the callers already waiting (their reads overlapped the change) but never
 //!   installed — the fill/invalidate race of look-aside caches cannot leave an old value behind.
+//! - **The L2 tier.** With `l2 = true` a miss asks Redis before the table (`Keyspace::load`),
+//!   and an L1 hit the invalidation channel cannot vouch for is revalidated by version first
+//!   (`Keyspace::revalidate`; see `l2`).
 //! - **Errors are not cached.** A failed load answers its waiters with the error; the next read
 //!   tries again.
 //! - **The freshness contract.** In a CDC keyspace, a cached entry that may be further behind
@@ -37,6 +40,10 @@ pub async fn get(
         if read.origin == Origin::Hit && !ks.is_fresh(&read.entry) {
             return outside_contract(ks, key, read).await;
         }
+        if read.origin == Origin::Hit && !ks.trusts(&read.entry) {
+            // The L2 tier's channel cannot vouch for it (see `l2`): check it by version first.
+            return ks.revalidate(key, read).await;
+        }
         ks.m.hits_l1.inc();
         if let (Some(r), Origin::Hit) = (refresher, read.origin) {
             read.origin = refresh_ahead::on_hit(r, ks, tasks, key, &read.entry);
@@ -57,10 +64,10 @@ pub async fn get(
             lag: (!fresh).then(|| ks.lag()),
         });
     }
-    let (entry, _installed) = ks.load(key).await?;
+    let loaded = ks.load(key).await?;
     Ok(Read {
-        entry,
-        origin: Origin::Miss,
+        entry: loaded.entry,
+        origin: if loaded.from_l2 { Origin::L2 } else { Origin::Miss },
         lag: None,
     })
 }
@@ -69,7 +76,7 @@ pub async fn get(
 /// (read-through keyspaces), or serve it saying how far behind it may be.
 async fn outside_contract(ks: &Arc<Keyspace>, key: &Key, mut cached: Read) -> Result<Read, KeyspaceError> {
     if ks.config.read_through {
-        match ks.load(key).await {
+        match ks.reload(key).await {
             Ok((entry, _)) => {
                 ks.m.stale_reloaded.inc();
                 return Ok(Read {

@@ -232,7 +232,7 @@ async fn refresh(r: &Refresher, ks: &Keyspace, key: &Key) {
     r.m.started.inc();
     r.m.in_flight.inc();
     let started = Instant::now();
-    let result = ks.load(key).await.map(|(_, installed)| installed);
+    let result = ks.reload(key).await.map(|(_, installed)| installed);
     r.m.in_flight.dec();
     r.m.duration.observe(started.elapsed().as_secs_f64());
     match result {

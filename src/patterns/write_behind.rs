@@ -232,7 +232,7 @@ impl WriteBehind {
             return Ok(e.value.clone());
         }
         if load {
-            return match (ks.load(key).await, cached) {
+            return match (ks.reload(key).await, cached) {
                 (Ok((e, _)), _) => Ok(e.value.clone()),
                 (Err(KeyspaceError::Source(SourceError::Unavailable(_))), Some(e)) => Ok(e.value.clone()),
                 (Err(e), _) => Err(e.into()),

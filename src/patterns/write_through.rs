@@ -23,6 +23,14 @@ use crate::key::Key;
 use crate::keyspace::Keyspace;
 use crate::patterns::{PatternError, fields_of};
 
+/// Installs what Postgres stored through the keyspace's door and, with an L2 tier, waits until
+/// the change is in Redis and announced: once the write is acknowledged, every other node can
+/// learn of it (see `l2`).
+async fn changed(ks: &Keyspace, key: &Key, entry: Entry) {
+    ks.mutate(key.cache_key.clone(), entry).await;
+    ks.published(&key.cache_key).await;
+}
+
 /// Upserts the row from a JSON object body, if `cond` holds for the stored row (checked in
 /// Postgres under the row's lock), and caches what Postgres stored.
 pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes, cond: &Condition) -> Result<Arc<Entry>, PatternError> {
@@ -35,7 +43,7 @@ pub async fn put(ks: &Keyspace, key: &Key, body: &Bytes, cond: &Condition) -> Re
     let entry = Entry::new(Some(written.value), written.lsn, ks.hlc.now())
         .with_xid(written.xid)
         .read_at(tokio::time::Instant::from_std(started));
-    ks.mutate(key.cache_key.clone(), entry.clone()).await;
+    changed(ks, key, entry.clone()).await;
     Ok(Arc::new(entry))
 }
 
@@ -69,7 +77,7 @@ pub async fn put_many(ks: &Keyspace, items: Vec<(Key, Bytes, Condition)>) -> Vec
                 let entry = Entry::new(Some(w.value), w.lsn, ks.hlc.now())
                     .with_xid(w.xid)
                     .read_at(tokio::time::Instant::from_std(started));
-                ks.mutate(key.cache_key.clone(), entry.clone()).await;
+                changed(ks, key, entry.clone()).await;
                 Ok(Arc::new(entry))
             }
             Err(e) => Err(e.into()),
@@ -93,8 +101,9 @@ pub async fn delete_many(ks: &Keyspace, items: Vec<(Key, Condition)>) -> Vec<Res
     for ((key, _), d) in items.iter().zip(deleted) {
         out.push(match d {
             Ok(Some(d)) => {
-                ks.mutate(
-                    key.cache_key.clone(),
+                changed(
+                    ks,
+                    key,
                     Entry::new(None, d.lsn, ks.hlc.now())
                         .with_xid(d.xid)
                         .read_at(tokio::time::Instant::from_std(started)),
@@ -124,7 +133,7 @@ pub async fn delete(ks: &Keyspace, key: &Key, cond: &Condition) -> Result<bool, 
             let entry = Entry::new(None, d.lsn, ks.hlc.now())
                 .with_xid(d.xid)
                 .read_at(tokio::time::Instant::from_std(started));
-            ks.mutate(key.cache_key.clone(), entry).await;
+            changed(ks, key, entry).await;
             Ok(true)
         }
         None => {

@@ -345,7 +345,7 @@ impl Follower {
                         for e in entries {
                             let key: Arc<str> = e.key.as_str().into();
                             ks.hlc.observe(e.version);
-                            ks.mutate(key, e.into_entry()).await;
+                            ks.mutate_local(key, e.into_entry()).await;
                             installed += 1;
                         }
                     }

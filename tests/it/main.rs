@@ -11,6 +11,7 @@ mod embedded;
 mod federation;
 mod front_door;
 mod harness;
+mod l2;
 mod read_through;
 mod refresh_ahead;
 mod replication;

@@ -221,8 +221,9 @@ impl Job {
                 Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now()).read_at(self.read_at);
             entry.snapshot = self.snapshot.clone();
             // Through the door: a change streamed or written meanwhile (newer) is never
-            // overwritten, and a load in flight for the key will not install over this row.
-            self.ks.mutate(key.cache_key, entry).await;
+            // overwritten, and a load in flight for the key will not install over this row. Not
+            // a change: nothing to announce.
+            self.ks.mutate_local(key.cache_key, entry).await;
             n += 1;
         }
         self.rows.fetch_add(n, std::sync::atomic::Ordering::Relaxed);

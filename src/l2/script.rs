@@ -1,0 +1,99 @@
+//! The server-side scripts of the L2 tier. Each touches keys of one hash slot only, so they run
+//! unchanged on a Redis Cluster.
+//!
+//! - [`CAS`]: installs a record only if it is at least as new as the one there — the same rule
+//!   as `Entry::supersedes`, on the header `l2::record` writes. A slow fill, a late change or a
+//!   retried write never replaces newer state.
+//! - [`DELETE_IF`]: removes a record only if it is still exactly the given bytes (a fill whose
+//!   epoch turned out to be gone takes back what it wrote).
+//! - [`ANNOUNCE`]: appends a batch of change notices to a keyspace's stream with the stream's
+//!   epoch and the next gap-free sequence number (both in the keyspace's meta hash, created on
+//!   first use with the epoch the caller proposes), and raises the keyspace's floor for a clear.
+
+use std::sync::LazyLock;
+
+const DECODE: &str = r#"
+local function parse(s)
+  local kind, flags, hi, lo, xid, xmax, n, pos = struct.unpack('>BBI4I4I4I4H', s)
+  local xip = {}
+  for i = 1, n do
+    xip[i], pos = struct.unpack('>I4', s, pos)
+  end
+  return {hi = hi, lo = lo, hasxid = (flags % 2) == 1, xid = xid,
+          hassnap = math.floor(flags / 2) % 2 == 1, xmax = xmax, xip = xip}
+end
+local function precedes(a, b)
+  return ((a - b) % 4294967296) >= 2147483648
+end
+local function sees(v, xid)
+  if not precedes(xid, v.xmax) then return false end
+  for _, x in ipairs(v.xip) do
+    if x == xid then return false end
+  end
+  return true
+end
+local function lsn_lt(a, b)
+  return a.hi < b.hi or (a.hi == b.hi and a.lo < b.lo)
+end
+local function supersedes(new, old)
+  if old.hassnap and new.hasxid and lsn_lt(new, old) then
+    return not sees(old, new.xid)
+  end
+  if new.hassnap and old.hasxid then
+    return sees(new, old.xid)
+  end
+  return not lsn_lt(new, old)
+end
+"#;
+
+/// `KEYS[1]` record key · `ARGV[1]` record · `ARGV[2]` time to live (ms). Returns 1 when
+/// installed, 0 when the record there is newer.
+pub static CAS: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{DECODE}
+local old = redis.call('GET', KEYS[1])
+if old and not supersedes(parse(ARGV[1]), parse(old)) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#
+    ))
+});
+
+/// `KEYS[1]` record key · `ARGV[1]` the exact record expected. Returns 1 when removed.
+pub static DELETE_IF: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
+});
+
+/// `KEYS[1]` meta hash · `KEYS[2]` stream · `ARGV[1]` proposed epoch · `ARGV[2]` stream length
+/// bound · `ARGV[3]` announcing node · `ARGV[4]` notices · `ARGV[5]` clear floor (20-digit
+/// zero-padded LSN, or empty). Returns `{epoch, seq}`.
+pub static ANNOUNCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e)
+end
+local s = redis.call('HINCRBY', KEYS[1], 's', 1)
+local f = ARGV[5]
+if f ~= '' then
+  local old = redis.call('HGET', KEYS[1], 'f')
+  if (not old) or old < f then
+    redis.call('HSET', KEYS[1], 'f', f)
+  end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', e, 's', s, 'n', ARGV[3], 'c', ARGV[4], 'f', f)
+return {e, s}
+"#,
+    )
+});
