@@ -621,6 +621,67 @@ write = "sideways"
     }
 
     #[test]
+    fn redis_tier_settings_and_their_problems() {
+        let base = "[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n";
+        let ks = "[[keyspace]]\nname = \"u\"\ntable = \"users\"\nkey = \"id\"\nl2 = true\nl2_ttl = \"2m\"\n";
+        let c = Config::parse(&format!(
+            "{base}{ks}[redis]\nurl = \"redis://:hunter2@127.0.0.1:6379/0\"\nmax_invalidation_delay = \"250ms\"\n"
+        ))
+        .unwrap();
+        let r = c.redis.as_ref().unwrap();
+        assert_eq!(r.max_invalidation_delay, std::time::Duration::from_millis(250));
+        assert!(c.keyspaces[0].l2);
+        assert_eq!(c.keyspaces[0].l2_ttl, std::time::Duration::from_secs(120));
+        let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
+        assert!(!shown.contains("hunter2"), "the Redis password never prints: {shown}");
+        let cluster = Config::parse(&format!(
+            "{base}{ks}[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n"
+        ))
+        .unwrap();
+        assert!(matches!(&cluster.redis.unwrap().target, crate::l2::config::RedisTarget::Cluster(n) if n.len() == 2));
+
+        let p = problems(&format!("{base}{ks}"));
+        assert!(
+            p.iter()
+                .any(|p| p.path == "keyspace[u].l2" && p.message.contains("[redis]")),
+            "{p:?}"
+        );
+        let p = problems("[[keyspace]]\nname = \"m\"\nl2 = true\n[redis]\nurl = \"redis://127.0.0.1\"\n");
+        assert!(
+            p.iter()
+                .any(|p| p.path == "keyspace[m].l2" && p.message.contains("needs `table`")),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{base}{ks}[redis]\nurl = \"redis://127.0.0.1\"\ncluster = [\"redis://127.0.0.1:7000\"]\n"
+        ));
+        assert!(p.iter().any(|p| p.message.contains("not both")), "{p:?}");
+        let p = problems(&format!(
+            "{base}{ks}[redis]\nurl = \"http://:pw@127.0.0.1\"\ntimeout = \"0s\"\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.path == "redis.url" && p.message.contains("redis://")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|p| p.path == "redis.timeout"), "{p:?}");
+        assert!(
+            !format!("{p:?}").contains("pw@"),
+            "problems do not quote the URL: {p:?}"
+        );
+        let p = problems(&format!(
+            "{base}{ks}[redis]\nurl = \"redis://127.0.0.1\"\ntombstone_ttl = \"10s\"\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.path == "redis.tombstone_ttl" && p.message.contains("statement_timeout")),
+            "{p:?}"
+        );
+        let p = problems(&format!("{base}{ks}[redis]\n"));
+        assert!(p.iter().any(|p| p.message.contains("missing `url`")), "{p:?}");
+    }
+
+    #[test]
     fn duplicate_keyspaces_and_missing_postgres() {
         let p = problems("[[keyspace]]\nname = \"a\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"a\"\n");
         assert!(p.iter().any(|p| p.message.contains("used twice")), "{p:#?}");

@@ -464,7 +464,16 @@ impl Keyspace {
         let found = flight
             .run(|| async move {
                 let asked = tokio::time::Instant::now();
-                let rec = tier.get(&key.cache_key).await.ok()??;
+                let mut rec = tier.get(&key.cache_key).await.ok()?;
+                if !rec.as_ref().is_some_and(|r| r.is_state()) {
+                    // A miss: load it here, unless another node holds the key's lease — then
+                    // its fill is on the way (forty pods missing one key make one query).
+                    if tier.take_lease(&key.cache_key).await.unwrap_or(true) {
+                        return None;
+                    }
+                    rec = tier.await_fill(&key.cache_key).await;
+                }
+                let rec = rec?;
                 if !rec.is_state() || (rec.lsn.0 < self.floor.load(Ordering::Acquire) && rec.lsn != Lsn::ZERO) {
                     return None;
                 }

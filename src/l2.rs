@@ -209,6 +209,7 @@ pub struct Tier {
     /// another node's changes).
     guards_l1: bool,
     record_prefix: String,
+    lease_prefix: String,
     meta_key: String,
     stream_key: String,
     channel: Mutex<ChannelState>,
@@ -257,6 +258,8 @@ impl L2 {
             negative_ttl,
             guards_l1,
             record_prefix: format!("{p}:{keyspace}:"),
+            // `!` appears in no prefix and no keyspace name: no record key looks like this.
+            lease_prefix: format!("{p}!lease:{keyspace}:"),
             meta_key: format!("{p}:{{{keyspace}}}:meta"),
             stream_key: format!("{p}:{{{keyspace}}}:changes"),
             channel: Mutex::new(ChannelState {
@@ -537,6 +540,50 @@ impl Tier {
         Ok(r?
             .and_then(|b| Record::decode(&b))
             .filter(|rec| rec.lsn.0 >= self.floor.load(Ordering::Acquire)))
+    }
+
+    /// Takes the key's load lease in Redis (`SET NX PX`): true when this node should load it;
+    /// false when another node is loading it (wait for its fill with [`Tier::await_fill`]).
+    /// Off (`lease = "0s"`): always true.
+    pub async fn take_lease(&self, key: &str) -> Result<bool, L2Error> {
+        let lease = self.l2.config().lease;
+        if lease.is_zero() {
+            return Ok(true);
+        }
+        let k = format!("{}{key}", self.lease_prefix);
+        let node = self.l2.node.clone();
+        let r = self
+            .l2
+            .client
+            .call(|mut c: Conn| async move {
+                redis::cmd("SET")
+                    .arg(&k)
+                    .arg(node)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease.as_millis().max(1) as u64)
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await;
+        self.metrics().request("lease", &r);
+        Ok(r?.is_some())
+    }
+
+    /// Polls L2 for the state another node's leased load will fill, for at most the lease.
+    pub async fn await_fill(&self, key: &str) -> Option<Record> {
+        let deadline = Instant::now() + self.l2.config().lease;
+        let mut step = Duration::from_millis(1);
+        while Instant::now() < deadline {
+            tokio::time::sleep(step).await;
+            match self.get(key).await {
+                Ok(Some(rec)) if rec.is_state() => return Some(rec),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+            step = (step * 2).min(Duration::from_millis(8));
+        }
+        None
     }
 
     /// The channel as a load begins.

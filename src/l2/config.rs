@@ -31,6 +31,9 @@ pub const DEFAULT_BREAKER_FAILURES: u32 = 3;
 pub const DEFAULT_BREAKER_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Prefix of every key cachesync writes in Redis.
 pub const DEFAULT_PREFIX: &str = "cachesync";
+/// How long a node that missed L2 holds the key's load lease (others wait for its fill
+/// instead of querying Postgres too); zero turns leases off.
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(250);
 /// An L2 entry's lifetime in Redis when the keyspace sets none.
 pub const DEFAULT_L2_TTL: Duration = Duration::from_secs(600);
 
@@ -63,6 +66,8 @@ pub struct RedisConfig {
     #[serde(with = "humantime_serde_shim")]
     pub breaker_max_backoff: Duration,
     pub prefix: String,
+    #[serde(with = "humantime_serde_shim")]
+    pub lease: Duration,
 }
 
 impl RedisConfig {
@@ -79,6 +84,7 @@ impl RedisConfig {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_max_backoff: DEFAULT_BREAKER_MAX_BACKOFF,
             prefix: DEFAULT_PREFIX.into(),
+            lease: DEFAULT_LEASE,
         }
     }
 }
@@ -174,6 +180,7 @@ pub(crate) fn read_redis(mut s: Section<'_, '_>) -> Option<RedisConfig> {
     {
         s.problem_at("prefix", "1 to 64 letters, digits, `_`, `-`, `.` or `:`");
     }
+    let lease = s.duration("lease").unwrap_or(DEFAULT_LEASE);
     s.finish();
     Some(RedisConfig {
         target: target?,
@@ -186,5 +193,6 @@ pub(crate) fn read_redis(mut s: Section<'_, '_>) -> Option<RedisConfig> {
         breaker_failures,
         breaker_max_backoff,
         prefix,
+        lease,
     })
 }

@@ -104,6 +104,15 @@ impl Redis {
         n
     }
 
+    /// Moves every slot of the node holding `key` to the next node, keys and all
+    /// (`redis-cli --cluster reshard`).
+    fn reshard(&self, key: &str) {
+        let Redis::Cluster(c) = self else {
+            panic!("reshard needs a cluster")
+        };
+        c.move_all_slots_of(key);
+    }
+
     /// The raw record of `key` in L2.
     async fn record(&self, key: &str) -> Option<Record> {
         let raw: Option<Vec<u8>> = match self {
@@ -132,15 +141,17 @@ struct Pair {
 }
 
 async fn pair(redis: &Redis) -> Pair {
+    pair_with(redis, "").await
+}
+
+/// [`pair`], with more `[redis]` settings.
+async fn pair_with(redis: &Redis, more: &str) -> Pair {
     let db = Db::new().await;
     db.exec(USERS).await;
     let keyspace = "[[keyspace]]\nname = \"users\"\ntable = \"public.users\"\nkey = \"id\"\nwrite = \"through\"\nttl = \"5m\"\nl2 = true\n";
     let text = |node: &str| {
-        db.config_text(&format!("{keyspace}{}", redis.section())).replacen(
-            "[server]\n",
-            &format!("[server]\nnode_id = \"{node}\"\n"),
-            1,
-        )
+        db.config_text(&format!("{keyspace}{}{more}", redis.section()))
+            .replacen("[server]\n", &format!("[server]\nnode_id = \"{node}\"\n"), 1)
     };
     let (a, ha) = serve(cachesync::config::Config::parse(&text("a")).expect("valid")).await;
     let (b, hb) = serve(cachesync::config::Config::parse(&text("b")).expect("valid")).await;
@@ -250,6 +261,8 @@ enum Disruption {
     Flush,
     /// Redis killed, a few writes made while it is down, then restarted empty.
     Restart,
+    /// (Cluster) every slot of the node holding the stream moves to another node.
+    Reshard,
 }
 
 /// Writes `v1..vN` to key 1 on A while B reads it in a loop, with `disruption` halfway; checks
@@ -300,6 +313,7 @@ async fn bound_holds(redis: Redis, disruption: Disruption) {
                 }
                 Disruption::Flush => redis.flush(),
                 Disruption::Restart => redis.stop(),
+                Disruption::Reshard => redis.reshard("cachesync:{users}:changes"),
             }
         }
         if i == WRITES / 2 + 3 && matches!(disruption, Disruption::Restart) {
@@ -349,7 +363,9 @@ async fn bound_holds(redis: Redis, disruption: Disruption) {
             metric(&m, "cachesync_l2_gaps_total{keyspace=\"users\",reason=\"epoch\"}") >= 1.0,
             "B saw that Redis lost its stream: {m}"
         ),
-        Disruption::KillChannels | Disruption::None => assert!(metric(&m, "cachesync_l2_invalidations_total") >= 1.0),
+        Disruption::KillChannels | Disruption::None | Disruption::Reshard => {
+            assert!(metric(&m, "cachesync_l2_invalidations_total") >= 1.0)
+        }
     }
     drop(p);
 }
@@ -614,4 +630,176 @@ async fn the_compare_and_set_script_orders_like_l1() {
         }
     }
     assert_eq!(cases, 100);
+}
+
+/// A sequence number that jumps (entries trimmed past a reader, or lost in a failover) makes
+/// the reader suspect every L1 entry confirmed before; a suspect entry is revalidated by
+/// version against L2 — kept when L2 holds the same version — not flushed.
+#[tokio::test]
+async fn a_gap_in_the_sequence_makes_entries_suspect_and_they_are_revalidated() {
+    let redis = Redis::server();
+    let p = pair(&redis).await;
+    // A change announced, so the stream exists and B follows it.
+    assert_eq!(p.ha.put("/v1/kv/users/5", r#"{"id":5,"name":"v1"}"#).await.status, 200);
+    let on_b = until_named(&p.hb, 5, "v1").await;
+    assert_eq!(on_b, "v1");
+    let Redis::Server(server) = &redis else { unreachable!() };
+    let meta = server.cli(&["HGET", "cachesync:{users}:meta", "e"]);
+    let seq: u64 = server
+        .cli(&["HGET", "cachesync:{users}:meta", "s"])
+        .trim()
+        .parse()
+        .expect("seq");
+    // An entry five places ahead: four were lost.
+    server.cli(&[
+        "XADD",
+        "cachesync:{users}:changes",
+        "*",
+        "e",
+        meta.trim(),
+        "s",
+        &(seq + 5).to_string(),
+        "n",
+        "elsewhere",
+        "c",
+        "",
+        "f",
+        "",
+    ]);
+    eventually(WAIT, "B sees the gap", || async {
+        let m = metrics(&p.hb).await;
+        let n = metric(&m, "cachesync_l2_gaps_total{keyspace=\"users\",reason=\"sequence\"}");
+        if n >= 1.0 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    // The entry is suspect: its next read is revalidated against L2 (same version: kept).
+    let before = selects(&p.db).await;
+    let r = p.hb.get("/v1/kv/users/5").await;
+    assert_eq!(r.json()["name"], "v1");
+    let m = metrics(&p.hb).await;
+    let confirmed = metric(
+        &m,
+        "cachesync_l2_revalidations_total{keyspace=\"users\",result=\"confirmed\"}",
+    ) + metric(
+        &m,
+        "cachesync_l2_reconciled_total{keyspace=\"users\",result=\"confirmed\"}",
+    );
+    assert!(confirmed >= 1.0, "revalidated by version, not dropped: {m}");
+    assert_eq!(selects(&p.db).await, before, "L2 vouched for it: no reload");
+    let again = p.hb.get("/v1/kv/users/5").await;
+    assert_eq!(
+        (again.header("x-cache"), again.json()["name"].as_str()),
+        ("hit", Some("v1"))
+    );
+    drop(p);
+}
+
+/// A change whose announcement never came (written to L2 by something else) is caught by the
+/// periodic reconciliation: B's L1 entry is compared with L2 by version and dropped.
+#[tokio::test]
+async fn reconciliation_catches_a_change_nobody_announced() {
+    let redis = Redis::server();
+    let p = pair(&redis).await;
+    assert_eq!(p.hb.get("/v1/kv/users/6").await.json()["name"], "v0");
+    // The row changes in Postgres and a newer record lands in L2, silently.
+    let xid: i64 = p
+        .db
+        .scalar("WITH u AS (UPDATE users SET name = 'quiet' WHERE id = 6 RETURNING 1) SELECT txid_current() FROM u")
+        .await;
+    let lsn: String = p.db.scalar("SELECT pg_current_wal_lsn()::text").await;
+    let lsn: Lsn = lsn.parse().expect("an LSN");
+    let rec = Record {
+        kind: Kind::Value,
+        lsn,
+        xid: Some(xid as u32),
+        snapshot: None,
+        value: Some(bytes::Bytes::from_static(br#"{"id":6,"name":"quiet"}"#)),
+    };
+    let Redis::Server(server) = &redis else { unreachable!() };
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut c = client.get_multiplexed_async_connection().await.expect("connect");
+    let stored: i64 = cachesync::l2::script::CAS
+        .key("cachesync:users:6")
+        .arg(rec.encode())
+        .arg(60_000)
+        .invoke_async(&mut c)
+        .await
+        .expect("CAS");
+    assert_eq!(stored, 1, "newer than the fill");
+    let r = until_named(&p.hb, 6, "quiet").await;
+    assert_eq!(r, "quiet");
+    let m = metrics(&p.hb).await;
+    assert!(
+        metric(
+            &m,
+            "cachesync_l2_reconciled_total{keyspace=\"users\",result=\"dropped\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    drop(p);
+}
+
+/// Every slot of the node holding the users stream moves to another node (keys and all) while
+/// A writes and B reads: MOVED is followed, nothing fails, and the bound holds.
+#[tokio::test]
+async fn the_bound_holds_in_a_cluster_while_slots_move() {
+    bound_holds(Redis::cluster(), Disruption::Reshard).await;
+}
+
+/// Reads key `id` on `h` until its name is `name`; returns the name.
+async fn until_named(h: &Http, id: u32, name: &str) -> String {
+    eventually(WAIT, "the node serves the new name", || async {
+        let r = h.get(&format!("/v1/kv/users/{id}")).await;
+        let got = r.json()["name"].as_str().unwrap_or_default().to_string();
+        if got == name { Ok(got) } else { Err(r.body) }
+    })
+    .await
+}
+
+/// Two nodes missing one key at once make one query: the first takes the key's lease in Redis
+/// and loads; the other waits for its fill and answers from L2.
+#[tokio::test]
+async fn a_miss_on_two_nodes_at_once_makes_one_query() {
+    let redis = Redis::server();
+    let p = pair_with(&redis, "lease = \"10s\"\n").await;
+    let ks = p.b.keyspace("users").expect("keyspace").clone();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let entered = Arc::new(std::sync::Mutex::new(Some(entered_tx)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    {
+        let (entered, release) = (entered.clone(), release.clone());
+        ks.set_load_hook(Some(Arc::new(move |_key| {
+            let (entered, release) = (entered.clone(), release.clone());
+            Box::pin(async move {
+                let first = entered.lock().unwrap().take();
+                if let Some(tx) = first {
+                    let _ = tx.send(());
+                    release.notified().await;
+                }
+            })
+        })));
+    }
+    let before = selects(&p.db).await;
+    let on_b = {
+        let hb = p.hb.clone();
+        tokio::spawn(async move { hb.get("/v1/kv/users/8").await })
+    };
+    entered_rx.await.expect("B holds the lease and ran its query");
+    let on_a = {
+        let ha = p.ha.clone();
+        tokio::spawn(async move { ha.get("/v1/kv/users/8").await })
+    };
+    eventually(WAIT, "A found the lease taken and waits for B's fill", || async {
+        let m = metrics(&p.ha).await;
+        let n = metric(&m, "cachesync_l2_requests_total{op=\"lease\",result=\"ok\"}");
+        if n >= 1.0 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    release.notify_one();
+    let (b, a) = (on_b.await.expect("B"), on_a.await.expect("A"));
+    assert_eq!((b.status.as_u16(), b.header("x-cache")), (200, "miss"));
+    assert_eq!((a.status.as_u16(), a.header("x-cache")), (200, "hit-l2"), "{}", a.body);
+    assert_eq!(a.body, b.body);
+    assert_eq!(selects(&p.db).await, before + 1, "one query for both nodes");
+    drop(p);
 }

@@ -265,6 +265,37 @@ impl RedisCluster {
         }
     }
 
+    /// Moves every slot of the node holding `key` (and the keys in them) to another node, with
+    /// `redis-cli --cluster reshard`, and waits for the cluster to settle.
+    pub fn move_all_slots_of(&self, key: &str) {
+        let from = self.node_of(key);
+        let to = self.nodes.iter().find(|n| n.port != from.port).expect("another node");
+        let id = |n: &RedisServer| cli(n.port, &["CLUSTER", "MYID"]).trim().to_string();
+        let out = Command::new(cli_bin())
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", from.port),
+                "--cluster-from",
+                &id(from),
+                "--cluster-to",
+                &id(to),
+                "--cluster-slots",
+                "16384",
+                "--cluster-yes",
+            ])
+            .output()
+            .expect("run redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_ne!(self.node_of(key).port, from.port, "the key's slot moved");
+        self.wait_ok();
+    }
+
     /// The node holding `key`'s slot.
     pub fn node_of(&self, key: &str) -> &RedisServer {
         let slot = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]);
