@@ -240,7 +240,6 @@ async fn queries_saved(db_url: &str, redis: &RedisServer) {
             tasks.push(tokio::spawn(async move {
                 let mut http = RawHttp::connect(addr).await;
                 for i in 0..WARM_KEYS {
-                    let i = i as usize;
                     // A different order per pod (a permutation: 7 is prime to 500), or all
                     // pods the same (a stampede: every pod misses each key at the same moment).
                     let k = if same_order {

@@ -171,7 +171,11 @@ struct Queue {
 /// The shared part of the tier: the connection, the publisher's queue, the metrics.
 pub struct L2 {
     client: Arc<Client>,
+    /// This node's id (the origin of the CDC changes it captures).
     node: String,
+    /// This process on the channel: the node id and a random suffix, so two processes that
+    /// share a node id (a misconfiguration, or one host running two) still hear each other.
+    instance: String,
     queue: Mutex<Queue>,
     wake: Notify,
     metrics: L2Metrics,
@@ -231,6 +235,7 @@ impl L2 {
         Arc::new(L2 {
             client,
             node: node.to_string(),
+            instance: format!("{node}/{:08x}", rand::random::<u32>()),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             metrics,
@@ -477,7 +482,7 @@ impl Tier {
         let floor = clear.map(|l| format!("{:020}", l.0)).unwrap_or_default();
         let (meta, stream) = (self.meta_key.clone(), self.stream_key.clone());
         let maxlen = self.l2.config().stream_maxlen;
-        let node = self.l2.node.clone();
+        let node = self.l2.instance.clone();
         let r = self
             .l2
             .client
@@ -819,7 +824,7 @@ impl Tier {
                     self.sync(&mut conn, ks).await?;
                     break;
                 }
-                if e.node != self.l2.node {
+                if e.node != self.l2.instance {
                     let notices = record::decode_notices(&e.notices).unwrap_or_default();
                     self.metrics()
                         .heard

@@ -39,9 +39,14 @@
 //!   │         (log → keyspaces); [cdc]
 //!   ▼
 //!  keyspace   one named cache's state and the one door every change goes through: lookup,
-//!   │         load (single flight + lease), mutate / invalidate / clear / reset_below, the
-//!   │         pending-write overlay (keyspace::overlay), the freshness contract
-//!   │         (keyspace::freshness); [[keyspace]] (keyspace::config)
+//!   │         load (L2, then the source; single flight + lease), mutate / invalidate / clear /
+//!   │         reset_below, revalidation, the pending-write overlay (keyspace::overlay), the
+//!   │         freshness contract (keyspace::freshness); [[keyspace]] (keyspace::config)
+//!   ▼
+//!  l2         the shared Redis tier: versioned records and their compare-and-set scripts
+//!   │         (l2::record, l2::script), the connection with deadline and circuit breaker
+//!   │         (l2::client), the publisher of changes, the per-keyspace invalidation stream
+//!   │         reader (gaps, epochs, suspicion) and reconciler; [redis]
 //!   ▼
 //!  key        URL key encoding, composite keys, per-type normalization
 //!  source     Postgres: pool, catalog binding (schema), SQL text (sql), rendering (render),

@@ -27,6 +27,7 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "entries": stats.entries,
                 "weighted_size_bytes": stats.weighted_size_bytes,
                 "hits": m.hits_l1.get(),
+                "hits_l2": m.hits_l2.get(),
                 "misses": m.misses.get(),
                 "loads_found": m.loads_found.get(),
                 "loads_absent": m.loads_absent.get(),
@@ -36,6 +37,10 @@ pub async fn keyspaces(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "pending_writes": stats.pending_writes,
                 "refreshes_pending": p.refreshes_pending(),
             },
+            "l2": ks.l2().map(|t| json!({
+                "channel_connected": t.connected(),
+                "channel_lag_ms": t.channel_lag().as_millis() as u64,
+            })),
         }));
     }
     Json(json!({ "keyspaces": out }))

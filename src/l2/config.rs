@@ -89,10 +89,13 @@ impl RedisConfig {
     }
 }
 
-/// Whether `url` names a Redis server the client can reach (`redis://` or `rediss://`).
+/// Why `url` does not name a Redis server this build can reach (`redis://` only), if it does not.
 fn url_problem(url: &str) -> Option<String> {
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Some("must be a redis:// or rediss:// URL".into());
+    if url.starts_with("rediss://") {
+        return Some("TLS to Redis (rediss://) is not supported by this build; reach Redis over a private network or a local TLS tunnel".into());
+    }
+    if !url.starts_with("redis://") {
+        return Some("must be a redis:// URL".into());
     }
     match redis::parse_redis_url(url) {
         Some(_) => None,

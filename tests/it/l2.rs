@@ -234,6 +234,10 @@ async fn l2_hit_on_another_node(redis: Redis) {
         metric(&m, "cachesync_cache_hits_total{keyspace=\"users\",tier=\"l1\"}"),
         1.0
     );
+    let listed = p.hb.get("/v1/keyspaces").await.json();
+    let users = &listed["keyspaces"][0];
+    assert_eq!(users["stats"]["hits_l2"], 1, "{users}");
+    assert_eq!(users["l2"]["channel_connected"], true, "{users}");
 
     // A key nobody loaded is an L2 miss on B: Postgres answers, and L2 has it afterwards.
     assert_eq!(p.hb.get("/v1/kv/users/2").await.header("x-cache"), "miss");
