@@ -28,7 +28,10 @@
 //! - **stale after quiescence**: keys whose value on some node differs from Postgres 1 s after
 //!   the writes stop.
 //!
-//! Run: `cargo bench --bench consistency -- [--faults] [--seconds N] [--max-staleness D]`
+//! With `--l2`, both keyspaces also sit behind a shared `redis-server` (`l2 = true`), and the
+//! faults include Redis killed and restarted empty.
+//!
+//! Run: `cargo bench --bench consistency -- [--faults] [--l2] [--seconds N] [--max-staleness D]`
 //! (defaults: no faults, 60 s, 50ms). A loose `--max-staleness 5s` shows the checker catching
 //! what the contract prevents. Nothing here asserts; it prints its figures.
 
@@ -189,7 +192,14 @@ fn ver_of(body: &[u8]) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(body).ok()?["ver"].as_i64()
 }
 
-fn config(pg: &PgServer, db: &str, node: &str, log: &Path, max_staleness: &str) -> String {
+fn config(pg: &PgServer, db: &str, node: &str, log: &Path, max_staleness: &str, redis: Option<&str>) -> String {
+    let (l2, section) = match redis {
+        Some(url) => (
+            "l2 = true\n",
+            format!("[redis]\nurl = \"{url}\"\nmax_invalidation_delay = \"100ms\"\nreconcile_every = \"2s\"\n"),
+        ),
+        None => ("", String::new()),
+    };
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -219,7 +229,7 @@ columns = ["id", "ver"]
 write = "through"
 cdc = "update"
 max_entries = 10000
-[[keyspace]]
+{l2}[[keyspace]]
 name = "kvb"
 table = "kv"
 key = "id"
@@ -227,7 +237,7 @@ columns = ["id", "ver"]
 write = "behind"
 cdc = "update"
 max_entries = 10000
-"#,
+{l2}{section}"#,
         url = pg.url(db),
         log = log.display()
     )
@@ -284,6 +294,12 @@ async fn run() {
     };
     let seconds: u64 = value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(60);
     let max_staleness = value("--max-staleness").unwrap_or_else(|| "50ms".into());
+    // `--l2`: both keyspaces also behind a shared Redis tier (and, with faults, Redis restarts).
+    let redis = args
+        .iter()
+        .any(|a| a == "--l2")
+        .then(cachesync_testkit::redis::RedisServer::start);
+    let redis_url = redis.as_ref().map(|r| r.url());
     // Commit timestamps tell when a write-behind flush really committed.
     let pg = PgServer::start(PgOptions {
         settings: vec![("track_commit_timestamp".into(), "on".into())],
@@ -300,20 +316,35 @@ async fn run() {
     let nodes: Arc<Vec<Node>> = Arc::new(vec![
         Node::start(
             "s1",
-            config(&pg, &db.name, "s1", &temp_dir("check-s1", None), &max_staleness),
+            config(
+                &pg,
+                &db.name,
+                "s1",
+                &temp_dir("check-s1", None),
+                &max_staleness,
+                redis_url.as_deref(),
+            ),
         ),
         Node::start(
             "s2",
-            config(&pg, &db.name, "s2", &temp_dir("check-s2", None), &max_staleness),
+            config(
+                &pg,
+                &db.name,
+                "s2",
+                &temp_dir("check-s2", None),
+                &max_staleness,
+                redis_url.as_deref(),
+            ),
         ),
     ]);
     for n in nodes.iter() {
         wait_ready(&n.addr).await;
     }
     println!(
-        "consistency check: {KEYS} keys, 2 sidecars, {} readers, {seconds}s, faults {}, max_staleness {max_staleness}",
+        "consistency check: {KEYS} keys, 2 sidecars, {} readers, {seconds}s, faults {}, max_staleness {max_staleness}, redis tier {}",
         2 * READERS_PER_NODE,
-        if faults { "on" } else { "off" }
+        if faults { "on" } else { "off" },
+        if redis.is_some() { "on" } else { "off" }
     );
     let record = Arc::new(Mutex::new(Record::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -499,7 +530,13 @@ async fn run() {
         if !faults || started.elapsed() >= Duration::from_secs(seconds) {
             continue;
         }
-        let name = match fault_no % 6 {
+        let kinds = if redis.is_some() { 7 } else { 6 };
+        let name = match fault_no % kinds {
+            6 => {
+                let r = redis.clone().expect("redis");
+                tokio::task::spawn_blocking(move || r.restart()).await.unwrap();
+                "Redis killed and restarted empty".to_string()
+            }
             0 => {
                 let n = nodes.clone();
                 tokio::task::spawn_blocking(move || n[1].sigkill_and_restart())

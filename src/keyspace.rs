@@ -222,7 +222,9 @@ impl Keyspace {
     /// Marks the key's in-flight loads (from the source and from L2) stale.
     fn invalidate_flights(&self, key: &str) {
         self.flights.invalidate(key);
-        self.l2_flights.invalidate(key);
+        if self.l2.get().is_some() {
+            self.l2_flights.invalidate(key);
+        }
     }
 
     /// Whether an L1 entry may be served without revalidation (see `l2`): always, without an

@@ -807,3 +807,83 @@ async fn a_miss_on_two_nodes_at_once_makes_one_query() {
     assert_eq!(selects(&p.db).await, before + 1, "one query for both nodes");
     drop(p);
 }
+
+/// A change A captured from Postgres (CDC) and a write A flushed behind reach B — a node
+/// without CDC, which would otherwise keep its entries for their whole `ttl`.
+#[tokio::test]
+async fn changes_from_cdc_and_write_behind_flushes_reach_another_node() {
+    let redis = Redis::server();
+    let db = Db::new().await;
+    db.exec(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL);
+         INSERT INTO users SELECT g, 'v0' FROM generate_series(1, 5) g;
+         CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL);
+         INSERT INTO items SELECT g, 'v0' FROM generate_series(1, 5) g;",
+    )
+    .await;
+    let ks = |users: &str, items: &str| {
+        format!(
+            "[[keyspace]]\nname = \"users\"\ntable = \"public.users\"\nkey = \"id\"\nttl = \"5m\"\nl2 = true\n{users}\n\
+             [[keyspace]]\nname = \"items\"\ntable = \"public.items\"\nkey = \"id\"\nttl = \"5m\"\nl2 = true\n{items}\n"
+        )
+    };
+    let node = crate::common::Node::new();
+    let a_text = node
+        .config_text(&db, &ks("cdc = \"update\"", "write = \"behind\""), &redis.section())
+        .replacen("[server]\n", "[server]\nnode_id = \"a\"\n", 1);
+    let (a, ha) = node.start_text(&a_text).await;
+    let b_text = db.config_text(&format!("{}{}", ks("", ""), redis.section())).replacen(
+        "[server]\n",
+        "[server]\nnode_id = \"b\"\n",
+        1,
+    );
+    let (b, hb) = serve(cachesync::config::Config::parse(&b_text).expect("valid")).await;
+    for name in ["users", "items"] {
+        let t = b.keyspace(name).and_then(|k| k.l2().cloned()).expect("tier");
+        eventually(WAIT, "B's channel connects", || async {
+            if t.connected() { Ok(()) } else { Err(()) }
+        })
+        .await;
+    }
+    assert_eq!(hb.get("/v1/kv/users/1").await.json()["name"], "v0");
+    assert_eq!(hb.get("/v1/kv/items/1").await.json()["name"], "v0");
+    assert_eq!(hb.get("/v1/kv/users/1").await.header("x-cache"), "hit");
+
+    db.exec("UPDATE users SET name = 'from-sql' WHERE id = 1").await;
+    let got = eventually(WAIT, "B serves the change A captured", || async {
+        let r = hb.get("/v1/kv/users/1").await;
+        if r.json()["name"] == "from-sql" {
+            Ok(r)
+        } else {
+            Err(r.body)
+        }
+    })
+    .await;
+    assert_ne!(
+        got.header("x-cache"),
+        "miss",
+        "from L2 (A wrote the change there), not Postgres"
+    );
+
+    let w = ha.put("/v1/kv/items/1", r#"{"id":1,"name":"behind"}"#).await;
+    assert_eq!(w.status, 202, "{}", w.body);
+    eventually(WAIT, "B serves the write A flushed", || async {
+        let r = hb.get("/v1/kv/items/1").await;
+        if r.json()["name"] == "behind" {
+            Ok(())
+        } else {
+            Err(r.body)
+        }
+    })
+    .await;
+    let m = metrics(&hb).await;
+    assert!(
+        metric(&m, "cachesync_l2_invalidations_total{keyspace=\"users\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "cachesync_l2_invalidations_total{keyspace=\"items\"}") >= 1.0,
+        "{m}"
+    );
+    drop((a, b));
+}
