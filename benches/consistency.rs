@@ -639,6 +639,7 @@ async fn run() {
     // Staleness of each read against the acknowledged history.
     let in_pg_down = |t: Instant| record.pg_down.iter().any(|&(a, b)| t >= a && t <= b);
     let (mut counted, mut stale, mut reported, mut during_down, mut stale_during_down) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut stale_down_unreported = 0u64;
     let mut examples = Vec::new();
     for r in &reads {
         // What the read is held to: the acknowledged history — except for a write-behind key
@@ -651,6 +652,7 @@ async fn run() {
         if in_pg_down(r.started) {
             during_down += 1;
             stale_during_down += is_stale as u64;
+            stale_down_unreported += (is_stale && !r.reported) as u64;
             continue;
         }
         counted += 1;
@@ -686,7 +688,7 @@ async fn run() {
     println!("faults injected:            {}", record.faults.len());
     println!("writes acknowledged:        {writes} (outcome unknown: {unknown})");
     println!(
-        "reads:                      {} counted, {during_down} while Postgres was down ({stale_during_down} of them stale)",
+        "reads:                      {} counted, {during_down} while Postgres was down ({stale_during_down} of them stale, {stale_down_unreported} of those without X-Cache-Lag-Ms)",
         counted
     );
     println!(

@@ -435,8 +435,13 @@ impl Keyspace {
     ///
     /// A load that finds the table changed under its binding (a column or the table renamed or
     /// dropped) re-reads the table's shape and tries once more with it.
+    ///
+    /// A keyspace under the CDC freshness contract asks L2 only while its own change stream
+    /// keeps the contract: then every change old enough to count has reached this node, and L2
+    /// (written before any change is announced) holds it too; otherwise only Postgres can say.
     pub async fn load(&self, key: &Key) -> Result<Loaded, KeyspaceError> {
         if let Some(tier) = self.l2.get()
+            && self.is_fresh_read(None)
             && let Some(entry) = self.load_l2(tier, key).await
         {
             return Ok(Loaded {
@@ -481,14 +486,7 @@ impl Keyspace {
                 }
                 let mut entry = rec.to_entry(self.hlc.now());
                 entry.checked_at = Some(asked);
-                if self
-                    .l1
-                    .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
-                    .await
-                    == Installed::Skipped
-                {
-                    self.m.fills_skipped.inc();
-                }
+                self.fill_l1(&key.cache_key, &entry, lease).await;
                 Some(Arc::new(entry))
             })
             .await;
@@ -561,14 +559,7 @@ impl Keyspace {
                     .read_at(read_at);
                 entry.checked_at = Some(read_at);
                 let held = lease.is_valid();
-                if self
-                    .l1
-                    .install(key.cache_key.clone(), entry.clone(), Install::Fill(lease))
-                    .await
-                    == Installed::Skipped
-                {
-                    self.m.fills_skipped.inc();
-                }
+                self.fill_l1(&key.cache_key, &entry, lease).await;
                 if let (Some(tier), Some(ticket), true) = (self.l2.get(), ticket, held) {
                     // Off the read's path: the compare-and-set keeps a late fill harmless.
                     let (tier, key, e) = (tier.clone(), key.cache_key.clone(), entry.clone());
@@ -580,6 +571,14 @@ impl Keyspace {
         self.flights.finish(&key.cache_key, &flight);
         let held = flight.is_valid();
         Ok((result?, held))
+    }
+
+    /// Installs a load's result under its lease (skipped, and counted, when a change of the
+    /// key came while it ran).
+    async fn fill_l1(&self, key: &Arc<str>, entry: &Entry, lease: Arc<dyn Lease>) {
+        if self.l1.install(key.clone(), entry.clone(), Install::Fill(lease)).await == Installed::Skipped {
+            self.m.fills_skipped.inc();
+        }
     }
 
     /// The door for a change whose new state is known: marks the key's in-flight load stale

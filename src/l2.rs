@@ -34,8 +34,9 @@
 //!   write made during an outage still reaches L2 and every node's L1 when Redis returns.
 //!
 //! The tier applies to keyspaces with a table and `l2 = true`. With CDC on, the change stream
-//! already keeps each node's L1 fresh (the freshness contract); the channel still carries every
-//! change to L2 and to nodes that do not capture.
+//! already keeps each node's L1 fresh (the freshness contract): such a node announces the
+//! changes it captures (for nodes that do not capture) but drops nothing on notices, and asks
+//! L2 on a miss only while its stream keeps the contract.
 
 pub mod client;
 pub mod config;
@@ -824,7 +825,10 @@ impl Tier {
                     self.sync(&mut conn, ks).await?;
                     break;
                 }
-                if e.node != self.l2.instance {
+                // A CDC keyspace's own change stream brings every change (the freshness
+                // contract keeps it); dropping entries on notices too would only turn hits
+                // into L2 reads. The channel still tracks the epoch its fills are checked by.
+                if e.node != self.l2.instance && self.guards_l1 {
                     let notices = record::decode_notices(&e.notices).unwrap_or_default();
                     self.metrics()
                         .heard

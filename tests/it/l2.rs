@@ -410,22 +410,7 @@ async fn the_bound_holds_in_a_cluster_flushed_and_restarted() {
 async fn slow_fill_races_a_write(redis: Redis) {
     let p = pair(&redis).await;
     let ks = p.b.keyspace("users").expect("keyspace").clone();
-    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
-    let entered = Arc::new(std::sync::Mutex::new(Some(entered_tx)));
-    let release = Arc::new(tokio::sync::Notify::new());
-    {
-        let (entered, release) = (entered.clone(), release.clone());
-        ks.set_load_hook(Some(Arc::new(move |_key| {
-            let (entered, release) = (entered.clone(), release.clone());
-            Box::pin(async move {
-                let first = entered.lock().unwrap().take();
-                if let Some(tx) = first {
-                    let _ = tx.send(());
-                    release.notified().await;
-                }
-            })
-        })));
-    }
+    let (entered_rx, release) = hold_first_load(&ks);
     let slow = {
         let hb = p.hb.clone();
         tokio::spawn(async move { hb.get("/v1/kv/users/3").await })
@@ -767,22 +752,7 @@ async fn a_miss_on_two_nodes_at_once_makes_one_query() {
     let redis = Redis::server();
     let p = pair_with(&redis, "lease = \"10s\"\n").await;
     let ks = p.b.keyspace("users").expect("keyspace").clone();
-    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
-    let entered = Arc::new(std::sync::Mutex::new(Some(entered_tx)));
-    let release = Arc::new(tokio::sync::Notify::new());
-    {
-        let (entered, release) = (entered.clone(), release.clone());
-        ks.set_load_hook(Some(Arc::new(move |_key| {
-            let (entered, release) = (entered.clone(), release.clone());
-            Box::pin(async move {
-                let first = entered.lock().unwrap().take();
-                if let Some(tx) = first {
-                    let _ = tx.send(());
-                    release.notified().await;
-                }
-            })
-        })));
-    }
+    let (entered_rx, release) = hold_first_load(&ks);
     let before = selects(&p.db).await;
     let on_b = {
         let hb = p.hb.clone();
@@ -886,4 +856,86 @@ async fn changes_from_cdc_and_write_behind_flushes_reach_another_node() {
         "{m}"
     );
     drop((a, b));
+}
+
+/// Holds the keyspace's first load after its query (before it installs) until `release` is
+/// notified; `entered` fires when it is held.
+fn hold_first_load(
+    ks: &Arc<cachesync::keyspace::Keyspace>,
+) -> (tokio::sync::oneshot::Receiver<()>, Arc<tokio::sync::Notify>) {
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let entered = Arc::new(std::sync::Mutex::new(Some(entered_tx)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    ks.set_load_hook(Some(Arc::new(move |_key| {
+        let (entered, release) = (entered.clone(), held.clone());
+        Box::pin(async move {
+            let first = entered.lock().unwrap().take();
+            if let Some(tx) = first {
+                let _ = tx.send(());
+                release.notified().await;
+            }
+        })
+    })));
+    (entered_rx, release)
+}
+
+/// In a CDC keyspace, L2 answers a miss only while the node's own change stream keeps the
+/// freshness contract; otherwise Postgres does (L2 may lag a change nobody has captured yet).
+#[tokio::test]
+async fn a_cdc_keyspace_asks_l2_only_while_its_stream_keeps_the_contract() {
+    let redis = Redis::server();
+    let db = Db::new().await;
+    db.exec(USERS).await;
+    let node = crate::common::Node::new();
+    let text = node.config_text(
+        &db,
+        "[[keyspace]]\nname = \"users\"\ntable = \"public.users\"\nkey = \"id\"\ncdc = \"update\"\nwarm = false\nl2 = true\n",
+        &redis.section(),
+    );
+    let (a, ha) = node.start_text(&text).await;
+    // A record for key 4 that Postgres never held, newer than anything there.
+    let Redis::Server(server) = &redis else { unreachable!() };
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut c = client.get_multiplexed_async_connection().await.expect("connect");
+    let planted = Record {
+        kind: Kind::Value,
+        lsn: Lsn(u64::MAX / 2),
+        xid: None,
+        snapshot: None,
+        value: Some(bytes::Bytes::from_static(br#"{"id":4,"name":"planted"}"#)),
+    };
+    let _: () = redis::cmd("SET")
+        .arg("cachesync:users:4")
+        .arg(planted.encode())
+        .query_async(&mut c)
+        .await
+        .expect("SET");
+    let ks = a.keyspace("users").expect("keyspace").clone();
+    // The stream no longer vouches for the keyspace: the miss goes to Postgres.
+    ks.set_followed(false);
+    let r = ha.get("/v1/kv/users/4").await;
+    assert_eq!(
+        (r.header("x-cache"), r.json()["name"].as_str()),
+        ("miss", Some("v0")),
+        "{}",
+        r.body
+    );
+    // With the stream keeping the contract, L2 answers misses.
+    ks.set_followed(true);
+    let r = ha.get("/v1/kv/users/5").await;
+    assert_eq!(r.header("x-cache"), "miss", "nothing in L2 yet for key 5");
+    // Once A's fill is in Redis, a read that misses L1 is answered from L2.
+    let r = eventually(WAIT, "a miss answered from L2", || async {
+        ks.clear();
+        let r = ha.get("/v1/kv/users/5").await;
+        if r.header("x-cache") == "hit-l2" {
+            Ok(r)
+        } else {
+            Err(r.header("x-cache").to_string())
+        }
+    })
+    .await;
+    assert_eq!(r.json()["name"], "v0");
+    drop(a);
 }
