@@ -2,7 +2,8 @@
 //! unchanged on a Redis Cluster.
 //!
 //! - [`CAS`]: installs a record only if it is at least as new as the one there — the same rule
-//!   as `Entry::supersedes`, on the header `l2::record` writes. A slow fill, a late change or a
+//!   as `Entry::supersedes`, on the header `l2::record` writes (a value that is not a record,
+//!   written by some other program, is replaced). A slow fill, a late change or a
 //!   retried write never replaces newer state.
 //! - [`DELETE_IF`]: removes a record only if it is still exactly the given bytes (a fill whose
 //!   epoch turned out to be gone takes back what it wrote).
@@ -13,6 +14,13 @@
 use std::sync::LazyLock;
 
 const DECODE: &str = r#"
+local function valid(s)
+  if string.len(s) < 20 then return false end
+  local kind = string.byte(s, 1)
+  if kind ~= 86 and kind ~= 78 and kind ~= 85 then return false end
+  local n = struct.unpack('>H', s, 19)
+  return string.len(s) >= 20 + 4 * n
+end
 local function parse(s)
   local kind, flags, hi, lo, xid, xmax, n, pos = struct.unpack('>BBI4I4I4I4H', s)
   local xip = {}
@@ -52,7 +60,8 @@ pub static CAS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         r#"{DECODE}
 local old = redis.call('GET', KEYS[1])
-if old and not supersedes(parse(ARGV[1]), parse(old)) then
+-- Something that is not a record (written by another program) is replaced, never trusted.
+if old and valid(old) and not supersedes(parse(ARGV[1]), parse(old)) then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

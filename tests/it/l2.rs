@@ -115,7 +115,14 @@ impl Redis {
 
     /// The raw record of `key` in L2.
     async fn record(&self, key: &str) -> Option<Record> {
-        let raw: Option<Vec<u8>> = match self {
+        self.record_raw(key)
+            .await
+            .map(|b| Record::decode(&b).expect("a record cachesync wrote decodes"))
+    }
+
+    /// The bytes under `key`.
+    async fn record_raw(&self, key: &str) -> Option<Vec<u8>> {
+        match self {
             Redis::Server(s) => {
                 let client = redis::Client::open(s.url()).expect("url");
                 let mut c = client.get_multiplexed_async_connection().await.expect("connect");
@@ -126,8 +133,7 @@ impl Redis {
                 let mut conn = client.get_async_connection().await.expect("connect");
                 redis::cmd("GET").arg(key).query_async(&mut conn).await.expect("GET")
             }
-        };
-        raw.map(|b| Record::decode(&b).expect("a record cachesync wrote decodes"))
+        }
     }
 }
 
@@ -938,4 +944,32 @@ async fn a_cdc_keyspace_asks_l2_only_while_its_stream_keeps_the_contract() {
     .await;
     assert_eq!(r.json()["name"], "v0");
     drop(a);
+}
+
+/// A value under a record's key that is not a record (another program wrote it) is never
+/// served: the read goes to Postgres, and the fill replaces it with a record.
+#[tokio::test]
+async fn a_foreign_value_in_redis_is_never_served_and_gets_replaced() {
+    let redis = Redis::server();
+    let p = pair(&redis).await;
+    let Redis::Server(server) = &redis else { unreachable!() };
+    for (key, junk) in [
+        ("7", "not a record"),
+        ("8", "V-short"),
+        ("9", "Vxxxxxxxxxxxxxxxxx\u{ff}\u{ff}"),
+    ] {
+        server.cli(&["SET", &format!("cachesync:users:{key}"), junk]);
+        let r = p.ha.get(&format!("/v1/kv/users/{key}")).await;
+        assert_eq!((r.status.as_u16(), r.header("x-cache")), (200, "miss"), "{}", r.body);
+        assert_eq!(r.json()["name"], "v0");
+        let rec = eventually(WAIT, "the fill replaces the foreign value", || async {
+            match redis.record_raw(&format!("cachesync:users:{key}")).await {
+                Some(b) if Record::decode(&b).is_some() => Ok(Record::decode(&b).unwrap()),
+                other => Err(other),
+            }
+        })
+        .await;
+        assert_eq!(rec.kind, Kind::Value);
+    }
+    drop(p);
 }
