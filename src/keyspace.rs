@@ -700,6 +700,7 @@ impl Keyspace {
         let asked = tokio::time::Instant::now();
         let entry = &cached.entry;
         if !tier.publishing(&key.cache_key)
+            && tier.may_vouch(entry)
             && let Ok(Some(rec)) = tier.get(&key.cache_key).await
             && rec.is_state()
         {

@@ -222,6 +222,11 @@ pub struct Tier {
     caught_up_us: AtomicU64,
     /// Entries confirmed before this (µs since `base`) are suspect.
     suspect_us: AtomicU64,
+    /// Entries confirmed before this cannot be vouched for by L2 either (Redis lost writes):
+    /// they are reloaded from the source.
+    distrust_us: AtomicU64,
+    /// The highest source position this node has heard announced (its own changes included).
+    heard_lsn: AtomicU64,
     /// Source position below which L2 state is ignored (a clear announced at it).
     floor: AtomicU64,
     reconcile_now: Notify,
@@ -274,6 +279,8 @@ impl L2 {
             }),
             caught_up_us: AtomicU64::new(0),
             suspect_us: AtomicU64::new(0),
+            distrust_us: AtomicU64::new(0),
+            heard_lsn: AtomicU64::new(0),
             floor: AtomicU64::new(0),
             reconcile_now: Notify::new(),
             connected: AtomicBool::new(false),
@@ -351,36 +358,33 @@ impl L2 {
             return true;
         }
         let mut ok = true;
-        let writes = futures::future::join_all(
-            batch
-                .iter()
-                .map(|c| c.tier.cas(false, &c.key, &c.record, c.tier.ttl_of(&c.record))),
-        );
-        let results = writes.await;
         let mut by_keyspace: HashMap<Arc<str>, (Arc<Tier>, Vec<Change>)> = HashMap::new();
-        let mut failed = Vec::new();
-        for (c, r) in batch.into_iter().zip(results) {
-            match r {
-                Ok(_) => by_keyspace
-                    .entry(c.tier.keyspace.clone())
-                    .or_insert_with(|| (c.tier.clone(), Vec::new()))
-                    .1
-                    .push(c),
-                Err(_) => failed.push(c),
-            }
+        for c in batch {
+            by_keyspace
+                .entry(c.tier.keyspace.clone())
+                .or_insert_with(|| (c.tier.clone(), Vec::new()))
+                .1
+                .push(c);
         }
-        for (_, (tier, written)) in by_keyspace {
-            let notices: Vec<Notice> = written
-                .iter()
-                .map(|c| Notice {
-                    key: c.key.to_string(),
-                    lsn: c.record.lsn,
-                    xid: c.record.xid,
-                })
-                .collect();
-            if tier.announce(&notices, None).await.is_err() {
-                // Written but not announced: both again (the write is idempotent).
-                failed.extend(written);
+        let one_server = matches!(self.config().target, config::RedisTarget::Server(_));
+        let mut failed = Vec::new();
+        for (_, (tier, changes)) in by_keyspace {
+            let published = if one_server {
+                // One round trip: every record and the announcement, in one script.
+                tier.publish(&changes).await.is_ok()
+            } else {
+                // A cluster: each record in its own slot, then the announcement in the stream's.
+                let results = futures::future::join_all(
+                    changes
+                        .iter()
+                        .map(|c| tier.cas(false, &c.key, &c.record, tier.ttl_of(&c.record))),
+                )
+                .await;
+                results.iter().all(Result::is_ok) && tier.announce(&notices_of(&changes), None).await.is_ok()
+            };
+            if !published {
+                // Written or not, all again: the compare-and-set makes a repeat harmless.
+                failed.extend(changes);
             }
         }
         for (tier, lsn) in clears {
@@ -475,6 +479,39 @@ impl Tier {
             self.metrics().cas_rejected.inc();
         }
         Ok(stored)
+    }
+
+    /// One server: compare-and-set of every change's record and their announcement, in one
+    /// script.
+    async fn publish(&self, changes: &[Change]) -> Result<(), L2Error> {
+        let proposed = new_epoch();
+        let payload = record::encode_notices(&notices_of(changes));
+        let maxlen = self.l2.config().stream_maxlen;
+        let node = self.l2.instance.clone();
+        let mut inv = script::PUBLISH.prepare_invoke();
+        inv.key(&self.meta_key).key(&self.stream_key);
+        inv.arg(proposed).arg(maxlen).arg(node).arg(payload).arg("");
+        for c in changes {
+            inv.key(self.record_key(&c.key));
+            inv.arg(c.record.encode())
+                .arg(self.ttl_of(&c.record).as_millis().max(1) as u64);
+        }
+        let r = self
+            .l2
+            .client
+            .call_as(false, |mut conn: Conn| async move {
+                inv.invoke_async::<Vec<i64>>(&mut conn).await
+            })
+            .await;
+        self.metrics().request("publish", &r);
+        let stored = r?;
+        let rejected = stored.iter().filter(|s| **s == 0).count();
+        self.metrics().cas_rejected.inc_by(rejected as u64);
+        self.metrics()
+            .announced
+            .with_label_values(&[&self.keyspace])
+            .inc_by(changes.len() as u64);
+        Ok(())
     }
 
     async fn announce(&self, notices: &[Notice], clear: Option<Lsn>) -> Result<(), L2Error> {
@@ -668,13 +705,27 @@ impl Tier {
         caught + bound >= now_us || c + bound >= now_us
     }
 
-    /// Marks every L1 entry confirmed before now suspect, and wakes the reconciler.
-    fn suspect_all(&self, reason: &str) {
+    /// Marks every L1 entry confirmed before now suspect, and wakes the reconciler. With
+    /// `lost_writes` (Redis itself lost data: a restart from an older snapshot, a failover to
+    /// a replica that had not seen the latest writes, a flush), L2 cannot vouch for them
+    /// either, and what L2 holds from before the newest change this node heard of is ignored.
+    fn suspect_all(&self, reason: &str, lost_writes: bool) {
         let now = self.l2.micros(Instant::now());
         self.suspect_us.fetch_max(now, Ordering::AcqRel);
+        if lost_writes {
+            self.distrust_us.fetch_max(now, Ordering::AcqRel);
+            self.floor
+                .fetch_max(self.heard_lsn.load(Ordering::Acquire), Ordering::AcqRel);
+        }
         self.metrics().gaps.with_label_values(&[&self.keyspace, reason]).inc();
         tracing::warn!(keyspace = %self.keyspace, reason, "the invalidation channel missed changes; L1 entries confirmed before now are suspect and will be revalidated");
         self.reconcile_now.notify_one();
+    }
+
+    /// Whether L2 may vouch for an entry confirmed at `checked` (not after Redis lost writes).
+    pub fn may_vouch(&self, e: &Entry) -> bool {
+        let confirmed = self.l2.micros(e.checked_at.unwrap_or(e.stored_at));
+        confirmed >= self.distrust_us.load(Ordering::Acquire)
     }
 
     pub(crate) fn revalidated(&self, result: &str) {
@@ -688,6 +739,18 @@ impl Tier {
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
     }
+}
+
+/// The notices announcing `changes`.
+fn notices_of(changes: &[Change]) -> Vec<Notice> {
+    changes
+        .iter()
+        .map(|c| Notice {
+            key: c.key.to_string(),
+            lsn: c.record.lsn,
+            xid: c.record.xid,
+        })
+        .collect()
 }
 
 /// A fresh random epoch id.
@@ -828,8 +891,11 @@ impl Tier {
                 // A CDC keyspace's own change stream brings every change (the freshness
                 // contract keeps it); dropping entries on notices too would only turn hits
                 // into L2 reads. The channel still tracks the epoch its fills are checked by.
+                let notices = record::decode_notices(&e.notices).unwrap_or_default();
+                if let Some(max) = notices.iter().map(|n| n.lsn.0).max() {
+                    self.heard_lsn.fetch_max(max, Ordering::AcqRel);
+                }
                 if e.node != self.l2.instance && self.guards_l1 {
-                    let notices = record::decode_notices(&e.notices).unwrap_or_default();
                     self.metrics()
                         .heard
                         .with_label_values(&[&self.keyspace])
@@ -872,7 +938,8 @@ impl Tier {
         }
         if e.seq != c.seq + 1 {
             drop(c);
-            self.suspect_all("sequence");
+            // Entries trimmed away before this reader read them: L2 still has the state.
+            self.suspect_all("sequence", false);
             c = self.channel.lock().unwrap_or_else(|p| p.into_inner());
         }
         c.seq = e.seq;
@@ -911,7 +978,7 @@ impl Tier {
             return Ok(());
         }
         if lost {
-            self.suspect_all("epoch");
+            self.suspect_all("epoch", true);
         }
         // Start from the stream's newest entry: what came before is covered by the suspicion
         // (or, on a first start, by an empty L1).
@@ -968,6 +1035,9 @@ impl Tier {
             for ((key, entry), rec) in chunk.iter().zip(got) {
                 let result = match rec {
                     Err(_) => return,
+                    // Redis lost writes since this entry was confirmed: only the source can
+                    // tell, on the entry's next read.
+                    Ok(Some(_)) if !self.may_vouch(entry) => "unknown",
                     Ok(Some(rec)) => {
                         let l2 = rec.to_entry(0);
                         if l2.supersedes(entry) && entry.supersedes(&l2) && rec.is_state() {

@@ -140,7 +140,7 @@ impl Redis {
 /// Two sidecars, `a` and `b`, on one database and one Redis.
 struct Pair {
     db: Db,
-    _a: Server,
+    a: Server,
     b: Server,
     ha: Http,
     hb: Http,
@@ -175,7 +175,7 @@ async fn pair_with(redis: &Redis, more: &str) -> Pair {
         })
         .await;
     }
-    Pair { db, _a: a, b, ha, hb }
+    Pair { db, a, b, ha, hb }
 }
 
 /// SELECTs of the users table, as Postgres counted them.
@@ -971,5 +971,108 @@ async fn a_foreign_value_in_redis_is_never_served_and_gets_replaced() {
         .await;
         assert_eq!(rec.kind, Kind::Value);
     }
+    drop(p);
+}
+
+/// Redis comes back from an older snapshot (a restart from persistence, a failover to a replica
+/// that missed the latest writes): the same epoch, a lower sequence, L2 records older than
+/// changes already announced. No node may take those records for current: the regression
+/// raises the floor to the newest change heard, and suspect entries reload from Postgres.
+#[tokio::test]
+async fn redis_going_back_in_time_is_not_taken_for_current() {
+    let redis = Redis::server();
+    let p = pair(&redis).await;
+    let Redis::Server(server) = &redis else { unreachable!() };
+    assert_eq!(
+        p.ha.put("/v1/kv/users/11", r#"{"id":11,"name":"v1"}"#).await.status,
+        200
+    );
+    assert_eq!(until_named(&p.hb, 11, "v1").await, "v1");
+    // What Redis held after v1: the record and the sequence.
+    let old_record = redis.record_raw("cachesync:users:11").await.expect("v1's record");
+    let old_seq = server.cli(&["HGET", "cachesync:{users}:meta", "s"]).trim().to_string();
+    assert_eq!(
+        p.ha.put("/v1/kv/users/11", r#"{"id":11,"name":"v2"}"#).await.status,
+        200
+    );
+    assert_eq!(until_named(&p.hb, 11, "v2").await, "v2");
+    // Redis "restored" to before v2: the old record, the old sequence, v2's notice gone.
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut c = client.get_multiplexed_async_connection().await.expect("connect");
+    let last: redis::Value = redis::cmd("XREVRANGE")
+        .arg("cachesync:{users}:changes")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .expect("XREVRANGE");
+    let id = match last {
+        redis::Value::Array(items) => match items.into_iter().next() {
+            Some(redis::Value::Array(mut e)) => redis::from_redis_value::<String>(e.remove(0)).expect("id"),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg("cachesync:users:11")
+        .arg(old_record)
+        .ignore()
+        .cmd("HSET")
+        .arg("cachesync:{users}:meta")
+        .arg("s")
+        .arg(&old_seq)
+        .ignore()
+        .cmd("XDEL")
+        .arg("cachesync:{users}:changes")
+        .arg(&id)
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .expect("restore");
+    eventually(WAIT, "both nodes see the sequence go back", || async {
+        let (ma, mb) = (metrics(&p.ha).await, metrics(&p.hb).await);
+        let key = "cachesync_l2_gaps_total{keyspace=\"users\",reason=\"epoch\"}";
+        let n = metric(&ma, key).min(metric(&mb, key));
+        if n >= 1.0 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    // Neither node serves v1 again: not from L2 on a miss (the restored record is below the
+    // floor), not from L1 (suspect, and L2 may not vouch).
+    p.b.keyspace("users").expect("ks").clear();
+    let r = p.hb.get("/v1/kv/users/11").await;
+    assert_eq!(
+        r.json()["name"],
+        "v2",
+        "a miss after the restore: {} {}",
+        r.header("x-cache"),
+        r.body
+    );
+    for h in [&p.hb, &p.ha, &p.hb] {
+        let r = h.get("/v1/kv/users/11").await;
+        assert_eq!(r.json()["name"], "v2", "{} {}", r.header("x-cache"), r.body);
+    }
+    p.ha.get("/v1/kv/users/11").await;
+    let rec = eventually(WAIT, "a fill puts v2 back in L2", || async {
+        match redis.record("cachesync:users:11").await {
+            Some(r)
+                if r.value
+                    .as_deref()
+                    .is_some_and(|v| String::from_utf8_lossy(v).contains("v2")) =>
+            {
+                Ok(r)
+            }
+            other => {
+                // Drop A's L1 entry so the next read misses and fills.
+                p.a.keyspace("users").expect("ks").clear();
+                p.ha.get("/v1/kv/users/11").await;
+                Err(other)
+            }
+        }
+    })
+    .await;
+    assert_eq!(rec.kind, Kind::Value);
     drop(p);
 }
