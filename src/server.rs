@@ -499,10 +499,15 @@ impl Server {
         if !serve.stop(deadline).await {
             late(Phase::Serve);
         }
+        tracing::info!(phase = "serve", "shutdown: requests finished; no new ones are accepted");
         // 2. Capture: the stream confirms its durable position and leaves; the applier stops.
         if !self.life.tasks(Phase::Capture).stop(deadline).await {
             late(Phase::Capture);
         }
+        tracing::info!(
+            phase = "capture",
+            "shutdown: change capture stopped after confirming its durable position"
+        );
         // 3. Drain: no request can add writes now; flush what is left, within the grace period.
         // What does not make it stays durable in the log and is flushed on the next start.
         let drain = self.life.tasks(Phase::Drain);
@@ -519,18 +524,21 @@ impl Server {
                         "shutdown: write-behind writes left unflushed; they are durable and will be flushed on the next start"
                     );
                 } else {
-                    tracing::info!("shutdown: every write-behind write reached Postgres");
+                    tracing::info!(phase = "drain", "shutdown: every write-behind write reached Postgres");
                 }
             }
         }
         // Cut off what is still draining (it resumes from its durable cursor on the next start).
         drain.stop(tokio::time::Instant::now() + CUTOFF_WAIT).await;
         // 4. Log: make everything appended durable, stop the writer and the timers.
-        if let Some(log) = self.state.log.clone()
-            && let Err(e) = log.close().await
-        {
-            tracing::error!(error = %e, "closing the commit log failed");
-            outcome = Drain::TimedOut;
+        if let Some(log) = self.state.log.clone() {
+            match log.close().await {
+                Ok(()) => tracing::info!(phase = "log", "shutdown: the commit log is synced and closed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "closing the commit log failed");
+                    outcome = Drain::TimedOut;
+                }
+            }
         }
         if !self
             .life

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need and a fresh Debian/Ubuntu machine lacks:
-# the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql), redis-server and libfaketime.
+# the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql), redis-server and
+# redis-cli, libfaketime, and Python's venv (for the deployment validators).
 # Does nothing when they are already there. The tests start their own throwaway servers;
 # no system service is used or started here.
 set -euo pipefail
@@ -11,6 +12,8 @@ fi
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+# validate-deploy.sh installs kubernetes-validate and yamllint into a virtualenv.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # A fake wall clock for one process (LD_PRELOAD): the federation clock-drift test runs a node 10 s ahead.
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
 if [ ${#need[@]} -eq 0 ]; then

@@ -7,6 +7,7 @@ mod common;
 mod cdc;
 mod check;
 mod commitlog_crash;
+mod deploy;
 mod embedded;
 mod federation;
 mod front_door;

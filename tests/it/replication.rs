@@ -18,7 +18,7 @@ const ITEMS: &str =
     "[[keyspace]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\ncdc = \"update\"\nread_through = false\n";
 
 /// A hub's configuration: a slot of its own and a log server on a free port.
-fn hub_text(db: &Db, node: &Node, keyspaces: &str, replication: &str) -> String {
+pub(crate) fn hub_text(db: &Db, node: &Node, keyspaces: &str, replication: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nnode_id = \"hub\"\nshutdown_grace = \"5s\"\n\
          [postgres]\nurl = \"{}\"\nacquire_timeout = \"2s\"\nconnect_timeout = \"2s\"\n{keyspaces}\n\
@@ -31,7 +31,14 @@ fn hub_text(db: &Db, node: &Node, keyspaces: &str, replication: &str) -> String 
 }
 
 /// An edge's configuration: it follows `upstream` and holds no slot.
-fn edge_text(db: &Db, name: &str, log: &std::path::Path, upstream: &str, keyspaces: &str, extra: &str) -> String {
+pub(crate) fn edge_text(
+    db: &Db,
+    name: &str,
+    log: &std::path::Path,
+    upstream: &str,
+    keyspaces: &str,
+    extra: &str,
+) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nnode_id = \"{name}\"\nshutdown_grace = \"5s\"\n\
          [postgres]\nurl = \"{}\"\nacquire_timeout = \"2s\"\nconnect_timeout = \"2s\"\n{keyspaces}\n\

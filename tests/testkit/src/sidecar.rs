@@ -28,15 +28,31 @@ impl Sidecar {
     /// [`Sidecar::spawn`] with extra environment variables (e.g. a `LD_PRELOAD`ed fake clock).
     pub fn spawn_with_env(bin: &Path, config: Option<&str>, env: &[(&str, &str)]) -> Sidecar {
         let dir = temp_dir("sidecar", None);
+        let path = config.map(|text| {
+            let path = dir.join("cachesync.toml");
+            std::fs::write(&path, text).expect("write config");
+            path
+        });
+        Sidecar::start(bin, dir, path.as_deref(), env)
+    }
+
+    /// Starts `bin serve --config <path>` with a config file that is already in place (as a pod
+    /// mounts it), with extra environment variables.
+    pub fn spawn_file(bin: &Path, config: &Path, env: &[(&str, &str)]) -> Sidecar {
+        Sidecar::start(bin, temp_dir("sidecar", None), Some(config), env)
+    }
+
+    fn start(bin: &Path, dir: PathBuf, config: Option<&Path>, env: &[(&str, &str)]) -> Sidecar {
         let mut cmd = Command::new(bin);
         cmd.envs(env.iter().copied());
         cmd.arg("serve");
-        if let Some(text) = config {
-            let path = dir.join("cachesync.toml");
-            std::fs::write(&path, text).expect("write config");
-            cmd.arg("--config").arg(&path);
-        } else {
-            cmd.env("CACHESYNC_LISTEN", "127.0.0.1:0");
+        match config {
+            Some(path) => {
+                cmd.arg("--config").arg(path);
+            }
+            None => {
+                cmd.env("CACHESYNC_LISTEN", "127.0.0.1:0");
+            }
         }
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("create log");
         cmd.stdout(Stdio::piped())
