@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 venv="${CACHESYNC_TOOLS_VENV:-target/deploy-tools}"
 if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/yamllint" ]; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet kubernetes-validate yamllint
+    "$venv/bin/pip" install --quiet "kubernetes-validate==1.34.1" "yamllint==1.38.0"
 fi
 mapfile -t manifests < <(find deploy/k8s -name '*.yaml' | sort)
 native=()
