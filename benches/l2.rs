@@ -76,15 +76,6 @@ fn put_request(path: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    common::metrics_text(addr)
-        .await
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn run() {
     let pg = PgServer::start(PgOptions::default());
     let redis = RedisServer::start();
@@ -130,7 +121,7 @@ async fn l2_hits(db_url: &str, redis: &RedisServer) {
         assert!(Instant::now() < deadline, "fills reach Redis ({n} keys)");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let l2_before = metric(addr, "cachesync_cache_hits_total{keyspace=\"users\",tier=\"l2\"}").await;
+    let l2_before = common::metric_sum(addr, "cachesync_cache_hits_total{keyspace=\"users\",tier=\"l2\"}").await;
     let mut sidecar = Lat::new();
     let mut direct = Lat::new();
     let (mut t_side, mut t_direct) = (Duration::ZERO, Duration::ZERO);
@@ -158,7 +149,7 @@ async fn l2_hits(db_url: &str, redis: &RedisServer) {
     }
     sidecar.elapsed = t_side;
     direct.elapsed = t_direct;
-    let hits = metric(addr, "cachesync_cache_hits_total{keyspace=\"users\",tier=\"l2\"}").await - l2_before;
+    let hits = common::metric_sum(addr, "cachesync_cache_hits_total{keyspace=\"users\",tier=\"l2\"}").await - l2_before;
     println!(
         "\n## L2-hit GET, 1 connection ({} reads each, {ROUNDS} interleaved rounds; {hits} counted as L2 hits)",
         ROUNDS * PER_ROUND
@@ -258,8 +249,8 @@ async fn queries_saved(db_url: &str, redis: &RedisServer) {
         let took = started.elapsed();
         let (mut loads, mut l2_hits) = (0.0, 0.0);
         for pod in &pods {
-            loads += metric(pod.local_addr(), "cachesync_source_loads_total").await;
-            l2_hits += metric(
+            loads += common::metric_sum(pod.local_addr(), "cachesync_source_loads_total").await;
+            l2_hits += common::metric_sum(
                 pod.local_addr(),
                 "cachesync_cache_hits_total{keyspace=\"users\",tier=\"l2\"}",
             )

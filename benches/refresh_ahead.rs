@@ -97,15 +97,6 @@ async fn readers(addr: std::net::SocketAddr, keyspace: &str) -> Outcome {
     all
 }
 
-async fn counter(addr: std::net::SocketAddr, prefix: &str) -> f64 {
-    common::metrics_text(addr)
-        .await
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn run() {
     let factor: f64 = std::env::var("CACHESYNC_BENCH_FACTOR")
         .ok()
@@ -170,9 +161,9 @@ async fn run() {
     );
     for (i, ks) in ["off", "on"].iter().enumerate() {
         let r = &results[i];
-        let loads = counter(addr, &format!("cachesync_source_loads_total{{keyspace=\"{ks}\"")).await;
-        let refreshes = counter(addr, &format!("cachesync_refresh_started_total{{keyspace=\"{ks}\"")).await;
-        let failed = counter(
+        let loads = common::metric_sum(addr, &format!("cachesync_source_loads_total{{keyspace=\"{ks}\"")).await;
+        let refreshes = common::metric_sum(addr, &format!("cachesync_refresh_started_total{{keyspace=\"{ks}\"")).await;
+        let failed = common::metric_sum(
             addr,
             &format!("cachesync_refresh_completed_total{{keyspace=\"{ks}\",result=\"failed\""),
         )

@@ -59,6 +59,17 @@ pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
         .expect("metrics text")
 }
 
+/// The sum of the server's samples whose line starts with `prefix` (a metric name, or a name
+/// with the start of its labels).
+pub async fn metric_sum(addr: std::net::SocketAddr, prefix: &str) -> f64 {
+    metrics_text(addr)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Latencies in nanoseconds.
 pub struct Lat {
     pub h: Histogram<u64>,
