@@ -180,13 +180,7 @@ async fn pair_with(redis: &Redis, more: &str) -> Pair {
 
 /// SELECTs of the users table, as Postgres counted them.
 async fn selects(db: &Db) -> i64 {
-    db.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await;
-    db.scalar(
-        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
-         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND query LIKE '%FROM \"public\".\"users\" WHERE%' AND query NOT LIKE '%pg_stat_statements%'",
-    )
-    .await
+    crate::read_through::selects_of(db, "users").await
 }
 
 async fn metrics(h: &Http) -> String {

@@ -19,7 +19,7 @@ fn users_keyspace(extra: &str) -> String {
 }
 
 /// Calls of the keyspace's load statement, as Postgres counted them.
-async fn selects_of(db: &Db, table: &str) -> i64 {
+pub(crate) async fn selects_of(db: &Db, table: &str) -> i64 {
     db.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await;
     db.scalar(&format!(
         "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
