@@ -99,11 +99,10 @@ pub enum Lag {
 /// The result every caller of one load flight receives.
 pub type LoadResult = Result<Arc<Entry>, SourceError>;
 
-/// What a read's load found: the entry, whether it was installed, and whether L2 had it.
+/// What a read's load found: the entry, and whether L2 had it (else the source answered).
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub entry: Arc<Entry>,
-    pub installed: bool,
     pub from_l2: bool,
 }
 
@@ -429,12 +428,9 @@ impl Keyspace {
         self.l1.lifetime(e)
     }
 
-    /// Loads `key` from the table through the keyspace's flights — concurrent loads of one key
-    /// share one query — and installs the result if no change of the key happened while it ran
-    /// (the flight is the load's lease). Returns the loaded entry and whether it was installed.
-    ///
-    /// A load that finds the table changed under its binding (a column or the table renamed or
-    /// dropped) re-reads the table's shape and tries once more with it.
+    /// A read's miss: the key's state from L2 when the keyspace has a tier and L2 holds it,
+    /// else from the table ([`Keyspace::reload`]), installed unless a change of the key came
+    /// while it ran.
     ///
     /// A keyspace under the CDC freshness contract asks L2 only while its own change stream
     /// keeps the contract: then every change old enough to count has reached this node, and L2
@@ -444,18 +440,10 @@ impl Keyspace {
             && self.is_fresh_read(None)
             && let Some(entry) = self.load_l2(tier, key).await
         {
-            return Ok(Loaded {
-                entry,
-                installed: true,
-                from_l2: true,
-            });
+            return Ok(Loaded { entry, from_l2: true });
         }
-        let (entry, installed) = self.reload(key).await?;
-        Ok(Loaded {
-            entry,
-            installed,
-            from_l2: false,
-        })
+        let (entry, _installed) = self.reload(key).await?;
+        Ok(Loaded { entry, from_l2: false })
     }
 
     /// The key's state from L2, installed in L1 unless a change of the key came meanwhile
@@ -497,9 +485,14 @@ impl Keyspace {
         found
     }
 
-    /// Loads `key` from the table itself (never L2) through the keyspace's flights, like
-    /// [`Keyspace::load`] after an L2 miss; returns the entry and whether it was installed.
-    /// With an L2 tier the loaded state is written there (compare-and-set, not announced).
+    /// Loads `key` from the table itself (never L2) through the keyspace's flights — concurrent
+    /// loads of one key share one query — and installs the result if no change of the key
+    /// happened while it ran (the flight is the load's lease). Returns the loaded entry and
+    /// whether it was installed. With an L2 tier the loaded state is written there
+    /// (compare-and-set, not announced).
+    ///
+    /// A load that finds the table changed under its binding (a column or the table renamed or
+    /// dropped) re-reads the table's shape and tries once more with it.
     pub async fn reload(&self, key: &Key) -> Result<(Arc<Entry>, bool), KeyspaceError> {
         match self.load_once(key).await {
             Err(KeyspaceError::Source(SourceError::SchemaChanged(why))) => {
