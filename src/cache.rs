@@ -225,6 +225,11 @@ impl Entry {
         self
     }
 
+    /// When this state was last known current: its confirmation, else its install.
+    pub fn confirmed_at(&self) -> Instant {
+        self.checked_at.unwrap_or(self.stored_at)
+    }
+
     /// The federated conflict order: highest `(version, origin)` wins; within one origin and
     /// version (the changes of one source transaction share its version) the later sequence
     /// number. A write applied at its origin before the log numbered it counts as sequence 0.

@@ -682,6 +682,15 @@ impl Keyspace {
         }
     }
 
+    /// Marks `entry` confirmed current as of `at` (L2 holds its version), unless the key
+    /// changed meanwhile; returns the confirmed entry.
+    async fn confirm_at(&self, key: Arc<str>, entry: &Arc<Entry>, at: tokio::time::Instant) -> Entry {
+        let mut confirmed = (**entry).clone();
+        confirmed.checked_at = Some(at);
+        self.l1.replace_exact(key, entry, confirmed.clone()).await;
+        confirmed
+    }
+
     /// An L1 entry the L2 tier does not trust (suspect after a gap in the invalidation
     /// channel, unconfirmed past the bound while the channel is behind, or past `l1_max_age`):
     /// kept if L2 holds the same version, replaced by L2's newer state, else reloaded from the
@@ -701,11 +710,7 @@ impl Keyspace {
             let l2_newer = l2.supersedes(entry);
             let l1_newer = entry.supersedes(&l2);
             if l2_newer && l1_newer {
-                let mut confirmed = (**entry).clone();
-                confirmed.checked_at = Some(asked);
-                self.l1
-                    .replace_exact(key.cache_key.clone(), entry, confirmed.clone())
-                    .await;
+                let confirmed = self.confirm_at(key.cache_key.clone(), entry, asked).await;
                 tier.revalidated("confirmed");
                 return Ok(Read {
                     entry: Arc::new(confirmed),
@@ -807,8 +812,6 @@ impl Guarded for Keyspace {
     }
 
     async fn confirm(&self, key: Arc<str>, entry: &Arc<Entry>, at: tokio::time::Instant) {
-        let mut confirmed = (**entry).clone();
-        confirmed.checked_at = Some(at);
-        self.l1.replace_exact(key, entry, confirmed).await;
+        self.confirm_at(key, entry, at).await;
     }
 }

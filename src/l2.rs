@@ -326,7 +326,10 @@ impl L2 {
             if stop.is_cancelled() {
                 return;
             }
-            let empty = self.lock().changes.is_empty() && self.lock().clears.is_empty();
+            let empty = {
+                let q = self.lock();
+                q.changes.is_empty() && q.clears.is_empty()
+            };
             if ok || empty {
                 tokio::select! {
                     _ = self.wake.notified(), if empty => {}
@@ -691,7 +694,7 @@ impl Tier {
             return true;
         }
         let now = Instant::now();
-        let confirmed = e.checked_at.unwrap_or(e.stored_at);
+        let confirmed = e.confirmed_at();
         if now.saturating_duration_since(confirmed) > self.l2.config().l1_max_age {
             return false;
         }
@@ -724,7 +727,7 @@ impl Tier {
 
     /// Whether L2 may vouch for an entry confirmed at `checked` (not after Redis lost writes).
     pub fn may_vouch(&self, e: &Entry) -> bool {
-        let confirmed = self.l2.micros(e.checked_at.unwrap_or(e.stored_at));
+        let confirmed = self.l2.micros(e.confirmed_at());
         confirmed >= self.distrust_us.load(Ordering::Acquire)
     }
 
@@ -855,7 +858,7 @@ impl Tier {
     /// One connection's life: synchronize, then read until an error.
     async fn read_session<G: Guarded>(&self, ks: &Arc<G>, block: Duration) -> Result<(), L2Error> {
         let mut conn = Client::open(self.l2.config(), None).await?;
-        self.sync(&mut conn, ks).await?;
+        self.sync(&mut conn).await?;
         self.connected.store(true, Ordering::Release);
         loop {
             let last_id = self.channel.lock().unwrap_or_else(|p| p.into_inner()).last_id.clone();
@@ -879,13 +882,13 @@ impl Tier {
             if n == 0 {
                 // Idle: check that Redis still has the epoch we follow (a flush or restart with
                 // no change since shows only there).
-                self.sync(&mut conn, ks).await?;
+                self.sync(&mut conn).await?;
             }
             for e in entries {
                 if !self.take(&e) {
                     // The epoch changed: everything before is suspect; start over from the new
                     // stream's end.
-                    self.sync(&mut conn, ks).await?;
+                    self.sync(&mut conn).await?;
                     break;
                 }
                 // A CDC keyspace's own change stream brings every change (the freshness
@@ -950,7 +953,7 @@ impl Tier {
     /// Makes sure the keyspace's meta hash exists, then compares it with what this reader
     /// followed: a different epoch or a lower sequence means Redis lost entries — every entry
     /// confirmed before now is suspect, and reading restarts from the stream's end.
-    async fn sync<G: Guarded>(&self, conn: &mut Conn, _ks: &Arc<G>) -> Result<(), L2Error> {
+    async fn sync(&self, conn: &mut Conn) -> Result<(), L2Error> {
         let _: bool = redis::cmd("HSETNX")
             .arg(&self.meta_key)
             .arg("e")

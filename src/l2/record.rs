@@ -141,9 +141,9 @@ impl Record {
 
     /// The record as an entry's version (and state), for comparisons and installs.
     pub fn to_entry(&self, version: u64) -> Entry {
-        let mut e = Entry::new(self.value.clone(), self.lsn, version).with_xid(self.xid);
-        e.snapshot = self.snapshot.clone().map(std::sync::Arc::new);
-        e
+        Entry::new(self.value.clone(), self.lsn, version)
+            .with_xid(self.xid)
+            .with_snapshot(self.snapshot.clone())
     }
 
     /// Whether this record holds a key's state (a document or "no such row").
