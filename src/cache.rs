@@ -60,6 +60,12 @@ pub struct Entry {
     /// replicated store, and a delete stays as a versioned tombstone (`value: None`) until
     /// every peer has passed it.
     pub fed: Option<Arc<FedMeta>>,
+    /// A deadline of this key's own (`SET … EX`, `EXPIRE` over RESP, in-memory keyspaces
+    /// only): it replaces the keyspace's `ttl` for this entry.
+    pub expires_at: Option<Instant>,
+    /// The value is opaque bytes written over RESP to an in-memory keyspace, not a JSON
+    /// document: HTTP serves it as `application/octet-stream`.
+    pub raw: bool,
 }
 
 /// Which federated event made an entry.
@@ -216,7 +222,16 @@ impl Entry {
             read_at: None,
             checked_at: None,
             fed: None,
+            expires_at: None,
+            raw: false,
         }
+    }
+
+    /// The same entry, holding opaque bytes (`raw`) and expiring at `deadline` when given.
+    pub fn opaque(mut self, raw: bool, deadline: Option<Instant>) -> Entry {
+        self.raw = raw;
+        self.expires_at = deadline;
+        self
     }
 
     /// The same entry, made by the federated event from `origin` (stamp when known).

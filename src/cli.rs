@@ -153,6 +153,10 @@ async fn serve(path: Option<&Path>) -> ExitCode {
         }
     };
     // A machine-readable line on stdout: tests and scripts read the bound address from it.
+    // The RESP line first: a supervisor reading the HTTP line knows both once it has it.
+    if let Some(resp) = server.resp_addr() {
+        println!("cachesync RESP listening on redis://{resp}");
+    }
     println!("cachesync listening on http://{}", server.local_addr());
     wait_for_signal().await;
     tracing::info!("shutdown requested: no new connections; draining in-flight requests");

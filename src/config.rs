@@ -24,6 +24,7 @@ use crate::keyspace::config::{CdcMode, DEFAULT_KEYSPACE, KeyspaceConfig, WriteMo
 use crate::l2::config::{RedisConfig, read_redis};
 use crate::patterns::write_behind::config::{WriteBehindConfig, read_write_behind};
 use crate::replication::config::{ReplicationConfig, UpstreamConfig, read_replication, read_upstream};
+use crate::resp::config::{RespConfig, read_resp};
 use crate::source::postgres::config::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT, PostgresConfig,
     Secret, read_postgres,
@@ -54,6 +55,8 @@ pub struct Config {
     pub peers: Vec<UpstreamConfig>,
     /// The shared L2 tier on Redis, for keyspaces with `l2 = true`.
     pub redis: Option<RedisConfig>,
+    /// The Redis-protocol front; on by default (on loopback) only in the embedded default.
+    pub resp: Option<RespConfig>,
 }
 
 /// Everything wrong with a configuration.
@@ -70,6 +73,9 @@ pub const ENV_LISTEN: &str = "CACHESYNC_LISTEN";
 
 pub const ENV_POSTGRES_URL: &str = "CACHESYNC_POSTGRES_URL";
 
+/// Turns the RESP front on at this address (or moves it).
+pub const ENV_RESP_LISTEN: &str = "CACHESYNC_RESP_LISTEN";
+
 impl Config {
     /// The configuration used when no file is given: an in-memory keyspace named `default`.
     pub fn embedded_default() -> Config {
@@ -85,6 +91,7 @@ impl Config {
             federation: FederationConfig::default(),
             peers: Vec::new(),
             redis: None,
+            resp: Some(RespConfig::default()),
         }
     }
 
@@ -164,6 +171,7 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
     let federation = root.table("federation").map(read_federation).unwrap_or_default();
     let peers = root.tables("peer").into_iter().filter_map(read_peer).collect();
     let redis = root.table("redis").and_then(read_redis);
+    let resp = root.table("resp").map(read_resp);
     root.finish();
     Config {
         server,
@@ -177,6 +185,7 @@ fn read_config(mut root: Section<'_, '_>) -> Config {
         federation,
         peers,
         redis,
+        resp,
     }
 }
 
@@ -193,6 +202,16 @@ fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, problems
             Err(e) => problems.push(Problem {
                 line: None,
                 path: ENV_LISTEN.into(),
+                message: format!("invalid address {listen:?} ({e})"),
+            }),
+        }
+    }
+    if let Some(listen) = env(ENV_RESP_LISTEN) {
+        match listen.parse() {
+            Ok(a) => config.resp.get_or_insert_with(RespConfig::default).listen = a,
+            Err(e) => problems.push(Problem {
+                line: None,
+                path: ENV_RESP_LISTEN.into(),
                 message: format!("invalid address {listen:?} ({e})"),
             }),
         }
@@ -223,6 +242,24 @@ fn validate(config: &Config) -> Vec<Problem> {
             path: "server.listen".into(),
             message,
         });
+    }
+    if let Some(r) = &config.resp {
+        if let Some(message) = crate::resp::config::needs_credential(r.listen, r.password.as_ref()) {
+            problems.push(Problem {
+                line: None,
+                path: "resp.listen".into(),
+                message,
+            });
+        }
+        if let Some(d) = &r.default_keyspace
+            && config.keyspace(d).is_none()
+        {
+            problems.push(Problem {
+                line: None,
+                path: "resp.default_keyspace".into(),
+                message: format!("names no keyspace: `{d}` is not among the [[keyspace]] sections"),
+            });
+        }
     }
     let mut names = std::collections::HashSet::new();
     for ks in &config.keyspaces {

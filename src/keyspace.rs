@@ -150,6 +150,15 @@ pub enum Blocker {
     Schema,
 }
 
+/// Who hears of every change the door lets through, after it is installed (the RESP front's
+/// client tracking). Called inline on the changing task: it must be quick and never block.
+pub trait Watch: Send + Sync {
+    /// `key`'s state changed (written, deleted, invalidated, dropped for room or age).
+    fn changed(&self, keyspace: &str, key: &str);
+    /// Every key of the keyspace may have changed (a TRUNCATE, a reset).
+    fn cleared(&self, keyspace: &str);
+}
+
 /// A test hook run after a load's query returned and before its result is installed.
 pub type LoadHook = Arc<dyn Fn(Arc<str>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
@@ -177,6 +186,8 @@ pub struct Keyspace {
     l2: OnceLock<Arc<Tier>>,
     /// In-flight L2 reads: their leases, like the source loads'.
     l2_flights: Flights<Option<Arc<Entry>>>,
+    /// Told of every change after it is installed (see [`Watch`]).
+    watch: Arc<OnceLock<Arc<dyn Watch>>>,
 }
 
 impl Keyspace {
@@ -205,9 +216,30 @@ impl Keyspace {
             followed: AtomicBool::new(true),
             l2: OnceLock::new(),
             l2_flights: Flights::default(),
+            watch: Arc::default(),
         }
     }
 
+    /// Has `watch` told of every change from now on. For an in-memory keyspace, a document
+    /// dropped for room or age is a change too (it is gone, not reloadable). Set once.
+    pub fn set_watch(&self, watch: Arc<dyn Watch>) {
+        if self.watch.set(watch).is_err() || self.is_sourced() || self.config.federate {
+            return;
+        }
+        let (hook, name) = (self.watch.clone(), self.config.name.clone());
+        self.l1.on_dropped(Box::new(move |key| {
+            if let Some(w) = hook.get() {
+                w.changed(&name, key);
+            }
+        }));
+    }
+
+    /// Tells the watch that `key` changed.
+    fn changed(&self, key: &str) {
+        if let Some(w) = self.watch.get() {
+            w.changed(&self.config.name, key);
+        }
+    }
     /// Puts the keyspace behind the shared L2 tier.
     pub fn set_l2(&self, tier: Arc<Tier>) {
         let _ = self.l2.set(tier);
@@ -608,14 +640,22 @@ impl Keyspace {
         if self.below_floor(&entry) {
             return Installed::Skipped;
         }
-        self.l1.install(key, entry, Install::IfNotOlder).await
+        let done = self.l1.install(key.clone(), entry, Install::IfNotOlder).await;
+        if done == Installed::Stored {
+            self.changed(&key);
+        }
+        done
     }
 
     /// The door for a federated event: marks the key's in-flight load stale, then installs
     /// under the conflict rule (highest `(version, origin)` wins; see `federation`).
     pub async fn merge(&self, key: Arc<str>, entry: Entry) -> Merged {
         self.invalidate_flights(&key);
-        self.l1.merge(key, entry).await
+        let merged = self.l1.merge(key.clone(), entry).await;
+        if merged == Merged::Stored {
+            self.changed(&key);
+        }
+        merged
     }
 
     /// Removes every federated entry made by `origin` before `version` (a federated clear), each
@@ -624,7 +664,8 @@ impl Keyspace {
         let mut n = 0;
         for (key, e) in self.l1.entries().collect::<Vec<_>>() {
             let stale = e.version < version && e.fed.as_ref().is_some_and(|f| &*f.origin == origin);
-            if stale && self.l1.remove_exact(key, &e).await {
+            if stale && self.l1.remove_exact(key.clone(), &e).await {
+                self.changed(&key);
                 n += 1;
             }
         }
@@ -645,6 +686,7 @@ impl Keyspace {
     pub async fn invalidate(&self, key: &str) {
         self.invalidate_flights(key);
         self.l1.remove(key).await;
+        self.changed(key);
     }
 
     /// The door for a change at source position `lsn` (by transaction `xid`) whose new state is
@@ -661,9 +703,14 @@ impl Keyspace {
     /// [`Keyspace::invalidate_at`] without announcing (a change another node announced).
     pub async fn invalidate_at_local(&self, key: Arc<str>, lsn: Lsn, xid: Option<u32>) -> Installed {
         self.invalidate_flights(&key);
-        self.l1
-            .remove_unless_newer(key, &Entry::new(None, lsn, 0).with_xid(xid))
-            .await
+        let done = self
+            .l1
+            .remove_unless_newer(key.clone(), &Entry::new(None, lsn, 0).with_xid(xid))
+            .await;
+        if done == Installed::Stored {
+            self.changed(&key);
+        }
+        done
     }
 
     /// Forgets every key (a TRUNCATE, or a resnapshot); loads in flight will not install.
@@ -671,6 +718,9 @@ impl Keyspace {
         self.flights.invalidate_all();
         self.l2_flights.invalidate_all();
         self.l1.clear();
+        if let Some(w) = self.watch.get() {
+            w.cleared(&self.config.name);
+        }
     }
 
     /// The table was emptied at source position `lsn` (a TRUNCATE): forgets every key and,
@@ -768,13 +818,16 @@ impl Keyspace {
     /// is there) and marks the key's in-flight load stale — that load read the old row.
     pub fn write_pending(&self, key: Arc<str>, p: Pending) {
         self.invalidate_flights(&key);
-        self.pending.set(key, p);
+        self.pending.set(key.clone(), p);
+        self.changed(&key);
     }
 
     /// The write with `version` (and any older one) reached Postgres, or was set aside: stop
     /// overlaying it.
     pub fn settle(&self, key: &str, version: u64) {
         self.pending.settle(key, version);
+        // What reads see may change back (a write set aside); a spare invalidation is harmless.
+        self.changed(key);
     }
 
     /// Live numbers for `/v1/keyspaces` and the metrics, after moka's pending bookkeeping.

@@ -12,6 +12,11 @@
 //!  server     assembly: metrics, pool, log, keyspaces, pipelines, tasks; ordered shutdown
 //!  config     the whole file: composes every section below, env overrides, cross-section checks
 //!   │
+//!  resp       the Redis protocol (RESP2/3) over the same pipelines: resp::frame (bounded
+//!   │         request framing) · resp::reply · resp::conn (pipelined batches, pushes) ·
+//!   │         resp::commands (routing, data commands) · resp::admin (HELLO, AUTH, CLIENT, INFO,
+//!   │         CONFIG, COMMAND; the command table) · resp::tracking (CLIENT TRACKING fed by every
+//!   │         change the keyspaces' door lets through); [resp]
 //!  api        HTTP (axum): api::kv GET/PUT/DELETE/_mget/_mput/_mdelete · api::admin /v1/keyspaces
 //!   │         /v1/deadletters /metrics /healthz /readyz · api::error the one error → status
 //!   │         mapping · api::listener connections, timeouts, the connection bound · api::config
@@ -84,6 +89,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod patterns;
 pub mod replication;
+pub mod resp;
 pub mod section;
 pub mod server;
 pub mod source;

@@ -73,6 +73,12 @@ pub enum PatternError {
     /// The dead-letter store could not be changed.
     #[error(transparent)]
     DeadLetters(#[from] write_behind::deadletters::DeadLetterError),
+    /// An operation on opaque values or per-key lifetimes (RESP `EXPIRE`, `INCR`…) on a
+    /// keyspace that holds JSON documents.
+    #[error(
+        "keyspace {0} holds JSON documents (a table's rows, or federated state): {1} works on in-memory keyspaces only"
+    )]
+    NotInMemory(String, &'static str),
 }
 
 impl From<SourceError> for PatternError {
@@ -113,6 +119,21 @@ fn canonical_json(body: &Bytes) -> Result<Bytes, PatternError> {
     Ok(Bytes::from(
         serde_json::to_vec(&value).map_err(|e| PatternError::BadJson(e.to_string()))?,
     ))
+}
+
+/// What [`Pipeline::update`] stores for a key of an in-memory keyspace.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// Leave the key as it is.
+    Keep,
+    /// Store these bytes (`raw`: not a JSON document), expiring at `deadline` when given.
+    Set {
+        value: Bytes,
+        raw: bool,
+        deadline: Option<tokio::time::Instant>,
+    },
+    /// Remove the key.
+    Delete,
 }
 
 /// What a `PUT` did.
@@ -260,6 +281,43 @@ impl Pipeline {
     /// Refreshes queued or running, when refresh-ahead is on.
     pub fn refreshes_pending(&self) -> Option<usize> {
         self.refresher.as_ref().map(|r| r.pending())
+    }
+
+    /// Whether the keyspace is an in-memory store of any bytes (not a table, not federated):
+    /// [`Pipeline::update`] works on it.
+    pub fn is_in_memory(&self) -> bool {
+        matches!(self.writer, Writer::Memory)
+    }
+
+    /// Reads and changes one key of an in-memory keyspace as one step (under the key's write
+    /// lock): `f` sees the live entry and says what to store and what to answer. The RESP
+    /// front's `SET` options, `GETDEL`, `EXPIRE`, `INCR`… are built on it. `what` names the
+    /// operation for the error other keyspaces get.
+    pub async fn update<R>(
+        &self,
+        key: &Key,
+        what: &'static str,
+        f: impl FnOnce(Option<&Arc<Entry>>) -> Result<(Update, R), PatternError>,
+    ) -> Result<R, PatternError> {
+        if !self.is_in_memory() {
+            return Err(PatternError::NotInMemory(self.ks.name().to_string(), what));
+        }
+        let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
+        let current = self.ks.cached(&key.cache_key).await.filter(|e| e.value.is_some());
+        let (update, answer) = f(current.as_ref())?;
+        match update {
+            Update::Keep => {}
+            Update::Set { value, raw, deadline } => {
+                let entry = Entry::new(Some(value), Lsn::ZERO, self.ks.hlc.now()).opaque(raw, deadline);
+                self.ks.mutate(key.cache_key.clone(), entry).await;
+            }
+            Update::Delete => {
+                if current.is_some() {
+                    self.ks.invalidate(&key.cache_key).await;
+                }
+            }
+        }
+        Ok(answer)
     }
 
     /// Parses a key from its URL form for this keyspace.

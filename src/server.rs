@@ -95,6 +95,8 @@ pub struct Server {
     life: Lifecycle,
     http: JoinHandle<()>,
     grace: Duration,
+    /// Where the RESP front listens, when it is on.
+    resp_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -180,6 +182,15 @@ impl Server {
             addr: config.server.listen,
             source,
         })?;
+        // The RESP front binds now too, so a taken port fails the start like the API's.
+        let resp_listener = match &config.resp {
+            Some(rc) => Some(TcpListener::bind(rc.listen).await.map_err(|source| StartError::Bind {
+                addr: rc.listen,
+                source,
+            })?),
+            None => None,
+        };
+        let resp_addr = resp_listener.as_ref().and_then(|l| l.local_addr().ok());
         // Write-behind: the unflushed writes are rebuilt from the log before the first request, so
         // reads see every acknowledged write from the start.
         let behind: HashMap<String, Arc<Keyspace>> = keyspaces
@@ -398,6 +409,16 @@ impl Server {
             stop,
             serve.clone(),
         ));
+        if let (Some(listener), Some(rc)) = (resp_listener, &config.resp) {
+            let front = crate::resp::Front::new(rc.clone(), state.clone());
+            serve.spawn(crate::resp::serve(
+                listener,
+                front,
+                serve.token().clone(),
+                serve.clone(),
+            ));
+            tracing::info!(addr = ?resp_addr, "RESP front listening");
+        }
         tracing::info!(%addr, keyspaces = state.pipelines.len(), "cachesync started");
         Ok(Server {
             addr,
@@ -407,12 +428,18 @@ impl Server {
             life,
             http,
             grace: config.server.shutdown_grace,
+            resp_addr,
         })
     }
 
     /// The address the log server listens on, when `[replication]` is on.
     pub fn replication_addr(&self) -> Option<SocketAddr> {
         *self.state.replication.serving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The address the RESP front listens on, when it is on (the real port for `:0`).
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp_addr
     }
 
     /// The address the API listens on (the real port when the config said `:0`).

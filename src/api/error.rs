@@ -119,6 +119,7 @@ impl From<PatternError> for ApiError {
             }
             PatternError::Log(log) => log.into(),
             PatternError::DeadLetters(d) => d.into(),
+            PatternError::NotInMemory(..) => ApiError::new(StatusCode::BAD_REQUEST, "not_in_memory", e.to_string()),
         }
     }
 }

@@ -115,7 +115,13 @@ fn lag_header(lag: Lag) -> HeaderValue {
 fn document(value: Bytes, entry: &Entry) -> Response {
     let mut resp = (StatusCode::OK, value).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Bytes written over RESP to an in-memory keyspace need not be JSON.
+    let kind = if entry.raw {
+        "application/octet-stream"
+    } else {
+        "application/json"
+    };
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     h.insert(header::ETAG, etag(entry));
     resp
 }
@@ -288,6 +294,12 @@ async fn mget_one(pipeline: &Pipeline, raw: &str) -> String {
     };
     match read {
         Ok(r) => match &r.entry.value {
+            // Opaque bytes (written over RESP) are not JSON: given as a string, lossily.
+            Some(v) if r.entry.raw => serde_json::json!({
+                "key": raw, "found": true, "version": r.entry.version.to_string(), "raw": true,
+                "value": String::from_utf8_lossy(v),
+            })
+            .to_string(),
             Some(v) => format!(
                 "{{\"key\":{key_json},\"found\":true,\"version\":\"{}\",\"value\":{}}}",
                 r.entry.version,

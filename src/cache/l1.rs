@@ -4,8 +4,8 @@
 //! moka measures its TTL on the std clock, which `tokio::time::pause()` does not move; entry age
 //! is therefore also checked here on `tokio::time`, and moka's expiry only frees memory.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use moka::Expiry;
@@ -30,6 +30,8 @@ impl Lifetimes {
     fn of(&self, e: &Entry) -> Option<Duration> {
         if e.fed.is_some() {
             None
+        } else if let Some(at) = e.expires_at {
+            Some(at.saturating_duration_since(tokio::time::Instant::now()))
         } else if e.value.is_some() {
             Some(self.ttl)
         } else {
@@ -75,7 +77,12 @@ pub struct L1 {
     /// Documents dropped for room or age (not by a change): once non-zero, this tier no longer
     /// holds every row it was warmed with.
     dropped: Arc<AtomicI64>,
+    /// Told the key of each document dropped for room or age (see [`L1::on_dropped`]).
+    drop_hook: Arc<OnceLock<DropHook>>,
 }
+
+/// What [`L1::on_dropped`] runs.
+pub type DropHook = Box<dyn Fn(&str) + Send + Sync>;
 
 impl L1 {
     pub fn new(capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> L1 {
@@ -83,12 +90,17 @@ impl L1 {
         let out = bytes.clone();
         let dropped = Arc::new(AtomicI64::new(0));
         let lost = dropped.clone();
+        let drop_hook: Arc<OnceLock<DropHook>> = Arc::default();
+        let hook = drop_hook.clone();
         let builder = Cache::builder()
             .expire_after(Lifetimes { ttl, negative_ttl })
             .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Entry>, cause| {
                 out.fetch_sub(v.weight(&k) as i64, Ordering::Relaxed);
                 if v.value.is_some() && matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
                     lost.fetch_add(1, Ordering::Relaxed);
+                    if let Some(h) = hook.get() {
+                        h(&k);
+                    }
                 }
             });
         // A randomly keyed hasher (keys come from clients, so no fixed seed) that is much cheaper
@@ -106,7 +118,14 @@ impl L1 {
             negative_ttl,
             bytes,
             dropped,
+            drop_hook,
         }
+    }
+
+    /// Runs `hook` with the key of every document this tier drops for room or age (moka reports
+    /// them during its housekeeping, so shortly after, not at the instant). Set once.
+    pub fn on_dropped(&self, hook: DropHook) {
+        let _ = self.drop_hook.set(hook);
     }
 
     /// An entry's lifetime: `ttl`, or `negative_ttl` for "not found".
@@ -117,6 +136,9 @@ impl L1 {
     /// Whether an entry has outlived its lifetime on the tokio clock (federated state never
     /// does).
     pub fn is_expired(&self, e: &Entry) -> bool {
+        if let Some(at) = e.expires_at {
+            return tokio::time::Instant::now() >= at;
+        }
         e.fed.is_none() && e.stored_at.elapsed() >= self.lifetime(e)
     }
 

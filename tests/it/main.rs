@@ -16,6 +16,7 @@ mod l2;
 mod read_through;
 mod refresh_ahead;
 mod replication;
+mod resp;
 mod under_change;
 mod write_behind;
 mod write_through;

@@ -14,6 +14,8 @@ use super::temp_dir;
 pub struct Sidecar {
     child: Child,
     pub addr: SocketAddr,
+    /// Where its RESP front listens, when it is on.
+    pub resp: Option<SocketAddr>,
     pub dir: PathBuf,
 }
 
@@ -52,6 +54,10 @@ impl Sidecar {
             }
             None => {
                 cmd.env("CACHESYNC_LISTEN", "127.0.0.1:0");
+                if !env.iter().any(|(k, _)| *k == "CACHESYNC_RESP_LISTEN") {
+                    // The embedded default's RESP front, on a free port (never a fixed 6380).
+                    cmd.env("CACHESYNC_RESP_LISTEN", "127.0.0.1:0");
+                }
             }
         }
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("create log");
@@ -65,21 +71,25 @@ impl Sidecar {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut resp = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("cachesync RESP listening on redis://") {
+                    resp = addr.trim().parse::<SocketAddr>().ok();
+                }
                 if let Some(addr) = line.strip_prefix("cachesync listening on http://") {
-                    let _ = tx.send(addr.trim().to_string());
+                    let _ = tx.send((addr.trim().to_string(), resp));
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("a socket address"),
+        let (addr, resp) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((a, resp)) => (a.parse().expect("a socket address"), resp),
             Err(_) => {
                 let _ = child.kill();
                 let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
                 panic!("cachesync did not report its address within 30s; its log:\n{log}");
             }
         };
-        Sidecar { child, addr, dir }
+        Sidecar { child, addr, resp, dir }
     }
 
     pub fn base_url(&self) -> String {
