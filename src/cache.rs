@@ -357,12 +357,17 @@ impl<T: Send + Sync + std::fmt::Debug> Lease for Flight<T> {
 #[derive(Debug)]
 pub struct Flights<T> {
     map: Mutex<HashMap<Arc<str>, Arc<Flight<T>>>>,
+    /// Flights in the map, raised before a flight is inserted (SeqCst): a mutation that reads
+    /// zero after its change is in place cannot miss a load that began before it, so it skips
+    /// the lock — in-memory keyspaces never load, and every write would take it.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl<T> Default for Flights<T> {
     fn default() -> Self {
         Flights {
             map: Mutex::new(HashMap::new()),
+            count: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -375,6 +380,7 @@ impl<T> Flights<T> {
             return (f.clone(), false);
         }
         let f = Arc::new(Flight::new());
+        self.count.fetch_add(1, Ordering::SeqCst);
         map.insert(key.clone(), f.clone());
         (f, true)
     }
@@ -384,14 +390,19 @@ impl<T> Flights<T> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             map.remove(key);
+            self.count.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     /// A mutation of `key` is about to be installed: the key's flight (if any) must not install
     /// its result, and later readers must not join it.
     pub fn invalidate(&self, key: &str) {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = map.remove(key) {
+            self.count.fetch_sub(1, Ordering::SeqCst);
             f.stale.store(true, Ordering::Release);
         }
     }
@@ -400,6 +411,7 @@ impl<T> Flights<T> {
     pub fn invalidate_all(&self) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         for (_, f) in map.drain() {
+            self.count.fetch_sub(1, Ordering::SeqCst);
             f.stale.store(true, Ordering::Release);
         }
     }

@@ -320,6 +320,26 @@ impl Pipeline {
         Ok(answer)
     }
 
+    /// Stores bytes under a key of an in-memory keyspace whatever it holds (a plain `SET`):
+    /// [`Pipeline::update`] without reading the current entry first. It still takes the key's
+    /// write lock, so a conditional update of the key never interleaves with it.
+    pub async fn store(
+        &self,
+        key: &Key,
+        what: &'static str,
+        value: Bytes,
+        raw: bool,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), PatternError> {
+        if !self.is_in_memory() {
+            return Err(PatternError::NotInMemory(self.ks.name().to_string(), what));
+        }
+        let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
+        let entry = Entry::new(Some(value), Lsn::ZERO, self.ks.hlc.now()).opaque(raw, deadline);
+        self.ks.mutate(key.cache_key.clone(), entry).await;
+        Ok(())
+    }
+
     /// Parses a key from its URL form for this keyspace.
     pub fn parse_key(&self, raw: &str) -> Result<Key, PatternError> {
         Ok(self.ks.parse_key(raw)?)

@@ -30,7 +30,7 @@ pub mod tracking;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
@@ -114,10 +114,10 @@ impl RespMetrics {
         (m, sent, tracked)
     }
 
-    /// Counts one command by its index in the command table (`None`: unknown).
-    pub fn command(&self, index: Option<usize>, ok: bool) {
+    /// Adds `n` commands of table index `index` (`None`: unknown) with result `ok`.
+    pub fn commands(&self, index: Option<usize>, ok: bool, n: u64) {
         let (good, bad) = index.and_then(|i| self.commands.get(i)).unwrap_or(&self.other);
-        if ok { good.inc() } else { bad.inc() }
+        if ok { good.inc_by(n) } else { bad.inc_by(n) }
     }
 }
 
@@ -130,7 +130,9 @@ pub struct ClientInfo {
     /// Milliseconds after `created` of the last command.
     pub last_active_ms: AtomicU64,
     pub proto: AtomicU8,
-    /// Name, library name and version (`CLIENT SETNAME`, `CLIENT SETINFO`), last command.
+    /// Index in the command table of the last command (`usize::MAX`: none yet).
+    pub last_cmd: AtomicUsize,
+    /// Name, library name and version (`CLIENT SETNAME`, `CLIENT SETINFO`), tracking.
     pub names: Mutex<Names>,
 }
 
@@ -139,7 +141,6 @@ pub struct Names {
     pub name: String,
     pub lib_name: String,
     pub lib_ver: String,
-    pub last_cmd: &'static str,
     pub tracking: bool,
 }
 
@@ -211,6 +212,7 @@ impl Front {
             created: Instant::now(),
             last_active_ms: AtomicU64::new(0),
             proto: AtomicU8::new(2),
+            last_cmd: AtomicUsize::new(usize::MAX),
             names: Mutex::new(Names::default()),
         });
         self.clients
@@ -259,9 +261,7 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>, stop: CancellationT
             let _slot = slot;
             let id = info.id;
             front.metrics.connections.inc();
-            tracking::CURRENT
-                .scope(id, conn::serve_connection(front.clone(), stream, info, stop))
-                .await;
+            conn::serve_connection(front.clone(), stream, info, stop).await;
             front.metrics.connections.dec();
             front.unregister(id);
         });

@@ -3,15 +3,20 @@
 //!
 //! moka measures its TTL on the std clock, which `tokio::time::pause()` does not move; entry age
 //! is therefore also checked here on `tokio::time`, and moka's expiry only frees memory.
+//!
+//! The cache is moka's `sync` flavour: every compute closure here is synchronous, and the
+//! `future` flavour's per-key async locks and boxed futures cost about a quarter of a write
+//! (measured with `cargo bench --bench resp`: a plain SET's server CPU went from 31 to 25 µs).
+//! The methods stay `async` so the tier behind them can change without touching callers.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use moka::Expiry;
-use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
+use moka::sync::Cache;
 use serde::Serialize;
 
 use super::{Entry, Install, Installed, Merged};
@@ -148,7 +153,7 @@ impl L1 {
 
     /// The live entry for `key`, if any.
     pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        let e = self.cache.get(key).await?;
+        let e = self.cache.get(key)?;
         if self.is_expired(&e) { None } else { Some(e) }
     }
 
@@ -162,18 +167,13 @@ impl L1 {
         }
         let weight = entry.weight(&key) as i64;
         let new = Arc::new(entry);
-        let result = self
-            .cache
-            .entry(key)
-            .and_compute_with(|existing| {
-                let op = if self.accepts(existing.as_ref().map(|e| e.value()), &new, &rule) {
-                    Op::Put(new.clone())
-                } else {
-                    Op::Nop
-                };
-                std::future::ready(op)
-            })
-            .await;
+        let result = self.cache.entry(key).and_compute_with(|existing| {
+            if self.accepts(existing.as_ref().map(|e| e.value()), &new, &rule) {
+                Op::Put(new.clone())
+            } else {
+                Op::Nop
+            }
+        });
         match result {
             CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
                 self.bytes.fetch_add(weight, Ordering::Relaxed);
@@ -181,6 +181,16 @@ impl L1 {
             }
             _ => Installed::Skipped,
         }
+    }
+
+    /// Installs `entry` under `key` whatever is there, without comparing: for a keyspace whose
+    /// writes are ordered by the caller (an in-memory keyspace: every entry is at source
+    /// position zero, so [`Install::IfNotOlder`] always accepts, and the pipeline serializes
+    /// writes per key). moka's compute costs about twice a plain insert.
+    pub async fn put(&self, key: Arc<str>, entry: Entry) {
+        let weight = entry.weight(&key) as i64;
+        self.cache.insert(key, Arc::new(entry));
+        self.bytes.fetch_add(weight, Ordering::Relaxed);
     }
 
     fn accepts(&self, existing: Option<&Arc<Entry>>, new: &Entry, rule: &Install) -> bool {
@@ -203,25 +213,21 @@ impl L1 {
         let result = self
             .cache
             .entry(key)
-            .and_compute_with(|existing| {
-                let op = match existing.as_ref().map(|e| e.value()) {
-                    Some(old) if old.merge_order() > new.merge_order() => {
-                        outcome = if old.merge_order().1 == new.merge_order().1 {
-                            Merged::Superseded
-                        } else {
-                            Merged::Lost
-                        };
-                        Op::Nop
-                    }
-                    Some(old) if old.merge_order() == new.merge_order() => {
-                        outcome = Merged::Same;
-                        Op::Nop
-                    }
-                    _ => Op::Put(new.clone()),
-                };
-                std::future::ready(op)
-            })
-            .await;
+            .and_compute_with(|existing| match existing.as_ref().map(|e| e.value()) {
+                Some(old) if old.merge_order() > new.merge_order() => {
+                    outcome = if old.merge_order().1 == new.merge_order().1 {
+                        Merged::Superseded
+                    } else {
+                        Merged::Lost
+                    };
+                    Op::Nop
+                }
+                Some(old) if old.merge_order() == new.merge_order() => {
+                    outcome = Merged::Same;
+                    Op::Nop
+                }
+                _ => Op::Put(new.clone()),
+            });
         if matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) {
             self.bytes.fetch_add(weight, Ordering::Relaxed);
         }
@@ -231,14 +237,10 @@ impl L1 {
     /// Removes `key` if it still holds exactly `entry` (a tombstone every peer has passed, an
     /// entry a federated clear covers).
     pub async fn remove_exact(&self, key: Arc<str>, entry: &Arc<Entry>) -> bool {
-        let result = self
-            .cache
-            .entry(key)
-            .and_compute_with(|existing| {
-                let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), entry));
-                std::future::ready(if same { Op::Remove } else { Op::Nop })
-            })
-            .await;
+        let result = self.cache.entry(key).and_compute_with(|existing| {
+            let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), entry));
+            if same { Op::Remove } else { Op::Nop }
+        });
         matches!(result, CompResult::Removed(_))
     }
 
@@ -247,14 +249,10 @@ impl L1 {
     pub async fn replace_exact(&self, key: Arc<str>, old: &Arc<Entry>, new: Entry) -> bool {
         let weight = new.weight(&key) as i64;
         let new = Arc::new(new);
-        let result = self
-            .cache
-            .entry(key)
-            .and_compute_with(|existing| {
-                let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), old));
-                std::future::ready(if same { Op::Put(new.clone()) } else { Op::Nop })
-            })
-            .await;
+        let result = self.cache.entry(key).and_compute_with(|existing| {
+            let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), old));
+            if same { Op::Put(new.clone()) } else { Op::Nop }
+        });
         let replaced = matches!(result, CompResult::ReplacedWith(_));
         if replaced {
             self.bytes.fetch_add(weight, Ordering::Relaxed);
@@ -265,18 +263,14 @@ impl L1 {
     /// Removes `key` as `rule` allows `absent` to replace what is there: a fill while its lease
     /// holds, a mutation unless the entry there is newer.
     async fn remove_if(&self, key: Arc<str>, absent: &Entry, rule: Install) -> Installed {
-        let result = self
-            .cache
-            .entry(key)
-            .and_compute_with(|existing| {
-                let ok = match (&rule, existing.as_ref()) {
-                    (Install::Fill(lease), _) => lease.is_valid(),
-                    (Install::IfNotOlder, Some(old)) => self.is_expired(old.value()) || absent.supersedes(old.value()),
-                    (Install::IfNotOlder, None) => false,
-                };
-                std::future::ready(if ok && existing.is_some() { Op::Remove } else { Op::Nop })
-            })
-            .await;
+        let result = self.cache.entry(key).and_compute_with(|existing| {
+            let ok = match (&rule, existing.as_ref()) {
+                (Install::Fill(lease), _) => lease.is_valid(),
+                (Install::IfNotOlder, Some(old)) => self.is_expired(old.value()) || absent.supersedes(old.value()),
+                (Install::IfNotOlder, None) => false,
+            };
+            if ok && existing.is_some() { Op::Remove } else { Op::Nop }
+        });
         match result {
             CompResult::Removed(_) => Installed::Stored,
             _ => Installed::Skipped,
@@ -291,7 +285,7 @@ impl L1 {
 
     /// Forgets `key` unconditionally.
     pub async fn remove(&self, key: &str) {
-        self.cache.remove(key).await;
+        self.cache.remove(key);
     }
 
     /// Forgets every key.
@@ -324,7 +318,7 @@ impl L1 {
 
     /// Applies pending moka bookkeeping so counts are exact (metrics, tests).
     pub async fn sync(&self) {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
     }
 }
 

@@ -5,6 +5,7 @@
 //! settle or an older write never removes or replaces a newer one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -24,10 +25,16 @@ pub struct Pending {
 #[derive(Debug, Default)]
 pub struct Overlay {
     map: Mutex<HashMap<Arc<str>, Pending>>,
+    /// Entries in the map, kept under its lock: a read that finds zero skips the lock (most
+    /// keyspaces never have a pending write, and every read would take it).
+    len: AtomicUsize,
 }
 
 impl Overlay {
     pub fn get(&self, key: &str) -> Option<Pending> {
+        if self.len.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
@@ -38,6 +45,7 @@ impl Overlay {
             Some(old) if old.version > p.version => {}
             _ => {
                 map.insert(key, p);
+                self.len.store(map.len(), Ordering::SeqCst);
             }
         }
     }
@@ -48,11 +56,12 @@ impl Overlay {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.get(key).is_some_and(|p| p.version <= version) {
             map.remove(key);
+            self.len.store(map.len(), Ordering::SeqCst);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.len.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {

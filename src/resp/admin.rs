@@ -370,10 +370,20 @@ fn printable(b: &[u8], max: usize) -> String {
     s
 }
 
-/// Runs one command for session `s` and counts it.
+/// A command name lowercased into a stack buffer (no allocation per command); `None` when
+/// longer than any known command.
+fn lowercase<'b>(name: &[u8], buf: &'b mut [u8; 24]) -> Option<&'b str> {
+    let out = buf.get_mut(..name.len())?;
+    for (o, c) in out.iter_mut().zip(name) {
+        *o = c.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+/// Runs one command for session `s`; counts it in `s`'s batch tally (see [`Session::tally`]).
 pub async fn execute(front: &Front, s: &mut Session, args: Vec<Bytes>) -> Reply {
-    let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-    let index = find(&name);
+    let mut buf = [0u8; 24];
+    let index = lowercase(&args[0], &mut buf).and_then(find);
     let reply = match index {
         None => unknown(&args),
         Some(i) => {
@@ -391,21 +401,24 @@ pub async fn execute(front: &Front, s: &mut Session, args: Vec<Bytes>) -> Reply 
                     "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
                     spec.name
                 ))
+            } else if front.tracking.any_noloop() && spec.flags.contains(&"write") {
+                // NOLOOP needs to know who changes a key; only then is the write scoped.
+                super::tracking::CURRENT
+                    .scope(s.id, run(front, s, spec.name, &args))
+                    .await
             } else {
                 run(front, s, spec.name, &args).await
             }
         }
     };
-    front.stats.commands_processed.fetch_add(1, Ordering::Relaxed);
-    front.metrics.command(index, !reply.is_error());
-    s.info
-        .last_active_ms
-        .store(s.info.created.elapsed().as_millis() as u64, Ordering::Relaxed);
+    s.tally(index, !reply.is_error());
     if let Some(i) = index {
-        s.info.names.lock().unwrap_or_else(|p| p.into_inner()).last_cmd = COMMANDS[i].name;
-    }
-    // CLIENT CACHING applies to the one command after it.
-    if name != "client" {
+        s.info.last_cmd.store(i, Ordering::Relaxed);
+        // CLIENT CACHING applies to the one command after it.
+        if COMMANDS[i].name != "client" {
+            s.caching = None;
+        }
+    } else {
         s.caching = None;
     }
     reply
@@ -602,6 +615,9 @@ fn set_name(s: &Session, name: &[u8]) -> Result<(), Reply> {
 /// One `CLIENT LIST` line.
 fn client_line(front: &Front, c: &super::ClientInfo) -> String {
     let n = c.names.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let last_cmd = COMMANDS
+        .get(c.last_cmd.load(Ordering::Relaxed))
+        .map_or("NULL", |s| s.name);
     let age = c.created.elapsed().as_secs();
     let idle = c
         .created
@@ -617,7 +633,7 @@ fn client_line(front: &Front, c: &super::ClientInfo) -> String {
         c.laddr,
         n.name,
         if n.tracking { "t" } else { "N" },
-        n.last_cmd,
+        last_cmd,
         c.proto.load(Ordering::Relaxed),
         n.lib_name,
         n.lib_ver,

@@ -95,7 +95,7 @@ async fn read(front: &Front, s: &Session, raw: &Bytes) -> Result<Option<Arc<Entr
 
 pub async fn get(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
     match read(front, s, &args[1]).await {
-        Ok(Some(e)) => e.value.clone().map_or(Reply::Nil, Reply::Bulk),
+        Ok(Some(e)) => Reply::Doc(e),
         Ok(None) => Reply::Nil,
         Err(r) => r,
     }
@@ -112,7 +112,7 @@ pub async fn mget(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
     let mut out = Vec::with_capacity(args.len() - 1);
     for raw in &args[1..] {
         match read(front, s, raw).await {
-            Ok(Some(e)) => out.push(e.value.clone().map_or(Reply::Nil, Reply::Bulk)),
+            Ok(Some(e)) => out.push(Reply::Doc(e)),
             Ok(None) => out.push(Reply::Nil),
             Err(r) => return r,
         }
@@ -255,6 +255,12 @@ async fn set_value(front: &Front, raw: &Bytes, value: &Bytes, o: SetOptions) -> 
     let value = Bytes::copy_from_slice(value);
     if t.pipeline.is_in_memory() {
         let raw_bytes = !is_json(&value);
+        if !(o.nx || o.xx || o.get || o.keepttl) {
+            return match t.pipeline.store(&t.key, "SET", value, raw_bytes, o.deadline).await {
+                Ok(()) => Reply::Ok,
+                Err(e) => pattern_error(e),
+            };
+        }
         let r = t
             .pipeline
             .update(&t.key, "SET", |cur| {
@@ -458,27 +464,38 @@ pub async fn getex(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
         },
         _ => return Reply::err(SYNTAX),
     };
-    let t = match route(front, &args[1]) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    t.pipeline
-        .update(&t.key, "GETEX with an expiry", |cur| {
-            let Some(e) = cur else {
-                return Ok((Update::Keep, Reply::Nil));
-            };
-            let value = e.value.clone().unwrap_or_default();
-            Ok((
-                Update::Set {
-                    value: value.clone(),
-                    raw: e.raw,
-                    deadline: new_deadline,
-                },
-                Reply::Bulk(value),
-            ))
-        })
-        .await
-        .unwrap_or_else(pattern_error)
+    update_key(front, &args[1], "GETEX with an expiry", |cur| match cur {
+        Some(e) => (redeadline(e, new_deadline), Reply::Bulk(e.value.clone().unwrap_or_default())),
+        None => (Update::Keep, Reply::Nil),
+    })
+    .await
+}
+
+/// Runs a read-modify-write of the key `raw` names (in-memory keyspaces; see
+/// [`Pipeline::update`]) and answers what `f` says.
+async fn update_key(
+    front: &Front,
+    raw: &Bytes,
+    what: &'static str,
+    f: impl FnOnce(Option<&Arc<Entry>>) -> (Update, Reply),
+) -> Reply {
+    match route(front, raw) {
+        Ok(t) => t
+            .pipeline
+            .update(&t.key, what, |cur| Ok(f(cur)))
+            .await
+            .unwrap_or_else(pattern_error),
+        Err(r) => r,
+    }
+}
+
+/// The same value under a new expiry (`None`: the keyspace's `ttl`, from now).
+fn redeadline(e: &Entry, deadline: Option<Instant>) -> Update {
+    Update::Set {
+        value: e.value.clone().unwrap_or_default(),
+        raw: e.raw,
+        deadline,
+    }
 }
 
 /// `INCR`, `DECR`, `INCRBY`, `DECRBY` (in-memory keyspaces): the value as a decimal integer,
@@ -499,61 +516,36 @@ pub async fn incr(front: &Front, args: &[Bytes], by: Option<i64>) -> Reply {
     } else {
         delta
     };
-    let t = match route(front, &args[1]) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    t.pipeline
-        .update(&t.key, "INCR/DECR", |cur| {
-            let n = match cur.and_then(|e| e.value.as_ref()) {
-                None => 0,
-                Some(v) => match int_arg(v) {
-                    Ok(n) => n,
-                    Err(r) => return Ok((Update::Keep, r)),
-                },
-            };
-            let Some(next) = n.checked_add(delta) else {
-                return Ok((Update::Keep, Reply::err("ERR increment or decrement would overflow")));
-            };
-            Ok((
-                Update::Set {
-                    value: Bytes::from(next.to_string()),
-                    raw: false,
-                    deadline: cur.and_then(|e| e.expires_at),
-                },
-                Reply::Int(next),
-            ))
-        })
-        .await
-        .unwrap_or_else(pattern_error)
+    update_key(front, &args[1], "INCR/DECR", |cur| {
+        let n = match cur.and_then(|e| e.value.as_ref()).map(|v| int_arg(v)) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(r)) => return (Update::Keep, r),
+        };
+        let Some(next) = n.checked_add(delta) else {
+            return (Update::Keep, Reply::err("ERR increment or decrement would overflow"));
+        };
+        let value = Bytes::from(next.to_string());
+        let deadline = cur.and_then(|e| e.expires_at);
+        (Update::Set { value, raw: false, deadline }, Reply::Int(next))
+    })
+    .await
 }
 
 /// `APPEND key value` (in-memory keyspaces): the new length.
 pub async fn append(front: &Front, args: &[Bytes]) -> Reply {
-    let t = match route(front, &args[1]) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    t.pipeline
-        .update(&t.key, "APPEND", |cur| {
-            let mut v = cur
-                .and_then(|e| e.value.as_ref())
-                .map(|v| v.to_vec())
-                .unwrap_or_default();
-            v.extend_from_slice(&args[2]);
-            let len = v.len() as i64;
-            let raw = !is_json(&v);
-            Ok((
-                Update::Set {
-                    value: Bytes::from(v),
-                    raw,
-                    deadline: cur.and_then(|e| e.expires_at),
-                },
-                Reply::Int(len),
-            ))
-        })
-        .await
-        .unwrap_or_else(pattern_error)
+    update_key(front, &args[1], "APPEND", |cur| {
+        let mut v = cur
+            .and_then(|e| e.value.as_ref())
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        v.extend_from_slice(&args[2]);
+        let (len, raw) = (v.len() as i64, !is_json(&v));
+        let deadline = cur.and_then(|e| e.expires_at);
+        let value = Bytes::from(v);
+        (Update::Set { value, raw, deadline }, Reply::Int(len))
+    })
+    .await
 }
 
 /// `EXPIRE`/`PEXPIRE`/`EXPIREAT`/`PEXPIREAT key n [NX|XX|GT|LT]` (in-memory keyspaces): 1 when
@@ -567,7 +559,6 @@ pub async fn expire(front: &Front, cmd: &str, args: &[Bytes]) -> Reply {
     if args.len() > 4 || flag.as_deref().is_some_and(|f| !matches!(f, "nx" | "xx" | "gt" | "lt")) {
         return Reply::err(format!("ERR Unsupported option {}", flag.unwrap_or_default()));
     }
-    let now = Instant::now();
     let at = match cmd {
         "expire" => n.checked_mul(1000).map(|ms| (ms, false)),
         "pexpire" => Some((n, false)),
@@ -577,76 +568,44 @@ pub async fn expire(front: &Front, cmd: &str, args: &[Bytes]) -> Reply {
     let Some((ms, absolute)) = at else {
         return Reply::err(format!("ERR invalid expire time in '{cmd}' command"));
     };
-    let past = if absolute {
-        ms <= SystemTime::now()
+    let (past, when) = if absolute {
+        let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+            .unwrap_or(0);
+        (ms <= now_ms, at_unix_ms(ms))
     } else {
-        ms <= 0
+        (ms <= 0, Instant::now() + Duration::from_millis(ms.max(0) as u64))
     };
-    let when = if absolute {
-        at_unix_ms(ms)
-    } else {
-        now + Duration::from_millis(ms.max(0) as u64)
-    };
-    let t = match route(front, &args[1]) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    t.pipeline
-        .update(&t.key, "EXPIRE", |cur| {
-            let Some(e) = cur else {
-                return Ok((Update::Keep, Reply::Int(0)));
-            };
-            let allowed = match flag.as_deref() {
-                Some("nx") => e.expires_at.is_none(),
-                Some("xx") => e.expires_at.is_some(),
-                // No expiry counts as infinite.
-                Some("gt") => e.expires_at.is_some_and(|c| when > c),
-                Some("lt") => e.expires_at.is_none_or(|c| when < c),
-                _ => true,
-            };
-            if !allowed {
-                return Ok((Update::Keep, Reply::Int(0)));
-            }
-            if past {
-                return Ok((Update::Delete, Reply::Int(1)));
-            }
-            Ok((
-                Update::Set {
-                    value: e.value.clone().unwrap_or_default(),
-                    raw: e.raw,
-                    deadline: Some(when),
-                },
-                Reply::Int(1),
-            ))
-        })
-        .await
-        .unwrap_or_else(pattern_error)
+    update_key(front, &args[1], "EXPIRE", |cur| {
+        let Some(e) = cur else {
+            return (Update::Keep, Reply::Int(0));
+        };
+        let allowed = match flag.as_deref() {
+            Some("nx") => e.expires_at.is_none(),
+            Some("xx") => e.expires_at.is_some(),
+            // No expiry counts as infinite.
+            Some("gt") => e.expires_at.is_some_and(|c| when > c),
+            Some("lt") => e.expires_at.is_none_or(|c| when < c),
+            _ => true,
+        };
+        match (allowed, past) {
+            (false, _) => (Update::Keep, Reply::Int(0)),
+            (true, true) => (Update::Delete, Reply::Int(1)),
+            (true, false) => (redeadline(e, Some(when)), Reply::Int(1)),
+        }
+    })
+    .await
 }
 
 /// `PERSIST key` (in-memory keyspaces): drops the key's own expiry (it lives the keyspace's
 /// `ttl` again, counted from now); 1 when it had one.
 pub async fn persist(front: &Front, args: &[Bytes]) -> Reply {
-    let t = match route(front, &args[1]) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    t.pipeline
-        .update(&t.key, "PERSIST", |cur| match cur {
-            Some(e) if e.expires_at.is_some() => Ok((
-                Update::Set {
-                    value: e.value.clone().unwrap_or_default(),
-                    raw: e.raw,
-                    deadline: None,
-                },
-                Reply::Int(1),
-            )),
-            _ => Ok((Update::Keep, Reply::Int(0))),
-        })
-        .await
-        .unwrap_or_else(pattern_error)
+    update_key(front, &args[1], "PERSIST", |cur| match cur {
+        Some(e) if e.expires_at.is_some() => (redeadline(e, None), Reply::Int(1)),
+        _ => (Update::Keep, Reply::Int(0)),
+    })
+    .await
 }
 
 /// The name a client uses for `key` of `keyspace` (bare in the default keyspace).

@@ -45,9 +45,35 @@ pub struct Session {
     pub subscribed: bool,
     /// QUIT: answer, then close.
     pub closing: bool,
+    /// Commands run in the current batch, by (table index, ok), not yet added to the shared
+    /// counters: one atomic add per kind per batch instead of several per command.
+    counts: Vec<(Option<usize>, bool, u64)>,
 }
 
 impl Session {
+    /// Counts one command of the batch.
+    pub fn tally(&mut self, index: Option<usize>, ok: bool) {
+        match self.counts.iter_mut().find(|(i, o, _)| *i == index && *o == ok) {
+            Some(c) => c.2 += 1,
+            None => self.counts.push((index, ok, 1)),
+        }
+    }
+
+    /// Adds the batch's counts to the shared counters.
+    fn flush_counts(&mut self, front: &Front) {
+        let mut total = 0;
+        for (index, ok, n) in self.counts.drain(..) {
+            front.metrics.commands(index, ok, n);
+            total += n;
+        }
+        if total > 0 {
+            front.stats.commands_processed.fetch_add(total, Ordering::Relaxed);
+            self.info
+                .last_active_ms
+                .store(self.info.created.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Whether a read by the current command is remembered for default-mode tracking.
     pub fn tracks_reads(&self) -> bool {
         match &self.tracking {
@@ -98,6 +124,7 @@ pub async fn serve_connection(
         caching: None,
         subscribed: false,
         closing: false,
+        counts: Vec::new(),
     };
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
@@ -141,7 +168,7 @@ pub async fn serve_connection(
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            front.metrics.command(None, false);
+                            s.tally(None, false);
                             Reply::err(format!("ERR {e}")).encode(&mut out, s.proto);
                             fatal = true;
                             break;
@@ -154,6 +181,7 @@ pub async fn serve_connection(
             }
             _ = idle_sleep => break,
         }
+        s.flush_counts(&front);
         if sink.overflowed.swap(false, Ordering::AcqRel) {
             push_note(&s, Note::Flush, &mut out);
         }

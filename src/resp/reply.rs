@@ -5,11 +5,18 @@
 //! boolean an integer, a push an array, null a null bulk or null array). Encoded straight into
 //! the connection's output buffer: a pipelined batch of replies is one write.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::cache::Entry;
+
 /// One reply.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Reply {
+    /// A cached entry's value as a bulk string (nil when it has none): the entry read is held,
+    /// not its bytes cloned (a shared reference count touched per read is a cross-core cost).
+    Doc(Arc<Entry>),
     /// `+OK`
     Ok,
     /// A status line (`+PONG`, `+string`).
@@ -41,6 +48,16 @@ pub enum Reply {
     Seq(Vec<Reply>),
 }
 
+/// Replies compare by what they encode (tests, and `== Reply::Nil` checks).
+impl PartialEq for Reply {
+    fn eq(&self, other: &Reply) -> bool {
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        self.encode(&mut a, 3);
+        other.encode(&mut b, 3);
+        a == b
+    }
+}
+
 impl Reply {
     pub fn err(text: impl Into<String>) -> Reply {
         Reply::Error(text.into())
@@ -58,6 +75,10 @@ impl Reply {
     pub fn encode(&self, out: &mut BytesMut, proto: u8) {
         let v3 = proto >= 3;
         match self {
+            Reply::Doc(e) => match &e.value {
+                Some(v) => bulk(out, v),
+                None => Reply::Nil.encode(out, proto),
+            },
             Reply::Ok => out.put_slice(b"+OK\r\n"),
             Reply::Simple(s) => line(out, b'+', s.as_bytes()),
             Reply::Status(s) => line(out, b'+', clean(s).as_bytes()),

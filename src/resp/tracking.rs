@@ -104,6 +104,8 @@ struct Table {
 pub struct Tracking {
     /// Clients with tracking on: zero makes a change's check one atomic load.
     active: AtomicUsize,
+    /// Of them, with NOLOOP (writes are attributed to their client only while there are some).
+    noloop: AtomicUsize,
     max_keys: usize,
     /// The keyspace whose keys clients name without a prefix.
     default_keyspace: Option<String>,
@@ -126,6 +128,7 @@ impl Tracking {
     pub fn new(max_keys: usize, default_keyspace: Option<String>, sent: IntCounter, tracked: IntGauge) -> Tracking {
         Tracking {
             active: AtomicUsize::new(0),
+            noloop: AtomicUsize::new(0),
             max_keys,
             default_keyspace,
             table: Mutex::new(Table {
@@ -150,10 +153,26 @@ impl Tracking {
 
     /// A connection closed: it tracks nothing any more and receives nothing.
     pub fn disconnect(&self, id: ClientId) {
-        let mut t = self.lock();
-        t.sinks.remove(&id);
-        if t.modes.remove(&id).is_some() {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+        self.lock().sinks.remove(&id);
+        self.disable(id);
+    }
+
+    /// Whether any tracking client asked for NOLOOP.
+    pub fn any_noloop(&self) -> bool {
+        self.noloop.load(Ordering::Acquire) > 0
+    }
+
+    fn count(&self, mode: &Mode, delta: isize) {
+        let apply = |a: &AtomicUsize| {
+            if delta > 0 {
+                a.fetch_add(1, Ordering::AcqRel);
+            } else {
+                a.fetch_sub(1, Ordering::AcqRel);
+            }
+        };
+        apply(&self.active);
+        if mode.noloop {
+            apply(&self.noloop);
         }
     }
 
@@ -164,15 +183,17 @@ impl Tracking {
 
     /// Turns tracking on for `id` (or changes its mode).
     pub fn enable(&self, id: ClientId, mode: Mode) {
-        if self.lock().modes.insert(id, mode).is_none() {
-            self.active.fetch_add(1, Ordering::AcqRel);
+        let mut t = self.lock();
+        self.count(&mode, 1);
+        if let Some(old) = t.modes.insert(id, mode) {
+            self.count(&old, -1);
         }
     }
 
     /// Turns tracking off for `id`; the keys it read are forgotten lazily.
     pub fn disable(&self, id: ClientId) {
-        if self.lock().modes.remove(&id).is_some() {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(old) = self.lock().modes.remove(&id) {
+            self.count(&old, -1);
         }
     }
 
