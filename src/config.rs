@@ -501,6 +501,32 @@ mod tests {
     }
 
     #[test]
+    fn the_resp_front_is_on_in_the_embedded_default_and_checked_in_files() {
+        let embedded = Config::from_parts(None, "test", &|_| None).unwrap();
+        assert_eq!(embedded.resp.unwrap().listen.to_string(), "127.0.0.1:6380");
+        let file = Config::parse("[[keyspace]]\nname = \"m\"\n").unwrap();
+        assert!(file.resp.is_none(), "a config file turns it on with [resp]");
+        let env = |k: &str| (k == ENV_RESP_LISTEN).then(|| "127.0.0.1:0".to_string());
+        let moved = Config::from_parts(Some("[[keyspace]]\nname = \"m\"\n"), "t", &env).unwrap();
+        assert_eq!(moved.resp.unwrap().listen.port(), 0, "the env var turns it on");
+        let p = problems(
+            "[[keyspace]]\nname = \"m\"\n[resp]\nlisten = \"0.0.0.0:6380\"\ndefault_keyspace = \"nope\"\nmax_bulk_bytes = \"1MiB\"\nmax_query_bytes = \"1KiB\"\nmax_clients = 0\nbogus = 1\n",
+        );
+        for (path, needle) in [
+            ("resp.listen", "password_file"),
+            ("resp.default_keyspace", "names no keyspace"),
+            ("resp.max_query_bytes", "at least max_bulk_bytes"),
+            ("resp.max_clients", "at least 1"),
+            ("resp.bogus", ""),
+        ] {
+            assert!(
+                p.iter().any(|x| x.path == path && x.message.contains(needle)),
+                "{path}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
     fn federation_is_checked_across_sections() {
         let joined = |text: &str| {
             problems(text)

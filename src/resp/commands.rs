@@ -465,7 +465,10 @@ pub async fn getex(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
         _ => return Reply::err(SYNTAX),
     };
     update_key(front, &args[1], "GETEX with an expiry", |cur| match cur {
-        Some(e) => (redeadline(e, new_deadline), Reply::Bulk(e.value.clone().unwrap_or_default())),
+        Some(e) => (
+            redeadline(e, new_deadline),
+            Reply::Bulk(e.value.clone().unwrap_or_default()),
+        ),
         None => (Update::Keep, Reply::Nil),
     })
     .await
@@ -527,7 +530,14 @@ pub async fn incr(front: &Front, args: &[Bytes], by: Option<i64>) -> Reply {
         };
         let value = Bytes::from(next.to_string());
         let deadline = cur.and_then(|e| e.expires_at);
-        (Update::Set { value, raw: false, deadline }, Reply::Int(next))
+        (
+            Update::Set {
+                value,
+                raw: false,
+                deadline,
+            },
+            Reply::Int(next),
+        )
     })
     .await
 }
