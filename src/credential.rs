@@ -45,7 +45,7 @@ pub fn check_bearer(headers: &HeaderMap, token: &Secret) -> Result<(), Refused> 
 }
 
 /// Compares two secrets in time that depends only on their lengths.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

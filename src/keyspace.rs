@@ -838,6 +838,12 @@ impl Keyspace {
         self.changed(key);
     }
 
+    /// Runs L1's pending bookkeeping now: expired and evicted documents are removed (and their
+    /// removal reported to the watch) without waiting for the next cache operation.
+    pub async fn housekeep(&self) {
+        self.l1.sync().await;
+    }
+
     /// Live numbers for `/v1/keyspaces` and the metrics, after moka's pending bookkeeping.
     pub async fn stats(&self) -> Stats {
         self.l1.sync().await;

@@ -50,6 +50,16 @@ use tracking::{ClientId, Tracking};
 /// it implements (RESP3, `CLIENT SETINFO`) from it.
 pub const REDIS_VERSION: &str = "7.2.4";
 
+/// The name a client uses for `key` of `keyspace`: bare in the default keyspace, else
+/// `keyspace:key` (what `SCAN` lists and what BCAST tracking sends).
+pub fn public_name(default_keyspace: Option<&str>, keyspace: &str, key: &str) -> String {
+    if default_keyspace == Some(keyspace) {
+        key.to_string()
+    } else {
+        format!("{keyspace}:{key}")
+    }
+}
+
 /// `cachesync_resp_*` metrics. Command labels are the command table's names (or `other`), so
 /// the label set is bounded.
 pub struct RespMetrics {
@@ -238,9 +248,30 @@ impl Front {
     }
 }
 
+/// How often, while a client tracks keys, the in-memory keyspaces' expired documents are
+/// swept (so their invalidations go out within about this long of their expiry, as Redis's
+/// active expiry does, even when nothing else touches the cache).
+pub const TRACKING_SWEEP: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// While any client tracks, sweeps the in-memory keyspaces every [`TRACKING_SWEEP`].
+async fn sweep_expired(front: Arc<Front>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TRACKING_SWEEP) => {}
+        }
+        if front.tracking.is_active() {
+            for p in front.state.pipelines.values().filter(|p| p.is_in_memory()) {
+                p.keyspace().housekeep().await;
+            }
+        }
+    }
+}
+
 /// Serves RESP on `listener` until `stop`, each connection a task of `tasks`; beyond
 /// `max_clients` a connection is answered Redis's error and closed.
 pub async fn serve(listener: TcpListener, front: Arc<Front>, stop: CancellationToken, tasks: Tasks) {
+    tasks.spawn(sweep_expired(front.clone(), stop.clone()));
     let slots = Arc::new(Semaphore::new(front.config.max_clients));
     let laddr = listener.local_addr().ok();
     loop {

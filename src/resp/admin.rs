@@ -429,7 +429,7 @@ async fn run(front: &Front, s: &mut Session, name: &str, args: &[Bytes]) -> Repl
         "get" => data::get(front, s, args).await,
         "set" => data::set(front, args).await,
         "setnx" | "setex" | "psetex" | "getset" => data::set_variant(front, name, args).await,
-        "getdel" => data::getdel(front, s, args).await,
+        "getdel" => data::getdel(front, args).await,
         "getex" => data::getex(front, s, args).await,
         "mget" => data::mget(front, s, args).await,
         "mset" => data::mset(front, args).await,
@@ -503,10 +503,7 @@ fn password_ok(front: &Front, user: Option<&[u8]>, password: &[u8]) -> bool {
     let Some(secret) = &front.config.password else {
         return false;
     };
-    let expected = secret.expose().as_bytes();
-    let same =
-        expected.len() == password.len() && expected.iter().zip(password).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-    same && user.is_none_or(|u| u == b"default")
+    crate::credential::same_secret(password, secret.expose().as_bytes()) && user.is_none_or(|u| u == b"default")
 }
 
 fn auth(front: &Front, s: &mut Session, args: &[Bytes]) -> Reply {
@@ -613,7 +610,7 @@ fn set_name(s: &Session, name: &[u8]) -> Result<(), Reply> {
 }
 
 /// One `CLIENT LIST` line.
-fn client_line(front: &Front, c: &super::ClientInfo) -> String {
+fn client_line(c: &super::ClientInfo) -> String {
     let n = c.names.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let last_cmd = COMMANDS
         .get(c.last_cmd.load(Ordering::Relaxed))
@@ -625,7 +622,6 @@ fn client_line(front: &Front, c: &super::ClientInfo) -> String {
         .as_millis()
         .saturating_sub(c.last_active_ms.load(Ordering::Relaxed) as u128)
         / 1000;
-    let _ = front;
     format!(
         "id={} addr={} laddr={} fd=-1 name={} age={age} idle={idle} flags={} db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user=default redir=-1 resp={} lib-name={} lib-ver={}",
         c.id,
@@ -670,14 +666,10 @@ fn client(front: &Front, s: &mut Session, args: &[Bytes]) -> Reply {
             Reply::Ok
         }
         ("list", _) => {
-            let text: String = front
-                .client_list()
-                .iter()
-                .map(|c| client_line(front, c) + "\n")
-                .collect();
+            let text: String = front.client_list().iter().map(|c| client_line(c) + "\n").collect();
             Reply::Verbatim(text)
         }
-        ("info", 2) => Reply::Verbatim(client_line(front, &s.info) + "\n"),
+        ("info", 2) => Reply::Verbatim(client_line(&s.info) + "\n"),
         ("tracking", _) => tracking(front, s, &args[2..]),
         ("caching", 3) => {
             let Some(t) = &s.tracking else {

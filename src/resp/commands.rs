@@ -85,12 +85,21 @@ fn keyspace_name(t: &Target<'_>) -> Arc<str> {
 
 /// Reads a key through its pipeline (the HTTP GET path), remembering it for tracking.
 async fn read(front: &Front, s: &Session, raw: &Bytes) -> Result<Option<Arc<Entry>>, Reply> {
+    read_target(front, s, raw).await.map(|(_, e)| e)
+}
+
+/// [`read`], with the keyspace the key routed to.
+async fn read_target<'a>(
+    front: &'a Front,
+    s: &Session,
+    raw: &Bytes,
+) -> Result<(Target<'a>, Option<Arc<Entry>>), Reply> {
     let t = route(front, raw)?;
     let read = t.pipeline.get(&t.key).await.map_err(pattern_error)?;
     if s.tracks_reads() {
         front.tracking.track(s.id, &keyspace_name(&t), &t.key.cache_key, raw);
     }
-    Ok(read.entry.value.is_some().then_some(read.entry))
+    Ok((t, read.entry.value.is_some().then_some(read.entry)))
 }
 
 pub async fn get(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
@@ -142,8 +151,7 @@ pub async fn type_of(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
 
 /// A key's remaining life in milliseconds: -2 absent, -1 never expires.
 pub async fn pttl_of(front: &Front, s: &Session, raw: &Bytes) -> Result<i64, Reply> {
-    let t = route(front, raw)?;
-    let entry = read(front, s, raw).await?;
+    let (t, entry) = read_target(front, s, raw).await?;
     let Some(e) = entry else { return Ok(-2) };
     if !t.pipeline.is_in_memory() {
         // A row lives until it is deleted; the cache's copy is refreshed, not expired.
@@ -425,7 +433,7 @@ pub async fn del(front: &Front, args: &[Bytes]) -> Reply {
 }
 
 /// `GETDEL key`
-pub async fn getdel(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
+pub async fn getdel(front: &Front, args: &[Bytes]) -> Reply {
     let t = match route(front, &args[1]) {
         Ok(t) => t,
         Err(r) => return r,
@@ -440,10 +448,11 @@ pub async fn getdel(front: &Front, s: &Session, args: &[Bytes]) -> Reply {
             .await
             .unwrap_or_else(pattern_error);
     }
-    let old = get(front, s, args).await;
-    if old.is_error() || old == Reply::Nil {
-        return old;
-    }
+    let old = match t.pipeline.get(&t.key).await {
+        Ok(r) if r.entry.value.is_some() => Reply::Doc(r.entry),
+        Ok(_) => return Reply::Nil,
+        Err(e) => return pattern_error(e),
+    };
     match t.pipeline.delete(&t.key, &Condition::Always).await {
         Ok(_) => old,
         Err(e) => pattern_error(e),
@@ -618,15 +627,6 @@ pub async fn persist(front: &Front, args: &[Bytes]) -> Reply {
     .await
 }
 
-/// The name a client uses for `key` of `keyspace` (bare in the default keyspace).
-fn public_name(front: &Front, keyspace: &str, key: &str) -> String {
-    if front.default_keyspace.as_deref() == Some(keyspace) {
-        key.to_string()
-    } else {
-        format!("{keyspace}:{key}")
-    }
-}
-
 /// Every live key of the in-memory keyspaces, by public name, with a stable 64-bit position
 /// for `SCAN` cursors.
 fn names(front: &Front) -> Vec<(u64, String)> {
@@ -636,7 +636,7 @@ fn names(front: &Front) -> Vec<(u64, String)> {
         let ks = p.keyspace();
         for (key, e) in ks.entries().0 {
             if e.value.is_some() {
-                let name = public_name(front, ks.name(), &key);
+                let name = super::public_name(front.default_keyspace.as_deref(), ks.name(), &key);
                 out.push((hasher.hash_one(&name), name));
             }
         }

@@ -157,6 +157,11 @@ impl Tracking {
         self.disable(id);
     }
 
+    /// Whether any client tracks.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+
     /// Whether any tracking client asked for NOLOOP.
     pub fn any_noloop(&self) -> bool {
         self.noloop.load(Ordering::Acquire) > 0
@@ -240,15 +245,6 @@ impl Tracking {
             }
         }
     }
-
-    /// The name a BCAST client sees for a key.
-    fn public_name(&self, keyspace: &str, key: &str) -> Bytes {
-        if self.default_keyspace.as_deref() == Some(keyspace) {
-            Bytes::copy_from_slice(key.as_bytes())
-        } else {
-            Bytes::from(format!("{keyspace}:{key}"))
-        }
-    }
 }
 
 impl Watch for Tracking {
@@ -269,7 +265,9 @@ impl Watch for Tracking {
             if mode.noloop && changer == Some(*id) {
                 continue;
             }
-            let name = public.get_or_insert_with(|| self.public_name(keyspace, key));
+            let name = public.get_or_insert_with(|| {
+                Bytes::from(super::public_name(self.default_keyspace.as_deref(), keyspace, key))
+            });
             if (prefixes.is_empty() || prefixes.iter().any(|p| name.starts_with(p)))
                 && let Some(sink) = t.sinks.get(&mode.redirect.unwrap_or(*id))
             {

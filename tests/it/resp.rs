@@ -111,6 +111,8 @@ impl Raw {
 fn flat(f: &OwnedFrame) -> Vec<String> {
     match f {
         OwnedFrame::Array { data, .. } | OwnedFrame::Push { data, .. } => data.iter().flat_map(flat).collect(),
+        OwnedFrame::Set { data, .. } => data.iter().flat_map(flat).collect(),
+        OwnedFrame::Map { data, .. } => data.iter().flat_map(|(k, v)| [flat(k), flat(v)].concat()).collect(),
         other => vec![text(other)],
     }
 }
@@ -642,6 +644,54 @@ async fn bcast_and_resp2_redirect_deliver_invalidations_of_database_changes() {
         text(&c.cmd(&["CLIENT", "TRACKING", "on", "REDIRECT", "999999"]).await),
         "ERR The client ID you want redirect to does not exist"
     );
+    server.shutdown().await;
+}
+
+/// In-memory keys over RESP3: OPTIN tracks only what follows `CLIENT CACHING yes`, NOLOOP
+/// keeps the client's own writes quiet, another client's write and an expiry both invalidate.
+#[tokio::test]
+async fn optin_noloop_and_expiry_invalidations_of_in_memory_keys() {
+    let (server, _http) = start_text(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[keyspace]]\nname = \"default\"\n[resp]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let addr = server.resp_addr().unwrap();
+    let mut other = Raw::connect(addr).await;
+    for k in ["a", "b"] {
+        assert_eq!(text(&other.cmd(&["SET", k, "1"]).await), "OK");
+    }
+    let mut me = Raw::connect(addr).await;
+    assert!(matches!(me.cmd(&["HELLO", "3"]).await, OwnedFrame::Map { .. }));
+    assert_eq!(
+        text(&me.cmd(&["CLIENT", "TRACKING", "on", "OPTIN", "NOLOOP"]).await),
+        "OK"
+    );
+    assert_eq!(text(&me.cmd(&["CLIENT", "CACHING", "yes"]).await), "OK");
+    assert_eq!(text(&me.cmd(&["GET", "a"]).await), "1");
+    assert_eq!(
+        text(&me.cmd(&["GET", "b"]).await),
+        "1",
+        "not after CACHING yes: not tracked"
+    );
+    // Another client's writes: only the tracked key is invalidated.
+    assert_eq!(text(&other.cmd(&["SET", "b", "2"]).await), "OK");
+    assert_eq!(text(&other.cmd(&["SET", "a", "2"]).await), "OK");
+    let push = me.frame().await.unwrap();
+    assert!(matches!(push, OwnedFrame::Push { .. }), "{push:?}");
+    assert_eq!(flat(&push), ["invalidate", "a"]);
+    // Its own write of a key it tracks: NOLOOP, nothing; a PING proves nothing was queued.
+    assert_eq!(text(&me.cmd(&["CLIENT", "CACHING", "yes"]).await), "OK");
+    assert_eq!(text(&me.cmd(&["GET", "a"]).await), "2");
+    assert_eq!(text(&me.cmd(&["SET", "a", "3"]).await), "OK");
+    assert_eq!(text(&me.cmd(&["PING"]).await), "PONG");
+    // A tracked key that expires is invalidated too, with nothing else touching the cache.
+    assert_eq!(text(&other.cmd(&["SET", "t", "v", "PX", "100"]).await), "OK");
+    assert_eq!(text(&me.cmd(&["CLIENT", "CACHING", "yes"]).await), "OK");
+    assert_eq!(text(&me.cmd(&["GET", "t"]).await), "v");
+    let push = me.frame().await.expect("an invalidation once t expires");
+    assert_eq!(flat(&push), ["invalidate", "t"]);
+    let info = flat(&me.cmd(&["CLIENT", "TRACKINGINFO"]).await).join(" ");
+    assert!(info.contains("optin") && info.contains("noloop"), "{info}");
     server.shutdown().await;
 }
 
