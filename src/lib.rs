@@ -14,9 +14,10 @@
 //!   │
 //!  resp       the Redis protocol (RESP2/3) over the same pipelines: resp::frame (bounded
 //!   │         request framing) · resp::reply · resp::conn (pipelined batches, pushes) ·
-//!   │         resp::commands (routing, data commands) · resp::admin (HELLO, AUTH, CLIENT, INFO,
-//!   │         CONFIG, COMMAND; the command table) · resp::tracking (CLIENT TRACKING fed by every
-//!   │         change the keyspaces' door lets through); [resp]
+//!   │         resp::session (a connection's state) · resp::commands (routing, data commands) ·
+//!   │         resp::admin (HELLO, AUTH, CLIENT, INFO, CONFIG, COMMAND; the command table) ·
+//!   │         resp::tracking (CLIENT TRACKING fed by every change the keyspaces' door lets
+//!   │         through); [resp]
 //!  api        HTTP (axum): api::kv GET/PUT/DELETE/_mget/_mput/_mdelete · api::admin /v1/keyspaces
 //!   │         /v1/deadletters /metrics /healthz /readyz · api::error the one error → status
 //!   │         mapping · api::listener connections, timeouts, the connection bound · api::config

@@ -6,6 +6,7 @@
 //!   bounded; [`reply`]: replies encoded in RESP2 or RESP3.
 //! - [`conn`]: one connection — read, frame every complete command in the buffer, run them in
 //!   order, answer the whole batch with one write (pipelining); invalidation pushes between.
+//!   [`session`]: the connection's state the commands change.
 //! - [`commands`]: the data commands and how a key routes to a keyspace; [`admin`]: the
 //!   connection and server commands (`HELLO`, `AUTH`, `CLIENT`, `INFO`, `CONFIG`, `COMMAND`…)
 //!   and the command table.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod conn;
 pub mod frame;
 pub mod reply;
+pub mod session;
 pub mod tracking;
 
 use std::collections::BTreeMap;

@@ -9,8 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::commands as data;
-use super::conn::{Session, TrackState};
 use super::reply::Reply;
+use super::session::{Session, TrackState};
 use super::{Front, REDIS_VERSION};
 
 /// The channel a RESP2 client subscribes to to receive redirected invalidations.

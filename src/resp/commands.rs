@@ -19,8 +19,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::Front;
-use super::conn::Session;
 use super::reply::Reply;
+use super::session::Session;
 use crate::api::error::ApiError;
 use crate::cache::{Condition, Entry, Tags};
 use crate::key::Key;
