@@ -466,6 +466,7 @@ fn tables(node: &Node, db: &Db) -> String {
         db,
         "[[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"through\"\ncdc = \"update\"\n\
          [[keyspace]]\nname = \"events\"\ntable = \"events\"\nkey = \"id\"\nwrite = \"behind\"\n\
+         [[keyspace]]\nname = \"orders\"\ntable = \"orders\"\nkey = [\"tenant\", \"id\"]\nwrite = \"through\"\n\
          [[keyspace]]\nname = \"default\"\n",
         "[resp]\nlisten = \"127.0.0.1:0\"\n",
     )
@@ -475,7 +476,9 @@ async fn table_server() -> (Db, Server, Http) {
     let db = Db::new().await;
     db.exec(
         "CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL); INSERT INTO users VALUES (1, 'ada');\
-         CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL);",
+         CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL);\
+         CREATE TABLE orders (tenant text, id int, total int NOT NULL, PRIMARY KEY (tenant, id));\
+         INSERT INTO orders VALUES ('acme,inc', 7, 70);",
     )
     .await;
     let node = Node::new();
@@ -550,6 +553,18 @@ async fn the_redis_crate_reads_and_writes_tables_through_their_pipelines() {
     let n: i64 = conn.del(&["users:3", "users:4", "users:404"]).await.unwrap();
     assert_eq!(n, 2);
     assert_eq!(db.scalar::<i64>("SELECT count(*) FROM users").await, 2);
+    // A composite key in its URL form: components in key order, a comma inside one as %2C.
+    let order: String = conn.get("orders:acme%2Cinc,7").await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&order).unwrap(),
+        json!({"tenant": "acme,inc", "id": 7, "total": 70})
+    );
+    let _: () = conn.set("orders:acme%2Cinc,8", r#"{"total": 80}"#).await.unwrap();
+    assert_eq!(
+        db.scalar::<i32>("SELECT total FROM orders WHERE tenant = 'acme,inc' AND id = 8")
+            .await,
+        80
+    );
     // Write-behind: OK once durable in the log; Postgres gets it soon after.
     let _: () = conn.set("events:1", r#"{"kind":"signup"}"#).await.unwrap();
     let back: String = conn.get("events:1").await.unwrap();
