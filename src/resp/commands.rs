@@ -95,10 +95,13 @@ async fn read_target<'a>(
     raw: &Bytes,
 ) -> Result<(Target<'a>, Option<Arc<Entry>>), Reply> {
     let t = route(front, raw)?;
-    let read = t.pipeline.get(&t.key).await.map_err(pattern_error)?;
+    // Tracked before it is read: a change that lands after the read is then always told (its
+    // invalidation is written after this reply); tracking after the read could miss a change
+    // between the two and leave the client's copy stale.
     if s.tracks_reads() {
         front.tracking.track(s.id, &keyspace_name(&t), &t.key.cache_key, raw);
     }
+    let read = t.pipeline.get(&t.key).await.map_err(pattern_error)?;
     Ok((t, read.entry.value.is_some().then_some(read.entry)))
 }
 
