@@ -275,12 +275,6 @@ async fn queries_saved(db_url: &str, redis: &RedisServer) {
 async fn memory(redis: &RedisServer) {
     let client = redis::Client::open(redis.url()).expect("url");
     let mut c = client.get_multiplexed_async_connection().await.expect("connect");
-    let used = |info: String| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
     // The records the runs above left (every key was loaded or written at least once).
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("cachesync:users:*")
@@ -320,11 +314,7 @@ async fn memory(redis: &RedisServer) {
     ] {
         let client = redis::Client::open(format!("{}{db}", redis.url())).expect("url");
         let mut c = client.get_multiplexed_async_connection().await.expect("connect");
-        let before: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut c)
-            .await
-            .expect("INFO");
+        let before = redis.info_number("memory", "used_memory") as f64;
         let mut usage = 0.0;
         for chunk in records.chunks(1000) {
             let mut pipe = redis::pipe();
@@ -336,13 +326,9 @@ async fn memory(redis: &RedisServer) {
             let u: Vec<Option<u64>> = pipe.query_async(&mut c).await.expect("SET + MEMORY USAGE");
             usage += u.into_iter().map(|u| u.unwrap_or(0) as f64).sum::<f64>();
         }
-        let after: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut c)
-            .await
-            .expect("INFO");
+        let after = redis.info_number("memory", "used_memory") as f64;
         if label != "warm-up" {
-            rows.push((label, usage / n as f64, (used(after) - used(before)) / n as f64));
+            rows.push((label, usage / n as f64, (after - before) / n as f64));
         }
     }
     let doc_len = records.iter().map(|(_, r)| doc(r).len()).sum::<usize>() as f64 / n as f64;

@@ -55,20 +55,6 @@ async fn fill(port: u16, n: usize, size: usize) -> Duration {
     started.elapsed()
 }
 
-async fn used_memory(port: u16) -> u64 {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await
-        .expect("INFO");
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("used_memory")
-}
-
 async fn dbsize(port: u16) -> u64 {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
@@ -93,12 +79,7 @@ async fn main() {
     );
     for size in [100usize, 1024] {
         let redis = RedisServer::start();
-        let redis_pid: u32 = redis
-            .cli(&["info", "server"])
-            .lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .and_then(|p| p.trim().parse().ok())
-            .expect("redis-server's pid");
+        let redis_pid = redis.pid();
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[[keyspace]]\nname = \"default\"\nmax_entries = {}\nttl = \"24h\"\n[resp]\nlisten = \"127.0.0.1:0\"\n",
             n * 2
@@ -106,9 +87,9 @@ async fn main() {
         let sidecar = Sidecar::spawn(Path::new(env!("CARGO_BIN_EXE_cachesync")), Some(&config));
         let cs_port = sidecar.resp.expect("RESP is on").port();
 
-        let (r0, u0) = (rss(redis_pid), used_memory(redis.port).await);
+        let (r0, u0) = (rss(redis_pid), redis.info_number("memory", "used_memory"));
         let r_fill = fill(redis.port, n, size).await;
-        let (r1, u1) = (rss(redis_pid), used_memory(redis.port).await);
+        let (r1, u1) = (rss(redis_pid), redis.info_number("memory", "used_memory"));
         assert_eq!(dbsize(redis.port).await, n as u64, "redis holds every entry");
 
         let c0 = rss(sidecar.pid());

@@ -112,12 +112,7 @@ fn main() {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
     let tool = redis_benchmark();
     let redis = RedisServer::start();
-    let redis_pid: u32 = redis
-        .cli(&["info", "server"])
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("redis-server's pid");
+    let redis_pid = redis.pid();
     let sidecar = Sidecar::spawn(Path::new(env!("CARGO_BIN_EXE_cachesync")), None);
     let cs_port = sidecar.resp.expect("the embedded default serves RESP").port();
     let targets = [("redis", redis.port, redis_pid), ("cachesync", cs_port, sidecar.pid())];

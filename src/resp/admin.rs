@@ -895,23 +895,24 @@ async fn info(front: &Front, args: &[Bytes]) -> Reply {
         ));
     }
     if want("keyspace") {
+        // Each keyspace's size once (a size settles moka's pending bookkeeping first).
+        let mut lines = String::new();
         let mut keys = 0;
         for p in front.state.pipelines.values() {
-            keys += p.keyspace().stats().await.entries;
+            let ks = p.keyspace();
+            let entries = ks.stats().await.entries;
+            keys += entries;
+            let source = if p.is_in_memory() { "memory" } else { "table" };
+            lines.push_str(&format!(
+                "cachesync_keyspace_{}:entries={entries},source={source}\r\n",
+                ks.name()
+            ));
         }
         out.push_str("# Keyspace\r\n");
         if keys > 0 {
             out.push_str(&format!("db0:keys={keys},expires=0,avg_ttl=0\r\n"));
         }
-        for p in front.state.pipelines.values() {
-            let ks = p.keyspace();
-            out.push_str(&format!(
-                "cachesync_keyspace_{}:entries={},source={}\r\n",
-                ks.name(),
-                ks.stats().await.entries,
-                if p.is_in_memory() { "memory" } else { "table" }
-            ));
-        }
+        out.push_str(&lines);
         out.push_str("\r\n");
     }
     Reply::Verbatim(out)

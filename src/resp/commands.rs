@@ -79,10 +79,6 @@ fn is_json(v: &[u8]) -> bool {
     serde_json::from_slice::<serde::de::IgnoredAny>(v).is_ok()
 }
 
-fn keyspace_name(t: &Target<'_>) -> Arc<str> {
-    t.pipeline.keyspace().name().into()
-}
-
 /// Reads a key through its pipeline (the HTTP GET path), remembering it for tracking.
 async fn read(front: &Front, s: &Session, raw: &Bytes) -> Result<Option<Arc<Entry>>, Reply> {
     read_target(front, s, raw).await.map(|(_, e)| e)
@@ -99,7 +95,9 @@ async fn read_target<'a>(
     // invalidation is written after this reply); tracking after the read could miss a change
     // between the two and leave the client's copy stale.
     if s.tracks_reads() {
-        front.tracking.track(s.id, &keyspace_name(&t), &t.key.cache_key, raw);
+        front
+            .tracking
+            .track(s.id, t.pipeline.keyspace().name(), &t.key.cache_key, raw);
     }
     let read = t.pipeline.get(&t.key).await.map_err(pattern_error)?;
     Ok((t, read.entry.value.is_some().then_some(read.entry)))

@@ -1,9 +1,9 @@
 //! Replies and their encoding in RESP2 or RESP3, as the connection negotiated with `HELLO`.
 //!
 //! One [`Reply`] type for both versions: RESP3's richer types fall back the way Redis's do in
-//! RESP2 (a map becomes a flat array of pairs, a set an array, a double a bulk string, a
-//! boolean an integer, a push an array, null a null bulk or null array). Encoded straight into
-//! the connection's output buffer: a pipelined batch of replies is one write.
+//! RESP2 (a map becomes a flat array of pairs, a set an array, a push an array, a verbatim
+//! string a bulk string, null a null bulk or null array). Encoded straight into the
+//! connection's output buffer: a pipelined batch of replies is one write.
 
 use std::sync::Arc;
 
@@ -36,10 +36,6 @@ pub enum Reply {
     Map(Vec<(Reply, Reply)>),
     /// RESP3 set; an array in RESP2.
     Set(Vec<Reply>),
-    /// RESP3 boolean; `:1`/`:0` in RESP2.
-    Bool(bool),
-    /// RESP3 double; a bulk string in RESP2.
-    Double(f64),
     /// RESP3 verbatim string (`=len\r\ntxt:...`); a bulk string in RESP2 (`INFO`, `CLIENT LIST`).
     Verbatim(String),
     /// RESP3 out-of-band push (`>`); an array in RESP2 (pub/sub messages).
@@ -105,24 +101,6 @@ impl Reply {
                 for (k, v) in pairs {
                     k.encode(out, proto);
                     v.encode(out, proto);
-                }
-            }
-            Reply::Bool(b) if v3 => out.put_slice(if *b { b"#t\r\n" } else { b"#f\r\n" }),
-            Reply::Bool(b) => out.put_slice(if *b { b":1\r\n" } else { b":0\r\n" }),
-            Reply::Double(d) => {
-                let text = if d.is_infinite() {
-                    if *d > 0.0 {
-                        "inf".to_string()
-                    } else {
-                        "-inf".to_string()
-                    }
-                } else {
-                    format!("{d}")
-                };
-                if v3 {
-                    line(out, b',', text.as_bytes());
-                } else {
-                    bulk(out, text.as_bytes());
                 }
             }
             Reply::Verbatim(text) if v3 => {
@@ -204,9 +182,6 @@ mod tests {
         let map = Reply::Map(vec![(Reply::bulk("a"), Reply::Int(1))]);
         assert_eq!(enc(&map, 2), "*2\r\n$1\r\na\r\n:1\r\n");
         assert_eq!(enc(&map, 3), "%1\r\n$1\r\na\r\n:1\r\n");
-        assert_eq!(enc(&Reply::Bool(true), 3), "#t\r\n");
-        assert_eq!(enc(&Reply::Bool(true), 2), ":1\r\n");
-        assert_eq!(enc(&Reply::Double(1.5), 3), ",1.5\r\n");
         assert_eq!(enc(&Reply::Verbatim("x".into()), 3), "=5\r\ntxt:x\r\n");
         let push = Reply::Push(vec![Reply::bulk("invalidate"), Reply::NilArray]);
         assert_eq!(enc(&push, 3), ">2\r\n$10\r\ninvalidate\r\n_\r\n");
@@ -225,7 +200,7 @@ mod tests {
             Reply::bulk("a"),
             Reply::Int(7),
             Reply::Nil,
-            Reply::Map(vec![(Reply::Simple("k"), Reply::Set(vec![Reply::Double(2.0)]))]),
+            Reply::Map(vec![(Reply::Simple("k"), Reply::Set(vec![Reply::Int(2)]))]),
             Reply::Verbatim("text".into()),
         ]);
         let mut out = BytesMut::new();

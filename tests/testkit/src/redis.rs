@@ -149,6 +149,20 @@ impl RedisServer {
         cli(self.port, args)
     }
 
+    /// One field of `INFO <section>` (`process_id`, `used_memory`…), as a number.
+    pub fn info_number(&self, section: &str, field: &str) -> u64 {
+        let info = self.cli(&["info", section]);
+        info.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("INFO {section} has no numeric {field}: {info}"))
+    }
+
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.info_number("server", "process_id") as u32
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
