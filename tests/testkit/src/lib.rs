@@ -61,9 +61,27 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh directory under the system temp dir, owned by `owner` when given.
+///
+/// Fresh means created here: the name carries the process id, a per-process number and the
+/// clock, and a name that already exists is skipped. Process ids are reused (nextest runs
+/// every test in a process of its own), and a directory left by an earlier process of the same
+/// id once handed a test a commit log it had not written.
 pub fn temp_dir(label: &str, owner: Option<(u32, u32)>) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cachesync-{label}-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let dir = loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "cachesync-{label}-{}-{}-{nanos:09}",
+            std::process::id(),
+            unique()
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => panic!("cannot create {}: {e}", dir.display()),
+        }
+    };
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
