@@ -20,6 +20,7 @@
 //! - Entry lifetime is measured on `tokio::time` (so tests can pause it); moka's own TTL is only
 //!   the backstop that frees memory.
 
+pub mod compact;
 pub mod l1;
 
 use std::collections::HashMap;
@@ -31,7 +32,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::lsn::Lsn;
-pub use l1::{Capacity, L1};
+pub use l1::{Capacity, L1, StoreKind};
 
 /// One cached key.
 #[derive(Debug, Clone)]
@@ -291,9 +292,9 @@ impl Entry {
         }
     }
 
-    /// Bytes this entry accounts for under a byte capacity.
+    /// Bytes this entry accounts for under a byte capacity of the cache store.
     pub fn weight(&self, key: &str) -> u32 {
-        let n = key.len() + self.value.as_ref().map_or(0, |v| v.len()) + l1::ENTRY_OVERHEAD_BYTES;
+        let n = key.len() + self.value.as_ref().map_or(0, |v| v.len()) + l1::CACHE_ENTRY_OVERHEAD_BYTES;
         n.min(u32::MAX as usize) as u32
     }
 }

@@ -200,7 +200,7 @@ impl Keyspace {
             );
         }
         Keyspace {
-            l1: L1::new(config.capacity, config.ttl, config.negative_ttl),
+            l1: L1::with_store(config.store, config.capacity, config.ttl, config.negative_ttl),
             flights: Flights::default(),
             source: RwLock::new(None),
             blockers: Mutex::new(blockers),
@@ -670,7 +670,7 @@ impl Keyspace {
     /// unless it changed meanwhile. Returns how many were removed.
     pub async fn sweep(&self, origin: &str, version: u64) -> u64 {
         let mut n = 0;
-        for (key, e) in self.l1.entries().collect::<Vec<_>>() {
+        for (key, e) in self.l1.entries() {
             let stale = e.version < version && e.fed.as_ref().is_some_and(|f| &*f.origin == origin);
             if stale && self.l1.remove_exact(key.clone(), &e).await {
                 self.changed(&key);
@@ -808,7 +808,7 @@ impl Keyspace {
     /// the keyspace is warmed and has dropped no document for room or age since.
     pub fn entries(&self) -> (Entries, bool) {
         let whole = self.config.warm && self.l1.dropped() == 0;
-        (self.l1.entries().collect(), whole)
+        (self.l1.entries(), whole)
     }
 
     /// Forgets every key and, from now on, refuses state from before source position `lsn`:
@@ -844,6 +844,11 @@ impl Keyspace {
         self.l1.sync().await;
     }
 
+    /// One step of the compact store's expiry sweep (see [`crate::server`]'s sweeper).
+    pub fn sweep_some(&self) {
+        self.l1.sweep_some();
+    }
+
     /// Live numbers for `/v1/keyspaces` and the metrics, after moka's pending bookkeeping.
     pub async fn stats(&self) -> Stats {
         self.l1.sync().await;
@@ -875,7 +880,7 @@ impl Guarded for Keyspace {
     }
 
     fn l1_entries(&self) -> Vec<(Arc<str>, Arc<Entry>)> {
-        self.l1.entries().collect()
+        self.l1.entries()
     }
 
     async fn confirm(&self, key: Arc<str>, entry: &Arc<Entry>, at: tokio::time::Instant) {

@@ -57,7 +57,8 @@
 //!  key        URL key encoding, composite keys, per-type normalization
 //!  source     Postgres: pool, catalog binding (schema), SQL text (sql), rendering (render),
 //!             value checks (validate), the one SQLSTATE classification (sqlstate); [postgres]
-//!  cache      L1 (moka) with versioned installs; flights = single flight + load leases
+//!  cache      L1 with versioned installs, in one of two stores (a bounded moka cache, or the
+//!             compact store: one allocation per entry); flights = single flight + load leases
 //!  commitlog  the durable log of change events: segments (framing, sparse index, recovery),
 //!             group-commit writer, tailing readers, durable cursors, retention, inspection; [log]
 //!  event      the change event, its constructors and its versioned binary encoding

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::cache::StoreKind;
 use crate::cdc::applier::Applier;
 use crate::cdc::config::CdcSource;
 use crate::cdc::postgres::{Capture, CaptureParts};
@@ -117,6 +118,13 @@ impl Server {
                 (k.name.clone(), Arc::new(ks))
             })
             .collect();
+        // The compact store frees expired entries' memory by sweeping (reads already skip them).
+        {
+            let serve = life.tasks(Phase::Serve);
+            for ks in keyspaces.values().filter(|k| k.config.store == StoreKind::Compact) {
+                serve.spawn(sweep_expired(ks.clone(), serve.child_token()));
+            }
+        }
         // The Redis tier: one connection and publisher, a tier per `l2` keyspace with its
         // channel reader and reconciler.
         if let Some(r) = &config.redis {
@@ -581,6 +589,22 @@ impl Server {
 
 /// How long a phase cut off after the grace period gets to wind down.
 const CUTOFF_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a compact keyspace sweeps a few of its shards for expired entries: the whole
+/// store every 4 seconds.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// Sweeps a compact keyspace's expired entries until the server shuts down.
+async fn sweep_expired(ks: Arc<Keyspace>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => ks.sweep_some(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
 
 /// Binds one keyspace to its table, retrying with capped exponential backoff until it works or
 /// the server shuts down. Logs each distinct failure once, so a long outage is not a log flood.

@@ -8,6 +8,11 @@
 //! `future` flavour's per-key async locks and boxed futures cost about a quarter of a write
 //! (measured with `cargo bench --bench resp`: a plain SET's server CPU went from 31 to 25 µs).
 //! The methods stay `async` so the tier behind them can change without touching callers.
+//!
+//! A keyspace configured `store = "compact"` keeps its entries in the [`Compact`] store
+//! instead (one allocation per entry, sampled eviction; see `cache/compact.rs`): the rules
+//! above — lifetimes on the tokio clock, version-checked installs under a per-key lock — are
+//! the same for both, and every method here dispatches on the store.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,11 +24,28 @@ use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use serde::Serialize;
 
+use super::compact::{Compact, Done, Step};
 use super::{Entry, Install, Installed, Merged};
 
-/// Bytes charged per entry on top of key and value under a byte capacity: moka's node, the
-/// `Entry` struct and the `Arc`s, rounded.
-pub const ENTRY_OVERHEAD_BYTES: usize = 128;
+/// Bytes one entry of the cache store costs beyond its key and value: moka's node, hash-table
+/// slot, deques and timer-wheel entry, the `Entry` struct, the `Arc`s and their allocation
+/// classes. Measured, not estimated: 1M entries of a 16-byte key grew the process by 518–530
+/// bytes each beyond key and value, at 100-byte and 1 KiB values (README, "Memory per entry").
+pub const CACHE_ENTRY_OVERHEAD_BYTES: usize = 520;
+
+/// Which structure holds a keyspace's entries (`[[keyspace]] store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A bounded cache (moka): frequency-aware admission and eviction, for keyspaces that hold
+    /// the hot part of a larger table.
+    #[default]
+    Cache,
+    /// One allocation per entry in a sharded table, sampled least-recently-read eviction: for
+    /// keyspaces that hold everything they are given (a warm CDC keyspace sized to fit its
+    /// table, in-memory data over RESP) — about a fifth of the cache store's bytes per entry.
+    Compact,
+}
 
 struct Lifetimes {
     ttl: Duration,
@@ -67,17 +89,23 @@ impl Expiry<Arc<str>, Arc<Entry>> for Lifetimes {
 pub enum Capacity {
     /// At most this many entries.
     Entries(u64),
-    /// At most this many weighed bytes (key + value + a fixed per-entry overhead).
+    /// At most this many weighed bytes (what the store's entries cost: see [`L1::weigh`]).
     Bytes(u64),
+}
+
+enum Store {
+    Cache(Cache<Arc<str>, Arc<Entry>, ahash::RandomState>),
+    Compact(Compact),
 }
 
 /// The in-memory tier of one keyspace.
 pub struct L1 {
-    cache: Cache<Arc<str>, Arc<Entry>, ahash::RandomState>,
+    store: Store,
     ttl: Duration,
     negative_ttl: Duration,
-    /// Weighed bytes held, kept exact by counting installs in and removals (of any cause, via
-    /// moka's eviction listener) out — so the size is in bytes under either capacity kind.
+    /// The cache store's weighed bytes, kept exact by counting installs in and removals (of any
+    /// cause, via moka's eviction listener) out — so the size is in bytes under either capacity
+    /// kind. (The compact store counts its own.)
     bytes: Arc<AtomicI64>,
     /// Documents dropped for room or age (not by a change): once non-zero, this tier no longer
     /// holds every row it was warmed with.
@@ -91,12 +119,36 @@ pub type DropHook = Box<dyn Fn(&str) + Send + Sync>;
 
 impl L1 {
     pub fn new(capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> L1 {
+        L1::with_store(StoreKind::Cache, capacity, ttl, negative_ttl)
+    }
+
+    pub fn with_store(kind: StoreKind, capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> L1 {
         let bytes = Arc::new(AtomicI64::new(0));
-        let out = bytes.clone();
         let dropped = Arc::new(AtomicI64::new(0));
-        let lost = dropped.clone();
         let drop_hook: Arc<OnceLock<DropHook>> = Arc::default();
-        let hook = drop_hook.clone();
+        let store = match kind {
+            StoreKind::Cache => Store::Cache(Self::cache(capacity, ttl, negative_ttl, &bytes, &dropped, &drop_hook)),
+            StoreKind::Compact => Store::Compact(Compact::new(capacity, ttl, negative_ttl)),
+        };
+        L1 {
+            store,
+            ttl,
+            negative_ttl,
+            bytes,
+            dropped,
+            drop_hook,
+        }
+    }
+
+    fn cache(
+        capacity: Capacity,
+        ttl: Duration,
+        negative_ttl: Duration,
+        bytes: &Arc<AtomicI64>,
+        dropped: &Arc<AtomicI64>,
+        drop_hook: &Arc<OnceLock<DropHook>>,
+    ) -> Cache<Arc<str>, Arc<Entry>, ahash::RandomState> {
+        let (out, lost, hook) = (bytes.clone(), dropped.clone(), drop_hook.clone());
         let builder = Cache::builder()
             .expire_after(Lifetimes { ttl, negative_ttl })
             .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Entry>, cause| {
@@ -110,25 +162,48 @@ impl L1 {
             });
         // A randomly keyed hasher (keys come from clients, so no fixed seed) that is much cheaper
         // than the default SipHash on the read and fill paths.
-        let cache = match capacity {
+        match capacity {
             Capacity::Entries(n) => builder.max_capacity(n).build_with_hasher(ahash::RandomState::new()),
             Capacity::Bytes(n) => builder
                 .max_capacity(n)
                 .weigher(|k: &Arc<str>, v: &Arc<Entry>| v.weight(k))
                 .build_with_hasher(ahash::RandomState::new()),
-        };
-        L1 {
-            cache,
-            ttl,
-            negative_ttl,
-            bytes,
-            dropped,
-            drop_hook,
         }
     }
 
-    /// Runs `hook` with the key of every document this tier drops for room or age (moka reports
-    /// them during its housekeeping, so shortly after, not at the instant). Set once.
+    /// Which store holds the entries.
+    pub fn kind(&self) -> StoreKind {
+        match self.store {
+            Store::Cache(_) => StoreKind::Cache,
+            Store::Compact(_) => StoreKind::Compact,
+        }
+    }
+
+    /// Bytes an entry of `key_len` and `value_len` costs in this tier's store (what a byte
+    /// capacity and `cachesync_cache_weighted_size_bytes` count).
+    pub fn weigh(&self, key_len: usize, value_len: usize) -> u64 {
+        match self.store {
+            Store::Cache(_) => (key_len + value_len + CACHE_ENTRY_OVERHEAD_BYTES) as u64,
+            Store::Compact(_) => super::compact::weight(key_len, value_len),
+        }
+    }
+
+    /// Counts documents the compact store dropped for room or age and tells the hook.
+    fn lost(&self, keys: Vec<Arc<str>>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.dropped.fetch_add(keys.len() as i64, Ordering::Relaxed);
+        if let Some(h) = self.drop_hook.get() {
+            for k in &keys {
+                h(k);
+            }
+        }
+    }
+
+    /// Runs `hook` with the key of every document this tier drops for room or age (the cache
+    /// store reports them during its housekeeping, so shortly after, not at the instant). Set
+    /// once.
     pub fn on_dropped(&self, hook: DropHook) {
         let _ = self.drop_hook.set(hook);
     }
@@ -153,8 +228,51 @@ impl L1 {
 
     /// The live entry for `key`, if any.
     pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        let e = self.cache.get(key)?;
-        if self.is_expired(&e) { None } else { Some(e) }
+        match &self.store {
+            Store::Cache(cache) => {
+                let e = cache.get(key)?;
+                if self.is_expired(&e) { None } else { Some(e) }
+            }
+            Store::Compact(c) => c.get(key),
+        }
+    }
+
+    /// Runs `decide` on the key's entry under the key's lock and applies what it returns.
+    fn compute(&self, key: Arc<str>, new: Arc<Entry>, decide: impl FnOnce(Option<&Arc<Entry>>) -> Act) -> Done {
+        match &self.store {
+            Store::Cache(cache) => {
+                let weight = new.weight(&key) as i64;
+                let result =
+                    cache
+                        .entry(key)
+                        .and_compute_with(|existing| match decide(existing.as_ref().map(|e| e.value())) {
+                            Act::Put => Op::Put(new.clone()),
+                            Act::Remove if existing.is_some() => Op::Remove,
+                            Act::Remove | Act::Keep => Op::Nop,
+                        });
+                match result {
+                    CompResult::Inserted(_) => {
+                        self.bytes.fetch_add(weight, Ordering::Relaxed);
+                        Done::Inserted
+                    }
+                    CompResult::ReplacedWith(_) => {
+                        self.bytes.fetch_add(weight, Ordering::Relaxed);
+                        Done::Replaced
+                    }
+                    CompResult::Removed(_) => Done::Removed,
+                    _ => Done::Kept,
+                }
+            }
+            Store::Compact(c) => {
+                let (done, evicted) = c.compute(key, |existing| match decide(existing) {
+                    Act::Put => Step::Put(new),
+                    Act::Remove => Step::Remove,
+                    Act::Keep => Step::Keep,
+                });
+                self.lost(evicted);
+                done
+            }
+        }
     }
 
     /// Installs `entry` under `key` according to `rule`, atomically with respect to every other
@@ -165,20 +283,16 @@ impl L1 {
             // mutation must still displace an older positive entry.
             return self.remove_if(key, &entry, rule).await;
         }
-        let weight = entry.weight(&key) as i64;
         let new = Arc::new(entry);
-        let result = self.cache.entry(key).and_compute_with(|existing| {
-            if self.accepts(existing.as_ref().map(|e| e.value()), &new, &rule) {
-                Op::Put(new.clone())
+        let done = self.compute(key, new.clone(), |existing| {
+            if self.accepts(existing, &new, &rule) {
+                Act::Put
             } else {
-                Op::Nop
+                Act::Keep
             }
         });
-        match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
-                self.bytes.fetch_add(weight, Ordering::Relaxed);
-                Installed::Stored
-            }
+        match done {
+            Done::Inserted | Done::Replaced => Installed::Stored,
             _ => Installed::Skipped,
         }
     }
@@ -188,9 +302,17 @@ impl L1 {
     /// position zero, so [`Install::IfNotOlder`] always accepts, and the pipeline serializes
     /// writes per key). moka's compute costs about twice a plain insert.
     pub async fn put(&self, key: Arc<str>, entry: Entry) {
-        let weight = entry.weight(&key) as i64;
-        self.cache.insert(key, Arc::new(entry));
-        self.bytes.fetch_add(weight, Ordering::Relaxed);
+        match &self.store {
+            Store::Cache(cache) => {
+                let weight = entry.weight(&key) as i64;
+                cache.insert(key, Arc::new(entry));
+                self.bytes.fetch_add(weight, Ordering::Relaxed);
+            }
+            Store::Compact(c) => {
+                let evicted = c.put(key, &entry);
+                self.lost(evicted);
+            }
+        }
     }
 
     fn accepts(&self, existing: Option<&Arc<Entry>>, new: &Entry, rule: &Install) -> bool {
@@ -207,72 +329,76 @@ impl L1 {
     /// the entry's `(version, origin)` is higher. A delete is stored as a tombstone whatever the
     /// negative-caching settings. Atomic with respect to every other install of the key.
     pub async fn merge(&self, key: Arc<str>, entry: Entry) -> Merged {
-        let weight = entry.weight(&key) as i64;
         let new = Arc::new(entry);
         let mut outcome = Merged::Stored;
-        let result = self
-            .cache
-            .entry(key)
-            .and_compute_with(|existing| match existing.as_ref().map(|e| e.value()) {
-                Some(old) if old.merge_order() > new.merge_order() => {
-                    outcome = if old.merge_order().1 == new.merge_order().1 {
-                        Merged::Superseded
-                    } else {
-                        Merged::Lost
-                    };
-                    Op::Nop
-                }
-                Some(old) if old.merge_order() == new.merge_order() => {
-                    outcome = Merged::Same;
-                    Op::Nop
-                }
-                _ => Op::Put(new.clone()),
-            });
-        if matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) {
-            self.bytes.fetch_add(weight, Ordering::Relaxed);
-        }
+        self.compute(key, new.clone(), |existing| match existing {
+            Some(old) if old.merge_order() > new.merge_order() => {
+                outcome = if old.merge_order().1 == new.merge_order().1 {
+                    Merged::Superseded
+                } else {
+                    Merged::Lost
+                };
+                Act::Keep
+            }
+            Some(old) if old.merge_order() == new.merge_order() => {
+                outcome = Merged::Same;
+                Act::Keep
+            }
+            _ => Act::Put,
+        });
         outcome
     }
 
     /// Removes `key` if it still holds exactly `entry` (a tombstone every peer has passed, an
     /// entry a federated clear covers).
     pub async fn remove_exact(&self, key: Arc<str>, entry: &Arc<Entry>) -> bool {
-        let result = self.cache.entry(key).and_compute_with(|existing| {
-            let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), entry));
-            if same { Op::Remove } else { Op::Nop }
-        });
-        matches!(result, CompResult::Removed(_))
+        match &self.store {
+            Store::Cache(cache) => {
+                let result = cache.entry(key).and_compute_with(|existing| {
+                    let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), entry));
+                    if same { Op::Remove } else { Op::Nop }
+                });
+                matches!(result, CompResult::Removed(_))
+            }
+            Store::Compact(c) => c.compute_exact(key, entry, Step::Remove) == Done::Removed,
+        }
     }
 
     /// Replaces `key`'s entry with `new` if it still holds exactly `old` (a confirmation of the
     /// same state). Returns whether it did.
     pub async fn replace_exact(&self, key: Arc<str>, old: &Arc<Entry>, new: Entry) -> bool {
-        let weight = new.weight(&key) as i64;
         let new = Arc::new(new);
-        let result = self.cache.entry(key).and_compute_with(|existing| {
-            let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), old));
-            if same { Op::Put(new.clone()) } else { Op::Nop }
-        });
-        let replaced = matches!(result, CompResult::ReplacedWith(_));
-        if replaced {
-            self.bytes.fetch_add(weight, Ordering::Relaxed);
+        match &self.store {
+            Store::Cache(cache) => {
+                let weight = new.weight(&key) as i64;
+                let result = cache.entry(key).and_compute_with(|existing| {
+                    let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), old));
+                    if same { Op::Put(new.clone()) } else { Op::Nop }
+                });
+                let replaced = matches!(result, CompResult::ReplacedWith(_));
+                if replaced {
+                    self.bytes.fetch_add(weight, Ordering::Relaxed);
+                }
+                replaced
+            }
+            Store::Compact(c) => c.compute_exact(key, old, Step::Put(new)) == Done::Replaced,
         }
-        replaced
     }
 
     /// Removes `key` as `rule` allows `absent` to replace what is there: a fill while its lease
     /// holds, a mutation unless the entry there is newer.
     async fn remove_if(&self, key: Arc<str>, absent: &Entry, rule: Install) -> Installed {
-        let result = self.cache.entry(key).and_compute_with(|existing| {
-            let ok = match (&rule, existing.as_ref()) {
+        let unused = Arc::new(absent.clone());
+        let done = self.compute(key, unused, |existing| {
+            let ok = match (&rule, existing) {
                 (Install::Fill(lease), _) => lease.is_valid(),
-                (Install::IfNotOlder, Some(old)) => self.is_expired(old.value()) || absent.supersedes(old.value()),
+                (Install::IfNotOlder, Some(old)) => self.is_expired(old) || absent.supersedes(old),
                 (Install::IfNotOlder, None) => false,
             };
-            if ok && existing.is_some() { Op::Remove } else { Op::Nop }
+            if ok { Act::Remove } else { Act::Keep }
         });
-        match result {
-            CompResult::Removed(_) => Installed::Stored,
+        match done {
+            Done::Removed => Installed::Stored,
             _ => Installed::Skipped,
         }
     }
@@ -285,21 +411,35 @@ impl L1 {
 
     /// Forgets `key` unconditionally.
     pub async fn remove(&self, key: &str) {
-        self.cache.remove(key);
+        match &self.store {
+            Store::Cache(cache) => {
+                cache.remove(key);
+            }
+            Store::Compact(c) => c.remove(key),
+        }
     }
 
     /// Forgets every key.
     pub fn clear(&self) {
-        self.cache.invalidate_all();
+        match &self.store {
+            Store::Cache(cache) => cache.invalidate_all(),
+            Store::Compact(c) => c.clear(),
+        }
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        match &self.store {
+            Store::Cache(cache) => cache.entry_count(),
+            Store::Compact(c) => c.len(),
+        }
     }
 
-    /// Weighed bytes held (key + value + [`ENTRY_OVERHEAD_BYTES`] per entry).
+    /// Weighed bytes held (see [`L1::weigh`]).
     pub fn weighted_size(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed).max(0) as u64
+        match &self.store {
+            Store::Cache(_) => self.bytes.load(Ordering::Relaxed).max(0) as u64,
+            Store::Compact(c) => c.weighted_size(),
+        }
     }
 
     /// Documents dropped for room or age since this tier was made (see [`L1::entries`]).
@@ -309,17 +449,48 @@ impl L1 {
 
     /// Every live entry, in no particular order (a snapshot for a follower). Entries changing
     /// meanwhile may be seen old or new; each is whole.
-    pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, Arc<Entry>)> + '_ {
-        self.cache
-            .iter()
-            .filter(|(_, e)| !self.is_expired(e))
-            .map(|(k, e)| (Arc::clone(&*k), e))
+    pub fn entries(&self) -> Vec<(Arc<str>, Arc<Entry>)> {
+        match &self.store {
+            Store::Cache(cache) => cache
+                .iter()
+                .filter(|(_, e)| !self.is_expired(e))
+                .map(|(k, e)| (Arc::clone(&*k), e))
+                .collect(),
+            Store::Compact(c) => c.entries(),
+        }
     }
 
-    /// Applies pending moka bookkeeping so counts are exact (metrics, tests).
+    /// Applies pending bookkeeping so counts are exact (metrics, tests): moka's pending tasks,
+    /// or the compact store's sweep of expired entries.
     pub async fn sync(&self) {
-        self.cache.run_pending_tasks();
+        match &self.store {
+            Store::Cache(cache) => cache.run_pending_tasks(),
+            Store::Compact(c) => {
+                let expired = c.sweep(super::compact::ALL_SHARDS);
+                self.lost(expired);
+            }
+        }
     }
+
+    /// Frees the memory of some expired entries of the compact store (a few shards per call, so
+    /// a periodic sweep's work stays small whatever the store's size); nothing for the cache
+    /// store, whose housekeeping runs with its operations.
+    pub fn sweep_some(&self) {
+        if let Store::Compact(c) = &self.store {
+            let expired = c.sweep(SWEEP_SHARDS);
+            self.lost(expired);
+        }
+    }
+}
+
+/// Shards one periodic sweep of the compact store visits (of 64).
+const SWEEP_SHARDS: usize = 4;
+
+/// What a compute step decided (see [`L1::compute`]).
+enum Act {
+    Put,
+    Remove,
+    Keep,
 }
 
 #[cfg(test)]
@@ -333,86 +504,108 @@ mod tests {
         Entry::new(Some(Bytes::from(v.to_string())), Lsn(lsn), lsn)
     }
 
-    fn l1() -> L1 {
-        L1::new(Capacity::Entries(100), Duration::from_secs(10), Duration::from_secs(1))
+    const KINDS: [StoreKind; 2] = [StoreKind::Cache, StoreKind::Compact];
+
+    fn l1(kind: StoreKind) -> L1 {
+        L1::with_store(
+            kind,
+            Capacity::Entries(100),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
     }
 
     #[tokio::test]
     async fn mutations_never_install_an_older_lsn() {
-        let c = l1();
-        assert_eq!(
-            c.install("k".into(), entry("b", 20), Install::IfNotOlder).await,
-            Installed::Stored
-        );
-        assert_eq!(
-            c.install("k".into(), entry("a", 10), Install::IfNotOlder).await,
-            Installed::Skipped
-        );
-        assert_eq!(c.get("k").await.unwrap().value.as_deref(), Some(&b"b"[..]));
-        assert_eq!(
-            c.install("k".into(), entry("c", 30), Install::IfNotOlder).await,
-            Installed::Stored
-        );
+        for kind in KINDS {
+            let c = l1(kind);
+            assert_eq!(
+                c.install("k".into(), entry("b", 20), Install::IfNotOlder).await,
+                Installed::Stored
+            );
+            assert_eq!(
+                c.install("k".into(), entry("a", 10), Install::IfNotOlder).await,
+                Installed::Skipped
+            );
+            assert_eq!(c.get("k").await.unwrap().value.as_deref(), Some(&b"b"[..]));
+            assert_eq!(
+                c.install("k".into(), entry("c", 30), Install::IfNotOlder).await,
+                Installed::Stored
+            );
+        }
     }
 
     #[tokio::test]
     async fn a_fill_whose_lease_went_stale_is_not_installed() {
-        let c = l1();
-        let flights: Flights<u8> = Flights::default();
-        let key: Arc<str> = "k".into();
-        let (flight, _) = flights.join(&key);
-        flights.invalidate("k");
-        let lease: Arc<dyn Lease> = flight;
-        assert_eq!(
-            c.install(key.clone(), entry("old", 0), Install::Fill(lease)).await,
-            Installed::Skipped
-        );
-        assert!(c.get("k").await.is_none());
+        for kind in KINDS {
+            let c = l1(kind);
+            let flights: Flights<u8> = Flights::default();
+            let key: Arc<str> = "k".into();
+            let (flight, _) = flights.join(&key);
+            flights.invalidate("k");
+            let lease: Arc<dyn Lease> = flight;
+            assert_eq!(
+                c.install(key.clone(), entry("old", 0), Install::Fill(lease)).await,
+                Installed::Skipped
+            );
+            assert!(c.get("k").await.is_none());
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn lifetimes_follow_the_tokio_clock() {
-        let c = l1();
-        c.install("p".into(), entry("v", 1), Install::IfNotOlder).await;
-        c.install("n".into(), Entry::new(None, Lsn(1), 1), Install::IfNotOlder)
-            .await;
-        assert!(c.get("n").await.is_some());
-        tokio::time::advance(Duration::from_millis(1500)).await;
-        assert!(c.get("n").await.is_none(), "negative entry expires after negative_ttl");
-        assert!(c.get("p").await.is_some());
-        tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(c.get("p").await.is_none(), "positive entry expires after ttl");
-        // An expired entry does not block a mutation with a lower position.
-        assert_eq!(
-            c.install("p".into(), entry("w", 0), Install::IfNotOlder).await,
-            Installed::Stored
-        );
+        for kind in KINDS {
+            let c = l1(kind);
+            c.install("p".into(), entry("v", 1), Install::IfNotOlder).await;
+            c.install("n".into(), Entry::new(None, Lsn(1), 1), Install::IfNotOlder)
+                .await;
+            assert!(c.get("n").await.is_some());
+            tokio::time::advance(Duration::from_millis(1500)).await;
+            assert!(c.get("n").await.is_none(), "negative entry expires after negative_ttl");
+            assert!(c.get("p").await.is_some());
+            tokio::time::advance(Duration::from_secs(9)).await;
+            assert!(c.get("p").await.is_none(), "positive entry expires after ttl");
+            // An expired entry does not block a mutation with a lower position.
+            assert_eq!(
+                c.install("p".into(), entry("w", 0), Install::IfNotOlder).await,
+                Installed::Stored
+            );
+        }
     }
 
     #[tokio::test]
     async fn byte_capacity_bounds_weighed_size() {
-        let c = L1::new(Capacity::Bytes(10_000), Duration::from_secs(60), Duration::from_secs(1));
-        for i in 0..200 {
-            c.install(
-                format!("key{i}").into(),
-                entry(&"x".repeat(100), 1),
-                Install::IfNotOlder,
-            )
-            .await;
+        for kind in KINDS {
+            let c = L1::with_store(
+                kind,
+                Capacity::Bytes(10_000),
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+            );
+            for i in 0..200 {
+                c.install(
+                    format!("key{i}").into(),
+                    entry(&"x".repeat(100), 1),
+                    Install::IfNotOlder,
+                )
+                .await;
+            }
+            c.sync().await;
+            assert!(c.weighted_size() <= 10_000, "weighted size {}", c.weighted_size());
+            assert!(c.entry_count() > 0);
         }
-        c.sync().await;
-        assert!(c.weighted_size() <= 10_000, "weighted size {}", c.weighted_size());
-        assert!(c.entry_count() > 0);
     }
 
     #[tokio::test]
     async fn weighed_bytes_are_exact_under_an_entry_capacity() {
-        let c = l1();
-        c.install("a".into(), entry("12345", 1), Install::IfNotOlder).await;
-        c.install("b".into(), entry("1", 1), Install::IfNotOlder).await;
-        c.install("a".into(), entry("123", 2), Install::IfNotOlder).await;
-        c.remove("b").await;
-        c.sync().await;
-        assert_eq!(c.weighted_size(), (1 + 3 + ENTRY_OVERHEAD_BYTES) as u64);
+        for kind in KINDS {
+            let c = l1(kind);
+            c.install("a".into(), entry("12345", 1), Install::IfNotOlder).await;
+            c.install("b".into(), entry("1", 1), Install::IfNotOlder).await;
+            c.install("a".into(), entry("123", 2), Install::IfNotOlder).await;
+            c.remove("b").await;
+            c.sync().await;
+            assert_eq!(c.weighted_size(), c.weigh(1, 3), "{kind:?}");
+        }
     }
 }

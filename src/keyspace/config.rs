@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cache::Capacity;
+use crate::cache::{Capacity, StoreKind};
 use crate::section::{Section, humantime_serde_shim};
 
 /// Entry lifetime when a keyspace sets none.
@@ -170,6 +170,9 @@ pub struct KeyspaceConfig {
     pub ttl: Duration,
     /// Memory bound.
     pub capacity: Capacity,
+    /// Which structure holds the entries: a bounded cache, or the compact store for keyspaces
+    /// that hold everything they are given (the default for in-memory and warm keyspaces).
+    pub store: StoreKind,
     /// How long "row not found" is remembered; zero disables negative caching.
     #[serde(with = "humantime_serde_shim")]
     pub negative_ttl: Duration,
@@ -222,6 +225,7 @@ impl KeyspaceConfig {
             columns: None,
             ttl: DEFAULT_TTL,
             capacity: Capacity::Entries(DEFAULT_MAX_ENTRIES),
+            store: StoreKind::Compact,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             read_through: false,
             write: WriteMode::None,
@@ -292,6 +296,18 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         (Some(n), None) => Capacity::Entries(n),
         (None, Some(b)) => Capacity::Bytes(b),
         (None, None) => Capacity::Entries(DEFAULT_MAX_ENTRIES),
+    };
+    let store = match s.get::<String>("store").as_deref() {
+        None => None,
+        Some("cache") => Some(StoreKind::Cache),
+        Some("compact") => Some(StoreKind::Compact),
+        Some(other) => {
+            s.problem_at(
+                "store",
+                format!("unknown store {other:?}; expected \"cache\" (bounded, frequency-aware) or \"compact\" (one allocation per entry, for keyspaces that hold everything)"),
+            );
+            None
+        }
     };
     let read_through = s.get::<bool>("read_through");
     let cdc = match s.get::<String>("cdc").as_deref() {
@@ -440,6 +456,14 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
             "refresh-ahead reloads entries from the table: it needs `table` and read_through",
         );
     }
+    let warm = warm.unwrap_or(cdc != CdcMode::Off);
+    // A keyspace that holds everything it is given — in-memory data, or a whole table kept by
+    // CDC — is compact by default; one that caches the read part of a table is a cache.
+    let store = store.unwrap_or(if !has_table || warm {
+        StoreKind::Compact
+    } else {
+        StoreKind::Cache
+    });
     s.finish();
     Some(KeyspaceConfig {
         name: name?,
@@ -448,11 +472,12 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
         columns,
         ttl,
         capacity,
+        store,
         negative_ttl,
         read_through: read_through.unwrap_or(has_table),
         write,
         cdc,
-        warm: warm.unwrap_or(cdc != CdcMode::Off),
+        warm,
         refresh_ahead,
         refresh_concurrency,
         federate,

@@ -13,6 +13,7 @@ mod federation;
 mod front_door;
 mod harness;
 mod l2;
+mod memory;
 mod read_through;
 mod refresh_ahead;
 mod replication;

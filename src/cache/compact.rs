@@ -1,0 +1,718 @@
+//! The compact store: the L1 tier of a keyspace configured `store = "compact"`, for keyspaces
+//! that hold whole tables (warm CDC keyspaces) or Redis-like data (in-memory keyspaces over
+//! RESP), where bytes per entry matter more than a cache's admission policy.
+//!
+//! Each entry is **one allocation**: a thin reference-counted record (`triomphe::ThinArc`)
+//! holding a small header, the key's bytes and the value's bytes, so the table's slot is one
+//! pointer. The fields most entries never have (a load's snapshot, read and confirmation
+//! times, federation metadata) live in one optional box. Times are nanoseconds since the
+//! store's epoch on the tokio clock, so paused-clock tests see the same lifetimes as the
+//! cache store. The table is 64 shards of a `hashbrown` open-addressing table, each behind its
+//! own lock; every install of a key happens under its shard's write lock, which gives the
+//! per-key atomicity the cache store gets from moka's `and_compute_with`.
+//!
+//! Reads hand out the same [`Entry`] the cache store does: its value is a `Bytes` that borrows
+//! the record (no copy of the value), at the cost of two small allocations per read (the
+//! `Bytes` owner and the `Arc<Entry>`), measured in `benches/http_latency.rs`.
+//!
+//! Bounds: past `max_entries` / `max_bytes` the store evicts like Redis's approximated LRU — it
+//! samples a few random slots of the shard just written and drops the entry read longest ago (a
+//! per-entry access clock in seconds); evicting where it inserts keeps every shard's table at
+//! its share of the bound. Lifetimes are checked on every read; memory of expired entries is freed by
+//! [`Compact::sweep`], which skips a shard until its earliest deadline has passed.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
+use tokio::time::Instant;
+use triomphe::ThinArc;
+
+use super::{Capacity, Entry, FedMeta, Snapshot};
+use crate::lsn::Lsn;
+
+/// Shards of the table: enough that two cores rarely meet on one lock.
+const SHARDS: usize = 64;
+/// Slots sampled per eviction (Redis samples 5 by default; more is closer to true LRU).
+const EVICTION_SAMPLE: usize = 8;
+/// `expires_ns` of an entry without a deadline of its own.
+const NO_DEADLINE: u64 = u64::MAX;
+const HAS_VALUE: u8 = 1;
+const RAW: u8 = 2;
+const HAS_XID: u8 = 4;
+
+/// Bytes of a record besides key and value: triomphe's count and slice length, and [`Head`].
+pub const RECORD_FIXED_BYTES: usize = 16 + std::mem::size_of::<Head>();
+/// The table's share per entry: an 8-byte slot and a control byte at hashbrown's load of
+/// 44–88 %, and under evictions the deleted-slot markers that make each shard's table double
+/// once more than its live entries need (measured by `tests/it/memory.rs`).
+pub const SLOT_BYTES: usize = 24;
+/// Every shard: what [`Compact::sweep`] is given to sweep the whole store.
+pub const ALL_SHARDS: usize = SHARDS;
+
+/// The fields few entries have, kept out of the record unless one is set.
+#[derive(Debug)]
+struct Extra {
+    snapshot: Option<Arc<Snapshot>>,
+    read_at: Option<Instant>,
+    checked_at: Option<Instant>,
+    fed: Option<Arc<FedMeta>>,
+}
+
+/// A record's fixed part (56 bytes).
+#[derive(Debug)]
+pub struct Head {
+    lsn: u64,
+    version: u64,
+    stored_ns: u64,
+    expires_ns: u64,
+    extra: Option<Box<Extra>>,
+    key_len: u32,
+    xid: u32,
+    /// Seconds since the epoch at the last read: the eviction sample's order.
+    used: AtomicU32,
+    flags: u8,
+}
+
+type Rec = ThinArc<Head, u8>;
+
+fn key_of(r: &Rec) -> &[u8] {
+    &r.slice[..r.header.header.key_len as usize]
+}
+
+/// A record's value as the owner of a `Bytes`: reads share the record instead of copying.
+struct ValueOf(Rec);
+
+impl AsRef<[u8]> for ValueOf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.slice[self.0.header.header.key_len as usize..]
+    }
+}
+
+/// The allocation size class a request of `n` bytes lands in (mimalloc's bins: 8-byte steps to
+/// 64 bytes, then four classes per power of two), so weights count what the allocator hands out.
+pub fn alloc_class(n: usize) -> usize {
+    let words = n.div_ceil(8).max(1);
+    if words <= 8 {
+        return words * 8;
+    }
+    let b = usize::BITS - 1 - (words - 1).leading_zeros();
+    let step = 1usize << (b - 2);
+    words.div_ceil(step) * step * 8
+}
+
+/// Bytes one entry of `key_len` and `value_len` costs in the compact store: its record's
+/// allocation class, a sixteenth of it for the freed blocks the allocator's per-thread heaps
+/// hold while entries are replaced and evicted (records freed on one worker thread are reused by
+/// the thread that allocated them), and its share of the table. With these weights a bounded
+/// keyspace written past its bound by several clients grows the process by its bound, give or
+/// take a few percent (`tests/it/memory.rs`); without the allowances it grew 9–13 % past it.
+pub fn weight(key_len: usize, value_len: usize) -> u64 {
+    let class = alloc_class(RECORD_FIXED_BYTES + key_len + value_len);
+    (class + class / 16 + SLOT_BYTES) as u64
+}
+
+fn weight_of(r: &Rec) -> i64 {
+    let key_len = r.header.header.key_len as usize;
+    weight(key_len, r.slice.len() - key_len) as i64
+}
+
+/// What a compute step does with the key's entry.
+pub enum Step {
+    Put(Arc<Entry>),
+    Remove,
+    Keep,
+}
+
+/// What a compute step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    Inserted,
+    Replaced,
+    Removed,
+    Kept,
+}
+
+struct Shard {
+    table: RwLock<HashTable<Rec>>,
+    /// The earliest deadline of any entry put here since the last sweep (ns since the epoch).
+    next_due: AtomicU64,
+}
+
+/// The compact store of one keyspace.
+pub struct Compact {
+    shards: Box<[Shard]>,
+    hasher: ahash::RandomState,
+    epoch: Instant,
+    ttl_ns: u64,
+    negative_ttl_ns: u64,
+    capacity: Capacity,
+    len: AtomicUsize,
+    bytes: AtomicI64,
+    /// Picks eviction samples (a counter hashed; no lock, no RNG state to share).
+    probe: AtomicU64,
+    /// The shard the next partial sweep starts at.
+    cursor: AtomicUsize,
+}
+
+thread_local! {
+    /// Key and value are laid end to end here before they are copied into a record.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(NO_DEADLINE as u128 - 1) as u64
+}
+
+impl Compact {
+    pub fn new(capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> Compact {
+        let now = Instant::now();
+        Compact {
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    table: RwLock::new(HashTable::new()),
+                    next_due: AtomicU64::new(NO_DEADLINE),
+                })
+                .collect(),
+            hasher: ahash::RandomState::new(),
+            // An epoch a day back, when the clock allows, so an entry made just before the store
+            // keeps its exact age.
+            epoch: now.checked_sub(Duration::from_secs(86_400)).unwrap_or(now),
+            ttl_ns: ns(ttl),
+            negative_ttl_ns: ns(negative_ttl),
+            capacity,
+            len: AtomicUsize::new(0),
+            bytes: AtomicI64::new(0),
+            probe: AtomicU64::new(0),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        ns(Instant::now().saturating_duration_since(self.epoch))
+    }
+
+    fn at(&self, t: Instant) -> u64 {
+        ns(t.saturating_duration_since(self.epoch))
+    }
+
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, hash: u64) -> &Shard {
+        &self.shards[Self::shard_of(hash)]
+    }
+
+    /// Bits hashbrown uses for neither the bucket (low bits) nor the control byte (top 7).
+    fn shard_of(hash: u64) -> usize {
+        (hash >> 40) as usize % SHARDS
+    }
+
+    fn write(shard: &Shard) -> RwLockWriteGuard<'_, HashTable<Rec>> {
+        shard.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the record stops being live (ns since the epoch).
+    fn deadline(&self, h: &Head) -> u64 {
+        if h.expires_ns != NO_DEADLINE {
+            h.expires_ns
+        } else if h.extra.as_ref().is_some_and(|x| x.fed.is_some()) {
+            NO_DEADLINE
+        } else if h.flags & HAS_VALUE != 0 {
+            h.stored_ns.saturating_add(self.ttl_ns)
+        } else {
+            h.stored_ns.saturating_add(self.negative_ttl_ns)
+        }
+    }
+
+    fn record(&self, key: &str, e: &Entry) -> Rec {
+        let mut flags = 0;
+        if e.value.is_some() {
+            flags |= HAS_VALUE;
+        }
+        if e.raw {
+            flags |= RAW;
+        }
+        if e.xid.is_some() {
+            flags |= HAS_XID;
+        }
+        let extra =
+            (e.snapshot.is_some() || e.read_at.is_some() || e.checked_at.is_some() || e.fed.is_some()).then(|| {
+                Box::new(Extra {
+                    snapshot: e.snapshot.clone(),
+                    read_at: e.read_at,
+                    checked_at: e.checked_at,
+                    fed: e.fed.clone(),
+                })
+            });
+        let head = Head {
+            lsn: e.lsn.0,
+            version: e.version,
+            stored_ns: self.at(e.stored_at),
+            expires_ns: e.expires_at.map_or(NO_DEADLINE, |t| self.at(t)),
+            extra,
+            key_len: key.len().min(u32::MAX as usize) as u32,
+            xid: e.xid.unwrap_or(0),
+            used: AtomicU32::new((self.now_ns() / 1_000_000_000) as u32),
+            flags,
+        };
+        let value = e.value.as_deref().unwrap_or(&[]);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.clear();
+            s.extend_from_slice(key.as_bytes());
+            s.extend_from_slice(value);
+            let rec = ThinArc::from_header_and_slice(head, &s);
+            if s.capacity() > 64 * 1024 {
+                *s = Vec::new();
+            }
+            rec
+        })
+    }
+
+    fn entry(&self, r: &Rec) -> Entry {
+        let h = &r.header.header;
+        let x = h.extra.as_deref();
+        Entry {
+            value: (h.flags & HAS_VALUE != 0).then(|| Bytes::from_owner(ValueOf(r.clone()))),
+            lsn: Lsn(h.lsn),
+            xid: (h.flags & HAS_XID != 0).then_some(h.xid),
+            snapshot: x.and_then(|x| x.snapshot.clone()),
+            version: h.version,
+            stored_at: self.epoch + Duration::from_nanos(h.stored_ns),
+            read_at: x.and_then(|x| x.read_at),
+            checked_at: x.and_then(|x| x.checked_at),
+            fed: x.and_then(|x| x.fed.clone()),
+            expires_at: (h.expires_ns != NO_DEADLINE).then(|| self.epoch + Duration::from_nanos(h.expires_ns)),
+            raw: h.flags & RAW != 0,
+        }
+    }
+
+    /// Whether `e` holds exactly the state of record `r` (the cache store compares `Arc`s; a
+    /// compact read makes a new `Entry` each time, whose value borrows the record).
+    fn same(&self, r: &Rec, e: &Entry) -> bool {
+        let h = &r.header.header;
+        let value_same = match &e.value {
+            Some(v) => h.flags & HAS_VALUE != 0 && std::ptr::eq(v.as_ptr(), r.slice[h.key_len as usize..].as_ptr()),
+            None => h.flags & HAS_VALUE == 0,
+        };
+        value_same && h.lsn == e.lsn.0 && h.version == e.version && h.stored_ns == self.at(e.stored_at)
+    }
+
+    /// The entry under `key`, unless its lifetime is over.
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        let hash = self.hash(key.as_bytes());
+        let table = self.shard(hash).table.read().unwrap_or_else(|p| p.into_inner());
+        let r = table.find(hash, |r| key_of(r) == key.as_bytes())?;
+        let now = self.now_ns();
+        let h = &r.header.header;
+        if now >= self.deadline(h) {
+            return None;
+        }
+        let secs = (now / 1_000_000_000) as u32;
+        if h.used.load(Ordering::Relaxed) != secs {
+            h.used.store(secs, Ordering::Relaxed);
+        }
+        Some(Arc::new(self.entry(r)))
+    }
+
+    /// Runs `f` on the key's entry (expired or not) under the shard's write lock and applies
+    /// its step. Returns what it did, and the keys evicted to make room (each a document gone
+    /// for room, for the caller's drop accounting).
+    pub fn compute(&self, key: Arc<str>, f: impl FnOnce(Option<&Arc<Entry>>) -> Step) -> (Done, Vec<Arc<str>>) {
+        let hash = self.hash(key.as_bytes());
+        let shard = self.shard(hash);
+        let done = {
+            let mut table = Self::write(shard);
+            let slot = table.entry(hash, |r| key_of(r) == key.as_bytes(), |r| self.hash(key_of(r)));
+            match slot {
+                Slot::Occupied(mut o) => {
+                    let old = Arc::new(self.entry(o.get()));
+                    match f(Some(&old)) {
+                        Step::Put(new) => {
+                            let rec = self.record(&key, &new);
+                            shard
+                                .next_due
+                                .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
+                            self.bytes
+                                .fetch_add(weight_of(&rec) - weight_of(o.get()), Ordering::Relaxed);
+                            *o.get_mut() = rec;
+                            Done::Replaced
+                        }
+                        Step::Remove => {
+                            let (r, _) = o.remove();
+                            self.forget(&r);
+                            Done::Removed
+                        }
+                        Step::Keep => Done::Kept,
+                    }
+                }
+                Slot::Vacant(v) => match f(None) {
+                    Step::Put(new) => {
+                        let rec = self.record(&key, &new);
+                        shard
+                            .next_due
+                            .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
+                        self.bytes.fetch_add(weight_of(&rec), Ordering::Relaxed);
+                        self.len.fetch_add(1, Ordering::Relaxed);
+                        v.insert(rec);
+                        Done::Inserted
+                    }
+                    Step::Remove | Step::Keep => Done::Kept,
+                },
+            }
+        };
+        let evicted = match done {
+            Done::Inserted | Done::Replaced => self.make_room(Self::shard_of(hash)),
+            _ => Vec::new(),
+        };
+        (done, evicted)
+    }
+
+    /// Stores `entry` under `key` whatever is there.
+    pub fn put(&self, key: Arc<str>, entry: &Entry) -> Vec<Arc<str>> {
+        let hash = self.hash(key.as_bytes());
+        let shard = self.shard(hash);
+        let rec = self.record(&key, entry);
+        shard
+            .next_due
+            .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
+        let w = weight_of(&rec);
+        {
+            let mut table = Self::write(shard);
+            match table.entry(hash, |r| key_of(r) == key.as_bytes(), |r| self.hash(key_of(r))) {
+                Slot::Occupied(mut o) => {
+                    self.bytes.fetch_add(w - weight_of(o.get()), Ordering::Relaxed);
+                    // The old record is freed after the lock is released.
+                    let _old = std::mem::replace(o.get_mut(), rec);
+                }
+                Slot::Vacant(v) => {
+                    self.bytes.fetch_add(w, Ordering::Relaxed);
+                    self.len.fetch_add(1, Ordering::Relaxed);
+                    v.insert(rec);
+                }
+            }
+        }
+        self.make_room(Self::shard_of(hash))
+    }
+
+    fn forget(&self, r: &Rec) {
+        self.bytes.fetch_sub(weight_of(r), Ordering::Relaxed);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn over(&self) -> bool {
+        match self.capacity {
+            Capacity::Entries(n) => self.len.load(Ordering::Relaxed) as u64 > n,
+            Capacity::Bytes(n) => self.bytes.load(Ordering::Relaxed) > n as i64,
+        }
+    }
+
+    /// Evicts sampled least-recently-read entries until the store is within its bound, from
+    /// the shard just written first (so every shard stays near its share and no table grows
+    /// past what the bound holds), then from others if that one runs out. Returns the evicted
+    /// keys of documents (negative entries are not reported).
+    fn make_room(&self, written: usize) -> Vec<Arc<str>> {
+        let mut evicted = Vec::new();
+        let mut shard_at = written;
+        let mut tries = 0;
+        while self.over() && tries < 2 * SHARDS {
+            tries += 1;
+            let shard = &self.shards[shard_at];
+            let mut table = Self::write(shard);
+            let buckets = table.num_buckets();
+            if table.is_empty() || buckets == 0 {
+                shard_at = (shard_at + 1) % SHARDS;
+                continue;
+            }
+            let mut pick = self.hasher.hash_one(self.probe.fetch_add(1, Ordering::Relaxed));
+            let mut best: Option<(u32, usize)> = None;
+            let mut seen = 0;
+            for _ in 0..EVICTION_SAMPLE * 8 {
+                pick = pick.rotate_left(17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let i = (pick >> 11) as usize % buckets;
+                if let Some(r) = table.get_bucket(i) {
+                    let used = r.header.header.used.load(Ordering::Relaxed);
+                    if best.is_none_or(|(u, _)| used < u) {
+                        best = Some((used, i));
+                    }
+                    seen += 1;
+                    if seen == EVICTION_SAMPLE {
+                        break;
+                    }
+                }
+            }
+            let Some((_, i)) = best else {
+                continue;
+            };
+            if let Ok(o) = table.get_bucket_entry(i) {
+                let (r, _) = o.remove();
+                self.forget(&r);
+                if r.header.header.flags & HAS_VALUE != 0 {
+                    evicted.push(Arc::from(String::from_utf8_lossy(key_of(&r))));
+                }
+            }
+        }
+        evicted
+    }
+
+    /// Forgets `key`.
+    pub fn remove(&self, key: &str) {
+        let hash = self.hash(key.as_bytes());
+        let removed = {
+            let mut table = Self::write(self.shard(hash));
+            match table.find_entry(hash, |r| key_of(r) == key.as_bytes()) {
+                Ok(o) => Some(o.remove().0),
+                Err(_) => None,
+            }
+        };
+        if let Some(r) = removed {
+            self.forget(&r);
+        }
+    }
+
+    /// Forgets every key.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let old = std::mem::take(&mut *Self::write(shard));
+            for r in old.iter() {
+                self.forget(r);
+            }
+        }
+    }
+
+    /// Frees the memory of expired entries in up to `limit` shards whose earliest deadline has
+    /// passed, going round the shards from where the last sweep stopped. Returns the keys of the
+    /// expired documents.
+    pub fn sweep(&self, limit: usize) -> Vec<Arc<str>> {
+        let now = self.now_ns();
+        let mut expired = Vec::new();
+        let start = self.cursor.load(Ordering::Relaxed);
+        let mut swept = 0;
+        for i in 0..SHARDS {
+            if swept == limit {
+                self.cursor.store((start + i) % SHARDS, Ordering::Relaxed);
+                break;
+            }
+            let shard = &self.shards[(start + i) % SHARDS];
+            if shard.next_due.load(Ordering::Relaxed) > now {
+                continue;
+            }
+            swept += 1;
+            let mut table = Self::write(shard);
+            // Entries put from here on lower it again.
+            shard.next_due.store(NO_DEADLINE, Ordering::Relaxed);
+            let mut next = NO_DEADLINE;
+            table.retain(|r| {
+                let h = &r.header.header;
+                let due = self.deadline(h);
+                if now >= due {
+                    self.forget(r);
+                    if h.flags & HAS_VALUE != 0 {
+                        expired.push(Arc::from(String::from_utf8_lossy(key_of(r))));
+                    }
+                    false
+                } else {
+                    next = next.min(due);
+                    true
+                }
+            });
+            shard.next_due.fetch_min(next, Ordering::Relaxed);
+        }
+        expired
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len.load(Ordering::Relaxed) as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Weighed bytes held ([`weight`] of every entry).
+    pub fn weighted_size(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Every live entry (a snapshot, shard by shard).
+    pub fn entries(&self) -> Vec<(Arc<str>, Arc<Entry>)> {
+        let now = self.now_ns();
+        let mut out = Vec::with_capacity(self.len.load(Ordering::Relaxed));
+        for shard in self.shards.iter() {
+            let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
+            for r in table.iter() {
+                if now < self.deadline(&r.header.header) {
+                    out.push((Arc::from(String::from_utf8_lossy(key_of(r))), Arc::new(self.entry(r))));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the record under `key` holds exactly `e`'s state.
+    pub fn holds(&self, key: &str, e: &Entry) -> bool {
+        let hash = self.hash(key.as_bytes());
+        let table = self.shard(hash).table.read().unwrap_or_else(|p| p.into_inner());
+        table
+            .find(hash, |r| key_of(r) == key.as_bytes())
+            .is_some_and(|r| self.same(r, e))
+    }
+
+    /// Runs `f` like [`Compact::compute`], but only when the key holds exactly `e`'s state.
+    pub fn compute_exact(&self, key: Arc<str>, e: &Entry, step: Step) -> Done {
+        let hash = self.hash(key.as_bytes());
+        let shard = self.shard(hash);
+        let mut table = Self::write(shard);
+        let Ok(mut o) = table.find_entry(hash, |r| key_of(r) == key.as_bytes()) else {
+            return Done::Kept;
+        };
+        if !self.same(o.get(), e) {
+            return Done::Kept;
+        }
+        match step {
+            Step::Put(new) => {
+                let rec = self.record(&key, &new);
+                shard
+                    .next_due
+                    .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
+                self.bytes
+                    .fetch_add(weight_of(&rec) - weight_of(o.get()), Ordering::Relaxed);
+                *o.get_mut() = rec;
+                Done::Replaced
+            }
+            Step::Remove => {
+                let (r, _) = o.remove();
+                self.forget(&r);
+                Done::Removed
+            }
+            Step::Keep => Done::Kept,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(v: &str) -> Entry {
+        Entry::new(Some(Bytes::from(v.to_string())), Lsn(7), 3)
+    }
+
+    #[test]
+    fn a_record_reads_back_every_field() {
+        let c = Compact::new(Capacity::Entries(10), Duration::from_secs(60), Duration::from_secs(1));
+        let at = Instant::now();
+        let mut e = doc("hello")
+            .with_xid(Some(42))
+            .read_at(at)
+            .opaque(true, Some(at + Duration::from_secs(5)));
+        e.snapshot = Some(Arc::new(Snapshot { xmax: 9, xip: vec![4] }));
+        c.put("k".into(), &e);
+        let back = c.get("k").expect("stored");
+        assert_eq!(back.value.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            (back.lsn, back.xid, back.version, back.raw),
+            (Lsn(7), Some(42), 3, true)
+        );
+        assert_eq!(back.stored_at, e.stored_at);
+        assert_eq!((back.read_at, back.expires_at), (Some(at), e.expires_at));
+        assert_eq!(back.snapshot, e.snapshot);
+        let absent = Entry::new(None, Lsn(1), 1);
+        c.put("n".into(), &absent);
+        let n = c.get("n").expect("a negative entry");
+        assert!(n.value.is_none() && n.xid.is_none() && !n.raw);
+        assert!(c.holds("k", &back) && !c.holds("k", &e), "identity is the record's");
+    }
+
+    #[test]
+    fn weights_follow_the_allocators_classes() {
+        assert_eq!(alloc_class(1), 8);
+        assert_eq!(alloc_class(64), 64);
+        assert_eq!(alloc_class(65), 80);
+        assert_eq!(alloc_class(160), 160);
+        assert_eq!(alloc_class(161), 192);
+        assert_eq!(alloc_class(1025), 1280);
+        assert_eq!(RECORD_FIXED_BYTES, 72);
+        let c = Compact::new(Capacity::Entries(10), Duration::from_secs(60), Duration::from_secs(1));
+        c.put("key".into(), &doc(&"x".repeat(100)));
+        assert_eq!(c.weighted_size(), weight(3, 100));
+        c.put("key".into(), &doc("x"));
+        assert_eq!(c.weighted_size(), weight(3, 1), "a replacement swaps the weights");
+        c.remove("key");
+        assert_eq!((c.weighted_size(), c.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_bound_evicts_down_to_it() {
+        let c = Compact::new(Capacity::Entries(100), Duration::from_secs(60), Duration::from_secs(1));
+        let mut evicted = 0;
+        for i in 0..1000 {
+            evicted += c.put(format!("k{i}").into(), &doc("v")).len();
+        }
+        assert_eq!(c.len(), 100);
+        assert_eq!(evicted, 900, "every eviction is reported");
+        let bytes = Compact::new(Capacity::Bytes(50_000), Duration::from_secs(60), Duration::from_secs(1));
+        for i in 0..2000 {
+            bytes.put(format!("k{i}").into(), &doc(&"v".repeat(200)));
+        }
+        assert!(bytes.weighted_size() <= 50_000, "{}", bytes.weighted_size());
+        assert!(
+            bytes.weighted_size() > 50_000 - weight(5, 200),
+            "{}",
+            bytes.weighted_size()
+        );
+    }
+
+    #[test]
+    fn compute_sees_the_entry_and_applies_its_step() {
+        let c = Compact::new(Capacity::Entries(10), Duration::from_secs(60), Duration::from_secs(1));
+        let (d, _) = c.compute("k".into(), |old| {
+            assert!(old.is_none());
+            Step::Put(Arc::new(doc("a")))
+        });
+        assert_eq!(d, Done::Inserted);
+        let (d, _) = c.compute("k".into(), |old| {
+            assert_eq!(old.unwrap().value.as_deref(), Some(&b"a"[..]));
+            Step::Keep
+        });
+        assert_eq!(d, Done::Kept);
+        let held = c.get("k").unwrap();
+        assert_eq!(
+            c.compute_exact("k".into(), &doc("a"), Step::Remove),
+            Done::Kept,
+            "not the same state"
+        );
+        assert_eq!(c.compute_exact("k".into(), &held, Step::Remove), Done::Removed);
+        assert!(c.get("k").is_none() && c.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifetimes_expire_on_the_tokio_clock_and_sweeps_free_them() {
+        let c = Compact::new(Capacity::Entries(10), Duration::from_secs(10), Duration::from_secs(1));
+        c.put("p".into(), &doc("v"));
+        c.put("n".into(), &Entry::new(None, Lsn(1), 1));
+        let own = doc("w").opaque(false, Some(Instant::now() + Duration::from_secs(3)));
+        c.put("d".into(), &own);
+        assert!(c.sweep(SHARDS).is_empty());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(c.get("n").is_none() && c.get("p").is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(c.get("d").is_none(), "its own deadline");
+        assert_eq!(
+            c.sweep(SHARDS),
+            vec![Arc::<str>::from("d")],
+            "only documents are reported"
+        );
+        assert_eq!(c.len(), 1);
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert!(c.get("p").is_none());
+        assert_eq!(c.sweep(SHARDS).len(), 1);
+        assert_eq!((c.len(), c.weighted_size()), (0, 0));
+    }
+}
