@@ -1,7 +1,9 @@
 //! GET latency over HTTP, against the physical floor measured in the same run.
 //!
 //! 1. GET hits (in-memory keyspace) over keep-alive HTTP/1.1 with 1 and 16 connections, beside a
-//!    plain TCP echo of a message the size of the request on the same loopback, same runtime.
+//!    plain TCP echo of a message the size of the request on the same loopback, same runtime;
+//!    then the same hits on the two L1 stores side by side (the compact store, which in-memory
+//!    keyspaces use by default, and the cache store), interleaved in three rounds.
 //! 2. Read-through misses (every GET names a key not yet cached, so each one loads a row from
 //!    Postgres) beside a direct prepared primary-key SELECT from the same process.
 //!
@@ -23,6 +25,9 @@ use cachesync_testkit::postgres::{PgOptions, PgServer};
 use common::{Lat, echo_load, echo_server, get_request, http_load, ratio_line};
 
 const HIT_REQUESTS: usize = 40_000;
+
+/// A request path for connection `c`, request `i`.
+type Path = fn(usize, usize) -> String;
 const MISS_ROWS: usize = 10_000;
 
 fn main() {
@@ -48,6 +53,7 @@ async fn run() {
     let config = Config::parse(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[postgres]\nurl = \"{}\"\npool_size = 16\n\
          [[keyspace]]\nname = \"mem\"\n\
+         [[keyspace]]\nname = \"memcache\"\nstore = \"cache\"\n\
          [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nmax_entries = 1000000\n",
         db.url
     ))
@@ -59,14 +65,16 @@ async fn run() {
         .expect("ready");
     let addr = server.local_addr();
     let http = reqwest::Client::new();
-    for i in 0..64 {
-        let r = http
-            .put(format!("http://{addr}/v1/kv/mem/k{i}"))
-            .body(r#"{"id":1,"name":"ada","email":"ada@example.com","age":36}"#)
-            .send()
-            .await
-            .expect("put");
-        assert!(r.status().is_success());
+    for ks in ["mem", "memcache"] {
+        for i in 0..64 {
+            let r = http
+                .put(format!("http://{addr}/v1/kv/{ks}/k{i}"))
+                .body(r#"{"id":1,"name":"ada","email":"ada@example.com","age":36}"#)
+                .send()
+                .await
+                .expect("put");
+            assert!(r.status().is_success());
+        }
     }
     let echo = echo_server().await;
     let req_size = get_request("/v1/kv/mem/k1").len();
@@ -90,6 +98,32 @@ async fn run() {
         println!(
             "{}",
             ratio_line(&format!("ratio GET hit / echo, {conns} conn"), &hit, &floor)
+        );
+    }
+
+    println!("\n== GET hit: compact store (the in-memory default) vs cache store, 3 interleaved rounds ==");
+    for conns in [1usize, 16] {
+        let per = HIT_REQUESTS / conns;
+        let (mut compact, mut cache) = (Lat::new(), Lat::new());
+        for _ in 0..3 {
+            let stores: [(Path, &mut Lat); 2] = [
+                (|c, i| format!("/v1/kv/mem/k{}", (c * 7 + i) % 64), &mut compact),
+                (|c, i| format!("/v1/kv/memcache/k{}", (c * 7 + i) % 64), &mut cache),
+            ];
+            for (path, into) in stores {
+                let round = http_load(addr, conns, per, 200, path).await;
+                // Rounds run one after another: their times add up.
+                let elapsed = into.elapsed + round.elapsed;
+                into.merge(&round);
+                into.elapsed = elapsed;
+            }
+        }
+        println!("{}", compact.line(&format!("compact store, {conns} conn")));
+        println!("{}", cache.line(&format!("cache store, {conns} conn")));
+        println!(
+            "{}   req/s {:>5.2}x",
+            ratio_line(&format!("ratio compact / cache, {conns} conn"), &compact, &cache),
+            cache.elapsed.as_secs_f64() / compact.elapsed.as_secs_f64()
         );
     }
 

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use cachesync::cache::{Capacity, Entry, L1, StoreKind};
 use cachesync::lsn::Lsn;
 use cachesync_testkit::redis::RedisServer;
+use cachesync_testkit::rss_bytes;
 use cachesync_testkit::sidecar::Sidecar;
 use common::{BlockingHttp, get_request};
 
@@ -38,17 +39,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const KEY_LEN: usize = 16;
 const BATCH: usize = 1_000;
 const SIZES: [usize; 2] = [100, 1024];
-
-/// A process's resident set, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
 
 fn key(i: usize) -> String {
     format!("key:{i:012}")
@@ -110,11 +100,11 @@ async fn sidecar_run(store: &str, n: usize, size: usize) -> Measured {
     );
     let sidecar = Sidecar::spawn(Path::new(env!("CARGO_BIN_EXE_cachesync")), Some(&config));
     let port = sidecar.resp.expect("RESP is on").port();
-    let (r0, w0) = (rss(sidecar.pid()), weighted(&sidecar));
+    let (r0, w0) = (rss_bytes(sidecar.pid()), weighted(&sidecar));
     let took = fill(port, n, size).await;
     // Let the cache store's pending bookkeeping settle before reading the size.
     assert_eq!(dbsize(port).await, n as u64, "cachesync ({store}) holds every entry");
-    let (r1, w1) = (rss(sidecar.pid()), weighted(&sidecar));
+    let (r1, w1) = (rss_bytes(sidecar.pid()), weighted(&sidecar));
     Measured {
         rss: overhead(r1.saturating_sub(r0), n, size),
         weighed: overhead(w1.saturating_sub(w0), n, size),
@@ -132,7 +122,7 @@ fn layer(name: &str, n: usize, size: usize) {
     let keys: Vec<String> = (0..n).map(key).collect();
     let values: Vec<Vec<u8>> = (0..n).map(|i| value(i, size)).collect();
     let me = std::process::id();
-    let before = rss(me);
+    let before = rss_bytes(me);
     let held: Box<dyn std::any::Any> = match name {
         "plain" => Box::new(
             keys.iter()
@@ -172,7 +162,7 @@ fn layer(name: &str, n: usize, size: usize) {
         }
         other => panic!("unknown layer {other}"),
     };
-    let grown = rss(me).saturating_sub(before);
+    let grown = rss_bytes(me).saturating_sub(before);
     // The key and value sources are still held, so only the layer's own allocations count;
     // the "plain" and "entry" layers' outer Vec (24–32 B per entry) is subtracted.
     let outer = match name {
@@ -237,9 +227,9 @@ fn main() {
         let (r_e, u_e, r_fill) = rt.block_on(async {
             let redis = RedisServer::start();
             let pid = redis.pid();
-            let (r0, u0) = (rss(pid), redis.info_number("memory", "used_memory"));
+            let (r0, u0) = (rss_bytes(pid), redis.info_number("memory", "used_memory"));
             let took = fill(redis.port, n, size).await;
-            let (r1, u1) = (rss(pid), redis.info_number("memory", "used_memory"));
+            let (r1, u1) = (rss_bytes(pid), redis.info_number("memory", "used_memory"));
             assert_eq!(dbsize(redis.port).await, n as u64, "redis holds every entry");
             redis.stop();
             (

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hashbrown::HashTable;
-use hashbrown::hash_table::Entry as Slot;
+use hashbrown::hash_table::{Entry as Slot, OccupiedEntry};
 use tokio::time::Instant;
 use triomphe::ThinArc;
 
@@ -331,26 +331,10 @@ impl Compact {
             let mut table = Self::write(shard);
             let slot = table.entry(hash, |r| key_of(r) == key.as_bytes(), |r| self.hash(key_of(r)));
             match slot {
-                Slot::Occupied(mut o) => {
+                Slot::Occupied(o) => {
                     let old = Arc::new(self.entry(o.get()));
-                    match f(Some(&old)) {
-                        Step::Put(new) => {
-                            let rec = self.record(&key, &new);
-                            shard
-                                .next_due
-                                .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
-                            self.bytes
-                                .fetch_add(weight_of(&rec) - weight_of(o.get()), Ordering::Relaxed);
-                            *o.get_mut() = rec;
-                            Done::Replaced
-                        }
-                        Step::Remove => {
-                            let (r, _) = o.remove();
-                            self.forget(&r);
-                            Done::Removed
-                        }
-                        Step::Keep => Done::Kept,
-                    }
+                    let step = f(Some(&old));
+                    self.apply(shard, &key, o, step)
                 }
                 Slot::Vacant(v) => match f(None) {
                     Step::Put(new) => {
@@ -556,7 +540,8 @@ impl Compact {
     }
 
     /// Whether the record under `key` holds exactly `e`'s state.
-    pub fn holds(&self, key: &str, e: &Entry) -> bool {
+    #[cfg(test)]
+    fn holds(&self, key: &str, e: &Entry) -> bool {
         let hash = self.hash(key.as_bytes());
         let table = self.shard(hash).table.read().unwrap_or_else(|p| p.into_inner());
         table
@@ -569,15 +554,20 @@ impl Compact {
         let hash = self.hash(key.as_bytes());
         let shard = self.shard(hash);
         let mut table = Self::write(shard);
-        let Ok(mut o) = table.find_entry(hash, |r| key_of(r) == key.as_bytes()) else {
+        let Ok(o) = table.find_entry(hash, |r| key_of(r) == key.as_bytes()) else {
             return Done::Kept;
         };
         if !self.same(o.get(), e) {
             return Done::Kept;
         }
+        self.apply(shard, &key, o, step)
+    }
+
+    /// Applies `step` to the key's record (its shard's write lock held by `o`).
+    fn apply(&self, shard: &Shard, key: &str, mut o: OccupiedEntry<'_, Rec>, step: Step) -> Done {
         match step {
             Step::Put(new) => {
-                let rec = self.record(&key, &new);
+                let rec = self.record(key, &new);
                 shard
                     .next_due
                     .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);

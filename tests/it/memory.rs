@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use cachesync_testkit::rss_bytes;
 use cachesync_testkit::sidecar::Sidecar;
 
 use crate::common::{Http, metric};
@@ -12,16 +13,6 @@ const BOUND: u64 = 64 << 20;
 const VALUE: usize = 200;
 const BATCH: usize = 2_000;
 const CLIENTS: usize = 4;
-
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
 
 /// Writes keys `from..from + n` (16 bytes each, `VALUE`-byte values) in pipelined batches.
 async fn fill(conn: &mut redis::aio::MultiplexedConnection, from: usize, n: usize) {
@@ -74,13 +65,13 @@ async fn a_max_bytes_keyspace_filled_past_its_bound_holds_about_the_bound_in_rss
         // A first small batch brings up the connection's buffers and the allocator's pools, so
         // the baseline below is the server at work, not at rest.
         fill(&mut conn, 0, BATCH).await;
-        let before = rss(sidecar.pid());
+        let before = rss_bytes(sidecar.pid());
         // Twice what the bound holds at the smallest per-entry cost either store charges, so
         // the bound is reached and then its whole content is replaced at least once.
         let n = (2 * BOUND / (16 + VALUE as u64 + 100)) as usize;
         fill_concurrently(&client, BATCH, n).await;
         let held: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.expect("DBSIZE");
-        let grown = rss(sidecar.pid()).saturating_sub(before);
+        let grown = rss_bytes(sidecar.pid()).saturating_sub(before);
         let weighed = weighed(&http).await;
         let ratio = grown as f64 / BOUND as f64;
         eprintln!(
