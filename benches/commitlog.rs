@@ -2,9 +2,11 @@
 //!
 //! For 100-byte and 1 KiB events with `fsync = "always"`, at 1, 8 and 64 concurrent appenders:
 //! records/s, MB/s and append latency (p50/p99/p999), and how many records each fdatasync
-//! carried (group commit). Beside each: a raw loop of sequential `write` + `fdatasync` on a file
-//! in the same directory, writing batches of the same size — what the disk allows for that batch
-//! size — and the ratio. Then tail-read throughput: a `Tail` reading everything back.
+//! carried (group commit). Beside each: a raw loop of `write` + `fdatasync` of batches of the same
+//! size into a preallocated, zero-filled file in the same directory (positional writes, so no
+//! sync has to journal a new file size — the fastest the disk allows for that batch size; an
+//! appending loop is slower, see `writer.rs`), and the ratio. Then tail-read throughput: a
+//! `Tail` reading everything back.
 //!
 //! Run: `cargo bench --bench commitlog` (uses a directory under the system temp dir; set
 //! CACHESYNC_BENCH_DIR to measure another disk). Nothing here asserts a time.
@@ -136,19 +138,32 @@ async fn run() {
     }
 }
 
-/// Records/s and MB/s of `write(batch × frame bytes) + fdatasync` in a loop for RUN_FOR.
+/// Bytes of the raw loop's preallocated file; the loop wraps around inside it.
+const RAW_FILE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Records/s and MB/s of `write(batch × frame bytes) + fdatasync` in a loop for RUN_FOR, into a
+/// file zero-filled and synced beforehand (positional writes that wrap around inside it).
 fn raw_loop(dir: &std::path::Path, frame: usize, batch: usize) -> (f64, f64) {
+    use std::os::unix::fs::FileExt;
     let path = dir.join("raw-baseline.bin");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
         .open(&path)
         .expect("raw file");
+    let zeros = vec![0u8; 1024 * 1024];
+    for _ in 0..RAW_FILE_BYTES / zeros.len() {
+        f.write_all(&zeros).expect("zero-fill");
+    }
+    f.sync_all().expect("fsync the preallocated file");
     let buf = vec![0xABu8; frame * batch];
+    let slots = (RAW_FILE_BYTES / buf.len()).max(1) as u64;
     let started = Instant::now();
     let mut batches = 0u64;
     while started.elapsed() < RUN_FOR {
-        f.write_all(&buf).expect("write");
+        f.write_all_at(&buf, (batches % slots) * buf.len() as u64).expect("write");
         f.sync_data().expect("fdatasync");
         batches += 1;
     }

@@ -3,6 +3,11 @@
 //! `index_interval_bytes`. Readers use positional reads (`read_at`) on a shared handle, so any
 //! number of them read concurrently, and never past the segment's durable length.
 //!
+//! The writer preallocates the active segment with written zeros ahead of its records, so a
+//! scan that meets a zero byte where a record should start, and zeros from there to the end of
+//! the file, has met the end of the data, not damage: that tail is left in place for the writer
+//! (or cut, on a sealed segment).
+//!
 //! Opening scans records to validate them: the active segment entirely (torn tail → truncate;
 //! bad bytes *followed by valid records* → that is corruption of acknowledged data, reported,
 //! never silently cut), a sealed segment only where its index is missing or invalid (rebuilt
@@ -81,6 +86,8 @@ pub struct Scan {
     pub index: Vec<IndexEntry>,
     /// Why the scan stopped before the end of the file (`None` = it reached the end cleanly).
     pub stopped: Option<(u64, String)>,
+    /// Bytes of preallocated zeros after the last record (part of a clean end).
+    pub zero_tail: u64,
 }
 
 /// Scans records from `start` (a record boundary holding `start_offset`), validating each one,
@@ -101,6 +108,7 @@ pub fn scan(
     let mut buf: Vec<u8> = Vec::new();
     let mut buf_at = pos;
     let mut stopped = None;
+    let mut zero_tail = 0;
     while pos < file_len {
         let rel = (pos - buf_at) as usize;
         let frame = match record::decode(&buf[rel.min(buf.len())..]) {
@@ -119,6 +127,10 @@ pub fn scan(
                 file.read_exact_at(&mut buf, pos)?;
                 buf_at = pos;
                 continue;
+            }
+            Err(FrameError::BadMagic(0)) if zeros_to_end(file, pos, file_len)? => {
+                zero_tail = file_len - pos;
+                break;
             }
             Err(e) => {
                 stopped = Some((pos, describe(e)));
@@ -156,7 +168,23 @@ pub fn scan(
         last_ts,
         index,
         stopped,
+        zero_tail,
     })
+}
+
+/// Whether every byte from `from` to the end of the file is zero (a preallocated tail).
+fn zeros_to_end(file: &File, from: u64, file_len: u64) -> std::io::Result<bool> {
+    let mut chunk = vec![0u8; SCAN_CHUNK.min((file_len - from) as usize)];
+    let mut at = from;
+    while at < file_len {
+        let n = ((file_len - at) as usize).min(chunk.len());
+        file.read_exact_at(&mut chunk[..n], at)?;
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 fn describe(e: FrameError) -> String {
@@ -269,6 +297,7 @@ impl Segment {
             last_ts: 0,
             index: Vec::new(),
             stopped: None,
+            zero_tail: 0,
         };
         Ok(Segment::new(base, dir, file, &empty))
     }
@@ -303,6 +332,17 @@ impl Segment {
         };
         if rebuilt && scan.stopped.is_none() && !read_only {
             write_index(&index_path, &scan.index).map_err(|e| LogError::io(&index_path, e))?;
+        }
+        if scan.zero_tail > 0 && scan.stopped.is_none() && !read_only {
+            // Sealed segments are cut to their records before the next one starts; a zero tail
+            // here is preallocation that outlived a crash at that moment.
+            let w = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| LogError::io(&path, e))?;
+            w.set_len(scan.valid_len)
+                .and_then(|()| w.sync_all())
+                .map_err(|e| LogError::io(&path, e))?;
         }
         let seg = Segment::new(base, dir, file, &scan);
         if scan.valid_len > 0 {

@@ -335,7 +335,11 @@ async fn retention_by_size_and_age_respects_required_cursors() {
         .filter(|e| e.path().extension().is_some_and(|x| x == "log" || x == "index"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    assert!(disk <= 3000 + 1100, "size bound (plus the active segment): {disk}");
+    let prealloc = super::writer::prealloc_chunk(c.segment_bytes);
+    assert!(
+        disk <= 3000 + 1100 + prealloc,
+        "size bound (plus the active segment and its preallocated tail): {disk}"
+    );
     log.close().await.unwrap();
 
     // By age: everything sealed is older than 1ms after a pause.
@@ -598,4 +602,54 @@ async fn a_log_keeps_its_identity_and_a_recreated_log_gets_a_new_one() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("not a cachesync log identity"), "{err}");
+}
+
+#[tokio::test]
+async fn preallocated_zeros_after_the_records_are_the_end_of_the_log() {
+    let dir = temp_dir("log", None);
+    let mut c = cfg(&dir);
+    c.segment_bytes = 2000;
+    let log = open(c.clone()).await;
+    for i in 0..10 {
+        log.append(vec![payload(i, 40)]).await.unwrap();
+    }
+    let active = segment_files(&dir).pop().unwrap();
+    let open_len = std::fs::metadata(&active).unwrap().len();
+    log.close().await.unwrap();
+    let records = std::fs::metadata(&active).unwrap().len();
+    assert!(
+        open_len >= records + super::writer::prealloc_chunk(2000) / 2,
+        "the writer keeps zeros ahead of its records ({open_len} bytes open, {records} of records)"
+    );
+
+    // What a crash leaves: zeros after the active segment's records, and (a crash right as a
+    // segment was sealed) after a sealed one's.
+    let log = open(c.clone()).await;
+    for i in 10..60 {
+        log.append(vec![payload(i, 40)]).await.unwrap();
+    }
+    log.close().await.unwrap();
+    let files = segment_files(&dir);
+    assert!(files.len() >= 2, "rolled");
+    let sealed = files[0].clone();
+    let sealed_len = std::fs::metadata(&sealed).unwrap().len();
+    for f in [&sealed, files.last().unwrap()] {
+        let mut w = std::fs::OpenOptions::new().append(true).open(f).unwrap();
+        std::io::Write::write_all(&mut w, &[0u8; 5000]).unwrap();
+    }
+    let log = open(c.clone()).await;
+    assert_eq!(log.end(), Offset(60), "the zeros are neither records nor damage");
+    assert_eq!(
+        std::fs::metadata(&sealed).unwrap().len(),
+        sealed_len,
+        "a sealed segment's zero tail is cut at open"
+    );
+    for i in 0..60 {
+        assert_eq!(log.read(Offset(i), 1).unwrap()[0].payload, payload(i, 40));
+    }
+    log.append(vec![payload(60, 40)]).await.unwrap();
+    log.close().await.unwrap();
+    let log = open(c).await;
+    assert_eq!(log.end(), Offset(61));
+    assert_eq!(log.read(Offset(60), 1).unwrap()[0].payload, payload(60, 40));
 }

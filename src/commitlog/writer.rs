@@ -5,14 +5,23 @@
 //! (per the policy), then publishes the new durable end to readers and answers every appender.
 //! Under load many appenders share each `fdatasync`; idle, a lone append pays one sync.
 //!
+//! Segments are preallocated: the file is extended with written zeros a chunk ahead of the
+//! records (after a group's appenders have been answered, so no acknowledgement waits for it),
+//! and records are written into it by position. Appending to a file makes every `fdatasync`
+//! also journal the file's new size; writing into blocks that already exist does not — on this
+//! kind of ext4 disk that is 6.4–7.5k syncs/s against 10.8k/s (Postgres preallocates its WAL
+//! segments for the same reason). The zero tail is harmless to recovery: a scan that meets zeros
+//! to the end of the file has met the end of the log (see `segment::scan`), and a sealed segment
+//! is cut to its records before the next one starts.
+//!
 //! A failed write is undone (the file is cut back to its previous length) and reported to the
 //! appenders in that group. A failed `fdatasync` leaves the page cache in an unknown state (the
 //! "fsyncgate" lesson), so the log fails: it refuses all further writes rather than acknowledge
 //! data it cannot vouch for.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +39,12 @@ pub struct Writer {
     file: File,
     /// Bytes written to the active segment (durable or not).
     len: u64,
+    /// Length of the active segment's file: records up to `len`, written zeros after.
+    allocated: u64,
+    /// How far ahead of the records the file is extended (see [`prealloc_chunk`]).
+    chunk: u64,
+    /// A chunk of zeros to extend files with, made once.
+    zeros: Vec<u8>,
     next: Offset,
     /// Position of the last index entry of the active segment.
     last_indexed: Option<u64>,
@@ -51,12 +66,17 @@ impl Writer {
         admit: AdmitHook,
     ) -> Result<Writer, LogError> {
         let file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&seg.path)
             .map_err(|e| LogError::io(&seg.path, e))?;
+        let allocated = file.metadata().map_err(|e| LogError::io(&seg.path, e))?.len();
         let index = seg.index_snapshot();
-        Ok(Writer {
+        let chunk = prealloc_chunk(shared.config.segment_bytes);
+        let mut w = Writer {
             len: seg.durable_len(),
+            allocated,
+            chunk,
+            zeros: Vec::new(),
             next: seg.end(),
             last_indexed: index.last().map(|e| e.position as u64),
             shared,
@@ -67,7 +87,35 @@ impl Writer {
             last_sync: Instant::now(),
             _lock: lock,
             admit,
-        })
+        };
+        if let Err(e) = w.preallocate() {
+            tracing::warn!(error = %e, "could not preallocate the log segment");
+            w.chunk = 0;
+        }
+        Ok(w)
+    }
+
+    /// Extends the active segment's file with written, synced zeros when fewer than half a
+    /// chunk are left ahead of the records (a no-op otherwise).
+    fn preallocate(&mut self) -> Result<(), LogError> {
+        if self.allocated >= self.len + self.chunk / 2 {
+            return Ok(());
+        }
+        if self.zeros.is_empty() {
+            self.zeros = vec![0u8; self.chunk.min(ZERO_BUF) as usize];
+        }
+        let target = self.len + self.chunk;
+        let mut at = self.allocated.max(self.len);
+        while at < target {
+            let n = (target - at).min(self.zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&self.zeros[..n], at)
+                .map_err(|e| LogError::io(&self.seg.path, e))?;
+            at += n as u64;
+        }
+        self.file.sync_data().map_err(|e| LogError::io(&self.seg.path, e))?;
+        self.allocated = target;
+        Ok(())
     }
 
     fn policy(&self) -> FsyncPolicy {
@@ -133,11 +181,12 @@ impl Writer {
                 }
             }
             if !buf.is_empty() {
-                if let Err(e) = self.file.write_all(&buf) {
+                if let Err(e) = self.file.write_all_at(&buf, self.len) {
                     self.undo(start_len, start_next, e, group);
                     continue;
                 }
                 self.len += buf.len() as u64;
+                self.allocated = self.allocated.max(self.len);
                 let m = &self.shared.metrics;
                 m.appended_records.inc_by(self.next.0 - start_next.0);
                 m.appended_bytes.inc_by(buf.len() as u64);
@@ -169,11 +218,27 @@ impl Writer {
             {
                 self.shared.fail(e.to_string());
             }
+            // Every appender of the group has its answer: extend the file for the next ones.
+            // A failure here costs only the speed-up (records are written by position either
+            // way), so it is logged, not fatal.
+            if result.is_ok()
+                && let Err(e) = self.preallocate()
+            {
+                tracing::warn!(error = %e, "could not preallocate the log segment");
+                self.chunk = 0;
+            }
         }
         // Closed, or every handle is gone: make what was written durable before the thread ends,
         // then wake the tails so they see the log is closed.
         if !self.pending.is_empty() && self.sync().is_ok() {
             self.publish();
+        }
+        // A cleanly closed log keeps no preallocated tail: its files hold exactly its records.
+        if self.allocated > self.len && self.failed().is_none() {
+            match self.file.set_len(self.len).and_then(|()| self.file.sync_all()) {
+                Ok(()) => self.allocated = self.len,
+                Err(e) => tracing::warn!(error = %e, "could not cut the preallocated tail at close"),
+            }
         }
         self.shared.closed.store(true, std::sync::atomic::Ordering::Release);
         self.shared.durable.send_modify(|_| {});
@@ -207,6 +272,7 @@ impl Writer {
                 .fail(format!("a write failed ({err}) and could not be undone ({e2})"));
         }
         self.len = len;
+        self.allocated = len;
         self.next = next;
         for (reply, _) in group {
             let _ = reply.send(Err(err.clone()));
@@ -243,17 +309,25 @@ impl Writer {
         }
     }
 
-    /// Seals the active segment (its index written whole) and starts a new one.
+    /// Seals the active segment (cut to its records, its index written whole) and starts a new
+    /// one.
     fn roll(&mut self) -> Result<(), LogError> {
+        if self.allocated > self.len {
+            self.file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_all())
+                .map_err(|e| LogError::io(&self.seg.path, e))?;
+        }
         segment::write_index(&self.seg.index_path, &self.seg.index_snapshot())
             .map_err(|e| LogError::io(&self.seg.index_path, e))?;
         let dir = self.shared.config.dir.clone();
         let seg = Arc::new(Segment::create(&dir, self.next)?);
         sync_dir(&dir)?;
         self.file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&seg.path)
             .map_err(|e| LogError::io(&seg.path, e))?;
+        self.allocated = 0;
         self.shared
             .segments
             .write()
@@ -264,4 +338,14 @@ impl Writer {
         self.last_indexed = None;
         Ok(())
     }
+}
+
+/// Largest buffer of zeros a preallocation writes at once.
+const ZERO_BUF: u64 = 1024 * 1024;
+
+/// How far ahead of its records a segment file is extended: an eighth of the segment size,
+/// between 64 KiB and 8 MiB, and never more than a whole segment (one `fdatasync` that journals
+/// a size change per chunk).
+pub fn prealloc_chunk(segment_bytes: u64) -> u64 {
+    (segment_bytes / 8).clamp(64 * 1024, 8 * 1024 * 1024).min(segment_bytes)
 }

@@ -2,7 +2,8 @@
 //! `fsync = "always"` and reports every acknowledged offset; it is killed with SIGKILL at random
 //! moments, 20 times. After each kill the log is reopened: every acknowledged record reads back
 //! intact at its offset, offsets are contiguous from the start, and appends continue at the end.
-//! Then `cachesync log stat` / `log dump` inspect the result.
+//! Then `cachesync log stat` / `log dump` inspect the result. A second test kills the child once
+//! and checks what it leaves: records followed by the writer's preallocated zeros.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -82,6 +83,132 @@ fn crash_child() {
     });
 }
 
+/// Starts the child on `dir`: its process, the acknowledgements it prints (offset, crc32c) and
+/// the thread reading them.
+fn spawn_child(
+    dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    mpsc::Receiver<(u64, u32)>,
+    std::thread::JoinHandle<()>,
+) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "commitlog_crash::crash_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_DIR, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<(u64, u32)>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("ack ") {
+                let mut it = rest.split(' ');
+                let off = it.next().and_then(|s| s.parse().ok());
+                let crc = it.next().and_then(|s| s.parse().ok());
+                if let (Some(o), Some(c)) = (off, crc) {
+                    let _ = tx.send((o, c));
+                }
+            }
+        }
+    });
+    (child, rx, reader)
+}
+
+/// The active (last) segment file of the log in `dir`.
+fn active_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().expect("a segment file")
+}
+
+/// The writer preallocates the active segment with zeros ahead of its records, so a SIGKILL
+/// leaves records followed by zeros. Reopening takes the zeros for the end of the log (not for
+/// damage), every acknowledged record reads back, appends continue inside the preallocated
+/// space, and a clean close cuts the tail.
+#[tokio::test]
+async fn a_preallocated_zero_tail_left_by_sigkill_is_the_end_of_the_log() {
+    let dir = cachesync_testkit::temp_dir("crashtail", None);
+    let (mut child, rx, reader) = spawn_child(&dir);
+    let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.len() < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the child acknowledged only {} records",
+            acked.len()
+        );
+        if let Ok((o, c)) = rx.recv_timeout(Duration::from_millis(50)) {
+            acked.insert(o, c);
+        }
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    reader.join().unwrap();
+    acked.extend(rx.try_iter());
+
+    let active = active_segment(&dir);
+    let killed = std::fs::read(&active).unwrap();
+    let data_end = killed.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    assert!(
+        killed.len() >= data_end + 4096,
+        "the killed writer had preallocated ahead of its records: file {} bytes, data ends at {data_end}",
+        killed.len()
+    );
+
+    let (log, _recovery) = CommitLog::open(LogConfig::new(&dir), &prometheus::Registry::new())
+        .await
+        .expect("a zero tail reopens");
+    let max_acked = *acked.keys().next_back().unwrap();
+    assert!(
+        log.end().0 > max_acked,
+        "log ends at {} but {max_acked} was acknowledged",
+        log.end()
+    );
+    for (&offset, &crc) in &acked {
+        let r = log
+            .read(Offset(offset), 1)
+            .unwrap_or_else(|e| panic!("read {offset}: {e}"));
+        assert_eq!(crc32c::crc32c(&r[0].payload), crc, "acknowledged record {offset}");
+    }
+    let end = log.end();
+    let more = log
+        .append(vec![b"after the crash".to_vec()])
+        .await
+        .expect("append after reopen");
+    assert_eq!(
+        more.start, end,
+        "appends continue at the end, inside the preallocated space"
+    );
+    log.close().await.unwrap();
+    let closed = std::fs::metadata(&active).unwrap().len();
+    assert!(
+        closed < killed.len() as u64,
+        "a clean close cuts the preallocated tail ({closed} bytes, {} when killed)",
+        killed.len()
+    );
+    let (log, recovery) = CommitLog::open(LogConfig::new(&dir), &prometheus::Registry::new())
+        .await
+        .unwrap();
+    assert_eq!(recovery.truncated_bytes, None, "nothing torn after a clean close");
+    assert_eq!(log.end(), Offset(end.0 + 1));
+    assert_eq!(&log.read(end, 1).unwrap()[0].payload[..], b"after the crash");
+    log.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn sigkill_during_appends_loses_nothing_acknowledged() {
     let dir = cachesync_testkit::temp_dir("crashlog", None);
@@ -95,34 +222,7 @@ async fn sigkill_during_appends_loses_nothing_acknowledged() {
     let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
     let mut end_after_reopen = 0u64;
     for cycle in 0..CYCLES {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "commitlog_crash::crash_child",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(CHILD_DIR, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<(u64, u32)>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("ack ") {
-                    let mut it = rest.split(' ');
-                    let off = it.next().and_then(|s| s.parse().ok());
-                    let crc = it.next().and_then(|s| s.parse().ok());
-                    if let (Some(o), Some(c)) = (off, crc) {
-                        let _ = tx.send((o, c));
-                    }
-                }
-            }
-        });
+        let (mut child, rx, reader) = spawn_child(&dir);
         // Let it get going (at least one acknowledgement), then kill at a random moment.
         let first = rx
             .recv_timeout(Duration::from_secs(30))
