@@ -163,7 +163,8 @@ fn raw_loop(dir: &std::path::Path, frame: usize, batch: usize) -> (f64, f64) {
     let started = Instant::now();
     let mut batches = 0u64;
     while started.elapsed() < RUN_FOR {
-        f.write_all_at(&buf, (batches % slots) * buf.len() as u64).expect("write");
+        f.write_all_at(&buf, (batches % slots) * buf.len() as u64)
+            .expect("write");
         f.sync_data().expect("fdatasync");
         batches += 1;
     }
