@@ -781,6 +781,34 @@ write = "sideways"
     }
 
     #[test]
+    fn the_store_follows_what_a_keyspace_holds_unless_set() {
+        use crate::cache::StoreKind;
+        let pg = "[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n[log]\ndir = \"/tmp/l\"\n";
+        let c = Config::parse(&format!(
+            "{pg}[[keyspace]]\nname = \"mem\"\n[[keyspace]]\nname = \"warm\"\ntable = \"t\"\nkey = \"id\"\ncdc = \"update\"\n\
+             [[keyspace]]\nname = \"read\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"set\"\ntable = \"t\"\nkey = \"id\"\nstore = \"compact\"\n\
+             [[keyspace]]\nname = \"mem2\"\nstore = \"cache\"\n"
+        ))
+        .unwrap();
+        let stores: Vec<StoreKind> = c.keyspaces.iter().map(|k| k.store).collect();
+        assert_eq!(
+            stores,
+            [
+                StoreKind::Compact,
+                StoreKind::Compact,
+                StoreKind::Cache,
+                StoreKind::Compact,
+                StoreKind::Cache
+            ],
+            "in-memory and warm keyspaces hold everything: compact; read-through ones cache"
+        );
+        assert_eq!(Config::embedded_default().keyspaces[0].store, StoreKind::Compact);
+        let p = problems("[[keyspace]]\nname = \"m\"\nstore = \"tiny\"\n");
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].message.contains("unknown store \"tiny\""), "{p:#?}");
+    }
+
+    #[test]
     fn refresh_ahead_settings() {
         let pg = "[postgres]\nurl = \"postgres://x@127.0.0.1/db\"\n";
         let c = Config::parse(&format!(
