@@ -337,16 +337,7 @@ impl Compact {
                     self.apply(shard, &key, o, step)
                 }
                 Slot::Vacant(v) => match f(None) {
-                    Step::Put(new) => {
-                        let rec = self.record(&key, &new);
-                        shard
-                            .next_due
-                            .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
-                        self.bytes.fetch_add(weight_of(&rec), Ordering::Relaxed);
-                        self.len.fetch_add(1, Ordering::Relaxed);
-                        v.insert(rec);
-                        Done::Inserted
-                    }
+                    Step::Put(new) => self.place(shard, Slot::Vacant(v), self.record(&key, &new)).0,
                     Step::Remove | Step::Keep => Done::Kept,
                 },
             }
@@ -363,25 +354,13 @@ impl Compact {
         let hash = self.hash(key.as_bytes());
         let shard = self.shard(hash);
         let rec = self.record(&key, entry);
-        shard
-            .next_due
-            .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
-        let w = weight_of(&rec);
-        {
+        let replaced = {
             let mut table = Self::write(shard);
-            match table.entry(hash, |r| key_of(r) == key.as_bytes(), |r| self.hash(key_of(r))) {
-                Slot::Occupied(mut o) => {
-                    self.bytes.fetch_add(w - weight_of(o.get()), Ordering::Relaxed);
-                    // The old record is freed after the lock is released.
-                    let _old = std::mem::replace(o.get_mut(), rec);
-                }
-                Slot::Vacant(v) => {
-                    self.bytes.fetch_add(w, Ordering::Relaxed);
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                    v.insert(rec);
-                }
-            }
-        }
+            let slot = table.entry(hash, |r| key_of(r) == key.as_bytes(), |r| self.hash(key_of(r)));
+            self.place(shard, slot, rec).1
+        };
+        // The old record is freed here, after the lock is released.
+        drop(replaced);
         self.make_room(Self::shard_of(hash))
     }
 
@@ -563,19 +542,31 @@ impl Compact {
         self.apply(shard, &key, o, step)
     }
 
-    /// Applies `step` to the key's record (its shard's write lock held by `o`).
-    fn apply(&self, shard: &Shard, key: &str, mut o: OccupiedEntry<'_, Rec>, step: Step) -> Done {
-        match step {
-            Step::Put(new) => {
-                let rec = self.record(key, &new);
-                shard
-                    .next_due
-                    .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
-                self.bytes
-                    .fetch_add(weight_of(&rec) - weight_of(o.get()), Ordering::Relaxed);
-                *o.get_mut() = rec;
-                Done::Replaced
+    /// Puts `rec` in `slot` — over the record there, or new — counting its weight, the entry
+    /// count and its shard's earliest deadline. Returns what it did and the record it replaced.
+    fn place(&self, shard: &Shard, slot: Slot<'_, Rec>, rec: Rec) -> (Done, Option<Rec>) {
+        shard
+            .next_due
+            .fetch_min(self.deadline(&rec.header.header), Ordering::Relaxed);
+        let w = weight_of(&rec);
+        match slot {
+            Slot::Occupied(mut o) => {
+                self.bytes.fetch_add(w - weight_of(o.get()), Ordering::Relaxed);
+                (Done::Replaced, Some(std::mem::replace(o.get_mut(), rec)))
             }
+            Slot::Vacant(v) => {
+                self.bytes.fetch_add(w, Ordering::Relaxed);
+                self.len.fetch_add(1, Ordering::Relaxed);
+                v.insert(rec);
+                (Done::Inserted, None)
+            }
+        }
+    }
+
+    /// Applies `step` to the key's record (its shard's write lock held by `o`).
+    fn apply(&self, shard: &Shard, key: &str, o: OccupiedEntry<'_, Rec>, step: Step) -> Done {
+        match step {
+            Step::Put(new) => self.place(shard, Slot::Occupied(o), self.record(key, &new)).0,
             Step::Remove => {
                 let (r, _) = o.remove();
                 self.forget(&r);
