@@ -9,7 +9,9 @@
 //!    released; the time until every row is in Postgres — beside `psql \copy` of the same rows
 //!    from a CSV file into an identical table.
 //!
-//! Run: `cargo bench --bench write_behind`. Nothing here asserts a time.
+//! Run: `cargo bench --bench write_behind`. `CACHESYNC_BENCH_ONLY=drain` runs the drain alone;
+//! `WB_EXTRA` appends TOML to the keyspace's section (`\n` for newlines), e.g.
+//! `WB_EXTRA='[write_behind]\nbatch_rows = 5000'`. Nothing here asserts a time.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -159,9 +161,10 @@ async fn run() {
     let log_dir = temp_dir("bench-wb-log", None);
     let config = Config::parse(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[postgres]\nurl = \"{}\"\n[log]\ndir = \"{}\"\n\
-         [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"behind\"\nmax_entries = 2000000\n",
+         [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"behind\"\nmax_entries = 2000000\n{}",
         db.url,
-        log_dir.display()
+        log_dir.display(),
+        std::env::var("WB_EXTRA").unwrap_or_default().replace("\\n", "\n")
     ))
     .expect("config");
     let server = Server::start(config).await.expect("start");

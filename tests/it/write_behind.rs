@@ -198,6 +198,100 @@ async fn one_bad_row_among_ten_thousand_is_set_aside_and_the_rest_land() {
     server.shutdown().await;
 }
 
+/// A flush of many rows `COPY`s them into a staging table; what it stores must be exactly what
+/// the JSON path stores. The same documents go to a write-through keyspace (one row per
+/// statement, `jsonb_populate_record`) and to a write-behind one (batches of hundreds, two sets
+/// of columns in one transaction); the two tables must then hold the same rows, and reads the
+/// same documents.
+#[tokio::test]
+async fn a_bulk_flush_stores_every_type_exactly_as_a_single_row_write_does() {
+    let db = Db::new().await;
+    let schema = "(id int PRIMARY KEY, t text NOT NULL, j jsonb, a int[], ta text[], n numeric, \
+                  b bool, ts timestamptz, note text NOT NULL DEFAULT 'none')";
+    db.exec(&format!("CREATE TABLE behind {schema}; CREATE TABLE through {schema};"))
+        .await;
+    let node = Node::new();
+    let keyspaces = format!(
+        "{}[[keyspace]]\nname = \"through\"\ntable = \"through\"\nkey = \"id\"\nwrite = \"through\"\n",
+        keyspace("behind", "behind", "max_entries = 10000")
+    );
+    let (server, http) = node
+        .start_text(&node.config_text(&db, &keyspaces, "[write_behind]\nbatch_rows = 1000\n"))
+        .await;
+    let tricky = [
+        "plain",
+        "tab\there",
+        "new\nline",
+        "carriage\rreturn",
+        "back\\slash",
+        "\\N",
+        "quote \" and 'single'",
+        "{braces,and,commas}",
+        "ünïcödé ✓",
+        "",
+    ];
+    let full = |id: usize| {
+        let s = tricky[id % tricky.len()];
+        json!({
+            "t": format!("{s} {id}"),
+            "j": if id.is_multiple_of(7) { json!(null) } else { json!({"s": s, "n": [id, null, {"deep": s}]}) },
+            "a": if id.is_multiple_of(5) { json!([[1, 2], [3, id]]) } else { json!([id, null, -1]) },
+            "ta": [s, "x,y", null, "\"q\""],
+            "n": if id.is_multiple_of(3) { json!("12345678901234567890.000000000001") } else { json!(1.5) },
+            "b": id.is_multiple_of(2),
+            "ts": "2024-03-01T12:34:56.5+02:00",
+        })
+    };
+    // Only some columns: new rows take the defaults of the others.
+    let partial = |id: usize| json!({"t": tricky[id % tricky.len()], "n": id});
+    // Hold the write-behind table so every write below is flushed in one batch.
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE behind IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    for id in 0..300usize {
+        let body = if id < 200 { full(id) } else { partial(id) };
+        for ks in ["behind", "through"] {
+            let r = http.put(&format!("/v1/kv/{ks}/{id}"), body.to_string()).await;
+            assert!(r.status == 202 || r.status == 200, "{ks} {id}: {}", r.body);
+        }
+    }
+    // Rows written in full first, then in part: the update keeps the other columns.
+    for id in 0..50usize {
+        for ks in ["behind", "through"] {
+            let r = http
+                .put(&format!("/v1/kv/{ks}/{id}"), partial(id + 1).to_string())
+                .await;
+            assert!(r.status == 202 || r.status == 200, "{ks} {id}: {}", r.body);
+        }
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    let differ: i64 = db
+        .scalar(
+            "SELECT count(*) FROM ((SELECT * FROM behind EXCEPT ALL SELECT * FROM through) \
+             UNION ALL (SELECT * FROM through EXCEPT ALL SELECT * FROM behind)) d",
+        )
+        .await;
+    let rows: i64 = db.scalar("SELECT count(*) FROM behind").await;
+    assert_eq!((rows, differ), (300, 0), "both tables hold the same 300 rows");
+    let m = http.get("/metrics").await.body;
+    assert!(
+        metric(&m, "cachesync_writebehind_flush_batch_rows_sum") >= 300.0,
+        "every row was flushed"
+    );
+    for id in [0usize, 1, 5, 7, 49, 50, 199, 200, 299] {
+        let (a, b) = (
+            http.get(&format!("/v1/kv/behind/{id}")).await,
+            http.get(&format!("/v1/kv/through/{id}")).await,
+        );
+        assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
+        assert_eq!(a.json(), b.json(), "key {id} reads the same from both");
+    }
+    server.shutdown().await;
+}
+
 /// A tmpfs mounted for one test (the process runs as root, as on CI); unmounted when dropped.
 struct SmallDisk(std::path::PathBuf);
 

@@ -6,9 +6,11 @@
 //! order is kept and each key costs one row. The batch becomes one transaction: a
 //! `pg_logical_emit_message(true, 'cachesync.flush', node)` marker (when CDC follows a
 //! write-behind keyspace, so the echo is recognised), then per keyspace one set-based `DELETE`
-//! and one set-based upsert per set of written columns (`jsonb_populate_recordset`). The
-//! cursor advances only after the transaction commits; the stored rows (`RETURNING`) are
-//! installed in L1 with their WAL position and xid, and the pending writes are settled.
+//! and one set-based upsert per set of written columns — its rows `COPY`ed into a session
+//! staging table when there are many, else bound as one JSON array
+//! ([`crate::source::postgres::TableSource::upsert_rows`]). The cursor advances only after the
+//! transaction commits; the stored rows (`RETURNING`) are installed in L1 with their WAL
+//! position and xid, and the pending writes are settled.
 //! Reading, writing and settling are three stages (see [`Flusher`]), so Postgres is kept busy
 //! while the next batch is coalesced and the last one settled.
 //!
@@ -69,6 +71,13 @@ pub struct FlushOp {
     /// keyspace with a home): told when Postgres rejects it.
     pub origin: String,
 }
+
+/// What one flush transaction returns: deleted rows as entries by keyspace and key, and each
+/// upsert's returned rows.
+type Transacted = (
+    HashMap<String, HashMap<Arc<str>, Entry>>,
+    Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>,
+);
 
 /// One row of a set-based upsert: its key components and the fields it writes.
 type UpsertRow<'a> = (Vec<String>, &'a Map<String, Value>);
@@ -145,8 +154,11 @@ struct Batch {
 /// What flushing a batch did, from the writer stage to the settling stage.
 #[derive(Default)]
 struct Outcome {
-    /// The rows Postgres stored, by keyspace and key.
+    /// What Postgres stored or deleted, as entries by keyspace and key.
     stored: HashMap<String, HashMap<Arc<str>, Entry>>,
+    /// The rows upserts returned, not yet rendered (the settling stage renders them, so the
+    /// writer stage is free for the next batch sooner).
+    returned: Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>,
     /// The ops Postgres rejected (by index in the batch), with its error.
     rejected: Vec<(usize, String)>,
 }
@@ -428,10 +440,11 @@ impl Flusher {
         work.push(0..ops.len());
         while let Some(part) = work.pop() {
             match self.transaction(&ops[part.clone()]).await {
-                Ok(stored) => {
+                Ok((stored, returned)) => {
                     for (ks, rows) in stored {
                         outcome.stored.entry(ks).or_default().extend(rows);
                     }
+                    outcome.returned.extend(returned);
                     if !last_error.is_empty() {
                         tracing::info!("write-behind flushing again after Postgres returned");
                         last_error.clear();
@@ -468,8 +481,9 @@ impl Flusher {
         Some(outcome)
     }
 
-    /// One flush transaction. Returns the stored rows, by keyspace and key.
-    async fn transaction(&self, ops: &[FlushOp]) -> Result<HashMap<String, HashMap<Arc<str>, Entry>>, FlushError> {
+    /// One flush transaction. Returns the deleted rows as entries by keyspace and key, and the
+    /// rows the upserts returned.
+    async fn transaction(&self, ops: &[FlushOp]) -> Result<Transacted, FlushError> {
         self.probe_marker().await;
         let mut client = self
             .pool
@@ -490,6 +504,7 @@ impl Flusher {
             by_ks.entry(op.ks.name()).or_default().push(op);
         }
         let mut stored = HashMap::new();
+        let mut returned = Vec::new();
         for (name, ops) in by_ks {
             let ks = &ops[0].ks;
             let source = ks.source().map_err(|e| FlushError::Unavailable(e.to_string()))?;
@@ -517,22 +532,29 @@ impl Flusher {
                     groups.entry(cols).or_default().push((parts(op)?, m));
                 }
             }
+            let mut staged = false;
             for group in groups.values() {
-                let upserted = source.upsert_rows(&tx, group).await.map_err(batch_error)?;
-                rows.extend(
-                    upserted
-                        .into_iter()
-                        .filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))),
-                );
+                let upserted = source.upsert_rows(&tx, group, &mut staged).await.map_err(batch_error)?;
+                returned.push((ks.clone(), upserted));
             }
         }
         tx.commit().await.map_err(|e| flush_error(&e))?;
-        Ok(stored)
+        Ok((stored, returned))
     }
 
     /// After a commit: install what Postgres stored, set the rejected writes aside, then stop
     /// overlaying the flushed writes. `false` if a dead letter could not be stored.
     async fn settle(&self, ops: &[FlushOp], mut outcome: Outcome) -> bool {
+        for (ks, rows) in std::mem::take(&mut outcome.returned) {
+            let Ok(source) = ks.source() else { continue };
+            let entries = source.stored_entries(&rows);
+            drop(rows);
+            outcome
+                .stored
+                .entry(ks.name().to_string())
+                .or_default()
+                .extend(entries.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
+        }
         let mut rejected = vec![false; ops.len()];
         for (i, why) in std::mem::take(&mut outcome.rejected) {
             if !self.dead_letter(&ops[i], why).await {

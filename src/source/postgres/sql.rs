@@ -113,18 +113,86 @@ pub fn insert_if_absent(b: &Binding, columns: &[&str]) -> String {
     )
 }
 
-/// Upserts the columns in `columns` (table column names, key columns included) from a JSON
-/// object bound as `$1` — or, with `many`, from a JSON array of such objects (one per row,
-/// unique keys). Returns per stored row: the WAL insert position, the transaction id, the output
+/// Where an upsert's rows come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// One JSON object bound as `$1`.
+    One,
+    /// A JSON array of objects bound as `$1` (one per row, unique keys).
+    Many,
+    /// The connection's staging table ([`stage_table`]), filled by `COPY` in the same
+    /// transaction (one row per key).
+    Staged,
+}
+
+impl Rows {
+    /// The rows as a relation aliased `r`, with the table's column names and types.
+    fn relation(self, table: &str, b: &Binding) -> String {
+        match self {
+            Rows::One => format!("jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r"),
+            Rows::Many => format!("jsonb_populate_recordset(NULL::{table}, $1::text::jsonb) AS r"),
+            Rows::Staged => format!("pg_temp.{} AS r", quote_ident(&stage_table(b))),
+        }
+    }
+}
+
+/// The name of a binding's staging table: a temporary table of the session (so each pooled
+/// connection has its own), emptied at every commit, with the table's columns and types but
+/// none of its constraints. Named by a hash of the table's name, so it is a plain identifier.
+pub fn stage_table(b: &Binding) -> String {
+    // FNV-1a: stable across runs and builds, unlike the std hasher.
+    let name = qualified(&b.table);
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+        (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("cachesync_stage_{h:016x}")
+}
+
+/// Creates the session's staging table if it is not there yet, without a notice when it is.
+/// `CREATE TABLE … AS SELECT … WITH NO DATA` takes column names and types only: no `NOT NULL`,
+/// defaults, keys or generated expressions, so a row that writes some columns is staged as is.
+pub fn ensure_stage_table(b: &Binding) -> String {
+    let stage = quote_ident(&stage_table(b));
+    let create = format!(
+        "CREATE TEMPORARY TABLE {stage} ON COMMIT DELETE ROWS AS SELECT * FROM {} WITH NO DATA",
+        qualified(&b.table)
+    );
+    format!(
+        "DO $cachesync$ BEGIN IF to_regclass('pg_temp.{stage}') IS NULL THEN EXECUTE {}; END IF; END $cachesync$",
+        quote_literal(&create)
+    )
+}
+
+/// `COPY` of the named columns into the staging table, in text format.
+pub fn copy_into_stage(b: &Binding, columns: &[&str]) -> String {
+    format!(
+        "COPY pg_temp.{} ({}) FROM STDIN",
+        quote_ident(&stage_table(b)),
+        columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Empties the staging table within the transaction (between two sets of columns).
+pub fn clear_stage_table(b: &Binding) -> String {
+    format!("DELETE FROM pg_temp.{}", quote_ident(&stage_table(b)))
+}
+
+/// `text` as a SQL string literal.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Upserts the columns in `columns` (table column names, key columns included) from `rows`.
+/// Returns per stored row: the WAL insert position, the transaction id, the output
 /// fields, then the raw key columns.
 ///
 /// A plain `INSERT … ON CONFLICT DO UPDATE` cannot update only some fields of a row whose other
 /// columns are `NOT NULL` without defaults: Postgres checks the *proposed insert* row first. So
 /// existing rows are updated in place (only the named fields), and only rows not there are
 /// inserted — with `ON CONFLICT` still there for a concurrent insert of the same key.
-pub fn upsert(b: &Binding, columns: &[&str], many: bool) -> String {
+pub fn upsert(b: &Binding, columns: &[&str], rows: Rows) -> String {
     if complete(b, columns) {
-        return insert_on_conflict(b, columns, many);
+        return insert_on_conflict(b, columns, rows);
     }
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
@@ -154,11 +222,7 @@ pub fn upsert(b: &Binding, columns: &[&str], many: bool) -> String {
         .map(|(i, k)| format!("u.k{i} = r.{k}"))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let source = if many {
-        format!("SELECT * FROM jsonb_populate_recordset(NULL::{table}, $1::text::jsonb)")
-    } else {
-        format!("SELECT * FROM jsonb_populate_record(NULL::{table}, $1::text::jsonb)")
-    };
+    let source = format!("SELECT * FROM {}", rows.relation(&table, b));
     format!(
         "WITH r AS ({source}), \
          upd AS (UPDATE {table} AS t SET {set_r} FROM r WHERE {key_match} RETURNING {returning}), \
@@ -184,7 +248,7 @@ fn complete(b: &Binding, columns: &[&str]) -> bool {
 
 /// `INSERT … SELECT … ON CONFLICT (key) DO UPDATE`: half the work of the update-then-insert form
 /// when the rows are complete. Same result columns as [`upsert`].
-fn insert_on_conflict(b: &Binding, columns: &[&str], many: bool) -> String {
+fn insert_on_conflict(b: &Binding, columns: &[&str], rows: Rows) -> String {
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
@@ -198,18 +262,14 @@ fn insert_on_conflict(b: &Binding, columns: &[&str], many: bool) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let from = if many {
-        "jsonb_populate_recordset"
-    } else {
-        "jsonb_populate_record"
-    };
     format!(
-        "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM {from}(NULL::{table}, $1::text::jsonb) AS r \
+        "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM {from} \
          ON CONFLICT ({keys}) DO UPDATE SET {set} RETURNING {returning}",
         cols = cols.join(", "),
         rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
         returning = returning(b),
+        from = rows.relation(&table, b),
     )
 }
 
@@ -316,7 +376,7 @@ mod tests {
 
     #[test]
     fn complete_rows_use_a_plain_insert_on_conflict() {
-        let s = upsert(&binding(), &["tenant", "id", "name", "extra"], true);
+        let s = upsert(&binding(), &["tenant", "id", "name", "extra"], Rows::Many);
         assert!(s.starts_with("INSERT INTO"), "{s}");
         assert!(s.contains("jsonb_populate_recordset"), "{s}");
         assert!(
@@ -326,14 +386,14 @@ mod tests {
             "{s}"
         );
         assert!(
-            upsert(&binding(), &["tenant", "id", "name"], true).starts_with("WITH"),
+            upsert(&binding(), &["tenant", "id", "name"], Rows::Many).starts_with("WITH"),
             "a partial row keeps the update-then-insert form"
         );
     }
 
     #[test]
     fn upsert_updates_only_named_non_key_columns() {
-        let s = upsert(&binding(), &["tenant", "id", "name"], false);
+        let s = upsert(&binding(), &["tenant", "id", "name"], Rows::One);
         assert!(
             s.contains(r#"SET "name" = r."name" FROM r WHERE t."tenant" = r."tenant" AND t."id" = r."id""#),
             "{s}"
@@ -342,7 +402,7 @@ mod tests {
             s.contains(r#"ON CONFLICT ("tenant", "id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING"#),
             "{s}"
         );
-        let only_key = upsert(&binding(), &["tenant", "id"], false);
+        let only_key = upsert(&binding(), &["tenant", "id"], Rows::One);
         assert!(
             only_key.contains(r#"DO UPDATE SET "tenant" = EXCLUDED."tenant""#),
             "{only_key}"

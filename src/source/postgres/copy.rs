@@ -1,0 +1,146 @@
+//! Rows as `COPY … FROM STDIN` text: the bulk path of the write-behind flush.
+//!
+//! Each JSON field value becomes the text the column type's input function reads — the same
+//! text `jsonb_populate_record` hands it, so a staged row is stored exactly as the JSON path
+//! stores it:
+//! - a JSON string: its content (`"abc"` → `abc`), except into a `json`/`jsonb` column, which
+//!   takes the JSON text itself (`"abc"`);
+//! - `null`: SQL NULL (`\N`);
+//! - a JSON array into an array column: an array literal (`{1,2,"a b",NULL}`), nested for more
+//!   dimensions;
+//! - anything else (numbers, booleans, objects, arrays into other columns): its JSON text.
+//!
+//! Then the text is escaped for `COPY`'s text format (backslash, tab, newline, carriage return).
+
+use serde_json::Value;
+
+use super::render::TypeKind;
+
+/// Appends one field, escaped, for a column of `kind`.
+pub fn field(kind: &TypeKind, value: &Value, out: &mut Vec<u8>) {
+    match (kind, value) {
+        (_, Value::Null) => out.extend_from_slice(b"\\N"),
+        (TypeKind::Json, v) => escaped(&v.to_string(), out),
+        (_, Value::String(s)) => escaped(s, out),
+        (TypeKind::Array(_), Value::Array(items)) => {
+            let mut lit = String::with_capacity(16 * items.len());
+            array_literal(items, &mut lit);
+            escaped(&lit, out);
+        }
+        (_, v) => escaped(&v.to_string(), out),
+    }
+}
+
+/// Appends one row: the fields tab-separated, then a newline.
+pub fn row<'a>(fields: impl IntoIterator<Item = (&'a TypeKind, &'a Value)>, out: &mut Vec<u8>) {
+    for (i, (kind, value)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        field(kind, value, out);
+    }
+    out.push(b'\n');
+}
+
+/// A Postgres array literal of JSON items: nested arrays are sub-arrays, `null` is `NULL`,
+/// every other item is double-quoted (strings by content, others by JSON text).
+fn array_literal(items: &[Value], out: &mut String) {
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Value::Null => out.push_str("NULL"),
+            Value::Array(inner) => array_literal(inner, out),
+            Value::String(s) => quoted_element(s, out),
+            other => quoted_element(&other.to_string(), out),
+        }
+    }
+    out.push('}');
+}
+
+fn quoted_element(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// `COPY` text-format escaping.
+fn escaped(s: &str, out: &mut Vec<u8>) {
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn one(kind: TypeKind, v: Value) -> String {
+        let mut out = Vec::new();
+        field(&kind, &v, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn scalars_are_their_text_and_null_is_backslash_n() {
+        assert_eq!(one(TypeKind::Text, json!("user 1")), "user 1");
+        assert_eq!(one(TypeKind::Integer, json!(42)), "42");
+        assert_eq!(one(TypeKind::Numeric, json!(1.25)), "1.25");
+        assert_eq!(one(TypeKind::Bool, json!(true)), "true");
+        assert_eq!(one(TypeKind::Integer, json!("7")), "7");
+        assert_eq!(one(TypeKind::Text, Value::Null), "\\N");
+        assert_eq!(one(TypeKind::Json, Value::Null), "\\N");
+        // A string that spells \N is data, not NULL.
+        assert_eq!(one(TypeKind::Text, json!("\\N")), "\\\\N");
+    }
+
+    #[test]
+    fn json_columns_take_json_text_and_other_columns_take_objects_as_json() {
+        assert_eq!(one(TypeKind::Json, json!("abc")), "\"abc\"");
+        assert_eq!(one(TypeKind::Json, json!({"a": [1, 2]})), r#"{"a":[1,2]}"#);
+        assert_eq!(one(TypeKind::Text, json!({"a": 1})), r#"{"a":1}"#);
+    }
+
+    #[test]
+    fn control_characters_and_backslashes_are_escaped() {
+        assert_eq!(one(TypeKind::Text, json!("a\tb\nc\rd\\e")), "a\\tb\\nc\\rd\\\\e");
+        assert_eq!(one(TypeKind::Json, json!("line\nbreak")), "\"line\\\\nbreak\"");
+    }
+
+    #[test]
+    fn arrays_become_array_literals_quoted_and_nested() {
+        let ints = TypeKind::Array(Box::new(TypeKind::Integer));
+        assert_eq!(one(ints.clone(), json!([1, 2, null])), r#"{"1","2",NULL}"#);
+        assert_eq!(one(ints, json!([[1, 2], [3, 4]])), r#"{{"1","2"},{"3","4"}}"#);
+        let texts = TypeKind::Array(Box::new(TypeKind::Text));
+        // Quotes and backslashes inside elements are escaped for the array, then the
+        // backslashes again for COPY.
+        assert_eq!(
+            one(texts, json!(["a b", "q\"t", "b\\s"])),
+            r#"{"a b","q\\"t","b\\\\s"}"#
+        );
+    }
+
+    #[test]
+    fn a_row_is_tab_separated_and_ends_in_a_newline() {
+        let kinds = [TypeKind::Integer, TypeKind::Text];
+        let values = [json!(1), json!("x")];
+        let mut out = Vec::new();
+        row(kinds.iter().zip(values.iter()), &mut out);
+        assert_eq!(out, b"1\tx\n");
+    }
+}
