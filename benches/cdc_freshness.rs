@@ -43,6 +43,11 @@ fn row(label: &str, l: &Lat) -> String {
 }
 
 async fn run() {
+    if let Ok(f) = std::env::var("CACHESYNC_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .try_init();
+    }
     println!("cachesync cdc_freshness: Postgres (fsync off) and cachesync on one 2-core machine");
     let pg = PgServer::start(PgOptions::default());
     // CACHESYNC_BENCH_ONLY=freshness|warmup runs one section.
@@ -179,4 +184,12 @@ async fn warmup(pg: &PgServer) {
         "ratio (cachesync time / psql time)",
         warm_best / copy_best
     );
+    let mut report = common::report::Report::new(
+        "warm_start",
+        "warm start rows/s: cachesync (slot + COPY + cache) vs psql \\copy TO /dev/null",
+        "rows/s",
+    );
+    report.add("cachesync warm start", "1M rows", SNAPSHOT_ROWS as f64 / warm_best);
+    report.add("psql \\copy", "1M rows", SNAPSHOT_ROWS as f64 / copy_best);
+    report.write();
 }

@@ -187,6 +187,11 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
     );
     let ids = Arc::new(AtomicU64::new(1));
     let direct_ids = Arc::new(AtomicU64::new(1));
+    let mut report = common::report::Report::new(
+        "write_behind_acks",
+        "acknowledged writes/s: cachesync 202s vs Postgres autocommit INSERTs",
+        "writes/s",
+    );
     for writers in [1usize, 16, 64] {
         let ours = http_writes(addr, writers, ids.clone()).await;
         // Let the flusher catch up so the baseline does not compete with a drain.
@@ -206,7 +211,11 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
             theirs.p(0.99),
             rate(&ours) / rate(&theirs)
         );
+        let at = format!("{writers} writers");
+        report.add("cachesync 202", &at, rate(&ours));
+        report.add("Postgres INSERT", &at, rate(&theirs));
     }
+    report.write();
 }
 
 async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) {
@@ -282,4 +291,12 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
         DRAIN_ROWS as f64 / copy
     );
     println!("{:<40} {:>7.2}x", "ratio (drain rows/s / copy rows/s)", copy / drain);
+    let mut report = common::report::Report::new(
+        "write_behind_drain",
+        "rows/s into Postgres: write-behind drain vs psql \\copy",
+        "rows/s",
+    );
+    report.add("cachesync drain", "100k rows", DRAIN_ROWS as f64 / drain);
+    report.add("psql \\copy", "100k rows", DRAIN_ROWS as f64 / copy);
+    report.write();
 }

@@ -326,6 +326,11 @@ impl Keyspace {
         }
     }
 
+    /// Makes room in L1 for about `entries` more entries ahead of a bulk load.
+    pub fn reserve(&self, entries: usize) {
+        self.l1.reserve(entries);
+    }
+
     /// Sets (or, with `None`, lifts) one reason the keyspace cannot serve.
     pub fn set_blocker(&self, kind: Blocker, reason: Option<String>) {
         let ready = {

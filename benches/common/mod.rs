@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod freshness;
+pub mod report;
 
 /// A Postgres client tool (`psql`, `pg_recvlogical`) of the test server's installation, pointed at
 /// database `db` on `pg` as the superuser.
@@ -47,6 +48,23 @@ pub fn block_on<F: std::future::Future>(body: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(body)
+}
+
+/// Waits (up to five minutes) until the server at `addr` answers `/readyz` with 200.
+pub async fn wait_ready(addr: std::net::SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} was not ready within five minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The server's `/metrics` text.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need and a fresh Debian/Ubuntu machine lacks:
 # the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql), redis-server and
-# redis-cli, libfaketime, and Python's venv (for the deployment validators).
+# redis-cli, libfaketime, Python's venv (for the deployment validators) and the DejaVu font (for
+# the benchmarks' plots).
 # Does nothing when they are already there. The tests start their own throwaway servers;
 # no system service is used or started here.
 set -euo pipefail
@@ -16,6 +17,8 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # A fake wall clock for one process (LD_PRELOAD): the federation clock-drift test runs a node 10 s ahead.
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
+# The font the benchmarks' PNG plots are drawn with (benches/common/report.rs).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi

@@ -192,6 +192,20 @@ impl Compact {
         }
     }
 
+    /// Makes room in the tables for `entries` more entries (spread over the shards), so a bulk
+    /// load does not grow and rehash each table many times. Bounded by `max_entries`.
+    pub fn reserve(&self, entries: usize) {
+        let entries = match self.capacity {
+            Capacity::Entries(max) => entries.min(max as usize),
+            Capacity::Bytes(_) => entries,
+        };
+        let per_shard = entries.div_ceil(self.shards.len());
+        for shard in self.shards.iter() {
+            let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
+            table.reserve(per_shard, |r| self.hash(key_of(r)));
+        }
+    }
+
     fn now_ns(&self) -> u64 {
         ns(Instant::now().saturating_duration_since(self.epoch))
     }

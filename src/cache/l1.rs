@@ -297,6 +297,14 @@ impl L1 {
         }
     }
 
+    /// Makes room for about `entries` more entries ahead of a bulk load (the compact store's
+    /// tables; moka sizes itself).
+    pub fn reserve(&self, entries: usize) {
+        if let Store::Compact(c) = &self.store {
+            c.reserve(entries);
+        }
+    }
+
     /// Installs `entry` under `key` whatever is there, without comparing: for a keyspace whose
     /// writes are ordered by the caller (an in-memory keyspace: every entry is at source
     /// position zero, so [`Install::IfNotOlder`] always accepts, and the pipeline serializes

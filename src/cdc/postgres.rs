@@ -481,6 +481,7 @@ impl Capture {
         // Ready once the cache holds every change committed before this session began: a
         // restarted node does not report ready while it replays what it missed.
         let began = self.freshness.now();
+        self.freshness.request_probe();
         let mut fresh = self.freshness.subscribe();
         let mut caught_up = false;
         loop {

@@ -50,6 +50,8 @@ pub struct Freshness {
     /// then take a new snapshot, since the log alone does not carry what the reload found.
     instance: u64,
     reloads: AtomicU64,
+    /// Asks the prober for a probe before its next tick (see [`Freshness::request_probe`]).
+    probe_now: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -76,6 +78,7 @@ impl Freshness {
             notify: watch::channel(0).0,
             instance: rand::random::<u64>() | 1,
             reloads: AtomicU64::new(0),
+            probe_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -87,6 +90,18 @@ impl Freshness {
     /// (instance, reloads): see [`Freshness::reloaded`].
     pub fn epoch(&self) -> (u64, u64) {
         (self.instance, self.reloads.load(Ordering::Acquire))
+    }
+
+    /// Asks for a probe now rather than at the next tick: a stream that has just begun is
+    /// caught up only once a probe taken after it began is passed, and a tick can be a quarter
+    /// of `max_staleness` away.
+    pub fn request_probe(&self) {
+        self.probe_now.notify_one();
+    }
+
+    /// Resolves when a probe is asked for.
+    pub async fn probe_requested(&self) {
+        self.probe_now.notified().await;
     }
 
     /// How often the capture probes.

@@ -223,6 +223,7 @@ pub async fn probe(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = freshness.probe_requested() => {}
             _ = stop.cancelled() => return,
         }
         let at = freshness.now();

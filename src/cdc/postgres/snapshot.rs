@@ -14,6 +14,7 @@
 //! (`pg_current_snapshot()`), which orders it against every streamed change exactly as a load's
 //! row is ordered (see `cache`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -186,9 +187,12 @@ impl Job {
     /// Parses, renders and installs every row of a batch of whole COPY lines.
     async fn install(&self, batch: &[u8]) -> Result<(), CdcError> {
         let b = &self.binding;
-        let mut fields: Vec<Option<String>> = Vec::with_capacity(b.fields.len());
+        let mut fields: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(b.fields.len());
         let mut value = Vec::with_capacity(256);
         let mut n = 0;
+        // One version and one clock reading per batch: its rows are distinct keys.
+        let version = self.hlc.now();
+        let stored_at = tokio::time::Instant::now();
         for line in batch.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
             parse_copy_line(line, &mut fields)
                 .ok_or_else(|| CdcError::Protocol(format!("malformed COPY row from {}", b.table)))?;
@@ -203,10 +207,9 @@ impl Job {
             let mut parts = Vec::with_capacity(self.key_index.len());
             for (i, k) in self.key_index.iter().zip(&b.key) {
                 let text = fields[*i]
-                    .take()
+                    .as_deref()
                     .ok_or_else(|| CdcError::Protocol(format!("NULL key in {}", b.table)))?;
-                parts.push(key::normalize(k, text.clone()).map_err(|e| CdcError::Protocol(e.to_string()))?);
-                fields[*i] = Some(text);
+                parts.push(key::normalize(k, text.to_string()).map_err(|e| CdcError::Protocol(e.to_string()))?);
             }
             let key = key::key_from_parts(parts, self.max_key_bytes).map_err(|e| CdcError::Protocol(e.to_string()))?;
             value.clear();
@@ -217,8 +220,8 @@ impl Job {
                     .map(|(f, v)| (f.name.as_str(), &f.column.kind, v.as_deref())),
                 &mut value,
             );
-            let mut entry =
-                Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now()).read_at(self.read_at);
+            let mut entry = Entry::new_at(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, version, stored_at)
+                .read_at(self.read_at);
             entry.snapshot = self.snapshot.clone();
             // Through the door: a change streamed or written meanwhile (newer) is never
             // overwritten, and a load in flight for the key will not install over this row. Not
@@ -264,6 +267,16 @@ async fn warm_one(
         .map(|f| quote_ident(&f.column.name))
         .collect::<Vec<_>>()
         .join(", ");
+    // The planner's row estimate sizes the cache's tables once instead of growing them.
+    if let Ok(row) = client
+        .query_one(
+            "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1::text::regclass",
+            &[&qualified(&b.table)],
+        )
+        .await
+    {
+        ks.reserve(row.get::<_, f64>(0) as usize);
+    }
     let sql = format!("COPY (SELECT {cols} FROM {}) TO STDOUT", qualified(&b.table));
     let stream = client
         .copy_out(&sql)
@@ -370,8 +383,9 @@ async fn warm_one(
     Ok(rows)
 }
 
-/// Splits one line of COPY text output into fields (`None` for `\N`), undoing its escapes.
-pub fn parse_copy_line(line: &[u8], out: &mut Vec<Option<String>>) -> Option<()> {
+/// Splits one line of COPY text output into fields (`None` for `\N`), undoing its escapes. A
+/// field without escapes is borrowed from the line.
+pub fn parse_copy_line<'a>(line: &'a [u8], out: &mut Vec<Option<Cow<'a, str>>>) -> Option<()> {
     out.clear();
     for field in line.split(|&c| c == b'\t') {
         if field == b"\\N" {
@@ -379,7 +393,7 @@ pub fn parse_copy_line(line: &[u8], out: &mut Vec<Option<String>>) -> Option<()>
             continue;
         }
         if !field.contains(&b'\\') {
-            out.push(Some(std::str::from_utf8(field).ok()?.to_string()));
+            out.push(Some(Cow::Borrowed(std::str::from_utf8(field).ok()?)));
             continue;
         }
         let mut v = Vec::with_capacity(field.len());
@@ -431,7 +445,7 @@ pub fn parse_copy_line(line: &[u8], out: &mut Vec<Option<String>>) -> Option<()>
                 other => v.push(other),
             }
         }
-        out.push(Some(String::from_utf8(v).ok()?));
+        out.push(Some(Cow::Owned(String::from_utf8(v).ok()?)));
     }
     Some(())
 }
@@ -449,6 +463,6 @@ mod tests {
             vec![Some("1".into()), None, Some("a\tb\nc\\d".into()), Some("AB".into())]
         );
         parse_copy_line(b"", &mut out).unwrap();
-        assert_eq!(out, vec![Some(String::new())]);
+        assert_eq!(out, vec![Some(Cow::Borrowed(""))]);
     }
 }

@@ -270,3 +270,15 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS in /proc/<pid>/status")
         * 1024
 }
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`. Linux reports
+/// it in clock ticks of `USER_HZ`, which is 100 on every architecture's ABI.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')').expect("a command name in /proc/<pid>/stat") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
+}
