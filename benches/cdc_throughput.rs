@@ -19,7 +19,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -44,24 +43,7 @@ struct Recv {
 
 impl Recv {
     fn start(pg: &PgServer, db: &str) -> Recv {
-        let mut child = common::pg_tool("pg_recvlogical", pg, db)
-            .args([
-                "--slot",
-                "bench_throughput_recv",
-                "--create-slot",
-                "--if-not-exists",
-                "--start",
-                "-P",
-                "test_decoding",
-                "-f",
-                "-",
-                "-F",
-                "0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pg_recvlogical (Debian: apt-get install postgresql-client-15)");
+        let mut child = common::recvlogical(pg, db, "bench_throughput_recv");
         let stdout = child.stdout.take().expect("stdout");
         let updates = Arc::new(AtomicU64::new(0));
         let counter = updates.clone();

@@ -213,18 +213,13 @@ impl Snapshot {
 
 impl Entry {
     pub fn new(value: Option<Bytes>, lsn: Lsn, version: u64) -> Entry {
-        Entry::new_at(value, lsn, version, Instant::now())
-    }
-
-    /// [`Entry::new`] stored at `stored_at`: a bulk load reads the clock once per batch.
-    pub fn new_at(value: Option<Bytes>, lsn: Lsn, version: u64, stored_at: Instant) -> Entry {
         Entry {
             value,
             lsn,
             xid: None,
             snapshot: None,
             version,
-            stored_at,
+            stored_at: Instant::now(),
             read_at: None,
             checked_at: None,
             fed: None,

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,24 +28,7 @@ pub struct Recv {
 
 /// Starts pg_recvlogical on its own slot, noting when each sampled value's line arrives.
 pub fn start_recvlogical(pg: &PgServer, db: &str) -> Recv {
-    let mut child = super::pg_tool("pg_recvlogical", pg, db)
-        .args([
-            "--slot",
-            "bench_recvlogical",
-            "--create-slot",
-            "--if-not-exists",
-            "--start",
-            "-P",
-            "test_decoding",
-            "-f",
-            "-",
-            "-F",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pg_recvlogical");
+    let mut child = super::recvlogical(pg, db, "bench_recvlogical");
     let stdout = child.stdout.take().expect("stdout");
     let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
     let sampled: Arc<Mutex<std::collections::HashSet<i64>>> = Arc::default();

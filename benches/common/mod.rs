@@ -50,6 +50,29 @@ pub fn block_on<F: std::future::Future>(body: F) -> F::Output {
         .block_on(body)
 }
 
+/// Starts `pg_recvlogical` on slot `slot` of `db` (created if missing), test_decoding output
+/// piped to stdout, flushed at once.
+pub fn recvlogical(pg: &cachesync_testkit::postgres::PgServer, db: &str, slot: &str) -> std::process::Child {
+    pg_tool("pg_recvlogical", pg, db)
+        .args([
+            "--slot",
+            slot,
+            "--create-slot",
+            "--if-not-exists",
+            "--start",
+            "-P",
+            "test_decoding",
+            "-f",
+            "-",
+            "-F",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pg_recvlogical (Debian: apt-get install postgresql-client-15)")
+}
+
 /// Waits (up to five minutes) until the server at `addr` answers `/readyz` with 200.
 pub async fn wait_ready(addr: std::net::SocketAddr) {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);

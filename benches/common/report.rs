@@ -62,24 +62,14 @@ impl Report {
         }
     }
 
+    /// The series, in the order first added.
     fn series(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for (s, _, _) in &self.rows {
-            if !out.contains(&s.as_str()) {
-                out.push(s);
-            }
-        }
-        out
+        distinct(self.rows.iter().map(|r| r.0.as_str()))
     }
 
+    /// The categories, in the order first added.
     fn categories(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for (_, c, _) in &self.rows {
-            if !out.contains(&c.as_str()) {
-                out.push(c);
-            }
-        }
-        out
+        distinct(self.rows.iter().map(|r| r.1.as_str()))
     }
 
     fn draw(&self, path: &std::path::Path) -> Result<(), String> {
@@ -151,6 +141,16 @@ impl Report {
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())
     }
+}
+
+fn distinct<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
 }
 
 fn csv_field(s: &str) -> String {

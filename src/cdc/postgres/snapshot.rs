@@ -190,9 +190,6 @@ impl Job {
         let mut fields: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(b.fields.len());
         let mut value = Vec::with_capacity(256);
         let mut n = 0;
-        // One version and one clock reading per batch: its rows are distinct keys.
-        let version = self.hlc.now();
-        let stored_at = tokio::time::Instant::now();
         for line in batch.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
             parse_copy_line(line, &mut fields)
                 .ok_or_else(|| CdcError::Protocol(format!("malformed COPY row from {}", b.table)))?;
@@ -220,8 +217,10 @@ impl Job {
                     .map(|(f, v)| (f.name.as_str(), &f.column.kind, v.as_deref())),
                 &mut value,
             );
-            let mut entry = Entry::new_at(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, version, stored_at)
-                .read_at(self.read_at);
+            // A version of its own, taken as the row is installed: a change streamed meanwhile
+            // (an earlier version) must never look newer than the row that supersedes it.
+            let mut entry =
+                Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now()).read_at(self.read_at);
             entry.snapshot = self.snapshot.clone();
             // Through the door: a change streamed or written meanwhile (newer) is never
             // overwritten, and a load in flight for the key will not install over this row. Not
