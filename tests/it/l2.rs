@@ -89,19 +89,30 @@ impl Redis {
 
     /// Kills every connection reading an invalidation stream (`CLIENT KILL ID`, by `redis-cli`);
     /// returns how many.
-    fn kill_channels(&self) -> usize {
-        let mut n = 0;
-        for port in self.ports() {
-            for line in cli(port, &["CLIENT", "LIST"]).lines() {
-                if line.contains("cmd=xread")
-                    && let Some(id) = line.split_whitespace().find_map(|f| f.strip_prefix("id="))
-                {
-                    cli(port, &["CLIENT", "KILL", "ID", id]);
-                    n += 1;
+    async fn kill_channels(&self) -> usize {
+        // A channel shows `cmd=xread` while it waits for entries, which is nearly always; between
+        // two reads it briefly runs other commands (an idle read checks the epoch). Wait until
+        // both nodes' channels are seen reading at once, then kill them by id.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut ids = Vec::new();
+            for port in self.ports() {
+                for line in cli(port, &["CLIENT", "LIST"]).lines() {
+                    if line.contains("cmd=xread")
+                        && let Some(id) = line.split_whitespace().find_map(|f| f.strip_prefix("id="))
+                    {
+                        ids.push((port, id.to_string()));
+                    }
                 }
             }
+            if ids.len() >= 2 || Instant::now() >= deadline {
+                for (port, id) in &ids {
+                    cli(*port, &["CLIENT", "KILL", "ID", id]);
+                }
+                return ids.len();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        n
     }
 
     /// Moves every slot of the node holding `key` to the next node, keys and all
@@ -312,7 +323,7 @@ async fn bound_holds(redis: Redis, disruption: Disruption) {
             match disruption {
                 Disruption::None => {}
                 Disruption::KillChannels => {
-                    let killed = redis.kill_channels();
+                    let killed = redis.kill_channels().await;
                     assert!(killed >= 2, "both nodes' channels were connected ({killed} killed)");
                 }
                 Disruption::Flush => redis.flush(),
