@@ -87,10 +87,18 @@ async fn freshness(pg: &PgServer) {
 
     println!("\n== freshness: commit → served (cachesync GET) vs commit → received (pg_recvlogical) ==");
     let mut seq = 1_000_000_000i64;
+    let mut report = common::report::Report::new(
+        "cdc_freshness",
+        "commit → served (cachesync GET) vs commit → line read (pg_recvlogical)",
+        "µs",
+    );
     for rate in [1000.0, 5000.0] {
         let (ours, theirs, achieved) = run_rate(&db.url, &[addr], &recv, rate, seq, KEYS, RUN_FOR).await;
         let ours = &ours[0];
         seq += 100_000_000;
+        let at = format!("{rate:.0}/s");
+        report.add_latency("cachesync", &at, ours);
+        report.add_latency("pg_recvlogical", &at, &theirs);
         println!("-- {rate:.0} updates/s target, {achieved:.0}/s achieved");
         println!("{}", row("cachesync: commit → GET serves it", ours));
         println!("{}", row("pg_recvlogical: commit → line read", &theirs));
@@ -101,6 +109,8 @@ async fn freshness(pg: &PgServer) {
             (ours.p(0.99) - theirs.p(0.99)) / 1000.0
         );
     }
+
+    report.write();
 
     println!("\n== highest sustained update rate (p99 freshness under 250ms, writers reach 90% of the rate) ==");
     let mut best = 0.0;

@@ -67,6 +67,11 @@ async fn run() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     for size in [100usize, 1024] {
+        let mut report = common::report::Report::new(
+            &format!("commitlog_{size}b"),
+            &format!("{size}-byte records appended per second, fsync = always"),
+            "records/s",
+        );
         let p = payload(size);
         let frame = p.len() + cachesync::commitlog::record::HEADER_LEN;
         println!("\n== {size}-byte events ({frame} bytes framed) ==");
@@ -129,12 +134,16 @@ async fn run() {
                 raw_mbs,
                 rate / raw_rate
             );
+            let at = format!("{appenders} appenders");
+            report.add("cachesync log", &at, rate);
+            report.add("preallocated write + fdatasync loop", &at, raw_rate);
             if appenders == 64 {
                 tail_read(&log, records, frame).await;
             }
             log.close().await.expect("close");
             let _ = std::fs::remove_dir_all(&dir);
         }
+        report.write();
     }
 }
 

@@ -238,6 +238,15 @@ async fn run() {
     }
     println!("{}", common::ratio_line("b / baseline", &lats[1], &lats[0]));
     println!("{}", common::ratio_line("c / baseline", &lats[2], &lats[0]));
+    let mut report = common::report::Report::new(
+        "federation",
+        "append at a → applied (a: baseline; b, c: federated peers)",
+        "µs",
+    );
+    for (series, lat) in ["a (baseline)", "b", "c"].iter().zip(&lats) {
+        report.add_latency(series, "lag", lat);
+    }
+    report.write();
     println!(
         "duplicates kept out: a {} b {} c {}",
         fa.sequencer.duplicates.load(std::sync::atomic::Ordering::Relaxed),

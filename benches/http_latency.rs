@@ -80,6 +80,8 @@ async fn run() {
     let req_size = get_request("/v1/kv/mem/k1").len();
 
     println!("\n== GET hit vs TCP echo ({req_size}-byte messages) ==");
+    let mut report =
+        common::report::Report::new("http_get_hit", "GET hit latency vs a TCP echo of the same size", "µs");
     for conns in [1usize, 16] {
         let per = HIT_REQUESTS / conns;
         // Warm up both paths, then measure.
@@ -95,11 +97,15 @@ async fn run() {
         let floor = echo_load(echo, conns, per, req_size).await;
         println!("{}", hit.line(&format!("GET hit, {conns} conn")));
         println!("{}", floor.line(&format!("TCP echo, {conns} conn")));
+        report.add_latency("cachesync GET hit", &format!("{conns} conn"), &hit);
+        report.add_latency("TCP echo", &format!("{conns} conn"), &floor);
         println!(
             "{}",
             ratio_line(&format!("ratio GET hit / echo, {conns} conn"), &hit, &floor)
         );
     }
+
+    report.write();
 
     println!("\n== GET hit: compact store (the in-memory default) vs cache store, 3 interleaved rounds ==");
     for conns in [1usize, 16] {
@@ -150,5 +156,14 @@ async fn run() {
     println!("{}", ratio_line("ratio miss / direct SELECT", &miss, &direct));
     println!("{}", hits_after.line("same keys again (now hits)"));
     println!("{}", ratio_line("ratio hit / direct SELECT", &hits_after, &direct));
+    let mut report = common::report::Report::new(
+        "http_get_miss",
+        "GET miss (read-through load) vs a direct prepared SELECT",
+        "µs",
+    );
+    report.add_latency("cachesync GET miss", "1 conn", &miss);
+    report.add_latency("direct SELECT", "1 conn", &direct);
+    report.add_latency("cachesync GET hit after", "1 conn", &hits_after);
+    report.write();
     server.shutdown().await;
 }

@@ -157,6 +157,14 @@ async fn l2_hits(db_url: &str, redis: &RedisServer) {
     println!("{}", sidecar.line("sidecar GET (L1 miss, L2 hit) over HTTP"));
     println!("{}", direct.line("direct Redis GET of the same record"));
     println!("{}", common::ratio_line("sidecar / direct", &sidecar, &direct));
+    let mut report = common::report::Report::new(
+        "l2_read",
+        "L1 miss served from the Redis tier vs a direct Redis GET",
+        "µs",
+    );
+    report.add_latency("sidecar GET (L2 hit)", "1 conn", &sidecar);
+    report.add_latency("direct Redis GET", "1 conn", &direct);
+    report.write();
     s.shutdown().await;
 }
 
@@ -207,6 +215,10 @@ async fn writes_and_staleness(db_url: &str, redis: &RedisServer) {
     println!("{}", with_l2.line("PUT with the tier (acked once announced)"));
     println!("{}", without.line("PUT without the tier"));
     println!("{}", common::ratio_line("with / without", &with_l2, &without));
+    let mut report = common::report::Report::new("l2_write", "write-through PUT with and without the Redis tier", "µs");
+    report.add_latency("PUT with the tier", "1 conn", &with_l2);
+    report.add_latency("PUT without", "1 conn", &without);
+    report.write();
     println!("\n## Cross-node staleness window: a's ack → b returns the write ({WINDOWS} writes, {polls} polls of b)");
     println!("{}", window.line("ack on a → new value read on b"));
     for s in [a, b, plain] {

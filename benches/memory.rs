@@ -223,6 +223,8 @@ fn main() {
         "cache ×",
         "compact ×"
     );
+    let mut report =
+        common::report::Report::new("memory", "resident bytes per entry beyond key + value", "bytes/entry");
     for size in SIZES {
         let (r_e, u_e, r_fill) = rt.block_on(async {
             let redis = RedisServer::start();
@@ -255,7 +257,12 @@ fn main() {
             compact.rss / r_e,
             r_fill.as_secs_f64(),
         );
+        let at = format!("{size} B values");
+        report.add("redis-server", &at, r_e);
+        report.add("cachesync cache store", &at, cache.rss);
+        report.add("cachesync compact store", &at, compact.rss);
     }
+    report.write();
     println!("\n× is cachesync's RSS overhead per entry over Redis's (below 1 favours cachesync).");
     println!("\nWhere the bytes go (this process, mimalloc; bytes per entry beyond key + value):");
     println!(

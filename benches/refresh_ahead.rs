@@ -187,6 +187,14 @@ async fn run() {
         );
     }
     let (off, on) = (&results[0].lat, &results[1].lat);
+    let mut report = common::report::Report::new(
+        "refresh_ahead",
+        "read latency of hot keys, refresh-ahead off and on",
+        "µs",
+    );
+    report.add_latency("refresh-ahead off", "reads", off);
+    report.add_latency(&format!("refresh-ahead on ({factor})"), "reads", on);
+    report.write();
     println!(
         "{:<16} {:>9.2}x {:>8.2}x {:>8.2}x   (on / off)",
         "ratio",

@@ -99,6 +99,11 @@ async fn run() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     println!("\n== freshness: commit → served on the hub, on an edge, and commit → pg_recvlogical line ==");
     let mut seq = 1_000_000_000i64;
+    let mut report = common::report::Report::new(
+        "replication",
+        "commit → served: hub, edge, and pg_recvlogical (the floor)",
+        "µs",
+    );
     for rate in [1000.0, 10_000.0] {
         let targets = [hub.local_addr(), edge.local_addr()];
         let (ours, theirs, achieved) = run_rate(&db.url, &targets, &recv, rate, seq, KEYS, RUN_FOR).await;
@@ -107,6 +112,10 @@ async fn run() {
         println!("{}", row("hub: commit → GET serves it", &ours[0]));
         println!("{}", row("edge: commit → GET serves it", &ours[1]));
         println!("{}", row("pg_recvlogical: commit → line read", &theirs));
+        let at = format!("{rate:.0}/s");
+        report.add_latency("hub", &at, &ours[0]);
+        report.add_latency("edge", &at, &ours[1]);
+        report.add_latency("pg_recvlogical", &at, &theirs);
         println!(
             "{:<40} p50 {:+.2}ms   p99 {:+.2}ms",
             "edge − hub (the hop)",
@@ -121,6 +130,7 @@ async fn run() {
         );
     }
     drop(recv);
+    report.write();
 
     shipping(&hub, &edge).await;
 

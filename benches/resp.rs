@@ -11,6 +11,10 @@
 //! core of its own), then the ratios cachesync / redis.
 //!
 //! Run: `cargo bench --bench resp` (`ROUNDS=n` to change the rounds). Nothing here asserts a time.
+//! Figures: `target/bench-results/resp{,_cpu}.{csv,png}`.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,6 +144,12 @@ fn main() {
         "p99 ×",
         "cpu ×"
     );
+    let mut report = common::report::Report::new(
+        "resp",
+        "RESP requests/s (redis-benchmark, medians of interleaved rounds)",
+        "requests/s",
+    );
+    let mut cpu = common::report::Report::new("resp_cpu", "server CPU µs per request", "CPU µs");
     for (test, pipeline, requests) in [
         ("get", "1", "100000"),
         ("set", "1", "100000"),
@@ -156,6 +166,11 @@ fn main() {
             }
         }
         let (r, c) = (medians(&r), medians(&c));
+        let at = format!("{} -P{pipeline}", test.to_uppercase());
+        report.add("redis-server", &at, r.rps);
+        report.add("cachesync", &at, c.rps);
+        cpu.add("redis-server", &at, r.cpu_us_per_req);
+        cpu.add("cachesync", &at, c.cpu_us_per_req);
         println!(
             "{:<10} {:>3} | {:>11.0} {:>8.3} {:>8.3} {:>8.2} | {:>11.0} {:>8.3} {:>8.3} {:>8.2} | {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
             test.to_uppercase(),
@@ -175,4 +190,6 @@ fn main() {
         );
     }
     println!("\nrps × above 1 and p50/p99/cpu × below 1 favour cachesync.");
+    report.write();
+    cpu.write();
 }

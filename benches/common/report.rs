@@ -37,6 +37,13 @@ impl Report {
         self.rows.push((series.to_string(), category.to_string(), value));
     }
 
+    /// A latency's p50, p99 and p999 in µs under `series`, as categories "`at` p50" and so on.
+    pub fn add_latency(&mut self, series: &str, at: &str, lat: &super::Lat) {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+            self.add(series, &format!("{at} {name}"), lat.p(q));
+        }
+    }
+
     /// Where the files go: `target/bench-results` of this checkout.
     pub fn dir() -> PathBuf {
         let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -75,13 +82,18 @@ impl Report {
     fn draw(&self, path: &std::path::Path) -> Result<(), String> {
         register_font_once()?;
         let (series, categories) = (self.series(), self.categories());
-        let top = self
-            .rows
-            .iter()
-            .map(|r| r.2)
-            .fold(0.0f64, f64::max)
-            .max(f64::MIN_POSITIVE)
-            * 1.15;
+        // Figures spanning more than 50× (latency tails) are drawn on a log scale: the bars'
+        // heights are log10 of the values, the axis labelled with the values themselves.
+        let positive = || self.rows.iter().map(|r| r.2).filter(|v| *v > 0.0);
+        let max = positive().fold(f64::MIN_POSITIVE, f64::max);
+        let min = positive().fold(max, f64::min);
+        let log = max / min > 50.0;
+        let (bottom, top) = if log {
+            (min.log10().floor(), max.log10().ceil())
+        } else {
+            (0.0, max * 1.15)
+        };
+        let height = |v: f64| if log { v.max(min).log10() } else { v };
         let width = (160 + 90 * categories.len() * series.len().max(1)).clamp(640, 1600) as u32;
         let root = BitMapBackend::new(path, (width, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -90,7 +102,7 @@ impl Report {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(72)
-            .build_cartesian_2d(0f64..categories.len() as f64, 0f64..top)
+            .build_cartesian_2d(0f64..categories.len() as f64, bottom..top)
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
@@ -106,13 +118,18 @@ impl Report {
                 }
             })
             .y_label_formatter(&|y| {
-                if top >= 100.0 {
-                    format!("{y:.0}")
+                let v = if log { 10f64.powf(*y) } else { *y };
+                if max >= 100.0 {
+                    format!("{v:.0}")
                 } else {
-                    format!("{y:.2}")
+                    format!("{v:.2}")
                 }
             })
-            .y_desc(&self.unit)
+            .y_desc(if log {
+                format!("{} (log scale)", self.unit)
+            } else {
+                self.unit.clone()
+            })
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| e.to_string())?;
@@ -123,7 +140,10 @@ impl Report {
             let bars = self.rows.iter().filter(|r| r.0 == *s).filter_map(|(_, c, v)| {
                 let ci = categories.iter().position(|x| x == c)? as f64;
                 let x0 = ci + 0.1 + bar * si as f64;
-                Some(Rectangle::new([(x0, 0.0), (x0 + bar * 0.95, *v)], color.filled()))
+                Some(Rectangle::new(
+                    [(x0, bottom), (x0 + bar * 0.95, height(*v))],
+                    color.filled(),
+                ))
             });
             chart
                 .draw_series(bars)
