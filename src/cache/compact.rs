@@ -194,11 +194,12 @@ impl Compact {
     }
 
     /// Makes room in the tables for `entries` more entries (spread over the shards), so a bulk
-    /// load does not grow and rehash each table many times. Bounded by `max_entries`.
+    /// load does not grow and rehash each table many times. Never more than the bound can hold:
+    /// `max_entries`, or as many of the smallest entries as fit in `max_bytes`.
     pub fn reserve(&self, entries: usize) {
         let entries = match self.capacity {
             Capacity::Entries(max) => entries.min(max as usize),
-            Capacity::Bytes(_) => entries,
+            Capacity::Bytes(max) => entries.min((max / weight(1, 0)) as usize),
         };
         let per_shard = entries.div_ceil(self.shards.len());
         for shard in self.shards.iter() {
@@ -595,6 +596,23 @@ impl Compact {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserving_ahead_of_a_load_never_exceeds_what_the_bound_holds() {
+        let capacity = |c: &Compact| -> usize { c.shards.iter().map(|s| s.table.read().unwrap().capacity()).sum() };
+        let by_bytes = Compact::new(
+            Capacity::Bytes(1 << 20),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
+        by_bytes.reserve(100_000_000);
+        let most = ((1u64 << 20) / weight(1, 0)) as usize;
+        assert!(capacity(&by_bytes) >= most, "room for what fits");
+        assert!(capacity(&by_bytes) < 4 * most, "not for a hundred million rows");
+        let by_entries = Compact::new(Capacity::Entries(1000), Duration::from_secs(60), Duration::from_secs(1));
+        by_entries.reserve(100_000_000);
+        assert!((1000..4000).contains(&capacity(&by_entries)));
+    }
 
     fn doc(v: &str) -> Entry {
         Entry::new(Some(Bytes::from(v.to_string())), Lsn(7), 3)
