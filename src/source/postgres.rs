@@ -723,17 +723,13 @@ impl TableSource {
         const CHUNK: usize = 256 * 1024;
         let mut buf = Vec::with_capacity(CHUNK + 4096);
         for (key, fields) in rows {
-            let mut keys: Vec<Value> = Vec::new();
-            for part in key {
-                keys.push(Value::String(part.clone()));
-            }
             copy::row(
                 plan.iter().map(|(kind, source)| {
-                    let v = match source {
-                        Source::Key(i) => &keys[*i],
-                        Source::Field(name) => fields.get(*name).unwrap_or(&Value::Null),
+                    let cell = match source {
+                        Source::Key(i) => copy::Cell::Str(&key[*i]),
+                        Source::Field(name) => copy::Cell::Value(fields.get(*name).unwrap_or(&Value::Null)),
                     };
-                    (*kind, v)
+                    (*kind, cell)
                 }),
                 &mut buf,
             );

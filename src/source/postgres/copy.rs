@@ -16,12 +16,20 @@ use serde_json::Value;
 
 use super::render::TypeKind;
 
+/// One field of a row: a JSON value, or text standing for a JSON string (a key's text from
+/// the URL, written without building a `Value` for it).
+#[derive(Clone, Copy)]
+pub enum Cell<'a> {
+    Value(&'a Value),
+    Str(&'a str),
+}
+
 /// Appends one field, escaped, for a column of `kind`.
 pub fn field(kind: &TypeKind, value: &Value, out: &mut Vec<u8>) {
     match (kind, value) {
         (_, Value::Null) => out.extend_from_slice(b"\\N"),
+        (_, Value::String(s)) => string(kind, s, out),
         (TypeKind::Json, v) => escaped(&v.to_string(), out),
-        (_, Value::String(s)) => escaped(s, out),
         (TypeKind::Array(_), Value::Array(items)) => {
             let mut lit = String::with_capacity(16 * items.len());
             array_literal(items, &mut lit);
@@ -31,13 +39,24 @@ pub fn field(kind: &TypeKind, value: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends a JSON string's field: its content, or its JSON text into a `json`/`jsonb` column.
+fn string(kind: &TypeKind, s: &str, out: &mut Vec<u8>) {
+    match kind {
+        TypeKind::Json => escaped(&Value::from(s).to_string(), out),
+        _ => escaped(s, out),
+    }
+}
+
 /// Appends one row: the fields tab-separated, then a newline.
-pub fn row<'a>(fields: impl IntoIterator<Item = (&'a TypeKind, &'a Value)>, out: &mut Vec<u8>) {
-    for (i, (kind, value)) in fields.into_iter().enumerate() {
+pub fn row<'a>(fields: impl IntoIterator<Item = (&'a TypeKind, Cell<'a>)>, out: &mut Vec<u8>) {
+    for (i, (kind, cell)) in fields.into_iter().enumerate() {
         if i > 0 {
             out.push(b'\t');
         }
-        field(kind, value, out);
+        match cell {
+            Cell::Value(v) => field(kind, v, out),
+            Cell::Str(s) => string(kind, s, out),
+        }
     }
     out.push(b'\n');
 }
@@ -137,10 +156,16 @@ mod tests {
 
     #[test]
     fn a_row_is_tab_separated_and_ends_in_a_newline() {
-        let kinds = [TypeKind::Integer, TypeKind::Text];
-        let values = [json!(1), json!("x")];
+        let (one, x) = (json!(1), json!("x"));
+        let cells = [
+            (&TypeKind::Integer, Cell::Value(&one)),
+            (&TypeKind::Text, Cell::Value(&x)),
+            (&TypeKind::Text, Cell::Str("a\tb")),
+            (&TypeKind::Json, Cell::Str("k")),
+        ];
         let mut out = Vec::new();
-        row(kinds.iter().zip(values.iter()), &mut out);
-        assert_eq!(out, b"1\tx\n");
+        row(cells, &mut out);
+        // Text stands for a JSON string: the same field as `Value::String` would give.
+        assert_eq!(out, b"1\tx\ta\\tb\t\"k\"\n");
     }
 }
