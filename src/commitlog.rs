@@ -125,7 +125,7 @@ impl LogError {
     }
 }
 
-/// Requests to the writer thread.
+/// Requests to the writer (see [`writer::Pipe`]).
 enum Command {
     Append {
         payloads: Vec<Vec<u8>>,
@@ -227,7 +227,21 @@ pub struct CommitLog {
     tx: mpsc::Sender<Command>,
     /// Byte budget of the append queue (permits are bytes, returned once written).
     queued_bytes: Arc<tokio::sync::Semaphore>,
-    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Declared after `tx`: the last handle drops its sender before it rings the writer thread,
+    /// which then finds every sender gone and closes the log.
+    writer: Arc<WriterHandle>,
+}
+
+/// The writer's queue lock and thread, shared by the handles.
+struct WriterHandle {
+    pipe: Arc<writer::Pipe>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.pipe.ring();
+    }
 }
 
 /// What opening found and did.
@@ -277,9 +291,7 @@ impl CommitLog {
         // The writer thread owns the directory lock: it is released exactly when writing stops, even
         // if readers keep the shared state alive longer.
         let writer = writer::Writer::new(shared.clone(), active, lock, admit)?;
-        let handle = std::thread::Builder::new()
-            .name("cachesync-log-writer".into())
-            .spawn(move || writer.run(rx))
+        let (pipe, handle) = writer::Pipe::start(writer, rx)
             .map_err(|e| LogError::Failed(format!("cannot start the log writer thread: {e}")))?;
         let queued_bytes = Arc::new(tokio::sync::Semaphore::new(
             config.max_queued_bytes.clamp(1, u32::MAX as u64) as usize,
@@ -288,10 +300,14 @@ impl CommitLog {
             shared,
             tx,
             queued_bytes,
-            writer: Arc::new(Mutex::new(Some(handle))),
+            writer: Arc::new(WriterHandle {
+                pipe,
+                thread: Mutex::new(Some(handle)),
+            }),
         };
         if let FsyncPolicy::Interval(every) = config.fsync {
             let tx = log.tx.downgrade();
+            let pipe = Arc::downgrade(&log.writer.pipe);
             let stop = tasks.child_token();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(every);
@@ -304,11 +320,13 @@ impl CommitLog {
                     let Some(tx) = tx.upgrade() else { return };
                     // A full queue means the writer is busy and will sync anyway.
                     let _ = tx.try_send(Command::Tick);
+                    ring_after(tx, &pipe);
                 }
             });
         }
         if config.retention_bytes.is_some() || config.retention_age.is_some() {
             let tx = log.tx.downgrade();
+            let pipe = Arc::downgrade(&log.writer.pipe);
             let every = config.retention_check;
             let stop = tasks.child_token();
             tasks.spawn(async move {
@@ -321,6 +339,7 @@ impl CommitLog {
                     }
                     let Some(tx) = tx.upgrade() else { return };
                     let _ = tx.try_send(Command::Retention { reply: None });
+                    ring_after(tx, &pipe);
                 }
             });
         }
@@ -329,8 +348,19 @@ impl CommitLog {
     }
 
     /// Appends encoded payloads; resolves with their offsets once durable under the policy.
+    ///
+    /// When no one is writing, the append is written and synced on the calling thread (see
+    /// [`writer::Pipe`]); otherwise it waits for the writer that is.
     pub async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Range<Offset>, LogError> {
-        self.enqueue(payloads).await?.durable().await
+        match self.queue(payloads).await? {
+            PendingInner::Waiting(rx) => {
+                if !self.writer.pipe.try_lead(|| !rx.is_empty()) {
+                    self.writer.pipe.ring();
+                }
+                rx.await.map_err(|_| LogError::Closed)?
+            }
+            PendingInner::Ready(r) => Ok(r),
+        }
     }
 
     /// Queues payloads for appending and returns once their place in the log is fixed (appends
@@ -338,9 +368,16 @@ impl CommitLog {
     /// [`Pending`] resolves when they are durable. Lets a producer keep several appends in
     /// flight — sharing group commits — while acting on each only once it is safe.
     pub async fn enqueue(&self, payloads: Vec<Vec<u8>>) -> Result<Pending, LogError> {
+        let pending = self.queue(payloads).await?;
+        self.writer.pipe.ring();
+        Ok(Pending(pending))
+    }
+
+    /// Puts an append in the writer's queue (its place in the log is fixed from then on).
+    async fn queue(&self, payloads: Vec<Vec<u8>>) -> Result<PendingInner, LogError> {
         if payloads.is_empty() {
             let end = self.end();
-            return Ok(Pending(PendingInner::Ready(end..end)));
+            return Ok(PendingInner::Ready(end..end));
         }
         if let Some(p) = payloads.iter().find(|p| p.len() > record::MAX_PAYLOAD) {
             return Err(LogError::TooLarge(format!(
@@ -370,7 +407,7 @@ impl CommitLog {
             })
             .await
             .map_err(|_| LogError::Closed)?;
-        Ok(Pending(PendingInner::Waiting(rx)))
+        Ok(PendingInner::Waiting(rx))
     }
 
     /// Appends events (encoded here).
@@ -385,6 +422,7 @@ impl CommitLog {
             .send(Command::Flush { reply })
             .await
             .map_err(|_| LogError::Closed)?;
+        self.writer.pipe.ring();
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -393,9 +431,10 @@ impl CommitLog {
     /// from then on; their tails see the end of the log.
     pub async fn close(self) -> Result<(), LogError> {
         let flushed = self.flush().await;
-        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self.writer.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         let _ = self.tx.send(Command::Close).await;
         drop(self.tx);
+        self.writer.pipe.ring();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
@@ -459,6 +498,7 @@ impl CommitLog {
             .send(Command::Retention { reply: Some(reply) })
             .await
             .map_err(|_| LogError::Closed)?;
+        self.writer.pipe.ring();
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -504,6 +544,15 @@ impl Hold {
 }
 
 /// Wall-clock milliseconds since the Unix epoch (record timestamps).
+/// Drops a timer's sender, then rings the writer thread: if it was the last sender, the thread
+/// finds the queue closed.
+fn ring_after(tx: mpsc::Sender<Command>, pipe: &std::sync::Weak<writer::Pipe>) {
+    drop(tx);
+    if let Some(p) = pipe.upgrade() {
+        p.ring();
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -9,6 +9,7 @@ pub struct LogMetrics {
     pub appended_records: IntCounter,
     pub appended_bytes: IntCounter,
     pub group_records: Histogram,
+    pub led_groups: IntCounter,
     pub fsync_seconds: Histogram,
     pub disk_bytes: IntGauge,
     pub segments: IntGauge,
@@ -50,6 +51,14 @@ impl LogMetrics {
                         "Records per group commit (one write + one sync).",
                     )
                     .buckets(prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid")),
+                )
+                .expect("valid"),
+            ),
+            led_groups: reg(
+                registry,
+                IntCounter::new(
+                    "cachesync_log_led_groups_total",
+                    "Group commits written by an appender that found the log idle, on its own thread (the rest are written by the writer thread).",
                 )
                 .expect("valid"),
             ),

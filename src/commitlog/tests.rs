@@ -421,6 +421,82 @@ async fn concurrent_appenders_share_group_commits() {
     log.close().await.unwrap();
 }
 
+fn counter(registry: &Registry, name: &str) -> u64 {
+    registry
+        .gather()
+        .into_iter()
+        .find(|m| m.name() == name)
+        .map_or(0, |m| m.get_metric()[0].get_counter().get_value() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_log_is_written_by_its_appender_and_order_holds_whoever_writes() {
+    let dir = temp_dir("log", None);
+    let registry = Registry::new();
+    let (log, _) = CommitLog::open(cfg(&dir), &registry).await.unwrap();
+    // One appender at a time: the log is idle at each append, so the appender writes it (the
+    // writer thread may take only the first, while it looks at its queue once at start).
+    for i in 0..50 {
+        assert_eq!(
+            log.append(vec![payload(i, 20)]).await.unwrap(),
+            Offset(i)..Offset(i + 1)
+        );
+    }
+    let led = counter(&registry, "cachesync_log_led_groups_total");
+    assert!(led >= 49, "{led} of 50 lone appends written by their appender");
+    // Producers mixing `enqueue` (left to the writer thread) and `append` (led when idle): each
+    // producer's records keep the order it queued them in, and no offset is lost or doubled.
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..40u64 {
+                    let p = payload(t * 1000 + i, 30);
+                    let r = if i % 3 == 0 {
+                        log.enqueue(vec![p]).await.unwrap().durable().await.unwrap()
+                    } else {
+                        log.append(vec![p]).await.unwrap()
+                    };
+                    mine.push(r.start.0);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        let mine = t.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "a producer's order holds: {mine:?}"
+        );
+        all.extend(mine);
+    }
+    all.sort();
+    assert_eq!(all, (50..370).collect::<Vec<u64>>());
+    let recs = log.read(Offset(0), 1000).unwrap();
+    assert_eq!(recs.len(), 370);
+    for r in &recs[..50] {
+        assert_eq!(r.payload, payload(r.offset.0, 20));
+    }
+    // Every handle dropped without `close`: the writer thread finds every sender gone, closes
+    // the log and releases the directory for the next writer.
+    drop(log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let reopened = loop {
+        match CommitLog::open(cfg(&dir), &Registry::new()).await {
+            Ok((log, _)) => break log,
+            Err(LogError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("reopen after the last handle was dropped: {e}"),
+        }
+    };
+    assert_eq!(reopened.end(), Offset(370));
+    reopened.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_byte_budget_holds_appenders_back_without_losing_any() {
     let dir = temp_dir("log", None);
