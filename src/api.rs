@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -78,18 +78,26 @@ impl AppState {
 /// not reach the API. A request with no `Host` (HTTP/1.0 tools) is let through: browsers always
 /// send one.
 async fn check_host(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(host) = req.headers().get(header::HOST) {
-        let ok = host.to_str().is_ok_and(|h| st.server.host_allowed(h));
-        if !ok {
-            return ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "misdirected_host",
-                "this sidecar does not answer for that Host; add it to [server] allowed_hosts if it is yours",
-            )
-            .into_response();
-        }
+    match refuse_host(&st, req.headers()) {
+        Some(refused) => refused,
+        None => next.run(req).await,
     }
-    next.run(req).await
+}
+
+/// [`check_host`]'s answer, if it refuses.
+fn refuse_host(st: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let host = headers.get(header::HOST)?;
+    if host.to_str().is_ok_and(|h| st.server.host_allowed(h)) {
+        return None;
+    }
+    Some(
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_host",
+            "this sidecar does not answer for that Host; add it to [server] allowed_hosts if it is yours",
+        )
+        .into_response(),
+    )
 }
 
 /// With `[server] token_file`, refuses requests without `Authorization: Bearer <token>` (401
@@ -97,16 +105,19 @@ async fn check_host(State(st): State<Arc<AppState>>, req: Request, next: Next) -
 /// credentials. The comparison takes the same time wherever the tokens differ; neither token
 /// appears in the answer or the logs.
 async fn check_token(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(token) = &st.server.token else {
-        return next.run(req).await;
-    };
-    if matches!(req.uri().path(), "/healthz" | "/readyz") {
-        return next.run(req).await;
+    match refuse_token(&st, req.uri().path(), req.headers()) {
+        Some(refused) => refused,
+        None => next.run(req).await,
     }
-    let refused = match crate::credential::check_bearer(req.headers(), token) {
-        Ok(()) => return next.run(req).await,
-        Err(r) => r,
-    };
+}
+
+/// [`check_token`]'s answer, if it refuses.
+fn refuse_token(st: &AppState, path: &str, headers: &HeaderMap) -> Option<Response> {
+    let token = st.server.token.as_ref()?;
+    if matches!(path, "/healthz" | "/readyz") {
+        return None;
+    }
+    let refused = crate::credential::check_bearer(headers, token).err()?;
     let mut resp = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -120,7 +131,65 @@ async fn check_token(State(st): State<Arc<AppState>>, req: Request, next: Next) 
     .into_response();
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
-    resp
+    Some(resp)
+}
+
+/// The API as the listener serves it: the router, and a direct path for its hottest route.
+///
+/// `GET /v1/kv/{keyspace}/{key}` goes straight to [`kv::get`] after the same two checks the
+/// router's layers make (Host, then token), skipping the router's matching, its two middleware
+/// layers and their boxed services — on a cache hit those were a measurable share of the
+/// request's CPU (see `benches/http_cpu.rs`). The handler, and so every answer, is the one the
+/// router would have called; every other request goes through the router.
+#[derive(Clone)]
+pub struct Api {
+    router: Router,
+    state: Arc<AppState>,
+}
+
+impl Api {
+    pub fn new(state: Arc<AppState>) -> Api {
+        Api {
+            router: router(state.clone()),
+            state,
+        }
+    }
+
+    /// Answers `req`.
+    pub fn call<B>(&mut self, req: axum::http::Request<B>) -> futures::future::BoxFuture<'static, Response>
+    where
+        B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        use tower_service::Service;
+        if req.method() == axum::http::Method::GET && is_key_path(req.uri().path()) {
+            let st = self.state.clone();
+            let (parts, _) = req.into_parts();
+            if let Some(refused) =
+                refuse_host(&st, &parts.headers).or_else(|| refuse_token(&st, parts.uri.path(), &parts.headers))
+            {
+                return Box::pin(std::future::ready(refused));
+            }
+            return Box::pin(kv::get(State(st), parts.uri, parts.headers));
+        }
+        // The router is always ready (`poll_ready` is a no-op for it).
+        let fut = self.router.call(req.map(axum::body::Body::new));
+        Box::pin(async move {
+            match fut.await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        })
+    }
+}
+
+/// Whether `path` is one the router sends to `kv::get` for a GET: `/v1/kv/{keyspace}/{*key}`
+/// with both parts non-empty, and not one of the many-key routes (a GET of those is a 405).
+fn is_key_path(path: &str) -> bool {
+    let Some((ks, key)) = path.strip_prefix("/v1/kv/").and_then(|rest| rest.split_once('/')) else {
+        return false;
+    };
+    !ks.is_empty() && !key.is_empty() && !matches!(key, "_mget" | "_mput" | "_mdelete")
 }
 
 /// The router with every route.

@@ -408,7 +408,7 @@ impl Server {
             tasks.spawn(Flusher::new(wb, pool, marker).run(rx, tasks.clone()));
             drain = Some(tx);
         }
-        let app = api::router(state.clone());
+        let app = api::Api::new(state.clone());
         let stop = serve.token().clone();
         let http = serve.spawn(api::listener::serve(
             listener,

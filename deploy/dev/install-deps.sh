@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need and a fresh Debian/Ubuntu machine lacks:
 # the PostgreSQL server binaries (initdb, postgres, pg_recvlogical, psql), redis-server and
-# redis-cli, libfaketime, Python's venv (for the deployment validators) and the DejaVu font (for
-# the benchmarks' plots).
+# redis-cli, libfaketime, Python's venv (for the deployment validators), the DejaVu font (for
+# the benchmarks' plots), and nginx and wrk (the HTTP benchmark's peer and load tool).
 # Does nothing when they are already there. The tests start their own throwaway servers;
 # no system service is used or started here.
 set -euo pipefail
@@ -19,6 +19,9 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
 # The font the benchmarks' PNG plots are drawn with (benches/common/report.rs).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# The HTTP benchmark's peer and load tool (benches/http_cpu.rs); no service is started.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::Router;
+use super::Api;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -68,7 +68,7 @@ impl Limits {
 /// Serves `app` on `listener` until `stop`, each connection a task of `tasks`. Returns once
 /// accepting has stopped; connections finish their request in flight and close on their own
 /// (the caller waits for `tasks`).
-pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: CancellationToken, tasks: Tasks) {
+pub async fn serve(listener: TcpListener, app: Api, limits: Limits, stop: CancellationToken, tasks: Tasks) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let Some((stream, _)) = crate::lifecycle::accept(&listener, &stop, "http").await else {
@@ -87,7 +87,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
 }
 
 /// One connection, until the client closes it, a timeout closes it, or shutdown.
-async fn serve_connection(stream: TcpStream, app: Router, limits: Limits, stop: CancellationToken) {
+async fn serve_connection(stream: TcpStream, app: Api, limits: Limits, stop: CancellationToken) {
     let requests = Arc::new(Requests::default());
     let io = TokioIo::new(Guarded::new(stream, limits, requests.clone()));
     let svc = TowerToHyperService::new(Counted { inner: app, requests });
@@ -136,10 +136,10 @@ struct Requests {
     in_flight: AtomicUsize,
 }
 
-/// The router, counting its connection's requests.
+/// The API, counting its connection's requests.
 #[derive(Clone)]
 struct Counted {
-    inner: Router,
+    inner: Api,
     requests: Arc<Requests>,
 }
 
@@ -154,11 +154,11 @@ impl Service<hyper::Request<Incoming>> for Counted {
 
     fn call(&mut self, req: hyper::Request<Incoming>) -> Self::Future {
         let guard = InFlight::new(self.requests.clone());
-        let fut = self.inner.call(req.map(axum::body::Body::new));
+        let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await;
             drop(guard);
-            resp
+            Ok(resp)
         })
     }
 }

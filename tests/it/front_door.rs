@@ -188,17 +188,17 @@ async fn a_foreign_host_is_refused_and_loopback_names_are_served() {
     let (server, _http) = serve(config("")).await;
     let addr = server.local_addr();
     let port = addr.port();
-    let answer = raw(
-        addr,
-        b"GET /v1/keyspaces HTTP/1.1\r\nHost: attacker.example:7070\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    let (status, body) = parse(&answer);
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (421, Some("misdirected_host")),
-        "{answer}"
-    );
+    // A key read takes a direct path past the router (`api::Api`): it is refused the same way.
+    for path in ["/v1/keyspaces", "/v1/kv/default/k"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: attacker.example:7070\r\nConnection: close\r\n\r\n");
+        let answer = raw(addr, req.as_bytes()).await;
+        let (status, body) = parse(&answer);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (421, Some("misdirected_host")),
+            "{path}: {answer}"
+        );
+    }
     for host in [
         format!("localhost:{port}"),
         format!("127.0.0.1:{port}"),
@@ -207,6 +207,32 @@ async fn a_foreign_host_is_refused_and_loopback_names_are_served() {
         let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         let answer = raw(addr, req.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    server.shutdown().await;
+}
+
+/// GETs near the key route answer as the router would: the direct path for key reads
+/// (`api::Api`) takes exactly the paths the router gives `kv::get`.
+#[tokio::test]
+async fn gets_beside_the_key_route_answer_as_the_router_does() {
+    let (server, http) = serve(config("")).await;
+    assert_eq!(http.put("/v1/kv/default/a/b", "{\"x\":1}").await.status, 200);
+    for (path, status, error) in [
+        ("/v1/kv/default/a/b", 200, ""),
+        ("/v1/kv/default/a%2Fb", 200, ""),
+        ("/v1/kv/default/missing", 404, "not_found"),
+        ("/v1/kv/nope/k", 404, "unknown_keyspace"),
+        ("/v1/kv/default/_mget", 405, "method_not_allowed"),
+        ("/v1/kv/default/_mdelete", 405, "method_not_allowed"),
+        ("/v1/kv/default/", 404, "no_route"),
+        ("/v1/kv//k", 404, "unknown_keyspace"),
+        ("/v1/kv/default", 404, "no_route"),
+    ] {
+        let r = http.get(path).await;
+        assert_eq!(r.status.as_u16(), status, "{path}: {}", r.body);
+        if !error.is_empty() {
+            assert_eq!(r.error(), error, "{path}: {}", r.body);
+        }
     }
     server.shutdown().await;
 }
@@ -518,12 +544,15 @@ async fn with_a_token_every_route_but_the_probes_needs_it() {
         (None, "no token"),
         (Some("Bearer wrong-token-0123456789"), "a wrong token"),
     ] {
-        let r = get("/v1/keyspaces", auth).await.unwrap();
-        assert_eq!(r.status(), 401, "{what}");
-        assert_eq!(r.headers()["www-authenticate"], "Bearer");
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["error"], "unauthorized", "{what}");
-        assert!(!body.to_string().contains(token), "the token is never echoed");
+        // A key read takes a direct path past the router (`api::Api`): it is refused the same way.
+        for path in ["/v1/keyspaces", "/v1/kv/default/k"] {
+            let r = get(path, auth).await.unwrap();
+            assert_eq!(r.status(), 401, "{what}: {path}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "unauthorized", "{what}: {path}");
+            assert!(!body.to_string().contains(token), "the token is never echoed");
+        }
     }
     let put = client
         .put(format!("{base}/v1/kv/default/k"))
@@ -534,6 +563,7 @@ async fn with_a_token_every_route_but_the_probes_needs_it() {
     assert_eq!(put.status(), 401, "writes too");
     let bearer = format!("Bearer {token}");
     assert_eq!(get("/v1/keyspaces", Some(&bearer)).await.unwrap().status(), 200);
+    assert_eq!(get("/v1/kv/default/k", Some(&bearer)).await.unwrap().status(), 404);
     assert_eq!(get("/metrics", Some(&bearer)).await.unwrap().status(), 200);
     assert_eq!(
         get("/metrics", None).await.unwrap().status(),
