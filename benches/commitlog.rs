@@ -8,6 +8,9 @@
 //! appending loop is slower, see `writer.rs`), and the ratio. Then tail-read throughput: a
 //! `Tail` reading everything back.
 //!
+//! Each case runs `ROUNDS` times (default 3); the table gives medians over rounds, and each
+//! round's ratio in parentheses (this disk's fsync time swings from run to run).
+//!
 //! Run: `cargo bench --bench commitlog` (uses a directory under the system temp dir; set
 //! CACHESYNC_BENCH_DIR to measure another disk). Nothing here asserts a time.
 
@@ -89,61 +92,103 @@ async fn run() {
             "ratio"
         );
         for appenders in [1usize, 8, 64] {
-            let dir = base_dir().join(format!("cachesync-bench-log-{}-{size}-{appenders}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            let registry = Registry::new();
-            let (log, _) = CommitLog::open(LogConfig::new(&dir), &registry).await.expect("open");
-            let started = Instant::now();
-            let mut tasks = Vec::new();
-            for _ in 0..appenders {
-                let (log, p) = (log.clone(), p.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut lat = Lat::new();
-                    while started.elapsed() < RUN_FOR {
-                        let t = Instant::now();
-                        log.append(vec![p.clone()]).await.expect("append");
-                        lat.record(t.elapsed());
-                    }
-                    lat
-                }));
+            let mut rounds = Vec::new();
+            for round in 0..rounds_wanted() {
+                rounds.push(round_of(size, appenders, &p, frame, round + 1 == rounds_wanted()).await);
             }
-            let mut lat = Lat::new();
-            for t in tasks {
-                lat.merge(&t.await.expect("task"));
-            }
-            let elapsed = started.elapsed();
-            let records = log.end().0;
-            let (sum, count) = groups(&registry);
-            let per_sync = if count == 0 { 1.0 } else { sum / count as f64 };
-            let rate = records as f64 / elapsed.as_secs_f64();
-            let mbs = rate * frame as f64 / 1e6;
-
-            // The disk's limit for this batch size: sequential write + fdatasync, same directory.
-            let batch = per_sync.round().max(1.0) as usize;
-            let (raw_rate, raw_mbs) = raw_loop(&dir, frame, batch);
+            let med = |f: &dyn Fn(&Round) -> f64| {
+                let mut v: Vec<f64> = rounds.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (rate, raw_rate) = (med(&|r| r.rate), med(&|r| r.raw_rate));
             println!(
-                "{:<10} {:>11.0} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>14.0} {:>8.2} | {:>6.2}x",
+                "{:<10} {:>11.0} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>14.0} {:>8.2} | {:>6.2}x  ({})",
                 appenders,
                 rate,
-                mbs,
-                lat.p(0.5),
-                lat.p(0.99),
-                lat.p(0.999),
-                per_sync,
+                rate * frame as f64 / 1e6,
+                med(&|r| r.lat.p(0.5)),
+                med(&|r| r.lat.p(0.99)),
+                med(&|r| r.lat.p(0.999)),
+                med(&|r| r.per_sync),
                 raw_rate,
-                raw_mbs,
-                rate / raw_rate
+                raw_rate * frame as f64 / 1e6,
+                med(&|r| r.rate / r.raw_rate),
+                rounds
+                    .iter()
+                    .map(|r| format!("{:.2}", r.rate / r.raw_rate))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
             let at = format!("{appenders} appenders");
             report.add("cachesync log", &at, rate);
             report.add("preallocated write + fdatasync loop", &at, raw_rate);
-            if appenders == 64 {
-                tail_read(&log, records, frame).await;
-            }
-            log.close().await.expect("close");
-            let _ = std::fs::remove_dir_all(&dir);
         }
         report.write();
+    }
+}
+
+/// Rounds per case (`ROUNDS`, default 3): each runs the log, then the raw loop at the batch size
+/// the log's group commits reached; the table gives medians over rounds and each round's ratio.
+fn rounds_wanted() -> usize {
+    std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+/// One round of a case: the log's figures and the raw loop's beside them.
+struct Round {
+    rate: f64,
+    lat: Lat,
+    per_sync: f64,
+    raw_rate: f64,
+}
+
+/// `appenders` tasks appending `p` for RUN_FOR to a fresh log, then the raw loop; with
+/// `read_back` (the last round of 64 appenders), a tail reads everything back too.
+async fn round_of(size: usize, appenders: usize, p: &[u8], frame: usize, read_back: bool) -> Round {
+    let dir = base_dir().join(format!("cachesync-bench-log-{}-{size}-{appenders}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let registry = Registry::new();
+    let (log, _) = CommitLog::open(LogConfig::new(&dir), &registry).await.expect("open");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..appenders {
+        let (log, p) = (log.clone(), p.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Lat::new();
+            while started.elapsed() < RUN_FOR {
+                let t = Instant::now();
+                log.append(vec![p.clone()]).await.expect("append");
+                lat.record(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Lat::new();
+    for t in tasks {
+        lat.merge(&t.await.expect("task"));
+    }
+    let elapsed = started.elapsed();
+    let records = log.end().0;
+    let (sum, count) = groups(&registry);
+    let per_sync = if count == 0 { 1.0 } else { sum / count as f64 };
+    let rate = records as f64 / elapsed.as_secs_f64();
+    // The disk's limit for this batch size: sequential write + fdatasync, same directory.
+    let batch = per_sync.round().max(1.0) as usize;
+    let (raw_rate, _) = raw_loop(&dir, frame, batch);
+    if read_back && appenders == 64 {
+        tail_read(&log, records, frame).await;
+    }
+    log.close().await.expect("close");
+    let _ = std::fs::remove_dir_all(&dir);
+    Round {
+        rate,
+        lat,
+        per_sync,
+        raw_rate,
     }
 }
 

@@ -18,7 +18,8 @@
 //!   │         resp::admin (HELLO, AUTH, CLIENT, INFO, CONFIG, COMMAND; the command table) ·
 //!   │         resp::tracking (CLIENT TRACKING fed by every change the keyspaces' door lets
 //!   │         through); [resp]
-//!  api        HTTP (axum): api::kv GET/PUT/DELETE/_mget/_mput/_mdelete · api::admin /v1/keyspaces
+//!  api        HTTP (axum; api::Api sends key reads straight to their handler, the rest through
+//!   │         the router): api::kv GET/PUT/DELETE/_mget/_mput/_mdelete · api::admin /v1/keyspaces
 //!   │         /v1/deadletters /metrics /healthz /readyz · api::error the one error → status
 //!   │         mapping · api::listener connections, timeouts, the connection bound · api::config
 //!   │         [server]
