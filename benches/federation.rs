@@ -93,11 +93,6 @@ fn batch(keyspace: &str, n: u64, size: usize, value: &Bytes) -> Vec<ChangeEvent>
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 async fn run() {
     println!("cachesync federation: nodes on one 2-core machine, fsync = always, loopback links");
     let value =
@@ -141,9 +136,9 @@ async fn run() {
     let ratios: Vec<f64> = appended.iter().zip(&shipped).map(|(a, s)| s / a).collect();
     println!(
         "median: a appends {:.0}/s, b receives {:.0}/s, ratio {:.2} (worst run {:.2})",
-        median(appended),
-        median(shipped),
-        median(ratios.clone()),
+        common::median(appended),
+        common::median(shipped),
+        common::median(ratios.clone()),
         ratios.iter().copied().fold(f64::MAX, f64::min)
     );
     drop((a, b));

@@ -162,17 +162,12 @@ fn duration_us(v: &str) -> f64 {
     n.parse::<f64>().expect("wrk duration") * scale
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn medians(runs: &[Run]) -> Run {
     Run {
-        rps: median(runs.iter().map(|r| r.rps).collect()),
-        p50_us: median(runs.iter().map(|r| r.p50_us).collect()),
-        p99_us: median(runs.iter().map(|r| r.p99_us).collect()),
-        cpu_us_per_req: median(runs.iter().map(|r| r.cpu_us_per_req).collect()),
+        rps: common::median(runs.iter().map(|r| r.rps).collect()),
+        p50_us: common::median(runs.iter().map(|r| r.p50_us).collect()),
+        p99_us: common::median(runs.iter().map(|r| r.p99_us).collect()),
+        cpu_us_per_req: common::median(runs.iter().map(|r| r.cpu_us_per_req).collect()),
     }
 }
 

@@ -75,11 +75,6 @@ fn row(label: &str, l: &Lat) -> String {
     common::ms_row(label, l, 40)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 async fn run() {
     println!("cachesync replication: Postgres, a hub and its edges on one 2-core machine");
     let pg = PgServer::start(PgOptions::default());
@@ -219,8 +214,8 @@ async fn shipping(hub: &Server, edge: &Server) {
     let worst = ratios.iter().cloned().fold(f64::MAX, f64::min);
     println!(
         "median: hub appends {:.0}/s, edge receives {:.0}/s, ratio {:.2} (worst run {worst:.2})",
-        median(appended),
-        median(shipped),
-        median(ratios.clone())
+        common::median(appended),
+        common::median(shipped),
+        common::median(ratios.clone())
     );
 }

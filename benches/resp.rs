@@ -98,17 +98,12 @@ fn bench(tool: &Path, port: u16, pid: u32, test: &str, pipeline: &str, requests:
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn medians(runs: &[Run]) -> Run {
     Run {
-        rps: median(runs.iter().map(|r| r.rps).collect()),
-        p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
-        p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
-        cpu_us_per_req: median(runs.iter().map(|r| r.cpu_us_per_req).collect()),
+        rps: common::median(runs.iter().map(|r| r.rps).collect()),
+        p50_ms: common::median(runs.iter().map(|r| r.p50_ms).collect()),
+        p99_ms: common::median(runs.iter().map(|r| r.p99_ms).collect()),
+        cpu_us_per_req: common::median(runs.iter().map(|r| r.cpu_us_per_req).collect()),
     }
 }
 

@@ -5,6 +5,12 @@
 pub mod freshness;
 pub mod report;
 
+/// The median of `v` (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// A Postgres client tool (`psql`, `pg_recvlogical`) of the test server's installation, pointed at
 /// database `db` on `pg` as the superuser.
 pub fn pg_tool(name: &str, pg: &cachesync_testkit::postgres::PgServer, db: &str) -> std::process::Command {
