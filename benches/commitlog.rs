@@ -8,8 +8,9 @@
 //! appending loop is slower, see `writer.rs`), and the ratio. Then tail-read throughput: a
 //! `Tail` reading everything back.
 //!
-//! Each case runs `ROUNDS` times (default 3); the table gives medians over rounds, and each
-//! round's ratio in parentheses (this disk's fsync time swings from run to run).
+//! Each case runs `ROUNDS` times (default 3), the log and the raw loop in alternating order; the
+//! table gives medians over rounds, and each round's ratio in parentheses (this disk's fsync
+//! time swings from run to run).
 //!
 //! Run: `cargo bench --bench commitlog` (uses a directory under the system temp dir; set
 //! CACHESYNC_BENCH_DIR to measure another disk). Nothing here asserts a time.
@@ -94,7 +95,12 @@ async fn run() {
         for appenders in [1usize, 8, 64] {
             let mut rounds = Vec::new();
             for round in 0..rounds_wanted() {
-                rounds.push(round_of(size, appenders, &p, frame, round + 1 == rounds_wanted()).await);
+                // Odd rounds run the raw loop first, at the batch size the round before reached.
+                let raw_first = (round % 2 == 1)
+                    .then(|| rounds.last().map(|r: &Round| r.per_sync.round().max(1.0) as usize))
+                    .flatten();
+                let last = round + 1 == rounds_wanted();
+                rounds.push(round_of(size, appenders, &p, frame, raw_first, last).await);
             }
             let med = |f: &dyn Fn(&Round) -> f64| {
                 let mut v: Vec<f64> = rounds.iter().map(f).collect();
@@ -128,8 +134,9 @@ async fn run() {
     }
 }
 
-/// Rounds per case (`ROUNDS`, default 3): each runs the log, then the raw loop at the batch size
-/// the log's group commits reached; the table gives medians over rounds and each round's ratio.
+/// Rounds per case (`ROUNDS`, default 3): each runs the log and the raw loop at the batch size
+/// the log's group commits reached, in alternating order; the table gives medians over rounds
+/// and each round's ratio.
 fn rounds_wanted() -> usize {
     std::env::var("ROUNDS")
         .ok()
@@ -146,11 +153,24 @@ struct Round {
     raw_rate: f64,
 }
 
-/// `appenders` tasks appending `p` for RUN_FOR to a fresh log, then the raw loop; with
-/// `read_back` (the last round of 64 appenders), a tail reads everything back too.
-async fn round_of(size: usize, appenders: usize, p: &[u8], frame: usize, read_back: bool) -> Round {
+/// `appenders` tasks appending `p` for RUN_FOR to a fresh log, and the raw loop: after the log
+/// at the batch size its group commits reached, or before it at `raw_first`'s (so the order
+/// alternates between rounds). With `read_back` (the last round of 64 appenders), a tail reads
+/// everything back too.
+async fn round_of(
+    size: usize,
+    appenders: usize,
+    p: &[u8],
+    frame: usize,
+    raw_first: Option<usize>,
+    read_back: bool,
+) -> Round {
     let dir = base_dir().join(format!("cachesync-bench-log-{}-{size}-{appenders}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let raw_before = raw_first.map(|batch| {
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        raw_loop(&dir, frame, batch).0
+    });
     let registry = Registry::new();
     let (log, _) = CommitLog::open(LogConfig::new(&dir), &registry).await.expect("open");
     let started = Instant::now();
@@ -177,8 +197,7 @@ async fn round_of(size: usize, appenders: usize, p: &[u8], frame: usize, read_ba
     let per_sync = if count == 0 { 1.0 } else { sum / count as f64 };
     let rate = records as f64 / elapsed.as_secs_f64();
     // The disk's limit for this batch size: sequential write + fdatasync, same directory.
-    let batch = per_sync.round().max(1.0) as usize;
-    let (raw_rate, _) = raw_loop(&dir, frame, batch);
+    let raw_rate = raw_before.unwrap_or_else(|| raw_loop(&dir, frame, per_sync.round().max(1.0) as usize).0);
     if read_back && appenders == 64 {
         tail_read(&log, records, frame).await;
     }
