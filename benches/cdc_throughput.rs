@@ -215,26 +215,33 @@ async fn run() {
         tc,
         oc / tc.max(0.01)
     );
-    let mut report = common::report::Report::new("cdc_throughput", "change events applied per second", "events/s");
-    for (i, r) in results.iter().enumerate() {
-        report.add("cachesync", &format!("round {}", i + 1), r.ours_rate);
-        report.add("pg_recvlogical", &format!("round {}", i + 1), r.theirs_rate);
-    }
-    report.add("cachesync", "median", or);
-    report.add("pg_recvlogical", "median", tr);
-    report.write();
-    let mut cpu = common::report::Report::new(
+    // Each round, then the medians, of one figure for both consumers.
+    let figure = |name: &str, title: &str, unit: &str, of: &dyn Fn(&Round) -> (f64, f64), median: (f64, f64)| {
+        let mut report = common::report::Report::new(name, title, unit);
+        let rounds = results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("round {}", i + 1), of(r)));
+        for (at, (ours, theirs)) in rounds.chain(std::iter::once(("median".to_string(), median))) {
+            report.add("cachesync", &at, ours);
+            report.add("pg_recvlogical", &at, theirs);
+        }
+        report.write();
+    };
+    figure(
+        "cdc_throughput",
+        "change events applied per second",
+        "events/s",
+        &|r| (r.ours_rate, r.theirs_rate),
+        (or, tr),
+    );
+    figure(
         "cdc_throughput_cpu",
         "CPU seconds per 100k change events (user + system)",
         "CPU s",
+        &|r| (r.ours_cpu, r.theirs_cpu),
+        (oc, tc),
     );
-    for (i, r) in results.iter().enumerate() {
-        cpu.add("cachesync", &format!("round {}", i + 1), r.ours_cpu);
-        cpu.add("pg_recvlogical", &format!("round {}", i + 1), r.theirs_cpu);
-    }
-    cpu.add("cachesync", "median", oc);
-    cpu.add("pg_recvlogical", "median", tc);
-    cpu.write();
     drop(recv);
     drop(sidecar);
 }

@@ -169,7 +169,7 @@ async fn round_of(
     let _ = std::fs::remove_dir_all(&dir);
     let raw_before = raw_first.map(|batch| {
         std::fs::create_dir_all(&dir).expect("bench dir");
-        raw_loop(&dir, frame, batch).0
+        raw_loop(&dir, frame, batch)
     });
     let registry = Registry::new();
     let (log, _) = CommitLog::open(LogConfig::new(&dir), &registry).await.expect("open");
@@ -197,7 +197,7 @@ async fn round_of(
     let per_sync = if count == 0 { 1.0 } else { sum / count as f64 };
     let rate = records as f64 / elapsed.as_secs_f64();
     // The disk's limit for this batch size: sequential write + fdatasync, same directory.
-    let raw_rate = raw_before.unwrap_or_else(|| raw_loop(&dir, frame, per_sync.round().max(1.0) as usize).0);
+    let raw_rate = raw_before.unwrap_or_else(|| raw_loop(&dir, frame, per_sync.round().max(1.0) as usize));
     if read_back && appenders == 64 {
         tail_read(&log, records, frame).await;
     }
@@ -214,9 +214,9 @@ async fn round_of(
 /// Bytes of the raw loop's preallocated file; the loop wraps around inside it.
 const RAW_FILE_BYTES: usize = 32 * 1024 * 1024;
 
-/// Records/s and MB/s of `write(batch × frame bytes) + fdatasync` in a loop for RUN_FOR, into a
+/// Records/s of `write(batch × frame bytes) + fdatasync` in a loop for RUN_FOR, into a
 /// file zero-filled and synced beforehand (positional writes that wrap around inside it).
-fn raw_loop(dir: &std::path::Path, frame: usize, batch: usize) -> (f64, f64) {
+fn raw_loop(dir: &std::path::Path, frame: usize, batch: usize) -> f64 {
     use std::os::unix::fs::FileExt;
     let path = dir.join("raw-baseline.bin");
     let mut f = std::fs::OpenOptions::new()
@@ -243,8 +243,7 @@ fn raw_loop(dir: &std::path::Path, frame: usize, batch: usize) -> (f64, f64) {
     }
     let secs = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
-    let rate = (batches * batch as u64) as f64 / secs;
-    (rate, rate * frame as f64 / 1e6)
+    (batches * batch as u64) as f64 / secs
 }
 
 async fn tail_read(log: &CommitLog, records: u64, frame: usize) {
