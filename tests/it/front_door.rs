@@ -224,6 +224,7 @@ async fn gets_beside_the_key_route_answer_as_the_router_does() {
         ("/v1/kv/nope/k", 404, "unknown_keyspace"),
         ("/v1/kv/default/_mget", 405, "method_not_allowed"),
         ("/v1/kv/default/_mdelete", 405, "method_not_allowed"),
+        ("/v1/kv/default/_mput", 405, "method_not_allowed"),
         ("/v1/kv/default/", 404, "no_route"),
         ("/v1/kv//k", 404, "unknown_keyspace"),
         ("/v1/kv/default", 404, "no_route"),
