@@ -56,6 +56,28 @@ pub struct AppState {
     pub replication_metrics: Arc<crate::replication::ReplicationMetrics>,
     /// This node's federation, when a keyspace federates (`/v1/replication`, dead letters).
     pub federation: Option<Arc<crate::federation::Federation>>,
+    /// The hot path's metric series, resolved once (see [`HotMetrics`]).
+    pub hot: HotMetrics,
+}
+
+/// The series a key read that answers 200 records, looked up once at start instead of by
+/// label values on every request (a hash of the labels and a shared lock each time).
+pub struct HotMetrics {
+    /// `cachesync_http_requests_total{keyspace, op="get", status="200"}` by keyspace.
+    pub get_ok: BTreeMap<String, prometheus::IntCounter>,
+    /// `cachesync_http_request_duration_seconds{op="get"}`.
+    pub get_seconds: prometheus::Histogram,
+}
+
+impl HotMetrics {
+    pub fn new<'a>(metrics: &Metrics, keyspaces: impl Iterator<Item = &'a String>) -> HotMetrics {
+        HotMetrics {
+            get_ok: keyspaces
+                .map(|ks| (ks.clone(), metrics.http_requests.with_label_values(&[ks, "get", "200"])))
+                .collect(),
+            get_seconds: metrics.http_duration.with_label_values(&["get"]),
+        }
+    }
 }
 
 impl AppState {

@@ -266,9 +266,11 @@ impl Server {
             }
             None => None,
         };
+        let hot = crate::api::HotMetrics::new(&metrics, pipelines.keys());
         let state = Arc::new(AppState {
             pipelines,
             server: config.server.clone(),
+            hot,
             metrics,
             pool: pool.clone(),
             log,

@@ -21,14 +21,22 @@ use crate::patterns::write_behind::Accepted;
 use crate::patterns::{Pipeline, Removed, Written};
 
 /// Splits `/v1/kv/{keyspace}/{key...}` into the decoded keyspace name and the raw key.
-fn split_path(uri: &Uri) -> (String, &str) {
+fn split_path(uri: &Uri) -> (std::borrow::Cow<'_, str>, &str) {
     let rest = uri.path().strip_prefix("/v1/kv/").unwrap_or_default();
     let (ks, key) = rest.split_once('/').unwrap_or((rest, ""));
-    (percent_decode_str(ks).decode_utf8_lossy().into_owned(), key)
+    (percent_decode_str(ks).decode_utf8_lossy(), key)
 }
 
 /// Records the request in the metrics and returns the response.
 fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -> Response {
+    if op == "get"
+        && resp.status() == StatusCode::OK
+        && let Some(ok) = st.hot.get_ok.get(ks)
+    {
+        ok.inc();
+        st.hot.get_seconds.observe(started.elapsed().as_secs_f64());
+        return resp;
+    }
     let label = if st.pipelines.contains_key(ks) {
         ks
     } else {
@@ -53,8 +61,11 @@ fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Pipeline
 
 /// The entry's `ETag`: the tag of its document's bytes (see [`crate::cache::etag`]).
 fn etag(entry: &Entry) -> HeaderValue {
-    let tag = entry.value.as_deref().map(crate::cache::etag).unwrap_or_default();
-    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    match entry.value.as_deref() {
+        Some(doc) => HeaderValue::from_bytes(&crate::cache::etag_bytes(doc))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"0\"")),
+        None => HeaderValue::from_static(""),
+    }
 }
 
 /// The write's precondition from `If-Match` / `If-None-Match` (see [`precondition`]).

@@ -200,6 +200,10 @@ struct Guarded {
     /// `requests.started` when the stream last looked.
     seen: usize,
     wait: Wait,
+    /// When the current wait ends (see [`Guarded::expired`]).
+    deadline: Instant,
+    /// Fires at or before `deadline`; moved only when it fires early or must fire earlier, so
+    /// a request costs no timer-wheel update.
     timer: Pin<Box<Sleep>>,
     /// A 408 being written before the connection is closed.
     timeout_reply: Option<(Vec<u8>, usize)>,
@@ -212,6 +216,7 @@ impl Guarded {
     fn new(stream: TcpStream, limits: Limits, requests: Arc<Requests>) -> Guarded {
         Guarded {
             stream,
+            deadline: Instant::now() + limits.idle_timeout,
             timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             limits,
             requests,
@@ -253,7 +258,23 @@ impl Guarded {
             Wait::Head => self.limits.header_read_timeout,
             _ => self.limits.idle_timeout,
         };
-        self.timer.as_mut().reset(Instant::now() + after);
+        self.deadline = Instant::now() + after;
+        if self.deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// Whether the current wait's deadline has passed. A timer that fired early (the deadline
+    /// moved later since it was set) is moved to the deadline and polled again.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.deadline {
+                return true;
+            }
+            let deadline = self.deadline;
+            self.timer.as_mut().reset(deadline);
+        }
+        false
     }
 
     /// Writes the 408 for a request whose headers did not arrive in time; `Ready` once done.
@@ -338,7 +359,7 @@ impl AsyncRead for Guarded {
             }
             Poll::Pending => {
                 me.observe_read(0);
-                if me.wait != Wait::Busy && me.timer.as_mut().poll(cx).is_ready() {
+                if me.wait != Wait::Busy && me.expired(cx) {
                     if me.wait == Wait::Idle {
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed")));
                     }
