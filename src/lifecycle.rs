@@ -61,6 +61,9 @@ where
     C::Error: std::fmt::Display,
 {
     tokio::pin!(conn);
+    // The connection's own token: the select below checks it on every wake-up, and a shared
+    // token's lock would be taken by every connection on every core.
+    let stop = stop.child_token();
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = stop.cancelled() => {

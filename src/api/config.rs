@@ -79,14 +79,22 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Whether a request's `Host` (name and optional port) is one this listener answers.
     pub fn host_allowed(&self, host: &str) -> bool {
-        let name = match host.strip_prefix('[') {
+        // The name without its port, compared in place (this runs on every request).
+        let (name, bracketed) = match host.strip_prefix('[') {
             // [v6]:port
-            Some(rest) => rest.split(']').next().map(|h| format!("[{h}]")).unwrap_or_default(),
-            None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_string(),
+            Some(rest) => (rest.split(']').next().unwrap_or_default(), true),
+            None => (host.rsplit_once(':').map_or(host, |(h, _)| h), false),
         };
-        self.allowed_hosts
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(&name))
+        self.allowed_hosts.iter().any(|a| {
+            a == "*"
+                || if bracketed {
+                    a.strip_prefix('[')
+                        .and_then(|a| a.strip_suffix(']'))
+                        .is_some_and(|a| a.eq_ignore_ascii_case(name))
+                } else {
+                    a.eq_ignore_ascii_case(name)
+                }
+        })
     }
 }
 
@@ -216,4 +224,35 @@ pub(crate) fn read_server(mut s: Section<'_, '_>) -> ServerConfig {
     }
     s.finish();
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_allowed_by_its_name_without_the_port() {
+        let c = ServerConfig {
+            allowed_hosts: default_allowed_hosts("127.0.0.1:7070".parse().expect("addr")),
+            ..ServerConfig::default()
+        };
+        for ok in ["localhost", "LOCALHOST:7070", "127.0.0.1:7070", "[::1]", "[::1]:7070"] {
+            assert!(c.host_allowed(ok), "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "evil.example:7070",
+            "::1",
+            "[::2]:7070",
+            "[localhost]",
+            "127.0.0.1.evil",
+        ] {
+            assert!(!c.host_allowed(refused), "{refused}");
+        }
+        let any = ServerConfig {
+            allowed_hosts: vec!["*".into()],
+            ..ServerConfig::default()
+        };
+        assert!(any.host_allowed("anything:1"));
+    }
 }

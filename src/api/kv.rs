@@ -20,6 +20,9 @@ use crate::metrics::UNKNOWN_KEYSPACE;
 use crate::patterns::write_behind::Accepted;
 use crate::patterns::{Pipeline, Removed, Written};
 
+/// `X-Cache`: where the answer came from.
+const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
+
 /// Splits `/v1/kv/{keyspace}/{key...}` into the decoded keyspace name and the raw key.
 fn split_path(uri: &Uri) -> (std::borrow::Cow<'_, str>, &str) {
     let rest = uri.path().strip_prefix("/v1/kv/").unwrap_or_default();
@@ -159,7 +162,7 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
             Some(v) => document(v.clone(), entry),
         };
         let h = resp.headers_mut();
-        h.insert("x-cache", x_cache(read.origin));
+        h.insert(X_CACHE, x_cache(read.origin));
         h.insert(header::AGE, HeaderValue::from(entry.stored_at.elapsed().as_secs()));
         if let Some(lag) = read.lag {
             // Outside the freshness contract: say how far behind the database this may be.
