@@ -156,13 +156,18 @@ fn refuse_token(st: &AppState, path: &str, headers: &HeaderMap) -> Option<Respon
     Some(resp)
 }
 
+/// What [`Api::call`] returns: an answer already made, or one still being made.
+pub type ApiCall = futures::future::Either<std::future::Ready<Response>, futures::future::BoxFuture<'static, Response>>;
+
 /// The API as the listener serves it: the router, and a direct path for its hottest route.
 ///
 /// `GET /v1/kv/{keyspace}/{key}` goes straight to [`kv::get`] after the same two checks the
 /// router's layers make (Host, then token), skipping the router's matching, its two middleware
 /// layers and their boxed services — on a cache hit those were a measurable share of the
-/// request's CPU (see `benches/http_cpu.rs`). The handler, and so every answer, is the one the
-/// router would have called; every other request goes through the router.
+/// request's CPU (see `benches/http_cpu.rs`). A read served from memory is answered in place
+/// ([`kv::get_now`]: the same answer and metrics, no boxed future); one that may wait runs
+/// [`kv::get`]. The handler, and so every answer, is the one the router would have called;
+/// every other request goes through the router.
 #[derive(Clone)]
 pub struct Api {
     router: Router,
@@ -177,31 +182,37 @@ impl Api {
         }
     }
 
-    /// Answers `req`.
-    pub fn call<B>(&mut self, req: axum::http::Request<B>) -> futures::future::BoxFuture<'static, Response>
+    /// Answers `req`. A key read served from memory is answered in place (no task state, no
+    /// allocation for the call, no count taken on the shared state); anything that may wait
+    /// runs as a boxed future.
+    pub fn call<B>(&mut self, req: axum::http::Request<B>) -> ApiCall
     where
         B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
+        use futures::future::Either;
         use tower_service::Service;
         if req.method() == axum::http::Method::GET && is_key_path(req.uri().path()) {
-            let st = self.state.clone();
             let (parts, _) = req.into_parts();
+            let st = &self.state;
             if let Some(refused) =
-                refuse_host(&st, &parts.headers).or_else(|| refuse_token(&st, parts.uri.path(), &parts.headers))
+                refuse_host(st, &parts.headers).or_else(|| refuse_token(st, parts.uri.path(), &parts.headers))
             {
-                return Box::pin(std::future::ready(refused));
+                return Either::Left(std::future::ready(refused));
             }
-            return Box::pin(kv::get(State(st), parts.uri, parts.headers));
+            if let Some(answered) = kv::get_now(st, &parts.uri, &parts.headers) {
+                return Either::Left(std::future::ready(answered));
+            }
+            return Either::Right(Box::pin(kv::get(State(st.clone()), parts.uri, parts.headers)));
         }
         // The router is always ready (`poll_ready` is a no-op for it).
         let fut = self.router.call(req.map(axum::body::Body::new));
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             match fut.await {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             }
-        })
+        }))
     }
 }
 

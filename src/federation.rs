@@ -882,7 +882,7 @@ impl Federation {
         let mut gone = Vec::new();
         for (name, key) in candidates {
             let Some(ks) = self.keyspaces.get(&name) else { continue };
-            let e = match ks.cached(&key).await {
+            let e = match ks.cached(&key) {
                 Some(e) if e.is_tombstone() => e,
                 _ => {
                     gone.push((name, key));
@@ -1175,7 +1175,7 @@ mod tests {
             let mut out = BTreeMap::new();
             for k in 0..4 {
                 let key = format!("k{k}");
-                let got = l1.get(&key).await.map(|e| {
+                let got = l1.get(&key).map(|e| {
                     (
                         e.value.as_ref().map(|v| v.to_vec()),
                         e.version,

@@ -430,7 +430,7 @@ impl Keyspace {
 
     /// What this node serves for `key` without loading: its pending write-behind write, else the
     /// live L1 entry.
-    pub async fn lookup(&self, key: &str) -> Option<Read> {
+    pub fn lookup(&self, key: &str) -> Option<Read> {
         if let Some(p) = self.pending.get(key) {
             // An acknowledged write not yet flushed: read-your-writes, whatever L1 holds.
             let mut entry = Entry::new(p.doc, Lsn::ZERO, p.version);
@@ -441,7 +441,7 @@ impl Keyspace {
                 lag: None,
             });
         }
-        let entry = self.l1.get(key).await?;
+        let entry = self.l1.get(key)?;
         Some(Read {
             entry,
             origin: Origin::Hit,
@@ -451,8 +451,8 @@ impl Keyspace {
 
     /// The live L1 entry for `key` (the database's state as this node holds it), ignoring the
     /// overlay.
-    pub async fn cached(&self, key: &str) -> Option<Arc<Entry>> {
-        self.l1.get(key).await
+    pub fn cached(&self, key: &str) -> Option<Arc<Entry>> {
+        self.l1.get(key)
     }
 
     /// The key's pending write-behind write, if any.

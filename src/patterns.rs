@@ -303,7 +303,7 @@ impl Pipeline {
             return Err(PatternError::NotInMemory(self.ks.name().to_string(), what));
         }
         let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
-        let current = self.ks.cached(&key.cache_key).await.filter(|e| e.value.is_some());
+        let current = self.ks.cached(&key.cache_key).filter(|e| e.value.is_some());
         let (update, answer) = f(current.as_ref())?;
         match update {
             Update::Keep => {}
@@ -348,6 +348,12 @@ impl Pipeline {
     /// Reads a key: the pending write, else L1, else (read-through) the table.
     pub async fn get(&self, key: &Key) -> Result<Read, PatternError> {
         Ok(read_through::get(&self.ks, self.refresher.as_ref(), &self.tasks, key).await?)
+    }
+
+    /// [`Pipeline::get`] when the answer needs no waiting (a pending write or a live L1 entry
+    /// served as it is), else `None`.
+    pub fn get_now(&self, key: &Key) -> Option<Read> {
+        read_through::get_now(&self.ks, self.refresher.as_ref(), &self.tasks, key)
     }
 
     /// Writes a key's value (a JSON document), if `cond` holds for the key's current document.
@@ -455,7 +461,7 @@ impl Pipeline {
         if cond.is_always() {
             return Ok(());
         }
-        let current = self.ks.cached(&key.cache_key).await.and_then(|e| e.value.clone());
+        let current = self.ks.cached(&key.cache_key).and_then(|e| e.value.clone());
         if cond.holds(current.as_deref()) {
             Ok(())
         } else {
@@ -469,14 +475,14 @@ impl Pipeline {
             Writer::Memory => {
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
                 self.check_memory(key, cond).await?;
-                let existed = self.ks.cached(&key.cache_key).await.is_some_and(|e| e.value.is_some());
+                let existed = self.ks.cached(&key.cache_key).is_some_and(|e| e.value.is_some());
                 self.ks.invalidate(&key.cache_key).await;
                 Ok(if existed { Removed::Deleted } else { Removed::Absent })
             }
             Writer::Federated(fed) => {
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
                 self.check_memory(key, cond).await?;
-                let existed = self.ks.cached(&key.cache_key).await.is_some_and(|e| e.value.is_some());
+                let existed = self.ks.cached(&key.cache_key).is_some_and(|e| e.value.is_some());
                 // A tombstone, so the delete wins or loses like any write everywhere.
                 fed.originate(&self.ks, key.cache_key.clone(), None).await?;
                 Ok(if existed { Removed::Deleted } else { Removed::Absent })

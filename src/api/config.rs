@@ -82,8 +82,13 @@ impl ServerConfig {
         // The name without its port, compared in place (this runs on every request).
         let (name, bracketed) = match host.strip_prefix('[') {
             // [v6]:port
-            Some(rest) => (rest.split(']').next().unwrap_or_default(), true),
-            None => (host.rsplit_once(':').map_or(host, |(h, _)| h), false),
+            Some(rest) => (rest.find(']').map_or(rest, |end| &rest[..end]), true),
+            None => (
+                host.bytes()
+                    .rposition(|b| b == b':')
+                    .map_or(host, |colon| &host[..colon]),
+                false,
+            ),
         };
         self.allowed_hosts.iter().any(|a| {
             a == "*"

@@ -15,7 +15,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::cache::{Condition, Entry, Tags};
 use crate::key::Key;
-use crate::keyspace::{Lag, Origin};
+use crate::keyspace::{Lag, Origin, Read};
 use crate::metrics::UNKNOWN_KEYSPACE;
 use crate::patterns::write_behind::Accepted;
 use crate::patterns::{Pipeline, Removed, Written};
@@ -27,7 +27,12 @@ const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
 fn split_path(uri: &Uri) -> (std::borrow::Cow<'_, str>, &str) {
     let rest = uri.path().strip_prefix("/v1/kv/").unwrap_or_default();
     let (ks, key) = rest.split_once('/').unwrap_or((rest, ""));
-    (percent_decode_str(ks).decode_utf8_lossy(), key)
+    let ks = if ks.contains('%') {
+        percent_decode_str(ks).decode_utf8_lossy()
+    } else {
+        std::borrow::Cow::Borrowed(ks)
+    };
+    (ks, key)
 }
 
 /// Records the request in the metrics and returns the response.
@@ -127,8 +132,10 @@ fn lag_header(lag: Lag) -> HeaderValue {
 
 /// A 200 carrying a JSON document with its entry's headers.
 fn document(value: Bytes, entry: &Entry) -> Response {
-    let mut resp = (StatusCode::OK, value).into_response();
+    let mut resp = Response::new(Body::from(value));
     let h = resp.headers_mut();
+    // Room for every header a key read's answer carries, in one allocation.
+    h.reserve(6);
     // Bytes written over RESP to an in-memory keyspace need not be JSON.
     let kind = if entry.raw {
         "application/octet-stream"
@@ -147,32 +154,49 @@ pub async fn get(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) 
     let resp = async {
         let (pipeline, key) = lookup(&st, &ks, raw_key)?;
         let read = pipeline.get(&key).await?;
-        let entry = &read.entry;
-        let mut resp = match &entry.value {
-            None => ApiError::not_found(&ks, &key.cache_key).into_response(),
-            Some(_)
-                if headers
-                    .get(header::IF_NONE_MATCH)
-                    .is_some_and(|v| etag_matches(v, entry)) =>
-            {
-                let mut r = StatusCode::NOT_MODIFIED.into_response();
-                r.headers_mut().insert(header::ETAG, etag(entry));
-                r
-            }
-            Some(v) => document(v.clone(), entry),
-        };
-        let h = resp.headers_mut();
-        h.insert(X_CACHE, x_cache(read.origin));
-        h.insert(header::AGE, HeaderValue::from(entry.stored_at.elapsed().as_secs()));
-        if let Some(lag) = read.lag {
-            // Outside the freshness contract: say how far behind the database this may be.
-            h.insert("x-cache-lag-ms", lag_header(lag));
-        }
-        Ok::<_, ApiError>(resp)
+        Ok::<_, ApiError>(answer(&ks, &key, &read, &headers))
     }
     .await
     .unwrap_or_else(IntoResponse::into_response);
     finish(&st, &ks, "get", started, resp)
+}
+
+/// [`get`] when the answer needs no waiting — the key's pending write or a live L1 entry served
+/// as it is — answered in place, with the same response and metrics; else `None`, and the
+/// caller runs [`get`] (which also answers every error).
+pub fn get_now(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Response> {
+    let started = Instant::now();
+    let (ks, raw_key) = split_path(uri);
+    let (pipeline, key) = lookup(st, &ks, raw_key).ok()?;
+    let read = pipeline.get_now(&key)?;
+    let resp = answer(&ks, &key, &read, headers);
+    Some(finish(st, &ks, "get", started, resp))
+}
+
+/// A key read's answer: the document (or 304, or 404) with its headers.
+fn answer(ks: &str, key: &Key, read: &Read, headers: &HeaderMap) -> Response {
+    let entry = &read.entry;
+    let mut resp = match &entry.value {
+        None => ApiError::not_found(ks, &key.cache_key).into_response(),
+        Some(_)
+            if headers
+                .get(header::IF_NONE_MATCH)
+                .is_some_and(|v| etag_matches(v, entry)) =>
+        {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, etag(entry));
+            r
+        }
+        Some(v) => document(v.clone(), entry),
+    };
+    let h = resp.headers_mut();
+    h.insert(X_CACHE, x_cache(read.origin));
+    h.insert(header::AGE, HeaderValue::from(entry.stored_at.elapsed().as_secs()));
+    if let Some(lag) = read.lag {
+        // Outside the freshness contract: say how far behind the database this may be.
+        h.insert("x-cache-lag-ms", lag_header(lag));
+    }
+    resp
 }
 
 /// Reads a body up to the configured limit; larger bodies are refused with 413.

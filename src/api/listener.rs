@@ -146,7 +146,7 @@ struct Counted {
 impl Service<hyper::Request<Incoming>> for Counted {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = CountedCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -154,12 +154,28 @@ impl Service<hyper::Request<Incoming>> for Counted {
 
     fn call(&mut self, req: hyper::Request<Incoming>) -> Self::Future {
         let guard = InFlight::new(self.requests.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await;
-            drop(guard);
-            Ok(resp)
-        })
+        CountedCall {
+            answer: self.inner.call(req),
+            guard: Some(guard),
+        }
+    }
+}
+
+/// A request being answered, counted in flight until the answer is ready or the call is
+/// dropped (a plain struct: a second boxed future per request costs an allocation).
+struct CountedCall {
+    answer: super::ApiCall,
+    /// Dropped with the answer's readiness, not later with the call.
+    guard: Option<InFlight>,
+}
+
+impl Future for CountedCall {
+    type Output = Result<axum::response::Response, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = ready!(Pin::new(&mut self.answer).poll(cx));
+        self.guard = None;
+        Poll::Ready(Ok(answer))
     }
 }
 

@@ -227,7 +227,7 @@ impl L1 {
     }
 
     /// The live entry for `key`, if any.
-    pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
         match &self.store {
             Store::Cache(cache) => {
                 let e = cache.get(key)?;
@@ -535,7 +535,7 @@ mod tests {
                 c.install("k".into(), entry("a", 10), Install::IfNotOlder).await,
                 Installed::Skipped
             );
-            assert_eq!(c.get("k").await.unwrap().value.as_deref(), Some(&b"b"[..]));
+            assert_eq!(c.get("k").unwrap().value.as_deref(), Some(&b"b"[..]));
             assert_eq!(
                 c.install("k".into(), entry("c", 30), Install::IfNotOlder).await,
                 Installed::Stored
@@ -556,7 +556,7 @@ mod tests {
                 c.install(key.clone(), entry("old", 0), Install::Fill(lease)).await,
                 Installed::Skipped
             );
-            assert!(c.get("k").await.is_none());
+            assert!(c.get("k").is_none());
         }
     }
 
@@ -567,12 +567,12 @@ mod tests {
             c.install("p".into(), entry("v", 1), Install::IfNotOlder).await;
             c.install("n".into(), Entry::new(None, Lsn(1), 1), Install::IfNotOlder)
                 .await;
-            assert!(c.get("n").await.is_some());
+            assert!(c.get("n").is_some());
             tokio::time::advance(Duration::from_millis(1500)).await;
-            assert!(c.get("n").await.is_none(), "negative entry expires after negative_ttl");
-            assert!(c.get("p").await.is_some());
+            assert!(c.get("n").is_none(), "negative entry expires after negative_ttl");
+            assert!(c.get("p").is_some());
             tokio::time::advance(Duration::from_secs(9)).await;
-            assert!(c.get("p").await.is_none(), "positive entry expires after ttl");
+            assert!(c.get("p").is_none(), "positive entry expires after ttl");
             // An expired entry does not block a mutation with a lower position.
             assert_eq!(
                 c.install("p".into(), entry("w", 0), Install::IfNotOlder).await,

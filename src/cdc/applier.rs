@@ -195,7 +195,7 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
 /// The new row with its unchanged fields taken from the cached entry, in the cached field
 /// order; `None` when the entry (or one of the fields) is not there.
 pub async fn merge_unchanged(ks: &Keyspace, key: &str, new: &Bytes, unchanged: &[String]) -> Option<Bytes> {
-    let cached = ks.cached(key).await?.value.clone()?;
+    let cached = ks.cached(key)?.value.clone()?;
     let old: Map<String, Value> = serde_json::from_slice(&cached).ok()?;
     let mut new: Map<String, Value> = serde_json::from_slice(new).ok()?;
     if unchanged.iter().any(|f| !old.contains_key(f)) {

@@ -36,19 +36,12 @@ pub async fn get(
     tasks: &Tasks,
     key: &Key,
 ) -> Result<Read, KeyspaceError> {
-    if let Some(mut read) = ks.lookup(&key.cache_key).await {
-        if read.origin == Origin::Hit && !ks.is_fresh(&read.entry) {
-            return outside_contract(ks, key, read).await;
-        }
-        if read.origin == Origin::Hit && !ks.trusts(&read.entry) {
-            // The L2 tier's channel cannot vouch for it (see `l2`): check it by version first.
-            return ks.revalidate(key, read).await;
-        }
-        ks.m.hits_l1.inc();
-        if let (Some(r), Origin::Hit) = (refresher, read.origin) {
-            read.origin = refresh_ahead::on_hit(r, ks, tasks, key, &read.entry);
-        }
-        return Ok(read);
+    match hit(ks, refresher, tasks, key) {
+        Hit::Served(read) => return Ok(read),
+        Hit::Stale(read) => return outside_contract(ks, key, read).await,
+        // The L2 tier's channel cannot vouch for it (see `l2`): check it by version first.
+        Hit::Unvouched(read) => return ks.revalidate(key, read).await,
+        Hit::Absent => {}
     }
     ks.m.misses.inc();
     if !ks.config.read_through {
@@ -70,6 +63,44 @@ pub async fn get(
         origin: if loaded.from_l2 { Origin::L2 } else { Origin::Miss },
         lag: None,
     })
+}
+
+/// What this node holds for a key, before any waiting.
+enum Hit {
+    /// The pending write or a live L1 entry that can be served as it is.
+    Served(Read),
+    /// An L1 entry outside the freshness contract.
+    Stale(Read),
+    /// An L1 entry the L2 tier's invalidation channel cannot vouch for.
+    Unvouched(Read),
+    /// Nothing held: a miss.
+    Absent,
+}
+
+fn hit(ks: &Arc<Keyspace>, refresher: Option<&Arc<Refresher>>, tasks: &Tasks, key: &Key) -> Hit {
+    let Some(mut read) = ks.lookup(&key.cache_key) else {
+        return Hit::Absent;
+    };
+    if read.origin == Origin::Hit && !ks.is_fresh(&read.entry) {
+        return Hit::Stale(read);
+    }
+    if read.origin == Origin::Hit && !ks.trusts(&read.entry) {
+        return Hit::Unvouched(read);
+    }
+    ks.m.hits_l1.inc();
+    if let (Some(r), Origin::Hit) = (refresher, read.origin) {
+        read.origin = refresh_ahead::on_hit(r, ks, tasks, key, &read.entry);
+    }
+    Hit::Served(read)
+}
+
+/// [`get`] when the answer needs no waiting — the pending write or a live L1 entry that can be
+/// served as it is — else `None` (and nothing counted): the caller takes the async path.
+pub fn get_now(ks: &Arc<Keyspace>, refresher: Option<&Arc<Refresher>>, tasks: &Tasks, key: &Key) -> Option<Read> {
+    match hit(ks, refresher, tasks, key) {
+        Hit::Served(read) => Some(read),
+        _ => None,
+    }
 }
 
 /// A cached entry that may be further behind the database than the contract allows: reload it

@@ -222,7 +222,7 @@ async fn refresh(r: &Refresher, ks: &Keyspace, key: &Key) {
         return;
     };
     // Still wanted? While it waited, the entry may have been changed, evicted or expired.
-    let Some(entry) = ks.cached(&key.cache_key).await else {
+    let Some(entry) = ks.cached(&key.cache_key) else {
         return;
     };
     let life = ks.lifetime(&entry);

@@ -225,7 +225,7 @@ impl WriteBehind {
         if let Some(p) = ks.pending(&key.cache_key) {
             return Ok(p.doc);
         }
-        let cached = ks.cached(&key.cache_key).await;
+        let cached = ks.cached(&key.cache_key);
         if let Some(e) = &cached
             && (!load || ks.is_fresh(e))
         {
