@@ -28,7 +28,7 @@ pub struct WriteBehindConfig {
 }
 
 /// Rows per flush transaction when none is configured.
-pub const DEFAULT_BATCH_ROWS: usize = 1000;
+pub const DEFAULT_BATCH_ROWS: usize = 5000;
 
 /// Wait to fill a flush batch when none is configured.
 pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(5);
