@@ -396,6 +396,12 @@ impl Keyspace {
             }
             Err(e) => {
                 let bound = self.source.read().unwrap_or_else(|p| p.into_inner()).is_some();
+                if bound && matches!(e, BindError::Unfit(_)) {
+                    // Its table no longer fits (dropped, renamed, a key column gone): nothing of
+                    // it is served from the moment the keyspace says so, so it is emptied first.
+                    // (Capture's reshape then also raises the floor.)
+                    self.clear();
+                }
                 if !(bound && matches!(e, BindError::Unavailable(_))) {
                     self.set_blocker(Blocker::Bind, Some(e.to_string()));
                 }
