@@ -574,7 +574,7 @@ impl Federation {
         let origin: Arc<str> = e.origin.as_str().into();
         let key: Arc<str> = e.key.as_str().into();
         let value = match (&e.value, e.unchanged.is_empty()) {
-            (Some(v), false) => match crate::cdc::applier::merge_unchanged(ks, &e.key, v, &e.unchanged).await {
+            (Some(v), false) => match crate::cdc::applier::merge_unchanged(ks, &e.key, v, &e.unchanged) {
                 Some(merged) => Some(merged),
                 None => {
                     // The home did not send fields its update left unchanged (TOAST), and this

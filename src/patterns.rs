@@ -362,7 +362,7 @@ impl Pipeline {
             Writer::Memory => {
                 let bytes = canonical_json(body)?;
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
-                self.check_memory(key, cond).await?;
+                self.check_memory(key, cond)?;
                 let entry = Entry::new(Some(bytes), Lsn::ZERO, self.ks.hlc.now());
                 self.ks.mutate(key.cache_key.clone(), entry.clone()).await;
                 Ok(Written::Stored(Arc::new(entry)))
@@ -370,7 +370,7 @@ impl Pipeline {
             Writer::Federated(fed) => {
                 let bytes = canonical_json(body)?;
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
-                self.check_memory(key, cond).await?;
+                self.check_memory(key, cond)?;
                 let entry = fed.originate(&self.ks, key.cache_key.clone(), Some(bytes)).await?;
                 Ok(Written::Stored(entry))
             }
@@ -457,7 +457,7 @@ impl Pipeline {
     }
 
     /// An in-memory keyspace's precondition, checked under the key's stripe.
-    async fn check_memory(&self, key: &Key, cond: &Condition) -> Result<(), PatternError> {
+    fn check_memory(&self, key: &Key, cond: &Condition) -> Result<(), PatternError> {
         if cond.is_always() {
             return Ok(());
         }
@@ -474,14 +474,14 @@ impl Pipeline {
         match &self.writer {
             Writer::Memory => {
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
-                self.check_memory(key, cond).await?;
+                self.check_memory(key, cond)?;
                 let existed = self.ks.cached(&key.cache_key).is_some_and(|e| e.value.is_some());
                 self.ks.invalidate(&key.cache_key).await;
                 Ok(if existed { Removed::Deleted } else { Removed::Absent })
             }
             Writer::Federated(fed) => {
                 let _key = self.stripes.of(self.ks.name(), &key.cache_key).lock().await;
-                self.check_memory(key, cond).await?;
+                self.check_memory(key, cond)?;
                 let existed = self.ks.cached(&key.cache_key).is_some_and(|e| e.value.is_some());
                 // A tombstone, so the delete wins or loses like any write everywhere.
                 fed.originate(&self.ks, key.cache_key.clone(), None).await?;

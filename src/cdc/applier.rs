@@ -167,7 +167,7 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
             let value = if e.unchanged.is_empty() {
                 value
             } else {
-                match merge_unchanged(ks, &key, &value, &e.unchanged).await {
+                match merge_unchanged(ks, &key, &value, &e.unchanged) {
                     Some(v) => v,
                     None => {
                         // Nothing to take the unsent values from: never guess.
@@ -194,7 +194,7 @@ pub async fn apply_event(ks: &Keyspace, e: &ChangeEvent) {
 
 /// The new row with its unchanged fields taken from the cached entry, in the cached field
 /// order; `None` when the entry (or one of the fields) is not there.
-pub async fn merge_unchanged(ks: &Keyspace, key: &str, new: &Bytes, unchanged: &[String]) -> Option<Bytes> {
+pub fn merge_unchanged(ks: &Keyspace, key: &str, new: &Bytes, unchanged: &[String]) -> Option<Bytes> {
     let cached = ks.cached(key)?.value.clone()?;
     let old: Map<String, Value> = serde_json::from_slice(&cached).ok()?;
     let mut new: Map<String, Value> = serde_json::from_slice(new).ok()?;
