@@ -9,7 +9,8 @@
 //! 2. The highest update rate the pipeline sustains: rates are raised until the p99 freshness
 //!    passes 250ms or the writers cannot reach the rate.
 //! 3. Warm-up: a fresh slot's snapshot load of 1M rows into a keyspace, rows/s, beside
-//!    `psql -c "\copy (SELECT …) TO /dev/null"` of the same table.
+//!    `psql -c "\copy (SELECT …) TO /dev/null"` of the same table: medians of `WARM_RUNS`
+//!    (default 3) interleaved pairs, and the sidecar's CPU time per row (it runs in this process).
 //!
 //! Run: `cargo bench --bench cdc_freshness` (starts its own throwaway Postgres; the commit log
 //! uses fsync = always in a temp dir). Nothing here asserts a time.
@@ -26,13 +27,12 @@ use std::time::{Duration, Instant};
 use cachesync::config::Config;
 use cachesync::server::Server;
 use cachesync_testkit::postgres::{PgOptions, PgServer};
-use cachesync_testkit::temp_dir;
+use cachesync_testkit::{cpu_seconds, temp_dir};
 use common::Lat;
 use common::freshness::{run_rate, start_recvlogical};
 
 const KEYS: i64 = 10_000;
 const RUN_FOR: Duration = Duration::from_secs(5);
-const SNAPSHOT_ROWS: i64 = 1_000_000;
 
 fn main() {
     common::block_on(run());
@@ -135,18 +135,30 @@ async fn freshness(pg: &PgServer) {
 }
 
 async fn warmup(pg: &PgServer) {
-    println!("\n== warm-up from a consistent snapshot: {SNAPSHOT_ROWS} rows ==");
+    // `WARM_ROWS` (default 1M) sizes the table, e.g. smaller to count instructions per row.
+    let total: i64 = std::env::var("WARM_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    println!("\n== warm-up from a consistent snapshot: {total} rows ==");
     let big = pg.create_database().await;
     let bsql = pg.connect(&big.name).await;
     bsql.batch_execute(&format!(
         "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text, age int, created timestamptz NOT NULL DEFAULT '2024-01-01');
-         INSERT INTO users (id, name, email, age) SELECT g, 'user ' || g, 'u' || g || '@example.com', g % 90 FROM generate_series(1, {SNAPSHOT_ROWS}) g;"
+         INSERT INTO users (id, name, email, age) SELECT g, 'user ' || g, 'u' || g || '@example.com', g % 90 FROM generate_series(1, {total}) g;"
     ))
     .await
     .expect("load rows");
     bsql.batch_execute("VACUUM ANALYZE users").await.expect("vacuum");
-    let mut copy_best = f64::MAX;
-    for _ in 0..2 {
+    // Interleaved: a copy, then a warm start, `WARM_RUNS` times (default 3); medians, since
+    // this machine's wall times swing by a third between runs.
+    let runs = std::env::var("WARM_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3usize)
+        .max(1);
+    let (mut copies, mut warms, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
         let t = Instant::now();
         let st = common::pg_tool("psql", pg, &big.name)
             .args([
@@ -156,10 +168,8 @@ async fn warmup(pg: &PgServer) {
             .status()
             .expect("psql");
         assert!(st.success());
-        copy_best = copy_best.min(t.elapsed().as_secs_f64());
-    }
-    let mut warm_best = f64::MAX;
-    for i in 0..2 {
+        copies.push(t.elapsed().as_secs_f64());
+
         let dir = temp_dir("bench-warm-log", None);
         let config = Config::parse(&format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[postgres]\nurl = \"{}\"\n[log]\ndir = \"{}\"\n[cdc]\nslot = \"bench_warm_{i}\"\nheartbeat = \"0s\"\n\
@@ -168,38 +178,47 @@ async fn warmup(pg: &PgServer) {
             dir.display()
         ))
         .expect("config");
+        // The sidecar runs in this process: its CPU is this process's.
+        let cpu = cpu_seconds(std::process::id());
         let t = Instant::now();
         let s = Server::start(config).await.expect("start");
         s.wait_ready(Duration::from_secs(300)).await.expect("warm");
-        warm_best = warm_best.min(t.elapsed().as_secs_f64());
+        warms.push(t.elapsed().as_secs_f64());
+        cpus.push(cpu_seconds(std::process::id()) - cpu);
         s.shutdown().await;
         let _ = bsql
             .execute("SELECT pg_drop_replication_slot($1)", &[&format!("bench_warm_{i}")])
             .await;
     }
+    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+    println!("psql \\copy seconds per run: {}", fmt(&copies));
+    println!("cachesync warm start seconds per run: {}", fmt(&warms));
+    let (warm, copy) = (common::median(warms), common::median(copies));
+    let cpu_per_row = common::median(cpus) / total as f64 * 1e6;
     println!(
-        "{:<44} {:>7.2}s  {:>10.0} rows/s",
+        "{:<44} {:>7.2}s  {:>10.0} rows/s  ({cpu_per_row:.2} CPU µs per row)",
         "cachesync warm start (slot + COPY + cache)",
-        warm_best,
-        SNAPSHOT_ROWS as f64 / warm_best
+        warm,
+        total as f64 / warm
     );
     println!(
         "{:<44} {:>7.2}s  {:>10.0} rows/s",
         "psql \\copy (SELECT …) TO /dev/null",
-        copy_best,
-        SNAPSHOT_ROWS as f64 / copy_best
+        copy,
+        total as f64 / copy
     );
     println!(
-        "{:<44} {:>7.2}x",
+        "{:<44} {:>7.2}x  (rows/s {:.2}x; medians of {runs} interleaved runs)",
         "ratio (cachesync time / psql time)",
-        warm_best / copy_best
+        warm / copy,
+        copy / warm
     );
     let mut report = common::report::Report::new(
         "warm_start",
         "warm start rows/s: cachesync (slot + COPY + cache) vs psql \\copy TO /dev/null",
         "rows/s",
     );
-    report.add("cachesync warm start", "1M rows", SNAPSHOT_ROWS as f64 / warm_best);
-    report.add("psql \\copy", "1M rows", SNAPSHOT_ROWS as f64 / copy_best);
+    report.add("cachesync warm start", &format!("{total} rows"), total as f64 / warm);
+    report.add("psql \\copy", &format!("{total} rows"), total as f64 / copy);
     report.write();
 }

@@ -225,13 +225,18 @@ impl Snapshot {
 
 impl Entry {
     pub fn new(value: Option<Bytes>, lsn: Lsn, version: u64) -> Entry {
+        Entry::stored(value, lsn, version, Instant::now())
+    }
+
+    /// [`Entry::new`], stored at `stored_at` (a bulk load reads the clock once per batch).
+    pub fn stored(value: Option<Bytes>, lsn: Lsn, version: u64, stored_at: Instant) -> Entry {
         Entry {
             value,
             lsn,
             xid: None,
             snapshot: None,
             version,
-            stored_at: Instant::now(),
+            stored_at,
             read_at: None,
             checked_at: None,
             fed: None,

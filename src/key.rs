@@ -137,17 +137,77 @@ pub fn key_from_parts(parts: Vec<String>, max: usize) -> Result<Key, KeyError> {
     let cache_key = if parts.len() == 1 {
         parts[0].clone()
     } else {
-        parts
-            .iter()
-            .map(|p| utf8_percent_encode(p, COMPONENT).to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        join(parts.iter().map(String::as_str))
     };
     check_len(&cache_key, max)?;
     Ok(Key {
         cache_key: cache_key.into(),
         parts,
     })
+}
+
+/// A composite key's canonical encoding: components re-escaped and joined with commas.
+fn join<'a>(parts: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for (i, p) in parts.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.extend(utf8_percent_encode(p, COMPONENT));
+    }
+    out
+}
+
+/// The cache key of a row from Postgres's own text of its key columns (a COPY line, a change's
+/// tuple), as [`key_from_parts`] of the [`normalize`]d components would give it, with one
+/// allocation: Postgres prints integers and uuids in exactly the form `normalize` gives, so a
+/// component already in that form is taken as it is, and only another goes through `normalize`.
+pub fn cache_key_of_row<'a>(
+    components: impl ExactSizeIterator<Item = (&'a ColumnMeta, &'a str)>,
+    max: usize,
+) -> Result<Arc<str>, KeyError> {
+    let component = |(col, text): (&'a ColumnMeta, &'a str)| -> Result<std::borrow::Cow<'a, str>, KeyError> {
+        Ok(if canonical(col, text) {
+            std::borrow::Cow::Borrowed(text)
+        } else {
+            std::borrow::Cow::Owned(normalize(col, text.to_string())?)
+        })
+    };
+    let cache_key: Arc<str> = if components.len() == 1 {
+        let mut components = components;
+        let Some(only) = components.next() else {
+            return Err(KeyError::Empty);
+        };
+        Arc::from(&*component(only)?)
+    } else {
+        let parts = components.map(component).collect::<Result<Vec<_>, _>>()?;
+        join(parts.iter().map(|p| &**p)).into()
+    };
+    check_len(&cache_key, max)?;
+    Ok(cache_key)
+}
+
+/// Whether `text` is already what [`normalize`] makes of it for `col`.
+fn canonical(col: &ColumnMeta, text: &str) -> bool {
+    let b = text.as_bytes();
+    match col.kind {
+        TypeKind::Integer => {
+            let digits = b.strip_prefix(b"-").unwrap_or(b);
+            // At most 38 digits always fits the i128 `normalize` parses into.
+            !digits.is_empty()
+                && digits.len() <= 38
+                && digits.iter().all(u8::is_ascii_digit)
+                && (digits[0] != b'0' || (digits.len() == 1 && digits.len() == b.len()))
+        }
+        _ if col.type_sql == "uuid" => {
+            b.len() == 36
+                && b.iter().enumerate().all(|(i, &c)| match i {
+                    8 | 13 | 18 | 23 => c == b'-',
+                    _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+                })
+        }
+        _ => true,
+    }
 }
 
 /// One component in the form Postgres would print for its column.
@@ -225,6 +285,59 @@ mod tests {
             parse_columns("x,y", "ks", &cols, 100),
             Err(KeyError::BadComponent { .. })
         ));
+    }
+
+    #[test]
+    fn a_row_key_from_postgres_text_is_the_normalized_key() {
+        let int = col("id", "bigint", TypeKind::Integer);
+        let uuid = col("u", "uuid", TypeKind::Text);
+        let text = col("code", "text", TypeKind::Text);
+        let cases: &[(&[&ColumnMeta], &[&str])] = &[
+            (&[&int], &["42"]),
+            (&[&int], &["0"]),
+            (&[&int], &["-7"]),
+            (&[&int], &["-0"]),
+            (&[&int], &["007"]),
+            (&[&int], &["+5"]),
+            (&[&int], &["-9223372036854775808"]),
+            (&[&uuid], &["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
+            (&[&uuid], &["A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"]),
+            (&[&text], &["a,b c%"]),
+            (&[&int, &text], &["7", "x,y"]),
+            (&[&int, &text], &["07", "50%"]),
+            (&[&uuid, &int], &["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "1"]),
+        ];
+        for (cols, texts) in cases {
+            let parts = cols
+                .iter()
+                .zip(texts.iter())
+                .map(|(c, t)| normalize(c, t.to_string()).unwrap())
+                .collect();
+            let want = key_from_parts(parts, 100).unwrap().cache_key;
+            let got = cache_key_of_row(cols.iter().copied().zip(texts.iter().copied()), 100).unwrap();
+            assert_eq!(got, want, "{texts:?}");
+        }
+        // What normalize refuses is refused, and the limit holds.
+        assert!(matches!(
+            cache_key_of_row([(&int, "x1")].into_iter(), 100),
+            Err(KeyError::BadComponent { .. })
+        ));
+        assert!(matches!(
+            cache_key_of_row([(&text, "abcdef")].into_iter(), 5),
+            Err(KeyError::TooLong { len: 6, max: 5 })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_integer_postgres_prints_is_already_normalized(n in any::<i64>()) {
+            let int = col("id", "bigint", TypeKind::Integer);
+            let text = n.to_string();
+            let got = cache_key_of_row([(&int, text.as_str())].into_iter(), 100).unwrap();
+            let want = normalize(&int, text.clone()).unwrap();
+            prop_assert_eq!(&*got, want.as_str());
+            prop_assert!(canonical(&int, &text));
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::event::{ChangeEvent, Op, Source};
 use crate::key;
 use crate::keyspace::Keyspace;
 use crate::keyspace::config::CdcMode;
-use crate::source::postgres::render::{ObjectWriter, TypeKind, render_value};
+use crate::source::postgres::render::{FieldKey, ObjectWriter, TypeKind, field_key, render_value};
 use crate::source::postgres::schema::{Binding, ColumnMeta};
 
 /// The transaction an event belongs to.
@@ -52,6 +52,8 @@ pub struct TxnInfo {
 
 struct Field {
     name: String,
+    /// `"name":`, rendered once.
+    key: FieldKey,
     index: usize,
     kind: TypeKind,
 }
@@ -69,7 +71,8 @@ pub struct TableMapping {
 
 /// Which keys a change touched, before they become events.
 enum KeyOf {
-    Known(key::Key),
+    /// The cache key.
+    Known(Arc<str>),
     /// The key cannot be read from the tuple (not sent, or not valid for its type).
     Unknown(String),
 }
@@ -98,6 +101,7 @@ impl TableMapping {
                 }
                 Some(index) => fields.push(Field {
                     name: f.name.clone(),
+                    key: field_key(&f.name),
                     index,
                     kind: f.column.kind.clone(),
                 }),
@@ -142,19 +146,16 @@ impl TableMapping {
     }
 
     fn key_of(&self, t: &Tuple) -> KeyOf {
-        let mut parts = Vec::with_capacity(self.key.len());
+        let mut texts = Vec::with_capacity(self.key.len());
         for (i, col) in &self.key {
-            let text = match t.0.get(*i) {
-                Some(Value::Text(b)) => String::from_utf8_lossy(b).into_owned(),
+            texts.push(match t.0.get(*i) {
+                Some(Value::Text(b)) => String::from_utf8_lossy(b),
                 Some(Value::Null) => return KeyOf::Unknown(format!("key column `{}` is NULL", col.name)),
                 _ => return KeyOf::Unknown(format!("key column `{}` was not sent", col.name)),
-            };
-            match key::normalize(col, text) {
-                Ok(p) => parts.push(p),
-                Err(e) => return KeyOf::Unknown(e.to_string()),
-            }
+            });
         }
-        match key::key_from_parts(parts, self.max_key_bytes) {
+        let components = self.key.iter().zip(&texts).map(|((_, col), text)| (col, &**text));
+        match key::cache_key_of_row(components, self.max_key_bytes) {
             Ok(k) => KeyOf::Known(k),
             Err(e) => KeyOf::Unknown(e.to_string()),
         }
@@ -175,7 +176,7 @@ impl TableMapping {
                     continue;
                 }
             };
-            render_value(&f.kind, text, obj.field(&f.name));
+            render_value(&f.kind, text, obj.keyed(&f.key));
         }
         obj.finish();
         (Bytes::from(out), unchanged)
@@ -200,8 +201,8 @@ impl TableMapping {
     }
 
     /// The event for a key whose row is now `new` (`None` = gone).
-    fn set(&self, txn: &TxnInfo, key: key::Key, new: Option<&Tuple>, out: &mut Vec<ChangeEvent>) {
-        let k = key.cache_key.to_string();
+    fn set(&self, txn: &TxnInfo, key: Arc<str>, new: Option<&Tuple>, out: &mut Vec<ChangeEvent>) {
+        let k = key.to_string();
         match (self.mode, new) {
             (CdcMode::Invalidate, _) => out.push(self.event(txn, Op::Invalidate, k, None, Vec::new())),
             (_, Some(_)) if self.degraded.is_some() => out.push(self.event(txn, Op::Invalidate, k, None, Vec::new())),
@@ -234,7 +235,7 @@ impl TableMapping {
                 };
                 let old_key = old.as_ref().map(|o| self.key_of(o.tuple()));
                 match (new_key, old_key) {
-                    (KeyOf::Known(nk), Some(KeyOf::Known(ok))) if ok.cache_key != nk.cache_key => {
+                    (KeyOf::Known(nk), Some(KeyOf::Known(ok))) if ok != nk => {
                         self.set(txn, ok, None, out);
                         self.set(txn, nk, Some(new), out);
                     }

@@ -30,7 +30,7 @@ use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::postgres::config::PostgresConfig;
-use crate::source::postgres::render::render_object;
+use crate::source::postgres::render::{FieldKey, ObjectWriter, field_key, render_value};
 use crate::source::postgres::sql::{qualified, quote_ident};
 use crate::source::postgres::{classify, connection_config};
 
@@ -174,6 +174,8 @@ struct Job {
     ks: Arc<Keyspace>,
     binding: crate::source::postgres::schema::Binding,
     key_index: Vec<usize>,
+    /// Each output field's `"name":`, rendered once.
+    keys: Vec<FieldKey>,
     cp: Lsn,
     snapshot: Option<Arc<Snapshot>>,
     read_at: tokio::time::Instant,
@@ -190,7 +192,17 @@ impl Job {
         let mut fields: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(b.fields.len());
         let mut value = Vec::with_capacity(256);
         let mut n = 0;
-        for line in batch.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+        // The batch's rows start their TTL life together (a batch is a few milliseconds of
+        // work); their versions are taken row by row (see below).
+        let stored_at = tokio::time::Instant::now();
+        let mut start = 0;
+        let ends = memchr::memchr_iter(b'\n', batch).chain(std::iter::once(batch.len()));
+        for end in ends {
+            let line = &batch[start..end];
+            start = end + 1;
+            if line.is_empty() {
+                continue;
+            }
             parse_copy_line(line, &mut fields)
                 .ok_or_else(|| CdcError::Protocol(format!("malformed COPY row from {}", b.table)))?;
             if fields.len() != b.fields.len() {
@@ -201,31 +213,37 @@ impl Job {
                     b.fields.len()
                 )));
             }
-            let mut parts = Vec::with_capacity(self.key_index.len());
-            for (i, k) in self.key_index.iter().zip(&b.key) {
-                let text = fields[*i]
-                    .as_deref()
-                    .ok_or_else(|| CdcError::Protocol(format!("NULL key in {}", b.table)))?;
-                parts.push(key::normalize(k, text.to_string()).map_err(|e| CdcError::Protocol(e.to_string()))?);
+            if self.key_index.iter().any(|i| fields[*i].is_none()) {
+                return Err(CdcError::Protocol(format!("NULL key in {}", b.table)));
             }
-            let key = key::key_from_parts(parts, self.max_key_bytes).map_err(|e| CdcError::Protocol(e.to_string()))?;
-            value.clear();
-            render_object(
-                b.fields
+            let key = key::cache_key_of_row(
+                b.key
                     .iter()
-                    .zip(&fields)
-                    .map(|(f, v)| (f.name.as_str(), &f.column.kind, v.as_deref())),
-                &mut value,
-            );
+                    .zip(&self.key_index)
+                    .map(|(k, i)| (k, fields[*i].as_deref().unwrap_or_default())),
+                self.max_key_bytes,
+            )
+            .map_err(|e| CdcError::Protocol(e.to_string()))?;
+            value.clear();
+            let mut obj = ObjectWriter::new(&mut value);
+            for ((f, key), v) in b.fields.iter().zip(&self.keys).zip(&fields) {
+                render_value(&f.column.kind, v.as_deref(), obj.keyed(key));
+            }
+            obj.finish();
             // A version of its own, taken as the row is installed: a change streamed meanwhile
             // (an earlier version) must never look newer than the row that supersedes it.
-            let mut entry =
-                Entry::new(Some(bytes::Bytes::copy_from_slice(&value)), self.cp, self.hlc.now()).read_at(self.read_at);
+            let mut entry = Entry::stored(
+                Some(bytes::Bytes::copy_from_slice(&value)),
+                self.cp,
+                self.hlc.now(),
+                stored_at,
+            )
+            .read_at(self.read_at);
             entry.snapshot = self.snapshot.clone();
             // Through the door: a change streamed or written meanwhile (newer) is never
             // overwritten, and a load in flight for the key will not install over this row. Not
             // a change: nothing to announce.
-            self.ks.mutate_local(key.cache_key, entry).await;
+            self.ks.mutate_local(key, entry).await;
             n += 1;
         }
         self.rows.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -294,6 +312,7 @@ async fn warm_one(
     // consistent snapshot has one row per key, so batches can go to any worker.
     let job = Arc::new(Job {
         ks: ks.clone(),
+        keys: b.fields.iter().map(|f| field_key(&f.name)).collect(),
         binding: b,
         key_index,
         cp: version.lsn,
@@ -386,6 +405,18 @@ async fn warm_one(
 /// field without escapes is borrowed from the line.
 pub fn parse_copy_line<'a>(line: &'a [u8], out: &mut Vec<Option<Cow<'a, str>>>) -> Option<()> {
     out.clear();
+    if memchr::memchr(b'\\', line).is_none() {
+        // No escapes and no NULL (`\N`), the common line: every field borrowed, the line
+        // checked as UTF-8 once (a tab never splits a character, so each field is a `str`).
+        let text = std::str::from_utf8(line).ok()?;
+        let mut start = 0;
+        for tab in memchr::memchr_iter(b'\t', line) {
+            out.push(Some(Cow::Borrowed(&text[start..tab])));
+            start = tab + 1;
+        }
+        out.push(Some(Cow::Borrowed(&text[start..])));
+        return Some(());
+    }
     for field in line.split(|&c| c == b'\t') {
         if field == b"\\N" {
             out.push(None);
@@ -463,5 +494,15 @@ mod tests {
         );
         parse_copy_line(b"", &mut out).unwrap();
         assert_eq!(out, vec![Some(Cow::Borrowed(""))]);
+        // A line with no backslash: every field borrowed, empty ones kept.
+        parse_copy_line("7\t\tpår\t".as_bytes(), &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![Some("7".into()), Some("".into()), Some("pår".into()), Some("".into())]
+        );
+        assert!(out.iter().all(|f| matches!(f, Some(Cow::Borrowed(_)))));
+        // Bytes that are not UTF-8 are refused, with or without escapes in the line.
+        assert!(parse_copy_line(b"1\t\xff", &mut out).is_none());
+        assert!(parse_copy_line(b"\\N\t\xff", &mut out).is_none());
     }
 }

@@ -11,7 +11,7 @@
 //! | `int2`, `int4`, `int8`, `oid` | number |
 //! | `float4`, `float8`, `numeric` | number, exact digits kept; `NaN`/`Infinity` as strings |
 //! | `json`, `jsonb` | the document itself |
-//! | `timestamptz` | RFC 3339 string in UTC, `2024-03-01T12:34:56.5Z` |
+//! | `timestamptz` | RFC 3339 string in UTC, `2024-03-01T12:34:56.500Z` |
 //! | `timestamp` | ISO 8601 string without offset, `2024-03-01T12:34:56.5` |
 //! | arrays of the above | arrays, nested for more dimensions, `NULL` elements as `null` |
 //! | anything else (`text`, `uuid`, `date`, `interval`, enums, ...) | string, as Postgres prints it |
@@ -73,7 +73,11 @@ pub fn render_value(kind: &TypeKind, text: Option<&str>, out: &mut Vec<u8>) {
             }
         }
         TypeKind::Json => out.extend_from_slice(text.as_bytes()),
-        TypeKind::Timestamptz => push_string(&normalize_timestamptz(text), out),
+        TypeKind::Timestamptz => {
+            if !push_utc_timestamptz(text, out) {
+                push_string(&normalize_timestamptz(text), out);
+            }
+        }
         TypeKind::Timestamp => push_string(&text.replacen(' ', "T", 1), out),
         TypeKind::Text => push_string(text, out),
         TypeKind::Array(elem) => render_array(elem, text, out),
@@ -90,6 +94,18 @@ pub fn render_object<'a>(
         render_value(kind, text, obj.field(field));
     }
     obj.finish();
+}
+
+/// A field's `"name":` as JSON, rendered once (see [`ObjectWriter::keyed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldKey(Box<[u8]>);
+
+/// The [`FieldKey`] of a field named `name`.
+pub fn field_key(name: &str) -> FieldKey {
+    let mut out = Vec::with_capacity(name.len() + 3);
+    push_string(name, &mut out);
+    out.push(b':');
+    FieldKey(out.into_boxed_slice())
 }
 
 /// Writes a JSON object straight into a buffer, one field at a time, without building a map:
@@ -118,6 +134,17 @@ impl<'a> ObjectWriter<'a> {
         self.out
     }
 
+    /// [`ObjectWriter::field`] with the name already rendered by [`field_key`]: a row rendered
+    /// many times (a load, a change stream) escapes its field names once.
+    pub fn keyed(&mut self, key: &FieldKey) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.extend_from_slice(&key.0);
+        self.out
+    }
+
     /// A field whose value is any serializable JSON value.
     pub fn value(&mut self, name: &str, v: &serde_json::Value) {
         // Writing a Value into a Vec cannot fail.
@@ -131,6 +158,15 @@ impl<'a> ObjectWriter<'a> {
 }
 
 fn push_string(s: &str, out: &mut Vec<u8>) {
+    // Most strings (field names, most values) need no escape: copied in one piece, as
+    // serde_json would write them.
+    if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -177,7 +213,61 @@ pub fn is_json_number(s: &str) -> bool {
     i == b.len()
 }
 
-/// `2024-03-01 12:34:56.5+05:30` → `2024-03-01T07:04:56.5Z`; anything unparseable (infinity,
+/// [`normalize_timestamptz`] of a value Postgres printed in UTC (`2024-03-01 12:34:56.5+00`,
+/// what every session of ours prints: `TimeZone=UTC`), appended as a JSON string without
+/// parsing it into a date and formatting it back; `false` (nothing appended) for any other form.
+fn push_utc_timestamptz(text: &str, out: &mut Vec<u8>) -> bool {
+    let b = text.as_bytes();
+    let Some(body) = b.strip_suffix(b"+00") else {
+        return false;
+    };
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let d = body.get(r)?;
+        d.iter()
+            .try_fold(0u32, |n, c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+    };
+    // `YYYY-MM-DD HH:MM:SS`, then an optional fraction of 1–6 digits.
+    let shape = body.len() >= 19
+        && body[4] == b'-'
+        && body[7] == b'-'
+        && body[10] == b' '
+        && body[13] == b':'
+        && body[16] == b':';
+    if !shape {
+        return false;
+    }
+    let (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) =
+        (num(0..4), num(5..7), num(8..10), num(11..13), num(14..16), num(17..19))
+    else {
+        return false;
+    };
+    if chrono::NaiveDate::from_ymd_opt(y as i32, mo, d).is_none() || h > 23 || mi > 59 || sec > 59 {
+        return false;
+    }
+    let frac = &body[19..];
+    let digits = match frac {
+        [] => &[][..],
+        [b'.', rest @ ..] if (1..=6).contains(&rest.len()) && rest.iter().all(u8::is_ascii_digit) => rest,
+        _ => return false,
+    };
+    out.push(b'"');
+    out.extend_from_slice(&body[..10]);
+    out.push(b'T');
+    out.extend_from_slice(&body[11..19]);
+    // As chrono's `SecondsFormat::AutoSi`: no fraction, or milliseconds when they hold every
+    // non-zero digit, else microseconds.
+    let significant = digits.iter().rposition(|&c| c != b'0').map_or(0, |i| i + 1);
+    if significant > 0 {
+        let width = if significant <= 3 { 3 } else { 6 };
+        out.push(b'.');
+        out.extend_from_slice(&digits[..digits.len().min(width)]);
+        out.extend(std::iter::repeat_n(b'0', width.saturating_sub(digits.len())));
+    }
+    out.extend_from_slice(b"Z\"");
+    true
+}
+
+/// `2024-03-01 12:34:56.5+05:30` → `2024-03-01T07:04:56.500Z`; anything unparseable (infinity,
 /// BC dates, second-precision offsets) is kept as Postgres printed it.
 pub fn normalize_timestamptz(text: &str) -> String {
     let mut s = text.replacen(' ', "T", 1);
@@ -313,6 +403,104 @@ mod tests {
         let mut out = Vec::new();
         render_value(&kind, text, &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn a_string_is_written_as_serde_json_writes_it(s in any::<String>(), ascii in "[ -~\\t\\n\\x00\\x7f]{0,40}") {
+            for s in [s, ascii] {
+                let mut out = Vec::new();
+                push_string(&s, &mut out);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn a_keyed_field_writes_what_a_named_field_writes() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let names = ["id", "na\"me", "\u{1}x", "pår"];
+        let mut obj = ObjectWriter::new(&mut a);
+        for n in names {
+            obj.field(n).extend_from_slice(b"1");
+        }
+        obj.finish();
+        let keys: Vec<FieldKey> = names.iter().map(|n| field_key(n)).collect();
+        let mut obj = ObjectWriter::new(&mut b);
+        for k in &keys {
+            obj.keyed(k).extend_from_slice(b"1");
+        }
+        obj.finish();
+        assert_eq!(a, b);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["na\"me"], 1);
+    }
+
+    /// The slow path: parse with chrono, format back.
+    fn via_chrono(text: &str) -> String {
+        let mut out = Vec::new();
+        push_string(&normalize_timestamptz(text), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_utc_timestamptz_renders_as_chrono_would_and_other_forms_take_the_slow_path() {
+        for text in [
+            "2024-03-01 12:34:56+00",
+            "2024-03-01 12:34:56.5+00",
+            "2024-03-01 12:34:56.123+00",
+            "2024-03-01 12:34:56.1234+00",
+            "2024-03-01 12:34:56.000001+00",
+            "0001-01-01 00:00:00+00",
+            "2024-02-29 23:59:59.999999+00",
+        ] {
+            let mut out = Vec::new();
+            assert!(push_utc_timestamptz(text, &mut out), "{text}");
+            assert_eq!(String::from_utf8(out).unwrap(), via_chrono(text), "{text}");
+        }
+        assert_eq!(
+            r(TypeKind::Timestamptz, Some("2024-03-01 12:34:56.5+00")),
+            "\"2024-03-01T12:34:56.500Z\""
+        );
+        for text in [
+            "2024-03-01 12:34:56.5+05:30",
+            "2024-03-01 12:34:56-07",
+            "infinity",
+            "-infinity",
+            "2024-02-30 00:00:00+00",
+            "2024-03-01 24:00:00+00",
+            "12024-03-01 00:00:00+00",
+            "0044-03-15 12:00:00+00 BC",
+            "2024-03-01 12:34:56.1234567+00",
+            "2024-03-01 12:34:56.+00",
+            "2024-03-01T12:34:56+00",
+        ] {
+            let mut out = Vec::new();
+            assert!(!push_utc_timestamptz(text, &mut out), "{text}");
+            assert!(out.is_empty());
+            // Rendering still gives the slow path's answer.
+            assert_eq!(r(TypeKind::Timestamptz, Some(text)), via_chrono(text), "{text}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_utc_timestamp_postgres_prints_renders_as_chrono_would(
+            days in 0i64..3_652_058, secs in 0u32..86_400, micros in 0u32..1_000_000
+        ) {
+            let date = chrono::NaiveDate::from_ymd_opt(1, 1, 1).unwrap() + chrono::Duration::days(days);
+            let time = chrono::NaiveTime::from_num_seconds_from_midnight_opt(secs, 0).unwrap();
+            // As Postgres prints it: microseconds with trailing zeros dropped, none when zero.
+            let frac = if micros == 0 {
+                String::new()
+            } else {
+                format!(".{micros:06}").trim_end_matches('0').to_string()
+            };
+            let text = format!("{} {}{frac}+00", date.format("%Y-%m-%d"), time.format("%H:%M:%S"));
+            let mut out = Vec::new();
+            prop_assert!(push_utc_timestamptz(&text, &mut out), "{}", text);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), via_chrono(&text));
+        }
     }
 
     #[test]
