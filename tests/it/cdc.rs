@@ -301,6 +301,55 @@ async fn a_load_that_raced_a_warm_load_never_installs_the_old_value() {
     server.shutdown().await;
 }
 
+/// A table large enough to be read by several COPY streams over page ranges: every row the
+/// snapshot sees is loaded once — rows deleted before it are not, rows updated before it (their
+/// new versions at the table's end) carry the new value.
+#[tokio::test]
+async fn a_large_table_is_warmed_whole_over_several_streams() {
+    let db = Db::new().await;
+    db.exec(
+        "CREATE TABLE big (id int PRIMARY KEY, name text NOT NULL, pad text NOT NULL);
+         INSERT INTO big SELECT g, 'row ' || g, repeat('x', 400) FROM generate_series(1, 20000) g;
+         DELETE FROM big WHERE id % 7 = 0;
+         UPDATE big SET name = 'updated ' || id WHERE id % 5 = 0;",
+    )
+    .await;
+    // Outside a transaction: the page count the load splits by.
+    db.exec("VACUUM ANALYZE big").await;
+    let pages: i32 = db.scalar("SELECT relpages FROM pg_class WHERE relname = 'big'").await;
+    assert!(
+        pages >= 1024,
+        "the table must be large enough to be split across streams: {pages} pages"
+    );
+    let expected: i64 = db.scalar("SELECT count(*) FROM big").await;
+    let node = Node::new();
+    let (server, http) = node
+        .start(&db, &keyspace("big", "big", "cdc = \"update\"\nread_through = false"))
+        .await;
+    assert_eq!(stats(&http, "big").await["entries"], expected, "every row once");
+    for (id, want) in [
+        (1, Some("row 1")),
+        (5, Some("updated 5")),
+        (7, None),
+        (10_001, Some("row 10001")),
+        (19_995, Some("updated 19995")),
+        (19_998, Some("row 19998")),
+        (19_999, None),
+        (20_000, Some("updated 20000")),
+    ] {
+        let r = http.get(&format!("/v1/kv/big/{id}")).await;
+        match want {
+            Some(name) => {
+                assert_eq!(r.status, 200, "{id}: {}", r.body);
+                assert_eq!(r.header("x-cache"), "hit", "{id}");
+                assert_eq!(r.json()["name"], name, "{id}");
+            }
+            None => assert_eq!(r.status, 404, "{id} was deleted before the snapshot"),
+        }
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_update_with_an_unchanged_toast_column_never_produces_a_wrong_value() {
     let db = Db::new().await;

@@ -56,12 +56,21 @@ pub async fn warm(
         return Err(CdcError::Protocol(format!("unexpected snapshot name {snapshot:?}")));
     }
     let read_at = tokio::time::Instant::now();
-    let tx = ReadOnly::begin(
-        pg,
-        tasks,
-        &format!("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"),
-    )
-    .await?;
+    let begin = format!("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'");
+    // One transaction per COPY stream, every one in the same exported snapshot (see
+    // `warm_one`).
+    let mut txs = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        match ReadOnly::begin(pg, tasks, &begin).await {
+            Ok(tx) => txs.push(tx),
+            Err(e) => {
+                for tx in txs {
+                    let _ = tx.end(Ok(())).await;
+                }
+                return Err(e);
+            }
+        }
+    }
     let result = async {
         let version = Version {
             lsn: cp,
@@ -69,14 +78,21 @@ pub async fn warm(
             read_at,
             blocker: Blocker::Cdc,
         };
+        let clients: Vec<&tokio_postgres::Client> = txs.iter().map(|t| &t.client).collect();
         let mut total = 0;
         for ks in keyspaces {
-            total += warm_one(&tx.client, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
+            total += warm_one(&clients, ks, &version, hlc, metrics, max_key_bytes, tasks).await?;
         }
         Ok(total)
     }
     .await;
-    tx.end(result).await
+    let mut txs = txs.into_iter();
+    let first = txs.next().expect("at least one stream");
+    for tx in txs {
+        // Read-only: whether the others commit changes nothing; the first one's answer is the load's.
+        let _ = tx.end(Ok(())).await;
+    }
+    first.end(result).await
 }
 
 /// Reloads one keyspace from a fresh repeatable-read snapshot while the stream runs; its rows
@@ -110,7 +126,7 @@ pub async fn reload(
             read_at,
             blocker: Blocker::Schema,
         };
-        warm_one(&tx.client, ks, &version, hlc, metrics, max_key_bytes, tasks).await
+        warm_one(&[&tx.client], ks, &version, hlc, metrics, max_key_bytes, tasks).await
     }
     .await;
     tx.end(result).await
@@ -254,9 +270,13 @@ impl Job {
 
 /// Bytes of whole COPY lines handed to a worker at a time.
 const BATCH_BYTES: usize = 256 * 1024;
+/// COPY streams a warm start reads a large table with (see `warm_one`).
+const STREAMS: usize = 2;
+/// Tables of fewer pages (8 KiB each) are read by one stream.
+const SPLIT_PAGES: i64 = 1024;
 
 async fn warm_one(
-    client: &tokio_postgres::Client,
+    clients: &[&tokio_postgres::Client],
     ks: &Arc<Keyspace>,
     version: &Version,
     hlc: &Arc<Hlc>,
@@ -284,22 +304,46 @@ async fn warm_one(
         .map(|f| quote_ident(&f.column.name))
         .collect::<Vec<_>>()
         .join(", ");
-    // The planner's row estimate sizes the cache's tables once instead of growing them.
-    if let Ok(row) = client
+    let first = clients[0];
+    // The planner's row estimate sizes the cache's tables once instead of growing them; the
+    // table's size in pages and the server's version decide whether the load is split.
+    let (pages, tid_ranges) = match first
         .query_one(
-            "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1::text::regclass",
+            "SELECT greatest(reltuples, 0)::float8, greatest(relpages, 0)::int8, \
+                    current_setting('server_version_num')::int >= 140000 \
+             FROM pg_class WHERE oid = $1::text::regclass",
             &[&qualified(&b.table)],
         )
         .await
     {
-        ks.reserve(row.get::<_, f64>(0) as usize);
-    }
-    let sql = format!("COPY (SELECT {cols} FROM {}) TO STDOUT", qualified(&b.table));
-    let stream = client
-        .copy_out(&sql)
-        .await
-        .map_err(|e| CdcError::Source(classify(&e)))?;
-    futures::pin_mut!(stream);
+        Ok(row) => {
+            ks.reserve(row.get::<_, f64>(0) as usize);
+            (row.get::<_, i64>(1), row.get::<_, bool>(2))
+        }
+        Err(_) => (0, false),
+    };
+    // A large table is read by several COPY streams at once, each over its own range of the
+    // table's pages (a TID range scan, Postgres 14+), each in the same snapshot: every row the
+    // snapshot sees lives in exactly one page, so each is read once. The last range is open, so
+    // pages added since the estimate are read too.
+    let streams = if tid_ranges && pages >= SPLIT_PAGES {
+        clients.len()
+    } else {
+        1
+    };
+    let select = format!("SELECT {cols} FROM {}", qualified(&b.table));
+    let sqls: Vec<String> = (0..streams)
+        .map(|i| {
+            let from = pages * i as i64 / streams as i64;
+            let to = pages * (i as i64 + 1) / streams as i64;
+            match (i, streams) {
+                (_, 1) => format!("COPY ({select}) TO STDOUT"),
+                (0, _) => format!("COPY ({select} WHERE ctid < '({to},0)'::tid) TO STDOUT"),
+                (i, n) if i + 1 == n => format!("COPY ({select} WHERE ctid >= '({from},0)'::tid) TO STDOUT"),
+                _ => format!("COPY ({select} WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid) TO STDOUT"),
+            }
+        })
+        .collect();
     ks.set_blocker(
         version.blocker,
         Some(match version.blocker {
@@ -308,8 +352,8 @@ async fn warm_one(
         }),
     );
 
-    // One worker per core parses, renders and installs; this task only cuts whole lines. A
-    // consistent snapshot has one row per key, so batches can go to any worker.
+    // One worker per core parses, renders and installs; the streams' tasks only cut whole
+    // lines. A consistent snapshot has one row per key, so batches can go to any worker.
     let job = Arc::new(Job {
         ks: ks.clone(),
         keys: b.fields.iter().map(|f| field_key(&f.name)).collect(),
@@ -342,10 +386,69 @@ async fn warm_one(
     }
 
     let started = Instant::now();
-    let mut last_report = started;
+    let readers = clients.iter().zip(&sqls).enumerate().map(|(i, (client, sql))| {
+        let senders = &senders;
+        let job = &job;
+        async move {
+            let stream = client
+                .copy_out(sql.as_str())
+                .await
+                .map_err(|e| CdcError::Source(classify(&e)))?;
+            // Each stream starts at another worker.
+            cut_lines(stream, senders, i, || {
+                // One stream reports for the load.
+                if i == 0 {
+                    let rows = job.rows.load(std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(
+                        keyspace = job.ks.name(),
+                        rows,
+                        rows_per_second = (rows as f64 / started.elapsed().as_secs_f64()) as u64,
+                        "warm load in progress"
+                    );
+                }
+            })
+            .await
+        }
+    });
+    let read = futures::future::try_join_all(readers).await;
+    drop(senders);
+    let mut worker_result = Ok(());
+    for h in handles {
+        let r = h
+            .await
+            .map_err(|e| CdcError::Setup(format!("warm load worker failed: {e}")))
+            .and_then(|r| r);
+        if worker_result.is_ok() {
+            worker_result = r;
+        }
+    }
+    // A worker's own error says more than the stream's "worker stopped early".
+    worker_result?;
+    read?;
+    let rows = job.rows.load(std::sync::atomic::Ordering::Relaxed);
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        keyspace = ks.name(),
+        rows,
+        streams,
+        seconds = secs,
+        rows_per_second = (rows as f64 / secs.max(1e-9)) as u64,
+        "warm load done"
+    );
+    Ok(rows)
+}
+
+/// Reads one COPY stream and hands whole lines, about [`BATCH_BYTES`] at a time, to the
+/// workers in turn, from worker `next` on; `progress` runs every [`PROGRESS_EVERY`].
+async fn cut_lines(
+    stream: tokio_postgres::CopyOutStream,
+    senders: &[tokio::sync::mpsc::Sender<bytes::Bytes>],
+    mut next: usize,
+    progress: impl Fn(),
+) -> Result<(), CdcError> {
+    futures::pin_mut!(stream);
+    let mut last_report = Instant::now();
     let mut pending = bytes::BytesMut::with_capacity(2 * BATCH_BYTES);
-    let mut next = 0usize;
-    let mut send_err = None;
     loop {
         let chunk = stream.next().await;
         let done = chunk.is_none();
@@ -356,49 +459,24 @@ async fn warm_one(
             let cut = if done {
                 pending.len()
             } else {
-                pending.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
+                memchr::memrchr(b'\n', &pending).map_or(0, |i| i + 1)
             };
             if cut > 0 {
                 let batch = pending.split_to(cut).freeze();
-                if senders[next % workers].send(batch).await.is_err() {
-                    send_err = Some(());
-                    break;
+                if senders[next % senders.len()].send(batch).await.is_err() {
+                    return Err(CdcError::Setup("a warm load worker stopped early".into()));
                 }
                 next += 1;
             }
         }
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
-            let rows = job.rows.load(std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(
-                keyspace = ks.name(),
-                rows,
-                rows_per_second = (rows as f64 / started.elapsed().as_secs_f64()) as u64,
-                "warm load in progress"
-            );
+            progress();
         }
         if done {
-            break;
+            return Ok(());
         }
     }
-    drop(senders);
-    for h in handles {
-        h.await
-            .map_err(|e| CdcError::Setup(format!("warm load worker failed: {e}")))??;
-    }
-    if send_err.is_some() {
-        return Err(CdcError::Setup("a warm load worker stopped early".into()));
-    }
-    let rows = job.rows.load(std::sync::atomic::Ordering::Relaxed);
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        keyspace = ks.name(),
-        rows,
-        seconds = secs,
-        rows_per_second = (rows as f64 / secs.max(1e-9)) as u64,
-        "warm load done"
-    );
-    Ok(rows)
 }
 
 /// Splits one line of COPY text output into fields (`None` for `\N`), undoing its escapes. A
