@@ -239,6 +239,8 @@ pub struct TableSource {
     probe: String,
     ensure_stage: String,
     upserts: Mutex<HashMap<String, Arc<str>>>,
+    /// Each output field's `"name":`, rendered once for every row this source renders.
+    keys: Vec<render::FieldKey>,
 }
 
 impl TableSource {
@@ -255,6 +257,7 @@ impl TableSource {
             probe: sql::probe_column(&binding),
             ensure_stage: sql::ensure_stage_table(&binding),
             upserts: Mutex::new(HashMap::new()),
+            keys: binding.fields.iter().map(|f| render::field_key(&f.name)).collect(),
             pool,
             binding,
         }
@@ -266,14 +269,11 @@ impl TableSource {
 
     fn render_row(&self, row: &tokio_postgres::Row, first: usize) -> Bytes {
         let mut out = Vec::with_capacity(128);
-        render::render_object(
-            self.binding
-                .fields
-                .iter()
-                .enumerate()
-                .map(|(i, f)| (f.name.as_str(), &f.column.kind, row.get::<_, Option<&str>>(first + i))),
-            &mut out,
-        );
+        let mut obj = render::ObjectWriter::new(&mut out);
+        for (i, (f, key)) in self.binding.fields.iter().zip(&self.keys).enumerate() {
+            render::render_value(&f.column.kind, row.get::<_, Option<&str>>(first + i), obj.keyed(key));
+        }
+        obj.finish();
         Bytes::from(out)
     }
 
@@ -628,22 +628,24 @@ impl TableSource {
     /// The rows an upsert ([`TableSource::upsert_rows`]) returned, as entries (their version
     /// left for the caller), each with the text of its key columns. Kept apart from the upsert
     /// so the flusher renders them while Postgres runs its next batch.
-    pub fn stored_entries(&self, rows: &[tokio_postgres::Row]) -> Vec<(Vec<String>, crate::cache::Entry)> {
+    pub fn stored_entries(&self, rows: &[tokio_postgres::Row]) -> Vec<(Arc<str>, crate::cache::Entry)> {
         let b = &self.binding;
+        // Where each key column is among the output fields; a key column that is not one
+        // leaves its rows without a key (they are not installed).
+        let key_fields: Vec<Option<usize>> = b
+            .key
+            .iter()
+            .map(|k| b.fields.iter().position(|f| f.column.name == k.name))
+            .collect();
+        let stored_at = tokio::time::Instant::now();
         rows.iter()
             .filter_map(|r| {
-                let texts: Vec<Option<&str>> = b
-                    .key
-                    .iter()
-                    .map(|k| {
-                        b.fields
-                            .iter()
-                            .position(|f| f.column.name == k.name)
-                            .and_then(|i| r.get::<_, Option<&str>>(2 + i))
-                    })
-                    .collect();
-                let key = Self::key_texts(&texts)?;
-                let entry = crate::cache::Entry::new(Some(self.render_row(r, 2)), parse_lsn(r.get(0)), 0)
+                let mut texts = Vec::with_capacity(key_fields.len());
+                for i in &key_fields {
+                    texts.push(r.get::<_, Option<&str>>(2 + (*i)?)?);
+                }
+                let key = crate::key::cache_key_of_row(b.key.iter().zip(texts), usize::MAX).ok()?;
+                let entry = crate::cache::Entry::stored(Some(self.render_row(r, 2)), parse_lsn(r.get(0)), 0, stored_at)
                     .with_xid(parse_xid(r.get(1)));
                 Some((key, entry))
             })

@@ -549,11 +549,7 @@ impl Flusher {
             let Ok(source) = ks.source() else { continue };
             let entries = source.stored_entries(&rows);
             drop(rows);
-            outcome
-                .stored
-                .entry(ks.name().to_string())
-                .or_default()
-                .extend(entries.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
+            outcome.stored.entry(ks.name().to_string()).or_default().extend(entries);
         }
         let mut rejected = vec![false; ops.len()];
         for (i, why) in std::mem::take(&mut outcome.rejected) {
