@@ -7,7 +7,9 @@
 //! installed at version `cp`, so a streamed change (version ≥ `cp`) always wins over the row it
 //! supersedes, in whichever order the two reach the cache. Rows are read with `COPY … TO
 //! STDOUT` in text format — the same output-function text pgoutput sends — and rendered by the
-//! same renderer as loads and CDC.
+//! same renderer as loads and CDC; a large table by two COPY streams at once, each in the same
+//! snapshot over its own range of the table's pages, and parsed, rendered and installed by one
+//! worker per core.
 //!
 //! [`reload`] reloads one keyspace while the stream runs (its table changed shape): from an
 //! ordinary repeatable-read snapshot, each row installed with that snapshot's visibility
