@@ -215,7 +215,7 @@ async fn warmup(pg: &PgServer) {
     );
     let mut report = common::report::Report::new(
         "warm_start",
-        "warm start rows/s: cachesync (slot + COPY + cache) vs psql \\copy TO /dev/null",
+        "warm start, rows/s (medians): cachesync vs psql \\copy TO",
         "rows/s",
     );
     report.add("cachesync warm start", &format!("{total} rows"), total as f64 / warm);
