@@ -312,7 +312,7 @@ async fn warm_one(
     let (pages, tid_ranges) = match first
         .query_one(
             "SELECT greatest(reltuples, 0)::float8, greatest(relpages, 0)::int8, \
-                    current_setting('server_version_num')::int >= 140000 \
+                    current_setting('server_version_num')::int >= 140000 AND relkind IN ('r', 'm') \
              FROM pg_class WHERE oid = $1::text::regclass",
             &[&qualified(&b.table)],
         )
@@ -327,7 +327,8 @@ async fn warm_one(
     // A large table is read by several COPY streams at once, each over its own range of the
     // table's pages (a TID range scan, Postgres 14+), each in the same snapshot: every row the
     // snapshot sees lives in exactly one page, so each is read once. The last range is open, so
-    // pages added since the estimate are read too.
+    // pages added since the estimate are read too. Only a plain table or a materialized view is
+    // split (a view, a partitioned or a foreign table has no pages of its own to range over).
     let streams = if tid_ranges && pages >= SPLIT_PAGES {
         clients.len()
     } else {
