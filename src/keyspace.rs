@@ -427,11 +427,8 @@ impl Keyspace {
     /// The cache key of a stored row from the text of its key columns, as Postgres printed them.
     pub fn key_of_texts(&self, texts: &[String]) -> Option<Arc<str>> {
         let source = self.source().ok()?;
-        let mut parts = Vec::with_capacity(texts.len());
-        for (col, t) in source.binding().key.iter().zip(texts) {
-            parts.push(key::normalize(col, t.clone()).ok()?);
-        }
-        key::key_from_parts(parts, usize::MAX).ok().map(|k| k.cache_key)
+        let key = &source.binding().key;
+        key::cache_key_of_row(key.iter().zip(texts.iter().map(String::as_str)), usize::MAX).ok()
     }
 
     /// What this node serves for `key` without loading: its pending write-behind write, else the
