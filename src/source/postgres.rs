@@ -267,13 +267,17 @@ impl TableSource {
         &self.binding
     }
 
+    /// Appends the keyspace's document for a row given the text of its output fields, in the
+    /// binding's order (a returned row's columns, a COPY line's fields).
+    pub fn render_texts<'a>(&self, texts: impl IntoIterator<Item = Option<&'a str>>, out: &mut Vec<u8>) {
+        let fields = self.binding.fields.iter().zip(&self.keys).zip(texts);
+        render::render_object(fields.map(|((f, key), text)| (key, &f.column.kind, text)), out);
+    }
+
     fn render_row(&self, row: &tokio_postgres::Row, first: usize) -> Bytes {
         let mut out = Vec::with_capacity(128);
-        let mut obj = render::ObjectWriter::new(&mut out);
-        for (i, (f, key)) in self.binding.fields.iter().zip(&self.keys).enumerate() {
-            render::render_value(&f.column.kind, row.get::<_, Option<&str>>(first + i), obj.keyed(key));
-        }
-        obj.finish();
+        let texts = (0..self.binding.fields.len()).map(|i| row.get::<_, Option<&str>>(first + i));
+        self.render_texts(texts, &mut out);
         Bytes::from(out)
     }
 

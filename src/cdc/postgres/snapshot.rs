@@ -32,7 +32,6 @@ use crate::lifecycle::Tasks;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::postgres::config::PostgresConfig;
-use crate::source::postgres::render::{FieldKey, ObjectWriter, field_key, render_value};
 use crate::source::postgres::sql::{qualified, quote_ident};
 use crate::source::postgres::{classify, connection_config};
 
@@ -190,10 +189,8 @@ struct Version {
 /// What every load worker of one keyspace needs.
 struct Job {
     ks: Arc<Keyspace>,
-    binding: crate::source::postgres::schema::Binding,
+    source: Arc<crate::source::postgres::TableSource>,
     key_index: Vec<usize>,
-    /// Each output field's `"name":`, rendered once.
-    keys: Vec<FieldKey>,
     cp: Lsn,
     snapshot: Option<Arc<Snapshot>>,
     read_at: tokio::time::Instant,
@@ -206,7 +203,7 @@ struct Job {
 impl Job {
     /// Parses, renders and installs every row of a batch of whole COPY lines.
     async fn install(&self, batch: &[u8]) -> Result<(), CdcError> {
-        let b = &self.binding;
+        let b = self.source.binding();
         let mut fields: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(b.fields.len());
         let mut value = Vec::with_capacity(256);
         let mut n = 0;
@@ -243,11 +240,8 @@ impl Job {
             )
             .map_err(|e| CdcError::Protocol(e.to_string()))?;
             value.clear();
-            let mut obj = ObjectWriter::new(&mut value);
-            for ((f, key), v) in b.fields.iter().zip(&self.keys).zip(&fields) {
-                render_value(&f.column.kind, v.as_deref(), obj.keyed(key));
-            }
-            obj.finish();
+            self.source
+                .render_texts(fields.iter().map(|v| v.as_deref()), &mut value);
             // A version of its own, taken as the row is installed: a change streamed meanwhile
             // (an earlier version) must never look newer than the row that supersedes it.
             let mut entry = Entry::stored(
@@ -287,7 +281,7 @@ async fn warm_one(
     tasks: &Tasks,
 ) -> Result<u64, CdcError> {
     let source = ks.source()?;
-    let b = source.binding().clone();
+    let b = source.binding();
     let key_index: Vec<usize> = b
         .key
         .iter()
@@ -359,8 +353,7 @@ async fn warm_one(
     // lines. A consistent snapshot has one row per key, so batches can go to any worker.
     let job = Arc::new(Job {
         ks: ks.clone(),
-        keys: b.fields.iter().map(|f| field_key(&f.name)).collect(),
-        binding: b,
+        source: source.clone(),
         key_index,
         cp: version.lsn,
         snapshot: version.snapshot.clone(),

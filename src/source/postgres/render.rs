@@ -84,14 +84,14 @@ pub fn render_value(kind: &TypeKind, text: Option<&str>, out: &mut Vec<u8>) {
     }
 }
 
-/// Appends a JSON object of `(field, kind, text)` triples to `out`.
+/// Appends a JSON object of `(field key, kind, text)` triples to `out`.
 pub fn render_object<'a>(
-    fields: impl IntoIterator<Item = (&'a str, &'a TypeKind, Option<&'a str>)>,
+    fields: impl IntoIterator<Item = (&'a FieldKey, &'a TypeKind, Option<&'a str>)>,
     out: &mut Vec<u8>,
 ) {
     let mut obj = ObjectWriter::new(out);
-    for (field, kind, text) in fields {
-        render_value(kind, text, obj.field(field));
+    for (key, kind, text) in fields {
+        render_value(kind, text, obj.keyed(key));
     }
     obj.finish();
 }
@@ -605,8 +605,9 @@ mod tests {
     #[test]
     fn objects() {
         let mut out = Vec::new();
+        let (id, name) = (field_key("id"), field_key("name"));
         render_object(
-            [("id", &TypeKind::Integer, Some("1")), ("name", &TypeKind::Text, None)],
+            [(&id, &TypeKind::Integer, Some("1")), (&name, &TypeKind::Text, None)],
             &mut out,
         );
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"id":1,"name":null}"#);
