@@ -44,6 +44,9 @@ const NO_DEADLINE: u64 = u64::MAX;
 const HAS_VALUE: u8 = 1;
 const RAW: u8 = 2;
 const HAS_XID: u8 = 4;
+/// The entry was read from Postgres when it was stored (`read_at == stored_at`): a warm load's
+/// rows, all read at their snapshot, carry that time without a box of their own.
+const READ_AT_STORED: u8 = 8;
 
 /// Bytes of a record besides key and value: triomphe's count and slice length, and [`Head`].
 pub const RECORD_FIXED_BYTES: usize = 16 + std::mem::size_of::<Head>();
@@ -257,19 +260,28 @@ impl Compact {
         if e.xid.is_some() {
             flags |= HAS_XID;
         }
-        let extra =
-            (e.snapshot.is_some() || e.read_at.is_some() || e.checked_at.is_some() || e.fed.is_some()).then(|| {
-                Box::new(Extra {
-                    snapshot: e.snapshot.clone(),
-                    read_at: e.read_at,
-                    checked_at: e.checked_at,
-                    fed: e.fed.clone(),
-                })
-            });
+        let stored_ns = self.at(e.stored_at);
+        // A read time equal to the store time is a flag, not a box — when the store time reads
+        // back exactly (it is never before the epoch in practice).
+        let read_at = match e.read_at {
+            Some(t) if t == e.stored_at && self.epoch + Duration::from_nanos(stored_ns) == t => {
+                flags |= READ_AT_STORED;
+                None
+            }
+            other => other,
+        };
+        let extra = (e.snapshot.is_some() || read_at.is_some() || e.checked_at.is_some() || e.fed.is_some()).then(|| {
+            Box::new(Extra {
+                snapshot: e.snapshot.clone(),
+                read_at,
+                checked_at: e.checked_at,
+                fed: e.fed.clone(),
+            })
+        });
         let head = Head {
             lsn: e.lsn.0,
             version: e.version,
-            stored_ns: self.at(e.stored_at),
+            stored_ns,
             expires_ns: e.expires_at.map_or(NO_DEADLINE, |t| self.at(t)),
             extra,
             key_len: key.len().min(u32::MAX as usize) as u32,
@@ -294,14 +306,19 @@ impl Compact {
     fn entry(&self, r: &Rec) -> Entry {
         let h = &r.header.header;
         let x = h.extra.as_deref();
+        let stored_at = self.epoch + Duration::from_nanos(h.stored_ns);
         Entry {
             value: (h.flags & HAS_VALUE != 0).then(|| Bytes::from_owner(ValueOf(r.clone()))),
             lsn: Lsn(h.lsn),
             xid: (h.flags & HAS_XID != 0).then_some(h.xid),
             snapshot: x.and_then(|x| x.snapshot.clone()),
             version: h.version,
-            stored_at: self.epoch + Duration::from_nanos(h.stored_ns),
-            read_at: x.and_then(|x| x.read_at),
+            stored_at,
+            read_at: if h.flags & READ_AT_STORED != 0 {
+                Some(stored_at)
+            } else {
+                x.and_then(|x| x.read_at)
+            },
             checked_at: x.and_then(|x| x.checked_at),
             fed: x.and_then(|x| x.fed.clone()),
             expires_at: (h.expires_ns != NO_DEADLINE).then(|| self.epoch + Duration::from_nanos(h.expires_ns)),
@@ -642,6 +659,44 @@ mod tests {
         let n = c.get("n").expect("a negative entry");
         assert!(n.value.is_none() && n.xid.is_none() && !n.raw);
         assert!(c.holds("k", &back) && !c.holds("k", &e), "identity is the record's");
+    }
+
+    #[test]
+    fn a_read_time_equal_to_the_store_time_takes_no_box() {
+        let c = Compact::new(Capacity::Entries(10), Duration::from_secs(60), Duration::from_secs(1));
+        let extra_of = |key: &str| {
+            let hash = c.hash(key.as_bytes());
+            let table = c.shard(hash).table.read().unwrap();
+            table
+                .find(hash, |r| key_of(r) == key.as_bytes())
+                .map(|r| r.header.header.extra.is_some())
+                .expect("stored")
+        };
+        let e = doc("warm");
+        let warm = e.clone().read_at(e.stored_at);
+        c.put("w".into(), &warm);
+        assert!(!extra_of("w"), "a warm load's row is one allocation");
+        let back = c.get("w").expect("stored");
+        assert_eq!((back.read_at, back.stored_at), (Some(e.stored_at), e.stored_at));
+        assert!(c.holds("w", &back));
+
+        // Read earlier than stored (write-through): the read time keeps its own place.
+        let earlier = e.stored_at.checked_sub(Duration::from_millis(3)).expect("a clock past 3 ms");
+        c.put("t".into(), &e.clone().read_at(earlier));
+        assert!(extra_of("t"));
+        assert_eq!(c.get("t").expect("stored").read_at, Some(earlier));
+
+        // Other rare fields still take the box; the read time stays exact beside them.
+        let mut checked = warm.clone();
+        checked.checked_at = Some(e.stored_at + Duration::from_secs(1));
+        c.put("c".into(), &checked);
+        assert!(extra_of("c"));
+        let back = c.get("c").expect("stored");
+        assert_eq!((back.read_at, back.checked_at), (Some(e.stored_at), checked.checked_at));
+
+        // No read time at all stays no read time.
+        c.put("n".into(), &e);
+        assert_eq!((extra_of("n"), c.get("n").expect("stored").read_at), (false, None));
     }
 
     #[test]

@@ -207,9 +207,10 @@ impl Job {
         let mut fields: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(b.fields.len());
         let mut value = Vec::with_capacity(256);
         let mut n = 0;
-        // The batch's rows start their TTL life together (a batch is a few milliseconds of
-        // work); their versions are taken row by row (see below).
-        let stored_at = tokio::time::Instant::now();
+        // Every row starts its TTL life when the snapshot was read, the time it is fresh as of
+        // (its `Age` counts from there): one time for the whole load, which the compact store
+        // keeps without a box per row. Versions are taken row by row (see below).
+        let stored_at = self.read_at;
         let mut start = 0;
         let ends = memchr::memchr_iter(b'\n', batch).chain(std::iter::once(batch.len()));
         for end in ends {
@@ -250,7 +251,7 @@ impl Job {
                 self.hlc.now(),
                 stored_at,
             )
-            .read_at(self.read_at);
+            .read_at(stored_at);
             entry.snapshot = self.snapshot.clone();
             // Through the door: a change streamed or written meanwhile (newer) is never
             // overwritten, and a load in flight for the key will not install over this row. Not
