@@ -238,14 +238,17 @@ impl L1 {
     }
 
     /// Runs `decide` on the key's entry under the key's lock and applies what it returns.
-    fn compute(&self, key: Arc<str>, new: Arc<Entry>, decide: impl FnOnce(Option<&Arc<Entry>>) -> Act) -> Done {
+    /// `decide` is given the key's entry and `new`. The compact store copies `new` into its
+    /// record; only the cache store keeps it whole, behind an `Arc`.
+    fn compute(&self, key: Arc<str>, new: Entry, decide: impl FnOnce(Option<&Arc<Entry>>, &Entry) -> Act) -> Done {
         match &self.store {
             Store::Cache(cache) => {
                 let weight = new.weight(&key) as i64;
+                let new = Arc::new(new);
                 let result =
                     cache
                         .entry(key)
-                        .and_compute_with(|existing| match decide(existing.as_ref().map(|e| e.value())) {
+                        .and_compute_with(|existing| match decide(existing.as_ref().map(|e| e.value()), &new) {
                             Act::Put => Op::Put(new.clone()),
                             Act::Remove if existing.is_some() => Op::Remove,
                             Act::Remove | Act::Keep => Op::Nop,
@@ -264,8 +267,8 @@ impl L1 {
                 }
             }
             Store::Compact(c) => {
-                let (done, evicted) = c.compute(key, |existing| match decide(existing) {
-                    Act::Put => Step::Put(new),
+                let (done, evicted) = c.compute(key, |existing| match decide(existing, &new) {
+                    Act::Put => Step::Put(&new),
                     Act::Remove => Step::Remove,
                     Act::Keep => Step::Keep,
                 });
@@ -283,9 +286,8 @@ impl L1 {
             // mutation must still displace an older positive entry.
             return self.remove_if(key, &entry, rule).await;
         }
-        let new = Arc::new(entry);
-        let done = self.compute(key, new.clone(), |existing| {
-            if self.accepts(existing, &new, &rule) {
+        let done = self.compute(key, entry, |existing, new| {
+            if self.accepts(existing, new, &rule) {
                 Act::Put
             } else {
                 Act::Keep
@@ -337,9 +339,8 @@ impl L1 {
     /// the entry's `(version, origin)` is higher. A delete is stored as a tombstone whatever the
     /// negative-caching settings. Atomic with respect to every other install of the key.
     pub async fn merge(&self, key: Arc<str>, entry: Entry) -> Merged {
-        let new = Arc::new(entry);
         let mut outcome = Merged::Stored;
-        self.compute(key, new.clone(), |existing| match existing {
+        self.compute(key, entry, |existing, new| match existing {
             Some(old) if old.merge_order() > new.merge_order() => {
                 outcome = if old.merge_order().1 == new.merge_order().1 {
                     Merged::Superseded
@@ -375,10 +376,10 @@ impl L1 {
     /// Replaces `key`'s entry with `new` if it still holds exactly `old` (a confirmation of the
     /// same state). Returns whether it did.
     pub async fn replace_exact(&self, key: Arc<str>, old: &Arc<Entry>, new: Entry) -> bool {
-        let new = Arc::new(new);
         match &self.store {
             Store::Cache(cache) => {
                 let weight = new.weight(&key) as i64;
+                let new = Arc::new(new);
                 let result = cache.entry(key).and_compute_with(|existing| {
                     let same = existing.as_ref().is_some_and(|e| Arc::ptr_eq(e.value(), old));
                     if same { Op::Put(new.clone()) } else { Op::Nop }
@@ -389,15 +390,14 @@ impl L1 {
                 }
                 replaced
             }
-            Store::Compact(c) => c.compute_exact(key, old, Step::Put(new)) == Done::Replaced,
+            Store::Compact(c) => c.compute_exact(key, old, Step::Put(&new)) == Done::Replaced,
         }
     }
 
     /// Removes `key` as `rule` allows `absent` to replace what is there: a fill while its lease
     /// holds, a mutation unless the entry there is newer.
     async fn remove_if(&self, key: Arc<str>, absent: &Entry, rule: Install) -> Installed {
-        let unused = Arc::new(absent.clone());
-        let done = self.compute(key, unused, |existing| {
+        let done = self.compute(key, absent.clone(), |existing, _| {
             let ok = match (&rule, existing) {
                 (Install::Fill(lease), _) => lease.is_valid(),
                 (Install::IfNotOlder, Some(old)) => self.is_expired(old) || absent.supersedes(old),
