@@ -245,14 +245,13 @@ impl L1 {
             Store::Cache(cache) => {
                 let weight = new.weight(&key) as i64;
                 let new = Arc::new(new);
-                let result =
-                    cache
-                        .entry(key)
-                        .and_compute_with(|existing| match decide(existing.as_ref().map(|e| e.value()), &new) {
-                            Act::Put => Op::Put(new.clone()),
-                            Act::Remove if existing.is_some() => Op::Remove,
-                            Act::Remove | Act::Keep => Op::Nop,
-                        });
+                let result = cache.entry(key).and_compute_with(|existing| {
+                    match decide(existing.as_ref().map(|e| e.value()), &new) {
+                        Act::Put => Op::Put(new.clone()),
+                        Act::Remove if existing.is_some() => Op::Remove,
+                        Act::Remove | Act::Keep => Op::Nop,
+                    }
+                });
                 match result {
                     CompResult::Inserted(_) => {
                         self.bytes.fetch_add(weight, Ordering::Relaxed);
