@@ -235,6 +235,20 @@ pub fn is_json_number(s: &str) -> bool {
 /// [`normalize_timestamptz`] of a value Postgres printed in UTC (`2024-03-01 12:34:56.5+00`,
 /// what every session of ours prints: `TimeZone=UTC`), appended as a JSON string without
 /// parsing it into a date and formatting it back; `false` (nothing appended) for any other form.
+/// Whether `y-mo-d` is a day of the proleptic Gregorian calendar (what chrono's `from_ymd_opt`
+/// accepts for a four-digit year), without building a date.
+fn valid_date(y: u32, mo: u32, d: u32) -> bool {
+    let leap = y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400));
+    let days = match mo {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&d)
+}
+
 fn push_utc_timestamptz(text: &str, out: &mut Vec<u8>) -> bool {
     let b = text.as_bytes();
     let Some(body) = b.strip_suffix(b"+00") else {
@@ -260,7 +274,7 @@ fn push_utc_timestamptz(text: &str, out: &mut Vec<u8>) -> bool {
     else {
         return false;
     };
-    if chrono::NaiveDate::from_ymd_opt(y as i32, mo, d).is_none() || h > 23 || mi > 59 || sec > 59 {
+    if !valid_date(y, mo, d) || h > 23 || mi > 59 || sec > 59 {
         return false;
     }
     let frac = &body[19..];
@@ -416,6 +430,21 @@ impl ArrayParser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_date_is_valid_exactly_when_chrono_says_so() {
+        for y in (0..=9999u32).filter(|y| y % 4 == 0 || y % 97 == 1 || *y < 30) {
+            for mo in 0..=13 {
+                for d in 0..=32 {
+                    assert_eq!(
+                        valid_date(y, mo, d),
+                        chrono::NaiveDate::from_ymd_opt(y as i32, mo, d).is_some(),
+                        "{y}-{mo}-{d}"
+                    );
+                }
+            }
+        }
+    }
     use proptest::prelude::*;
 
     fn r(kind: TypeKind, text: Option<&str>) -> String {
