@@ -19,9 +19,10 @@
 //! samples a few random slots of the shard just written and drops the entry read longest ago (a
 //! per-entry access clock in seconds); evicting where it inserts keeps every shard's table at
 //! its share of the bound. The bound is checked against totals to which each shard adds its own
-//! counts in steps of 1/256 of its share, so the store holds to within 1/256 of its bound (a
-//! bound under 16,384 entries is held exactly) and two cores putting at once do not trade one
-//! cache line per entry; the entry count and weight it reports are the shards' exact sums.
+//! counts in steps of 1/256 of its share — so two cores putting at once do not trade one cache
+//! line per entry — with room for what the shards hold back: the store never holds more than
+//! its bound, and after evicting at most 1/128 less (a bound under 16,384 entries or bytes is
+//! checked exactly). The entry count and weight it reports are the shards' exact sums.
 //! Lifetimes are checked on every read; memory of expired entries is freed by
 //! [`Compact::sweep`], which skips a shard until its earliest deadline has passed.
 
@@ -162,7 +163,7 @@ struct Shard {
 
 /// What the bound is checked against on every put: the shards' counts, each shard adding its
 /// own in steps (see [`Compact::count`]), so two cores putting at once do not pass one cache
-/// line back and forth per entry. On a line of its own, apart from the read-only fields.
+/// line back and forth per entry.
 #[repr(align(128))]
 #[derive(Default)]
 struct Totals {
@@ -178,11 +179,15 @@ pub struct Compact {
     ttl_ns: u64,
     negative_ttl_ns: u64,
     capacity: Capacity,
-    totals: Totals,
-    /// How far a shard's own count may run ahead of [`Totals`] before it adds it: 1/256 of the
-    /// bound over the shards (at least 1), so the bound holds to within 1/256.
+    /// Boxed: its own cache lines, apart from the read-only fields beside it.
+    totals: Box<Totals>,
+    /// How far a shard's own count may run ahead of [`Totals`] before it adds it: 1/256 of its
+    /// share of the bound (at least 1: then every change is added at once).
     step_len: isize,
     step_bytes: i64,
+    /// The most all shards together can hold back from [`Totals`] (each less than a step): the
+    /// bound is checked with this much room, so what the store holds never passes it.
+    slack: i64,
     /// Picks eviction samples (a counter hashed; no lock, no RNG state to share).
     probe: AtomicU64,
     /// The shard the next partial sweep starts at.
@@ -219,7 +224,7 @@ impl Compact {
             ttl_ns: ns(ttl),
             negative_ttl_ns: ns(negative_ttl),
             capacity,
-            totals: Totals::default(),
+            totals: Box::default(),
             step_len: match capacity {
                 Capacity::Entries(n) => (n / (SHARDS as u64 * 256)).clamp(1, isize::MAX as u64) as isize,
                 Capacity::Bytes(_) => isize::MAX,
@@ -227,6 +232,11 @@ impl Compact {
             step_bytes: match capacity {
                 Capacity::Entries(_) => i64::MAX,
                 Capacity::Bytes(n) => (n / (SHARDS as u64 * 256)).clamp(1, i64::MAX as u64) as i64,
+            },
+            slack: match capacity {
+                Capacity::Entries(n) | Capacity::Bytes(n) => {
+                    SHARDS as i64 * ((n / (SHARDS as u64 * 256)).clamp(1, i64::MAX as u64) as i64 - 1)
+                }
             },
             probe: AtomicU64::new(0),
             cursor: AtomicUsize::new(0),
@@ -463,8 +473,8 @@ impl Compact {
 
     fn over(&self) -> bool {
         match self.capacity {
-            Capacity::Entries(n) => self.totals.len.load(Ordering::Relaxed) as i64 > n as i64,
-            Capacity::Bytes(n) => self.totals.bytes.load(Ordering::Relaxed) > n as i64,
+            Capacity::Entries(n) => self.totals.len.load(Ordering::Relaxed) as i64 + self.slack > n as i64,
+            Capacity::Bytes(n) => self.totals.bytes.load(Ordering::Relaxed) + self.slack > n as i64,
         }
     }
 
@@ -731,7 +741,7 @@ mod tests {
     }
 
     #[test]
-    fn a_large_bound_holds_within_a_256th_and_counts_stay_exact() {
+    fn a_large_bound_is_never_passed_though_counted_in_steps() {
         let bound = 100_000u64;
         let c = Compact::new(
             Capacity::Entries(bound),
@@ -744,7 +754,7 @@ mod tests {
             evicted += c.put(format!("k{i}").into(), &doc("v")).len() as u64;
         }
         let held = c.len();
-        assert!(held <= bound + bound / 256 && held >= bound - bound / 256, "{held}");
+        assert!(held <= bound && held >= bound - bound / 128, "{held}");
         assert_eq!(
             held + evicted,
             130_000,
@@ -773,8 +783,8 @@ mod tests {
             by_bytes.put(format!("k{i}").into(), &doc(&value));
         }
         let size = by_bytes.weighted_size();
-        assert!(size <= (20 << 20) + (20 << 20) / 256, "{size}");
-        assert!(size >= (20 << 20) - (20 << 20) / 256 - weight(6, 200), "{size}");
+        assert!(size <= 20 << 20, "{size}");
+        assert!(size >= (20 << 20) - (20 << 20) / 128, "{size}");
     }
 
     #[test]
@@ -851,9 +861,10 @@ mod tests {
         }
         assert!(bytes.weighted_size() <= 50_000, "{}", bytes.weighted_size());
         assert!(
-            bytes.weighted_size() > 50_000 - weight(5, 200),
-            "{}",
-            bytes.weighted_size()
+            bytes.weighted_size() > 50_000 - weight(5, 200) - bytes.slack as u64,
+            "{} (room held for the shards' unsent counts: {})",
+            bytes.weighted_size(),
+            bytes.slack
         );
     }
 
