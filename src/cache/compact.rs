@@ -206,6 +206,13 @@ fn ns(d: Duration) -> u64 {
 impl Compact {
     pub fn new(capacity: Capacity, ttl: Duration, negative_ttl: Duration) -> Compact {
         let now = Instant::now();
+        // Each shard's step is 1/256 of its share of the bound; only the bound's own unit is
+        // counted in steps (the other is added whenever that one is).
+        let step = |bound: u64| (bound / (SHARDS as u64 * 256)).clamp(1, i32::MAX as u64) as i64;
+        let (step_len, step_bytes, slack) = match capacity {
+            Capacity::Entries(n) => (step(n) as isize, i64::MAX, SHARDS as i64 * (step(n) - 1)),
+            Capacity::Bytes(n) => (isize::MAX, step(n), SHARDS as i64 * (step(n) - 1)),
+        };
         Compact {
             shards: (0..SHARDS)
                 .map(|_| Shard {
@@ -225,19 +232,9 @@ impl Compact {
             negative_ttl_ns: ns(negative_ttl),
             capacity,
             totals: Box::default(),
-            step_len: match capacity {
-                Capacity::Entries(n) => (n / (SHARDS as u64 * 256)).clamp(1, isize::MAX as u64) as isize,
-                Capacity::Bytes(_) => isize::MAX,
-            },
-            step_bytes: match capacity {
-                Capacity::Entries(_) => i64::MAX,
-                Capacity::Bytes(n) => (n / (SHARDS as u64 * 256)).clamp(1, i64::MAX as u64) as i64,
-            },
-            slack: match capacity {
-                Capacity::Entries(n) | Capacity::Bytes(n) => {
-                    SHARDS as i64 * ((n / (SHARDS as u64 * 256)).clamp(1, i64::MAX as u64) as i64 - 1)
-                }
-            },
+            step_len,
+            step_bytes,
+            slack,
             probe: AtomicU64::new(0),
             cursor: AtomicUsize::new(0),
         }
