@@ -436,7 +436,8 @@ async fn warm_one(
 }
 
 /// Reads one COPY stream and hands whole lines, about [`BATCH_BYTES`] at a time, to the
-/// workers in turn, from worker `next` on; `progress` runs every [`PROGRESS_EVERY`].
+/// workers in turn, from worker `next` on; `progress` runs every [`PROGRESS_EVERY`] (the clock
+/// is read once a batch).
 async fn cut_lines(
     stream: tokio_postgres::CopyOutStream,
     senders: &[tokio::sync::mpsc::Sender<bytes::Bytes>],
@@ -465,10 +466,11 @@ async fn cut_lines(
                 }
                 next += 1;
             }
-        }
-        if last_report.elapsed() >= PROGRESS_EVERY {
-            last_report = Instant::now();
-            progress();
+            // The clock is read once a batch, not once a row (each chunk is one row).
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                progress();
+            }
         }
         if done {
             return Ok(());
