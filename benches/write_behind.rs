@@ -10,6 +10,7 @@
 //!    from a CSV file into an identical table.
 //!
 //! Run: `cargo bench --bench write_behind`. `CACHESYNC_BENCH_ONLY=drain` runs the drain alone, `=acks` the acknowledged writes alone;
+//! `WB_DRAIN_ROWS` sets the drain's rows (default 100,000; fewer under a profiler).
 //! `WB_EXTRA` appends TOML to the keyspace's section (`\n` for newlines), e.g.
 //! `WB_EXTRA='[write_behind]\nbatch_rows = 5000'`. Nothing here asserts a time.
 
@@ -31,10 +32,26 @@ use cachesync_testkit::temp_dir;
 use common::{Lat, RawHttp};
 
 const RUN_FOR: Duration = Duration::from_secs(4);
-const DRAIN_ROWS: u64 = 100_000;
+/// Rows of the drain; `WB_DRAIN_ROWS` overrides (e.g. fewer under a profiler).
+fn drain_rows() -> u64 {
+    std::env::var("WB_DRAIN_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
 
 fn main() {
     common::block_on(run());
+}
+
+/// This process's resident memory, MB.
+fn rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+        / 1_000_000
 }
 
 fn put_request(id: u64) -> Vec<u8> {
@@ -222,8 +239,9 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
 }
 
 async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) {
+    let rows = drain_rows();
     let sql = pg.connect(db).await;
-    println!("\n== drain: {DRAIN_ROWS} acknowledged rows into Postgres vs psql \\copy ==");
+    println!("\n== drain: {rows} acknowledged rows into Postgres vs psql \\copy ==");
     let locker = pg.connect(db).await;
     locker
         .batch_execute("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE;")
@@ -239,7 +257,7 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
             let mut http = RawHttp::connect(addr).await;
             loop {
                 let id = next.fetch_add(1, Ordering::Relaxed);
-                if id >= start_id + DRAIN_ROWS {
+                if id >= start_id + rows {
                     return;
                 }
                 let (status, _) = http.roundtrip(&put_request(id)).await;
@@ -250,23 +268,32 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
     for t in tasks {
         t.await.expect("writer");
     }
-    assert_eq!(backlog(addr).await, before + DRAIN_ROWS);
+    assert_eq!(backlog(addr).await, before + rows);
+    let rss_before = rss_mb();
     let t = Instant::now();
     locker.batch_execute("COMMIT").await.expect("unlock");
     while backlog(addr).await > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain = t.elapsed().as_secs_f64();
+    // The window, on the clock `perf record -k CLOCK_MONOTONIC` stamps samples with (so a
+    // profile of the whole run can be cut to the drain), and what the drain added to the process.
+    println!(
+        "drain window (CLOCK_MONOTONIC): {:?} .. {:?}; RSS {rss_before} -> {} MB",
+        t,
+        Instant::now(),
+        rss_mb()
+    );
     let n: i64 = sql
         .query_one("SELECT count(*) FROM users WHERE id >= $1", &[&(start_id as i64)])
         .await
         .expect("count")
         .get(0);
-    assert_eq!(n as u64, DRAIN_ROWS);
+    assert_eq!(n as u64, rows);
 
     let csv = temp_dir("bench-wb-csv", None).join("rows.csv");
-    let mut text = String::with_capacity(DRAIN_ROWS as usize * 48);
-    for id in start_id..start_id + DRAIN_ROWS {
+    let mut text = String::with_capacity(rows as usize * 48);
+    for id in start_id..start_id + rows {
         text.push_str(&format!("{id},user {id},u{id}@example.com,{}\n", id % 1000));
     }
     std::fs::write(&csv, text).expect("csv");
@@ -285,13 +312,13 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
         "{:<40} {:>7.2}s {:>10.0} rows/s",
         "cachesync flusher drain",
         drain,
-        DRAIN_ROWS as f64 / drain
+        rows as f64 / drain
     );
     println!(
         "{:<40} {:>7.2}s {:>10.0} rows/s",
         "psql \\copy of the same rows",
         copy,
-        DRAIN_ROWS as f64 / copy
+        rows as f64 / copy
     );
     println!("{:<40} {:>7.2}x", "ratio (drain rows/s / copy rows/s)", copy / drain);
     let mut report = common::report::Report::new(
@@ -299,7 +326,11 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
         "rows/s into Postgres: write-behind drain vs psql \\copy",
         "rows/s",
     );
-    report.add("cachesync drain", "100k rows", DRAIN_ROWS as f64 / drain);
-    report.add("psql \\copy", "100k rows", DRAIN_ROWS as f64 / copy);
+    report.add(
+        "cachesync drain",
+        &format!("{}k rows", rows / 1000),
+        rows as f64 / drain,
+    );
+    report.add("psql \\copy", &format!("{}k rows", rows / 1000), rows as f64 / copy);
     report.write();
 }

@@ -405,6 +405,38 @@ impl ChangeEvent {
     }
 
     pub fn decode(buf: &[u8]) -> Result<ChangeEvent, DecodeError> {
+        EventView::of(buf).map(|v| v.to_event(Bytes::copy_from_slice))
+    }
+
+    /// [`ChangeEvent::decode`] of a shared buffer: the document is a slice of `buf`, not a copy.
+    pub fn decode_shared(buf: &Bytes) -> Result<ChangeEvent, DecodeError> {
+        EventView::of(buf).map(|v| v.to_event(|field| buf.slice_ref(field)))
+    }
+}
+
+/// An encoded event read in place: every field checked as [`ChangeEvent::decode`] checks it,
+/// nothing copied. A reader that needs a few fields of many events (the write-behind flusher)
+/// takes them from here without allocating the rest.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub keyspace: &'a str,
+    pub key: &'a str,
+    pub op: Op,
+    pub value: Option<&'a [u8]>,
+    pub origin: &'a str,
+    pub version: u64,
+    pub source: Source,
+    pub source_position: u64,
+    pub source_time_us: u64,
+    /// Encoded field lists (see [`EventView::unchanged`], [`EventView::written`]); checked.
+    unchanged: &'a [u8],
+    written: &'a [u8],
+    pub source_xid: Option<u32>,
+    pub stamp: Option<Stamp>,
+}
+
+impl<'a> EventView<'a> {
+    pub fn of(buf: &'a [u8]) -> Result<EventView<'a>, DecodeError> {
         let format = *buf.first().ok_or(DecodeError::Empty)?;
         if format == 0 {
             return Err(DecodeError::ZeroFormat);
@@ -413,25 +445,13 @@ impl ChangeEvent {
             return Err(DecodeError::NewerFormat(format));
         }
         let mut pos = 1;
-        let (
-            mut keyspace,
-            mut key,
-            mut op,
-            mut value,
-            mut origin,
-            mut version,
-            mut source,
-            mut source_position,
-            mut source_time_us,
-        ) = (None, None, None, None, String::new(), None, None, 0, 0);
-        let (mut unchanged, mut source_xid, mut written, mut stamp) = (Vec::new(), None, Vec::new(), None);
+        let (mut keyspace, mut key, mut op, mut value, mut origin, mut version, mut source) =
+            (None, None, None, None, "", None, None);
+        let (mut source_position, mut source_time_us, mut unchanged, mut written) = (0, 0, &[][..], &[][..]);
+        let (mut source_xid, mut stamp) = (None, None);
         while pos < buf.len() {
             let (tag, field) = next_field(buf, &mut pos)?;
-            let text = |why| {
-                std::str::from_utf8(field)
-                    .map(str::to_string)
-                    .map_err(|_| DecodeError::BadField { tag, why })
-            };
+            let text = |why| std::str::from_utf8(field).map_err(|_| DecodeError::BadField { tag, why });
             let int = || {
                 let mut p = 0;
                 let v = get_varint(field, &mut p)?;
@@ -442,6 +462,16 @@ impl ChangeEvent {
                     });
                 }
                 Ok(v)
+            };
+            let list = || {
+                if !field.is_empty() && list_items(field).is_some_and(|mut items| items.all(|i| i.is_some())) {
+                    Ok(field)
+                } else {
+                    Err(DecodeError::BadField {
+                        tag,
+                        why: "malformed field list",
+                    })
+                }
             };
             match tag {
                 tag::KEYSPACE => keyspace = Some(text("keyspace is not UTF-8")?),
@@ -458,24 +488,14 @@ impl ChangeEvent {
                         }
                     })
                 }
-                tag::VALUE => value = Some(Bytes::copy_from_slice(field)),
+                tag::VALUE => value = Some(field),
                 tag::ORIGIN => origin = text("origin is not UTF-8")?,
                 tag::VERSION => version = Some(int()?),
                 tag::SOURCE => source = Some(source_of_field(field)?),
                 tag::SOURCE_POSITION => source_position = int()?,
                 tag::SOURCE_TIME => source_time_us = int()?,
-                tag::UNCHANGED => {
-                    unchanged = decode_list(field).ok_or(DecodeError::BadField {
-                        tag,
-                        why: "malformed field list",
-                    })?
-                }
-                tag::WRITTEN => {
-                    written = decode_list(field).ok_or(DecodeError::BadField {
-                        tag,
-                        why: "malformed field list",
-                    })?
-                }
+                tag::UNCHANGED => unchanged = list()?,
+                tag::WRITTEN => written = list()?,
                 tag::STAMP => {
                     let v: [u8; STAMP_BYTES] = field.try_into().map_err(|_| DecodeError::BadField {
                         tag,
@@ -496,7 +516,7 @@ impl ChangeEvent {
                 _ => {} // a field from a later build
             }
         }
-        Ok(ChangeEvent {
+        Ok(EventView {
             keyspace: keyspace.ok_or(DecodeError::Missing("keyspace"))?,
             key: key.ok_or(DecodeError::Missing("key"))?,
             op: op.ok_or(DecodeError::Missing("op"))?,
@@ -507,10 +527,84 @@ impl ChangeEvent {
             source_position,
             source_time_us,
             unchanged,
-            source_xid,
             written,
+            source_xid,
             stamp,
         })
+    }
+
+    /// The fields the source did not send ([`ChangeEvent::unchanged`]).
+    pub fn unchanged(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        list_items(self.unchanged).into_iter().flatten().map_while(|i| i)
+    }
+
+    /// The fields an API write named ([`ChangeEvent::written`]).
+    pub fn written(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        list_items(self.written).into_iter().flatten().map_while(|i| i)
+    }
+
+    /// The event, owned; `value_of` makes the document's bytes.
+    pub fn to_event(&self, value_of: impl Fn(&'a [u8]) -> Bytes) -> ChangeEvent {
+        ChangeEvent {
+            keyspace: self.keyspace.to_string(),
+            key: self.key.to_string(),
+            op: self.op,
+            value: self.value.map(value_of),
+            origin: self.origin.to_string(),
+            version: self.version,
+            source: self.source,
+            source_position: self.source_position,
+            source_time_us: self.source_time_us,
+            unchanged: self.unchanged().map(str::to_string).collect(),
+            source_xid: self.source_xid,
+            written: self.written().map(str::to_string).collect(),
+            stamp: self.stamp,
+        }
+    }
+}
+
+/// The items of an encoded list: `None` if its count is malformed, else each item, `None` for
+/// one that is malformed or not UTF-8, or for bytes left over after the last.
+fn list_items(buf: &[u8]) -> Option<impl Iterator<Item = Option<&str>>> {
+    if buf.is_empty() {
+        // An absent list (`EventView` holds it so) is empty.
+        return Some(ListItems { buf, pos: 0, left: 0 });
+    }
+    let mut pos = 0;
+    let n = get_varint(buf, &mut pos).ok()?;
+    Some(ListItems { buf, pos, left: n })
+}
+
+struct ListItems<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    left: u64,
+}
+
+impl<'a> Iterator for ListItems<'a> {
+    type Item = Option<&'a str>;
+
+    fn next(&mut self) -> Option<Option<&'a str>> {
+        if self.left == 0 {
+            // Trailing bytes after the last item make the list malformed.
+            return (self.pos < self.buf.len()).then(|| {
+                self.pos = self.buf.len();
+                None
+            });
+        }
+        self.left -= 1;
+        let item = (|| {
+            let len = usize::try_from(get_varint(self.buf, &mut self.pos).ok()?).ok()?;
+            let end = self.pos.checked_add(len)?;
+            let s = std::str::from_utf8(self.buf.get(self.pos..end)?).ok()?;
+            self.pos = end;
+            Some(s)
+        })();
+        if item.is_none() {
+            self.left = 0;
+            self.pos = self.buf.len();
+        }
+        Some(item)
     }
 }
 
@@ -526,19 +620,6 @@ fn encode_list(items: &[String]) -> Vec<u8> {
 }
 
 /// A LEB128 count followed by that many length-prefixed UTF-8 strings.
-fn decode_list(buf: &[u8]) -> Option<Vec<String>> {
-    let mut pos = 0;
-    let n = get_varint(buf, &mut pos).ok()?;
-    let mut out = Vec::with_capacity(n.min(1024) as usize);
-    for _ in 0..n {
-        let len = usize::try_from(get_varint(buf, &mut pos).ok()?).ok()?;
-        let end = pos.checked_add(len)?;
-        out.push(std::str::from_utf8(buf.get(pos..end)?).ok()?.to_string());
-        pos = end;
-    }
-    (pos == buf.len()).then_some(out)
-}
-
 #[cfg(test)]
 pub mod tests {
     use super::*;
@@ -604,6 +685,71 @@ pub mod tests {
         #[test]
         fn round_trips(e in arb_event()) {
             prop_assert_eq!(ChangeEvent::decode(&e.encode()).unwrap(), e);
+        }
+
+        #[test]
+        fn a_view_reads_the_fields_in_place(e in arb_event()) {
+            let b = e.encode();
+            let v = EventView::of(&b).unwrap();
+            prop_assert_eq!(v.keyspace, e.keyspace.as_str());
+            prop_assert_eq!(v.key, e.key.as_str());
+            prop_assert_eq!(v.value, e.value.as_deref());
+            prop_assert_eq!(v.origin, e.origin.as_str());
+            prop_assert_eq!(v.written().collect::<Vec<_>>(), e.written.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert_eq!(v.unchanged().collect::<Vec<_>>(), e.unchanged.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn a_list_is_read_as_the_owned_decoder_read_it(
+            items in proptest::collection::vec(".{0,6}", 0..4),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            // The decoder before views, kept as the reference: a count, then each item, nothing after.
+            fn owned(buf: &[u8]) -> Option<Vec<String>> {
+                let mut pos = 0;
+                let n = get_varint(buf, &mut pos).ok()?;
+                let mut out = Vec::new();
+                for _ in 0..n {
+                    let len = usize::try_from(get_varint(buf, &mut pos).ok()?).ok()?;
+                    let end = pos.checked_add(len)?;
+                    out.push(std::str::from_utf8(buf.get(pos..end)?).ok()?.to_string());
+                    pos = end;
+                }
+                (pos == buf.len()).then_some(out)
+            }
+            let good = encode_list(&items);
+            let mut bad = good.clone();
+            let i = at.index(bad.len());
+            bad[i] = byte;
+            let mut short = good.clone();
+            short.truncate(cut.index(good.len() + 1));
+            let mut long = good.clone();
+            long.push(byte);
+            for buf in [good, bad, short, long] {
+                let mut e = ChangeEvent::of(Op::Put, "ks", "k", None).encode();
+                put_field(&mut e, tag::WRITTEN, &buf);
+                let view = EventView::of(&e);
+                match owned(&buf) {
+                    Some(list) => {
+                        let v = view.expect("a list the owned decoder read");
+                        prop_assert_eq!(v.written().collect::<Vec<_>>(), list.iter().map(String::as_str).collect::<Vec<_>>());
+                    }
+                    None => prop_assert!(view.is_err(), "a list the owned decoder refused: {:?}", buf),
+                }
+            }
+        }
+
+        #[test]
+        fn a_shared_decode_is_the_same_event_borrowing_its_document(e in arb_event()) {
+            let b = Bytes::from(e.encode());
+            let shared = ChangeEvent::decode_shared(&b).unwrap();
+            if let Some(v) = &shared.value {
+                let range = b.as_ptr() as usize..b.as_ptr() as usize + b.len();
+                prop_assert!(v.is_empty() || range.contains(&(v.as_ptr() as usize)), "the document is a slice of the buffer");
+            }
+            prop_assert_eq!(shared, e);
         }
 
         #[test]

@@ -24,7 +24,7 @@ pub struct Pending {
 /// The unflushed writes of one keyspace.
 #[derive(Debug, Default)]
 pub struct Overlay {
-    map: Mutex<HashMap<Arc<str>, Pending>>,
+    map: Mutex<HashMap<Arc<str>, Pending, ahash::RandomState>>,
     /// Entries in the map, kept under its lock: a read that finds zero skips the lock (most
     /// keyspaces never have a pending write, and every read would take it).
     len: AtomicUsize,
@@ -55,8 +55,10 @@ impl Overlay {
     pub fn settle(&self, key: &str, version: u64) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.get(key).is_some_and(|p| p.version <= version) {
-            map.remove(key);
+            let gone = map.remove(key);
             self.len.store(map.len(), Ordering::SeqCst);
+            drop(map);
+            drop(gone); // freed outside the lock
         }
     }
 

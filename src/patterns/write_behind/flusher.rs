@@ -32,7 +32,7 @@ use super::deadletters::DeadLetter;
 use super::{CURSOR, WriteBehind};
 use crate::cache::Entry;
 use crate::commitlog::{Offset, Record};
-use crate::event::{ChangeEvent, Op, Source};
+use crate::event::{ChangeEvent, EventView, Op, Source};
 use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
 use crate::source::postgres::sqlstate::{self, Fault};
@@ -64,20 +64,18 @@ pub struct FlushOp {
     pub version: u64,
     /// Offset of the last write coalesced: the dead letter's id if it is rejected.
     pub offset: Offset,
-    /// The document of the last write (JSON), for a dead letter.
-    pub doc: Option<bytes::Bytes>,
-    pub written: Vec<String>,
-    /// The node that took the last write coalesced (another region's, for a federated
-    /// keyspace with a home): told when Postgres rejects it.
-    pub origin: String,
+    /// The last write coalesced, as the log holds it: a dead letter takes its document, fields
+    /// and origin (the node that took it — another region's, for a federated keyspace with a
+    /// home — is told when Postgres rejects it) from here, so a flush decodes only what it needs.
+    pub record: bytes::Bytes,
 }
 
 /// What one flush transaction returns: deleted rows as entries by keyspace and key, and each
 /// upsert's returned rows.
-type Transacted = (
-    HashMap<String, HashMap<Arc<str>, Entry>>,
-    Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>,
-);
+type Transacted = (HashMap<String, Stored>, Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>);
+
+/// What Postgres stored or deleted in one keyspace, as entries by key.
+type Stored = HashMap<Arc<str>, Entry, ahash::RandomState>;
 
 /// One row of a set-based upsert: its key components and the fields it writes.
 type UpsertRow<'a> = (Vec<String>, &'a Map<String, Value>);
@@ -113,16 +111,14 @@ fn batch_error(e: BatchError) -> FlushError {
 }
 
 /// Folds one write into a key's coalesced flush.
-fn fold(prev: Option<Kind>, e: &ChangeEvent) -> Kind {
+fn fold(prev: Option<Kind>, e: &EventView<'_>) -> Kind {
     match e.op {
         Op::Delete => Kind::Delete,
         _ => {
-            let mut patch: Map<String, Value> = e
-                .value
-                .as_ref()
-                .and_then(|v| serde_json::from_slice(v).ok())
-                .unwrap_or_default();
-            patch.retain(|f, _| e.written.contains(f));
+            let mut patch: Map<String, Value> =
+                e.value.and_then(|v| serde_json::from_slice(v).ok()).unwrap_or_default();
+            let written: Vec<&str> = e.written().collect();
+            patch.retain(|f, _| written.contains(&f.as_str()));
             match prev {
                 None => Kind::Upsert(patch),
                 Some(Kind::Upsert(mut m)) => {
@@ -155,7 +151,7 @@ struct Batch {
 #[derive(Default)]
 struct Outcome {
     /// What Postgres stored or deleted, as entries by keyspace and key.
-    stored: HashMap<String, HashMap<Arc<str>, Entry>>,
+    stored: HashMap<String, Stored>,
     /// The rows upserts returned, not yet rendered (the settling stage renders them, so the
     /// writer stage is free for the next batch sooner).
     returned: Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>,
@@ -369,19 +365,23 @@ impl Flusher {
         }
     }
 
-    /// Coalesces a run of records into one flush per key.
+    /// Coalesces a run of records into one flush per key, ordered by keyspace and key.
     fn coalesce(&self, records: &[Record], end: Offset) -> Batch {
-        let mut by_key: BTreeMap<(String, Arc<str>), FlushOp> = BTreeMap::new();
+        // Each key's op by (keyspace, key); the keyspace by its address, as one `Arc` per name
+        // is shared by every op of it.
+        let mut at: HashMap<(usize, Arc<str>), usize, ahash::RandomState> =
+            HashMap::with_capacity_and_hasher(records.len(), ahash::RandomState::new());
+        let mut ops: Vec<FlushOp> = Vec::with_capacity(records.len());
         let (mut raw, mut bytes, mut first_ms) = (0, 0, 0);
         for r in records {
-            let Ok(e) = ChangeEvent::decode(&r.payload) else {
+            let Ok(e) = EventView::of(&r.payload) else {
                 continue;
             };
             // Writes only (a `rejected` notice is an API-sourced event too, but writes nothing).
             if e.source != Source::Api || !matches!(e.op, Op::Put | Op::Delete) {
                 continue;
             }
-            let Some(ks) = self.wb.keyspaces.get(&e.keyspace) else {
+            let Some(ks) = self.wb.keyspaces.get(e.keyspace) else {
                 continue;
             };
             // A write taken in another region: the CDC echo of its flush must carry a later
@@ -392,33 +392,37 @@ impl Flusher {
             if first_ms == 0 {
                 first_ms = r.timestamp_ms;
             }
-            let key: Arc<str> = e.key.as_str().into();
-            match by_key.entry((e.keyspace.clone(), key.clone())) {
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(FlushOp {
+            let key: Arc<str> = e.key.into();
+            match at.entry((Arc::as_ptr(ks) as usize, key.clone())) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(ops.len());
+                    ops.push(FlushOp {
                         ks: ks.clone(),
                         key,
                         kind: fold(None, &e),
                         version: e.version,
                         offset: r.offset,
-                        doc: e.value,
-                        written: e.written,
-                        origin: e.origin,
+                        record: r.payload.clone(),
                     });
                 }
-                std::collections::btree_map::Entry::Occupied(mut o) => {
-                    let op = o.get_mut();
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let op = &mut ops[*o.get()];
                     op.kind = fold(Some(std::mem::replace(&mut op.kind, Kind::Delete)), &e);
                     op.version = e.version;
                     op.offset = r.offset;
-                    op.doc = e.value;
-                    op.written = e.written;
-                    op.origin = e.origin;
+                    op.record = r.payload.clone();
                 }
             }
         }
+        ops.sort_unstable_by(|a, b| {
+            if Arc::ptr_eq(&a.ks, &b.ks) {
+                a.key.cmp(&b.key)
+            } else {
+                (a.ks.name(), &*a.key).cmp(&(b.ks.name(), &*b.key))
+            }
+        });
         Batch {
-            ops: by_key.into_values().collect(),
+            ops,
             raw,
             bytes,
             end,
@@ -513,7 +517,7 @@ impl Flusher {
                     .map(|k| k.parts)
                     .map_err(|e| FlushError::Rejected(e.to_string()))
             };
-            let rows: &mut HashMap<Arc<str>, Entry> = stored.entry(name.to_string()).or_default();
+            let rows: &mut Stored = stored.entry(name.to_string()).or_default();
             // Deletes first (a put after a delete re-inserts in the same transaction).
             let mut deletes = Vec::new();
             for op in ops.iter().filter(|o| matches!(o.kind, Kind::Delete | Kind::Replace(_))) {
@@ -523,17 +527,35 @@ impl Flusher {
                 let deleted = source.delete_rows(&tx, &deletes).await.map_err(batch_error)?;
                 rows.extend(deleted.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
             }
-            // Upserts, one statement per set of written columns.
-            let mut groups: HashMap<Vec<&str>, Vec<UpsertRow>> = HashMap::new();
+            // Upserts, one statement per set of written columns, in the order first seen.
+            let mut groups: Vec<(Vec<&str>, Vec<UpsertRow>)> = Vec::new();
+            let mut group_of: HashMap<Vec<&str>, usize> = HashMap::new();
+            let mut last: Option<usize> = None;
             for op in ops.iter() {
                 if let Kind::Upsert(m) | Kind::Replace(m) = &op.kind {
-                    let mut cols: Vec<&str> = m.keys().map(String::as_str).collect();
-                    cols.sort_unstable();
-                    groups.entry(cols).or_default().push((parts(op)?, m));
+                    // Most ops write the columns the one before wrote: no list to build then.
+                    let g = match last {
+                        Some(g)
+                            if groups[g].0.len() == m.len()
+                                && m.keys().all(|k| groups[g].0.binary_search(&k.as_str()).is_ok()) =>
+                        {
+                            g
+                        }
+                        _ => {
+                            let mut cols: Vec<&str> = m.keys().map(String::as_str).collect();
+                            cols.sort_unstable();
+                            *group_of.entry(cols.clone()).or_insert_with(|| {
+                                groups.push((cols, Vec::with_capacity(ops.len())));
+                                groups.len() - 1
+                            })
+                        }
+                    };
+                    groups[g].1.push((parts(op)?, m));
+                    last = Some(g);
                 }
             }
             let mut staged = false;
-            for group in groups.values() {
+            for (_, group) in &groups {
                 let upserted = source.upsert_rows(&tx, group, &mut staged).await.map_err(batch_error)?;
                 returned.push((ks.clone(), upserted));
             }
@@ -549,7 +571,9 @@ impl Flusher {
             let Ok(source) = ks.source() else { continue };
             let entries = source.stored_entries(&rows);
             drop(rows);
-            outcome.stored.entry(ks.name().to_string()).or_default().extend(entries);
+            let stored = outcome.stored.entry(ks.name().to_string()).or_default();
+            stored.reserve(entries.len());
+            stored.extend(entries);
         }
         let mut rejected = vec![false; ops.len()];
         for (i, why) in std::mem::take(&mut outcome.rejected) {
@@ -586,6 +610,12 @@ impl Flusher {
     /// Sets a rejected write aside (durably); the writes after it go on.
     async fn dead_letter(&self, op: &FlushOp, why: String) -> bool {
         tracing::warn!(keyspace = op.ks.name(), key = %op.key, error = %why, "Postgres rejected a write-behind write; it is set aside as a dead letter");
+        // The coalescing stage read this record already: it decodes.
+        let write = ChangeEvent::decode_shared(&op.record).unwrap_or_else(|_| {
+            let mut e = ChangeEvent::of(Op::Put, op.ks.name(), &*op.key, None);
+            e.origin = self.wb.node.clone();
+            e
+        });
         let letter = DeadLetter {
             id: op.offset.0,
             keyspace: op.ks.name().to_string(),
@@ -595,8 +625,8 @@ impl Flusher {
             } else {
                 Op::Put
             },
-            doc: op.doc.as_ref().and_then(|d| serde_json::from_slice(d).ok()),
-            written: op.written.clone(),
+            doc: write.value.as_ref().and_then(|d| serde_json::from_slice(d).ok()),
+            written: write.written,
             version: op.version,
             error: why,
             failed_at_ms: crate::commitlog::now_ms(),
@@ -615,18 +645,18 @@ impl Flusher {
         // A write taken in another region: that region shows it too (and stops showing the
         // write to its readers).
         if op.ks.config.federate
-            && op.origin != self.wb.node
+            && write.origin != self.wb.node
             && let Some(fed) = self.wb.federation.get()
             && let Err(e) = fed
                 .reject(
                     &op.ks,
                     &op.key,
                     serde_json::to_value(&copy).unwrap_or_default(),
-                    &op.origin,
+                    &write.origin,
                 )
                 .await
         {
-            tracing::error!(error = %e, origin = %op.origin, "cannot tell the region that took a rejected write; it is kept here as a dead letter");
+            tracing::error!(error = %e, origin = %write.origin, "cannot tell the region that took a rejected write; it is kept here as a dead letter");
         }
         // The write did not happen: reads go back to the database's state.
         let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
