@@ -7,7 +7,8 @@
 //!    rows (each commit durable in Postgres). The flusher drains to Postgres meanwhile.
 //! 2. Drain rows/s: a backlog of rows is accepted while the table is locked against writes, then
 //!    released; the time until every row is in Postgres — beside `psql \copy` of the same rows
-//!    from a CSV file into an identical table.
+//!    from a CSV file into an identical table. `WB_DRAIN_RUNS` runs (default 3), the two sides
+//!    in alternating order, fresh ids each run; medians and each run's ratio are printed.
 //!
 //! Run: `cargo bench --bench write_behind`. `CACHESYNC_BENCH_ONLY=drain` runs the drain alone, `=acks` the acknowledged writes alone;
 //! `WB_DRAIN_ROWS` sets the drain's rows (default 100,000; fewer under a profiler).
@@ -38,6 +39,15 @@ fn drain_rows() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000)
+}
+
+/// Drain runs, each beside a `\copy` (interleaved, medians reported); `WB_DRAIN_RUNS` overrides.
+fn drain_runs() -> u64 {
+    std::env::var("WB_DRAIN_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1)
 }
 
 fn main() {
@@ -240,16 +250,73 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
 
 async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) {
     let rows = drain_rows();
+    let runs = drain_runs();
+    println!("\n== drain: {rows} acknowledged rows into Postgres vs psql \\copy, {runs} interleaved runs ==");
+    let (mut drains, mut copies) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        // Fresh ids each run, into both tables alike; which side goes first alternates.
+        let first_id = 10_000_000 + run * rows;
+        let (drain, copy) = if run % 2 == 0 {
+            let d = drain_once(addr, pg, db, first_id, rows).await;
+            (d, copy_once(pg, db, first_id, rows))
+        } else {
+            let c = copy_once(pg, db, first_id, rows);
+            (drain_once(addr, pg, db, first_id, rows).await, c)
+        };
+        println!(
+            "run {:<3} drain {:>6.2}s {:>9.0} rows/s | \\copy {:>6.2}s {:>9.0} rows/s | {:>5.2}x",
+            run + 1,
+            drain,
+            rows as f64 / drain,
+            copy,
+            rows as f64 / copy,
+            copy / drain
+        );
+        drains.push(drain);
+        copies.push(copy);
+    }
+    let ratios: Vec<f64> = copies.iter().zip(&drains).map(|(c, d)| c / d).collect();
+    let (drain, copy) = (common::median(drains), common::median(copies));
+    println!(
+        "{:<40} {:>7.2}s {:>10.0} rows/s",
+        "cachesync flusher drain (median)",
+        drain,
+        rows as f64 / drain
+    );
+    println!(
+        "{:<40} {:>7.2}s {:>10.0} rows/s",
+        "psql \\copy of the same rows (median)",
+        copy,
+        rows as f64 / copy
+    );
+    println!(
+        "{:<40} {:>7.2}x (runs {})",
+        "ratio (median of the runs' ratios)",
+        common::median(ratios.clone()),
+        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ")
+    );
+    let mut report = common::report::Report::new(
+        "write_behind_drain",
+        "rows/s into Postgres: write-behind drain vs psql \\copy (medians)",
+        "rows/s",
+    );
+    let at = format!("{}k rows", rows / 1000);
+    report.add("cachesync drain", &at, rows as f64 / drain);
+    report.add("psql \\copy", &at, rows as f64 / copy);
+    report.write();
+}
+
+/// Accepts `rows` new rows while the table is locked against writes, then releases it: the
+/// seconds until the flusher has them all in Postgres.
+async fn drain_once(addr: std::net::SocketAddr, pg: &PgServer, db: &str, first_id: u64, rows: u64) -> f64 {
     let sql = pg.connect(db).await;
-    println!("\n== drain: {rows} acknowledged rows into Postgres vs psql \\copy ==");
     let locker = pg.connect(db).await;
     locker
         .batch_execute("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE;")
         .await
         .expect("lock");
     let before = backlog(addr).await;
-    let start_id = 10_000_000u64;
-    let next = Arc::new(AtomicU64::new(start_id));
+    let next = Arc::new(AtomicU64::new(first_id));
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let next = next.clone();
@@ -257,7 +324,7 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
             let mut http = RawHttp::connect(addr).await;
             loop {
                 let id = next.fetch_add(1, Ordering::Relaxed);
-                if id >= start_id + rows {
+                if id >= first_id + rows {
                     return;
                 }
                 let (status, _) = http.roundtrip(&put_request(id)).await;
@@ -285,15 +352,22 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
         rss_mb()
     );
     let n: i64 = sql
-        .query_one("SELECT count(*) FROM users WHERE id >= $1", &[&(start_id as i64)])
+        .query_one(
+            "SELECT count(*) FROM users WHERE id >= $1 AND id < $2",
+            &[&(first_id as i64), &((first_id + rows) as i64)],
+        )
         .await
         .expect("count")
         .get(0);
     assert_eq!(n as u64, rows);
+    drain
+}
 
+/// `psql \copy` of the same rows into an identical table: its seconds.
+fn copy_once(pg: &PgServer, db: &str, first_id: u64, rows: u64) -> f64 {
     let csv = temp_dir("bench-wb-csv", None).join("rows.csv");
     let mut text = String::with_capacity(rows as usize * 48);
-    for id in start_id..start_id + rows {
+    for id in first_id..first_id + rows {
         text.push_str(&format!("{id},user {id},u{id}@example.com,{}\n", id % 1000));
     }
     std::fs::write(&csv, text).expect("csv");
@@ -307,30 +381,5 @@ async fn drain(addr: std::net::SocketAddr, pg: &PgServer, db: &str, _url: &str) 
         .status()
         .expect("psql");
     assert!(st.success());
-    let copy = t.elapsed().as_secs_f64();
-    println!(
-        "{:<40} {:>7.2}s {:>10.0} rows/s",
-        "cachesync flusher drain",
-        drain,
-        rows as f64 / drain
-    );
-    println!(
-        "{:<40} {:>7.2}s {:>10.0} rows/s",
-        "psql \\copy of the same rows",
-        copy,
-        rows as f64 / copy
-    );
-    println!("{:<40} {:>7.2}x", "ratio (drain rows/s / copy rows/s)", copy / drain);
-    let mut report = common::report::Report::new(
-        "write_behind_drain",
-        "rows/s into Postgres: write-behind drain vs psql \\copy",
-        "rows/s",
-    );
-    report.add(
-        "cachesync drain",
-        &format!("{}k rows", rows / 1000),
-        rows as f64 / drain,
-    );
-    report.add("psql \\copy", &format!("{}k rows", rows / 1000), rows as f64 / copy);
-    report.write();
+    t.elapsed().as_secs_f64()
 }
