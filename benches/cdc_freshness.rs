@@ -136,10 +136,7 @@ async fn freshness(pg: &PgServer) {
 
 async fn warmup(pg: &PgServer) {
     // `WARM_ROWS` (default 1M) sizes the table, e.g. smaller to count instructions per row.
-    let total: i64 = std::env::var("WARM_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let total: i64 = common::env_or("WARM_ROWS", 1_000_000);
     println!("\n== warm-up from a consistent snapshot: {total} rows ==");
     let big = pg.create_database().await;
     let bsql = pg.connect(&big.name).await;
@@ -152,11 +149,7 @@ async fn warmup(pg: &PgServer) {
     bsql.batch_execute("VACUUM ANALYZE users").await.expect("vacuum");
     // Interleaved: a copy, then a warm start, `WARM_RUNS` times (default 3); medians, since
     // this machine's wall times swing by a third between runs.
-    let runs = std::env::var("WARM_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3usize)
-        .max(1);
+    let runs = common::env_or("WARM_RUNS", 3usize).max(1);
     let (mut copies, mut warms, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         let t = Instant::now();

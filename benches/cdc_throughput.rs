@@ -109,7 +109,7 @@ struct Round {
 }
 
 async fn run() {
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = common::env_or("ROUNDS", 5);
     println!(
         "cachesync cdc_throughput: {ROWS} row changes per round in transactions of {TXN_ROWS}, {rounds} rounds; Postgres fsync off, commit log fsync = always"
     );

@@ -138,11 +138,7 @@ async fn run() {
 /// the log's group commits reached, in alternating order; the table gives medians over rounds
 /// and each round's ratio.
 fn rounds_wanted() -> usize {
-    std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1)
+    common::env_or("ROUNDS", 3usize).max(1)
 }
 
 /// One round of a case: the log's figures and the raw loop's beside them.

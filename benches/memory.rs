@@ -200,10 +200,7 @@ fn main() {
         layer(&args[i + 1], n, size);
         return;
     }
-    let n: usize = std::env::var("ENTRIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let n: usize = common::env_or("ENTRIES", 1_000_000);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

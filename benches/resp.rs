@@ -108,7 +108,7 @@ fn medians(runs: &[Run]) -> Run {
 }
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+    let rounds: usize = common::env_or("ROUNDS", 5);
     let tool = redis_benchmark();
     let redis = RedisServer::start();
     let redis_pid = redis.pid();

@@ -35,19 +35,12 @@ use common::{Lat, RawHttp};
 const RUN_FOR: Duration = Duration::from_secs(4);
 /// Rows of the drain; `WB_DRAIN_ROWS` overrides (e.g. fewer under a profiler).
 fn drain_rows() -> u64 {
-    std::env::var("WB_DRAIN_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
+    common::env_or("WB_DRAIN_ROWS", 100_000)
 }
 
 /// Drain runs, each beside a `\copy` (interleaved, medians reported); `WB_DRAIN_RUNS` overrides.
 fn drain_runs() -> u64 {
-    std::env::var("WB_DRAIN_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1)
+    common::env_or("WB_DRAIN_RUNS", 3u64).max(1)
 }
 
 fn main() {

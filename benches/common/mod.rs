@@ -5,6 +5,18 @@
 pub mod freshness;
 pub mod report;
 
+/// A bench knob from the environment: `default` when `name` is unset, its value when it parses,
+/// else a clear stop (a typo must not silently measure something else).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid {}", std::any::type_name::<T>())),
+    }
+}
+
 /// The median of `v` (the upper one of an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
