@@ -232,9 +232,6 @@ pub fn is_json_number(s: &str) -> bool {
     i == b.len()
 }
 
-/// [`normalize_timestamptz`] of a value Postgres printed in UTC (`2024-03-01 12:34:56.5+00`,
-/// what every session of ours prints: `TimeZone=UTC`), appended as a JSON string without
-/// parsing it into a date and formatting it back; `false` (nothing appended) for any other form.
 /// Whether `y-mo-d` is a day of the proleptic Gregorian calendar (what chrono's `from_ymd_opt`
 /// accepts for a four-digit year), without building a date.
 fn valid_date(y: u32, mo: u32, d: u32) -> bool {
@@ -249,6 +246,9 @@ fn valid_date(y: u32, mo: u32, d: u32) -> bool {
     (1..=days).contains(&d)
 }
 
+/// [`normalize_timestamptz`] of a value Postgres printed in UTC (`2024-03-01 12:34:56.5+00`,
+/// what every session of ours prints: `TimeZone=UTC`), appended as a JSON string without
+/// parsing it into a date and formatting it back; `false` (nothing appended) for any other form.
 fn push_utc_timestamptz(text: &str, out: &mut Vec<u8>) -> bool {
     let b = text.as_bytes();
     let Some(body) = b.strip_suffix(b"+00") else {
@@ -430,6 +430,7 @@ impl ArrayParser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_date_is_valid_exactly_when_chrono_says_so() {
@@ -445,7 +446,6 @@ mod tests {
             }
         }
     }
-    use proptest::prelude::*;
 
     fn r(kind: TypeKind, text: Option<&str>) -> String {
         let mut out = Vec::new();
