@@ -120,6 +120,9 @@ pub struct Metrics {
     pub wb_oldest_age: Gauge,
     /// `cachesync_writebehind_flushed_rows_total{keyspace}`: coalesced rows written to Postgres.
     pub wb_flushed: IntCounterVec,
+    /// `cachesync_writebehind_rows_as_written_total{keyspace}`: flushed rows installed from
+    /// what was written, with no row sent back by Postgres.
+    pub wb_as_written: IntCounterVec,
     /// `cachesync_writebehind_flush_batch_rows`: rows per flush transaction.
     pub wb_batch_rows: Histogram,
     /// `cachesync_writebehind_flush_duration_seconds`
@@ -441,6 +444,12 @@ impl Metrics {
                 &r,
                 "cachesync_writebehind_flushed_rows_total",
                 "Coalesced rows written to Postgres by the flusher.",
+                &["keyspace"],
+            ),
+            wb_as_written: counter(
+                &r,
+                "cachesync_writebehind_rows_as_written_total",
+                "Flushed rows installed in L1 as written: Postgres stores them exactly as given, so it was not asked to send them back.",
                 &["keyspace"],
             ),
             wb_batch_rows: reg(

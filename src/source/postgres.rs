@@ -229,6 +229,21 @@ fn parse_xid(text: Option<&str>) -> Option<u32> {
     text.and_then(|t| t.parse::<u64>().ok()).map(|x| x as u32)
 }
 
+/// Where a transaction's upserts as written ([`TableSource::upsert_rows`]) stand, read in the
+/// transaction after them: the WAL insert position and the transaction id their rows take, and
+/// which of `tables` (OIDs) store rows other than as written after all — a rewriting trigger
+/// created since their bindings were read ([`sql::written_stamp`]).
+pub async fn written_stamp(
+    tx: &impl GenericClient,
+    tables: &[u32],
+) -> Result<(Lsn, Option<u32>, Vec<u32>), tokio_postgres::Error> {
+    let oids: Vec<i64> = tables.iter().map(|&t| i64::from(t)).collect();
+    let stmt = tx.prepare_cached(&sql::written_stamp()).await?;
+    let row = tx.query_one(&stmt, &[&oids]).await?;
+    let rewriting = row.get::<_, Vec<i64>>(2).into_iter().map(|o| o as u32).collect();
+    Ok((parse_lsn(row.get(0)), parse_xid(row.get(1)), rewriting))
+}
+
 /// One keyspace's table, ready to load and write rows.
 pub struct TableSource {
     pool: Arc<PgPool>,
@@ -515,7 +530,7 @@ impl TableSource {
             }
         }
         let stmt = client
-            .prepare_cached(&self.upsert_sql(&columns, sql::Rows::One))
+            .prepare_cached(&self.upsert_sql(&columns, sql::Rows::One, false))
             .await
             .map_err(Failed::Db)?;
         client.query_one(&stmt, &[&json]).await.map_err(Failed::Db)
@@ -577,7 +592,9 @@ impl TableSource {
 
     /// Upserts many rows in one statement: each row its key components and the fields it writes
     /// (every row of one call writes the same fields). Returns the stored rows as Postgres sent
-    /// them; [`TableSource::stored_entries`] makes them entries.
+    /// them ([`TableSource::stored_entries`] makes them entries) — or, with `as_written` (rows
+    /// [`TableSource::stores_as_written`] and [`TableSource::knows_stored`] accepted), nothing:
+    /// Postgres is not asked to send back what the cache knows ([`TableSource::written_entry`]).
     ///
     /// From [`COPY_MIN_ROWS`] rows on, the rows are `COPY`ed into the session's staging table
     /// and upserted from there: Postgres parses `COPY` text several times faster than a JSON
@@ -588,9 +605,10 @@ impl TableSource {
         tx: &deadpool_postgres::Transaction<'_>,
         rows: &[(Vec<String>, &Map<String, Value>)],
         staged: &mut bool,
-    ) -> Result<Vec<tokio_postgres::Row>, BatchError> {
+        as_written: bool,
+    ) -> Result<Option<Vec<tokio_postgres::Row>>, BatchError> {
         let Some((_, first)) = rows.first() else {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         };
         let b = &self.binding;
         if let Some(name) = first.keys().find(|name| b.field(name).is_none()) {
@@ -599,34 +617,108 @@ impl TableSource {
                 b.keyspace
             )));
         }
-        // Key columns, then the written ones, in the binding's order.
-        let columns: Vec<&str> = b
-            .fields
+        let columns = self.upsert_columns(first);
+        let shape = if rows.len() >= COPY_MIN_ROWS {
+            self.stage(tx, &columns, rows, staged).await?;
+            sql::Rows::Staged
+        } else {
+            sql::Rows::Many
+        };
+        let json = match shape {
+            sql::Rows::Staged => None,
+            _ => Some(self.rows_json(rows)?),
+        };
+        let params: Vec<&(dyn ToSql + Sync)> = json.iter().map(|j| j as &(dyn ToSql + Sync)).collect();
+        let stmt = tx
+            .prepare_cached(&self.upsert_sql(&columns, shape, as_written))
+            .await
+            .map_err(BatchError::Db)?;
+        if !as_written {
+            return Ok(Some(tx.query(&stmt, &params).await.map_err(BatchError::Db)?));
+        }
+        let n = tx.execute(&stmt, &params).await.map_err(BatchError::Db)?;
+        if n != rows.len() as u64 {
+            // Every row of an `ON CONFLICT DO UPDATE` is inserted or updated; anything else
+            // means the table does not behave as the binding read it.
+            return Err(BatchError::Invalid(format!(
+                "an upsert of {} rows into {} stored {n}",
+                rows.len(),
+                b.table
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The table columns an upsert writing `fields` sets: the key's, then the written ones, in
+    /// the binding's order.
+    fn upsert_columns(&self, fields: &Map<String, Value>) -> Vec<&str> {
+        let b = &self.binding;
+        b.fields
             .iter()
             .map(|f| f.column.name.as_str())
             .filter(|c| {
                 b.key.iter().any(|k| k.name == *c)
                     || b.fields
                         .iter()
-                        .any(|f| f.column.name == *c && first.contains_key(&f.name))
+                        .any(|f| f.column.name == *c && fields.contains_key(&f.name))
             })
-            .collect();
-        let out = if rows.len() >= COPY_MIN_ROWS {
-            self.stage(tx, &columns, rows, staged).await?;
-            let stmt = tx
-                .prepare_cached(&self.upsert_sql(&columns, sql::Rows::Staged))
-                .await
-                .map_err(BatchError::Db)?;
-            tx.query(&stmt, &[]).await.map_err(BatchError::Db)?
-        } else {
-            let json = self.rows_json(rows)?;
-            let stmt = tx
-                .prepare_cached(&self.upsert_sql(&columns, sql::Rows::Many))
-                .await
-                .map_err(BatchError::Db)?;
-            tx.query(&stmt, &[&json]).await.map_err(BatchError::Db)?
-        };
-        Ok(out)
+            .collect()
+    }
+
+    /// Whether an upsert writing `fields` (the JSON fields every row of it writes) stores rows
+    /// whose documents the cache can render without Postgres sending them back: the table
+    /// stores rows as written (no rules, children or row triggers before insert or update, as
+    /// the binding read it), the fields and the key cover every output field, and they set
+    /// every column an insert needs — so no column of the document is left to a default or to
+    /// the row's previous state. Each row must then also pass [`TableSource::knows_stored`].
+    pub fn stores_as_written(&self, fields: &Map<String, Value>) -> bool {
+        let b = &self.binding;
+        !b.rewrites_rows
+            && b.fields
+                .iter()
+                .all(|f| fields.contains_key(&f.name) || b.key.iter().any(|k| k.name == f.column.name))
+            && sql::complete(b, &self.upsert_columns(fields))
+    }
+
+    /// Whether Postgres stores every output field of this row with a text known here
+    /// ([`schema::ColumnMeta::stored_text`]); the key's columns take the key's text.
+    pub fn knows_stored(&self, key: &[String], fields: &Map<String, Value>) -> bool {
+        self.written_texts(key, fields).all(|t| t.is_some())
+    }
+
+    /// The stored text of each output field of a row written as `key` and `fields`, in the
+    /// binding's order (`None`: not knowable here).
+    fn written_texts<'a>(
+        &'a self,
+        key: &'a [String],
+        fields: &'a Map<String, Value>,
+    ) -> impl Iterator<Item = Option<schema::StoredText<'a>>> + 'a {
+        let b = &self.binding;
+        b.fields
+            .iter()
+            .map(move |f| match b.key.iter().position(|k| k.name == f.column.name) {
+                Some(i) => f.column.key_text(key.get(i)?),
+                None => f.column.stored_text(fields.get(&f.name)?),
+            })
+    }
+
+    /// The entry for a row an upsert as written stored (see [`TableSource::upsert_rows`]): the
+    /// document rendered from the texts Postgres stored, exactly as from a returned row, at the
+    /// transaction's WAL position and id. `None` when a text is not knowable here.
+    pub fn written_entry(
+        &self,
+        key: &[String],
+        fields: &Map<String, Value>,
+        lsn: Lsn,
+        xid: Option<u32>,
+        stored_at: tokio::time::Instant,
+    ) -> Option<crate::cache::Entry> {
+        let texts: Option<Vec<schema::StoredText<'_>>> = self.written_texts(key, fields).collect();
+        let texts = texts?;
+        let texts: Vec<_> = texts.iter().map(|t| t.text()).collect();
+        let mut out = Vec::with_capacity(128);
+        self.render_texts(texts.iter().map(|t| t.as_deref()), &mut out);
+        Some(crate::cache::Entry::stored(Some(Bytes::from(out)), lsn, 0, stored_at).with_xid(xid))
     }
 
     /// The rows an upsert ([`TableSource::upsert_rows`]) returned, as entries (their version
@@ -829,13 +921,17 @@ impl TableSource {
         Ok(row)
     }
 
-    fn upsert_sql(&self, columns: &[&str], rows: sql::Rows) -> Arc<str> {
-        let id = format!("{rows:?}\u{1f}{}", columns.join("\u{1f}"));
+    fn upsert_sql(&self, columns: &[&str], rows: sql::Rows, as_written: bool) -> Arc<str> {
+        let id = format!("{rows:?}{as_written}\u{1f}{}", columns.join("\u{1f}"));
         let mut cache = self.upserts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = cache.get(&id) {
             return s.clone();
         }
-        let s: Arc<str> = sql::upsert(&self.binding, columns, rows).into();
+        let s: Arc<str> = if as_written {
+            sql::upsert_as_written(&self.binding, columns, rows).into()
+        } else {
+            sql::upsert(&self.binding, columns, rows).into()
+        };
         if cache.len() < MAX_CACHED_UPSERTS {
             cache.insert(id, s.clone());
         }

@@ -292,6 +292,146 @@ async fn a_bulk_flush_stores_every_type_exactly_as_a_single_row_write_does() {
     server.shutdown().await;
 }
 
+/// Rows whose every column Postgres stores exactly as given (text, unbounded varchar, integers
+/// — JSON numbers or strings spelled as Postgres spells them — booleans, NULL) are installed in
+/// L1 from what was written, with no row sent back, and read exactly as a load from Postgres
+/// renders them: through the `COPY` path and the JSON path alike. A trigger created while the
+/// sidecar runs (so its binding does not know it) is noticed in the flush's own transaction:
+/// nothing of that table is installed as written, and the keys read what the trigger stored. A
+/// table whose trigger is there from the start has its rows sent back and installed as stored.
+#[tokio::test]
+async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_trigger_is_honoured() {
+    let db = Db::new().await;
+    db.exec(
+        "CREATE TABLE wb (id bigint PRIMARY KEY, name text NOT NULL, nick varchar, small smallint, flag bool, n int); \
+         CREATE TABLE known (id bigint PRIMARY KEY, name text NOT NULL); \
+         CREATE FUNCTION checked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.name := NEW.name || ' (checked)'; RETURN NEW; END $$; \
+         CREATE TRIGGER checked BEFORE INSERT OR UPDATE ON known FOR EACH ROW EXECUTE FUNCTION checked();",
+    )
+    .await;
+    let node = Node::new();
+    // `reader` loads the same rows from Postgres: what the cache renders from a stored row.
+    // `known`'s trigger is there from the start: its rows always come back from Postgres.
+    let keyspaces = format!(
+        "{}{}[[keyspace]]\nname = \"reader\"\ntable = \"wb\"\nkey = \"id\"\n",
+        keyspace("wb", "wb", "max_entries = 10000"),
+        keyspace("known", "known", "max_entries = 10000")
+    );
+    let (server, http) = node
+        .start_text(&node.config_text(&db, &keyspaces, "[write_behind]\nbatch_rows = 1000\n"))
+        .await;
+    let tricky = [
+        "plain",
+        "tab\there",
+        "new\nline",
+        "back\\slash",
+        "\\N",
+        "quote \" ' ",
+        "ünïcödé ✓",
+        "",
+    ];
+    let body = |id: i64, phase: &str| {
+        json!({
+            "name": format!("{} {phase} {id}", tricky[id as usize % tricky.len()]),
+            "nick": if id % 4 == 0 { json!(null) } else { json!(format!("n\t{id}")) },
+            "small": if id % 3 == 0 { json!((-id).to_string()) } else { json!(id % 100) },
+            "flag": id % 2 == 0,
+            "n": -id * 1000,
+        })
+    };
+    let as_written = |m: &str| metric(m, "cachesync_writebehind_rows_as_written_total{keyspace=\"wb\"}");
+    // 100 rows in one batch (staged with COPY), then 10 one at a time (bound as JSON).
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE wb IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    for id in 0..100 {
+        let r = http.put(&format!("/v1/kv/wb/{id}"), body(id, "one").to_string()).await;
+        assert_eq!(r.status, 202, "{id}: {}", r.body);
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    for id in 100..110 {
+        let r = http.put(&format!("/v1/kv/wb/{id}"), body(id, "one").to_string()).await;
+        assert_eq!(r.status, 202, "{id}: {}", r.body);
+        drained(&http).await;
+    }
+    assert_eq!(
+        as_written(&http.get("/metrics").await.body),
+        110.0,
+        "every row installed as written"
+    );
+    for id in 0..110 {
+        let (w, r) = (
+            http.get(&format!("/v1/kv/wb/{id}")).await,
+            http.get(&format!("/v1/kv/reader/{id}")).await,
+        );
+        assert_eq!((w.status.as_u16(), r.status.as_u16()), (200, 200), "{id}");
+        assert_eq!(w.header("x-cache"), "hit", "{id}: the installed entry answers");
+        assert_eq!(r.header("x-cache"), "miss", "{id}: loaded from Postgres");
+        assert_eq!(
+            w.body, r.body,
+            "{id}: the installed document is the stored row's, byte for byte"
+        );
+    }
+    // A table whose binding knows its trigger: the rows come back and are installed as stored.
+    for id in 0..40 {
+        let r = http
+            .put(
+                &format!("/v1/kv/known/{id}"),
+                json!({"name": format!("k{id}")}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{id}: {}", r.body);
+    }
+    drained(&http).await;
+    let m = http.get("/metrics").await.body;
+    assert_eq!(
+        metric(&m, "cachesync_writebehind_rows_as_written_total{keyspace=\"known\"}"),
+        0.0
+    );
+    for id in 0..40 {
+        let w = http.get(&format!("/v1/kv/known/{id}")).await;
+        assert_eq!((w.status.as_u16(), w.header("x-cache")), (200, "hit"), "{id}");
+        assert_eq!(
+            w.json()["name"],
+            format!("k{id} (checked)"),
+            "{id}: as the trigger stored it"
+        );
+    }
+    // A trigger the binding does not know: the flush sees it and installs nothing as written.
+    db.exec("CREATE TRIGGER checked BEFORE INSERT OR UPDATE ON wb FOR EACH ROW EXECUTE FUNCTION checked();")
+        .await;
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE wb IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    let ids: Vec<i64> = (0..50).chain(200..240).collect();
+    for &id in &ids {
+        let r = http.put(&format!("/v1/kv/wb/{id}"), body(id, "two").to_string()).await;
+        assert_eq!(r.status, 202, "{id}: {}", r.body);
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(&http).await;
+    assert_eq!(
+        as_written(&http.get("/metrics").await.body),
+        110.0,
+        "nothing more installed as written"
+    );
+    for &id in &ids {
+        let w = http.get(&format!("/v1/kv/wb/{id}")).await;
+        assert_eq!(w.status, 200, "{id}");
+        assert_eq!(w.header("x-cache"), "miss", "{id}: loaded again, not installed");
+        // An upsert that updates runs the trigger twice (before the insert, then the update).
+        let stored: String = db.scalar(&format!("SELECT name FROM wb WHERE id = {id}")).await;
+        assert!(stored.ends_with(" (checked)"), "{id}: {stored}");
+        assert_eq!(w.json()["name"], stored, "{id}: the trigger's value");
+    }
+    server.shutdown().await;
+}
+
 /// A tmpfs mounted for one test (the process runs as root, as on CI); unmounted when dropped.
 struct SmallDisk(std::path::PathBuf);
 

@@ -9,8 +9,12 @@
 //! and one set-based upsert per set of written columns — its rows `COPY`ed into a session
 //! staging table when there are many, else bound as one JSON array
 //! ([`crate::source::postgres::TableSource::upsert_rows`]). The cursor advances only after the
-//! transaction commits; the stored rows (`RETURNING`) are installed in L1 with their WAL
-//! position and xid, and the pending writes are settled.
+//! transaction commits; the stored rows are installed in L1 with their WAL position and xid,
+//! and the pending writes are settled. Postgres sends the stored rows back (`RETURNING`) only
+//! when the cache cannot know them: rows whose every output column takes exactly what was
+//! written (text, integers, booleans, NULL; no default, no rewriting trigger) are rendered from
+//! the writes, at the WAL position and xid read once at the end of the transaction — which
+//! also catches a trigger created since the binding was read (those rows are not installed).
 //! Reading, writing and settling are three stages (see [`Flusher`]), so Postgres is kept busy
 //! while the next batch is coalesced and the last one settled.
 //!
@@ -36,7 +40,7 @@ use crate::event::{ChangeEvent, EventView, Op, Source};
 use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
 use crate::source::postgres::sqlstate::{self, Fault};
-use crate::source::postgres::{BatchError, PgPool};
+use crate::source::postgres::{self, BatchError, PgPool};
 
 /// The cursor is moved past records that need no flush at least this often.
 const IDLE_CURSOR_EVERY: u64 = 10_000;
@@ -70,9 +74,24 @@ pub struct FlushOp {
     pub record: bytes::Bytes,
 }
 
-/// What one flush transaction returns: deleted rows as entries by keyspace and key, and each
-/// upsert's returned rows.
-type Transacted = (HashMap<String, Stored>, Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>);
+/// What one flush transaction returns: deleted rows as entries by keyspace and key, and what
+/// each upsert stored.
+type Transacted = (HashMap<String, Stored>, Vec<Upserted>);
+
+/// What an upsert stored, not yet made entries (the settling stage does that, so the writer
+/// stage is free for the next batch sooner).
+enum Upserted {
+    /// The rows Postgres returned.
+    Returned(Arc<Keyspace>, Vec<tokio_postgres::Row>),
+    /// Rows stored exactly as written ([`crate::source::postgres::TableSource::stores_as_written`]):
+    /// the ops (by index in the batch) and their key components, at the transaction's WAL
+    /// position and id, rendered from the ops themselves.
+    AsWritten {
+        ops: Vec<(usize, Vec<String>)>,
+        lsn: crate::lsn::Lsn,
+        xid: Option<u32>,
+    },
+}
 
 /// What Postgres stored or deleted in one keyspace, as entries by key.
 type Stored = HashMap<Arc<str>, Entry, ahash::RandomState>;
@@ -152,9 +171,8 @@ struct Batch {
 struct Outcome {
     /// What Postgres stored or deleted, as entries by keyspace and key.
     stored: HashMap<String, Stored>,
-    /// The rows upserts returned, not yet rendered (the settling stage renders them, so the
-    /// writer stage is free for the next batch sooner).
-    returned: Vec<(Arc<Keyspace>, Vec<tokio_postgres::Row>)>,
+    /// What upserts stored, not yet rendered.
+    upserted: Vec<Upserted>,
     /// The ops Postgres rejected (by index in the batch), with its error.
     rejected: Vec<(usize, String)>,
 }
@@ -444,11 +462,17 @@ impl Flusher {
         work.push(0..ops.len());
         while let Some(part) = work.pop() {
             match self.transaction(&ops[part.clone()]).await {
-                Ok((stored, returned)) => {
+                Ok((stored, mut upserted)) => {
                     for (ks, rows) in stored {
                         outcome.stored.entry(ks).or_default().extend(rows);
                     }
-                    outcome.returned.extend(returned);
+                    // Indexes in the part are indexes in the batch from here on.
+                    for u in &mut upserted {
+                        if let Upserted::AsWritten { ops, .. } = u {
+                            ops.iter_mut().for_each(|(i, _)| *i += part.start);
+                        }
+                    }
+                    outcome.upserted.extend(upserted);
                     if !last_error.is_empty() {
                         tracing::info!("write-behind flushing again after Postgres returned");
                         last_error.clear();
@@ -503,14 +527,17 @@ impl Flusher {
             .await
             .map_err(|e| flush_error(&e))?;
         }
-        let mut by_ks: BTreeMap<&str, Vec<&FlushOp>> = BTreeMap::new();
-        for op in ops {
-            by_ks.entry(op.ks.name()).or_default().push(op);
+        let mut by_ks: BTreeMap<&str, Vec<(usize, &FlushOp)>> = BTreeMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            by_ks.entry(op.ks.name()).or_default().push((i, op));
         }
         let mut stored = HashMap::new();
-        let mut returned = Vec::new();
+        let mut upserted = Vec::new();
+        // Rows stored as written, and their tables, for the stamp read before the commit.
+        let mut as_written: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut written_tables: Vec<u32> = Vec::new();
         for (name, ops) in by_ks {
-            let ks = &ops[0].ks;
+            let ks = &ops[0].1.ks;
             let source = ks.source().map_err(|e| FlushError::Unavailable(e.to_string()))?;
             let parts = |op: &FlushOp| {
                 ks.parse_key(&op.key)
@@ -520,7 +547,10 @@ impl Flusher {
             let rows: &mut Stored = stored.entry(name.to_string()).or_default();
             // Deletes first (a put after a delete re-inserts in the same transaction).
             let mut deletes = Vec::new();
-            for op in ops.iter().filter(|o| matches!(o.kind, Kind::Delete | Kind::Replace(_))) {
+            for (_, op) in ops
+                .iter()
+                .filter(|(_, o)| matches!(o.kind, Kind::Delete | Kind::Replace(_)))
+            {
                 deletes.push(parts(op)?);
             }
             if !deletes.is_empty() {
@@ -528,10 +558,10 @@ impl Flusher {
                 rows.extend(deleted.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
             }
             // Upserts, one statement per set of written columns, in the order first seen.
-            let mut groups: Vec<(Vec<&str>, Vec<UpsertRow>)> = Vec::new();
+            let mut groups: Vec<(Vec<&str>, Vec<UpsertRow>, Vec<usize>)> = Vec::new();
             let mut group_of: HashMap<Vec<&str>, usize> = HashMap::new();
             let mut last: Option<usize> = None;
-            for op in ops.iter() {
+            for (i, op) in ops.iter() {
                 if let Kind::Upsert(m) | Kind::Replace(m) = &op.kind {
                     // Most ops write the columns the one before wrote: no list to build then.
                     let g = match last {
@@ -545,35 +575,99 @@ impl Flusher {
                             let mut cols: Vec<&str> = m.keys().map(String::as_str).collect();
                             cols.sort_unstable();
                             *group_of.entry(cols.clone()).or_insert_with(|| {
-                                groups.push((cols, Vec::with_capacity(ops.len())));
+                                groups.push((cols, Vec::with_capacity(ops.len()), Vec::with_capacity(ops.len())));
                                 groups.len() - 1
                             })
                         }
                     };
                     groups[g].1.push((parts(op)?, m));
+                    groups[g].2.push(*i);
                     last = Some(g);
                 }
             }
             let mut staged = false;
-            for (_, group) in &groups {
-                let upserted = source.upsert_rows(&tx, group, &mut staged).await.map_err(batch_error)?;
-                returned.push((ks.clone(), upserted));
+            for (_, group, indexes) in groups {
+                // Postgres sends back the stored rows only when the cache cannot know them.
+                let known = group.first().is_some_and(|(_, m)| source.stores_as_written(m))
+                    && group.iter().all(|(key, m)| source.knows_stored(key, m));
+                match source
+                    .upsert_rows(&tx, &group, &mut staged, known)
+                    .await
+                    .map_err(batch_error)?
+                {
+                    Some(returned) => upserted.push(Upserted::Returned(ks.clone(), returned)),
+                    None => {
+                        as_written.extend(indexes.into_iter().zip(group.into_iter().map(|(key, _)| key)));
+                        let table = source.binding().table_oid;
+                        if !written_tables.contains(&table) {
+                            written_tables.push(table);
+                        }
+                    }
+                }
             }
         }
+        if !as_written.is_empty() {
+            let (lsn, xid, rewriting) = postgres::written_stamp(&tx, &written_tables)
+                .await
+                .map_err(|e| flush_error(&e))?;
+            // A table that rewrote rows after all (a trigger created since its binding was
+            // read): its rows are not installed; L1 drops the key and the next read loads it.
+            if !rewriting.is_empty() {
+                as_written.retain(|(i, _)| {
+                    let table = ops[*i].ks.source().map(|s| s.binding().table_oid);
+                    !table.is_ok_and(|t| rewriting.contains(&t))
+                });
+            }
+            upserted.push(Upserted::AsWritten {
+                ops: as_written,
+                lsn,
+                xid,
+            });
+        }
         tx.commit().await.map_err(|e| flush_error(&e))?;
-        Ok((stored, returned))
+        Ok((stored, upserted))
     }
 
     /// After a commit: install what Postgres stored, set the rejected writes aside, then stop
     /// overlaying the flushed writes. `false` if a dead letter could not be stored.
     async fn settle(&self, ops: &[FlushOp], mut outcome: Outcome) -> bool {
-        for (ks, rows) in std::mem::take(&mut outcome.returned) {
-            let Ok(source) = ks.source() else { continue };
-            let entries = source.stored_entries(&rows);
-            drop(rows);
-            let stored = outcome.stored.entry(ks.name().to_string()).or_default();
-            stored.reserve(entries.len());
-            stored.extend(entries);
+        let stored_at = tokio::time::Instant::now();
+        for upserted in std::mem::take(&mut outcome.upserted) {
+            match upserted {
+                Upserted::Returned(ks, rows) => {
+                    let Ok(source) = ks.source() else { continue };
+                    let entries = source.stored_entries(&rows);
+                    drop(rows);
+                    let stored = outcome.stored.entry(ks.name().to_string()).or_default();
+                    stored.reserve(entries.len());
+                    stored.extend(entries);
+                }
+                Upserted::AsWritten { ops: written, lsn, xid } => {
+                    let mut installed: HashMap<&str, u64> = HashMap::new();
+                    for (i, key) in written {
+                        let op = &ops[i];
+                        let (Kind::Upsert(m) | Kind::Replace(m)) = &op.kind else {
+                            continue;
+                        };
+                        let Ok(source) = op.ks.source() else { continue };
+                        // Not knowable after all (it was when flushed): the key is dropped below.
+                        let Some(entry) = source.written_entry(&key, m, lsn, xid, stored_at) else {
+                            continue;
+                        };
+                        let name = op.ks.name();
+                        if !outcome.stored.contains_key(name) {
+                            outcome.stored.insert(name.to_string(), Stored::default());
+                        }
+                        if let Some(stored) = outcome.stored.get_mut(name) {
+                            stored.insert(op.key.clone(), entry);
+                            *installed.entry(name).or_default() += 1;
+                        }
+                    }
+                    for (ks, n) in installed {
+                        self.wb.metrics.wb_as_written.with_label_values(&[ks]).inc_by(n);
+                    }
+                }
+            }
         }
         let mut rejected = vec![false; ops.len()];
         for (i, why) in std::mem::take(&mut outcome.rejected) {

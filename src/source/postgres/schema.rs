@@ -38,6 +38,70 @@ pub struct ColumnMeta {
     pub type_oid: u32,
 }
 
+/// The text Postgres stores — and outputs unchanged — for a value written to a column, when the
+/// writer can know it without asking ([`ColumnMeta::stored_text`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredText<'a> {
+    Null,
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
+}
+
+impl StoredText<'_> {
+    /// As the column's output function writes it (`None`: SQL NULL).
+    pub fn text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        match *self {
+            StoredText::Null => None,
+            StoredText::Str(s) => Some(Cow::Borrowed(s)),
+            StoredText::Int(n) => Some(Cow::Owned(n.to_string())),
+            StoredText::Bool(b) => Some(Cow::Borrowed(if b { "t" } else { "f" })),
+        }
+    }
+}
+
+impl ColumnMeta {
+    /// What Postgres stores for the JSON `value` written to this column, when its output is
+    /// knowable here: NULL for `null`; for `text` and unbounded `varchar` a string's content;
+    /// for `smallint`, `integer`, `bigint` an integer (a JSON integer, or a string holding one
+    /// in the form Postgres outputs); for `boolean` a JSON boolean. `None` for anything else —
+    /// other types (domains included) normalize or round what they are given, so the stored
+    /// form has to come back from Postgres.
+    pub fn stored_text<'a>(&self, value: &'a serde_json::Value) -> Option<StoredText<'a>> {
+        use serde_json::Value;
+        match (value, self.type_oid) {
+            (Value::Null, _) => Some(StoredText::Null),
+            (Value::String(s), _) => self.key_text(s),
+            (Value::Number(n), 20 | 21 | 23) => n.as_i64().map(StoredText::Int),
+            (Value::Bool(b), 16) => Some(StoredText::Bool(*b)),
+            _ => None,
+        }
+    }
+
+    /// What Postgres stores for this text (a key's component from the URL, a JSON string's
+    /// content) written to this column, when it is knowable here (see [`Self::stored_text`]).
+    pub fn key_text<'a>(&self, text: &'a str) -> Option<StoredText<'a>> {
+        match self.type_oid {
+            25 => Some(StoredText::Str(text)),
+            1043 if self.type_sql == "character varying" => Some(StoredText::Str(text)),
+            20 | 21 | 23 => canonical_int(text).map(StoredText::Int),
+            _ => None,
+        }
+    }
+}
+
+/// The integer `text` spells when it is spelled as Postgres outputs integers: an optional `-`,
+/// then digits without a leading zero (`0` itself aside), and no `-0`.
+fn canonical_int(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|c| c.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && text != "-0";
+    if canonical { text.parse().ok() } else { None }
+}
+
 /// What the sidecar's role may do with the table.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Privileges {
@@ -58,6 +122,9 @@ pub struct TableMeta {
     /// Column lists of the table's unique, non-partial, plain-column indexes.
     pub unique_keys: Vec<Vec<String>>,
     pub privileges: Privileges,
+    /// Whether the table may store a written row other than as written (rules, children or
+    /// partitions, a row trigger before insert or update: [`super::sql::rewrites_rows`]).
+    pub rewrites_rows: bool,
 }
 
 impl TableMeta {
@@ -126,8 +193,12 @@ impl TableMeta {
         let unique_keys = keys.iter().map(|r| r.get::<_, Vec<String>>(0)).collect();
         let p = client
             .query_one(
-                "SELECT has_table_privilege($1::int8::oid, 'SELECT'), has_table_privilege($1::int8::oid, 'INSERT'), \
-                        has_table_privilege($1::int8::oid, 'UPDATE'), has_table_privilege($1::int8::oid, 'DELETE')",
+                &format!(
+                    "SELECT has_table_privilege($1::int8::oid, 'SELECT'), has_table_privilege($1::int8::oid, 'INSERT'), \
+                            has_table_privilege($1::int8::oid, 'UPDATE'), has_table_privilege($1::int8::oid, 'DELETE'), {} \
+                     FROM pg_catalog.pg_class c WHERE c.oid = $1::int8::oid",
+                    super::sql::rewrites_rows("c")
+                ),
                 &[&oid],
             )
             .await?;
@@ -143,6 +214,7 @@ impl TableMeta {
                 update: p.get(2),
                 delete: p.get(3),
             },
+            rewrites_rows: p.get(4),
         }))
     }
 }
@@ -169,6 +241,8 @@ pub struct Binding {
     pub columns: Vec<(String, u32)>,
     /// Every column of the table, to know which ones an insert must set.
     pub all_columns: Vec<ColumnMeta>,
+    /// The table may store a written row other than as written ([`TableMeta::rewrites_rows`]).
+    pub rewrites_rows: bool,
 }
 
 impl Binding {
@@ -276,6 +350,7 @@ impl Binding {
                 fields,
                 columns: meta.columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect(),
                 all_columns: meta.columns.clone(),
+                rewrites_rows: meta.rewrites_rows,
             })
         } else {
             Err(problems)
@@ -290,5 +365,86 @@ impl Binding {
     /// The field with a JSON name.
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn column(type_oid: u32, type_sql: &str) -> ColumnMeta {
+        ColumnMeta {
+            name: "c".into(),
+            type_sql: type_sql.into(),
+            kind: TypeKind::from_oid(type_oid, None),
+            not_null: false,
+            has_default: false,
+            generated: false,
+            identity_always: false,
+            type_oid,
+        }
+    }
+
+    #[test]
+    fn only_integers_spelled_as_postgres_spells_them_are_canonical() {
+        for (text, want) in [
+            ("0", Some(0)),
+            ("42", Some(42)),
+            ("-42", Some(-42)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("042", None),
+            ("-0", None),
+            ("+1", None),
+            (" 1", None),
+            ("1 ", None),
+            ("", None),
+            ("-", None),
+            ("1.0", None),
+            ("1e3", None),
+            ("9223372036854775808", None),
+        ] {
+            assert_eq!(canonical_int(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_stored_text_is_known_only_where_postgres_stores_what_it_is_given() {
+        let text = column(25, "text");
+        let varchar = column(1043, "character varying");
+        let bounded = column(1043, "character varying(10)");
+        let int = column(23, "integer");
+        let boolean = column(16, "boolean");
+        let numeric = column(1700, "numeric");
+        let domain = column(16_384, "my_domain");
+        let s = json!("a\tb");
+        assert_eq!(text.stored_text(&s), Some(StoredText::Str("a\tb")));
+        assert_eq!(varchar.stored_text(&s), Some(StoredText::Str("a\tb")));
+        // varchar(n) may cut trailing spaces; other types normalize what they read.
+        assert_eq!(bounded.stored_text(&s), None);
+        assert_eq!(numeric.stored_text(&json!(1.5)), None);
+        assert_eq!(numeric.stored_text(&json!("1.50")), None);
+        assert_eq!(domain.stored_text(&json!(true)), None);
+        assert_eq!(int.stored_text(&json!(-7)), Some(StoredText::Int(-7)));
+        assert_eq!(int.stored_text(&json!("-7")), Some(StoredText::Int(-7)));
+        assert_eq!(int.stored_text(&json!("007")), None);
+        assert_eq!(int.stored_text(&json!(7.0)), None);
+        assert_eq!(int.stored_text(&json!(true)), None);
+        assert_eq!(
+            text.stored_text(&json!(7)),
+            None,
+            "a number into text is stored as its JSON text"
+        );
+        assert_eq!(boolean.stored_text(&json!(false)), Some(StoredText::Bool(false)));
+        assert_eq!(boolean.stored_text(&json!("false")), None);
+        for c in [&text, &int, &boolean, &numeric, &domain] {
+            assert_eq!(c.stored_text(&json!(null)), Some(StoredText::Null));
+        }
+        assert_eq!(int.key_text("12"), Some(StoredText::Int(12)));
+        assert_eq!(int.key_text("012"), None);
+        assert_eq!(StoredText::Bool(true).text().as_deref(), Some("t"));
+        assert_eq!(StoredText::Int(-3).text().as_deref(), Some("-3"));
+        assert_eq!(StoredText::Null.text(), None);
     }
 }

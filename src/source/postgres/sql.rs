@@ -192,7 +192,7 @@ fn quote_literal(text: &str) -> String {
 /// inserted — with `ON CONFLICT` still there for a concurrent insert of the same key.
 pub fn upsert(b: &Binding, columns: &[&str], rows: Rows) -> String {
     if complete(b, columns) {
-        return insert_on_conflict(b, columns, rows);
+        return insert_on_conflict(b, columns, rows, true);
     }
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
@@ -237,9 +237,42 @@ pub fn upsert(b: &Binding, columns: &[&str], rows: Rows) -> String {
     )
 }
 
+/// The plain upsert of [`upsert`] returning nothing, for rows whose stored form the cache knows
+/// already ([`crate::source::postgres::TableSource::stores_as_written`]); `columns` must be
+/// [`complete`].
+pub fn upsert_as_written(b: &Binding, columns: &[&str], rows: Rows) -> String {
+    debug_assert!(complete(b, columns));
+    insert_on_conflict(b, columns, rows, false)
+}
+
+/// SQL truth value: whether the table aliased `c` (a `pg_class` row) may store a written row
+/// other than as written — it has rules, inheritance children or partitions (whose own
+/// triggers would run), or an enabled row trigger that runs before (or instead of) an insert or
+/// an update and so can change the row.
+pub fn rewrites_rows(c: &str) -> String {
+    format!(
+        "({c}.relhasrules OR {c}.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t \
+          WHERE t.tgrelid = {c}.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
+          AND (t.tgtype & 1) = 1 AND (t.tgtype & 66) <> 0 AND (t.tgtype & 20) <> 0))"
+    )
+}
+
+/// Read after a transaction's upserts as written ([`upsert_as_written`]): the WAL insert
+/// position and the transaction id, which those rows are stored at, and which of the tables
+/// (OIDs bound as `$1`, `int8[]`) store rows other than as written ([`rewrites_rows`]) — a
+/// trigger created since the binding was read. Read in the same transaction, it sees every
+/// trigger that ran on its rows: creating one waits for the transaction's lock on the table.
+pub fn written_stamp() -> String {
+    format!(
+        "SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id()::text, \
+         ARRAY(SELECT c.oid::int8 FROM pg_catalog.pg_class c WHERE c.oid = ANY($1::int8[]::oid[]) AND {})",
+        rewrites_rows("c")
+    )
+}
+
 /// Whether `columns` sets every column an insert must set (not null, no default, not
 /// generated): then the proposed insert row is valid and a plain upsert does the job.
-fn complete(b: &Binding, columns: &[&str]) -> bool {
+pub fn complete(b: &Binding, columns: &[&str]) -> bool {
     b.all_columns
         .iter()
         .filter(|c| c.not_null && !c.has_default && !c.generated && !c.identity_always)
@@ -247,8 +280,8 @@ fn complete(b: &Binding, columns: &[&str]) -> bool {
 }
 
 /// `INSERT … SELECT … ON CONFLICT (key) DO UPDATE`: half the work of the update-then-insert form
-/// when the rows are complete. Same result columns as [`upsert`].
-fn insert_on_conflict(b: &Binding, columns: &[&str], rows: Rows) -> String {
+/// when the rows are complete. Same result columns as [`upsert`], or none.
+fn insert_on_conflict(b: &Binding, columns: &[&str], rows: Rows, returning: bool) -> String {
     let table = qualified(&b.table);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let key: Vec<String> = b.key.iter().map(|c| quote_ident(&c.name)).collect();
@@ -262,13 +295,17 @@ fn insert_on_conflict(b: &Binding, columns: &[&str], rows: Rows) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let returning = if returning {
+        format!(" RETURNING {}", self::returning(b))
+    } else {
+        String::new()
+    };
     format!(
         "INSERT INTO {table} AS t ({cols}) SELECT {rcols} FROM {from} \
-         ON CONFLICT ({keys}) DO UPDATE SET {set} RETURNING {returning}",
+         ON CONFLICT ({keys}) DO UPDATE SET {set}{returning}",
         cols = cols.join(", "),
         rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         keys = key.join(", "),
-        returning = returning(b),
         from = rows.relation(&table, b),
     )
 }
@@ -360,6 +397,7 @@ mod tests {
                     c
                 })
                 .collect(),
+            rewrites_rows: false,
         }
     }
 
@@ -407,5 +445,25 @@ mod tests {
             only_key.contains(r#"DO UPDATE SET "tenant" = EXCLUDED."tenant""#),
             "{only_key}"
         );
+    }
+
+    #[test]
+    fn an_upsert_as_written_asks_for_nothing_back() {
+        let cols = ["tenant", "id", "name", "extra"];
+        let returned = upsert(&binding(), &cols, Rows::Staged);
+        let written = upsert_as_written(&binding(), &cols, Rows::Staged);
+        assert!(returned.contains(" RETURNING "), "{returned}");
+        assert!(!written.contains("RETURNING"), "{written}");
+        assert_eq!(
+            written,
+            returned[..returned.find(" RETURNING ").unwrap()],
+            "the same upsert otherwise"
+        );
+        let stamp = written_stamp();
+        assert!(
+            stamp.contains("pg_current_wal_insert_lsn()") && stamp.contains("$1::int8[]"),
+            "{stamp}"
+        );
+        assert!(rewrites_rows("c").contains("c.relhasrules"));
     }
 }
