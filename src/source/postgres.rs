@@ -256,6 +256,8 @@ pub struct TableSource {
     upserts: Mutex<HashMap<String, Arc<str>>>,
     /// Each output field's `"name":`, rendered once for every row this source renders.
     keys: Vec<render::FieldKey>,
+    /// For each output field, its position in the key when its column is a key column.
+    key_part: Vec<Option<usize>>,
 }
 
 impl TableSource {
@@ -273,6 +275,11 @@ impl TableSource {
             ensure_stage: sql::ensure_stage_table(&binding),
             upserts: Mutex::new(HashMap::new()),
             keys: binding.fields.iter().map(|f| render::field_key(&f.name)).collect(),
+            key_part: binding
+                .fields
+                .iter()
+                .map(|f| binding.key.iter().position(|k| k.name == f.column.name))
+                .collect(),
             pool,
             binding,
         }
@@ -686,6 +693,26 @@ impl TableSource {
         self.written_texts(key, fields).all(|t| t.is_some())
     }
 
+    /// Each output field's written value, in the binding's order (`None`: not written; a key
+    /// column's value is left out, as the key's text from the URL is what counts). A map read
+    /// from a write's document holds its fields in the document's order, which is the
+    /// binding's: it is walked in step, and looked up only for a field out of that order.
+    fn values_in_order<'a>(&'a self, fields: &'a Map<String, Value>) -> impl Iterator<Item = Option<&'a Value>> + 'a {
+        let mut walk = fields.iter().peekable();
+        self.binding
+            .fields
+            .iter()
+            .zip(&self.key_part)
+            .map(move |(f, key_part)| {
+                let value = match walk.peek() {
+                    Some((name, _)) if **name == f.name => walk.next().map(|(_, v)| v),
+                    _ if key_part.is_some() => None,
+                    _ => fields.get(&f.name),
+                };
+                if key_part.is_some() { None } else { value }
+            })
+    }
+
     /// The stored text of each output field of a row written as `key` and `fields`, in the
     /// binding's order (`None`: not knowable here).
     fn written_texts<'a>(
@@ -693,12 +720,11 @@ impl TableSource {
         key: &'a [String],
         fields: &'a Map<String, Value>,
     ) -> impl Iterator<Item = Option<schema::StoredText<'a>>> + 'a {
-        let b = &self.binding;
-        b.fields
-            .iter()
-            .map(move |f| match b.key.iter().position(|k| k.name == f.column.name) {
-                Some(i) => f.column.key_text(key.get(i)?),
-                None => f.column.stored_text(fields.get(&f.name)?),
+        self.values_in_order(fields)
+            .zip(self.binding.fields.iter().zip(&self.key_part))
+            .map(move |(value, (f, key_part))| match key_part {
+                Some(k) => f.column.key_text(key.get(*k)?),
+                None => f.column.stored_text(value?),
             })
     }
 
@@ -708,16 +734,27 @@ impl TableSource {
     pub fn written_entry(
         &self,
         key: &[String],
-        fields: &Map<String, Value>,
+        fields_of_row: &Map<String, Value>,
         lsn: Lsn,
         xid: Option<u32>,
         stored_at: tokio::time::Instant,
     ) -> Option<crate::cache::Entry> {
-        let texts: Option<Vec<schema::StoredText<'_>>> = self.written_texts(key, fields).collect();
-        let texts = texts?;
-        let texts: Vec<_> = texts.iter().map(|t| t.text()).collect();
+        use schema::StoredText;
         let mut out = Vec::with_capacity(128);
-        self.render_texts(texts.iter().map(|t| t.as_deref()), &mut out);
+        let mut obj = render::ObjectWriter::new(&mut out);
+        let mut digits = itoa::Buffer::new();
+        let fields = self.binding.fields.iter().zip(&self.keys);
+        for (text, (f, name)) in self.written_texts(key, fields_of_row).zip(fields) {
+            let text = match text? {
+                StoredText::Null => None,
+                StoredText::Str(s) => Some(s),
+                StoredText::Int(n) => Some(digits.format(n)),
+                StoredText::Bool(b) => Some(if b { "t" } else { "f" }),
+            };
+            // As `render_texts` renders a returned row's text.
+            render::render_value(&f.column.kind, text, obj.keyed(name));
+        }
+        obj.finish();
         Some(crate::cache::Entry::stored(Some(Bytes::from(out)), lsn, 0, stored_at).with_xid(xid))
     }
 
@@ -791,21 +828,23 @@ impl TableSource {
     ) -> Result<(), BatchError> {
         use futures::SinkExt;
         let b = &self.binding;
-        enum Source<'a> {
+        enum Source {
             Key(usize),
-            Field(&'a str),
+            /// The output field at this position.
+            Field(usize),
         }
-        let plan: Vec<(&render::TypeKind, Source<'_>)> = columns
+        let plan: Vec<(&render::TypeKind, Source)> = columns
             .iter()
             .filter_map(|c| {
-                let f = b.field_of_column(c)?;
+                let i = b.fields.iter().position(|f| f.column.name == *c)?;
                 let source = match b.key.iter().position(|k| k.name == *c) {
-                    Some(i) => Source::Key(i),
-                    None => Source::Field(f.name.as_str()),
+                    Some(k) => Source::Key(k),
+                    None => Source::Field(i),
                 };
-                Some((&f.column.kind, source))
+                Some((&b.fields[i].column.kind, source))
             })
             .collect();
+        let mut values: Vec<Option<&Value>> = Vec::with_capacity(b.fields.len());
         if *staged {
             tx.batch_execute(&sql::clear_stage_table(b))
                 .await
@@ -821,11 +860,13 @@ impl TableSource {
         const CHUNK: usize = 256 * 1024;
         let mut buf = Vec::with_capacity(CHUNK + 4096);
         for (key, fields) in rows {
+            values.clear();
+            values.extend(self.values_in_order(fields));
             copy::row(
                 plan.iter().map(|(kind, source)| {
                     let cell = match source {
                         Source::Key(i) => copy::Cell::Str(&key[*i]),
-                        Source::Field(name) => copy::Cell::Value(fields.get(*name).unwrap_or(&Value::Null)),
+                        Source::Field(i) => copy::Cell::Value(values[*i].unwrap_or(&Value::Null)),
                     };
                     (*kind, cell)
                 }),
@@ -1023,6 +1064,124 @@ fn looks_like_uuid(s: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    use crate::keyspace::config::TableRef;
+    use crate::source::postgres::config::Secret;
+    use crate::source::postgres::render::TypeKind;
+    use crate::source::postgres::schema::{ColumnMeta, Field};
+    use std::time::Duration;
+
+    fn column(name: &str, type_oid: u32, type_sql: &str) -> ColumnMeta {
+        ColumnMeta {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            kind: TypeKind::from_oid(type_oid, None),
+            not_null: false,
+            has_default: false,
+            generated: false,
+            identity_always: false,
+            type_oid,
+        }
+    }
+
+    /// A source over `(id bigint key, name text, n int, flag bool, amount numeric)`; no
+    /// connection is opened.
+    fn source() -> TableSource {
+        let columns = vec![
+            column("id", 20, "bigint"),
+            column("name", 25, "text"),
+            column("n", 23, "integer"),
+            column("flag", 16, "boolean"),
+            column("amount", 1700, "numeric"),
+        ];
+        let binding = Binding {
+            keyspace: "ks".into(),
+            table: TableRef {
+                schema: "public".into(),
+                name: "t".into(),
+            },
+            table_oid: 1,
+            key: vec![columns[0].clone()],
+            fields: columns
+                .iter()
+                .map(|c| Field {
+                    name: c.name.clone(),
+                    column: c.clone(),
+                })
+                .collect(),
+            columns: columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect(),
+            all_columns: columns,
+            rewrites_rows: false,
+        };
+        let pool = PgPool::new(&PostgresConfig {
+            url: Secret::new("postgres://nobody@127.0.0.1:1/none"),
+            pool_size: 1,
+            connect_timeout: Duration::from_secs(1),
+            acquire_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_secs(1),
+        })
+        .expect("a pool builds without connecting");
+        TableSource::new(Arc::new(pool), binding)
+    }
+
+    #[test]
+    fn written_values_are_read_in_the_bindings_order_whatever_the_maps_order() {
+        let src = source();
+        let in_order = json!({"name": "a", "n": 1, "flag": true, "amount": null});
+        let shuffled = json!({"flag": true, "id": 99, "amount": null, "extra": 0, "n": 1, "name": "a"});
+        let some = json!({"n": 1});
+        let values = |v: &Value| -> Vec<Option<Value>> {
+            src.values_in_order(v.as_object().unwrap())
+                .map(|v| v.cloned())
+                .collect()
+        };
+        let want = vec![
+            None,
+            Some(json!("a")),
+            Some(json!(1)),
+            Some(json!(true)),
+            Some(json!(null)),
+        ];
+        assert_eq!(values(&in_order), want);
+        assert_eq!(values(&shuffled), want, "the key's own field is left to the key's text");
+        assert_eq!(values(&some), vec![None, None, Some(json!(1)), None, None]);
+    }
+
+    #[test]
+    fn a_row_written_as_known_texts_renders_as_the_same_row_returned() {
+        let src = source();
+        let key = vec!["7".to_string()];
+        let lsn: Lsn = "0/16B3748".parse().unwrap();
+        let at = tokio::time::Instant::now();
+        for (fields, texts) in [
+            (
+                json!({"name": "tab\there \"q\" ✓", "n": "-3", "flag": true, "amount": null}),
+                [Some("7"), Some("tab\there \"q\" ✓"), Some("-3"), Some("t"), None],
+            ),
+            (
+                json!({"amount": null, "flag": false, "n": 2147483647, "name": ""}),
+                [Some("7"), Some(""), Some("2147483647"), Some("f"), None],
+            ),
+        ] {
+            let fields = fields.as_object().unwrap();
+            assert!(src.knows_stored(&key, fields), "{fields:?}");
+            let entry = src.written_entry(&key, fields, lsn, Some(5), at).expect("known");
+            let mut returned = Vec::new();
+            src.render_texts(texts, &mut returned);
+            assert_eq!(entry.value.as_deref(), Some(&returned[..]), "{fields:?}");
+            assert_eq!((entry.lsn, entry.xid), (lsn, Some(5)));
+        }
+        // Postgres normalizes numerics, and a key spelled otherwise than it outputs it.
+        let numeric = json!({"name": "a", "n": 1, "flag": true, "amount": 1.5});
+        assert!(!src.knows_stored(&key, numeric.as_object().unwrap()));
+        let fields = json!({"name": "a", "n": 1, "flag": true, "amount": null});
+        assert!(!src.knows_stored(&["07".to_string()], fields.as_object().unwrap()));
+        // A field not written is the row's previous value or a default: not known.
+        let partial = json!({"name": "a", "n": 1, "flag": true});
+        assert!(!src.knows_stored(&key, partial.as_object().unwrap()));
+        assert!(!src.stores_as_written(partial.as_object().unwrap()));
+        assert!(src.stores_as_written(fields.as_object().unwrap()));
+    }
 
     #[test]
     fn key_fields_match_by_value() {

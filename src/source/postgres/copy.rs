@@ -29,6 +29,9 @@ pub fn field(kind: &TypeKind, value: &Value, out: &mut Vec<u8>) {
     match (kind, value) {
         (_, Value::Null) => out.extend_from_slice(b"\\N"),
         (_, Value::String(s)) => string(kind, s, out),
+        // A number's or a boolean's JSON text needs no escape: written as is, without a string.
+        (_, Value::Number(n)) => out.extend_from_slice(n.as_str().as_bytes()),
+        (_, Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         (TypeKind::Json, v) => escaped(&v.to_string(), out),
         (TypeKind::Array(_), Value::Array(items)) => {
             let mut lit = String::with_capacity(16 * items.len());
