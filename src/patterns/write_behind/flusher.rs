@@ -88,6 +88,9 @@ enum Upserted {
     /// position and id, rendered from the ops themselves.
     AsWritten {
         ops: Vec<(usize, Vec<String>)>,
+        /// Ops whose table turned out to rewrite rows (a trigger created since its binding
+        /// was read): their keys are dropped from L1 instead.
+        dropped: Vec<usize>,
         lsn: crate::lsn::Lsn,
         xid: Option<u32>,
     },
@@ -468,8 +471,9 @@ impl Flusher {
                     }
                     // Indexes in the part are indexes in the batch from here on.
                     for u in &mut upserted {
-                        if let Upserted::AsWritten { ops, .. } = u {
+                        if let Upserted::AsWritten { ops, dropped, .. } = u {
                             ops.iter_mut().for_each(|(i, _)| *i += part.start);
+                            dropped.iter_mut().for_each(|i| *i += part.start);
                         }
                     }
                     outcome.upserted.extend(upserted);
@@ -612,14 +616,20 @@ impl Flusher {
                 .map_err(|e| flush_error(&e))?;
             // A table that rewrote rows after all (a trigger created since its binding was
             // read): its rows are not installed; L1 drops the key and the next read loads it.
+            let mut dropped = Vec::new();
             if !rewriting.is_empty() {
                 as_written.retain(|(i, _)| {
                     let table = ops[*i].ks.source().map(|s| s.binding().table_oid);
-                    !table.is_ok_and(|t| rewriting.contains(&t))
+                    let keep = !table.is_ok_and(|t| rewriting.contains(&t));
+                    if !keep {
+                        dropped.push(*i);
+                    }
+                    keep
                 });
             }
             upserted.push(Upserted::AsWritten {
                 ops: as_written,
+                dropped,
                 lsn,
                 xid,
             });
@@ -632,6 +642,10 @@ impl Flusher {
     /// overlaying the flushed writes. `false` if a dead letter could not be stored.
     async fn settle(&self, ops: &[FlushOp], mut outcome: Outcome) -> bool {
         let stored_at = tokio::time::Instant::now();
+        // What each op installs when it is known by position (rows upserted as written:
+        // `Some(None)` drops the key); the rest is found by key among what Postgres returned or
+        // deleted. An upsert's outcome wins over the same key's delete (a put after a delete).
+        let mut by_op: Vec<Option<Option<Entry>>> = Vec::new();
         for upserted in std::mem::take(&mut outcome.upserted) {
             match upserted {
                 Upserted::Returned(ks, rows) => {
@@ -642,26 +656,35 @@ impl Flusher {
                     stored.reserve(entries.len());
                     stored.extend(entries);
                 }
-                Upserted::AsWritten { ops: written, lsn, xid } => {
+                Upserted::AsWritten {
+                    ops: written,
+                    dropped,
+                    lsn,
+                    xid,
+                } => {
+                    if by_op.is_empty() {
+                        by_op.resize_with(ops.len(), || None);
+                    }
+                    for i in dropped {
+                        by_op[i] = Some(None);
+                    }
                     let mut installed: HashMap<&str, u64> = HashMap::new();
                     for (i, key) in written {
                         let op = &ops[i];
                         let (Kind::Upsert(m) | Kind::Replace(m)) = &op.kind else {
+                            by_op[i] = Some(None);
                             continue;
                         };
-                        let Ok(source) = op.ks.source() else { continue };
-                        // Not knowable after all (it was when flushed): the key is dropped below.
-                        let Some(entry) = source.written_entry(&key, m, lsn, xid, stored_at) else {
-                            continue;
-                        };
-                        let name = op.ks.name();
-                        if !outcome.stored.contains_key(name) {
-                            outcome.stored.insert(name.to_string(), Stored::default());
+                        // Not knowable after all (it was when flushed): the key is dropped.
+                        let entry = op
+                            .ks
+                            .source()
+                            .ok()
+                            .and_then(|source| source.written_entry(&key, m, lsn, xid, stored_at));
+                        if entry.is_some() {
+                            *installed.entry(op.ks.name()).or_default() += 1;
                         }
-                        if let Some(stored) = outcome.stored.get_mut(name) {
-                            stored.insert(op.key.clone(), entry);
-                            *installed.entry(name).or_default() += 1;
-                        }
+                        by_op[i] = Some(entry);
                     }
                     for (ks, n) in installed {
                         self.wb.metrics.wb_as_written.with_label_values(&[ks]).inc_by(n);
@@ -677,13 +700,16 @@ impl Flusher {
             rejected[i] = true;
         }
         let mut flushed: HashMap<&str, u64> = HashMap::new();
-        for (op, _) in ops.iter().zip(&rejected).filter(|(_, r)| !**r) {
+        for (i, op) in ops.iter().enumerate().filter(|(i, _)| !rejected[*i]) {
             let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
-            match outcome
-                .stored
-                .get_mut(op.ks.name())
-                .and_then(|rows| rows.remove(&op.key))
-            {
+            let entry = match by_op.get_mut(i).and_then(Option::take) {
+                Some(known) => known,
+                None => outcome
+                    .stored
+                    .get_mut(op.ks.name())
+                    .and_then(|rows| rows.remove(&op.key)),
+            };
+            match entry {
                 Some(mut entry) => {
                     // Keep the write's version as the entry's: its ETag does not change.
                     entry.version = op.version;
