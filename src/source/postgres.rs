@@ -1067,32 +1067,18 @@ mod tests {
 
     use crate::keyspace::config::TableRef;
     use crate::source::postgres::config::Secret;
-    use crate::source::postgres::render::TypeKind;
     use crate::source::postgres::schema::{ColumnMeta, Field};
     use std::time::Duration;
-
-    fn column(name: &str, type_oid: u32, type_sql: &str) -> ColumnMeta {
-        ColumnMeta {
-            name: name.into(),
-            type_sql: type_sql.into(),
-            kind: TypeKind::from_oid(type_oid, None),
-            not_null: false,
-            has_default: false,
-            generated: false,
-            identity_always: false,
-            type_oid,
-        }
-    }
 
     /// A source over `(id bigint key, name text, n int, flag bool, amount numeric)`; no
     /// connection is opened.
     fn source() -> TableSource {
         let columns = vec![
-            column("id", 20, "bigint"),
-            column("name", 25, "text"),
-            column("n", 23, "integer"),
-            column("flag", 16, "boolean"),
-            column("amount", 1700, "numeric"),
+            ColumnMeta::plain("id", 20, "bigint"),
+            ColumnMeta::plain("name", 25, "text"),
+            ColumnMeta::plain("n", 23, "integer"),
+            ColumnMeta::plain("flag", 16, "boolean"),
+            ColumnMeta::plain("amount", 1700, "numeric"),
         ];
         let binding = Binding {
             keyspace: "ks".into(),

@@ -687,8 +687,15 @@ async fn a_gap_in_the_sequence_makes_entries_suspect_and_they_are_revalidated() 
     assert!(confirmed >= 1.0, "revalidated by version, not dropped: {m}");
     // Seen once in a full-suite run on a loaded machine (one reload): the L2 request counts
     // say whether Redis answered within the test's 200 ms timeout.
-    let requests: Vec<&str> = m.lines().filter(|l| l.starts_with("cachesync_l2_requests_total")).collect();
-    assert_eq!(selects(&p.db).await, before, "L2 vouched for it: no reload; {requests:?}");
+    let requests: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("cachesync_l2_requests_total"))
+        .collect();
+    assert_eq!(
+        selects(&p.db).await,
+        before,
+        "L2 vouched for it: no reload; {requests:?}"
+    );
     let again = p.hb.get("/v1/kv/users/5").await;
     assert_eq!(
         (again.header("x-cache"), again.json()["name"].as_str()),

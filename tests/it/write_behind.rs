@@ -15,6 +15,20 @@ use serde_json::json;
 
 use crate::common::{Db, Http, Node, WAIT, backlog, drained, metric};
 
+/// Text that `COPY`, JSON and the cache's rendering each escape their own way.
+const TRICKY: [&str; 10] = [
+    "plain",
+    "tab\there",
+    "new\nline",
+    "carriage\rreturn",
+    "back\\slash",
+    "\\N",
+    "quote \" and 'single'",
+    "{braces,and,commas}",
+    "ünïcödé ✓",
+    "",
+];
+
 fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nwrite = \"behind\"\n{extra}\n")
 }
@@ -218,18 +232,7 @@ async fn a_bulk_flush_stores_every_type_exactly_as_a_single_row_write_does() {
     let (server, http) = node
         .start_text(&node.config_text(&db, &keyspaces, "[write_behind]\nbatch_rows = 1000\n"))
         .await;
-    let tricky = [
-        "plain",
-        "tab\there",
-        "new\nline",
-        "carriage\rreturn",
-        "back\\slash",
-        "\\N",
-        "quote \" and 'single'",
-        "{braces,and,commas}",
-        "ünïcödé ✓",
-        "",
-    ];
+    let tricky = TRICKY;
     let full = |id: usize| {
         let s = tricky[id % tricky.len()];
         json!({
@@ -320,16 +323,7 @@ async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_tri
     let (server, http) = node
         .start_text(&node.config_text(&db, &keyspaces, "[write_behind]\nbatch_rows = 1000\n"))
         .await;
-    let tricky = [
-        "plain",
-        "tab\there",
-        "new\nline",
-        "back\\slash",
-        "\\N",
-        "quote \" ' ",
-        "ünïcödé ✓",
-        "",
-    ];
+    let tricky = TRICKY;
     let body = |id: i64, phase: &str| {
         json!({
             "name": format!("{} {phase} {id}", tricky[id as usize % tricky.len()]),

@@ -91,6 +91,23 @@ impl ColumnMeta {
     }
 }
 
+#[cfg(test)]
+impl ColumnMeta {
+    /// A nullable column of this type with no default (for unit tests).
+    pub(crate) fn plain(name: &str, type_oid: u32, type_sql: &str) -> ColumnMeta {
+        ColumnMeta {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            kind: TypeKind::from_oid(type_oid, None),
+            not_null: false,
+            has_default: false,
+            generated: false,
+            identity_always: false,
+            type_oid,
+        }
+    }
+}
+
 /// The integer `text` spells when it is spelled as Postgres outputs integers: an optional `-`,
 /// then digits without a leading zero (`0` itself aside), and no `-0`.
 fn canonical_int(text: &str) -> Option<i64> {
@@ -374,16 +391,7 @@ mod tests {
     use serde_json::json;
 
     fn column(type_oid: u32, type_sql: &str) -> ColumnMeta {
-        ColumnMeta {
-            name: "c".into(),
-            type_sql: type_sql.into(),
-            kind: TypeKind::from_oid(type_oid, None),
-            not_null: false,
-            has_default: false,
-            generated: false,
-            identity_always: false,
-            type_oid,
-        }
+        ColumnMeta::plain("c", type_oid, type_sql)
     }
 
     #[test]
