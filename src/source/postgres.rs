@@ -704,12 +704,11 @@ impl TableSource {
             .iter()
             .zip(&self.key_part)
             .map(move |(f, key_part)| {
-                let value = match walk.peek() {
-                    Some((name, _)) if **name == f.name => walk.next().map(|(_, v)| v),
-                    _ if key_part.is_some() => None,
-                    _ => fields.get(&f.name),
-                };
-                if key_part.is_some() { None } else { value }
+                let in_step = walk.next_if(|(name, _)| **name == f.name).map(|(_, v)| v);
+                match key_part {
+                    Some(_) => None,
+                    None => in_step.or_else(|| fields.get(&f.name)),
+                }
             })
     }
 

@@ -619,8 +619,9 @@ impl Flusher {
             let mut dropped = Vec::new();
             if !rewriting.is_empty() {
                 as_written.retain(|(i, _)| {
+                    // A keyspace whose source is gone meanwhile: dropped too.
                     let table = ops[*i].ks.source().map(|s| s.binding().table_oid);
-                    let keep = !table.is_ok_and(|t| rewriting.contains(&t));
+                    let keep = table.is_ok_and(|t| !rewriting.contains(&t));
                     if !keep {
                         dropped.push(*i);
                     }
