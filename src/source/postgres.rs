@@ -238,7 +238,8 @@ pub async fn written_stamp(
     tables: &[u32],
 ) -> Result<(Lsn, Option<u32>, Vec<u32>), tokio_postgres::Error> {
     let oids: Vec<i64> = tables.iter().map(|&t| i64::from(t)).collect();
-    let stmt = tx.prepare_cached(&sql::written_stamp()).await?;
+    static STAMP: std::sync::LazyLock<String> = std::sync::LazyLock::new(sql::written_stamp);
+    let stmt = tx.prepare_cached(&STAMP).await?;
     let row = tx.query_one(&stmt, &[&oids]).await?;
     let rewriting = row.get::<_, Vec<i64>>(2).into_iter().map(|o| o as u32).collect();
     Ok((parse_lsn(row.get(0)), parse_xid(row.get(1)), rewriting))
@@ -738,20 +739,13 @@ impl TableSource {
         xid: Option<u32>,
         stored_at: tokio::time::Instant,
     ) -> Option<crate::cache::Entry> {
-        use schema::StoredText;
         let mut out = Vec::with_capacity(128);
         let mut obj = render::ObjectWriter::new(&mut out);
         let mut digits = itoa::Buffer::new();
         let fields = self.binding.fields.iter().zip(&self.keys);
         for (text, (f, name)) in self.written_texts(key, fields_of_row).zip(fields) {
-            let text = match text? {
-                StoredText::Null => None,
-                StoredText::Str(s) => Some(s),
-                StoredText::Int(n) => Some(digits.format(n)),
-                StoredText::Bool(b) => Some(if b { "t" } else { "f" }),
-            };
             // As `render_texts` renders a returned row's text.
-            render::render_value(&f.column.kind, text, obj.keyed(name));
+            render::render_value(&f.column.kind, text?.text(&mut digits), obj.keyed(name));
         }
         obj.finish();
         Some(crate::cache::Entry::stored(Some(Bytes::from(out)), lsn, 0, stored_at).with_xid(xid))

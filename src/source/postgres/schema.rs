@@ -48,15 +48,18 @@ pub enum StoredText<'a> {
     Bool(bool),
 }
 
-impl StoredText<'_> {
-    /// As the column's output function writes it (`None`: SQL NULL).
-    pub fn text(&self) -> Option<std::borrow::Cow<'_, str>> {
-        use std::borrow::Cow;
+impl<'a> StoredText<'a> {
+    /// As the column's output function writes it (`None`: SQL NULL); an integer is written
+    /// into `digits`, so no string is allocated.
+    pub fn text<'b>(&self, digits: &'b mut itoa::Buffer) -> Option<&'b str>
+    where
+        'a: 'b,
+    {
         match *self {
             StoredText::Null => None,
-            StoredText::Str(s) => Some(Cow::Borrowed(s)),
-            StoredText::Int(n) => Some(Cow::Owned(n.to_string())),
-            StoredText::Bool(b) => Some(Cow::Borrowed(if b { "t" } else { "f" })),
+            StoredText::Str(s) => Some(s),
+            StoredText::Int(n) => Some(digits.format(n)),
+            StoredText::Bool(b) => Some(if b { "t" } else { "f" }),
         }
     }
 }
@@ -451,8 +454,9 @@ mod tests {
         }
         assert_eq!(int.key_text("12"), Some(StoredText::Int(12)));
         assert_eq!(int.key_text("012"), None);
-        assert_eq!(StoredText::Bool(true).text().as_deref(), Some("t"));
-        assert_eq!(StoredText::Int(-3).text().as_deref(), Some("-3"));
-        assert_eq!(StoredText::Null.text(), None);
+        let mut digits = itoa::Buffer::new();
+        assert_eq!(StoredText::Bool(true).text(&mut digits), Some("t"));
+        assert_eq!(StoredText::Int(-3).text(&mut digits), Some("-3"));
+        assert_eq!(StoredText::Null.text(&mut digits), None);
     }
 }
