@@ -539,7 +539,7 @@ impl<'a> EventView<'a> {
     }
 
     /// The fields an API write named ([`ChangeEvent::written`]).
-    pub fn written(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+    pub fn written(&self) -> impl Iterator<Item = &'a str> + Clone + use<'a> {
         list_items(self.written).into_iter().flatten().map_while(|i| i)
     }
 
@@ -565,7 +565,7 @@ impl<'a> EventView<'a> {
 
 /// The items of an encoded list: `None` if its count is malformed, else each item, `None` for
 /// one that is malformed or not UTF-8, or for bytes left over after the last.
-fn list_items(buf: &[u8]) -> Option<impl Iterator<Item = Option<&str>>> {
+fn list_items(buf: &[u8]) -> Option<impl Iterator<Item = Option<&str>> + Clone> {
     if buf.is_empty() {
         // An absent list (`EventView` holds it so) is empty.
         return Some(ListItems { buf, pos: 0, left: 0 });
@@ -575,6 +575,7 @@ fn list_items(buf: &[u8]) -> Option<impl Iterator<Item = Option<&str>>> {
     Some(ListItems { buf, pos, left: n })
 }
 
+#[derive(Clone)]
 struct ListItems<'a> {
     buf: &'a [u8],
     pos: usize,

@@ -123,6 +123,10 @@ pub struct Metrics {
     /// `cachesync_writebehind_rows_as_written_total{keyspace}`: flushed rows installed from
     /// what was written, with no row sent back by Postgres.
     pub wb_as_written: IntCounterVec,
+    /// `cachesync_writebehind_insert_first_total{keyspace,result}`: sets of flushed rows tried
+    /// as a plain `COPY` into the table first; `result` is `inserted` (every key was new) or
+    /// `conflict` (a key existed: the upsert ran after).
+    pub wb_insert_first: IntCounterVec,
     /// `cachesync_writebehind_flush_batch_rows`: rows per flush transaction.
     pub wb_batch_rows: Histogram,
     /// `cachesync_writebehind_flush_duration_seconds`
@@ -451,6 +455,12 @@ impl Metrics {
                 "cachesync_writebehind_rows_as_written_total",
                 "Flushed rows installed in L1 as written: Postgres stores them exactly as given, so it was not asked to send them back.",
                 &["keyspace"],
+            ),
+            wb_insert_first: counter(
+                &r,
+                "cachesync_writebehind_insert_first_total",
+                "Sets of flushed rows tried as a plain COPY into the table first: inserted (every key was new), or conflict (a key existed, and the upsert ran after).",
+                &["keyspace", "result"],
             ),
             wb_batch_rows: reg(
                 &r,

@@ -432,6 +432,127 @@ async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_tri
     server.shutdown().await;
 }
 
+/// Writes `docs` (id, document) while `table` is locked, so the flusher takes them as one batch,
+/// then waits until they are flushed.
+async fn one_batch(db: &Db, http: &Http, table: &str, docs: impl IntoIterator<Item = (i64, serde_json::Value)>) {
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE;"))
+        .await
+        .unwrap();
+    for (id, doc) in docs {
+        let r = http.put(&format!("/v1/kv/{table}/{id}"), doc.to_string()).await;
+        assert_eq!(r.status, 202, "{id}: {}", r.body);
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    drained(http).await;
+}
+
+#[tokio::test]
+async fn new_keys_are_copied_straight_into_the_table_and_existing_keys_fall_back_to_the_upsert() {
+    let db = Db::new().await;
+    db.exec("CREATE TABLE fresh (id bigint PRIMARY KEY, name text NOT NULL, v int)")
+        .await;
+    let node = Node::new();
+    // `reader` loads the same rows from Postgres, to compare with what the writes installed.
+    let keyspaces = format!(
+        "{}[[keyspace]]\nname = \"reader\"\ntable = \"fresh\"\nkey = \"id\"\n",
+        keyspace("fresh", "fresh", "max_entries = 10000")
+    );
+    let (server, http) = node
+        .start_text(&node.config_text(
+            &db,
+            &keyspaces,
+            "[write_behind]\nbatch_rows = 50\nbatch_delay = \"3s\"\n",
+        ))
+        .await;
+    let tricky = TRICKY;
+    let doc =
+        |id: i64, phase: &str| json!({"name": format!("{} {phase} {id}", tricky[id as usize % tricky.len()]), "v": id});
+    let tries = |result: &str, m: &str| {
+        metric(
+            m,
+            &format!("cachesync_writebehind_insert_first_total{{keyspace=\"fresh\",result=\"{result}\"}}"),
+        )
+    };
+    // Every key new: copied straight in. Each batch takes 50 writes (all this test writes at a
+    // time are multiples of 50, so no batch waits out the long delay).
+    one_batch(&db, &http, "fresh", (0..100).map(|id| (id, doc(id, "one")))).await;
+    let m = http.get("/metrics").await.body;
+    assert!(tries("inserted", &m) >= 1.0, "{m}");
+    assert_eq!(tries("conflict", &m), 0.0);
+    // Half the keys exist: the copy is refused, rolled back, and the upsert stores all of them.
+    one_batch(
+        &db,
+        &http,
+        "fresh",
+        (50..100).chain(100..150).map(|id| (id, doc(id, "two"))),
+    )
+    .await;
+    let m = http.get("/metrics").await.body;
+    let inserted = tries("inserted", &m);
+    assert!(tries("conflict", &m) >= 1.0, "the second batch fell back: {m}");
+    let count: i64 = db.scalar("SELECT count(*) FROM fresh").await;
+    assert_eq!(count, 150, "each key stored once");
+    for id in 0..150 {
+        let phase = if id < 50 { "one" } else { "two" };
+        let stored: String = db.scalar(&format!("SELECT name FROM fresh WHERE id = {id}")).await;
+        assert_eq!(stored, doc(id, phase)["name"], "{id}");
+        let (w, r) = (
+            http.get(&format!("/v1/kv/fresh/{id}")).await,
+            http.get(&format!("/v1/kv/reader/{id}")).await,
+        );
+        assert_eq!((w.status.as_u16(), w.header("x-cache")), (200, "hit"), "{id}");
+        assert_eq!(w.body, r.body, "{id}: the installed document is the stored row's");
+    }
+    // After a conflict a few batches skip the copy; then new keys are copied straight in again.
+    let mut next = 150;
+    while tries("inserted", &http.get("/metrics").await.body) == inserted {
+        assert!(
+            next < 150 + 10 * 50,
+            "ten batches of new keys later, none was copied straight in"
+        );
+        one_batch(&db, &http, "fresh", (next..next + 50).map(|id| (id, doc(id, "three")))).await;
+        next += 50;
+    }
+    let count: i64 = db.scalar("SELECT count(*) FROM fresh WHERE id >= 150").await;
+    assert_eq!(count, next - 150);
+    // A key inserted by someone else while its write waits: the copy meets it, and the upsert
+    // stores the write over it.
+    let conflicts = tries("conflict", &http.get("/metrics").await.body);
+    let locker = db.pg.connect(&db.db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE fresh IN EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    for id in 1000..1050 {
+        let r = http
+            .put(&format!("/v1/kv/fresh/{id}"), doc(id, "four").to_string())
+            .await;
+        assert_eq!(r.status, 202, "{id}: {}", r.body);
+    }
+    locker
+        .batch_execute("INSERT INTO fresh VALUES (1049, 'someone else', 0); COMMIT;")
+        .await
+        .unwrap();
+    drained(&http).await;
+    let stored: String = db.scalar("SELECT name FROM fresh WHERE id = 1049").await;
+    assert_eq!(
+        stored,
+        doc(1049, "four")["name"],
+        "the acknowledged write is what is stored"
+    );
+    let count: i64 = db.scalar("SELECT count(*) FROM fresh WHERE id >= 1000").await;
+    assert_eq!(count, 50);
+    let w = http.get("/v1/kv/fresh/1049").await;
+    assert_eq!(w.json()["name"], doc(1049, "four")["name"]);
+    assert!(
+        tries("conflict", &http.get("/metrics").await.body) > conflicts,
+        "the copy met the key"
+    );
+    server.shutdown().await;
+}
+
 /// A tmpfs mounted for one test (the process runs as root, as on CI); unmounted when dropped.
 struct SmallDisk(std::path::PathBuf);
 

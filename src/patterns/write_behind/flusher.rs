@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +38,7 @@ use crate::commitlog::{Offset, Record};
 use crate::event::{ChangeEvent, EventView, Op, Source};
 use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
+use crate::source::postgres::fields::Fields;
 use crate::source::postgres::sqlstate::{self, Fault};
 use crate::source::postgres::{self, BatchError, PgPool};
 
@@ -51,11 +51,11 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub enum Kind {
     /// Set the named fields (insert the row if missing).
-    Upsert(Map<String, Value>),
+    Upsert(Fields),
     /// Delete the row.
     Delete,
     /// Delete the row, then insert it with these fields only (a put after a delete).
-    Replace(Map<String, Value>),
+    Replace(Fields),
 }
 
 /// One key's flush.
@@ -100,7 +100,7 @@ enum Upserted {
 type Stored = HashMap<Arc<str>, Entry, ahash::RandomState>;
 
 /// One row of a set-based upsert: its key components and the fields it writes.
-type UpsertRow<'a> = (Vec<String>, &'a Map<String, Value>);
+type UpsertRow<'a> = (Vec<String>, &'a Fields);
 
 /// Why a flush failed.
 #[derive(Debug, Clone)]
@@ -132,26 +132,21 @@ fn batch_error(e: BatchError) -> FlushError {
     }
 }
 
-/// Folds one write into a key's coalesced flush.
-fn fold(prev: Option<Kind>, e: &EventView<'_>) -> Kind {
+/// Folds one write (held by `record`) into a key's coalesced flush. A key's only write keeps
+/// its fields where the record has them ([`Fields`]).
+fn fold(prev: Option<Kind>, e: &EventView<'_>, record: &bytes::Bytes) -> Kind {
     match e.op {
         Op::Delete => Kind::Delete,
         _ => {
-            let mut patch: Map<String, Value> =
-                e.value.and_then(|v| serde_json::from_slice(v).ok()).unwrap_or_default();
-            let written: Vec<&str> = e.written().collect();
-            patch.retain(|f, _| written.contains(&f.as_str()));
+            let patch = match e.value {
+                Some(doc) => Fields::of_write(record, doc, e.written()),
+                None => Fields::default(),
+            };
             match prev {
                 None => Kind::Upsert(patch),
-                Some(Kind::Upsert(mut m)) => {
-                    m.extend(patch);
-                    Kind::Upsert(m)
-                }
+                Some(Kind::Upsert(m)) => Kind::Upsert(m.extend(patch)),
                 Some(Kind::Delete) => Kind::Replace(patch),
-                Some(Kind::Replace(mut m)) => {
-                    m.extend(patch);
-                    Kind::Replace(m)
-                }
+                Some(Kind::Replace(m)) => Kind::Replace(m.extend(patch)),
             }
         }
     }
@@ -420,7 +415,7 @@ impl Flusher {
                     ops.push(FlushOp {
                         ks: ks.clone(),
                         key,
-                        kind: fold(None, &e),
+                        kind: fold(None, &e, &r.payload),
                         version: e.version,
                         offset: r.offset,
                         record: r.payload.clone(),
@@ -428,7 +423,7 @@ impl Flusher {
                 }
                 std::collections::hash_map::Entry::Occupied(o) => {
                     let op = &mut ops[*o.get()];
-                    op.kind = fold(Some(std::mem::replace(&mut op.kind, Kind::Delete)), &e);
+                    op.kind = fold(Some(std::mem::replace(&mut op.kind, Kind::Delete)), &e, &r.payload);
                     op.version = e.version;
                     op.offset = r.offset;
                     op.record = r.payload.clone();
@@ -571,12 +566,12 @@ impl Flusher {
                     let g = match last {
                         Some(g)
                             if groups[g].0.len() == m.len()
-                                && m.keys().all(|k| groups[g].0.binary_search(&k.as_str()).is_ok()) =>
+                                && m.names().all(|k| groups[g].0.binary_search(&k).is_ok()) =>
                         {
                             g
                         }
                         _ => {
-                            let mut cols: Vec<&str> = m.keys().map(String::as_str).collect();
+                            let mut cols: Vec<&str> = m.names().collect();
                             cols.sort_unstable();
                             *group_of.entry(cols.clone()).or_insert_with(|| {
                                 groups.push((cols, Vec::with_capacity(ops.len()), Vec::with_capacity(ops.len())));
@@ -599,8 +594,12 @@ impl Flusher {
                     .await
                     .map_err(batch_error)?
                 {
-                    Some(returned) => upserted.push(Upserted::Returned(ks.clone(), returned)),
-                    None => {
+                    postgres::Upsert::Returned(returned) => upserted.push(Upserted::Returned(ks.clone(), returned)),
+                    postgres::Upsert::AsWritten { inserted_first } => {
+                        if let Some(inserted) = inserted_first {
+                            let result = if inserted { "inserted" } else { "conflict" };
+                            self.wb.metrics.wb_insert_first.with_label_values(&[name, result]).inc();
+                        }
                         as_written.extend(indexes.into_iter().zip(group.into_iter().map(|(key, _)| key)));
                         let table = source.binding().table_oid;
                         if !written_tables.contains(&table) {

@@ -14,13 +14,14 @@
 
 use serde_json::Value;
 
+use super::fields::FieldValue;
 use super::render::TypeKind;
 
-/// One field of a row: a JSON value, or text standing for a JSON string (a key's text from
-/// the URL, written without building a `Value` for it).
+/// One field of a row: a written field's value, or text standing for a JSON string (a key's
+/// text from the URL, written without building a `Value` for it).
 #[derive(Clone, Copy)]
 pub enum Cell<'a> {
-    Value(&'a Value),
+    Field(FieldValue<'a>),
     Str(&'a str),
 }
 
@@ -42,6 +43,17 @@ pub fn field(kind: &TypeKind, value: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends one written field, escaped, for a column of `kind` (as [`field`] does its JSON value).
+pub fn field_value(kind: &TypeKind, value: FieldValue<'_>, out: &mut Vec<u8>) {
+    match value {
+        FieldValue::Null => out.extend_from_slice(b"\\N"),
+        FieldValue::Str(s) => string(kind, s, out),
+        FieldValue::Number(n) => out.extend_from_slice(n.as_bytes()),
+        FieldValue::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        FieldValue::Value(v) => field(kind, v, out),
+    }
+}
+
 /// Appends a JSON string's field: its content, or its JSON text into a `json`/`jsonb` column.
 fn string(kind: &TypeKind, s: &str, out: &mut Vec<u8>) {
     match kind {
@@ -57,7 +69,7 @@ pub fn row<'a>(fields: impl IntoIterator<Item = (&'a TypeKind, Cell<'a>)>, out: 
             out.push(b'\t');
         }
         match cell {
-            Cell::Value(v) => field(kind, v, out),
+            Cell::Field(v) => field_value(kind, v, out),
             Cell::Str(s) => string(kind, s, out),
         }
     }
@@ -161,14 +173,18 @@ mod tests {
     fn a_row_is_tab_separated_and_ends_in_a_newline() {
         let (one, x) = (json!(1), json!("x"));
         let cells = [
-            (&TypeKind::Integer, Cell::Value(&one)),
-            (&TypeKind::Text, Cell::Value(&x)),
+            (&TypeKind::Integer, Cell::Field((&one).into())),
+            (&TypeKind::Text, Cell::Field((&x).into())),
+            (&TypeKind::Text, Cell::Field(FieldValue::Str("in place"))),
+            (&TypeKind::Integer, Cell::Field(FieldValue::Number("-7"))),
+            (&TypeKind::Bool, Cell::Field(FieldValue::Bool(false))),
+            (&TypeKind::Text, Cell::Field(FieldValue::Null)),
             (&TypeKind::Text, Cell::Str("a\tb")),
             (&TypeKind::Json, Cell::Str("k")),
         ];
         let mut out = Vec::new();
         row(cells, &mut out);
         // Text stands for a JSON string: the same field as `Value::String` would give.
-        assert_eq!(out, b"1\tx\ta\\tb\t\"k\"\n");
+        assert_eq!(out, b"1\tx\tin place\t-7\tfalse\t\\N\ta\\tb\t\"k\"\n");
     }
 }

@@ -8,6 +8,7 @@
 
 use tokio_postgres::GenericClient;
 
+use super::fields::FieldValue;
 use super::render::TypeKind;
 use crate::keyspace::config::{CdcMode, KeyspaceConfig, TableRef, WriteMode};
 
@@ -71,13 +72,13 @@ impl ColumnMeta {
     /// in the form Postgres outputs); for `boolean` a JSON boolean. `None` for anything else —
     /// other types (domains included) normalize or round what they are given, so the stored
     /// form has to come back from Postgres.
-    pub fn stored_text<'a>(&self, value: &'a serde_json::Value) -> Option<StoredText<'a>> {
-        use serde_json::Value;
+    pub fn stored_text<'a>(&self, value: FieldValue<'a>) -> Option<StoredText<'a>> {
         match (value, self.type_oid) {
-            (Value::Null, _) => Some(StoredText::Null),
-            (Value::String(s), _) => self.key_text(s),
-            (Value::Number(n), 20 | 21 | 23) => n.as_i64().map(StoredText::Int),
-            (Value::Bool(b), 16) => Some(StoredText::Bool(*b)),
+            (FieldValue::Null, _) => Some(StoredText::Null),
+            (FieldValue::Str(s), _) => self.key_text(s),
+            // As `serde_json::Number::as_i64` reads a number's text.
+            (FieldValue::Number(n), 20 | 21 | 23) => n.parse().ok().map(StoredText::Int),
+            (FieldValue::Bool(b), 16) => Some(StoredText::Bool(b)),
             _ => None,
         }
     }
@@ -430,27 +431,30 @@ mod tests {
         let numeric = column(1700, "numeric");
         let domain = column(16_384, "my_domain");
         let s = json!("a\tb");
-        assert_eq!(text.stored_text(&s), Some(StoredText::Str("a\tb")));
-        assert_eq!(varchar.stored_text(&s), Some(StoredText::Str("a\tb")));
+        assert_eq!(text.stored_text((&s).into()), Some(StoredText::Str("a\tb")));
+        assert_eq!(varchar.stored_text((&s).into()), Some(StoredText::Str("a\tb")));
         // varchar(n) may cut trailing spaces; other types normalize what they read.
-        assert_eq!(bounded.stored_text(&s), None);
-        assert_eq!(numeric.stored_text(&json!(1.5)), None);
-        assert_eq!(numeric.stored_text(&json!("1.50")), None);
-        assert_eq!(domain.stored_text(&json!(true)), None);
-        assert_eq!(int.stored_text(&json!(-7)), Some(StoredText::Int(-7)));
-        assert_eq!(int.stored_text(&json!("-7")), Some(StoredText::Int(-7)));
-        assert_eq!(int.stored_text(&json!("007")), None);
-        assert_eq!(int.stored_text(&json!(7.0)), None);
-        assert_eq!(int.stored_text(&json!(true)), None);
+        assert_eq!(bounded.stored_text((&s).into()), None);
+        assert_eq!(numeric.stored_text((&json!(1.5)).into()), None);
+        assert_eq!(numeric.stored_text((&json!("1.50")).into()), None);
+        assert_eq!(domain.stored_text((&json!(true)).into()), None);
+        assert_eq!(int.stored_text((&json!(-7)).into()), Some(StoredText::Int(-7)));
+        assert_eq!(int.stored_text((&json!("-7")).into()), Some(StoredText::Int(-7)));
+        assert_eq!(int.stored_text((&json!("007")).into()), None);
+        assert_eq!(int.stored_text((&json!(7.0)).into()), None);
+        assert_eq!(int.stored_text((&json!(true)).into()), None);
         assert_eq!(
-            text.stored_text(&json!(7)),
+            text.stored_text((&json!(7)).into()),
             None,
             "a number into text is stored as its JSON text"
         );
-        assert_eq!(boolean.stored_text(&json!(false)), Some(StoredText::Bool(false)));
-        assert_eq!(boolean.stored_text(&json!("false")), None);
+        assert_eq!(
+            boolean.stored_text((&json!(false)).into()),
+            Some(StoredText::Bool(false))
+        );
+        assert_eq!(boolean.stored_text((&json!("false")).into()), None);
         for c in [&text, &int, &boolean, &numeric, &domain] {
-            assert_eq!(c.stored_text(&json!(null)), Some(StoredText::Null));
+            assert_eq!(c.stored_text((&json!(null)).into()), Some(StoredText::Null));
         }
         assert_eq!(int.key_text("12"), Some(StoredText::Int(12)));
         assert_eq!(int.key_text("012"), None);

@@ -172,6 +172,16 @@ pub fn copy_into_stage(b: &Binding, columns: &[&str]) -> String {
     )
 }
 
+/// `COPY` of the named columns straight into the table, in text format (an insert of rows
+/// whose keys are all new).
+pub fn copy_into_table(b: &Binding, columns: &[&str]) -> String {
+    format!(
+        "COPY {} ({}) FROM STDIN",
+        qualified(&b.table),
+        columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+    )
+}
+
 /// Empties the staging table within the transaction (between two sets of columns).
 pub fn clear_stage_table(b: &Binding) -> String {
     format!("DELETE FROM pg_temp.{}", quote_ident(&stage_table(b)))

@@ -1,0 +1,325 @@
+//! The fields a write sets, as the upsert paths read them ([`Fields`]): most writes' fields
+//! stay where the commit log holds them — spans of the record's document, read in place — so a
+//! flush builds no JSON map per row; writes coalesced over one another, and values that need
+//! decoding (an escaped string, an object, an array), keep a parsed map instead.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// One field's value: a scalar read in place, or a parsed JSON value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FieldValue<'a> {
+    Null,
+    Bool(bool),
+    /// A number's JSON text.
+    Number(&'a str),
+    /// A string's content.
+    Str(&'a str),
+    /// Anything else (an object or an array).
+    Value(&'a Value),
+}
+
+impl<'a> From<&'a Value> for FieldValue<'a> {
+    fn from(v: &'a Value) -> FieldValue<'a> {
+        match v {
+            Value::Null => FieldValue::Null,
+            Value::Bool(b) => FieldValue::Bool(*b),
+            Value::Number(n) => FieldValue::Number(n.as_str()),
+            Value::String(s) => FieldValue::Str(s),
+            other => FieldValue::Value(other),
+        }
+    }
+}
+
+impl FieldValue<'_> {
+    /// The value, owned.
+    pub fn to_value(&self) -> Value {
+        match *self {
+            FieldValue::Null => Value::Null,
+            FieldValue::Bool(b) => Value::Bool(b),
+            // The text of a number serde_json read: it reads again.
+            FieldValue::Number(n) => serde_json::from_str(n).unwrap_or(Value::Null),
+            FieldValue::Str(s) => Value::String(s.to_string()),
+            FieldValue::Value(v) => v.clone(),
+        }
+    }
+
+    /// Appends the value's JSON text.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            FieldValue::Null => out.extend_from_slice(b"null"),
+            FieldValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            FieldValue::Number(n) => out.extend_from_slice(n.as_bytes()),
+            FieldValue::Str(s) => {
+                serde_json::to_writer(&mut *out, s).expect("writing to a Vec does not fail");
+            }
+            FieldValue::Value(v) => serde_json::to_writer(&mut *out, v).expect("writing to a Vec does not fail"),
+        }
+    }
+}
+
+/// The fields one key's coalesced writes set, in the order the (first) write's document has them.
+#[derive(Debug, Clone)]
+pub enum Fields {
+    /// One write's fields, read in place: the record holding the document, and per field the
+    /// byte ranges of its name and of its value's JSON text — each name without escapes, each
+    /// value `null`, a boolean, a number or a string without escapes.
+    Spans {
+        bytes: Bytes,
+        spans: Vec<(Range<u32>, Range<u32>)>,
+    },
+    /// Parsed fields.
+    Map(Map<String, Value>),
+}
+
+impl Default for Fields {
+    fn default() -> Fields {
+        Fields::Map(Map::new())
+    }
+}
+
+impl From<Map<String, Value>> for Fields {
+    fn from(m: Map<String, Value>) -> Fields {
+        Fields::Map(m)
+    }
+}
+
+impl Fields {
+    /// The fields named in `written` of the JSON object `doc`, a slice of `bytes` (the record
+    /// that holds it). A document that is not an object sets no field.
+    pub fn of_write<'w>(bytes: &Bytes, doc: &[u8], written: impl Iterator<Item = &'w str> + Clone) -> Fields {
+        if let Some(spans) = spans_of(bytes, doc, written.clone()) {
+            return Fields::Spans {
+                bytes: bytes.clone(),
+                spans,
+            };
+        }
+        let mut map: Map<String, Value> = serde_json::from_slice(doc).unwrap_or_default();
+        map.retain(|f, _| written.clone().any(|w| w == f));
+        Fields::Map(map)
+    }
+
+    /// The parsed fields (a write in place is parsed here).
+    pub fn into_map(self) -> Map<String, Value> {
+        match self {
+            Fields::Map(m) => m,
+            Fields::Spans { .. } => self.iter().map(|(k, v)| (k.to_string(), v.to_value())).collect(),
+        }
+    }
+
+    /// These fields with `later`'s set over them (a later write of the same key).
+    pub fn extend(self, later: Fields) -> Fields {
+        let mut map = self.into_map();
+        map.extend(later.into_map());
+        Fields::Map(map)
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Fields::Spans { spans, .. } => spans.len(),
+            Fields::Map(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each field's name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> {
+        let (spans, map) = match self {
+            Fields::Spans { bytes, spans } => (Some((bytes, spans)), None),
+            Fields::Map(m) => (None, Some(m)),
+        };
+        let in_place = spans.into_iter().flat_map(|(bytes, spans)| {
+            spans
+                .iter()
+                .map(move |(name, value)| (text(bytes, name), scalar(text(bytes, value))))
+        });
+        in_place.chain(
+            map.into_iter()
+                .flat_map(|m| m.iter().map(|(k, v)| (k.as_str(), FieldValue::from(v)))),
+        )
+    }
+
+    /// The fields' names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.iter().map(|(name, _)| name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<FieldValue<'_>> {
+        match self {
+            Fields::Map(m) => m.get(name).map(FieldValue::from),
+            Fields::Spans { .. } => self.iter().find(|(n, _)| *n == name).map(|(_, v)| v),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names().any(|n| n == name)
+    }
+}
+
+/// The text of a span of a record (checked UTF-8 when the span was taken).
+fn text<'a>(bytes: &'a Bytes, span: &Range<u32>) -> &'a str {
+    // Spans are taken from `&str`s serde_json borrowed from the record: the check holds.
+    std::str::from_utf8(&bytes[span.start as usize..span.end as usize]).unwrap_or_default()
+}
+
+/// A value's JSON text as a scalar (the span holds only what [`spans_of`] accepted).
+fn scalar(json: &str) -> FieldValue<'_> {
+    match json.as_bytes().first() {
+        Some(b'n') => FieldValue::Null,
+        Some(b't') => FieldValue::Bool(true),
+        Some(b'f') => FieldValue::Bool(false),
+        Some(b'"') => FieldValue::Str(&json[1..json.len() - 1]),
+        _ => FieldValue::Number(json),
+    }
+}
+
+/// Ranges of `bytes` for the written fields of the object `doc` (a slice of `bytes`): `None`
+/// when `doc` is not a JSON object, or a written field's name or value needs decoding, or a
+/// name is written twice.
+fn spans_of<'w>(
+    bytes: &Bytes,
+    doc: &[u8],
+    written: impl Iterator<Item = &'w str> + Clone,
+) -> Option<Vec<(Range<u32>, Range<u32>)>> {
+    struct Spans<'b, W> {
+        bytes: &'b Bytes,
+        written: W,
+    }
+    impl<W> Spans<'_, W> {
+        /// Where `s`, borrowed from the document, sits in the record.
+        fn span(&self, s: &str) -> Option<Range<u32>> {
+            let start = (s.as_ptr() as usize).checked_sub(self.bytes.as_ptr() as usize)?;
+            let end = start.checked_add(s.len()).filter(|e| *e <= self.bytes.len())?;
+            Some(u32::try_from(start).ok()?..u32::try_from(end).ok()?)
+        }
+    }
+    impl<'de, 'w, W: Iterator<Item = &'w str> + Clone> Visitor<'de> for Spans<'_, W> {
+        type Value = Option<Vec<(Range<u32>, Range<u32>)>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut spans: Vec<(Range<u32>, Range<u32>)> = Vec::with_capacity(map.size_hint().unwrap_or(8));
+            // A name with escapes cannot be borrowed: an error, and the parsed form is used.
+            while let Some(name) = map.next_key::<&'de str>()? {
+                if !self.written.clone().any(|w| w == name) {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                let json = map.next_value::<&'de RawValue>()?.get();
+                let plain = match json.as_bytes().first() {
+                    Some(b'"') => !json.contains('\\'),
+                    Some(b'{' | b'[') | None => false,
+                    Some(_) => true,
+                };
+                let twice = spans.iter().any(|(seen, _)| text(self.bytes, seen) == name);
+                match (self.span(name), self.span(json)) {
+                    (Some(n), Some(v)) if plain && !twice => spans.push((n, v)),
+                    _ => return Ok(None),
+                }
+            }
+            Ok(Some(spans))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(doc);
+    let spans = (&mut de).deserialize_map(Spans { bytes, written }).ok()??;
+    de.end().ok()?;
+    Some(spans)
+}
+
+#[cfg(test)]
+impl Fields {
+    /// Every field of a JSON object, read in place where it can be (for tests).
+    pub(crate) fn in_place(v: &Value) -> Fields {
+        let record = Bytes::from(serde_json::to_vec(v).expect("serializes"));
+        let names: Vec<&str> = v
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        Fields::of_write(&record, &record, names.into_iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// What the flusher read before fields were read in place: the document parsed, then the
+    /// written fields kept.
+    fn parsed(doc: &[u8], written: &[&str]) -> Map<String, Value> {
+        let mut m: Map<String, Value> = serde_json::from_slice(doc).unwrap_or_default();
+        m.retain(|f, _| written.contains(&f.as_str()));
+        m
+    }
+
+    #[test]
+    fn fields_read_in_place_are_the_fields_parsed() {
+        let cases: &[(&str, &[&str], bool)] = &[
+            (
+                r#"{"id":1,"name":"a b ✓","v":-2.5e3,"ok":true,"no":false,"x":null}"#,
+                &["id", "name", "v", "ok", "no", "x"],
+                true,
+            ),
+            (r#" { "name" : "a" , "v" : 10 } "#, &["v", "name"], true),
+            (r#"{"name":"a","v":1,"extra":{"deep":[1,2]}}"#, &["name"], true),
+            (r#"{"name":"a","v":1}"#, &["name", "missing"], true),
+            (r#"{}"#, &["name"], true),
+            // What needs decoding keeps the parsed form.
+            (r#"{"name":"q\"t","v":1}"#, &["name", "v"], false),
+            (r#"{"n\u0061me":"a"}"#, &["name"], false),
+            (r#"{"tags":["a"],"v":1}"#, &["tags", "v"], false),
+            (r#"{"obj":{"a":1}}"#, &["obj"], false),
+            (r#"{"v":1,"v":2}"#, &["v"], false),
+            (r#"[1,2]"#, &["v"], false),
+            (r#"{"v":1} trailing"#, &["v"], false),
+        ];
+        for (doc, written, in_place) in cases {
+            // The document inside a larger record, as the log holds it.
+            let record = Bytes::from(format!("header{doc}footer").into_bytes());
+            let at = &record[6..6 + doc.len()];
+            let fields = Fields::of_write(&record, at, written.iter().copied());
+            assert_eq!(matches!(fields, Fields::Spans { .. }), *in_place, "{doc}");
+            let want = parsed(doc.as_bytes(), written);
+            assert_eq!(fields.len(), want.len(), "{doc}");
+            assert_eq!(
+                fields.names().collect::<Vec<_>>(),
+                want.keys().map(String::as_str).collect::<Vec<_>>(),
+                "{doc}"
+            );
+            for (name, value) in &want {
+                assert_eq!(
+                    fields.get(name).map(|v| v.to_value()),
+                    Some(value.clone()),
+                    "{doc} {name}"
+                );
+                assert!(fields.contains(name));
+                let mut json = Vec::new();
+                fields.get(name).unwrap().write_json(&mut json);
+                assert_eq!(serde_json::from_slice::<Value>(&json).unwrap(), *value, "{doc} {name}");
+            }
+            assert!(!fields.contains("absent"));
+            assert_eq!(fields.clone().into_map(), want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn a_later_write_sets_its_fields_over_the_earlier() {
+        let first = Fields::in_place(&json!({"name": "a", "v": 1}));
+        let later = Fields::in_place(&json!({"v": 2, "email": "e"}));
+        let both = first.extend(later);
+        assert_eq!(
+            both.into_map(),
+            json!({"name": "a", "v": 2, "email": "e"}).as_object().unwrap().clone()
+        );
+    }
+}
