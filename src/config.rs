@@ -787,7 +787,9 @@ write = "sideways"
         let c = Config::parse(&format!(
             "{pg}[[keyspace]]\nname = \"mem\"\n[[keyspace]]\nname = \"warm\"\ntable = \"t\"\nkey = \"id\"\ncdc = \"update\"\n\
              [[keyspace]]\nname = \"read\"\ntable = \"t\"\nkey = \"id\"\n[[keyspace]]\nname = \"set\"\ntable = \"t\"\nkey = \"id\"\nstore = \"compact\"\n\
-             [[keyspace]]\nname = \"mem2\"\nstore = \"cache\"\n"
+             [[keyspace]]\nname = \"mem2\"\nstore = \"cache\"\n\
+             [[keyspace]]\nname = \"behind\"\ntable = \"t\"\nkey = \"id\"\nwrite = \"behind\"\n\
+             [[keyspace]]\nname = \"through\"\ntable = \"t\"\nkey = \"id\"\nwrite = \"through\"\n"
         ))
         .unwrap();
         let stores: Vec<StoreKind> = c.keyspaces.iter().map(|k| k.store).collect();
@@ -798,9 +800,11 @@ write = "sideways"
                 StoreKind::Compact,
                 StoreKind::Cache,
                 StoreKind::Compact,
+                StoreKind::Cache,
+                StoreKind::Compact,
                 StoreKind::Cache
             ],
-            "in-memory and warm keyspaces hold everything: compact; read-through ones cache"
+            "in-memory, warm and write-behind keyspaces hold everything: compact; read-through ones cache"
         );
         assert_eq!(Config::embedded_default().keyspaces[0].store, StoreKind::Compact);
         let p = problems("[[keyspace]]\nname = \"m\"\nstore = \"tiny\"\n");

@@ -458,8 +458,11 @@ pub(crate) fn read_keyspace(mut s: Section<'_, '_>) -> Option<KeyspaceConfig> {
     }
     let warm = warm.unwrap_or(cdc != CdcMode::Off);
     // A keyspace that holds everything it is given — in-memory data, or a whole table kept by
-    // CDC — is compact by default; one that caches the read part of a table is a cache.
-    let store = store.unwrap_or(if !has_table || warm {
+    // CDC — is compact by default; so is a write-behind one, which installs every row it
+    // flushes: recency eviction keeps what was just written (a frequency-aware cache would
+    // turn a new key's row away when full), at a fifth of the bytes per entry. One that
+    // caches the read part of a table is a cache.
+    let store = store.unwrap_or(if !has_table || warm || write == WriteMode::Behind {
         StoreKind::Compact
     } else {
         StoreKind::Cache
