@@ -272,6 +272,29 @@ pub struct TableSource {
     insert_first: InsertFirst,
 }
 
+/// One row of a set-based upsert: its key components and the fields it writes.
+pub type UpsertRow<'a> = (&'a [String], &'a Fields);
+
+/// The rows of one set-based upsert as `COPY` text, in chunks: rendered ahead of the
+/// transaction that sends them ([`TableSource::copy_text`]), so the flusher renders the next
+/// batch while Postgres stores this one.
+#[derive(Debug)]
+pub struct CopyText {
+    chunks: Vec<Bytes>,
+    rows: usize,
+}
+
+impl CopyText {
+    /// The rows it holds.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Size of the chunks `COPY` text is sent in: small enough that Postgres parses the first
+/// while the next are on their way.
+const COPY_CHUNK: usize = 8 * 1024;
+
 /// How an upsert of many rows ([`TableSource::upsert_rows`]) went.
 #[derive(Debug)]
 pub enum Upsert {
@@ -671,7 +694,8 @@ impl TableSource {
     pub async fn upsert_rows(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
-        rows: &[(Vec<String>, &Fields)],
+        rows: &[UpsertRow<'_>],
+        copy: Option<&CopyText>,
         staged: &mut bool,
         as_written: bool,
     ) -> Result<Upsert, BatchError> {
@@ -686,9 +710,21 @@ impl TableSource {
             )));
         }
         let columns = self.upsert_columns(first);
+        let rendered;
+        let copy = match copy {
+            Some(c) => Some(c),
+            None if rows.len() >= COPY_MIN_ROWS => {
+                rendered = self.render_copy(&columns, rows);
+                Some(&rendered)
+            }
+            None => None,
+        };
         let mut inserted_first = None;
-        if as_written && rows.len() >= COPY_MIN_ROWS && self.insert_first.try_now() {
-            if self.insert_new(tx, &columns, rows).await? {
+        if let Some(copy) = copy
+            && as_written
+            && self.insert_first.try_now()
+        {
+            if self.insert_new(tx, &columns, copy).await? {
                 self.insert_first.inserted();
                 return Ok(Upsert::AsWritten {
                     inserted_first: Some(true),
@@ -697,8 +733,8 @@ impl TableSource {
             self.insert_first.conflicted();
             inserted_first = Some(false);
         }
-        let shape = if rows.len() >= COPY_MIN_ROWS {
-            self.stage(tx, &columns, rows, staged).await?;
+        let shape = if let Some(copy) = copy {
+            self.stage(tx, &columns, copy, staged).await?;
             sql::Rows::Staged
         } else {
             sql::Rows::Many
@@ -741,16 +777,13 @@ impl TableSource {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         columns: &[&str],
-        rows: &[(Vec<String>, &Fields)],
+        copy: &CopyText,
     ) -> Result<bool, BatchError> {
         let savepoint = format!("SAVEPOINT {INSERT_FIRST_SAVEPOINT}");
         tx.batch_execute(&savepoint).await.map_err(BatchError::Db)?;
-        match self
-            .copy_rows(tx, &sql::copy_into_table(&self.binding, columns), columns, rows)
-            .await
-        {
+        match Self::send_copy(tx, &sql::copy_into_table(&self.binding, columns), copy).await {
             Ok(n) => {
-                self.check_stored(rows.len(), n)?;
+                self.check_stored(copy.rows(), n)?;
                 Ok(true)
             }
             Err(e) if e.as_db_error().is_some() => {
@@ -882,13 +915,13 @@ impl TableSource {
     }
 
     /// The rows as a JSON array of objects by column name, written out directly.
-    fn rows_json(&self, rows: &[(Vec<String>, &Fields)]) -> Result<String, BatchError> {
+    fn rows_json(&self, rows: &[UpsertRow<'_>]) -> Result<String, BatchError> {
         let b = &self.binding;
         let mut json = Vec::with_capacity(rows.len() * 128);
         json.push(b'[');
         for (i, (key, fields)) in rows.iter().enumerate() {
             json.extend_from_slice(if i == 0 { b"{" } else { b",{" });
-            for (k, v) in b.key.iter().zip(key) {
+            for (k, v) in b.key.iter().zip(key.iter()) {
                 serde_json::to_writer(&mut json, &k.name).map_err(|e| BatchError::Invalid(e.to_string()))?;
                 json.push(b':');
                 serde_json::to_writer(&mut json, v).map_err(|e| BatchError::Invalid(e.to_string()))?;
@@ -918,7 +951,7 @@ impl TableSource {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         columns: &[&str],
-        rows: &[(Vec<String>, &Fields)],
+        copy: &CopyText,
         staged: &mut bool,
     ) -> Result<(), BatchError> {
         let b = &self.binding;
@@ -929,24 +962,24 @@ impl TableSource {
         } else {
             tx.batch_execute(&self.ensure_stage).await.map_err(BatchError::Db)?;
         }
-        self.copy_rows(tx, &sql::copy_into_stage(b, columns), columns, rows)
+        Self::send_copy(tx, &sql::copy_into_stage(b, columns), copy)
             .await
             .map_err(BatchError::Db)?;
         *staged = true;
         Ok(())
     }
 
-    /// Runs `copy` (a `COPY … (columns) FROM STDIN`) with the rows' `columns` in text format; a
-    /// key column takes the key's text from the URL, as on the JSON path. Returns the rows
-    /// Postgres stored.
-    async fn copy_rows(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        copy: &str,
-        columns: &[&str],
-        rows: &[(Vec<String>, &Fields)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        use futures::SinkExt;
+    /// The rows as `COPY` text of their upsert's columns, rendered ahead of the transaction
+    /// ([`TableSource::upsert_rows`] takes it); `None` for fewer than [`COPY_MIN_ROWS`] rows,
+    /// which go as JSON.
+    pub fn copy_text(&self, rows: &[UpsertRow<'_>]) -> Option<CopyText> {
+        let (_, first) = rows.first().filter(|_| rows.len() >= COPY_MIN_ROWS)?;
+        Some(self.render_copy(&self.upsert_columns(first), rows))
+    }
+
+    /// The rows' `columns` in `COPY` text format, in chunks; a key column takes the key's text
+    /// from the URL, as on the JSON path.
+    fn render_copy(&self, columns: &[&str], rows: &[UpsertRow<'_>]) -> CopyText {
         let b = &self.binding;
         enum Source {
             Key(usize),
@@ -965,10 +998,8 @@ impl TableSource {
             })
             .collect();
         let mut values: Vec<Option<FieldValue>> = Vec::with_capacity(b.fields.len());
-        let sink = tx.copy_in(copy).await?;
-        futures::pin_mut!(sink);
-        const CHUNK: usize = 256 * 1024;
-        let mut buf = Vec::with_capacity(CHUNK + 4096);
+        let mut chunks = Vec::new();
+        let mut buf = Vec::with_capacity(COPY_CHUNK + 4096);
         for (key, fields) in rows {
             values.clear();
             values.extend(self.values_in_order(fields));
@@ -982,13 +1013,34 @@ impl TableSource {
                 }),
                 &mut buf,
             );
-            if buf.len() >= CHUNK {
-                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 4096)));
-                sink.send(chunk).await?;
+            if buf.len() >= COPY_CHUNK {
+                chunks.push(Bytes::from(std::mem::replace(
+                    &mut buf,
+                    Vec::with_capacity(COPY_CHUNK + 4096),
+                )));
             }
         }
         if !buf.is_empty() {
-            sink.send(Bytes::from(buf)).await?;
+            chunks.push(Bytes::from(buf));
+        }
+        CopyText {
+            chunks,
+            rows: rows.len(),
+        }
+    }
+
+    /// Runs `copy` (a `COPY … FROM STDIN`) with the rendered text. Returns the rows Postgres
+    /// stored.
+    async fn send_copy(
+        tx: &deadpool_postgres::Transaction<'_>,
+        copy: &str,
+        text: &CopyText,
+    ) -> Result<u64, tokio_postgres::Error> {
+        use futures::SinkExt;
+        let sink = tx.copy_in(copy).await?;
+        futures::pin_mut!(sink);
+        for chunk in &text.chunks {
+            sink.feed(chunk.clone()).await?;
         }
         sink.finish().await
     }

@@ -40,7 +40,7 @@ use crate::keyspace::Keyspace;
 use crate::lifecycle::{Backoff, Tasks};
 use crate::source::postgres::fields::Fields;
 use crate::source::postgres::sqlstate::{self, Fault};
-use crate::source::postgres::{self, BatchError, PgPool};
+use crate::source::postgres::{self, BatchError, PgPool, UpsertRow};
 
 /// The cursor is moved past records that need no flush at least this often.
 const IDLE_CURSOR_EVERY: u64 = 10_000;
@@ -99,8 +99,47 @@ enum Upserted {
 /// What Postgres stored or deleted in one keyspace, as entries by key.
 type Stored = HashMap<Arc<str>, Entry, ahash::RandomState>;
 
-/// One row of a set-based upsert: its key components and the fields it writes.
-type UpsertRow<'a> = (Vec<String>, &'a Fields);
+/// A batch's flush, planned ahead of its transaction ([`Flusher::plan`]).
+#[derive(Default)]
+struct Plan {
+    keyspaces: Vec<KeyspacePlan>,
+}
+
+/// One keyspace's part of a planned flush.
+struct KeyspacePlan {
+    ks: Arc<Keyspace>,
+    /// The source planned against (its binding shaped the rows' text).
+    source: Arc<postgres::TableSource>,
+    /// Keys of the rows to delete.
+    deletes: Vec<Vec<String>>,
+    /// One upsert per set of written columns.
+    upserts: Vec<UpsertPlan>,
+}
+
+/// One set-based upsert of a planned flush.
+#[derive(Default)]
+struct UpsertPlan {
+    /// Its ops, by index in the flushed part, and their keys' components.
+    ops: Vec<usize>,
+    keys: Vec<Vec<String>>,
+    /// Postgres stores the rows as written: nothing is sent back.
+    known: bool,
+    /// The rows' `COPY` text, when rendered ahead.
+    copy: Option<postgres::CopyText>,
+}
+
+impl UpsertPlan {
+    fn rows<'a>(&'a self, ops: &'a [FlushOp]) -> Vec<UpsertRow<'a>> {
+        self.keys
+            .iter()
+            .zip(&self.ops)
+            .filter_map(|(key, &i)| match &ops[i].kind {
+                Kind::Upsert(m) | Kind::Replace(m) => Some((key.as_slice(), m)),
+                Kind::Delete => None,
+            })
+            .collect()
+    }
+}
 
 /// Why a flush failed.
 #[derive(Debug, Clone)]
@@ -162,6 +201,9 @@ struct Batch {
     end: Offset,
     /// Timestamp of its first write, ms since the epoch; zero when it has none.
     first_ms: u64,
+    /// Its flush, planned by the reader stage (`None` when that failed: the writer stage plans
+    /// again and meets the failure there).
+    plan: Option<Plan>,
 }
 
 /// What flushing a batch did, from the writer stage to the settling stage.
@@ -325,7 +367,7 @@ impl Flusher {
         stop: &CancellationToken,
     ) {
         loop {
-            let batch = tokio::select! {
+            let mut batch = tokio::select! {
                 b = input.recv() => match b {
                     Some(b) => b,
                     None => return,
@@ -337,7 +379,7 @@ impl Flusher {
             } else {
                 // The batch being written holds the oldest unflushed write.
                 self.wb.backlog.oldest_ms.store(batch.first_ms, Ordering::Relaxed);
-                match self.flush_until_done(&batch.ops, stop).await {
+                match self.flush_until_done(&batch.ops, batch.plan.take(), stop).await {
                     Some(o) => o,
                     None => return, // stopped while Postgres was unreachable: the writes stay in the log
                 }
@@ -437,18 +479,26 @@ impl Flusher {
                 (a.ks.name(), &*a.key).cmp(&(b.ks.name(), &*b.key))
             }
         });
+        // Planned here, so the writer stage has only Postgres's part to wait for.
+        let plan = (!ops.is_empty()).then(|| self.plan(&ops, true).ok()).flatten();
         Batch {
             ops,
             raw,
             bytes,
             end,
             first_ms,
+            plan,
         }
     }
 
     /// Flushes `ops`, retrying while Postgres is unreachable; a part Postgres rejects is halved
     /// until each rejected row is alone, and the rest commits. `None` if stopped first.
-    async fn flush_until_done(&self, ops: &[FlushOp], stop: &CancellationToken) -> Option<Outcome> {
+    async fn flush_until_done(
+        &self,
+        ops: &[FlushOp],
+        planned: Option<Plan>,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
         let cfg = &self.wb.config;
         let m = &self.wb.metrics;
         let started = Instant::now();
@@ -458,8 +508,19 @@ impl Flusher {
         // Parts still to flush, the next one last.
         let mut work = Vec::with_capacity(8);
         work.push(0..ops.len());
+        // The reader's plan serves the first attempt at the whole batch; any other attempt (a
+        // retry, a part) is planned again, against the keyspaces' sources as they are then.
+        let mut planned = planned;
         while let Some(part) = work.pop() {
-            match self.transaction(&ops[part.clone()]).await {
+            let plan = match planned.take() {
+                Some(p) => Ok(p),
+                None => self.plan(&ops[part.clone()], true),
+            };
+            let done = match plan {
+                Ok(plan) => self.transaction(&ops[part.clone()], &plan).await,
+                Err(e) => Err(e),
+            };
+            match done {
                 Ok((stored, mut upserted)) => {
                     for (ks, rows) in stored {
                         outcome.stored.entry(ks).or_default().extend(rows);
@@ -508,9 +569,83 @@ impl Flusher {
         Some(outcome)
     }
 
-    /// One flush transaction. Returns the deleted rows as entries by keyspace and key, and the
-    /// rows the upserts returned.
-    async fn transaction(&self, ops: &[FlushOp]) -> Result<Transacted, FlushError> {
+    /// Plans the flush of `ops`: per keyspace (in name order) the keys to delete, and the
+    /// upserts, one per set of written columns in the order first seen — each with its rows'
+    /// keys, whether Postgres stores them as written, and (with `render`) their `COPY` text.
+    /// Pure work, no I/O: the reader stage plans a batch while the writer stage runs the one
+    /// before.
+    fn plan(&self, ops: &[FlushOp], render: bool) -> Result<Plan, FlushError> {
+        let mut by_ks: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            by_ks.entry(op.ks.name()).or_default().push(i);
+        }
+        let mut plan = Plan::default();
+        for at in by_ks.into_values() {
+            let ks = &ops[at[0]].ks;
+            let source = ks.source().map_err(|e| FlushError::Unavailable(e.to_string()))?;
+            let parts = |op: &FlushOp| {
+                ks.parse_key(&op.key)
+                    .map(|k| k.parts)
+                    .map_err(|e| FlushError::Rejected(e.to_string()))
+            };
+            // Deletes first (a put after a delete re-inserts in the same transaction).
+            let mut deletes = Vec::new();
+            for &i in &at {
+                if matches!(ops[i].kind, Kind::Delete | Kind::Replace(_)) {
+                    deletes.push(parts(&ops[i])?);
+                }
+            }
+            let mut upserts: Vec<UpsertPlan> = Vec::new();
+            let mut cols_of: Vec<Vec<&str>> = Vec::new();
+            let mut group_of: HashMap<Vec<&str>, usize> = HashMap::new();
+            let mut last: Option<usize> = None;
+            for &i in &at {
+                let (Kind::Upsert(m) | Kind::Replace(m)) = &ops[i].kind else {
+                    continue;
+                };
+                // Most ops write the columns the one before wrote: no list to build then.
+                let g = match last {
+                    Some(g)
+                        if cols_of[g].len() == m.len() && m.names().all(|k| cols_of[g].binary_search(&k).is_ok()) =>
+                    {
+                        g
+                    }
+                    _ => {
+                        let mut cols: Vec<&str> = m.names().collect();
+                        cols.sort_unstable();
+                        *group_of.entry(cols.clone()).or_insert_with(|| {
+                            cols_of.push(cols);
+                            upserts.push(UpsertPlan::default());
+                            upserts.len() - 1
+                        })
+                    }
+                };
+                upserts[g].keys.push(parts(&ops[i])?);
+                upserts[g].ops.push(i);
+                last = Some(g);
+            }
+            for u in &mut upserts {
+                let rows = u.rows(ops);
+                // Postgres sends back the stored rows only when the cache cannot know them.
+                let known = rows.first().is_some_and(|(_, m)| source.stores_as_written(m))
+                    && rows.iter().all(|(key, m)| source.knows_stored(key, m));
+                let copy = if render { source.copy_text(&rows) } else { None };
+                drop(rows);
+                (u.known, u.copy) = (known, copy);
+            }
+            plan.keyspaces.push(KeyspacePlan {
+                ks: ks.clone(),
+                source,
+                deletes,
+                upserts,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// One flush transaction, as planned ([`Flusher::plan`]). Returns the deleted rows as
+    /// entries by keyspace and key, and what the upserts stored.
+    async fn transaction(&self, ops: &[FlushOp], plan: &Plan) -> Result<Transacted, FlushError> {
         self.probe_marker().await;
         let mut client = self
             .pool
@@ -526,71 +661,28 @@ impl Flusher {
             .await
             .map_err(|e| flush_error(&e))?;
         }
-        let mut by_ks: BTreeMap<&str, Vec<(usize, &FlushOp)>> = BTreeMap::new();
-        for (i, op) in ops.iter().enumerate() {
-            by_ks.entry(op.ks.name()).or_default().push((i, op));
-        }
         let mut stored = HashMap::new();
         let mut upserted = Vec::new();
         // Rows stored as written, and their tables, for the stamp read before the commit.
         let mut as_written: Vec<(usize, Vec<String>)> = Vec::new();
         let mut written_tables: Vec<u32> = Vec::new();
-        for (name, ops) in by_ks {
-            let ks = &ops[0].1.ks;
-            let source = ks.source().map_err(|e| FlushError::Unavailable(e.to_string()))?;
-            let parts = |op: &FlushOp| {
-                ks.parse_key(&op.key)
-                    .map(|k| k.parts)
-                    .map_err(|e| FlushError::Rejected(e.to_string()))
-            };
+        for KeyspacePlan {
+            ks,
+            source,
+            deletes,
+            upserts,
+        } in &plan.keyspaces
+        {
+            let name = ks.name();
             let rows: &mut Stored = stored.entry(name.to_string()).or_default();
-            // Deletes first (a put after a delete re-inserts in the same transaction).
-            let mut deletes = Vec::new();
-            for (_, op) in ops
-                .iter()
-                .filter(|(_, o)| matches!(o.kind, Kind::Delete | Kind::Replace(_)))
-            {
-                deletes.push(parts(op)?);
-            }
             if !deletes.is_empty() {
-                let deleted = source.delete_rows(&tx, &deletes).await.map_err(batch_error)?;
+                let deleted = source.delete_rows(&tx, deletes).await.map_err(batch_error)?;
                 rows.extend(deleted.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
             }
-            // Upserts, one statement per set of written columns, in the order first seen.
-            let mut groups: Vec<(Vec<&str>, Vec<UpsertRow>, Vec<usize>)> = Vec::new();
-            let mut group_of: HashMap<Vec<&str>, usize> = HashMap::new();
-            let mut last: Option<usize> = None;
-            for (i, op) in ops.iter() {
-                if let Kind::Upsert(m) | Kind::Replace(m) = &op.kind {
-                    // Most ops write the columns the one before wrote: no list to build then.
-                    let g = match last {
-                        Some(g)
-                            if groups[g].0.len() == m.len()
-                                && m.names().all(|k| groups[g].0.binary_search(&k).is_ok()) =>
-                        {
-                            g
-                        }
-                        _ => {
-                            let mut cols: Vec<&str> = m.names().collect();
-                            cols.sort_unstable();
-                            *group_of.entry(cols.clone()).or_insert_with(|| {
-                                groups.push((cols, Vec::with_capacity(ops.len()), Vec::with_capacity(ops.len())));
-                                groups.len() - 1
-                            })
-                        }
-                    };
-                    groups[g].1.push((parts(op)?, m));
-                    groups[g].2.push(*i);
-                    last = Some(g);
-                }
-            }
             let mut staged = false;
-            for (_, group, indexes) in groups {
-                // Postgres sends back the stored rows only when the cache cannot know them.
-                let known = group.first().is_some_and(|(_, m)| source.stores_as_written(m))
-                    && group.iter().all(|(key, m)| source.knows_stored(key, m));
+            for u in upserts {
                 match source
-                    .upsert_rows(&tx, &group, &mut staged, known)
+                    .upsert_rows(&tx, &u.rows(ops), u.copy.as_ref(), &mut staged, u.known)
                     .await
                     .map_err(batch_error)?
                 {
@@ -600,7 +692,7 @@ impl Flusher {
                             let result = if inserted { "inserted" } else { "conflict" };
                             self.wb.metrics.wb_insert_first.with_label_values(&[name, result]).inc();
                         }
-                        as_written.extend(indexes.into_iter().zip(group.into_iter().map(|(key, _)| key)));
+                        as_written.extend(u.ops.iter().copied().zip(u.keys.iter().cloned()));
                         let table = source.binding().table_oid;
                         if !written_tables.contains(&table) {
                             written_tables.push(table);

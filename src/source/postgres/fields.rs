@@ -65,11 +65,13 @@ impl FieldValue<'_> {
 /// The fields one key's coalesced writes set, in the order the (first) write's document has them.
 #[derive(Debug, Clone)]
 pub enum Fields {
-    /// One write's fields, read in place: the record holding the document, and per field the
-    /// byte ranges of its name and of its value's JSON text — each name without escapes, each
-    /// value `null`, a boolean, a number or a string without escapes.
+    /// One write's fields, read in place: the record holding the document, the document's
+    /// byte range in it, and per field the byte ranges (in the document) of its name and of
+    /// its value's JSON text — each name without escapes, each value `null`, a boolean, a
+    /// number or a string without escapes.
     Spans {
         bytes: Bytes,
+        doc: Range<u32>,
         spans: Vec<(Range<u32>, Range<u32>)>,
     },
     /// Parsed fields.
@@ -92,9 +94,10 @@ impl Fields {
     /// The fields named in `written` of the JSON object `doc`, a slice of `bytes` (the record
     /// that holds it). A document that is not an object sets no field.
     pub fn of_write<'w>(bytes: &Bytes, doc: &[u8], written: impl Iterator<Item = &'w str> + Clone) -> Fields {
-        if let Some(spans) = spans_of(bytes, doc, written.clone()) {
+        if let Some((at, spans)) = spans_of(bytes, doc, written.clone()) {
             return Fields::Spans {
                 bytes: bytes.clone(),
+                doc: at,
                 spans,
             };
         }
@@ -132,13 +135,18 @@ impl Fields {
     /// Each field's name and value, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> {
         let (spans, map) = match self {
-            Fields::Spans { bytes, spans } => (Some((bytes, spans)), None),
+            // The document was read as UTF-8 when the spans were taken: this check passes, and
+            // each field is then a slice of it.
+            Fields::Spans { bytes, doc, spans } => {
+                let doc = std::str::from_utf8(&bytes[doc.start as usize..doc.end as usize]).unwrap_or_default();
+                (Some((doc, spans)), None)
+            }
             Fields::Map(m) => (None, Some(m)),
         };
-        let in_place = spans.into_iter().flat_map(|(bytes, spans)| {
+        let in_place = spans.into_iter().flat_map(|(doc, spans)| {
             spans
                 .iter()
-                .map(move |(name, value)| (text(bytes, name), scalar(text(bytes, value))))
+                .map(move |(name, value)| (text(doc, name), scalar(text(doc, value))))
         });
         in_place.chain(
             map.into_iter()
@@ -163,10 +171,10 @@ impl Fields {
     }
 }
 
-/// The text of a span of a record (checked UTF-8 when the span was taken).
-fn text<'a>(bytes: &'a Bytes, span: &Range<u32>) -> &'a str {
-    // Spans are taken from `&str`s serde_json borrowed from the record: the check holds.
-    std::str::from_utf8(&bytes[span.start as usize..span.end as usize]).unwrap_or_default()
+/// The text of a span of the document (taken from `&str`s serde_json borrowed from it, so on
+/// character boundaries).
+fn text<'a>(doc: &'a str, span: &Range<u32>) -> &'a str {
+    doc.get(span.start as usize..span.end as usize).unwrap_or_default()
 }
 
 /// A value's JSON text as a scalar (the span holds only what [`spans_of`] accepted).
@@ -180,23 +188,28 @@ fn scalar(json: &str) -> FieldValue<'_> {
     }
 }
 
-/// Ranges of `bytes` for the written fields of the object `doc` (a slice of `bytes`): `None`
-/// when `doc` is not a JSON object, or a written field's name or value needs decoding, or a
-/// name is written twice.
+/// The range of `doc` (a slice of `bytes`) in `bytes`, and ranges of `doc` for its written
+/// fields: `None` when `doc` is not UTF-8 or not a JSON object, or a written field's name or
+/// value needs decoding, or a name is written twice.
+#[allow(clippy::type_complexity)]
 fn spans_of<'w>(
     bytes: &Bytes,
     doc: &[u8],
     written: impl Iterator<Item = &'w str> + Clone,
-) -> Option<Vec<(Range<u32>, Range<u32>)>> {
-    struct Spans<'b, W> {
-        bytes: &'b Bytes,
+) -> Option<(Range<u32>, Vec<(Range<u32>, Range<u32>)>)> {
+    let doc_text = std::str::from_utf8(doc).ok()?;
+    let start = (doc.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
+    let end = start.checked_add(doc.len()).filter(|e| *e <= bytes.len())?;
+    let at = u32::try_from(start).ok()?..u32::try_from(end).ok()?;
+    struct Spans<'d, W> {
+        doc: &'d str,
         written: W,
     }
     impl<W> Spans<'_, W> {
-        /// Where `s`, borrowed from the document, sits in the record.
+        /// Where `s`, borrowed from the document, sits in it.
         fn span(&self, s: &str) -> Option<Range<u32>> {
-            let start = (s.as_ptr() as usize).checked_sub(self.bytes.as_ptr() as usize)?;
-            let end = start.checked_add(s.len()).filter(|e| *e <= self.bytes.len())?;
+            let start = (s.as_ptr() as usize).checked_sub(self.doc.as_ptr() as usize)?;
+            let end = start.checked_add(s.len()).filter(|e| *e <= self.doc.len())?;
             Some(u32::try_from(start).ok()?..u32::try_from(end).ok()?)
         }
     }
@@ -221,7 +234,7 @@ fn spans_of<'w>(
                     Some(b'{' | b'[') | None => false,
                     Some(_) => true,
                 };
-                let twice = spans.iter().any(|(seen, _)| text(self.bytes, seen) == name);
+                let twice = spans.iter().any(|(seen, _)| text(self.doc, seen) == name);
                 match (self.span(name), self.span(json)) {
                     (Some(n), Some(v)) if plain && !twice => spans.push((n, v)),
                     _ => return Ok(None),
@@ -230,10 +243,10 @@ fn spans_of<'w>(
             Ok(Some(spans))
         }
     }
-    let mut de = serde_json::Deserializer::from_slice(doc);
-    let spans = (&mut de).deserialize_map(Spans { bytes, written }).ok()??;
+    let mut de = serde_json::Deserializer::from_str(doc_text);
+    let spans = (&mut de).deserialize_map(Spans { doc: doc_text, written }).ok()??;
     de.end().ok()?;
-    Some(spans)
+    Some((at, spans))
 }
 
 #[cfg(test)]
