@@ -45,34 +45,15 @@ fn redis_benchmark() -> PathBuf {
     .expect("redis-benchmark was not found: apt-get install -y redis-tools (or deploy/dev/install-deps.sh)")
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')').expect("stat has a command") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// Runs redis-benchmark once against `port` and reads its CSV line.
 fn bench(tool: &Path, port: u16, pid: u32, test: &str, pipeline: &str, requests: &str) -> Run {
-    let before = cpu_seconds(pid);
+    let before = common::cpu_seconds(pid);
     let out = Command::new(tool)
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", test, "-n", requests])
         .args(["-c", CLIENTS, "-P", pipeline, "-d", VALUE, "-r", KEYSPACE, "--csv"])
         .output()
         .expect("run redis-benchmark");
-    let cpu = cpu_seconds(pid) - before;
+    let cpu = common::cpu_seconds(pid) - before;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

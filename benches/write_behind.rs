@@ -330,16 +330,20 @@ async fn drain_once(addr: std::net::SocketAddr, pg: &PgServer, db: &str, first_i
     }
     assert_eq!(backlog(addr).await, before + rows);
     let rss_before = rss_mb();
+    let cpu_before = common::cpu_seconds(std::process::id());
     let t = Instant::now();
     locker.batch_execute("COMMIT").await.expect("unlock");
     while backlog(addr).await > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain = t.elapsed().as_secs_f64();
+    // The sidecar's CPU over the drain (this process: the writers are done, only the backlog
+    // poll runs beside it), at the clock tick's resolution.
+    let cpu = common::cpu_seconds(std::process::id()) - cpu_before;
     // The window, on the clock `perf record -k CLOCK_MONOTONIC` stamps samples with (so a
     // profile of the whole run can be cut to the drain), and what the drain added to the process.
     println!(
-        "drain window (CLOCK_MONOTONIC): {:?} .. {:?}; RSS {rss_before} -> {} MB",
+        "drain window (CLOCK_MONOTONIC): {:?} .. {:?}; RSS {rss_before} -> {} MB; sidecar CPU {cpu:.2} s",
         t,
         Instant::now(),
         rss_mb()

@@ -4,7 +4,8 @@
 //! and its stored row is installed. Entries are ordered by the write's version, so a late
 //! settle or an older write never removes or replaces a newer one.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
+use hashbrown::hash_map::{Entry, EntryRef};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -41,21 +42,28 @@ impl Overlay {
     /// Records a write unless a newer one is already recorded.
     pub fn set(&self, key: Arc<str>, p: Pending) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&key) {
-            Some(old) if old.version > p.version => {}
-            _ => {
-                map.insert(key, p);
-                self.len.store(map.len(), Ordering::SeqCst);
+        // One probe of the table whichever way it goes.
+        let old = match map.entry(key) {
+            Entry::Occupied(o) if o.get().version > p.version => return,
+            Entry::Occupied(mut o) => Some(std::mem::replace(o.get_mut(), p)),
+            Entry::Vacant(v) => {
+                v.insert(p);
+                None
             }
-        }
+        };
+        self.len.store(map.len(), Ordering::SeqCst);
+        drop(map);
+        drop(old); // freed outside the lock
     }
 
     /// The write with `version` (and any older one) is done: stop overlaying it. A newer
     /// pending write of the key stays.
     pub fn settle(&self, key: &str, version: u64) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(key).is_some_and(|p| p.version <= version) {
-            let gone = map.remove(key);
+        if let EntryRef::Occupied(o) = map.entry_ref(key)
+            && o.get().version <= version
+        {
+            let gone = o.remove();
             self.len.store(map.len(), Ordering::SeqCst);
             drop(map);
             drop(gone); // freed outside the lock

@@ -201,6 +201,21 @@ fn spans_of<'w>(
     let start = (doc.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
     let end = start.checked_add(doc.len()).filter(|e| *e <= bytes.len())?;
     let at = u32::try_from(start).ok()?..u32::try_from(end).ok()?;
+    // The written names, read from the record's list once (most writes name a few fields).
+    let mut few = [""; 16];
+    let mut n = 0;
+    for w in written.clone() {
+        if n == few.len() {
+            n = usize::MAX;
+            break;
+        }
+        few[n] = w;
+        n += 1;
+    }
+    let is_written = |name: &str| match few.get(..n) {
+        Some(few) => few.contains(&name),
+        None => written.clone().any(|w| w == name),
+    };
     struct Spans<'d, W> {
         doc: &'d str,
         written: W,
@@ -213,7 +228,7 @@ fn spans_of<'w>(
             Some(u32::try_from(start).ok()?..u32::try_from(end).ok()?)
         }
     }
-    impl<'de, 'w, W: Iterator<Item = &'w str> + Clone> Visitor<'de> for Spans<'_, W> {
+    impl<'de, W: Fn(&str) -> bool> Visitor<'de> for Spans<'_, W> {
         type Value = Option<Vec<(Range<u32>, Range<u32>)>>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -224,7 +239,7 @@ fn spans_of<'w>(
             let mut spans: Vec<(Range<u32>, Range<u32>)> = Vec::with_capacity(map.size_hint().unwrap_or(8));
             // A name with escapes cannot be borrowed: an error, and the parsed form is used.
             while let Some(name) = map.next_key::<&'de str>()? {
-                if !self.written.clone().any(|w| w == name) {
+                if !(self.written)(name) {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }
@@ -244,7 +259,12 @@ fn spans_of<'w>(
         }
     }
     let mut de = serde_json::Deserializer::from_str(doc_text);
-    let spans = (&mut de).deserialize_map(Spans { doc: doc_text, written }).ok()??;
+    let spans = (&mut de)
+        .deserialize_map(Spans {
+            doc: doc_text,
+            written: is_written,
+        })
+        .ok()??;
     de.end().ok()?;
     Some((at, spans))
 }
@@ -323,6 +343,18 @@ mod tests {
             assert!(!fields.contains("absent"));
             assert_eq!(fields.clone().into_map(), want, "{doc}");
         }
+    }
+
+    #[test]
+    fn a_write_of_many_fields_is_read_in_place_too() {
+        let doc: Map<String, Value> = (0..20).map(|i| (format!("f{i}"), json!(i))).collect();
+        let doc = Value::Object(doc);
+        let record = Bytes::from(serde_json::to_vec(&doc).unwrap());
+        let written: Vec<String> = (0..20).rev().filter(|i| i % 3 != 0).map(|i| format!("f{i}")).collect();
+        let fields = Fields::of_write(&record, &record, written.iter().map(String::as_str));
+        assert!(matches!(fields, Fields::Spans { .. }));
+        let names: Vec<&str> = written.iter().map(String::as_str).collect();
+        assert_eq!(fields.into_map(), parsed(&record, &names));
     }
 
     #[test]
