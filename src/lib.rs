@@ -57,8 +57,9 @@
 //!   ▼
 //!  key        URL key encoding, composite keys, per-type normalization
 //!  source     Postgres: pool, catalog binding (schema), SQL text (sql), rendering (render),
-//!             COPY text for bulk upserts (copy), value checks (validate), the one SQLSTATE
-//!             classification (sqlstate); [postgres]
+//!             COPY text for bulk upserts (copy), a write's fields read in place from its log
+//!             record (fields), value checks (validate), the one SQLSTATE classification
+//!             (sqlstate); [postgres]
 //!  cache      L1 with versioned installs, in one of two stores (a bounded moka cache, or the
 //!             compact store: one allocation per entry); flights = single flight + load leases
 //!  commitlog  the durable log of change events: segments (framing, sparse index, recovery),
