@@ -33,6 +33,12 @@ fn keyspace(name: &str, table: &str, extra: &str) -> String {
     format!("[[keyspace]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\nwrite = \"behind\"\n{extra}\n")
 }
 
+/// A read-through keyspace `reader` on `table`: it loads what Postgres stored, to compare with
+/// what a write-behind keyspace installed.
+fn reader(table: &str) -> String {
+    format!("[[keyspace]]\nname = \"reader\"\ntable = \"{table}\"\nkey = \"id\"\n")
+}
+
 #[tokio::test]
 async fn acknowledged_writes_are_read_at_once_and_reach_postgres() {
     let db = Db::new().await;
@@ -315,11 +321,12 @@ async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_tri
     let node = Node::new();
     // `reader` loads the same rows from Postgres: what the cache renders from a stored row.
     // `known`'s trigger is there from the start: its rows always come back from Postgres.
-    let keyspaces = format!(
-        "{}{}[[keyspace]]\nname = \"reader\"\ntable = \"wb\"\nkey = \"id\"\n",
+    let keyspaces = [
         keyspace("wb", "wb", "max_entries = 10000\nnegative_ttl = \"10m\""),
-        keyspace("known", "known", "max_entries = 10000")
-    );
+        keyspace("known", "known", "max_entries = 10000"),
+        reader("wb"),
+    ]
+    .concat();
     let (server, http) = node
         .start_text(&node.config_text(&db, &keyspaces, "[write_behind]\nbatch_rows = 1000\n"))
         .await;
@@ -334,18 +341,8 @@ async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_tri
         })
     };
     let as_written = |m: &str| metric(m, "cachesync_writebehind_rows_as_written_total{keyspace=\"wb\"}");
-    // 100 rows in one batch (staged with COPY), then 10 one at a time (bound as JSON).
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE wb IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
-    for id in 0..100 {
-        let r = http.put(&format!("/v1/kv/wb/{id}"), body(id, "one").to_string()).await;
-        assert_eq!(r.status, 202, "{id}: {}", r.body);
-    }
-    locker.batch_execute("COMMIT").await.unwrap();
-    drained(&http).await;
+    // 100 rows in one batch (copied), then 10 one at a time (bound as JSON).
+    one_batch(&db, &http, "wb", (0..100).map(|id| (id, body(id, "one")))).await;
     for id in 100..110 {
         let r = http.put(&format!("/v1/kv/wb/{id}"), body(id, "one").to_string()).await;
         assert_eq!(r.status, 202, "{id}: {}", r.body);
@@ -454,11 +451,7 @@ async fn new_keys_are_copied_straight_into_the_table_and_existing_keys_fall_back
     db.exec("CREATE TABLE fresh (id bigint PRIMARY KEY, name text NOT NULL, v int)")
         .await;
     let node = Node::new();
-    // `reader` loads the same rows from Postgres, to compare with what the writes installed.
-    let keyspaces = format!(
-        "{}[[keyspace]]\nname = \"reader\"\ntable = \"fresh\"\nkey = \"id\"\n",
-        keyspace("fresh", "fresh", "max_entries = 10000")
-    );
+    let keyspaces = keyspace("fresh", "fresh", "max_entries = 10000") + &reader("fresh");
     let (server, http) = node
         .start_text(&node.config_text(
             &db,
