@@ -44,8 +44,9 @@ pub const COPY_MIN_ROWS: usize = 32;
 /// conflict: the skip doubles with each conflict in a row, up to this.
 const INSERT_FIRST_MAX_SKIP: u32 = 64;
 
-/// Name of the savepoint an insert-first rolls back to when a key exists already.
-const INSERT_FIRST_SAVEPOINT: &str = "cachesync_insert_first";
+/// The savepoint an insert-first rolls back to when a key exists already.
+const INSERT_FIRST_SAVEPOINT: &str = "SAVEPOINT cachesync_insert_first";
+const INSERT_FIRST_ROLLBACK: &str = "ROLLBACK TO SAVEPOINT cachesync_insert_first";
 
 /// Builds the driver's connection settings from the configuration, with the session options
 /// every cachesync connection uses.
@@ -682,10 +683,12 @@ impl TableSource {
     /// [`TableSource::stores_as_written`] and [`TableSource::knows_stored`] accepted), nothing:
     /// Postgres is not asked to send back what the cache knows ([`TableSource::written_entry`]).
     ///
-    /// From [`COPY_MIN_ROWS`] rows on, the rows are `COPY`ed into the session's staging table
-    /// and upserted from there: Postgres parses `COPY` text several times faster than a JSON
-    /// array. `staged` says whether the staging table already holds rows of this transaction
-    /// (an earlier set of columns); it is emptied first then, and set when this call stages.
+    /// With their `COPY` text ([`TableSource::copy_text`], for [`COPY_MIN_ROWS`] rows or more),
+    /// the rows are `COPY`ed into the session's staging table and upserted from there:
+    /// Postgres parses `COPY` text several times faster than a JSON array; without, they are
+    /// bound as one JSON array. `staged` says whether the staging table already holds rows of
+    /// this transaction (an earlier set of columns); it is emptied first then, and set when
+    /// this call stages.
     ///
     /// Rows upserted as written are first `COPY`ed straight into the table, under a savepoint,
     /// when [`InsertFirst`] says so: if every key is new that is the whole upsert (an insert of
@@ -710,15 +713,6 @@ impl TableSource {
             )));
         }
         let columns = self.upsert_columns(first);
-        let rendered;
-        let copy = match copy {
-            Some(c) => Some(c),
-            None if rows.len() >= COPY_MIN_ROWS => {
-                rendered = self.render_copy(&columns, rows);
-                Some(&rendered)
-            }
-            None => None,
-        };
         let mut inserted_first = None;
         if let Some(copy) = copy
             && as_written
@@ -779,16 +773,14 @@ impl TableSource {
         columns: &[&str],
         copy: &CopyText,
     ) -> Result<bool, BatchError> {
-        let savepoint = format!("SAVEPOINT {INSERT_FIRST_SAVEPOINT}");
-        tx.batch_execute(&savepoint).await.map_err(BatchError::Db)?;
+        tx.batch_execute(INSERT_FIRST_SAVEPOINT).await.map_err(BatchError::Db)?;
         match Self::send_copy(tx, &sql::copy_into_table(&self.binding, columns), copy).await {
             Ok(n) => {
                 self.check_stored(copy.rows(), n)?;
                 Ok(true)
             }
             Err(e) if e.as_db_error().is_some() => {
-                let rollback = format!("ROLLBACK TO SAVEPOINT {INSERT_FIRST_SAVEPOINT}");
-                tx.batch_execute(&rollback).await.map_err(BatchError::Db)?;
+                tx.batch_execute(INSERT_FIRST_ROLLBACK).await.map_err(BatchError::Db)?;
                 Ok(false)
             }
             Err(e) => Err(BatchError::Db(e)),
@@ -972,14 +964,11 @@ impl TableSource {
     /// The rows as `COPY` text of their upsert's columns, rendered ahead of the transaction
     /// ([`TableSource::upsert_rows`] takes it); `None` for fewer than [`COPY_MIN_ROWS`] rows,
     /// which go as JSON.
+    /// The text holds the upsert's columns ([`TableSource::upsert_columns`]), in chunks; a key
+    /// column takes the key's text from the URL, as on the JSON path.
     pub fn copy_text(&self, rows: &[UpsertRow<'_>]) -> Option<CopyText> {
         let (_, first) = rows.first().filter(|_| rows.len() >= COPY_MIN_ROWS)?;
-        Some(self.render_copy(&self.upsert_columns(first), rows))
-    }
-
-    /// The rows' `columns` in `COPY` text format, in chunks; a key column takes the key's text
-    /// from the URL, as on the JSON path.
-    fn render_copy(&self, columns: &[&str], rows: &[UpsertRow<'_>]) -> CopyText {
+        let columns = self.upsert_columns(first);
         let b = &self.binding;
         enum Source {
             Key(usize),
@@ -1023,10 +1012,10 @@ impl TableSource {
         if !buf.is_empty() {
             chunks.push(Bytes::from(buf));
         }
-        CopyText {
+        Some(CopyText {
             chunks,
             rows: rows.len(),
-        }
+        })
     }
 
     /// Runs `copy` (a `COPY … FROM STDIN`) with the rendered text. Returns the rows Postgres

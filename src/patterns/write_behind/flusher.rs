@@ -124,7 +124,7 @@ struct UpsertPlan {
     keys: Vec<Vec<String>>,
     /// Postgres stores the rows as written: nothing is sent back.
     known: bool,
-    /// The rows' `COPY` text, when rendered ahead.
+    /// The rows' `COPY` text (`None`: too few rows to stage; they go as JSON).
     copy: Option<postgres::CopyText>,
 }
 
@@ -480,7 +480,7 @@ impl Flusher {
             }
         });
         // Planned here, so the writer stage has only Postgres's part to wait for.
-        let plan = (!ops.is_empty()).then(|| self.plan(&ops, true).ok()).flatten();
+        let plan = (!ops.is_empty()).then(|| self.plan(&ops).ok()).flatten();
         Batch {
             ops,
             raw,
@@ -514,10 +514,10 @@ impl Flusher {
         while let Some(part) = work.pop() {
             let plan = match planned.take() {
                 Some(p) => Ok(p),
-                None => self.plan(&ops[part.clone()], true),
+                None => self.plan(&ops[part.clone()]),
             };
             let done = match plan {
-                Ok(plan) => self.transaction(&ops[part.clone()], &plan).await,
+                Ok(plan) => self.transaction(&ops[part.clone()], plan).await,
                 Err(e) => Err(e),
             };
             match done {
@@ -571,10 +571,10 @@ impl Flusher {
 
     /// Plans the flush of `ops`: per keyspace (in name order) the keys to delete, and the
     /// upserts, one per set of written columns in the order first seen — each with its rows'
-    /// keys, whether Postgres stores them as written, and (with `render`) their `COPY` text.
-    /// Pure work, no I/O: the reader stage plans a batch while the writer stage runs the one
-    /// before.
-    fn plan(&self, ops: &[FlushOp], render: bool) -> Result<Plan, FlushError> {
+    /// keys, whether Postgres stores them as written, and their `COPY` text (when there are
+    /// enough rows to stage). Pure work, no I/O: the reader stage plans a batch while the
+    /// writer stage runs the one before.
+    fn plan(&self, ops: &[FlushOp]) -> Result<Plan, FlushError> {
         let mut by_ks: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, op) in ops.iter().enumerate() {
             by_ks.entry(op.ks.name()).or_default().push(i);
@@ -629,7 +629,7 @@ impl Flusher {
                 // Postgres sends back the stored rows only when the cache cannot know them.
                 let known = rows.first().is_some_and(|(_, m)| source.stores_as_written(m))
                     && rows.iter().all(|(key, m)| source.knows_stored(key, m));
-                let copy = if render { source.copy_text(&rows) } else { None };
+                let copy = source.copy_text(&rows);
                 drop(rows);
                 (u.known, u.copy) = (known, copy);
             }
@@ -645,7 +645,7 @@ impl Flusher {
 
     /// One flush transaction, as planned ([`Flusher::plan`]). Returns the deleted rows as
     /// entries by keyspace and key, and what the upserts stored.
-    async fn transaction(&self, ops: &[FlushOp], plan: &Plan) -> Result<Transacted, FlushError> {
+    async fn transaction(&self, ops: &[FlushOp], plan: Plan) -> Result<Transacted, FlushError> {
         self.probe_marker().await;
         let mut client = self
             .pool
@@ -671,28 +671,28 @@ impl Flusher {
             source,
             deletes,
             upserts,
-        } in &plan.keyspaces
+        } in plan.keyspaces
         {
             let name = ks.name();
             let rows: &mut Stored = stored.entry(name.to_string()).or_default();
             if !deletes.is_empty() {
-                let deleted = source.delete_rows(&tx, deletes).await.map_err(batch_error)?;
+                let deleted = source.delete_rows(&tx, &deletes).await.map_err(batch_error)?;
                 rows.extend(deleted.into_iter().filter_map(|(k, e)| Some((ks.key_of_texts(&k)?, e))));
             }
             let mut staged = false;
             for u in upserts {
-                match source
+                let done = source
                     .upsert_rows(&tx, &u.rows(ops), u.copy.as_ref(), &mut staged, u.known)
                     .await
-                    .map_err(batch_error)?
-                {
+                    .map_err(batch_error)?;
+                match done {
                     postgres::Upsert::Returned(returned) => upserted.push(Upserted::Returned(ks.clone(), returned)),
                     postgres::Upsert::AsWritten { inserted_first } => {
                         if let Some(inserted) = inserted_first {
                             let result = if inserted { "inserted" } else { "conflict" };
                             self.wb.metrics.wb_insert_first.with_label_values(&[name, result]).inc();
                         }
-                        as_written.extend(u.ops.iter().copied().zip(u.keys.iter().cloned()));
+                        as_written.extend(u.ops.into_iter().zip(u.keys));
                         let table = source.binding().table_oid;
                         if !written_tables.contains(&table) {
                             written_tables.push(table);
