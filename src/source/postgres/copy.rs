@@ -25,32 +25,23 @@ pub enum Cell<'a> {
     Str(&'a str),
 }
 
-/// Appends one field, escaped, for a column of `kind`.
-pub fn field(kind: &TypeKind, value: &Value, out: &mut Vec<u8>) {
-    match (kind, value) {
-        (_, Value::Null) => out.extend_from_slice(b"\\N"),
-        (_, Value::String(s)) => string(kind, s, out),
-        // A number's or a boolean's JSON text needs no escape: written as is, without a string.
-        (_, Value::Number(n)) => out.extend_from_slice(n.as_str().as_bytes()),
-        (_, Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        (TypeKind::Json, v) => escaped(&v.to_string(), out),
-        (TypeKind::Array(_), Value::Array(items)) => {
-            let mut lit = String::with_capacity(16 * items.len());
-            array_literal(items, &mut lit);
-            escaped(&lit, out);
-        }
-        (_, v) => escaped(&v.to_string(), out),
-    }
-}
-
-/// Appends one written field, escaped, for a column of `kind` (as [`field`] does its JSON value).
+/// Appends one written field, escaped, for a column of `kind`.
 pub fn field_value(kind: &TypeKind, value: FieldValue<'_>, out: &mut Vec<u8>) {
     match value {
         FieldValue::Null => out.extend_from_slice(b"\\N"),
         FieldValue::Str(s) => string(kind, s, out),
+        // A number's or a boolean's JSON text needs no escape: written as is, without a string.
         FieldValue::Number(n) => out.extend_from_slice(n.as_bytes()),
         FieldValue::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
-        FieldValue::Value(v) => field(kind, v, out),
+        FieldValue::Value(v) => match (kind, v) {
+            (TypeKind::Array(_), Value::Array(items)) => {
+                let mut lit = String::with_capacity(16 * items.len());
+                array_literal(items, &mut lit);
+                escaped(&lit, out);
+            }
+            // Into `json`/`jsonb` and any other column: the JSON text.
+            (_, v) => escaped(&v.to_string(), out),
+        },
     }
 }
 
@@ -125,7 +116,7 @@ mod tests {
 
     fn one(kind: TypeKind, v: Value) -> String {
         let mut out = Vec::new();
-        field(&kind, &v, &mut out);
+        field_value(&kind, (&v).into(), &mut out);
         String::from_utf8(out).unwrap()
     }
 
