@@ -167,7 +167,7 @@ impl Fields {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.names().any(|n| n == name)
+        self.get(name).is_some()
     }
 }
 
