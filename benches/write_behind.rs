@@ -146,6 +146,49 @@ fn rate(l: &Lat) -> f64 {
     l.h.len() as f64 / l.elapsed.as_secs_f64()
 }
 
+/// A count of fsyncs and their total seconds.
+#[derive(Clone, Copy)]
+struct Fsyncs {
+    count: f64,
+    seconds: f64,
+}
+
+impl Fsyncs {
+    fn since(self, before: Fsyncs) -> Fsyncs {
+        Fsyncs {
+            count: self.count - before.count,
+            seconds: self.seconds - before.seconds,
+        }
+    }
+
+    fn mean_us(&self) -> f64 {
+        self.seconds / self.count.max(1.0) * 1e6
+    }
+}
+
+async fn fsyncs(addr: std::net::SocketAddr) -> Fsyncs {
+    Fsyncs {
+        count: common::metric_sum(addr, "cachesync_log_fsync_duration_seconds_count").await,
+        seconds: common::metric_sum(addr, "cachesync_log_fsync_duration_seconds_sum").await,
+    }
+}
+
+/// Postgres's WAL syncs so far (`pg_stat_wal`, timed with `track_wal_io_timing`).
+async fn wal_syncs(url: &str) -> Fsyncs {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT wal_sync::float8, wal_sync_time::float8 FROM pg_stat_wal", &[])
+        .await
+        .expect("pg_stat_wal");
+    Fsyncs {
+        count: row.get(0),
+        seconds: row.get::<_, f64>(1) / 1000.0,
+    }
+}
+
 async fn backlog(addr: std::net::SocketAddr) -> u64 {
     common::metrics_text(addr)
         .await
@@ -168,7 +211,8 @@ async fn run() {
     );
     let pg = PgServer::start(PgOptions {
         durable: true,
-        settings: vec![],
+        // pg_stat_wal's sync time, printed beside the log's own fsync time.
+        settings: vec![("track_wal_io_timing".into(), "on".into())],
     });
     let db = pg.create_database().await;
     let sql = pg.connect(&db.name).await;
@@ -216,12 +260,16 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
         "writes/s",
     );
     for writers in [1usize, 16, 64] {
+        let syncs = fsyncs(addr).await;
         let ours = http_writes(addr, writers, ids.clone()).await;
+        let syncs = fsyncs(addr).await.since(syncs);
         // Let the flusher catch up so the baseline does not compete with a drain.
         while backlog(addr).await > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let wal = wal_syncs(url).await;
         let theirs = sql_inserts(url, "direct", writers, direct_ids.clone()).await;
+        let wal = wal_syncs(url).await.since(wal);
         println!(
             "{:<9} {:>14.0} {:>10.1} {:>10.1} {:>10.1} | {:>14.0} {:>10.1} {:>10.1} | {:>6.2}x",
             writers,
@@ -233,6 +281,18 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
             theirs.p(0.5),
             theirs.p(0.99),
             rate(&ours) / rate(&theirs)
+        );
+        println!(
+            "          log: {:.0} fsyncs/s, mean fsync {:.1} µs, {:.1} writes per fsync",
+            syncs.count / ours.elapsed.as_secs_f64(),
+            syncs.mean_us(),
+            ours.h.len() as f64 / syncs.count.max(1.0)
+        );
+        println!(
+            "          Postgres WAL: {:.0} syncs/s, mean sync {:.1} µs, {:.1} commits per sync",
+            wal.count / theirs.elapsed.as_secs_f64(),
+            wal.mean_us(),
+            theirs.h.len() as f64 / wal.count.max(1.0)
         );
         let at = format!("{writers} writers");
         report.add("cachesync 202", &at, rate(&ours));
