@@ -73,6 +73,9 @@ fn check_escapes(raw: &str) -> Result<(), KeyError> {
 }
 
 fn decode(raw: &str) -> Result<String, KeyError> {
+    if !raw.contains('%') {
+        return Ok(raw.to_string());
+    }
     check_escapes(raw)?;
     percent_decode_str(raw)
         .decode_utf8()
@@ -102,9 +105,30 @@ fn check_len(k: &str, max: usize) -> Result<(), KeyError> {
 
 /// Parses a sourced keyspace's key against its key columns.
 pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Key, KeyError> {
+    key_from_parts(components(raw, keyspace, columns, max)?, max)
+}
+
+/// The normalized components of a key as sent, refused as [`parse_columns`] refuses it, without
+/// building the cache key: what a flush binds.
+pub fn parse_parts(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Vec<String>, KeyError> {
+    let parts = components(raw, keyspace, columns, max)?;
+    if parts.len() == 1 {
+        check_len(&parts[0], max)?;
+    } else {
+        check_len(&join(parts.iter().map(String::as_str)), max)?;
+    }
+    Ok(parts)
+}
+
+/// A key's components, decoded and normalized (the cache key's length is the caller's check).
+fn components(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Vec<String>, KeyError> {
     // The limit applies to the key as sent, before normalization could fail on it.
     check_escapes(raw)?;
-    let len = percent_decode_str(raw).count();
+    let len = if raw.contains('%') {
+        percent_decode_str(raw).count()
+    } else {
+        raw.len()
+    };
     if len > max {
         return Err(KeyError::TooLong { len, max });
     }
@@ -129,7 +153,7 @@ pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usi
         let decoded = decode(raw)?;
         parts.push(normalize(col, decoded)?);
     }
-    key_from_parts(parts, max)
+    Ok(parts)
 }
 
 /// Builds a key from normalized components (how CDC names a changed row).
@@ -212,6 +236,9 @@ fn canonical(col: &ColumnMeta, text: &str) -> bool {
 
 /// One component in the form Postgres would print for its column.
 pub fn normalize(col: &ColumnMeta, value: String) -> Result<String, KeyError> {
+    if canonical(col, &value) {
+        return Ok(value);
+    }
     let bad = || KeyError::BadComponent {
         column: col.name.clone(),
         type_sql: col.type_sql.clone(),
@@ -326,6 +353,39 @@ mod tests {
             cache_key_of_row([(&text, "abcdef")].into_iter(), 5),
             Err(KeyError::TooLong { len: 6, max: 5 })
         ));
+    }
+
+    #[test]
+    fn parse_parts_takes_and_refuses_what_parse_columns_does() {
+        let int = col("id", "bigint", TypeKind::Integer);
+        let text = col("name", "text", TypeKind::Text);
+        let uuid = col("u", "uuid", TypeKind::Text);
+        let one_int = [int.clone()];
+        let one_uuid = [uuid];
+        let two = [int, text];
+        let cases: [(&[ColumnMeta], &str, usize); 16] = [
+            (&one_int, "42", 100),
+            (&one_int, "007", 100),
+            (&one_int, "+5", 100),
+            (&one_int, "-0", 100),
+            (&one_int, "x1", 100),
+            (&one_int, "%34%32", 100),
+            (&one_int, "50%", 100),
+            (&one_int, "", 100),
+            (&one_int, "123456", 5),
+            (&one_uuid, "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", 100),
+            (&two, "7,x%2Cy", 100),
+            (&two, "07,a", 100),
+            (&two, "7", 100),
+            (&two, "7,abcdef", 5),
+            (&two, "7,%FF", 100),
+            (&two, "1,2,3", 100),
+        ];
+        for (cols, raw, max) in cases {
+            let want = parse_columns(raw, "ks", cols, max).map(|k| k.parts);
+            let got = parse_parts(raw, "ks", cols, max);
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{raw:?}");
+        }
     }
 
     proptest! {

@@ -424,6 +424,21 @@ impl Keyspace {
         )?)
     }
 
+    /// A key's normalized components, refused as [`Keyspace::parse_key`] refuses it, without
+    /// its cache key (a flush binds only the components).
+    pub fn parse_key_parts(&self, raw: &str) -> Result<Vec<String>, KeyspaceError> {
+        if !self.is_sourced() {
+            return Ok(key::parse_opaque(raw, self.max_key_bytes)?.parts);
+        }
+        let source = self.source()?;
+        Ok(key::parse_parts(
+            raw,
+            &self.config.name,
+            &source.binding().key,
+            self.max_key_bytes,
+        )?)
+    }
+
     /// The cache key of a stored row from the text of its key columns, as Postgres printed them.
     pub fn key_of_texts(&self, texts: &[String]) -> Option<Arc<str>> {
         let source = self.source().ok()?;

@@ -74,6 +74,48 @@ pub struct FlushOp {
     pub record: bytes::Bytes,
 }
 
+/// `ops` ordered by keyspace name, then key (see [`key_order`]); each op moves once.
+fn in_key_order(ops: Vec<FlushOp>) -> Vec<FlushOp> {
+    let order = key_order(&ops.iter().map(|op| (op.ks.name(), &*op.key)).collect::<Vec<_>>());
+    let mut slots: Vec<Option<FlushOp>> = ops.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
+/// The positions of `(keyspace, key)` pairs in the order of their names, then keys. Sorts
+/// small `(keyspace rank, key prefix, position)` triples: most comparisons are of two integers
+/// (the first eight bytes of each key, big-endian and zero-padded, order keys as their bytes
+/// do), and only keys alike in those bytes are compared whole. Sorting the ops themselves
+/// compared strings through `memcmp` and moved ~140-byte ops at every step (18 % of the
+/// flusher's instructions over a drain, by callgrind).
+fn key_order(pairs: &[(&str, &str)]) -> Vec<usize> {
+    let mut names: Vec<&str> = Vec::new();
+    for (ks, _) in pairs {
+        if !names.contains(ks) {
+            names.push(ks);
+        }
+    }
+    names.sort_unstable();
+    let rank = |ks: &str| names.iter().position(|n| *n == ks).unwrap_or(0) as u32;
+    let prefix = |key: &str| {
+        let mut b = [0u8; 8];
+        let n = key.len().min(8);
+        b[..n].copy_from_slice(&key.as_bytes()[..n]);
+        u64::from_be_bytes(b)
+    };
+    // (key prefix, keyspace rank, position): sixteen bytes, moved in registers.
+    let mut order: Vec<(u64, u32, u32)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (ks, key))| (prefix(key), if names.len() == 1 { 0 } else { rank(ks) }, i as u32))
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        (a.1, a.0)
+            .cmp(&(b.1, b.0))
+            .then_with(|| pairs[a.2 as usize].1.cmp(pairs[b.2 as usize].1))
+    });
+    order.into_iter().map(|(_, _, i)| i as usize).collect()
+}
+
 /// What one flush transaction returns: deleted rows as entries by keyspace and key, and what
 /// each upsert stored.
 type Transacted = (HashMap<String, Stored>, Vec<Upserted>);
@@ -472,13 +514,7 @@ impl Flusher {
                 }
             }
         }
-        ops.sort_unstable_by(|a, b| {
-            if Arc::ptr_eq(&a.ks, &b.ks) {
-                a.key.cmp(&b.key)
-            } else {
-                (a.ks.name(), &*a.key).cmp(&(b.ks.name(), &*b.key))
-            }
-        });
+        let ops = in_key_order(ops);
         // Planned here, so the writer stage has only Postgres's part to wait for.
         let plan = (!ops.is_empty()).then(|| self.plan(&ops).ok()).flatten();
         Batch {
@@ -584,8 +620,7 @@ impl Flusher {
             let ks = &ops[at[0]].ks;
             let source = ks.source().map_err(|e| FlushError::Unavailable(e.to_string()))?;
             let parts = |op: &FlushOp| {
-                ks.parse_key(&op.key)
-                    .map(|k| k.parts)
+                ks.parse_key_parts(&op.key)
                     .map_err(|e| FlushError::Rejected(e.to_string()))
             };
             // Deletes first (a put after a delete re-inserts in the same transaction).
@@ -880,4 +915,51 @@ impl Flusher {
 
 fn saturating_sub(counter: &std::sync::atomic::AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_order;
+
+    #[test]
+    fn ops_are_ordered_by_keyspace_name_then_key_bytes() {
+        // Keys alike in their first eight bytes, a key that is another's prefix, a NUL byte,
+        // multi-byte characters, and two keyspaces whose names sort against their arrival.
+        let keys = [
+            "10000002",
+            "10000001",
+            "100000010",
+            "1000000",
+            "abcdefgh",
+            "abcdefgi",
+            "abcdefghz",
+            "abcdefgh\0",
+            "ab\0c",
+            "ab",
+            "é",
+            "e",
+            "zz",
+            "",
+            "Z",
+        ];
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            pairs.push((if i % 3 == 0 { "users" } else { "orders" }, k));
+            pairs.push(("users", k));
+        }
+        let order = key_order(&pairs);
+        let got: Vec<(&str, &str)> = order.iter().map(|&i| pairs[i]).collect();
+        let mut want = pairs.clone();
+        want.sort();
+        assert_eq!(got, want);
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..pairs.len()).collect::<Vec<_>>(), "each op once");
+        // One keyspace: the same order as a plain sort of the keys.
+        let one: Vec<(&str, &str)> = keys.iter().map(|k| ("users", *k)).collect();
+        let got: Vec<&str> = key_order(&one).into_iter().map(|i| one[i].1).collect();
+        let mut want = keys.to_vec();
+        want.sort();
+        assert_eq!(got, want);
+    }
 }
