@@ -6,6 +6,7 @@
 use std::ops::Range;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -65,13 +66,12 @@ impl FieldValue<'_> {
 /// The fields one key's coalesced writes set, in the order the (first) write's document has them.
 #[derive(Debug, Clone)]
 pub enum Fields {
-    /// One write's fields, read in place: the record holding the document, the document's
-    /// byte range in it, and per field the byte ranges (in the document) of its name and of
-    /// its value's JSON text — each name without escapes, each value `null`, a boolean, a
-    /// number or a string without escapes.
+    /// One write's fields, read in place: the document (a slice of the record that holds it,
+    /// checked as UTF-8 once, so reading a field is slicing it), and per field the byte ranges
+    /// (in the document) of its name and of its value's JSON text — each name without escapes,
+    /// each value `null`, a boolean, a number or a string without escapes.
     Spans {
-        bytes: Bytes,
-        doc: Range<u32>,
+        doc: ByteString,
         spans: Vec<(Range<u32>, Range<u32>)>,
     },
     /// Parsed fields.
@@ -94,12 +94,10 @@ impl Fields {
     /// The fields named in `written` of the JSON object `doc`, a slice of `bytes` (the record
     /// that holds it). A document that is not an object sets no field.
     pub fn of_write<'w>(bytes: &Bytes, doc: &[u8], written: impl Iterator<Item = &'w str> + Clone) -> Fields {
-        if let Some((at, spans)) = spans_of(bytes, doc, written.clone()) {
-            return Fields::Spans {
-                bytes: bytes.clone(),
-                doc: at,
-                spans,
-            };
+        if let Some(doc) = shared_text(bytes, doc)
+            && let Some(spans) = spans_of(&doc, written.clone())
+        {
+            return Fields::Spans { doc, spans };
         }
         let mut map: Map<String, Value> = serde_json::from_slice(doc).unwrap_or_default();
         map.retain(|f, _| written.clone().any(|w| w == f));
@@ -135,12 +133,7 @@ impl Fields {
     /// Each field's name and value, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> {
         let (spans, map) = match self {
-            // The document was read as UTF-8 when the spans were taken: this check passes, and
-            // each field is then a slice of it.
-            Fields::Spans { bytes, doc, spans } => {
-                let doc = std::str::from_utf8(&bytes[doc.start as usize..doc.end as usize]).unwrap_or_default();
-                (Some((doc, spans)), None)
-            }
+            Fields::Spans { doc, spans } => (Some((&**doc, spans)), None),
             Fields::Map(m) => (None, Some(m)),
         };
         let in_place = spans.into_iter().flat_map(|(doc, spans)| {
@@ -188,19 +181,22 @@ fn scalar(json: &str) -> FieldValue<'_> {
     }
 }
 
-/// The range of `doc` (a slice of `bytes`) in `bytes`, and ranges of `doc` for its written
-/// fields: `None` when `doc` is not UTF-8 or not a JSON object, or a written field's name or
-/// value needs decoding, or a name is written twice.
-#[allow(clippy::type_complexity)]
-fn spans_of<'w>(
-    bytes: &Bytes,
-    doc: &[u8],
-    written: impl Iterator<Item = &'w str> + Clone,
-) -> Option<(Range<u32>, Vec<(Range<u32>, Range<u32>)>)> {
-    let doc_text = std::str::from_utf8(doc).ok()?;
+/// `doc`, a slice of `bytes`, as a shared slice of it known to be UTF-8; `None` when it is not
+/// UTF-8 (or not a slice of `bytes`).
+fn shared_text(bytes: &Bytes, doc: &[u8]) -> Option<ByteString> {
     let start = (doc.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
     let end = start.checked_add(doc.len()).filter(|e| *e <= bytes.len())?;
-    let at = u32::try_from(start).ok()?..u32::try_from(end).ok()?;
+    // Ranges of the document are kept as `u32`s.
+    u32::try_from(doc.len()).ok()?;
+    ByteString::try_from(bytes.slice(start..end)).ok()
+}
+
+/// Ranges of `doc_text` for its written fields: `None` when it is not a JSON object, or a
+/// written field's name or value needs decoding, or a name is written twice.
+fn spans_of<'w>(
+    doc_text: &str,
+    written: impl Iterator<Item = &'w str> + Clone,
+) -> Option<Vec<(Range<u32>, Range<u32>)>> {
     // The written names, read from the record's list once (most writes name a few fields).
     let mut few = [""; 16];
     let mut n = 0;
@@ -266,7 +262,7 @@ fn spans_of<'w>(
         })
         .ok()??;
     de.end().ok()?;
-    Some((at, spans))
+    Some(spans)
 }
 
 #[cfg(test)]
