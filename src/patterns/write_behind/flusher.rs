@@ -74,6 +74,21 @@ pub struct FlushOp {
     pub record: bytes::Bytes,
 }
 
+/// Counts per keyspace name over a batch in keyspace order, for the metrics: a run of one name
+/// is one count (a hashed map per op, with std's SipHash, was 5 % of the flusher's
+/// instructions). A name met again after another counts apart; the sums are the same.
+#[derive(Default)]
+struct Tally<'a>(Vec<(&'a str, u64)>);
+
+impl<'a> Tally<'a> {
+    fn add(&mut self, name: &'a str) {
+        match self.0.last_mut() {
+            Some((last, n)) if *last == name => *n += 1,
+            _ => self.0.push((name, 1)),
+        }
+    }
+}
+
 /// `ops` ordered by keyspace name, then key (see [`key_order`]); each op moves once.
 fn in_key_order(ops: Vec<FlushOp>) -> Vec<FlushOp> {
     let order = key_order(&ops.iter().map(|op| (op.ks.name(), &*op.key)).collect::<Vec<_>>());
@@ -795,7 +810,7 @@ impl Flusher {
                     for i in dropped {
                         by_op[i] = Some(None);
                     }
-                    let mut installed: HashMap<&str, u64> = HashMap::new();
+                    let mut installed = Tally::default();
                     for (i, key) in written {
                         let op = &ops[i];
                         let (Kind::Upsert(m) | Kind::Replace(m)) = &op.kind else {
@@ -809,11 +824,11 @@ impl Flusher {
                             .ok()
                             .and_then(|source| source.written_entry(&key, m, lsn, xid, stored_at));
                         if entry.is_some() {
-                            *installed.entry(op.ks.name()).or_default() += 1;
+                            installed.add(op.ks.name());
                         }
                         by_op[i] = Some(entry);
                     }
-                    for (ks, n) in installed {
+                    for (ks, n) in installed.0 {
                         self.wb.metrics.wb_as_written.with_label_values(&[ks]).inc_by(n);
                     }
                 }
@@ -826,7 +841,7 @@ impl Flusher {
             }
             rejected[i] = true;
         }
-        let mut flushed: HashMap<&str, u64> = HashMap::new();
+        let mut flushed = Tally::default();
         for (i, op) in ops.iter().enumerate().filter(|(i, _)| !rejected[*i]) {
             let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
             let entry = match by_op.get_mut(i).and_then(Option::take) {
@@ -846,9 +861,9 @@ impl Flusher {
                 None => op.ks.invalidate(&op.key).await,
             }
             op.ks.settle(&op.key, op.version);
-            *flushed.entry(op.ks.name()).or_default() += 1;
+            flushed.add(op.ks.name());
         }
-        for (ks, n) in flushed {
+        for (ks, n) in flushed.0 {
             self.wb.metrics.wb_flushed.with_label_values(&[ks]).inc_by(n);
         }
         true
