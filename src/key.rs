@@ -115,7 +115,16 @@ pub fn parse_parts(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize
     if parts.len() == 1 {
         check_len(&parts[0], max)?;
     } else {
-        check_len(&join(parts.iter().map(String::as_str)), max)?;
+        // The length of their `join`, without building it (two or more parts: never empty).
+        let len = parts
+            .iter()
+            .map(|p| utf8_percent_encode(p, COMPONENT).map(str::len).sum::<usize>())
+            .sum::<usize>()
+            + parts.len()
+            - 1;
+        if len > max {
+            return Err(KeyError::TooLong { len, max });
+        }
     }
     Ok(parts)
 }

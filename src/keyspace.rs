@@ -415,13 +415,7 @@ impl Keyspace {
         if !self.is_sourced() {
             return Ok(key::parse_opaque(raw, self.max_key_bytes)?);
         }
-        let source = self.source()?;
-        Ok(key::parse_columns(
-            raw,
-            &self.config.name,
-            &source.binding().key,
-            self.max_key_bytes,
-        )?)
+        Ok(key::key_from_parts(self.parse_key_parts(raw)?, self.max_key_bytes)?)
     }
 
     /// A key's normalized components, refused as [`Keyspace::parse_key`] refuses it, without
