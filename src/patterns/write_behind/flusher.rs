@@ -97,7 +97,8 @@ fn in_key_order(ops: Vec<FlushOp>) -> Vec<FlushOp> {
 }
 
 /// The positions of `(keyspace, key)` pairs in the order of their names, then keys. Sorts
-/// small `(keyspace rank, key prefix, position)` triples: most comparisons are of two integers
+/// small `(key prefix, keyspace rank, position)` triples, by rank and then prefix: most
+/// comparisons are of integers
 /// (the first eight bytes of each key, big-endian and zero-padded, order keys as their bytes
 /// do), and only keys alike in those bytes are compared whole. Sorting the ops themselves
 /// compared strings through `memcmp` and moved ~140-byte ops at every step (18 % of the
