@@ -52,6 +52,17 @@ impl Db {
             .get(0)
     }
 
+    /// A session holding `table` in EXCLUSIVE mode (reads go on, writes such as a flush wait)
+    /// until it commits or is dropped.
+    pub async fn lock(&self, table: &str) -> tokio_postgres::Client {
+        let session = self.pg.connect(&self.db.name).await;
+        session
+            .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE;"))
+            .await
+            .unwrap_or_else(|e| panic!("lock {table}: {e}"));
+        session
+    }
+
     /// A config listening on a free port, using this database, with the given keyspaces.
     pub fn config(&self, keyspaces: &str) -> Config {
         Config::parse(&self.config_text(keyspaces)).expect("test config is valid")

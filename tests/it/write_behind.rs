@@ -50,11 +50,7 @@ async fn acknowledged_writes_are_read_at_once_and_reach_postgres() {
         .start_text(&node.config_text(&db, &keyspace("users", "users", "max_entries = 1"), ""))
         .await;
     // Hold the table against writes (reads still work) so nothing is flushed yet.
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("users").await;
 
     let put = http.put("/v1/kv/users/1", r#"{"name": "ada", "email": "a@x"}"#).await;
     assert_eq!(put.status, 202, "{}", put.body);
@@ -254,11 +250,7 @@ async fn a_bulk_flush_stores_every_type_exactly_as_a_single_row_write_does() {
     // Only some columns: new rows take the defaults of the others.
     let partial = |id: usize| json!({"t": tricky[id % tricky.len()], "n": id});
     // Hold the write-behind table so every write below is flushed in one batch.
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE behind IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("behind").await;
     for id in 0..300usize {
         let body = if id < 200 { full(id) } else { partial(id) };
         for ks in ["behind", "through"] {
@@ -394,11 +386,7 @@ async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_tri
     // A trigger the binding does not know: the flush sees it and installs nothing as written.
     db.exec("CREATE TRIGGER checked BEFORE INSERT OR UPDATE ON wb FOR EACH ROW EXECUTE FUNCTION checked();")
         .await;
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE wb IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("wb").await;
     let ids: Vec<i64> = (0..50).chain(200..240).collect();
     for &id in &ids {
         // A few keys are deleted and written again in the same batch: the re-inserted row,
@@ -432,11 +420,7 @@ async fn rows_stored_as_written_are_installed_without_a_round_trip_and_a_new_tri
 /// Writes `docs` (id, document) while `table` is locked, so the flusher takes them as one batch,
 /// then waits until they are flushed.
 async fn one_batch(db: &Db, http: &Http, table: &str, docs: impl IntoIterator<Item = (i64, serde_json::Value)>) {
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE;"))
-        .await
-        .unwrap();
+    let locker = db.lock(table).await;
     for (id, doc) in docs {
         let r = http.put(&format!("/v1/kv/{table}/{id}"), doc.to_string()).await;
         assert_eq!(r.status, 202, "{id}: {}", r.body);
@@ -513,11 +497,7 @@ async fn new_keys_are_copied_straight_into_the_table_and_existing_keys_fall_back
     // A key inserted by someone else while its write waits: the copy meets it, and the upsert
     // stores the write over it.
     let conflicts = tries("conflict", &http.get("/metrics").await.body);
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE fresh IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("fresh").await;
     for id in 1000..1050 {
         let r = http
             .put(&format!("/v1/kv/fresh/{id}"), doc(id, "four").to_string())
@@ -585,11 +565,7 @@ async fn a_full_disk_under_the_log_is_named_as_such_and_loses_nothing_acknowledg
     );
     let (server, http) = crate::common::serve(cachesync::config::Config::parse(&text).unwrap()).await;
     // Postgres holds the flush back, so the log only grows.
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("t").await;
     let value = "x".repeat(2000);
     let mut acked = Vec::new();
     let mut full = None;
@@ -688,11 +664,7 @@ async fn a_full_backlog_answers_503_and_accepts_again_once_drained() {
             "[write_behind]\nmax_backlog_records = 5\n",
         ))
         .await;
-    let locker = db.pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("t").await;
     for id in 0..5 {
         assert_eq!(http.put(&format!("/v1/kv/t/{id}"), r#"{"v": 1}"#).await.status, 202);
     }
@@ -1017,11 +989,7 @@ async fn sigterm_drains_the_backlog_and_what_cannot_drain_is_flushed_on_the_next
         }
     })
     .await;
-    let locker = pg.connect(&db.db.name).await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;")
-        .await
-        .unwrap();
+    let locker = db.lock("t").await;
     for id in 0..50 {
         assert_eq!(http.put(&format!("/v1/kv/t/{id}"), r#"{"v": 1}"#).await.status, 202);
     }
@@ -1060,8 +1028,7 @@ async fn sigterm_drains_the_backlog_and_what_cannot_drain_is_flushed_on_the_next
     assert!(sidecar.log().contains("left unflushed"), "{}", sidecar.log());
     pg.resume();
     // Hold the flush back across the restart to see the writes before they reach Postgres.
-    let c = pg.connect(&db.db.name).await;
-    c.batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE;").await.unwrap();
+    let c = db.lock("t").await;
     let sidecar = Sidecar::spawn(bin(), Some(&config));
     let http = Http::at(sidecar.base_url());
     eventually(WAIT, "ready", || async {
