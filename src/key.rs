@@ -103,34 +103,14 @@ fn check_len(k: &str, max: usize) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// Parses a sourced keyspace's key against its key columns.
+/// Parses a sourced keyspace's key against its key columns: its components and cache key.
 pub fn parse_columns(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Key, KeyError> {
-    key_from_parts(components(raw, keyspace, columns, max)?, max)
+    key_from_parts(parse_parts(raw, keyspace, columns, max)?, max)
 }
 
-/// The normalized components of a key as sent, refused as [`parse_columns`] refuses it, without
-/// building the cache key: what a flush binds.
+/// A key's components, decoded and normalized, refused as [`parse_columns`] refuses the key,
+/// without building its cache key (what a flush binds).
 pub fn parse_parts(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Vec<String>, KeyError> {
-    let parts = components(raw, keyspace, columns, max)?;
-    if parts.len() == 1 {
-        check_len(&parts[0], max)?;
-    } else {
-        // The length of their `join`, without building it (two or more parts: never empty).
-        let len = parts
-            .iter()
-            .map(|p| utf8_percent_encode(p, COMPONENT).map(str::len).sum::<usize>())
-            .sum::<usize>()
-            + parts.len()
-            - 1;
-        if len > max {
-            return Err(KeyError::TooLong { len, max });
-        }
-    }
-    Ok(parts)
-}
-
-/// A key's components, decoded and normalized (the cache key's length is the caller's check).
-fn components(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> Result<Vec<String>, KeyError> {
     // The limit applies to the key as sent, before normalization could fail on it.
     check_escapes(raw)?;
     let len = if raw.contains('%') {
@@ -161,6 +141,21 @@ fn components(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize) -> 
     for (raw, col) in raw_parts.iter().zip(columns) {
         let decoded = decode(raw)?;
         parts.push(normalize(col, decoded)?);
+    }
+    // And the limit applies to the cache key the parts make.
+    if parts.len() == 1 {
+        check_len(&parts[0], max)?;
+    } else {
+        // The length of their `join`, without building it (two or more parts: never empty).
+        let len = parts
+            .iter()
+            .map(|p| utf8_percent_encode(p, COMPONENT).map(str::len).sum::<usize>())
+            .sum::<usize>()
+            + parts.len()
+            - 1;
+        if len > max {
+            return Err(KeyError::TooLong { len, max });
+        }
     }
     Ok(parts)
 }
