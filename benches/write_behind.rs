@@ -13,7 +13,9 @@
 //! Run: `cargo bench --bench write_behind`. `CACHESYNC_BENCH_ONLY=drain` runs the drain alone, `=acks` the acknowledged writes alone;
 //! `WB_DRAIN_ROWS` sets the drain's rows (default 100,000; fewer under a profiler).
 //! `WB_EXTRA` appends TOML to the keyspace's section (`\n` for newlines), e.g.
-//! `WB_EXTRA='[write_behind]\nbatch_rows = 5000'`. Nothing here asserts a time.
+//! `WB_EXTRA='[write_behind]\nbatch_rows = 5000'`; `WB_LOG` adds to the `[log]` section, e.g.
+//! `WB_LOG='fsync = "never"'` to see the path without its disk sync; `WB_WRITERS=1` runs only
+//! the given writer counts (comma-separated). Nothing here asserts a time.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -41,6 +43,15 @@ fn drain_rows() -> u64 {
 /// Drain runs, each beside a `\copy` (interleaved, medians reported); `WB_DRAIN_RUNS` overrides.
 fn drain_runs() -> u64 {
     common::env_or("WB_DRAIN_RUNS", 3u64).max(1)
+}
+
+/// Writer counts of the acknowledged-writes rows; `WB_WRITERS` overrides (e.g. `1` under a
+/// profiler).
+fn writer_counts() -> Vec<usize> {
+    std::env::var("WB_WRITERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 64])
 }
 
 fn main() {
@@ -224,10 +235,11 @@ async fn run() {
     .expect("schema");
     let log_dir = temp_dir("bench-wb-log", None);
     let config = Config::parse(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[postgres]\nurl = \"{}\"\n[log]\ndir = \"{}\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n[postgres]\nurl = \"{}\"\n[log]\ndir = \"{}\"\n{}\n\
          [[keyspace]]\nname = \"users\"\ntable = \"users\"\nkey = \"id\"\nwrite = \"behind\"\nmax_entries = 2000000\n{}",
         db.url,
         log_dir.display(),
+        std::env::var("WB_LOG").unwrap_or_default().replace("\\n", "\n"),
         std::env::var("WB_EXTRA").unwrap_or_default().replace("\\n", "\n")
     ))
     .expect("config");
@@ -259,10 +271,12 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
         "acknowledged writes/s: cachesync 202s vs Postgres autocommit INSERTs",
         "writes/s",
     );
-    for writers in [1usize, 16, 64] {
-        let syncs = fsyncs(addr).await;
+    for writers in writer_counts() {
+        let (syncs, flusher_wal) = (fsyncs(addr).await, wal_syncs(url).await);
         let ours = http_writes(addr, writers, ids.clone()).await;
         let syncs = fsyncs(addr).await.since(syncs);
+        // The flusher's own commits, on the same disk while the writers wait.
+        let flusher_wal = wal_syncs(url).await.since(flusher_wal);
         // Let the flusher catch up so the baseline does not compete with a drain.
         while backlog(addr).await > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -287,6 +301,11 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
             syncs.count / ours.elapsed.as_secs_f64(),
             syncs.mean_us(),
             ours.h.len() as f64 / syncs.count.max(1.0)
+        );
+        println!(
+            "          flusher's Postgres WAL meanwhile: {:.0} syncs/s, mean sync {:.1} µs",
+            flusher_wal.count / ours.elapsed.as_secs_f64(),
+            flusher_wal.mean_us()
         );
         println!(
             "          Postgres WAL: {:.0} syncs/s, mean sync {:.1} µs, {:.1} commits per sync",
