@@ -89,11 +89,30 @@ impl<'a> Tally<'a> {
     }
 }
 
-/// `ops` ordered by keyspace name, then key (see [`key_order`]); each op moves once.
-fn in_key_order(ops: Vec<FlushOp>) -> Vec<FlushOp> {
-    let order = key_order(&ops.iter().map(|op| (op.ks.name(), &*op.key)).collect::<Vec<_>>());
-    let mut slots: Vec<Option<FlushOp>> = ops.into_iter().map(Some).collect();
-    order.into_iter().filter_map(|i| slots[i].take()).collect()
+/// Orders `ops` by keyspace name, then key (see [`key_order`]), in place: each cycle of the
+/// permutation is followed with swaps, so no second array of ~140-byte ops is allocated (a
+/// fresh one per batch was a third of the reader's time over a drain, spent clearing the new
+/// pages it touched).
+fn in_key_order(ops: &mut [FlushOp]) {
+    let mut from = key_order(&ops.iter().map(|op| (op.ks.name(), &*op.key)).collect::<Vec<_>>());
+    permute(ops, &mut from);
+}
+
+/// Rearranges `items` so that position `j` holds what was at `from[j]` (`from` a permutation of
+/// the positions; it is used up as the marks of positions done).
+fn permute<T>(items: &mut [T], from: &mut [usize]) {
+    for start in 0..items.len() {
+        let mut j = start;
+        // Each cycle carries the item first at `start` along, until its place comes up.
+        while from[j] != j {
+            let k = std::mem::replace(&mut from[j], j);
+            if k == start {
+                break;
+            }
+            items.swap(j, k);
+            j = k;
+        }
+    }
 }
 
 /// The positions of `(keyspace, key)` pairs in the order of their names, then keys. Sorts
@@ -530,7 +549,7 @@ impl Flusher {
                 }
             }
         }
-        let ops = in_key_order(ops);
+        in_key_order(&mut ops);
         // Planned here, so the writer stage has only Postgres's part to wait for.
         let plan = (!ops.is_empty()).then(|| self.plan(&ops).ok()).flatten();
         Batch {
@@ -935,7 +954,36 @@ fn saturating_sub(counter: &std::sync::atomic::AtomicU64, n: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::key_order;
+    use super::{key_order, permute};
+
+    #[test]
+    fn permute_puts_each_item_where_its_position_says() {
+        // Every permutation of five positions, and a few longer ones with fixed points and
+        // cycles of several lengths.
+        let mut cases: Vec<Vec<usize>> = Vec::new();
+        let mut p: Vec<usize> = (0..5).collect();
+        loop {
+            cases.push(p.clone());
+            // The next permutation in lexicographic order.
+            let Some(i) = (0..p.len() - 1).rev().find(|&i| p[i] < p[i + 1]) else {
+                break;
+            };
+            let j = (i + 1..p.len()).rev().find(|&j| p[j] > p[i]).expect("a larger one");
+            p.swap(i, j);
+            p[i + 1..].reverse();
+        }
+        assert_eq!(cases.len(), 120);
+        cases.push(vec![]);
+        cases.push(vec![0]);
+        cases.push(vec![3, 0, 1, 2, 4, 9, 5, 6, 7, 8, 10]);
+        for from in cases {
+            let items: Vec<String> = (0..from.len()).map(|i| format!("item {i}")).collect();
+            let want: Vec<String> = from.iter().map(|&i| items[i].clone()).collect();
+            let mut got = items.clone();
+            permute(&mut got, &mut from.clone());
+            assert_eq!(got, want, "from {from:?}");
+        }
+    }
 
     #[test]
     fn ops_are_ordered_by_keyspace_name_then_key_bytes() {
