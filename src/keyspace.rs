@@ -850,9 +850,16 @@ impl Keyspace {
     /// The write with `version` (and any older one) reached Postgres, or was set aside: stop
     /// overlaying it.
     pub fn settle(&self, key: &str, version: u64) {
-        self.pending.settle(key, version);
+        self.settle_all(&[(key, version)]);
+    }
+
+    /// Settles several writes (as [`Keyspace::settle`]) with one pass over the pending writes.
+    pub fn settle_all(&self, writes: &[(&str, u64)]) {
+        self.pending.settle_all(writes.iter().copied());
         // What reads see may change back (a write set aside); a spare invalidation is harmless.
-        self.changed(key);
+        for (key, _) in writes {
+            self.changed(key);
+        }
     }
 
     /// Runs L1's pending bookkeeping now: expired and evicted documents are removed (and their

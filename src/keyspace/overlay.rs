@@ -59,15 +59,27 @@ impl Overlay {
     /// The write with `version` (and any older one) is done: stop overlaying it. A newer
     /// pending write of the key stays.
     pub fn settle(&self, key: &str, version: u64) {
+        self.settle_all([(key, version)]);
+    }
+
+    /// Settles several writes (as [`Overlay::settle`]) under one lock. One tight loop over the
+    /// table lets the processor overlap the probes' cache misses; a flusher settling key by key
+    /// between L1 installs waited out each miss in turn.
+    pub fn settle_all<'a>(&self, writes: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut gone: Vec<Pending> = Vec::new();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let EntryRef::Occupied(o) = map.entry_ref(key)
-            && o.get().version <= version
-        {
-            let gone = o.remove();
-            self.len.store(map.len(), Ordering::SeqCst);
-            drop(map);
-            drop(gone); // freed outside the lock
+        for (key, version) in writes {
+            if let EntryRef::Occupied(o) = map.entry_ref(key)
+                && o.get().version <= version
+            {
+                gone.push(o.remove());
+            }
         }
+        if !gone.is_empty() {
+            self.len.store(map.len(), Ordering::SeqCst);
+        }
+        drop(map);
+        drop(gone); // freed outside the lock
     }
 
     pub fn len(&self) -> usize {
@@ -89,6 +101,24 @@ mod tests {
             version,
             at: tokio::time::Instant::now(),
         }
+    }
+
+    #[test]
+    fn settling_several_writes_at_once_settles_each_as_alone() {
+        let o = Overlay::default();
+        o.set("a".into(), pending(2));
+        o.set("b".into(), pending(7));
+        o.set("c".into(), pending(4));
+        // `a` settled at its version, `b` not (a newer write is pending), `c` by a later
+        // version, `d` never pending.
+        o.settle_all([("a", 2), ("b", 6), ("c", 9), ("d", 1)]);
+        assert!(o.get("a").is_none());
+        assert_eq!(o.get("b").map(|p| p.version), Some(7));
+        assert!(o.get("c").is_none());
+        assert_eq!(o.len(), 1);
+        o.settle_all([("b", 7)]);
+        assert!(o.is_empty());
+        assert!(o.get("b").is_none());
     }
 
     #[test]

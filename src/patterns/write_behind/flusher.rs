@@ -46,6 +46,9 @@ use crate::source::postgres::{self, BatchError, PgPool, UpsertRow};
 const IDLE_CURSOR_EVERY: u64 = 10_000;
 /// Most log payload bytes one batch gathers.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Keys settled together after a flush (see [`Flusher::settle`]): their stripes are held for
+/// that long, so a write of one of them waits at most for that many L1 installs.
+const SETTLE_CHUNK: usize = 64;
 
 /// What one key's coalesced writes do.
 #[derive(Debug, Clone)]
@@ -82,9 +85,13 @@ struct Tally<'a>(Vec<(&'a str, u64)>);
 
 impl<'a> Tally<'a> {
     fn add(&mut self, name: &'a str) {
+        self.add_n(name, 1);
+    }
+
+    fn add_n(&mut self, name: &'a str, by: u64) {
         match self.0.last_mut() {
-            Some((last, n)) if *last == name => *n += 1,
-            _ => self.0.push((name, 1)),
+            Some((last, n)) if *last == name => *n += by,
+            _ => self.0.push((name, by)),
         }
     }
 }
@@ -862,26 +869,38 @@ impl Flusher {
             rejected[i] = true;
         }
         let mut flushed = Tally::default();
-        for (i, op) in ops.iter().enumerate().filter(|(i, _)| !rejected[*i]) {
-            let _accepting = self.wb.stripe(op.ks.name(), &op.key).lock().await;
-            let entry = match by_op.get_mut(i).and_then(Option::take) {
-                Some(known) => known,
-                None => outcome
-                    .stored
-                    .get_mut(op.ks.name())
-                    .and_then(|rows| rows.remove(&op.key)),
-            };
-            match entry {
-                Some(mut entry) => {
-                    // Keep the write's version as the entry's: its ETag does not change.
-                    entry.version = op.version;
-                    op.ks.mutate(op.key.clone(), entry).await;
+        let settled: Vec<usize> = (0..ops.len()).filter(|i| !rejected[*i]).collect();
+        // In runs of one keyspace (the batch is in keyspace order), a few keys at a time: their
+        // stripes are held while L1 takes each stored row and the pending writes are settled
+        // together, so a write accepted meanwhile never falls between the two.
+        for run in settled.chunk_by(|a, b| Arc::ptr_eq(&ops[*a].ks, &ops[*b].ks)) {
+            let ks = &ops[run[0]].ks;
+            for chunk in run.chunks(SETTLE_CHUNK) {
+                let _accepting = self
+                    .wb
+                    .stripes
+                    .lock_all(ks.name(), chunk.iter().map(|&i| &*ops[i].key))
+                    .await;
+                for &i in chunk {
+                    let op = &ops[i];
+                    let entry = match by_op.get_mut(i).and_then(Option::take) {
+                        Some(known) => known,
+                        None => outcome.stored.get_mut(ks.name()).and_then(|rows| rows.remove(&op.key)),
+                    };
+                    match entry {
+                        Some(mut entry) => {
+                            // Keep the write's version as the entry's: its ETag does not change.
+                            entry.version = op.version;
+                            ks.mutate(op.key.clone(), entry).await;
+                        }
+                        // A delete of a row that was not there: whatever L1 held is stale.
+                        None => ks.invalidate(&op.key).await,
+                    }
                 }
-                // A delete of a row that was not there: whatever L1 held is stale.
-                None => op.ks.invalidate(&op.key).await,
+                let writes: Vec<(&str, u64)> = chunk.iter().map(|&i| (&*ops[i].key, ops[i].version)).collect();
+                ks.settle_all(&writes);
             }
-            op.ks.settle(&op.key, op.version);
-            flushed.add(op.ks.name());
+            flushed.add_n(ks.name(), run.len() as u64);
         }
         for (ks, n) in flushed.0 {
             self.wb.metrics.wb_flushed.with_label_values(&[ks]).inc_by(n);
