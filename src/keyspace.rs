@@ -850,13 +850,14 @@ impl Keyspace {
     /// The write with `version` (and any older one) reached Postgres, or was set aside: stop
     /// overlaying it.
     pub fn settle(&self, key: &str, version: u64) {
-        self.settle_all(&[(key, version)]);
+        self.pending.settle(key, version);
+        // What reads see may change back (a write set aside); a spare invalidation is harmless.
+        self.changed(key);
     }
 
     /// Settles several writes (as [`Keyspace::settle`]) with one pass over the pending writes.
     pub fn settle_all(&self, writes: &[(&str, u64)]) {
         self.pending.settle_all(writes.iter().copied());
-        // What reads see may change back (a write set aside); a spare invalidation is harmless.
         for (key, _) in writes {
             self.changed(key);
         }

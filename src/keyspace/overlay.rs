@@ -59,7 +59,13 @@ impl Overlay {
     /// The write with `version` (and any older one) is done: stop overlaying it. A newer
     /// pending write of the key stays.
     pub fn settle(&self, key: &str, version: u64) {
-        self.settle_all([(key, version)]);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let gone = settled(&mut map, key, version);
+        if gone.is_some() {
+            self.len.store(map.len(), Ordering::SeqCst);
+        }
+        drop(map);
+        drop(gone); // freed outside the lock
     }
 
     /// Settles several writes (as [`Overlay::settle`]) under one lock. One tight loop over the
@@ -68,13 +74,11 @@ impl Overlay {
     pub fn settle_all<'a>(&self, writes: impl IntoIterator<Item = (&'a str, u64)>) {
         let mut gone: Vec<Pending> = Vec::new();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, version) in writes {
-            if let EntryRef::Occupied(o) = map.entry_ref(key)
-                && o.get().version <= version
-            {
-                gone.push(o.remove());
-            }
-        }
+        gone.extend(
+            writes
+                .into_iter()
+                .filter_map(|(key, version)| settled(&mut map, key, version)),
+        );
         if !gone.is_empty() {
             self.len.store(map.len(), Ordering::SeqCst);
         }
@@ -88,6 +92,14 @@ impl Overlay {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Takes the key's pending write out of `map` if it is the write with `version` or older.
+fn settled(map: &mut HashMap<Arc<str>, Pending, ahash::RandomState>, key: &str, version: u64) -> Option<Pending> {
+    match map.entry_ref(key) {
+        EntryRef::Occupied(o) if o.get().version <= version => Some(o.remove()),
+        _ => None,
     }
 }
 
