@@ -124,21 +124,24 @@ pub fn parse_parts(raw: &str, keyspace: &str, columns: &[ColumnMeta], max: usize
     if raw.is_empty() {
         return Err(KeyError::Empty);
     }
-    let raw_parts: Vec<&str> = if columns.len() == 1 {
-        vec![raw]
+    // A one-column key is the whole text, commas and all; a composite key's parts are
+    // separated by commas. Counted first, so the parts need no list of their own.
+    let got = if columns.len() == 1 {
+        1
     } else {
-        raw.split(',').collect()
+        raw.bytes().filter(|&b| b == b',').count() + 1
     };
-    if raw_parts.len() != columns.len() {
+    if got != columns.len() {
         return Err(KeyError::WrongArity {
             keyspace: keyspace.into(),
-            got: raw_parts.len(),
+            got,
             want: columns.len(),
             columns: columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
         });
     }
     let mut parts = Vec::with_capacity(columns.len());
-    for (raw, col) in raw_parts.iter().zip(columns) {
+    // With the count checked, `splitn` yields exactly those parts (one: the whole text).
+    for (raw, col) in raw.splitn(columns.len(), ',').zip(columns) {
         let decoded = decode(raw)?;
         parts.push(normalize(col, decoded)?);
     }
@@ -311,6 +314,15 @@ mod tests {
         assert!(matches!(
             parse_columns("7", "ks", &cols, 100),
             Err(KeyError::WrongArity { got: 1, want: 2, .. })
+        ));
+        // Too many parts is refused too, never folded into the last one.
+        assert!(matches!(
+            parse_columns("7,x,y", "ks", &cols, 100),
+            Err(KeyError::WrongArity { got: 3, want: 2, .. })
+        ));
+        assert!(matches!(
+            parse_parts("7,x,", "ks", &cols, 100),
+            Err(KeyError::WrongArity { got: 3, want: 2, .. })
         ));
         assert!(matches!(
             parse_columns("x,y", "ks", &cols, 100),
