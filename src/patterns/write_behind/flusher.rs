@@ -124,9 +124,9 @@ fn permute<T>(items: &mut [T], from: &mut [usize]) {
 
 /// The positions of `(keyspace, key)` pairs in the order of their names, then keys. Sorts
 /// small `(key prefix, keyspace rank, position)` triples, by rank and then prefix: most
-/// comparisons are of integers
-/// (the first eight bytes of each key, big-endian and zero-padded, order keys as their bytes
-/// do), and only keys alike in those bytes are compared whole. Sorting the ops themselves
+/// comparisons are of integers (the first eight bytes of each key, big-endian and
+/// zero-padded, order keys as their bytes do), and only keys alike in those bytes are
+/// compared whole. Sorting the ops themselves
 /// compared strings through `memcmp` and moved ~140-byte ops at every step (18 % of the
 /// flusher's instructions over a drain, by callgrind).
 fn key_order(pairs: &[(&str, &str)]) -> Vec<usize> {
