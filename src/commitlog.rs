@@ -167,6 +167,8 @@ pub struct Shared {
     pub(crate) segments: RwLock<Vec<Arc<Segment>>>,
     /// Offset after the last durable record; readers wait on it.
     pub(crate) durable: watch::Sender<u64>,
+    /// Readers waiting for the durable end to reach an offset (woken once, when it does).
+    pub(crate) thresholds: reader::Thresholds,
     pub(crate) cursors: Mutex<BTreeMap<String, Arc<Cursor>>>,
     pub(crate) failed: Mutex<Option<String>>,
     /// Set when the writer has stopped; waiting tails return `Closed`.
@@ -636,6 +638,7 @@ pub(crate) fn open_dir(config: LogConfig, metrics: LogMetrics, read_only: bool) 
         config,
         segments: RwLock::new(segments),
         durable,
+        thresholds: reader::Thresholds::default(),
         cursors: Mutex::new(BTreeMap::new()),
         holds: Mutex::new(Vec::new()),
         failed: Mutex::new(None),

@@ -1,14 +1,20 @@
 //! Reading the log: positioned reads of durable records, and [`Tail`], which follows the log
 //! from an offset and waits (on a watch channel, not by polling) for records to become durable.
 //!
+//! A tail that wants a batch rather than every record ([`Tail::until_available`]) registers the
+//! offset it waits for with [`Thresholds`] instead, and is woken once, when the durable end
+//! reaches it: the writer checks one atomic per publish and takes a lock only when a waiter is
+//! due.
+//!
 //! A read finds the segment holding the offset, jumps to the nearest earlier sparse index entry,
 //! and scans forward. A `Tail` remembers where it stopped (segment and file position), so a
 //! consumer keeping up with the writer never consults the index.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::record::{self, FrameError, HEADER_LEN};
 use super::segment::Segment;
@@ -218,6 +224,26 @@ impl Tail {
         Ok(records)
     }
 
+    /// Waits until `n` records past this reader's position are durable. Unlike
+    /// [`Tail::next`], which every append wakes, this wakes once: when the durable end reaches
+    /// that offset. `Closed` when the log shuts down first.
+    pub async fn until_available(&self, n: u64) -> Result<(), LogError> {
+        let at = self.next.0.saturating_add(n);
+        let waiter = self.shared.thresholds.register(at);
+        // Registered before the end is read, and the writer publishes the end before it reads
+        // the registrations (both behind a full fence): one of the two sees the other.
+        fence(Ordering::SeqCst);
+        loop {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(LogError::Closed);
+            }
+            if *self.shared.durable.borrow() >= at {
+                return Ok(());
+            }
+            waiter.notify.notified().await;
+        }
+    }
+
     /// At least one record, waiting until one is durable. `Closed` once the log has shut down
     /// and everything durable has been read.
     pub async fn next(&mut self, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
@@ -234,5 +260,93 @@ impl Tail {
                 return Err(LogError::Closed);
             }
         }
+    }
+}
+
+/// Tails waiting for the durable end to reach an offset ([`Tail::until_available`]).
+pub(crate) struct Thresholds {
+    /// The lowest offset waited for; `u64::MAX` when none is.
+    lowest: AtomicU64,
+    waiting: Mutex<Vec<(u64, Arc<Notify>)>>,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            lowest: AtomicU64::new(u64::MAX),
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// A registration, withdrawn when dropped (a waiter that gave up leaves nothing behind).
+pub(crate) struct Waiter<'a> {
+    thresholds: &'a Thresholds,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut w = self.thresholds.lock();
+        w.retain(|(_, n)| !Arc::ptr_eq(n, &self.notify));
+        self.thresholds.set_lowest(&w);
+    }
+}
+
+impl Thresholds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Arc<Notify>)>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lowest offset a tail waits for (`u64::MAX` when none does).
+    #[cfg(test)]
+    pub(crate) fn lowest(&self) -> u64 {
+        self.lowest.load(Ordering::SeqCst)
+    }
+
+    fn set_lowest(&self, w: &[(u64, Arc<Notify>)]) {
+        let lowest = w.iter().map(|(at, _)| *at).min().unwrap_or(u64::MAX);
+        self.lowest.store(lowest, Ordering::SeqCst);
+    }
+
+    fn register(&self, at: u64) -> Waiter<'_> {
+        let notify = Arc::new(Notify::new());
+        let mut w = self.lock();
+        w.push((at, notify.clone()));
+        self.set_lowest(&w);
+        Waiter {
+            thresholds: self,
+            notify,
+        }
+    }
+
+    /// The durable end is now `end` (already published): wakes the waiters it reached. Called
+    /// by the writer after every publish.
+    pub(crate) fn reached(&self, end: u64) {
+        fence(Ordering::SeqCst);
+        if end < self.lowest.load(Ordering::SeqCst) {
+            return;
+        }
+        self.wake(|at| at <= end);
+    }
+
+    /// The log closed: wakes every waiter (each then finds it closed).
+    pub(crate) fn close(&self) {
+        fence(Ordering::SeqCst);
+        self.wake(|_| true);
+    }
+
+    fn wake(&self, due: impl Fn(u64) -> bool) {
+        let mut w = self.lock();
+        w.retain(|(at, n)| {
+            if due(*at) {
+                // A stored permit: a waiter between its check and its wait still sees it.
+                n.notify_one();
+                false
+            } else {
+                true
+            }
+        });
+        self.set_lowest(&w);
     }
 }

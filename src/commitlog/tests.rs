@@ -73,6 +73,48 @@ async fn a_tail_is_woken_by_new_durable_records() {
 }
 
 #[tokio::test]
+async fn a_tail_waiting_for_a_batch_is_woken_when_the_batch_is_durable_and_not_before() {
+    use futures::FutureExt;
+    let dir = temp_dir("log", None);
+    let log = open(cfg(&dir)).await;
+    let tail = log.tail(Offset(0));
+    let mut waiting = std::pin::pin!(tail.until_available(3));
+    assert!(waiting.as_mut().now_or_never().is_none(), "nothing durable yet");
+    // An append returns once published, and publishing wakes what it reached: polling right
+    // after each append shows whether it woke the waiter.
+    for i in 0..2 {
+        log.append(vec![payload(i, 5)]).await.unwrap();
+        assert!(waiting.as_mut().now_or_never().is_none(), "{} of 3 records", i + 1);
+        assert_eq!(log.shared.thresholds.lowest(), 3, "still registered");
+    }
+    log.append(vec![payload(2, 5)]).await.unwrap();
+    assert!(
+        matches!(waiting.as_mut().now_or_never(), Some(Ok(()))),
+        "the third record wakes it"
+    );
+    assert_eq!(
+        log.shared.thresholds.lowest(),
+        u64::MAX,
+        "and it is no longer registered"
+    );
+    // Enough already durable: at once.
+    assert!(matches!(tail.until_available(2).now_or_never(), Some(Ok(()))));
+    // A waiter that gives up (dropped, as when a batch's delay is out first) leaves nothing behind.
+    {
+        let mut gave_up = std::pin::pin!(tail.until_available(10));
+        assert!(gave_up.as_mut().now_or_never().is_none());
+        assert_eq!(log.shared.thresholds.lowest(), 10);
+    }
+    assert_eq!(log.shared.thresholds.lowest(), u64::MAX);
+    // Closing the log ends a wait that cannot be met.
+    let other = log.clone();
+    let mut waiting = std::pin::pin!(tail.until_available(10));
+    assert!(waiting.as_mut().now_or_never().is_none());
+    other.close().await.unwrap();
+    assert!(matches!(waiting.as_mut().now_or_never(), Some(Err(LogError::Closed))));
+}
+
+#[tokio::test]
 async fn segments_roll_and_reads_cross_them_and_survive_reopen() {
     let dir = temp_dir("log", None);
     let mut c = cfg(&dir);

@@ -265,6 +265,7 @@ impl Writer {
         self._lock = None;
         self.shared.closed.store(true, std::sync::atomic::Ordering::Release);
         self.shared.durable.send_modify(|_| {});
+        self.shared.thresholds.close();
     }
 
     fn failed(&self) -> Option<String> {
@@ -328,6 +329,7 @@ impl Writer {
             .publish(self.len, self.next, self.pending_ts.0, self.pending_ts.1);
         self.pending_ts = (0, 0);
         self.shared.durable.send_replace(self.next.0);
+        self.shared.thresholds.reached(self.next.0);
         for (reply, range) in self.pending.drain(..) {
             let _ = reply.send(Ok(range));
         }

@@ -415,18 +415,33 @@ impl Flusher {
             };
             let mut bytes: usize = records.iter().map(|r| r.payload.len()).sum();
             let deadline = tokio::time::Instant::now() + cfg.batch_delay;
-            while records.len() < cfg.batch_rows && bytes < MAX_BATCH_BYTES && !draining {
+            // Gather up to the batch's bounds: what is durable already at once; once caught up,
+            // wait for whichever comes first, the batch's delay or enough records to fill it
+            // ([`Tail::until_available`]). Not [`Tail::next`]: every append wakes a reader
+            // waiting there, so at a few writes per delay each acknowledged write also woke the
+            // flusher, a cross-core wake-up beside its request. Now a batch costs one wake-up for
+            // its first write and one for its end.
+            let mut waited = draining;
+            while records.len() < cfg.batch_rows && bytes < MAX_BATCH_BYTES {
+                let more = match tail.try_next(cfg.batch_rows - records.len(), MAX_BATCH_BYTES - bytes) {
+                    Ok(more) => more,
+                    Err(_) => break,
+                };
+                if !more.is_empty() {
+                    bytes += more.iter().map(|r| r.payload.len()).sum::<usize>();
+                    records.extend(more);
+                    continue;
+                }
+                if waited {
+                    break;
+                }
+                let wanted = (cfg.batch_rows - records.len()) as u64;
                 tokio::select! {
-                    r = tail.next(cfg.batch_rows - records.len(), MAX_BATCH_BYTES - bytes) => match r {
-                        Ok(more) => {
-                            bytes += more.iter().map(|r| r.payload.len()).sum::<usize>();
-                            records.extend(more);
-                        }
-                        Err(_) => break,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    r = tail.until_available(wanted) => if r.is_err() { break },
+                    _ = tokio::time::sleep_until(deadline) => {}
                     _ = stop.cancelled() => return,
                 }
+                waited = true;
             }
             let end = tail.position();
             let batch = self.coalesce(&records, end);
