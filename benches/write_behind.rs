@@ -3,8 +3,10 @@
 //!
 //! 1. Acknowledged writes/s: N keep-alive HTTP clients PUT new rows to a `write = "behind"`
 //!    keyspace (each 202 means durable in the commit log, fsync = always) for a few seconds, at
-//!    1, 16 and 64 writers — beside N connections doing single-row autocommit INSERTs of the same
-//!    rows (each commit durable in Postgres). The flusher drains to Postgres meanwhile.
+//!    1, 16 and 64 writers — beside N connections doing single-row autocommit upserts of the
+//!    same rows (`INSERT … ON CONFLICT (id) DO UPDATE`, what a PUT is; each commit durable in
+//!    Postgres), the baseline issue 18 names, and plain `INSERT`s (the baseline of earlier runs).
+//!    The flusher drains to Postgres meanwhile.
 //! 2. Drain rows/s: a backlog of rows is accepted while the table is locked against writes, then
 //!    released; the time until every row is in Postgres — beside `psql \copy` of the same rows
 //!    from a CSV file into an identical table. `WB_DRAIN_RUNS` runs (default 3), the two sides
@@ -107,23 +109,18 @@ async fn http_writes(addr: std::net::SocketAddr, writers: usize, next: Arc<Atomi
     all
 }
 
-/// `writers` connections do single-row autocommit INSERTs for RUN_FOR.
-async fn sql_inserts(url: &str, table: &str, writers: usize, next: Arc<AtomicU64>) -> Lat {
+/// `writers` connections run `sql` (`$1..$4` = id, name, email, v) for RUN_FOR, autocommit.
+async fn sql_writes(url: &str, sql: &str, writers: usize, next: Arc<AtomicU64>) -> Lat {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..writers {
-        let (url, next, table) = (url.to_string(), next.clone(), table.to_string());
+        let (url, next, sql) = (url.to_string(), next.clone(), sql.to_string());
         tasks.push(tokio::spawn(async move {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
                 .expect("connect");
             tokio::spawn(conn);
-            let stmt = client
-                .prepare(&format!(
-                    "INSERT INTO {table} (id, name, email, v) VALUES ($1, $2, $3, $4)"
-                ))
-                .await
-                .expect("prepare");
+            let stmt = client.prepare(&sql).await.expect("prepare");
             let mut lat = Lat::new();
             while started.elapsed() < RUN_FOR {
                 let id = next.fetch_add(1, Ordering::Relaxed) as i64;
@@ -139,7 +136,7 @@ async fn sql_inserts(url: &str, table: &str, writers: usize, next: Arc<AtomicU64
                         ],
                     )
                     .await
-                    .expect("insert");
+                    .expect("write");
                 lat.record(t.elapsed());
             }
             lat
@@ -229,7 +226,8 @@ async fn run() {
     let sql = pg.connect(&db.name).await;
     let schema = "(id bigint PRIMARY KEY, name text NOT NULL, email text, v int NOT NULL)";
     sql.batch_execute(&format!(
-        "CREATE TABLE users {schema}; CREATE TABLE direct {schema}; CREATE TABLE copied {schema};"
+        "CREATE TABLE users {schema}; CREATE TABLE direct {schema}; CREATE TABLE upserted {schema}; \
+         CREATE TABLE copied {schema};"
     ))
     .await
     .expect("schema");
@@ -259,16 +257,30 @@ async fn run() {
 }
 
 async fn writes(addr: std::net::SocketAddr, url: &str) {
-    println!("\n== acknowledged writes vs single-row autocommit INSERTs ==");
+    println!("\n== acknowledged writes vs single-row autocommit upserts (and INSERTs) ==");
     println!(
-        "{:<9} {:>14} {:>10} {:>10} {:>10} | {:>14} {:>10} {:>10} | {:>7}",
-        "writers", "202/s", "p50 µs", "p99 µs", "p999 µs", "INSERT/s", "p50 µs", "p99 µs", "ratio"
+        "{:<9} {:>10} {:>8} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6} | {:>10} {:>8} | {:>6}",
+        "writers",
+        "202/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "upsert/s",
+        "p50 µs",
+        "p99 µs",
+        "ratio",
+        "INSERT/s",
+        "p50 µs",
+        "ratio"
     );
     let ids = Arc::new(AtomicU64::new(1));
-    let direct_ids = Arc::new(AtomicU64::new(1));
+    let (upsert_ids, insert_ids) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(1)));
+    let upsert = "INSERT INTO upserted (id, name, email, v) VALUES ($1, $2, $3, $4) \
+                  ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email, v = EXCLUDED.v";
+    let insert = "INSERT INTO direct (id, name, email, v) VALUES ($1, $2, $3, $4)";
     let mut report = common::report::Report::new(
         "write_behind_acks",
-        "acknowledged writes/s: cachesync 202s vs Postgres autocommit INSERTs",
+        "acknowledged writes/s: cachesync 202s vs Postgres autocommit upserts and INSERTs",
         "writes/s",
     );
     for writers in writer_counts() {
@@ -277,24 +289,28 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
         let syncs = fsyncs(addr).await.since(syncs);
         // The flusher's own commits, on the same disk while the writers wait.
         let flusher_wal = wal_syncs(url).await.since(flusher_wal);
-        // Let the flusher catch up so the baseline does not compete with a drain.
+        // Let the flusher catch up so the baselines do not compete with a drain.
         while backlog(addr).await > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let wal = wal_syncs(url).await;
-        let theirs = sql_inserts(url, "direct", writers, direct_ids.clone()).await;
+        let upserts = sql_writes(url, upsert, writers, upsert_ids.clone()).await;
         let wal = wal_syncs(url).await.since(wal);
+        let inserts = sql_writes(url, insert, writers, insert_ids.clone()).await;
         println!(
-            "{:<9} {:>14.0} {:>10.1} {:>10.1} {:>10.1} | {:>14.0} {:>10.1} {:>10.1} | {:>6.2}x",
+            "{:<9} {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>5.2}x | {:>10.0} {:>8.1} | {:>5.2}x",
             writers,
             rate(&ours),
             ours.p(0.5),
             ours.p(0.99),
             ours.p(0.999),
-            rate(&theirs),
-            theirs.p(0.5),
-            theirs.p(0.99),
-            rate(&ours) / rate(&theirs)
+            rate(&upserts),
+            upserts.p(0.5),
+            upserts.p(0.99),
+            rate(&ours) / rate(&upserts),
+            rate(&inserts),
+            inserts.p(0.5),
+            rate(&ours) / rate(&inserts)
         );
         println!(
             "          log: {:.0} fsyncs/s, mean fsync {:.1} µs, {:.1} writes per fsync",
@@ -308,14 +324,15 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
             flusher_wal.mean_us()
         );
         println!(
-            "          Postgres WAL: {:.0} syncs/s, mean sync {:.1} µs, {:.1} commits per sync",
-            wal.count / theirs.elapsed.as_secs_f64(),
+            "          Postgres WAL during the upserts: {:.0} syncs/s, mean sync {:.1} µs, {:.1} commits per sync",
+            wal.count / upserts.elapsed.as_secs_f64(),
             wal.mean_us(),
-            theirs.h.len() as f64 / wal.count.max(1.0)
+            upserts.h.len() as f64 / wal.count.max(1.0)
         );
         let at = format!("{writers} writers");
         report.add("cachesync 202", &at, rate(&ours));
-        report.add("Postgres INSERT", &at, rate(&theirs));
+        report.add("Postgres upsert", &at, rate(&upserts));
+        report.add("Postgres INSERT", &at, rate(&inserts));
     }
     report.write();
 }
