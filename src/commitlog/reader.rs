@@ -29,6 +29,9 @@ pub struct Record {
     pub offset: Offset,
     /// Append time, ms since the Unix epoch.
     pub timestamp_ms: u64,
+    /// The record's bytes, shared with the other records of the same read (one buffer of up to
+    /// `READ_CHUNK`, not an allocation and a copy per record): a consumer that keeps a payload
+    /// (or a slice of it) past the batch it reads copies it, or it keeps the whole buffer alive.
     pub payload: Bytes,
 }
 
@@ -62,7 +65,7 @@ fn read_segment(
         if want == 0 {
             return Err(corrupt(c.pos, format!("segment ends before offset {end}")));
         }
-        let mut chunk = c.seg.read_at(c.pos, want)?;
+        let mut chunk = Bytes::from(c.seg.read_at(c.pos, want)?);
         let mut at = 0usize;
         loop {
             if c.offset >= end || out.len() >= max_records || *bytes >= max_bytes {
@@ -81,7 +84,7 @@ fn read_segment(
                         out.push(Record {
                             offset: f.offset,
                             timestamp_ms: f.timestamp_ms,
-                            payload: Bytes::copy_from_slice(f.payload),
+                            payload: chunk.slice_ref(f.payload),
                         });
                     }
                     let n = f.len();
@@ -95,7 +98,7 @@ fn read_segment(
                         if c.pos + needed as u64 > len {
                             return Err(corrupt(c.pos, "record runs past the durable end of the segment".into()));
                         }
-                        chunk = c.seg.read_at(c.pos, needed.max(HEADER_LEN))?;
+                        chunk = Bytes::from(c.seg.read_at(c.pos, needed.max(HEADER_LEN))?);
                         continue;
                     }
                     break; // refill from c.pos
