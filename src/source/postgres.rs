@@ -859,6 +859,10 @@ impl TableSource {
     /// The entry for a row an upsert as written stored (see [`TableSource::upsert_rows`]): the
     /// document rendered from the texts Postgres stored, exactly as from a returned row, at the
     /// transaction's WAL position and id. `None` when a text is not knowable here.
+    ///
+    /// Rendered in `scratch` (the caller's, reused row after row) and copied out at its exact
+    /// size: one allocation a row, where a buffer of its own grown by guess and handed over
+    /// with spare room also cost `Bytes` a header of its own.
     pub fn written_entry(
         &self,
         key: &[String],
@@ -866,9 +870,11 @@ impl TableSource {
         lsn: Lsn,
         xid: Option<u32>,
         stored_at: tokio::time::Instant,
+        scratch: &mut Vec<u8>,
     ) -> Option<crate::cache::Entry> {
-        let mut out = Vec::with_capacity(128);
-        let mut obj = render::ObjectWriter::new(&mut out);
+        scratch.clear();
+        let out = scratch;
+        let mut obj = render::ObjectWriter::new(out);
         let mut digits = itoa::Buffer::new();
         let fields = self.binding.fields.iter().zip(&self.keys);
         for (text, (f, name)) in self.written_texts(key, fields_of_row).zip(fields) {
@@ -876,7 +882,8 @@ impl TableSource {
             render::render_value(&f.column.kind, text?.text(&mut digits), obj.keyed(name));
         }
         obj.finish();
-        Some(crate::cache::Entry::stored(Some(Bytes::from(out)), lsn, 0, stored_at).with_xid(xid))
+        let doc = Bytes::copy_from_slice(out);
+        Some(crate::cache::Entry::stored(Some(doc), lsn, 0, stored_at).with_xid(xid))
     }
 
     /// The rows an upsert ([`TableSource::upsert_rows`]) returned, as entries (their version
@@ -1295,6 +1302,9 @@ mod tests {
         let key = vec!["7".to_string()];
         let lsn: Lsn = "0/16B3748".parse().unwrap();
         let at = tokio::time::Instant::now();
+        // One buffer for every row, as the flusher renders them: each document is exactly its
+        // own row's, whatever the buffer held before.
+        let mut scratch = Vec::new();
         for (fields, texts) in [
             (
                 json!({"name": "tab\there \"q\" ✓", "n": "-3", "flag": true, "amount": null}),
@@ -1314,7 +1324,9 @@ mod tests {
             };
             for fields in forms {
                 assert!(src.knows_stored(&key, &fields), "{fields:?}");
-                let entry = src.written_entry(&key, &fields, lsn, Some(5), at).expect("known");
+                let entry = src
+                    .written_entry(&key, &fields, lsn, Some(5), at, &mut scratch)
+                    .expect("known");
                 let mut returned = Vec::new();
                 src.render_texts(texts, &mut returned);
                 assert_eq!(entry.value.as_deref(), Some(&returned[..]), "{fields:?}");

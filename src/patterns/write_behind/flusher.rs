@@ -853,6 +853,7 @@ impl Flusher {
                         by_op[i] = Some(None);
                     }
                     let mut installed = Tally::default();
+                    let mut scratch = Vec::with_capacity(256);
                     for (i, key) in written {
                         let op = &ops[i];
                         let (Kind::Upsert(m) | Kind::Replace(m)) = &op.kind else {
@@ -864,7 +865,7 @@ impl Flusher {
                             .ks
                             .source()
                             .ok()
-                            .and_then(|source| source.written_entry(&key, m, lsn, xid, stored_at));
+                            .and_then(|source| source.written_entry(&key, m, lsn, xid, stored_at, &mut scratch));
                         if entry.is_some() {
                             installed.add(op.ks.name());
                         }
