@@ -873,8 +873,7 @@ impl TableSource {
         scratch: &mut Vec<u8>,
     ) -> Option<crate::cache::Entry> {
         scratch.clear();
-        let out = scratch;
-        let mut obj = render::ObjectWriter::new(out);
+        let mut obj = render::ObjectWriter::new(scratch);
         let mut digits = itoa::Buffer::new();
         let fields = self.binding.fields.iter().zip(&self.keys);
         for (text, (f, name)) in self.written_texts(key, fields_of_row).zip(fields) {
@@ -882,7 +881,7 @@ impl TableSource {
             render::render_value(&f.column.kind, text?.text(&mut digits), obj.keyed(name));
         }
         obj.finish();
-        let doc = Bytes::copy_from_slice(out);
+        let doc = Bytes::copy_from_slice(scratch);
         Some(crate::cache::Entry::stored(Some(doc), lsn, 0, stored_at).with_xid(xid))
     }
 
