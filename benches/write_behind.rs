@@ -6,7 +6,9 @@
 //!    1, 16 and 64 writers — beside N connections doing single-row autocommit upserts of the
 //!    same rows (`INSERT … ON CONFLICT (id) DO UPDATE`, what a PUT is; each commit durable in
 //!    Postgres), the baseline issue 18 names, and plain `INSERT`s (the baseline of earlier runs).
-//!    The flusher drains to Postgres meanwhile.
+//!    The flusher drains to Postgres meanwhile. `WB_ACK_ROUNDS` rounds per writer count (default
+//!    3), cachesync and the baselines in alternating order; each round's ratios and their
+//!    medians are printed.
 //! 2. Drain rows/s: a backlog of rows is accepted while the table is locked against writes, then
 //!    released; the time until every row is in Postgres — beside `psql \copy` of the same rows
 //!    from a CSV file into an identical table. `WB_DRAIN_RUNS` runs (default 3), the two sides
@@ -46,6 +48,28 @@ fn drain_rows() -> u64 {
 /// Drain runs, each beside a `\copy` (interleaved, medians reported); `WB_DRAIN_RUNS` overrides.
 fn drain_runs() -> u64 {
     common::env_or("WB_DRAIN_RUNS", 3u64).max(1)
+}
+
+/// Rounds per writer count of the acknowledged writes, each running cachesync and the baselines
+/// (which side first alternates); medians reported. `WB_ACK_ROUNDS` overrides.
+fn ack_rounds() -> usize {
+    common::env_or("WB_ACK_ROUNDS", 3usize).max(1)
+}
+
+/// The upserts (with Postgres's WAL syncs meanwhile), then the `INSERT`s, of one round.
+async fn baselines(
+    url: &str,
+    upsert: &str,
+    insert: &str,
+    writers: usize,
+    upsert_ids: &Arc<AtomicU64>,
+    insert_ids: &Arc<AtomicU64>,
+) -> (Lat, Fsyncs, Lat) {
+    let wal = wal_syncs(url).await;
+    let upserts = sql_writes(url, upsert, writers, upsert_ids.clone()).await;
+    let wal = wal_syncs(url).await.since(wal);
+    let inserts = sql_writes(url, insert, writers, insert_ids.clone()).await;
+    (upserts, wal, inserts)
 }
 
 /// Writer counts of the acknowledged-writes rows; `WB_WRITERS` overrides (e.g. `1` under a
@@ -285,56 +309,85 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
         "acknowledged writes/s: cachesync 202s vs Postgres autocommit upserts and INSERTs",
         "writes/s",
     );
+    let rounds = ack_rounds();
     for writers in writer_counts() {
-        let (syncs, flusher_wal) = (fsyncs(addr).await, wal_syncs(url).await);
-        let ours = http_writes(addr, writers, ids.clone()).await;
-        let syncs = fsyncs(addr).await.since(syncs);
-        // The flusher's own commits, on the same disk while the writers wait.
-        let flusher_wal = wal_syncs(url).await.since(flusher_wal);
-        // Let the flusher catch up so the baselines do not compete with a drain.
-        while backlog(addr).await > 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let (mut ours_rates, mut upsert_rates, mut insert_rates) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut vs_upsert, mut vs_insert) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Which side goes first alternates, so a drift of the machine's speed within a
+            // round favours neither.
+            let baselines_first = round % 2 == 1;
+            let mut base = None;
+            if baselines_first {
+                base = Some(baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await);
+            }
+            let (syncs, flusher_wal) = (fsyncs(addr).await, wal_syncs(url).await);
+            let ours = http_writes(addr, writers, ids.clone()).await;
+            let syncs = fsyncs(addr).await.since(syncs);
+            // The flusher's own commits, on the same disk while the writers wait.
+            let flusher_wal = wal_syncs(url).await.since(flusher_wal);
+            // Let the flusher catch up so the baselines do not compete with a drain.
+            while backlog(addr).await > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if base.is_none() {
+                base = Some(baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await);
+            }
+            let (upserts, wal, inserts) = base.expect("the baselines ran");
+            println!(
+                "{:<9} {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>5.2}x | {:>10.0} {:>8.1} | {:>5.2}x",
+                format!("{writers} r{}", round + 1),
+                rate(&ours),
+                ours.p(0.5),
+                ours.p(0.99),
+                ours.p(0.999),
+                rate(&upserts),
+                upserts.p(0.5),
+                upserts.p(0.99),
+                rate(&ours) / rate(&upserts),
+                rate(&inserts),
+                inserts.p(0.5),
+                rate(&ours) / rate(&inserts)
+            );
+            println!(
+                "          log: {:.0} fsyncs/s, mean fsync {:.1} µs, {:.1} writes per fsync",
+                syncs.count / ours.elapsed.as_secs_f64(),
+                syncs.mean_us(),
+                ours.h.len() as f64 / syncs.count.max(1.0)
+            );
+            println!(
+                "          flusher's Postgres WAL meanwhile: {:.0} syncs/s, mean sync {:.1} µs",
+                flusher_wal.count / ours.elapsed.as_secs_f64(),
+                flusher_wal.mean_us()
+            );
+            println!(
+                "          Postgres WAL during the upserts: {:.0} syncs/s, mean sync {:.1} µs, {:.1} commits per sync",
+                wal.count / upserts.elapsed.as_secs_f64(),
+                wal.mean_us(),
+                upserts.h.len() as f64 / wal.count.max(1.0)
+            );
+            ours_rates.push(rate(&ours));
+            upsert_rates.push(rate(&upserts));
+            insert_rates.push(rate(&inserts));
+            vs_upsert.push(rate(&ours) / rate(&upserts));
+            vs_insert.push(rate(&ours) / rate(&inserts));
         }
-        let wal = wal_syncs(url).await;
-        let upserts = sql_writes(url, upsert, writers, upsert_ids.clone()).await;
-        let wal = wal_syncs(url).await.since(wal);
-        let inserts = sql_writes(url, insert, writers, insert_ids.clone()).await;
+        let runs = |v: &[f64]| v.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{:<9} {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>5.2}x | {:>10.0} {:>8.1} | {:>5.2}x",
-            writers,
-            rate(&ours),
-            ours.p(0.5),
-            ours.p(0.99),
-            ours.p(0.999),
-            rate(&upserts),
-            upserts.p(0.5),
-            upserts.p(0.99),
-            rate(&ours) / rate(&upserts),
-            rate(&inserts),
-            inserts.p(0.5),
-            rate(&ours) / rate(&inserts)
-        );
-        println!(
-            "          log: {:.0} fsyncs/s, mean fsync {:.1} µs, {:.1} writes per fsync",
-            syncs.count / ours.elapsed.as_secs_f64(),
-            syncs.mean_us(),
-            ours.h.len() as f64 / syncs.count.max(1.0)
-        );
-        println!(
-            "          flusher's Postgres WAL meanwhile: {:.0} syncs/s, mean sync {:.1} µs",
-            flusher_wal.count / ours.elapsed.as_secs_f64(),
-            flusher_wal.mean_us()
-        );
-        println!(
-            "          Postgres WAL during the upserts: {:.0} syncs/s, mean sync {:.1} µs, {:.1} commits per sync",
-            wal.count / upserts.elapsed.as_secs_f64(),
-            wal.mean_us(),
-            upserts.h.len() as f64 / wal.count.max(1.0)
+            "{writers} writers, medians of {rounds} rounds: {:.0} 202/s, {:.0} upserts/s, {:.0} INSERTs/s; \
+             ratio to upserts {:.2}x (rounds {}), to INSERTs {:.2}x (rounds {})",
+            common::median(ours_rates.clone()),
+            common::median(upsert_rates.clone()),
+            common::median(insert_rates.clone()),
+            common::median(vs_upsert.clone()),
+            runs(&vs_upsert),
+            common::median(vs_insert.clone()),
+            runs(&vs_insert)
         );
         let at = format!("{writers} writers");
-        report.add("cachesync 202", &at, rate(&ours));
-        report.add("Postgres upsert", &at, rate(&upserts));
-        report.add("Postgres INSERT", &at, rate(&inserts));
+        report.add("cachesync 202", &at, common::median(ours_rates));
+        report.add("Postgres upsert", &at, common::median(upsert_rates));
+        report.add("Postgres INSERT", &at, common::median(insert_rates));
     }
     report.write();
 }
