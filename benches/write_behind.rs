@@ -316,11 +316,11 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
         for round in 0..rounds {
             // Which side goes first alternates, so a drift of the machine's speed within a
             // round favours neither.
-            let baselines_first = round % 2 == 1;
-            let mut base = None;
-            if baselines_first {
-                base = Some(baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await);
-            }
+            let early = if round % 2 == 1 {
+                Some(baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await)
+            } else {
+                None
+            };
             let (syncs, flusher_wal) = (fsyncs(addr).await, wal_syncs(url).await);
             let ours = http_writes(addr, writers, ids.clone()).await;
             let syncs = fsyncs(addr).await.since(syncs);
@@ -330,10 +330,10 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
             while backlog(addr).await > 0 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if base.is_none() {
-                base = Some(baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await);
-            }
-            let (upserts, wal, inserts) = base.expect("the baselines ran");
+            let (upserts, wal, inserts) = match early {
+                Some(base) => base,
+                None => baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await,
+            };
             println!(
                 "{:<9} {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>5.2}x | {:>10.0} {:>8.1} | {:>5.2}x",
                 format!("{writers} r{}", round + 1),
