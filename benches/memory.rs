@@ -193,6 +193,8 @@ fn child_layer(name: &str, n: usize, size: usize) -> f64 {
 }
 
 fn main() {
+    // The binary's memory settings for the layers built in this process (`cli::main`).
+    cachesync::cli::without_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--layer") {
         let n = args[i + 2].parse().expect("n");

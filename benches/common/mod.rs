@@ -61,6 +61,9 @@ use tokio::net::TcpStream;
 
 /// Runs a benchmark's body on a multi-threaded tokio runtime.
 pub fn block_on<F: std::future::Future>(body: F) -> F::Output {
+    // As the binary starts (`cli::main`): a bench that runs the sidecar in this process
+    // measures it with the binary's memory settings.
+    cachesync::cli::without_huge_pages();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -89,3 +89,31 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
         sidecar.log()
     );
 }
+
+/// `THP_enabled` of a running process, as the kernel reports it.
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no THP_enabled line in /proc/{pid}/status (needs Linux 5.0 or later)"))
+}
+
+#[tokio::test]
+async fn the_binary_turns_huge_pages_off_unless_mimalloc_is_told_to_allow_them() {
+    assert!(
+        std::env::var_os("MIMALLOC_ALLOW_THP").is_none(),
+        "unset MIMALLOC_ALLOW_THP to run this test: the sidecar inherits it"
+    );
+    let plain = Sidecar::spawn(bin(), None);
+    assert_eq!(Http::at(plain.base_url()).get("/healthz").await.status, 200);
+    assert_eq!(thp_enabled(plain.pid()), "0", "huge pages are off by default");
+    let allowed = Sidecar::spawn_with_env(bin(), None, &[("MIMALLOC_ALLOW_THP", "1")]);
+    assert_eq!(Http::at(allowed.base_url()).get("/healthz").await.status, 200);
+    assert_eq!(
+        thp_enabled(allowed.pid()),
+        "1",
+        "MIMALLOC_ALLOW_THP=1 leaves them to the system"
+    );
+}
