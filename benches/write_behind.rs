@@ -222,6 +222,16 @@ async fn wal_syncs(url: &str) -> Fsyncs {
     }
 }
 
+/// Returns once the flusher has every accepted write in Postgres. The backlog counter itself,
+/// read in process every millisecond: polling `/metrics` every 20 ms cost the sidecar a page
+/// render per poll and rounded each drain's end up by half a poll on average (~10 ms of a
+/// ~300 ms drain).
+async fn flushed(wb: &WriteBehind) {
+    while wb.backlog.records.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn backlog(addr: std::net::SocketAddr) -> u64 {
     common::metrics_text(addr)
         .await
@@ -272,17 +282,17 @@ async fn run() {
 
     // CACHESYNC_BENCH_ONLY=drain skips the first section, =acks the second.
     let only = std::env::var("CACHESYNC_BENCH_ONLY").unwrap_or_default();
+    let wb = server.state().write_behind.clone().expect("a write-behind keyspace");
     if only != "drain" {
-        writes(addr, &db.url).await;
+        writes(addr, &wb, &db.url).await;
     }
     if only != "acks" {
-        let wb = server.state().write_behind.clone().expect("a write-behind keyspace");
         drain(addr, &wb, &pg, &db.name).await;
     }
     server.shutdown().await;
 }
 
-async fn writes(addr: std::net::SocketAddr, url: &str) {
+async fn writes(addr: std::net::SocketAddr, wb: &WriteBehind, url: &str) {
     println!("\n== acknowledged writes vs single-row autocommit upserts (and INSERTs) ==");
     println!(
         "{:<9} {:>10} {:>8} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6} | {:>10} {:>8} | {:>6}",
@@ -327,9 +337,7 @@ async fn writes(addr: std::net::SocketAddr, url: &str) {
             // The flusher's own commits, on the same disk while the writers wait.
             let flusher_wal = wal_syncs(url).await.since(flusher_wal);
             // Let the flusher catch up so the baselines do not compete with a drain.
-            while backlog(addr).await > 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            flushed(wb).await;
             let (upserts, wal, inserts) = match early {
                 Some(base) => base,
                 None => baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await,
@@ -491,12 +499,7 @@ async fn drain_once(
     let cpu_before = common::cpu_seconds(std::process::id());
     let t = Instant::now();
     locker.batch_execute("COMMIT").await.expect("unlock");
-    // The backlog counter itself, read in process every millisecond: polling `/metrics`
-    // every 20 ms cost the sidecar a page render per poll and rounded each drain's end up by
-    // half a poll on average (~10 ms of a ~300 ms drain).
-    while wb.backlog.records.load(Ordering::Relaxed) > 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    flushed(wb).await;
     let drain = t.elapsed().as_secs_f64();
     // The sidecar's CPU over the drain (this process: the writers are done, only the backlog
     // poll runs beside it), at the clock tick's resolution.
