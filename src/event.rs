@@ -199,6 +199,13 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// Reads a LEB128 integer at `*pos`, advancing it.
 pub fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     let start = *pos;
+    // Most varints (tags' lengths, small integers) are one byte.
+    if let Some(&b) = buf.get(start)
+        && b < 0x80
+    {
+        *pos = start + 1;
+        return Ok(u64::from(b));
+    }
     let mut v: u64 = 0;
     for i in 0..10 {
         let b = *buf.get(*pos).ok_or(DecodeError::Truncated(*pos))?;
@@ -798,6 +805,20 @@ pub mod tests {
             prop_assert_eq!(get_varint(&out, &mut p).unwrap(), v);
             prop_assert_eq!(p, out.len());
         }
+    }
+
+    #[test]
+    fn small_varints_are_one_byte_and_round_trip() {
+        for v in (0..300).chain([u64::MAX - 1, u64::MAX]) {
+            let mut out = vec![0xff];
+            put_varint(&mut out, v);
+            assert_eq!(out.len() == 2, v < 0x80, "{v}");
+            let mut p = 1;
+            assert_eq!(get_varint(&out, &mut p).unwrap(), v);
+            assert_eq!(p, out.len());
+        }
+        // A continuation byte with nothing after it is truncated, not read as a short value.
+        assert!(get_varint(&[0x80], &mut 0).is_err());
     }
 
     #[test]

@@ -680,8 +680,8 @@ impl TableSource {
     /// Upserts many rows in one statement: each row its key components and the fields it writes
     /// (every row of one call writes the same fields). Returns the stored rows as Postgres sent
     /// them ([`TableSource::stored_entries`] makes them entries) — or, with `as_written` (rows
-    /// [`TableSource::stores_as_written`] and [`TableSource::knows_stored`] accepted), nothing:
-    /// Postgres is not asked to send back what the cache knows ([`TableSource::written_entry`]).
+    /// [`TableSource::stores_as_written`] accepted and [`TableSource::written_doc`] rendered),
+    /// nothing: Postgres is not asked to send back what the cache knows.
     ///
     /// With their `COPY` text ([`TableSource::copy_text`], for [`COPY_MIN_ROWS`] rows or more),
     /// the rows are `COPY`ed into the session's staging table and upserted from there:
@@ -806,7 +806,7 @@ impl TableSource {
     /// stores rows as written (no rules, children or row triggers before insert or update, as
     /// the binding read it), the fields and the key cover every output field, and they set
     /// every column an insert needs — so no column of the document is left to a default or to
-    /// the row's previous state. Each row must then also pass [`TableSource::knows_stored`].
+    /// the row's previous state. Each row must then also render ([`TableSource::written_doc`]).
     pub fn stores_as_written(&self, fields: &Fields) -> bool {
         let b = &self.binding;
         !b.rewrites_rows
@@ -814,12 +814,6 @@ impl TableSource {
                 .iter()
                 .all(|f| fields.contains(&f.name) || b.key.iter().any(|k| k.name == f.column.name))
             && sql::complete(b, &self.upsert_columns(fields))
-    }
-
-    /// Whether Postgres stores every output field of this row with a text known here
-    /// ([`schema::ColumnMeta::stored_text`]); the key's columns take the key's text.
-    pub fn knows_stored(&self, key: &[String], fields: &Fields) -> bool {
-        self.written_texts(key, fields).all(|t| t.is_some())
     }
 
     /// Each output field's written value, in the binding's order (`None`: not written; a key
@@ -856,22 +850,17 @@ impl TableSource {
             })
     }
 
-    /// The entry for a row an upsert as written stored (see [`TableSource::upsert_rows`]): the
-    /// document rendered from the texts Postgres stored, exactly as from a returned row, at the
-    /// transaction's WAL position and id. `None` when a text is not knowable here.
+    /// The document Postgres stores for a row written as `key` and `fields` by an upsert as
+    /// written (see [`TableSource::upsert_rows`]): rendered from the texts Postgres stores,
+    /// exactly as from a returned row. `None` when a text is not knowable here
+    /// ([`schema::ColumnMeta::stored_text`]; the key's columns take the key's text) — then
+    /// Postgres must send the row back.
     ///
-    /// Rendered in `scratch` (the caller's, reused row after row) and copied out at its exact
-    /// size: one allocation a row, where a buffer of its own grown by guess and handed over
-    /// with spare room also cost `Bytes` a header of its own.
-    pub fn written_entry(
-        &self,
-        key: &[String],
-        fields_of_row: &Fields,
-        lsn: Lsn,
-        xid: Option<u32>,
-        stored_at: tokio::time::Instant,
-        scratch: &mut Vec<u8>,
-    ) -> Option<crate::cache::Entry> {
+    /// The flusher renders each row when it plans its flush: the same pass decides whether the
+    /// row is known and renders it, and settling only stamps it with the transaction's WAL
+    /// position. Rendered in `scratch` (the caller's, reused row after row) and copied out at
+    /// its exact size: one allocation a row.
+    pub fn written_doc(&self, key: &[String], fields_of_row: &Fields, scratch: &mut Vec<u8>) -> Option<Bytes> {
         scratch.clear();
         let mut obj = render::ObjectWriter::new(scratch);
         let mut digits = itoa::Buffer::new();
@@ -881,8 +870,7 @@ impl TableSource {
             render::render_value(&f.column.kind, text?.text(&mut digits), obj.keyed(name));
         }
         obj.finish();
-        let doc = Bytes::copy_from_slice(scratch);
-        Some(crate::cache::Entry::stored(Some(doc), lsn, 0, stored_at).with_xid(xid))
+        Some(Bytes::copy_from_slice(scratch))
     }
 
     /// The rows an upsert ([`TableSource::upsert_rows`]) returned, as entries (their version
@@ -1299,8 +1287,6 @@ mod tests {
     fn a_row_written_as_known_texts_renders_as_the_same_row_returned() {
         let src = source();
         let key = vec!["7".to_string()];
-        let lsn: Lsn = "0/16B3748".parse().unwrap();
-        let at = tokio::time::Instant::now();
         // One buffer for every row, as the flusher renders them: each document is exactly its
         // own row's, whatever the buffer held before.
         let mut scratch = Vec::new();
@@ -1322,28 +1308,24 @@ mod tests {
                 vec![parsed]
             };
             for fields in forms {
-                assert!(src.knows_stored(&key, &fields), "{fields:?}");
-                let entry = src
-                    .written_entry(&key, &fields, lsn, Some(5), at, &mut scratch)
-                    .expect("known");
+                let doc = src.written_doc(&key, &fields, &mut scratch).expect("known");
                 let mut returned = Vec::new();
                 src.render_texts(texts, &mut returned);
-                assert_eq!(entry.value.as_deref(), Some(&returned[..]), "{fields:?}");
-                assert_eq!((entry.lsn, entry.xid), (lsn, Some(5)));
+                assert_eq!(&doc[..], &returned[..], "{fields:?}");
             }
         }
         // Postgres normalizes numerics, and a key spelled otherwise than it outputs it.
         for numeric in both(&json!({"name": "a", "n": 1, "flag": true, "amount": 1.5})) {
-            assert!(!src.knows_stored(&key, &numeric));
+            assert!(src.written_doc(&key, &numeric, &mut scratch).is_none());
         }
         let [fields, parsed] = both(&json!({"name": "a", "n": 1, "flag": true, "amount": null}));
         for fields in [&fields, &parsed] {
-            assert!(!src.knows_stored(&["07".to_string()], fields));
+            assert!(src.written_doc(&["07".to_string()], fields, &mut scratch).is_none());
             assert!(src.stores_as_written(fields));
         }
         // A field not written is the row's previous value or a default: not known.
         for partial in both(&json!({"name": "a", "n": 1, "flag": true})) {
-            assert!(!src.knows_stored(&key, &partial));
+            assert!(src.written_doc(&key, &partial, &mut scratch).is_none());
             assert!(!src.stores_as_written(&partial));
         }
     }

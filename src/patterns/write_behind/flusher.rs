@@ -168,10 +168,10 @@ enum Upserted {
     /// The rows Postgres returned.
     Returned(Arc<Keyspace>, Vec<tokio_postgres::Row>),
     /// Rows stored exactly as written ([`crate::source::postgres::TableSource::stores_as_written`]):
-    /// the ops (by index in the batch) and their key components, at the transaction's WAL
-    /// position and id, rendered from the ops themselves.
+    /// the ops (by index in the batch) and their documents, rendered from the ops themselves
+    /// when the flush was planned, at the transaction's WAL position and id.
     AsWritten {
-        ops: Vec<(usize, Vec<String>)>,
+        ops: Vec<(usize, bytes::Bytes)>,
         /// Ops whose table turned out to rewrite rows (a trigger created since its binding
         /// was read): their keys are dropped from L1 instead.
         dropped: Vec<usize>,
@@ -208,6 +208,9 @@ struct UpsertPlan {
     keys: Vec<Vec<String>>,
     /// Postgres stores the rows as written: nothing is sent back.
     known: bool,
+    /// When `known`, each row's document as Postgres stores it
+    /// ([`postgres::TableSource::written_doc`]), in the order of `ops`.
+    docs: Vec<bytes::Bytes>,
     /// The rows' `COPY` text (`None`: too few rows to stage; they go as JSON).
     copy: Option<postgres::CopyText>,
 }
@@ -690,14 +693,16 @@ impl Flusher {
             let mut upserts: Vec<UpsertPlan> = Vec::new();
             let mut cols_of: Vec<Vec<&str>> = Vec::new();
             let mut group_of: HashMap<Vec<&str>, usize> = HashMap::new();
-            let mut last: Option<usize> = None;
+            let mut last: Option<(usize, &Fields)> = None;
             for &i in &at {
                 let (Kind::Upsert(m) | Kind::Replace(m)) = &ops[i].kind else {
                     continue;
                 };
-                // Most ops write the columns the one before wrote: no list to build then.
+                // Most ops write the columns the one before wrote, in the same order: no list to
+                // build or search then.
                 let g = match last {
-                    Some(g)
+                    Some((g, prev)) if m.len() == prev.len() && m.names().eq(prev.names()) => g,
+                    Some((g, _))
                         if cols_of[g].len() == m.len() && m.names().all(|k| cols_of[g].binary_search(&k).is_ok()) =>
                     {
                         g
@@ -714,16 +719,31 @@ impl Flusher {
                 };
                 upserts[g].keys.push(parts(&ops[i])?);
                 upserts[g].ops.push(i);
-                last = Some(g);
+                last = Some((g, m));
             }
+            let mut scratch = Vec::with_capacity(256);
             for u in &mut upserts {
                 let rows = u.rows(ops);
-                // Postgres sends back the stored rows only when the cache cannot know them.
-                let known = rows.first().is_some_and(|(_, m)| source.stores_as_written(m))
-                    && rows.iter().all(|(key, m)| source.knows_stored(key, m));
+                // Postgres sends back the stored rows only when the cache cannot know them: the
+                // rows it stores as written are rendered here, in the pass that finds whether
+                // each is knowable, so settling only stamps them.
+                let mut docs = Vec::new();
+                if rows.first().is_some_and(|(_, m)| source.stores_as_written(m)) {
+                    docs.reserve_exact(rows.len());
+                    for (key, m) in &rows {
+                        match source.written_doc(key, m, &mut scratch) {
+                            Some(doc) => docs.push(doc),
+                            None => {
+                                docs = Vec::new();
+                                break;
+                            }
+                        }
+                    }
+                }
+                let known = !docs.is_empty() && docs.len() == rows.len();
                 let copy = source.copy_text(&rows);
                 drop(rows);
-                (u.known, u.copy) = (known, copy);
+                (u.known, u.docs, u.copy) = (known, docs, copy);
             }
             plan.keyspaces.push(KeyspacePlan {
                 ks: ks.clone(),
@@ -756,7 +776,7 @@ impl Flusher {
         let mut stored = HashMap::new();
         let mut upserted = Vec::new();
         // Rows stored as written, and their tables, for the stamp read before the commit.
-        let mut as_written: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut as_written: Vec<(usize, bytes::Bytes)> = Vec::new();
         let mut written_tables: Vec<u32> = Vec::new();
         for KeyspacePlan {
             ks,
@@ -784,7 +804,7 @@ impl Flusher {
                             let result = if inserted { "inserted" } else { "conflict" };
                             self.wb.metrics.wb_insert_first.with_label_values(&[name, result]).inc();
                         }
-                        as_written.extend(u.ops.into_iter().zip(u.keys));
+                        as_written.extend(u.ops.into_iter().zip(u.docs));
                         let table = source.binding().table_oid;
                         if !written_tables.contains(&table) {
                             written_tables.push(table);
@@ -853,23 +873,9 @@ impl Flusher {
                         by_op[i] = Some(None);
                     }
                     let mut installed = Tally::default();
-                    let mut scratch = Vec::with_capacity(256);
-                    for (i, key) in written {
-                        let op = &ops[i];
-                        let (Kind::Upsert(m) | Kind::Replace(m)) = &op.kind else {
-                            by_op[i] = Some(None);
-                            continue;
-                        };
-                        // Not knowable after all (it was when flushed): the key is dropped.
-                        let entry = op
-                            .ks
-                            .source()
-                            .ok()
-                            .and_then(|source| source.written_entry(&key, m, lsn, xid, stored_at, &mut scratch));
-                        if entry.is_some() {
-                            installed.add(op.ks.name());
-                        }
-                        by_op[i] = Some(entry);
+                    for (i, doc) in written {
+                        installed.add(ops[i].ks.name());
+                        by_op[i] = Some(Some(Entry::stored(Some(doc), lsn, 0, stored_at).with_xid(xid)));
                     }
                     for (ks, n) in installed.0 {
                         self.wb.metrics.wb_as_written.with_label_values(&[ks]).inc_by(n);

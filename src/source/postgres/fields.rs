@@ -130,26 +130,18 @@ impl Fields {
         self.len() == 0
     }
 
-    /// Each field's name and value, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> {
-        let (spans, map) = match self {
-            Fields::Spans { doc, spans } => (Some((&**doc, spans)), None),
-            Fields::Map(m) => (None, Some(m)),
-        };
-        let in_place = spans.into_iter().flat_map(|(doc, spans)| {
-            spans
-                .iter()
-                .map(move |(name, value)| (text(doc, name), scalar(text(doc, value))))
-        });
-        in_place.chain(
-            map.into_iter()
-                .flat_map(|m| m.iter().map(|(k, v)| (k.as_str(), FieldValue::from(v)))),
-        )
+    /// Each field's name and value, in order. A plain iterator over either form (a chain of
+    /// the two forms' iterators cost a branch per adapter per field: ~2 % of a drain).
+    pub fn iter(&self) -> Iter<'_> {
+        match self {
+            Fields::Spans { doc, spans } => Iter::Spans(doc, spans.iter()),
+            Fields::Map(m) => Iter::Map(m.iter()),
+        }
     }
 
-    /// The fields' names, in order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.iter().map(|(name, _)| name)
+    /// Each field's name, in order (its value is not looked at).
+    pub fn names(&self) -> Names<'_> {
+        Names(self.iter())
     }
 
     pub fn get(&self, name: &str) -> Option<FieldValue<'_>> {
@@ -161,6 +153,46 @@ impl Fields {
 
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
+    }
+}
+
+/// The fields of a [`Fields`], in order ([`Fields::iter`]).
+pub enum Iter<'a> {
+    Spans(&'a str, std::slice::Iter<'a, (Range<u32>, Range<u32>)>),
+    Map(serde_json::map::Iter<'a>),
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, FieldValue<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Iter::Spans(doc, spans) => spans
+                .next()
+                .map(|(name, value)| (text(doc, name), scalar(text(doc, value)))),
+            Iter::Map(m) => m.next().map(|(k, v)| (k.as_str(), FieldValue::from(v))),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Iter::Spans(_, spans) => spans.size_hint(),
+            Iter::Map(m) => m.size_hint(),
+        }
+    }
+}
+
+/// The names of a [`Fields`], in order ([`Fields::names`]).
+pub struct Names<'a>(Iter<'a>);
+
+impl<'a> Iterator for Names<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        match &mut self.0 {
+            Iter::Spans(doc, spans) => spans.next().map(|(name, _)| text(doc, name)),
+            Iter::Map(m) => m.next().map(|(k, _)| k.as_str()),
+        }
     }
 }
 
