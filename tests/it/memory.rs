@@ -26,18 +26,24 @@ async fn fill(conn: &mut redis::aio::MultiplexedConnection, from: usize, n: usiz
     }
 }
 
+/// A connection that waits for its answers however long they take: a loaded machine (a debug
+/// build, or the suite's other tests beside a sidecar that has just started) can take longer
+/// than the client's default 500 ms over a batch of `BATCH` SETs.
+async fn patient(client: &redis::Client) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect")
+}
+
 /// Writes keys `from..from + n` over `CLIENTS` connections at once, as an application's many
 /// clients would (the server's worker threads all take writes).
 async fn fill_concurrently(client: &redis::Client, from: usize, n: usize) {
     let share = n.div_ceil(CLIENTS);
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        // A loaded debug build can take seconds over a batch: no response timeout.
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .expect("connect");
+        let mut conn = patient(client).await;
         let start = from + c * share;
         let count = share.min((from + n).saturating_sub(start));
         tasks.push(tokio::spawn(async move { fill(&mut conn, start, count).await }));
@@ -61,7 +67,7 @@ async fn a_max_bytes_keyspace_filled_past_its_bound_holds_about_the_bound_in_rss
         let sidecar = Sidecar::spawn(Path::new(env!("CARGO_BIN_EXE_cachesync")), Some(&config));
         let http = Http::new(sidecar.addr);
         let client = redis::Client::open(format!("redis://{}", sidecar.resp.expect("RESP is on"))).expect("client");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+        let mut conn = patient(&client).await;
         // A first small batch brings up the connection's buffers and the allocator's pools, so
         // the baseline below is the server at work, not at rest.
         fill(&mut conn, 0, BATCH).await;
