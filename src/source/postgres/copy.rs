@@ -118,21 +118,9 @@ fn escaped(s: &str, out: &mut Vec<u8>) {
 }
 
 /// Whether `b` may hold a byte `COPY` escapes: false only when it certainly holds none (no
-/// byte below 0x0e, where tab, newline and carriage return are, and no backslash). Eight bytes
-/// at a time, as `render::needs_escape` tests for JSON's escapes.
+/// byte below 0x0e, where tab, newline and carriage return are, and no backslash).
 fn may_need_escape(b: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Exact as a whole: a borrow into a byte's high bit happens only below a byte that qualifies.
-    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
-    let mut chunks = b.chunks_exact(8);
-    for c in &mut chunks {
-        let x = u64::from_ne_bytes(c.try_into().expect("eight bytes"));
-        if below(x, 0x0e) || below(x ^ (ONES * u64::from(b'\\')), 1) {
-            return true;
-        }
-    }
-    chunks.remainder().iter().any(|&c| c < 0x0e || c == b'\\')
+    super::render::any_byte(b, 0x0e, b"\\")
 }
 
 #[cfg(test)]

@@ -171,23 +171,29 @@ fn push_string(s: &str, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-/// Whether `b` holds a byte JSON escapes in a string (a control character, `"` or `\\`), eight
-/// bytes at a time: a byte-wise test cost ~7 instructions per byte of every rendered string.
+/// Whether `b` holds a byte JSON escapes in a string (a control character, `"` or `\\`).
 fn needs_escape(b: &[u8]) -> bool {
+    any_byte(b, 0x20, b"\"\\")
+}
+
+/// Whether `b` holds a byte below `below` or equal to one of `equal`, eight bytes at a time: a
+/// byte-wise test cost ~7 instructions per byte of every string rendered or `COPY`-escaped.
+/// Exact, for `below` up to 128.
+pub(crate) fn any_byte(b: &[u8], below: u8, equal: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Exact as a whole (no false positives for "some byte is zero" / "some byte is below n"
-    // with n <= 128): a borrow into a byte's high bit happens only below a byte that qualifies.
-    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
-    let below_space = |x: u64| x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
+    // No false positives for "some byte is below n" (n <= 128) as a whole: a borrow into a
+    // byte's high bit happens only below a byte that qualifies. "Some byte is zero" is the
+    // same test with n = 1, after an xor with the byte looked for.
+    let below_n = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
     let mut chunks = b.chunks_exact(8);
     for c in &mut chunks {
         let x = u64::from_ne_bytes(c.try_into().expect("eight bytes"));
-        if below_space(x) || zero_in(x ^ (ONES * u64::from(b'"'))) || zero_in(x ^ (ONES * u64::from(b'\\'))) {
+        if below_n(x, below) || equal.iter().any(|&e| below_n(x ^ (ONES * u64::from(e)), 1)) {
             return true;
         }
     }
-    chunks.remainder().iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\')
+    chunks.remainder().iter().any(|&c| c < below || equal.contains(&c))
 }
 
 /// Whether `s` is a number in JSON's grammar (so it can be copied through verbatim).
