@@ -40,6 +40,11 @@ use cachesync_testkit::temp_dir;
 use common::{Lat, RawHttp};
 
 const RUN_FOR: Duration = Duration::from_secs(4);
+/// Each run's ratio, as printed beside a median.
+fn listed(ratios: &[f64]) -> String {
+    ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ")
+}
+
 /// Rows of the drain; `WB_DRAIN_ROWS` overrides (e.g. fewer under a profiler).
 fn drain_rows() -> u64 {
     common::env_or("WB_DRAIN_ROWS", 100_000)
@@ -380,7 +385,6 @@ async fn writes(addr: std::net::SocketAddr, wb: &WriteBehind, url: &str) {
             vs_upsert.push(rate(&ours) / rate(&upserts));
             vs_insert.push(rate(&ours) / rate(&inserts));
         }
-        let runs = |v: &[f64]| v.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ");
         println!(
             "{writers} writers, medians of {rounds} rounds: {:.0} 202/s, {:.0} upserts/s, {:.0} INSERTs/s; \
              ratio to upserts {:.2}x (rounds {}), to INSERTs {:.2}x (rounds {})",
@@ -388,9 +392,9 @@ async fn writes(addr: std::net::SocketAddr, wb: &WriteBehind, url: &str) {
             common::median(upsert_rates.clone()),
             common::median(insert_rates.clone()),
             common::median(vs_upsert.clone()),
-            runs(&vs_upsert),
+            listed(&vs_upsert),
             common::median(vs_insert.clone()),
-            runs(&vs_insert)
+            listed(&vs_insert)
         );
         let at = format!("{writers} writers");
         report.add("cachesync 202", &at, common::median(ours_rates));
@@ -445,7 +449,7 @@ async fn drain(addr: std::net::SocketAddr, wb: &WriteBehind, pg: &PgServer, db: 
         "{:<40} {:>7.2}x (runs {})",
         "ratio (median of the runs' ratios)",
         common::median(ratios.clone()),
-        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ")
+        listed(&ratios)
     );
     let mut report = common::report::Report::new(
         "write_behind_drain",

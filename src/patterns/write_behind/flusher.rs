@@ -740,7 +740,8 @@ impl Flusher {
                         }
                     }
                 }
-                let known = !docs.is_empty() && docs.len() == rows.len();
+                // Every row rendered, or none (a row that cannot be known empties the list).
+                let known = !docs.is_empty();
                 let copy = source.copy_text(&rows);
                 drop(rows);
                 (u.known, u.docs, u.copy) = (known, docs, copy);

@@ -327,10 +327,9 @@ fn compact_spans(doc: &str, is_written: impl Fn(&str) -> bool) -> Option<Vec<(Ra
         if b.get(i) != Some(&b':') {
             return None;
         }
-        let value = plain_value(b, i + 1)?;
+        let value = plain_value(doc, i + 1)?;
         i = value.end;
-        let text_of = |r: &Range<usize>| doc.get(r.clone());
-        let name_text = text_of(&name)?;
+        let name_text = doc.get(name.clone())?;
         if is_written(name_text) {
             if spans.iter().any(|(seen, _)| text(doc, seen) == name_text) {
                 return None;
@@ -359,9 +358,11 @@ fn plain_string(b: &[u8], at: usize) -> Option<Range<usize>> {
     (b[end] == b'"').then_some(at + 1..end)
 }
 
-/// The JSON text of the scalar starting at `b[at]`: `null`, `true`, `false`, a string without
-/// escapes (with its quotes) or a number as JSON's grammar has it.
-fn plain_value(b: &[u8], at: usize) -> Option<Range<usize>> {
+/// The JSON text of the scalar starting at `doc[at]`: `null`, `true`, `false`, a string without
+/// escapes (with its quotes) or a number as JSON's grammar has it
+/// ([`crate::source::postgres::render::is_json_number`]).
+fn plain_value(doc: &str, at: usize) -> Option<Range<usize>> {
+    let b = doc.as_bytes();
     let rest = b.get(at..)?;
     let word = |w: &[u8]| rest.starts_with(w).then_some(at..at + w.len());
     match rest.first()? {
@@ -370,36 +371,13 @@ fn plain_value(b: &[u8], at: usize) -> Option<Range<usize>> {
         b'f' => word(b"false"),
         b'"' => plain_string(b, at).map(|s| at..s.end + 1),
         b'-' | b'0'..=b'9' => {
-            let digits = |i: usize| {
-                i + b
-                    .get(i..)
-                    .map_or(0, |r| r.iter().take_while(|c| c.is_ascii_digit()).count())
-            };
-            let mut i = at + usize::from(rest[0] == b'-');
-            match b.get(i)? {
-                b'0' => i += 1,
-                b'1'..=b'9' => i = digits(i),
-                _ => return None,
-            }
-            if b.get(i) == Some(&b'.') {
-                let j = digits(i + 1);
-                if j == i + 1 {
-                    return None;
-                }
-                i = j;
-            }
-            if matches!(b.get(i), Some(b'e' | b'E')) {
-                i += 1;
-                if matches!(b.get(i), Some(b'+' | b'-')) {
-                    i += 1;
-                }
-                let j = digits(i);
-                if j == i {
-                    return None;
-                }
-                i = j;
-            }
-            Some(at..i)
+            // The run of bytes a number can hold (all ASCII), then the grammar over all of it.
+            let len = rest
+                .iter()
+                .take_while(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                .count();
+            let number = at..at + len;
+            super::render::is_json_number(doc.get(number.clone())?).then_some(number)
         }
         _ => None,
     }
