@@ -556,7 +556,7 @@ impl Federation {
             // the log and settles it.
             if e.origin == self.node && !ks.is_sourced() {
                 ks.write_pending(
-                    e.key.as_str().into(),
+                    &e.key,
                     crate::keyspace::overlay::Pending {
                         doc: if e.op == Op::Delete { None } else { e.value.clone() },
                         version: e.version,
@@ -656,7 +656,7 @@ impl Federation {
             .federated();
         let range = self.log().append(vec![event.encode()]).await?;
         ks.write_pending(
-            key,
+            &key,
             crate::keyspace::overlay::Pending {
                 doc: doc.clone(),
                 version,

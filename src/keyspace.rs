@@ -841,10 +841,10 @@ impl Keyspace {
 
     /// The door for an accepted write-behind write: overlays it for reads (unless a newer one
     /// is there) and marks the key's in-flight load stale — that load read the old row.
-    pub fn write_pending(&self, key: Arc<str>, p: Pending) {
-        self.invalidate_flights(&key);
-        self.pending.set(key.clone(), p);
-        self.changed(&key);
+    pub fn write_pending(&self, key: &str, p: Pending) {
+        self.invalidate_flights(key);
+        self.pending.set(key, p);
+        self.changed(key);
     }
 
     /// The write with `version` (and any older one) reached Postgres, or was set aside: stop
@@ -857,7 +857,7 @@ impl Keyspace {
 
     /// Settles several writes (as [`Keyspace::settle`]) with one pass over the pending writes.
     pub fn settle_all(&self, writes: &[(&str, u64)]) {
-        self.pending.settle_all(writes.iter().copied());
+        self.pending.settle_all(writes);
         for (key, _) in writes {
             self.changed(key);
         }

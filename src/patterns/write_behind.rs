@@ -423,7 +423,7 @@ impl WriteBehind {
             // Through the keyspace's door: a load in flight for the key read the old row and
             // must not install it.
             ks.write_pending(
-                w.key.clone(),
+                &w.key,
                 Pending {
                     doc: w.doc.clone(),
                     version,
@@ -472,7 +472,7 @@ impl WriteBehind {
                     continue;
                 };
                 ks.write_pending(
-                    e.key.as_str().into(),
+                    &e.key,
                     Pending {
                         doc: if e.op == Op::Delete { None } else { e.value.clone() },
                         version: e.version,
