@@ -22,6 +22,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod fast;
 pub mod kv;
 pub mod listener;
 

@@ -25,7 +25,12 @@ const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
 
 /// Splits `/v1/kv/{keyspace}/{key...}` into the decoded keyspace name and the raw key.
 fn split_path(uri: &Uri) -> (std::borrow::Cow<'_, str>, &str) {
-    let rest = uri.path().strip_prefix("/v1/kv/").unwrap_or_default();
+    split_key_path(uri.path())
+}
+
+/// [`split_path`] of a path alone.
+fn split_key_path(path: &str) -> (std::borrow::Cow<'_, str>, &str) {
+    let rest = path.strip_prefix("/v1/kv/").unwrap_or_default();
     let (ks, key) = rest.split_once('/').unwrap_or((rest, ""));
     let ks = if ks.contains('%') {
         percent_decode_str(ks).decode_utf8_lossy()
@@ -37,13 +42,19 @@ fn split_path(uri: &Uri) -> (std::borrow::Cow<'_, str>, &str) {
 
 /// Records the request in the metrics and returns the response.
 fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -> Response {
+    record(st, ks, op, resp.status(), started);
+    resp
+}
+
+/// Counts a request answered `status` and observes its duration.
+fn record(st: &AppState, ks: &str, op: &str, status: StatusCode, started: Instant) {
     if op == "get"
-        && resp.status() == StatusCode::OK
+        && status == StatusCode::OK
         && let Some(ok) = st.hot.get_ok.get(ks)
     {
         ok.inc();
         st.hot.get_seconds.observe(started.elapsed().as_secs_f64());
-        return resp;
+        return;
     }
     let label = if st.pipelines.contains_key(ks) {
         ks
@@ -52,13 +63,12 @@ fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -
     };
     st.metrics
         .http_requests
-        .with_label_values(&[label, op, resp.status().as_str()])
+        .with_label_values(&[label, op, status.as_str()])
         .inc();
     st.metrics
         .http_duration
         .with_label_values(&[op])
         .observe(started.elapsed().as_secs_f64());
-    resp
 }
 
 fn lookup<'a>(st: &'a AppState, ks: &str, raw_key: &str) -> Result<(&'a Pipeline, Key), ApiError> {
@@ -185,6 +195,66 @@ pub fn get_now(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Response
     let read = pipeline.get_now(&key)?;
     let resp = answer(&ks, &key, &read, headers);
     Some(finish(st, &ks, "get", started, resp))
+}
+
+/// [`get_now`] for the listener's own HTTP/1 path (`api::fast`): when memory answers the read of
+/// `path` with its document or a 304, appends the whole HTTP/1.1 response to `out` — the same
+/// status, headers and body [`answer`] gives, with `date` — records the metrics [`get_now`]
+/// records, and returns `true`. Anything else (a miss, a tombstone's 404, an unknown keyspace,
+/// a key that does not parse) appends nothing and returns `false`: the caller runs the request
+/// through [`get`], which answers it, errors included.
+pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, date: &[u8], out: &mut Vec<u8>) -> bool {
+    let started = Instant::now();
+    let (ks, raw_key) = split_key_path(path);
+    let Ok((pipeline, key)) = lookup(st, &ks, raw_key) else {
+        return false;
+    };
+    let Some(read) = pipeline.get_now(&key) else {
+        return false;
+    };
+    let entry = &read.entry;
+    let Some(doc) = entry.value.as_ref() else {
+        return false;
+    };
+    let tag = crate::cache::etag_bytes(doc);
+    let not_modified = if_none_match.is_some_and(|v| {
+        std::str::from_utf8(v).is_ok_and(|t| !Condition::IfNoneMatch(Tags::parse(t)).holds(Some(doc)))
+    });
+    let status = if not_modified {
+        out.extend_from_slice(b"HTTP/1.1 304 Not Modified\r\n");
+        StatusCode::NOT_MODIFIED
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: ");
+        out.extend_from_slice(if entry.raw {
+            b"application/octet-stream"
+        } else {
+            b"application/json"
+        });
+        out.extend_from_slice(b"\r\n");
+        StatusCode::OK
+    };
+    out.extend_from_slice(b"etag: ");
+    out.extend_from_slice(&tag);
+    out.extend_from_slice(b"\r\nx-cache: ");
+    out.extend_from_slice(x_cache(read.origin).as_bytes());
+    out.extend_from_slice(b"\r\nage: ");
+    out.extend_from_slice(age(entry.stored_at.elapsed().as_secs()).as_bytes());
+    if let Some(lag) = read.lag {
+        out.extend_from_slice(b"\r\nx-cache-lag-ms: ");
+        out.extend_from_slice(lag_header(lag).as_bytes());
+    }
+    if !not_modified {
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(doc.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\ndate: ");
+    out.extend_from_slice(date);
+    out.extend_from_slice(b"\r\n\r\n");
+    if !not_modified {
+        out.extend_from_slice(doc);
+    }
+    record(st, &ks, "get", status, started);
+    true
 }
 
 /// A key read's answer: the document (or 304, or 404) with its headers.

@@ -1,5 +1,10 @@
 //! The HTTP listener: accepts connections, bounds how many are open at once, and serves each
-//! with hyper's HTTP/1 server under the front door's timeouts.
+//! under the front door's timeouts. A connection starts on the listener's own HTTP/1.1 path for
+//! key reads ([`super::fast`]): a hit is written from memory, any other key read runs through
+//! [`Api::call`] (the handler the router calls) and its answer is written the same way, and
+//! several pipelined requests are answered in order with one write. The first request that path
+//! does not take hands the connection, with the bytes already read, to hyper's HTTP/1 server
+//! for the rest of its life.
 //!
 //! Why not `axum::serve`: it has no bound on connections and no timeouts, so a client sending
 //! one header byte a second, or a few thousand idle keep-alive connections, hold file
@@ -31,10 +36,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use super::Api;
+use super::fast::{self, Parsed};
+use bytes::{Buf, BytesMut};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
@@ -86,15 +93,188 @@ pub async fn serve(listener: TcpListener, app: Api, limits: Limits, stop: Cancel
     }
 }
 
-/// One connection, until the client closes it, a timeout closes it, or shutdown.
-async fn serve_connection(stream: TcpStream, app: Api, limits: Limits, stop: CancellationToken) {
+/// Bytes a connection's read buffer grows by.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A write buffer grown past this by a large answer is let go once written.
+const MAX_KEPT_BUFFER: usize = 256 * 1024;
+
+/// One connection, until the client closes it, a timeout closes it, or shutdown: key reads on
+/// the listener's own path (`api::fast`), and from the first request that path does not take
+/// on, hyper.
+async fn serve_connection(stream: TcpStream, mut app: Api, limits: Limits, stop: CancellationToken) {
     let requests = Arc::new(Requests::default());
-    let io = TokioIo::new(Guarded::new(stream, limits, requests.clone()));
+    let mut io = Guarded::new(stream, limits, requests.clone());
+    // The connection's own token: a shared token's lock would be taken by every connection on
+    // every core.
+    let stop = stop.child_token();
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        // Every whole request buffered is answered before the answers are written (pipelining).
+        loop {
+            match fast::serve(&app.state, &buf, &mut out) {
+                Parsed::Answered(len) => {
+                    requests.started.fetch_add(1, Ordering::AcqRel);
+                    buf.advance(len);
+                }
+                Parsed::Read(read) => {
+                    let len = read.len;
+                    // Answers already made are not held back while the handler waits.
+                    if !out.is_empty() {
+                        if io.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
+                    let guard = InFlight::new(requests.clone());
+                    let Some(answered) = read_through_handler(&mut app, read, &mut out).await else {
+                        drop(guard);
+                        break_to_hyper!(io, buf, out, app, requests, stop);
+                    };
+                    drop(guard);
+                    if !answered {
+                        return;
+                    }
+                    buf.advance(len);
+                }
+                Parsed::Partial => break,
+                Parsed::HandOver => break_to_hyper!(io, buf, out, app, requests, stop),
+            }
+        }
+        if !out.is_empty() {
+            if io.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if out.capacity() > MAX_KEPT_BUFFER {
+                out = Vec::with_capacity(READ_CHUNK);
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            biased;
+            r = io.read_buf(&mut buf) => r,
+            _ = &mut cancelled => return,
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// Hands the connection to hyper with what is buffered, after the answers already made.
+macro_rules! break_to_hyper {
+    ($io:ident, $buf:ident, $out:ident, $app:ident, $requests:ident, $stop:ident) => {{
+        if !$out.is_empty() && $io.write_all(&$out).await.is_err() {
+            return;
+        }
+        return serve_with_hyper(
+            Rewind {
+                prefix: $buf.freeze(),
+                inner: $io,
+            },
+            $app,
+            $requests,
+            &$stop,
+        )
+        .await;
+    }};
+}
+use break_to_hyper;
+
+/// A key read memory did not answer, run through the handler the router calls, its answer
+/// appended to `out` as HTTP/1.1. `None`: the head cannot be rebuilt as `http` types (hyper
+/// takes the request); `Some(false)`: the answer's body failed (the connection closes).
+async fn read_through_handler(app: &mut Api, read: fast::KeyRead, out: &mut Vec<u8>) -> Option<bool> {
+    use http_body_util::BodyExt;
+    let mut req = axum::http::Request::builder()
+        .method(axum::http::Method::GET)
+        .uri(read.path);
+    for (name, value) in read.headers {
+        req = req.header(name, value);
+    }
+    let req = req.body(axum::body::Body::empty()).ok()?;
+    let (parts, body) = app.call(req).await.into_parts();
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+        return Some(false);
+    };
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    for (name, value) in &parts.headers {
+        if name == axum::http::header::CONTENT_LENGTH || name == axum::http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+    }
+    let bodiless = status.is_informational() || status == 204 || status == 304;
+    if !bodiless {
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\ndate: ");
+    fast::with_date(|d| out.extend_from_slice(d));
+    out.extend_from_slice(b"\r\n\r\n");
+    if !bodiless {
+        out.extend_from_slice(&body);
+    }
+    Some(true)
+}
+
+/// The rest of a connection served by hyper.
+async fn serve_with_hyper(mut io: Rewind, app: Api, requests: Arc<Requests>, stop: &CancellationToken) {
+    io.inner.hyper = true;
+    let io = TokioIo::new(io);
     let svc = TowerToHyperService::new(Counted { inner: app, requests });
     let mut builder = hyper::server::conn::http1::Builder::new();
     // The timeouts are the stream's; hyper's own header timer would close without an answer.
     builder.header_read_timeout(None);
-    crate::lifecycle::drive_connection(builder.serve_connection(io, svc), &stop, "http").await;
+    crate::lifecycle::drive_connection(builder.serve_connection(io, svc), stop, "http").await;
+}
+
+/// A connection's stream with the bytes already read from it in front.
+struct Rewind {
+    prefix: bytes::Bytes,
+    inner: Guarded,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if !me.prefix.is_empty() {
+            let n = me.prefix.len().min(buf.remaining());
+            buf.put_slice(&me.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Answers a connection over the bound with a JSON 503 and closes it.
@@ -226,6 +406,8 @@ struct Guarded {
     /// A rewritten error answer still being written: the bytes, how far, and how many of the
     /// caller's bytes it stands for.
     rewrite: Option<(Vec<u8>, usize, usize)>,
+    /// Whether hyper writes to the stream (only its answers are rewritten).
+    hyper: bool,
 }
 
 impl Guarded {
@@ -240,6 +422,7 @@ impl Guarded {
             wait: Wait::Idle,
             timeout_reply: None,
             rewrite: None,
+            hyper: false,
         }
     }
 
@@ -406,7 +589,8 @@ impl AsyncRead for Guarded {
 impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if me.rewrite.is_none()
+        if me.hyper
+            && me.rewrite.is_none()
             && !me.busy()
             && buf.starts_with(b"HTTP/1.1 4")
             && let Some(bytes) = rewrite_library_error(buf)

@@ -576,3 +576,265 @@ async fn with_a_token_every_route_but_the_probes_needs_it() {
     assert_eq!(get("/readyz", None).await.unwrap().status(), 200);
     server.shutdown().await;
 }
+
+/// One answer read off a keep-alive connection: status, headers (names lowercased) and body.
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Reads `n` answers off `s`, each framed by its `content-length` (none: no body, as for a 304).
+async fn read_answers(s: &mut TcpStream, n: usize) -> Vec<Answer> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut answers = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while answers.len() < n {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(buf[..end].to_vec()).expect("an ASCII head");
+                let mut lines = head.split("\r\n");
+                let status: u16 = lines.next().unwrap()[9..12].parse().unwrap();
+                let headers: Vec<(String, String)> = lines
+                    .map(|l| {
+                        let (k, v) = l.split_once(':').unwrap();
+                        (k.trim().to_ascii_lowercase(), v.trim().to_owned())
+                    })
+                    .collect();
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .map_or(0, |(_, v)| v.parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    buf.drain(..end + 4 + len);
+                    answers.push((status, headers, body));
+                    continue;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let got = s.read(&mut chunk).await.expect("read");
+            assert!(got > 0, "the server closed after {} answers", answers.len());
+            buf.extend_from_slice(&chunk[..got]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} answers did not arrive"));
+    assert!(
+        buf.is_empty(),
+        "nothing beyond the answers: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    answers
+}
+
+/// The headers of an answer but `date`, sorted, to compare two answers.
+fn comparable(a: &Answer) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut h: Vec<_> = a.1.iter().filter(|(k, _)| k != "date").cloned().collect();
+    h.sort();
+    (a.0, h, a.2.clone())
+}
+
+fn header<'a>(a: &'a Answer, name: &str) -> &'a str {
+    a.1.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} in {a:?}"))
+}
+
+/// Key reads memory answers are written by the listener's own path (`api::fast`); everything
+/// else goes to the handler or to hyper. Pipelined on one connection, in one write, every
+/// request is answered, in order — hits, a miss, a 304, a request the own path hands to hyper
+/// (a query string), a write, and reads after it.
+#[tokio::test]
+async fn pipelined_requests_of_every_kind_are_answered_in_order() {
+    let (server, http) = serve(config("")).await;
+    assert_eq!(http.put("/v1/kv/default/a", "{\"v\":1}").await.status, 200);
+    let tag = http.get("/v1/kv/default/a").await.headers["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    let requests = format!(
+        "GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\n\r\n\
+         GET /v1/kv/default/missing HTTP/1.1\r\nHost: localhost\r\n\r\n\
+         GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\nIf-None-Match: {tag}\r\n\r\n\
+         GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n\
+         GET /v1/kv/default/a?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n\
+         PUT /v1/kv/default/b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n\r\n{{\"v\":2}}\
+         GET /v1/kv/default/b HTTP/1.1\r\nHost: localhost\r\n\r\n\
+         GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    );
+    s.write_all(requests.as_bytes()).await.unwrap();
+    let answers = read_answers(&mut s, 8).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, [200, 404, 304, 200, 200, 200, 200, 200], "{answers:?}");
+    assert_eq!(answers[0].2, b"{\"v\":1}");
+    assert_eq!(header(&answers[0], "x-cache"), "hit");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&answers[1].2).unwrap()["error"],
+        "not_found"
+    );
+    assert_eq!(header(&answers[2], "etag"), tag);
+    assert!(answers[2].2.is_empty(), "a 304 has no body");
+    assert_eq!(
+        answers[6].2, b"{\"v\":2}",
+        "the write is read back on the same connection"
+    );
+    assert_eq!(answers[7].2, b"{\"v\":1}");
+    // A head that arrives in pieces is answered once whole.
+    s.write_all(b"GET /v1/kv/def").await.unwrap();
+    s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(b"ault/a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answers = read_answers(&mut s, 1).await;
+    assert_eq!((answers[0].0, answers[0].2.as_slice()), (200, &b"{\"v\":1}"[..]));
+    server.shutdown().await;
+}
+
+/// A hit written by the listener's own path is the answer hyper and the handler give for the
+/// same read (asked with a query string, which the own path hands to hyper): the same status,
+/// headers and body — for a document, a 304 and, with a token, a refusal — and it is counted
+/// in the request metrics.
+#[tokio::test]
+async fn a_hit_answers_exactly_as_the_handler_does() {
+    let dir = cachesync_testkit::temp_dir("fast-parity", None);
+    let token_file = dir.join("token");
+    let token = "parity-token-0123456789";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let (server, _) = serve(config(&format!("token_file = \"{}\"", token_file.display()))).await;
+    let addr = server.local_addr();
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let ask = |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").into_bytes();
+    let mut setup = TcpStream::connect(addr).await.unwrap();
+    setup
+        .write_all(
+            format!(
+                "PUT /v1/kv/default/k HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 9\r\n\r\n{{\"v\":\"x\"}}"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read_answers(&mut setup, 1).await[0].0, 200);
+    let metrics = |body: &[u8]| {
+        String::from_utf8_lossy(body)
+            .lines()
+            .find(|l| {
+                l.starts_with("cachesync_http_requests_total{")
+                    && l.contains("op=\"get\"")
+                    && l.contains("status=\"200\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    let mut own = TcpStream::connect(addr).await.unwrap();
+    let mut hyper = TcpStream::connect(addr).await.unwrap();
+    own.write_all(&ask("/metrics", &auth)).await.unwrap();
+    let before = metrics(&read_answers(&mut own, 1).await[0].2);
+    let tag = {
+        own.write_all(&ask("/v1/kv/default/k", &auth)).await.unwrap();
+        header(&read_answers(&mut own, 1).await[0], "etag").to_owned()
+    };
+    for (extra, status) in [
+        (auth.clone(), 200),
+        (format!("{auth}If-None-Match: {tag}\r\n"), 304),
+        (format!("{auth}If-None-Match: \"other\"\r\n"), 200),
+        (String::new(), 401),
+        ("Authorization: Bearer wrong-token-01234567\r\n".to_owned(), 401),
+    ] {
+        own.write_all(&ask("/v1/kv/default/k", &extra)).await.unwrap();
+        hyper
+            .write_all(&ask("/v1/kv/default/k?via=hyper", &extra))
+            .await
+            .unwrap();
+        let (a, b) = (
+            &read_answers(&mut own, 1).await[0],
+            &read_answers(&mut hyper, 1).await[0],
+        );
+        assert_eq!(a.0, status, "{extra:?}: {a:?}");
+        assert_eq!(comparable(a), comparable(b), "{extra:?}");
+        assert!(a.1.iter().any(|(k, _)| k == "date"), "{a:?}");
+    }
+    own.write_all(&ask("/metrics", &auth)).await.unwrap();
+    let after = metrics(&read_answers(&mut own, 1).await[0].2);
+    // Own path: the etag read and two 200s; hyper's path: two 200s.
+    assert_eq!(after - before, 5.0, "every 200 key read is counted");
+    server.shutdown().await;
+}
+
+/// Requests the listener's own path does not take are hyper's, with hyper's semantics: a
+/// `Connection: close` or HTTP/1.0 read is answered and the connection closed, a chunked `GET`
+/// and a `HEAD` are answered and the connection goes on; header names are matched in any case.
+#[tokio::test]
+async fn requests_beside_the_own_path_get_hypers_semantics() {
+    let (server, http) = serve(config("")).await;
+    let addr = server.local_addr();
+    assert_eq!(http.put("/v1/kv/default/a", "{\"v\":1}").await.status, 200);
+    for (req, what) in [
+        (
+            "GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            "Connection: close",
+        ),
+        ("GET /v1/kv/default/a HTTP/1.0\r\nHost: localhost\r\n\r\n", "HTTP/1.0"),
+    ] {
+        let answer = raw(addr, req.as_bytes()).await;
+        // hyper answers an HTTP/1.0 request in HTTP/1.0.
+        assert_eq!(answer.get(8..13), Some(" 200 "), "{what}: {answer}");
+        assert!(answer.ends_with("{\"v\":1}"), "{what}: {answer}");
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /v1/kv/default/a HTTP/1.1\r\nhOsT: localhost\r\n\r\n\
+          GET /v1/kv/default/a HTTP/1.1\r\nHOST: attacker.example\r\n\r\n\
+          GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answers = read_answers(&mut s, 4).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, [200, 421, 200, 200], "{answers:?}");
+    assert_eq!(answers[2].2, b"{\"v\":1}");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"HEAD /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\n\r\nGET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // A HEAD answer's content-length describes the body it does not carry: read it alone.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "the HEAD answer arrives");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let answers = read_answers(&mut s, 1).await;
+    assert_eq!((answers[0].0, answers[0].2.as_slice()), (200, &b"{\"v\":1}"[..]));
+    server.shutdown().await;
+}
+
+/// The same pipelined requests arrive cut at every point of their bytes, in two writes: every
+/// cut gets the same answers (a head or a body split across reads is waited for, never
+/// answered early or twice).
+#[tokio::test]
+async fn pipelined_requests_cut_anywhere_get_the_same_answers() {
+    let (server, http) = serve(config("")).await;
+    assert_eq!(http.put("/v1/kv/default/a", "{\"v\":1}").await.status, 200);
+    let requests: &[u8] = b"GET /v1/kv/default/a HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          GET /v1/kv/default/gone HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          PUT /v1/kv/default/b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n\r\n{\"v\":2}\
+          GET /v1/kv/default/b HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut expected = None;
+    for cut in (1..requests.len()).step_by(5) {
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        s.write_all(&requests[..cut]).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::task::yield_now().await;
+        s.write_all(&requests[cut..]).await.unwrap();
+        let answers: Vec<_> = read_answers(&mut s, 4).await.iter().map(comparable).collect();
+        let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+        assert_eq!(statuses, [200, 404, 200, 200], "cut at {cut}");
+        match &expected {
+            None => expected = Some(answers),
+            Some(first) => assert_eq!(&answers, first, "cut at {cut}"),
+        }
+    }
+    server.shutdown().await;
+}

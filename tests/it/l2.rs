@@ -696,11 +696,18 @@ async fn a_gap_in_the_sequence_makes_entries_suspect_and_they_are_revalidated() 
         before,
         "L2 vouched for it: no reload; {requests:?}"
     );
-    let again = p.hb.get("/v1/kv/users/5").await;
-    assert_eq!(
-        (again.header("x-cache"), again.json()["name"].as_str()),
-        ("hit", Some("v1"))
-    );
+    // Confirmed, it is served from L1 again. Not necessarily on the very next read: on a loaded
+    // machine that read can come more than the bound after the confirmation while the channel's
+    // reader has not come round, and then it is revalidated once more (and, if Redis misses the
+    // 200 ms timeout, reloaded: seen once in a full-suite run).
+    eventually(WAIT, "the confirmed entry is served from L1", || async {
+        let again = p.hb.get("/v1/kv/users/5").await;
+        match (again.header("x-cache"), again.json()["name"].as_str()) {
+            ("hit", Some("v1")) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     drop(p);
 }
 

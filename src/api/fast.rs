@@ -1,0 +1,137 @@
+//! The listener's own HTTP/1.1 path for its hottest request: a `GET` of one key that memory
+//! answers. It parses the request head with `httparse` (hyper's own parser) straight from the
+//! connection's read buffer and writes the whole answer — status line, the same headers and body
+//! [`kv::get_now`](super::kv::get_now) gives — into the connection's write buffer, with no
+//! `Request`, no header map and no `Response` built.
+//!
+//! Why not hyper for these too: on a hit, hyper's parse into `http` types, its dispatcher and its
+//! encoder were the largest share of the sidecar's user time per request (`benches/http_cpu.rs`,
+//! README "Closing the gaps"). Everything this path does not take is still hyper's: any other
+//! method or route, a body, `Connection` other than `keep-alive`, `Expect`, `Upgrade`, HTTP/1.0,
+//! a query string, a head too large or not valid HTTP — and a read memory cannot answer (a miss,
+//! a 404, any error) is answered by the same handler the router calls (see `listener`).
+
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::AppState;
+
+/// Headers a request this path takes may carry; more go to hyper (whose limit is 100).
+const MAX_HEADERS: usize = 64;
+
+/// A request head longer than this that is still incomplete goes to hyper, which answers 431
+/// past its own limit.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// What the front of a connection's read buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A key read answered into the write buffer; its head took this many bytes.
+    Answered(usize),
+    /// A key read this path takes, which memory could not answer: run it through the handler.
+    /// The head took `len` bytes.
+    Read(KeyRead),
+    /// Not a whole head yet.
+    Partial,
+    /// A request this path does not take: hyper serves the connection from here on.
+    HandOver,
+}
+
+/// A key read the handler answers: what of its head the handler reads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeyRead {
+    pub len: usize,
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads the request at the front of `buf`; a key read memory answers is appended to `out`.
+pub fn serve(st: &AppState, buf: &[u8], out: &mut Vec<u8>) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        _ => return Parsed::HandOver,
+    };
+    let (Some("GET"), Some(1), Some(path)) = (req.method, req.version, req.path) else {
+        return Parsed::HandOver;
+    };
+    if !path.bytes().all(plain_path_byte) || !super::is_key_path(path) {
+        return Parsed::HandOver;
+    }
+    let (mut host, mut authorization, mut if_none_match) = (None, None, None);
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return Parsed::HandOver;
+            }
+            host = Some(h.value);
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            if_none_match.get_or_insert(h.value);
+        } else if name.eq_ignore_ascii_case("authorization") {
+            authorization.get_or_insert(h.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if h.value != b"0" {
+                return Parsed::HandOver;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            if !h.value.eq_ignore_ascii_case(b"keep-alive") {
+                return Parsed::HandOver;
+            }
+        } else if ["transfer-encoding", "expect", "upgrade"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            return Parsed::HandOver;
+        }
+    }
+    let admitted = host.is_none_or(|h| std::str::from_utf8(h).is_ok_and(|h| st.server.host_allowed(h)))
+        && st.server.token.as_ref().is_none_or(|token| {
+            authorization
+                .and_then(|v| v.strip_prefix(b"Bearer "))
+                .is_some_and(|p| crate::credential::same_secret(p.trim_ascii(), token.expose().as_bytes()))
+        });
+    if admitted && with_date(|date| super::kv::write_now(st, path, if_none_match, date, out)) {
+        return Parsed::Answered(len);
+    }
+    // Refused (the handler's path answers 421 / 401 exactly as the router does), or not in
+    // memory: the handler reads it.
+    Parsed::Read(KeyRead {
+        len,
+        path: path.to_owned(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), h.value.to_vec()))
+            .collect(),
+    })
+}
+
+thread_local! {
+    /// The `Date` header's value and the second it is for.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+}
+
+/// Calls `f` with the current `Date` header value (IMF-fixdate), formatted once a second per
+/// thread as hyper does.
+pub fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *text = httpdate::fmt_http_date(now);
+            *at = secs;
+        }
+        f(text.as_bytes())
+    })
+}
+
+/// Whether `b` may stand in a path this path takes as it is: RFC 3986's unreserved and
+/// sub-delimiter characters, `:`, `@`, `/` and `%`. A query, a fragment or anything a URI
+/// parser might treat otherwise goes to hyper, so such a request gets hyper's answer.
+fn plain_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b)
+}
