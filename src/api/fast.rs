@@ -11,9 +11,9 @@
 //! a query string, a head too large or not valid HTTP — and a read memory cannot answer (a miss,
 //! a 404, any error) is answered by the same handler the router calls (see `listener`).
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::mem::MaybeUninit;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::AppState;
 
@@ -46,8 +46,30 @@ pub struct KeyRead {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// What a connection's requests have shown this path before.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The last `Host` value the allow-list admitted (a client sends the same one every time).
+    host: Vec<u8>,
+}
+
+impl Seen {
+    /// Whether `host` is on `[server] allowed_hosts`, remembering the last one that was.
+    fn admits(&mut self, st: &AppState, host: &[u8]) -> bool {
+        if !self.host.is_empty() && self.host == host {
+            return true;
+        }
+        let admitted = std::str::from_utf8(host).is_ok_and(|h| st.server.host_allowed(h));
+        if admitted {
+            self.host.clear();
+            self.host.extend_from_slice(host);
+        }
+        admitted
+    }
+}
+
 /// Reads the request at the front of `buf`; a key read memory answers is appended to `out`.
-pub fn serve(st: &AppState, buf: &[u8], out: &mut Vec<u8>) -> Parsed {
+pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
@@ -88,13 +110,13 @@ pub fn serve(st: &AppState, buf: &[u8], out: &mut Vec<u8>) -> Parsed {
             return Parsed::HandOver;
         }
     }
-    let admitted = host.is_none_or(|h| std::str::from_utf8(h).is_ok_and(|h| st.server.host_allowed(h)))
+    let admitted = host.is_none_or(|h| seen.admits(st, h))
         && st.server.token.as_ref().is_none_or(|token| {
             authorization
                 .and_then(|v| v.strip_prefix(b"Bearer "))
                 .is_some_and(|p| crate::credential::same_secret(p.trim_ascii(), token.expose().as_bytes()))
         });
-    if admitted && with_date(|date| super::kv::write_now(st, path, if_none_match, date, out)) {
+    if admitted && super::kv::write_now(st, path, if_none_match, out) {
         return Parsed::Answered(len);
     }
     // Refused (the handler's path answers 421 / 401 exactly as the router does), or not in
@@ -110,23 +132,32 @@ pub fn serve(st: &AppState, buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     })
 }
 
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) is always this long.
+const DATE_LEN: usize = 29;
+
 thread_local! {
-    /// The `Date` header's value and the second it is for.
-    static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    /// The `Date` header's value and the monotonic instant until which it holds.
+    static DATE: Cell<(Option<Instant>, [u8; DATE_LEN])> = const { Cell::new((None, [0; DATE_LEN])) };
 }
 
-/// Calls `f` with the current `Date` header value (IMF-fixdate), formatted once a second per
-/// thread as hyper does.
-pub fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, text)| {
-        if *at != secs || text.is_empty() {
-            *text = httpdate::fmt_http_date(now);
-            *at = secs;
-        }
-        f(text.as_bytes())
-    })
+/// The `Date` header's value at `now` (a monotonic reading the caller took anyway): the wall
+/// clock is read and the value formatted once a second per thread, as hyper does, and in
+/// between only compared.
+pub fn date_at(now: Instant) -> [u8; DATE_LEN] {
+    let (until, text) = DATE.get();
+    if until.is_some_and(|u| now < u) {
+        return text;
+    }
+    let wall = SystemTime::now();
+    let into_second = wall
+        .duration_since(UNIX_EPOCH)
+        .map_or(Duration::ZERO, |d| Duration::from_nanos(u64::from(d.subsec_nanos())));
+    let mut text = [b' '; DATE_LEN];
+    let formatted = httpdate::fmt_http_date(wall);
+    let n = formatted.len().min(DATE_LEN);
+    text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+    DATE.set((Some(now + (Duration::from_secs(1) - into_second)), text));
+    text
 }
 
 /// Whether `b` may stand in a path this path takes as it is: RFC 3986's unreserved and
@@ -134,4 +165,46 @@ pub fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
 /// parser might treat otherwise goes to hyper, so such a request gets hyper's answer.
 fn plain_path_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_date_is_the_wall_clocks_second_and_kept_within_it() {
+        let now = Instant::now();
+        let text = date_at(now);
+        let parsed = httpdate::parse_http_date(std::str::from_utf8(&text).unwrap()).expect("an IMF-fixdate");
+        let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
+        assert!(off < Duration::from_secs(2), "{off:?}");
+        // Within the same second the same value is given without reading the wall clock.
+        assert_eq!(date_at(now), text);
+        // Past the second, the wall clock is read again.
+        let again = date_at(now + Duration::from_millis(1_001));
+        let again = httpdate::parse_http_date(std::str::from_utf8(&again).unwrap()).unwrap();
+        assert!(again >= parsed);
+        assert!(SystemTime::now().duration_since(again).unwrap_or_default() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn only_plain_paths_are_taken() {
+        for path in [
+            "/v1/kv/default/a",
+            "/v1/kv/users/acme,7",
+            "/v1/kv/d/a%2Fb",
+            "/v1/kv/d/x:y@z",
+        ] {
+            assert!(path.bytes().all(plain_path_byte), "{path}");
+        }
+        for path in [
+            "/v1/kv/d/a?x=1",
+            "/v1/kv/d/a#f",
+            "/v1/kv/d/a b",
+            "/v1/kv/d/\"a\"",
+            "/v1/kv/d/{a}",
+        ] {
+            assert!(!path.bytes().all(plain_path_byte), "{path}");
+        }
+    }
 }

@@ -122,13 +122,18 @@ fn etag_matches(header: &HeaderValue, entry: &Entry) -> bool {
 }
 
 fn x_cache(origin: Origin) -> HeaderValue {
-    HeaderValue::from_static(match origin {
+    HeaderValue::from_static(x_cache_text(origin))
+}
+
+/// [`x_cache`]'s text.
+fn x_cache_text(origin: Origin) -> &'static str {
+    match origin {
         // A pending write-behind write is this node's own state: a hit.
         Origin::Hit | Origin::Pending => "hit",
         Origin::Miss => "miss",
         Origin::L2 => "hit-l2",
         Origin::Refreshing => "stale-refreshing",
-    })
+    }
 }
 
 /// `X-Cache-Lag-Ms`: milliseconds the answer may be behind the database, or `unknown` while the
@@ -143,15 +148,20 @@ fn lag_header(lag: Lag) -> HeaderValue {
 /// The `Age` header for `secs`: an hour's worth of values is made once (a key read's hot path
 /// would otherwise format and allocate one per answer); beyond that, formatted.
 fn age(secs: u64) -> HeaderValue {
+    match small_number(secs) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(secs),
+    }
+}
+
+/// `n`'s decimal text for `n` under 3,600, made once.
+fn small_number(n: u64) -> Option<&'static str> {
     static SMALL: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
         (0..3600u64)
             .map(|n| &*Box::leak(n.to_string().into_boxed_str()))
             .collect()
     });
-    match SMALL.get(secs as usize) {
-        Some(s) => HeaderValue::from_static(s),
-        None => HeaderValue::from(secs),
-    }
+    SMALL.get(usize::try_from(n).ok()?).copied()
 }
 
 /// A 200 carrying a JSON document with its entry's headers.
@@ -199,11 +209,12 @@ pub fn get_now(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Response
 
 /// [`get_now`] for the listener's own HTTP/1 path (`api::fast`): when memory answers the read of
 /// `path` with its document or a 304, appends the whole HTTP/1.1 response to `out` — the same
-/// status, headers and body [`answer`] gives, with `date` — records the metrics [`get_now`]
+/// status, headers and body [`answer`] gives, and `Date` — records the metrics [`get_now`]
 /// records, and returns `true`. Anything else (a miss, a tombstone's 404, an unknown keyspace,
 /// a key that does not parse) appends nothing and returns `false`: the caller runs the request
-/// through [`get`], which answers it, errors included.
-pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, date: &[u8], out: &mut Vec<u8>) -> bool {
+/// through [`get`], which answers it, errors included. The one clock reading taken at the start
+/// serves the duration, `Age` and `Date` (clock reads were the largest user-space item left).
+pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, out: &mut Vec<u8>) -> bool {
     let started = Instant::now();
     let (ks, raw_key) = split_key_path(path);
     let Ok((pipeline, key)) = lookup(st, &ks, raw_key) else {
@@ -236,9 +247,15 @@ pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, date: 
     out.extend_from_slice(b"etag: ");
     out.extend_from_slice(&tag);
     out.extend_from_slice(b"\r\nx-cache: ");
-    out.extend_from_slice(x_cache(read.origin).as_bytes());
+    out.extend_from_slice(x_cache_text(read.origin).as_bytes());
     out.extend_from_slice(b"\r\nage: ");
-    out.extend_from_slice(age(entry.stored_at.elapsed().as_secs()).as_bytes());
+    let age = tokio::time::Instant::from_std(started)
+        .saturating_duration_since(entry.stored_at)
+        .as_secs();
+    match small_number(age) {
+        Some(text) => out.extend_from_slice(text.as_bytes()),
+        None => out.extend_from_slice(itoa::Buffer::new().format(age).as_bytes()),
+    }
     if let Some(lag) = read.lag {
         out.extend_from_slice(b"\r\nx-cache-lag-ms: ");
         out.extend_from_slice(lag_header(lag).as_bytes());
@@ -248,7 +265,7 @@ pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, date: 
         out.extend_from_slice(itoa::Buffer::new().format(doc.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\ndate: ");
-    out.extend_from_slice(date);
+    out.extend_from_slice(&super::fast::date_at(started));
     out.extend_from_slice(b"\r\n\r\n");
     if !not_modified {
         out.extend_from_slice(doc);

@@ -112,10 +112,11 @@ async fn serve_connection(stream: TcpStream, mut app: Api, limits: Limits, stop:
     tokio::pin!(cancelled);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut seen = fast::Seen::default();
     loop {
         // Every whole request buffered is answered before the answers are written (pipelining).
         loop {
-            match fast::serve(&app.state, &buf, &mut out) {
+            match fast::serve(&app.state, &mut seen, &buf, &mut out) {
                 Parsed::Answered(len) => {
                     requests.started.fetch_add(1, Ordering::AcqRel);
                     buf.advance(len);
@@ -226,7 +227,7 @@ async fn read_through_handler(app: &mut Api, read: fast::KeyRead, out: &mut Vec<
         out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\ndate: ");
-    fast::with_date(|d| out.extend_from_slice(d));
+    out.extend_from_slice(&fast::date_at(std::time::Instant::now()));
     out.extend_from_slice(b"\r\n\r\n");
     if !bodiless {
         out.extend_from_slice(&body);
