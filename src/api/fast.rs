@@ -116,7 +116,8 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
                 .and_then(|v| v.strip_prefix(b"Bearer "))
                 .is_some_and(|p| crate::credential::same_secret(p.trim_ascii(), token.expose().as_bytes()))
         });
-    if admitted && super::kv::write_now(st, path, if_none_match, out) {
+    let started = Instant::now();
+    if admitted && super::kv::write_now(st, started, &date_at(started), path, if_none_match, out) {
         return Parsed::Answered(len);
     }
     // Refused (the handler's path answers 421 / 401 exactly as the router does), or not in

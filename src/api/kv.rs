@@ -212,10 +212,17 @@ pub fn get_now(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Response
 /// status, headers and body [`answer`] gives, and `Date` — records the metrics [`get_now`]
 /// records, and returns `true`. Anything else (a miss, a tombstone's 404, an unknown keyspace,
 /// a key that does not parse) appends nothing and returns `false`: the caller runs the request
-/// through [`get`], which answers it, errors included. The one clock reading taken at the start
-/// serves the duration, `Age` and `Date` (clock reads were the largest user-space item left).
-pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, out: &mut Vec<u8>) -> bool {
-    let started = Instant::now();
+/// through [`get`], which answers it, errors included. `started` (the caller's one clock
+/// reading, which also gave `date`) serves the duration and `Age` (clock reads were the largest
+/// user-space item left).
+pub fn write_now(
+    st: &AppState,
+    started: Instant,
+    date: &[u8],
+    path: &str,
+    if_none_match: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> bool {
     let (ks, raw_key) = split_key_path(path);
     let Ok((pipeline, key)) = lookup(st, &ks, raw_key) else {
         return false;
@@ -265,7 +272,7 @@ pub fn write_now(st: &AppState, path: &str, if_none_match: Option<&[u8]>, out: &
         out.extend_from_slice(itoa::Buffer::new().format(doc.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\ndate: ");
-    out.extend_from_slice(&super::fast::date_at(started));
+    out.extend_from_slice(date);
     out.extend_from_slice(b"\r\n\r\n");
     if !not_modified {
         out.extend_from_slice(doc);

@@ -144,7 +144,7 @@ pub struct TableMeta {
     pub unique_keys: Vec<Vec<String>>,
     pub privileges: Privileges,
     /// Whether the table may store a written row other than as written (rules, children or
-    /// partitions, a row trigger before insert or update: [`super::sql::rewrites_rows`]).
+    /// partitions, a row trigger before insert or update: [`rewrites_rows`]).
     pub rewrites_rows: bool,
 }
 
@@ -218,7 +218,7 @@ impl TableMeta {
                     "SELECT has_table_privilege($1::int8::oid, 'SELECT'), has_table_privilege($1::int8::oid, 'INSERT'), \
                             has_table_privilege($1::int8::oid, 'UPDATE'), has_table_privilege($1::int8::oid, 'DELETE'), {} \
                      FROM pg_catalog.pg_class c WHERE c.oid = $1::int8::oid",
-                    super::sql::rewrites_rows("c")
+                    rewrites_rows("c")
                 ),
                 &[&oid],
             )
@@ -387,6 +387,18 @@ impl Binding {
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
     }
+}
+
+/// SQL truth value: whether the table aliased `c` (a `pg_class` row) may store a written row
+/// other than as written — it has rules, inheritance children or partitions (whose own
+/// triggers would run), or an enabled row trigger that runs before (or instead of) an insert or
+/// an update and so can change the row.
+pub fn rewrites_rows(c: &str) -> String {
+    format!(
+        "({c}.relhasrules OR {c}.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t \
+          WHERE t.tgrelid = {c}.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
+          AND (t.tgtype & 1) = 1 AND (t.tgtype & 66) <> 0 AND (t.tgtype & 20) <> 0))"
+    )
 }
 
 #[cfg(test)]

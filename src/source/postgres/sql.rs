@@ -7,7 +7,7 @@
 //! (the same text pgoutput sends), not `col::text`, whose casts differ for a few types (`bool`
 //! prints `true`, `inet` adds a netmask).
 
-use super::schema::{Binding, ColumnMeta};
+use super::schema::{self, Binding, ColumnMeta};
 use crate::keyspace::config::TableRef;
 
 /// `ident` as a quoted SQL identifier.
@@ -255,28 +255,16 @@ pub fn upsert_as_written(b: &Binding, columns: &[&str], rows: Rows) -> String {
     insert_on_conflict(b, columns, rows, false)
 }
 
-/// SQL truth value: whether the table aliased `c` (a `pg_class` row) may store a written row
-/// other than as written — it has rules, inheritance children or partitions (whose own
-/// triggers would run), or an enabled row trigger that runs before (or instead of) an insert or
-/// an update and so can change the row.
-pub fn rewrites_rows(c: &str) -> String {
-    format!(
-        "({c}.relhasrules OR {c}.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t \
-          WHERE t.tgrelid = {c}.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
-          AND (t.tgtype & 1) = 1 AND (t.tgtype & 66) <> 0 AND (t.tgtype & 20) <> 0))"
-    )
-}
-
 /// Read after a transaction's upserts as written ([`upsert_as_written`]): the WAL insert
 /// position and the transaction id, which those rows are stored at, and which of the tables
-/// (OIDs bound as `$1`, `int8[]`) store rows other than as written ([`rewrites_rows`]) — a
+/// (OIDs bound as `$1`, `int8[]`) store rows other than as written ([`schema::rewrites_rows`]) — a
 /// trigger created since the binding was read. Read in the same transaction, it sees every
 /// trigger that ran on its rows: creating one waits for the transaction's lock on the table.
 pub fn written_stamp() -> String {
     format!(
         "SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id()::text, \
          ARRAY(SELECT c.oid::int8 FROM pg_catalog.pg_class c WHERE c.oid = ANY($1::int8[]::oid[]) AND {})",
-        rewrites_rows("c")
+        schema::rewrites_rows("c")
     )
 }
 
@@ -474,6 +462,6 @@ mod tests {
             stamp.contains("pg_current_wal_insert_lsn()") && stamp.contains("$1::int8[]"),
             "{stamp}"
         );
-        assert!(rewrites_rows("c").contains("c.relhasrules"));
+        assert!(schema::rewrites_rows("c").contains("c.relhasrules"));
     }
 }
