@@ -38,6 +38,13 @@ async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, bool) {
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
+/// A server whose API needs `token` (`[server] token_file` in a temp dir named after `what`).
+async fn serve_with_token(what: &str, token: &str) -> cachesync::server::Server {
+    let path = cachesync_testkit::temp_dir(what, None).join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    serve(config(&format!("token_file = \"{}\"", path.display()))).await.0
+}
+
 /// Sends `request` on a fresh connection and returns the whole answer (the server closes).
 async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -527,11 +534,8 @@ fn a_listener_others_can_reach_needs_a_credential() {
 
 #[tokio::test]
 async fn with_a_token_every_route_but_the_probes_needs_it() {
-    let dir = cachesync_testkit::temp_dir("token", None);
-    let path = dir.join("token");
     let token = "s3cret-token-0123456789";
-    std::fs::write(&path, format!("{token}\n")).unwrap();
-    let (server, _) = serve(config(&format!("token_file = \"{}\"", path.display()))).await;
+    let server = serve_with_token("token", token).await;
     let base = format!("http://{}", server.local_addr());
     let client = reqwest::Client::new();
     let get = |path: &str, auth: Option<&str>| {
@@ -695,11 +699,8 @@ async fn pipelined_requests_of_every_kind_are_answered_in_order() {
 /// in the request metrics.
 #[tokio::test]
 async fn a_hit_answers_exactly_as_the_handler_does() {
-    let dir = cachesync_testkit::temp_dir("fast-parity", None);
-    let token_file = dir.join("token");
     let token = "parity-token-0123456789";
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let (server, _) = serve(config(&format!("token_file = \"{}\"", token_file.display()))).await;
+    let server = serve_with_token("fast-parity", token).await;
     let addr = server.local_addr();
     let auth = format!("Authorization: Bearer {token}\r\n");
     let ask = |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").into_bytes();
