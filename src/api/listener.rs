@@ -124,46 +124,37 @@ async fn serve_connection(stream: TcpStream, mut app: Api, limits: Limits, stop:
                 Parsed::Read(read) => {
                     let len = read.len;
                     // Answers already made are not held back while the handler waits.
-                    if !out.is_empty() {
-                        if io.write_all(&out).await.is_err() {
-                            return;
-                        }
-                        out.clear();
-                    }
-                    let guard = InFlight::new(requests.clone());
-                    let Some(answered) = read_through_handler(&mut app, read, &mut out).await else {
-                        drop(guard);
-                        break_to_hyper!(io, buf, out, app, requests, stop);
-                    };
-                    drop(guard);
-                    if !answered {
+                    if write_out(&mut io, &mut out).await.is_err() {
                         return;
                     }
-                    buf.advance(len);
+                    let answered = {
+                        let _in_flight = InFlight::new(requests.clone());
+                        read_through_handler(&mut app, read, &mut out).await
+                    };
+                    match answered {
+                        None => break_to_hyper!(io, buf, out, app, requests, stop),
+                        Some(false) => return,
+                        Some(true) => buf.advance(len),
+                    }
                 }
                 Parsed::Partial => break,
                 Parsed::HandOver => break_to_hyper!(io, buf, out, app, requests, stop),
             }
         }
-        if !out.is_empty() {
-            if io.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-            if out.capacity() > MAX_KEPT_BUFFER {
-                out = Vec::with_capacity(READ_CHUNK);
-            }
-        }
-        if stop.is_cancelled() {
+        if write_out(&mut io, &mut out).await.is_err() {
             return;
+        }
+        if out.capacity() > MAX_KEPT_BUFFER {
+            out = Vec::with_capacity(READ_CHUNK);
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 2 {
             buf.reserve(READ_CHUNK);
         }
+        // Shutdown first: a busy connection always has a read ready.
         let read = tokio::select! {
             biased;
-            r = io.read_buf(&mut buf) => r,
             _ = &mut cancelled => return,
+            r = io.read_buf(&mut buf) => r,
         };
         if !matches!(read, Ok(n) if n > 0) {
             return;
@@ -171,10 +162,19 @@ async fn serve_connection(stream: TcpStream, mut app: Api, limits: Limits, stop:
     }
 }
 
+/// Writes the answers made so far, if any, and empties `out`.
+async fn write_out(io: &mut Guarded, out: &mut Vec<u8>) -> io::Result<()> {
+    if !out.is_empty() {
+        io.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
 /// Hands the connection to hyper with what is buffered, after the answers already made.
 macro_rules! break_to_hyper {
     ($io:ident, $buf:ident, $out:ident, $app:ident, $requests:ident, $stop:ident) => {{
-        if !$out.is_empty() && $io.write_all(&$out).await.is_err() {
+        if write_out(&mut $io, &mut $out).await.is_err() {
             return;
         }
         return serve_with_hyper(
