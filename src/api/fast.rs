@@ -1,15 +1,22 @@
-//! The listener's own HTTP/1.1 path for its hottest request: a `GET` of one key that memory
-//! answers. It parses the request head with `httparse` (hyper's own parser) straight from the
-//! connection's read buffer and writes the whole answer — status line, the same headers and body
-//! [`kv::get_now`](super::kv::get_now) gives — into the connection's write buffer, with no
-//! `Request`, no header map and no `Response` built.
+//! The listener's own HTTP/1.1 path for its hottest requests: a `GET` of one key that memory
+//! answers, and a `PUT` or `DELETE` of one key. It parses the request head with `httparse`
+//! (hyper's own parser) straight from the connection's read buffer. A hit's whole answer —
+//! status line, the same headers and body [`kv::get_now`](super::kv::get_now) gives — goes into
+//! the connection's write buffer, with no `Request`, no header map and no `Response` built. A
+//! write whose head and body are both buffered is run through the handler the router calls, its
+//! body handed over whole (see `listener`).
 //!
 //! Why not hyper for these too: on a hit, hyper's parse into `http` types, its dispatcher and its
 //! encoder were the largest share of the sidecar's user time per request (`benches/http_cpu.rs`,
-//! README "Closing the gaps"). Everything this path does not take is still hyper's: any other
-//! method or route, a body, `Connection` other than `keep-alive`, `Expect`, `Upgrade`, HTTP/1.0,
-//! a query string, a head too large or not valid HTTP — and a read memory cannot answer (a miss,
-//! a 404, any error) is answered by the same handler the router calls (see `listener`).
+//! README "Closing the gaps"). On a write, hyper's dispatcher feeds the body to the handler
+//! through a channel whose send wakes the connection's own task while it runs; the runtime then
+//! requeues the task and wakes a second worker thread to steal it — a futex wake and two context
+//! switches per write beside the request, on the critical path of a one-connection writer
+//! (README "Measured"). Everything this path does not take is still hyper's: any other method or
+//! route, a chunked body, a body over `server.max_body_bytes` or not buffered with its head
+//! within [`MAX_HEAD`], `Connection` other than `keep-alive`, `Expect`, `Upgrade`, HTTP/1.0, a
+//! query string, a head too large or not valid HTTP — and a read memory cannot answer (a miss,
+//! a 404, any error) is answered by the same handler the router calls.
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
@@ -21,7 +28,8 @@ use super::AppState;
 const MAX_HEADERS: usize = 64;
 
 /// A request head longer than this that is still incomplete goes to hyper, which answers 431
-/// past its own limit.
+/// past its own limit; so does a write whose head and body together are longer and not yet
+/// buffered (a body that small arrives with its head or just after it).
 pub const MAX_HEAD: usize = 16 * 1024;
 
 /// What the front of a connection's read buffer holds.
@@ -29,21 +37,43 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub enum Parsed {
     /// A key read answered into the write buffer; its head took this many bytes.
     Answered(usize),
-    /// A key read this path takes, which memory could not answer: run it through the handler.
-    /// The head took `len` bytes.
-    Read(KeyRead),
+    /// A key request this path takes that the handler answers: a read memory could not
+    /// answer, or a write.
+    Handle(KeyRequest),
     /// Not a whole head yet.
     Partial,
     /// A request this path does not take: hyper serves the connection from here on.
     HandOver,
 }
 
-/// A key read the handler answers: what of its head the handler reads.
+/// A key request the handler answers: what of it the handler reads.
 #[derive(Debug, PartialEq, Eq)]
-pub struct KeyRead {
+pub struct KeyRequest {
+    /// Bytes it took at the front of the buffer, head and body.
     pub len: usize,
+    pub method: Method,
     pub path: String,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Empty for a read.
+    pub body: bytes::Bytes,
+}
+
+/// The methods this path takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+    Delete,
+}
+
+impl Method {
+    pub fn as_http(self) -> axum::http::Method {
+        match self {
+            Method::Get => axum::http::Method::GET,
+            Method::Put => axum::http::Method::PUT,
+            Method::Delete => axum::http::Method::DELETE,
+        }
+    }
 }
 
 /// What a connection's requests have shown this path before.
@@ -77,13 +107,19 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::HandOver,
     };
-    let (Some("GET"), Some(1), Some(path)) = (req.method, req.version, req.path) else {
+    let (Some(method), Some(1), Some(path)) = (req.method, req.version, req.path) else {
         return Parsed::HandOver;
+    };
+    let method = match method {
+        "GET" => Method::Get,
+        "PUT" => Method::Put,
+        "DELETE" => Method::Delete,
+        _ => return Parsed::HandOver,
     };
     if !path.bytes().all(plain_path_byte) || !super::is_key_path(path) {
         return Parsed::HandOver;
     }
-    let (mut host, mut authorization, mut if_none_match) = (None, None, None);
+    let (mut host, mut authorization, mut if_none_match, mut content_length) = (None, None, None, None);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
@@ -96,8 +132,14 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
         } else if name.eq_ignore_ascii_case("authorization") {
             authorization.get_or_insert(h.value);
         } else if name.eq_ignore_ascii_case("content-length") {
-            if h.value != b"0" {
-                return Parsed::HandOver;
+            // One plain decimal length; anything else (a list, a second header) is hyper's.
+            let parsed = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
+            match (content_length, parsed) {
+                (None, Some(n)) => content_length = Some(n),
+                _ => return Parsed::HandOver,
             }
         } else if name.eq_ignore_ascii_case("connection") {
             if !h.value.eq_ignore_ascii_case(b"keep-alive") {
@@ -110,26 +152,48 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
             return Parsed::HandOver;
         }
     }
-    let admitted = host.is_none_or(|h| seen.admits(st, h))
-        && st.server.token.as_ref().is_none_or(|token| {
-            authorization
-                .and_then(|v| v.strip_prefix(b"Bearer "))
-                .is_some_and(|p| crate::credential::same_secret(p.trim_ascii(), token.expose().as_bytes()))
-        });
-    let started = Instant::now();
-    if admitted && super::kv::write_now(st, started, &date_at(started), path, if_none_match, out) {
-        return Parsed::Answered(len);
+    let body_len = content_length.unwrap_or(0);
+    if method != Method::Put && body_len != 0 {
+        return Parsed::HandOver;
     }
-    // Refused (the handler's path answers 421 / 401 exactly as the router does), or not in
-    // memory: the handler reads it.
-    Parsed::Read(KeyRead {
-        len,
+    if body_len > st.server.max_body_bytes {
+        // The handler's 413, through hyper, which reads no more of it than it must.
+        return Parsed::HandOver;
+    }
+    let Some(end) = usize::try_from(body_len).ok().and_then(|b| len.checked_add(b)) else {
+        return Parsed::HandOver;
+    };
+    if buf.len() < end {
+        return if end <= MAX_HEAD {
+            Parsed::Partial
+        } else {
+            Parsed::HandOver
+        };
+    }
+    if method == Method::Get {
+        let admitted = host.is_none_or(|h| seen.admits(st, h))
+            && st.server.token.as_ref().is_none_or(|token| {
+                authorization
+                    .and_then(|v| v.strip_prefix(b"Bearer "))
+                    .is_some_and(|p| crate::credential::same_secret(p.trim_ascii(), token.expose().as_bytes()))
+            });
+        let started = Instant::now();
+        if admitted && super::kv::write_now(st, started, &date_at(started), path, if_none_match, out) {
+            return Parsed::Answered(len);
+        }
+    }
+    // A write, a read refused (the handler's path answers 421 / 401 exactly as the router
+    // does), or a read memory cannot answer: the handler takes it.
+    Parsed::Handle(KeyRequest {
+        len: end,
+        method,
         path: path.to_owned(),
         headers: req
             .headers
             .iter()
             .map(|h| (h.name.to_owned(), h.value.to_vec()))
             .collect(),
+        body: bytes::Bytes::copy_from_slice(&buf[len..end]),
     })
 }
 

@@ -1,7 +1,8 @@
 //! The HTTP listener: accepts connections, bounds how many are open at once, and serves each
 //! under the front door's timeouts. A connection starts on the listener's own HTTP/1.1 path for
-//! key reads ([`super::fast`]): a hit is written from memory, any other key read runs through
-//! [`Api::call`] (the handler the router calls) and its answer is written the same way, and
+//! key reads and writes ([`super::fast`]): a hit is written from memory, any other key read and
+//! every key write runs through [`Api::call`] (the handler the router calls) and its answer is
+//! written the same way, and
 //! several pipelined requests are answered in order with one write. The first request that path
 //! does not take hands the connection, with the bytes already read, to hyper's HTTP/1 server
 //! for the rest of its life.
@@ -121,7 +122,7 @@ async fn serve_connection(stream: TcpStream, mut app: Api, limits: Limits, stop:
                     requests.started.fetch_add(1, Ordering::AcqRel);
                     buf.advance(len);
                 }
-                Parsed::Read(read) => {
+                Parsed::Handle(read) => {
                     let len = read.len;
                     // Answers already made are not held back while the handler waits.
                     if write_out(&mut io, &mut out).await.is_err() {
@@ -129,7 +130,7 @@ async fn serve_connection(stream: TcpStream, mut app: Api, limits: Limits, stop:
                     }
                     let answered = {
                         let _in_flight = InFlight::new(requests.clone());
-                        read_through_handler(&mut app, read, &mut out).await
+                        through_handler(&mut app, read, &mut out).await
                     };
                     match answered {
                         None => break_to_hyper!(io, buf, out, app, requests, stop),
@@ -191,18 +192,19 @@ macro_rules! break_to_hyper {
 }
 use break_to_hyper;
 
-/// A key read memory did not answer, run through the handler the router calls, its answer
-/// appended to `out` as HTTP/1.1. `None`: the head cannot be rebuilt as `http` types (hyper
-/// takes the request); `Some(false)`: the answer's body failed (the connection closes).
-async fn read_through_handler(app: &mut Api, read: fast::KeyRead, out: &mut Vec<u8>) -> Option<bool> {
+/// A key request the own path took but did not answer, run through the handler the router
+/// calls with its whole body, its answer appended to `out` as HTTP/1.1. `None`: the head cannot
+/// be rebuilt as `http` types (hyper takes the request); `Some(false)`: the answer's body failed
+/// (the connection closes).
+async fn through_handler(app: &mut Api, read: fast::KeyRequest, out: &mut Vec<u8>) -> Option<bool> {
     use http_body_util::BodyExt;
     let mut req = axum::http::Request::builder()
-        .method(axum::http::Method::GET)
+        .method(read.method.as_http())
         .uri(read.path);
     for (name, value) in read.headers {
         req = req.header(name, value);
     }
-    let req = req.body(axum::body::Body::empty()).ok()?;
+    let req = req.body(axum::body::Body::from(read.body)).ok()?;
     let (parts, body) = app.call(req).await.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return Some(false);

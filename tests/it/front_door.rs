@@ -761,6 +761,146 @@ async fn a_hit_answers_exactly_as_the_handler_does() {
     server.shutdown().await;
 }
 
+/// Key writes are the listener's own path too (`api::fast`): a `PUT` or `DELETE` whose head and
+/// body are buffered runs through the handler with its whole body and answers exactly as the
+/// same write through hyper (asked with a query string, which the own path hands over): the
+/// same statuses, header names and bodies for a store, a failed precondition, a delete, a
+/// second delete, a refusal without the token and a body that is not JSON. Nothing is written
+/// by a refused write. A body that arrives after its head is answered once whole.
+#[tokio::test]
+async fn writes_on_the_own_path_answer_as_hyper_does() {
+    let token = "write-parity-token-0123456789";
+    let server = serve_with_token("fast-write-parity", token).await;
+    let addr = server.local_addr();
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let ask = |method: &str, path: &str, extra: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    // Status, header names and body (an error names its key: the two sides' keys differ).
+    let names = |a: &Answer| {
+        let mut n: Vec<String> = a.1.iter().map(|(k, _)| k.clone()).filter(|k| k != "date").collect();
+        n.sort();
+        (
+            a.0,
+            n,
+            String::from_utf8_lossy(&a.2).replace("\\\"hyp\\\"", "\\\"own\\\""),
+        )
+    };
+    let mut own = TcpStream::connect(addr).await.unwrap();
+    let mut hyper = TcpStream::connect(addr).await.unwrap();
+    let no_match = format!("{auth}If-Match: \"nope\"\r\n");
+    let steps: [(&str, &str, &str, u16); 7] = [
+        ("PUT", &auth, "{\"v\":1}", 200),
+        ("PUT", &no_match, "{\"v\":9}", 412),
+        ("PUT", "", "{\"v\":9}", 401),
+        ("PUT", &auth, "{\"v\":", 400),
+        ("PUT", &auth, "{\"v\":2}", 200),
+        ("DELETE", &auth, "", 204),
+        ("DELETE", &auth, "", 404),
+    ];
+    for (method, extra, body, status) in steps {
+        own.write_all(&ask(method, "/v1/kv/default/own", extra, body))
+            .await
+            .unwrap();
+        hyper
+            .write_all(&ask(method, "/v1/kv/default/hyp?via=hyper", extra, body))
+            .await
+            .unwrap();
+        let (a, b) = (
+            &read_answers(&mut own, 1).await[0],
+            &read_answers(&mut hyper, 1).await[0],
+        );
+        assert_eq!(a.0, status, "{method} {extra:?} {body:?}: {a:?}");
+        assert_eq!(names(a), names(b), "{method} {extra:?} {body:?}");
+        if status == 200 {
+            // What was stored is read back, on the own path, as written.
+            own.write_all(&ask("GET", "/v1/kv/default/own", &auth, ""))
+                .await
+                .unwrap();
+            let read = &read_answers(&mut own, 1).await[0];
+            assert_eq!((read.0, read.2.as_slice()), (200, body.as_bytes()), "{body}");
+        }
+    }
+    // The refused writes changed nothing: the key is gone after the delete, on both paths.
+    own.write_all(&ask("GET", "/v1/kv/default/own", &auth, ""))
+        .await
+        .unwrap();
+    assert_eq!(read_answers(&mut own, 1).await[0].0, 404);
+    // A body that arrives after its head: answered once it is whole.
+    let whole = ask("PUT", "/v1/kv/default/own", &auth, "{\"v\":3}");
+    let split = whole.len() - 4;
+    own.write_all(&whole[..split]).await.unwrap();
+    own.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    own.write_all(&whole[split..]).await.unwrap();
+    let answers = read_answers(&mut own, 1).await;
+    assert_eq!((answers[0].0, answers[0].2.as_slice()), (200, &b"{\"v\":3}"[..]));
+    server.shutdown().await;
+}
+
+/// A write the own path does not take whole goes to hyper, with the handler's answers: a body
+/// over `server.max_body_bytes` gets 413 and the connection goes on; `Expect: 100-continue`
+/// gets hyper's interim `100 Continue`, then the write's answer; a `DELETE` with a body is not
+/// the own path's either.
+#[tokio::test]
+async fn writes_beside_the_own_path_get_hypers_semantics() {
+    let (server, _http) = serve(config("max_body_bytes = 64")).await;
+    let addr = server.local_addr();
+    let big = format!("{{\"v\":\"{}\"}}", "x".repeat(100));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "PUT /v1/kv/default/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{big}\
+             GET /v1/kv/default/big HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answers = read_answers(&mut s, 2).await;
+    assert_eq!((answers[0].0, answers[1].0), (413, 404), "{answers:?}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&answers[0].2).unwrap()["error"],
+        "payload_too_large"
+    );
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"PUT /v1/kv/default/e HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 7\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut interim = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while !interim.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before 100 Continue");
+            interim.push(byte[0]);
+        }
+    })
+    .await
+    .expect("100 Continue");
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 "),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(b"{\"v\":5}").await.unwrap();
+    let answers = read_answers(&mut s, 1).await;
+    assert_eq!((answers[0].0, answers[0].2.as_slice()), (200, &b"{\"v\":5}"[..]));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"DELETE /v1/kv/default/e HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}GET /v1/kv/default/e HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answers = read_answers(&mut s, 2).await;
+    assert_eq!((answers[0].0, answers[1].0), (204, 404), "{answers:?}");
+    server.shutdown().await;
+}
+
 /// Requests the listener's own path does not take are hyper's, with hyper's semantics: a
 /// `Connection: close` or HTTP/1.0 read is answered and the connection closed, a chunked `GET`
 /// and a `HEAD` are answered and the connection goes on; header names are matched in any case.
