@@ -8,7 +8,11 @@
 //!    Postgres), the baseline issue 18 names, and plain `INSERT`s (the baseline of earlier runs).
 //!    The flusher drains to Postgres meanwhile. `WB_ACK_ROUNDS` rounds per writer count (default
 //!    3), cachesync and the baselines in alternating order; each round's ratios and their
-//!    medians are printed.
+//!    medians are printed. At 1 writer each round also measures the disk's floor for an
+//!    acknowledgement: a server thread that only reads a request, writes it into a
+//!    preallocated, synced file and `fdatasync`s it before answering, to one blocking client
+//!    over loopback TCP — what any durable acknowledgement costs on this machine, so the
+//!    ratios can be read against what the disk leaves room for.
 //! 2. Drain rows/s: a backlog of rows is accepted while the table is locked against writes, then
 //!    released; the time until every row is in Postgres — beside `psql \copy` of the same rows
 //!    from a CSV file into an identical table. `WB_DRAIN_RUNS` runs (default 3), the two sides
@@ -180,6 +184,70 @@ async fn sql_writes(url: &str, sql: &str, writers: usize, next: Arc<AtomicU64>) 
     all
 }
 
+/// The disk's floor for a durable acknowledgement over loopback TCP, measured on plain threads
+/// for `RUN_FOR`: a server that reads one length-prefixed request, writes it by position into a
+/// file preallocated with written, synced zeros (as the log's segments are), `fdatasync`s and
+/// answers two bytes; one blocking client sends the bench's own `PUT`s. Nothing else runs in
+/// it — no HTTP, no runtime, no validation — so it is the least any acknowledgement can cost.
+fn sync_floor() -> Lat {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::FileExt;
+    const FILE: u64 = 64 << 20;
+    let dir = temp_dir("bench-wb-floor", None);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("floor"))
+        .expect("floor file");
+    file.write_all_at(&vec![0u8; FILE as usize], 0).expect("preallocate");
+    file.sync_all().expect("sync the preallocation");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_nodelay(true).expect("nodelay");
+        let (mut at, mut buf) = (0u64, Vec::new());
+        loop {
+            let mut len = [0u8; 4];
+            if conn.read_exact(&mut len).is_err() {
+                break;
+            }
+            buf.resize(u32::from_le_bytes(len) as usize, 0);
+            conn.read_exact(&mut buf).expect("request");
+            if at + buf.len() as u64 > FILE {
+                at = 0;
+            }
+            file.write_all_at(&buf, at).expect("write");
+            file.sync_data().expect("fdatasync");
+            at += buf.len() as u64;
+            conn.write_all(b"ok").expect("answer");
+        }
+    });
+    let mut client = std::net::TcpStream::connect(addr).expect("connect");
+    client.set_nodelay(true).expect("nodelay");
+    let (mut lat, started, mut id) = (Lat::new(), Instant::now(), 1u64 << 40);
+    let mut frame = Vec::new();
+    while started.elapsed() < RUN_FOR {
+        let req = put_request(id);
+        id += 1;
+        frame.clear();
+        frame.extend_from_slice(&(req.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&req);
+        let t = Instant::now();
+        client.write_all(&frame).expect("send");
+        let mut ok = [0u8; 2];
+        client.read_exact(&mut ok).expect("answer");
+        lat.record(t.elapsed());
+    }
+    lat.elapsed = started.elapsed();
+    drop(client);
+    server.join().expect("floor server");
+    let _ = std::fs::remove_dir_all(&dir);
+    lat
+}
+
 fn rate(l: &Lat) -> f64 {
     l.h.len() as f64 / l.elapsed.as_secs_f64()
 }
@@ -328,6 +396,7 @@ async fn writes(addr: std::net::SocketAddr, wb: &WriteBehind, url: &str) {
     for writers in writer_counts() {
         let (mut ours_rates, mut upsert_rates, mut insert_rates) = (Vec::new(), Vec::new(), Vec::new());
         let (mut vs_upsert, mut vs_insert) = (Vec::new(), Vec::new());
+        let mut floor_rates = Vec::new();
         for round in 0..rounds {
             // Which side goes first alternates, so a drift of the machine's speed within a
             // round favours neither.
@@ -347,6 +416,18 @@ async fn writes(addr: std::net::SocketAddr, wb: &WriteBehind, url: &str) {
                 Some(base) => base,
                 None => baselines(url, upsert, insert, writers, &upsert_ids, &insert_ids).await,
             };
+            if writers == 1 {
+                let floor = tokio::task::spawn_blocking(sync_floor).await.expect("floor");
+                println!(
+                    "          floor (recv, pwrite into a preallocated file, fdatasync, send): {:.0}/s, p50 {:.1} µs; \
+                     {:.2}x of the upserts, cachesync at {:.2}x of it",
+                    rate(&floor),
+                    floor.p(0.5),
+                    rate(&floor) / rate(&upserts),
+                    rate(&ours) / rate(&floor)
+                );
+                floor_rates.push(rate(&floor));
+            }
             println!(
                 "{:<9} {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>5.2}x | {:>10.0} {:>8.1} | {:>5.2}x",
                 format!("{writers} r{}", round + 1),
@@ -397,6 +478,13 @@ async fn writes(addr: std::net::SocketAddr, wb: &WriteBehind, url: &str) {
             listed(&vs_insert)
         );
         let at = format!("{writers} writers");
+        if !floor_rates.is_empty() {
+            println!(
+                "{writers} writer, medians of {rounds} rounds: the disk's floor {:.0} acknowledgements/s",
+                common::median(floor_rates.clone())
+            );
+            report.add("write + fdatasync floor", &at, common::median(floor_rates));
+        }
         report.add("cachesync 202", &at, common::median(ours_rates));
         report.add("Postgres upsert", &at, common::median(upsert_rates));
         report.add("Postgres INSERT", &at, common::median(insert_rates));
