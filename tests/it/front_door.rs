@@ -627,6 +627,22 @@ async fn read_answers(s: &mut TcpStream, n: usize) -> Vec<Answer> {
     answers
 }
 
+/// Reads one answer's head byte by byte, up to its blank line and no further (for an answer
+/// whose `content-length` does not frame what follows: a `HEAD`'s, an interim `100`).
+async fn read_head(s: &mut TcpStream, what: &str) -> Vec<u8> {
+    let mut head = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before {what} arrived");
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} did not arrive"));
+    head
+}
+
 /// The headers of an answer but `date`, sorted, to compare two answers.
 fn comparable(a: &Answer) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut h: Vec<_> = a.1.iter().filter(|(k, _)| k != "date").cloned().collect();
@@ -874,16 +890,7 @@ async fn writes_beside_the_own_path_get_hypers_semantics() {
     )
     .await
     .unwrap();
-    let mut interim = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        while !interim.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before 100 Continue");
-            interim.push(byte[0]);
-        }
-    })
-    .await
-    .expect("100 Continue");
+    let interim = read_head(&mut s, "100 Continue").await;
     assert!(
         interim.starts_with(b"HTTP/1.1 100 "),
         "{}",
@@ -939,12 +946,7 @@ async fn requests_beside_the_own_path_get_hypers_semantics() {
         .await
         .unwrap();
     // A HEAD answer's content-length describes the body it does not carry: read it alone.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "the HEAD answer arrives");
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut s, "the HEAD answer").await;
     assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
     let answers = read_answers(&mut s, 1).await;
     assert_eq!((answers[0].0, answers[0].2.as_slice()), (200, &b"{\"v\":1}"[..]));
