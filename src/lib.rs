@@ -22,8 +22,9 @@
 //!   │         the router): api::kv GET/PUT/DELETE/_mget/_mput/_mdelete · api::admin /v1/keyspaces
 //!   │         /v1/deadletters /metrics /healthz /readyz · api::error the one error → status
 //!   │         mapping · api::listener connections, timeouts, the connection bound, hyper for
-//!   │         all but key reads · api::fast key reads parsed and hits written on the listener's
-//!   │         own HTTP/1.1 path · api::config [server]
+//!   │         all but key reads and writes · api::fast key requests parsed, hits written and
+//!   │         writes' bodies handed over whole on the listener's own HTTP/1.1 path ·
+//!   │         api::config [server]
 //!   ▼
 //!  patterns   one Pipeline per keyspace, assembled at start: a reader and a writer
 //!   │         read_through   miss → single-flight load → lease-checked fill
