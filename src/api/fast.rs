@@ -22,6 +22,8 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::http::Method;
+
 use super::AppState;
 
 /// Headers a request this path takes may carry; more go to hyper (whose limit is 100).
@@ -40,7 +42,8 @@ pub enum Parsed {
     /// A key request this path takes that the handler answers: a read memory could not
     /// answer, or a write.
     Handle(KeyRequest),
-    /// Not a whole head yet.
+    /// Not a whole head yet, or a write's body not yet whole (head and body within
+    /// [`MAX_HEAD`]).
     Partial,
     /// A request this path does not take: hyper serves the connection from here on.
     HandOver,
@@ -51,29 +54,12 @@ pub enum Parsed {
 pub struct KeyRequest {
     /// Bytes it took at the front of the buffer, head and body.
     pub len: usize,
+    /// `GET`, `PUT` or `DELETE`.
     pub method: Method,
     pub path: String,
     pub headers: Vec<(String, Vec<u8>)>,
     /// Empty for a read.
     pub body: bytes::Bytes,
-}
-
-/// The methods this path takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Get,
-    Put,
-    Delete,
-}
-
-impl Method {
-    pub fn as_http(self) -> axum::http::Method {
-        match self {
-            Method::Get => axum::http::Method::GET,
-            Method::Put => axum::http::Method::PUT,
-            Method::Delete => axum::http::Method::DELETE,
-        }
-    }
 }
 
 /// What a connection's requests have shown this path before.
@@ -111,9 +97,9 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
         return Parsed::HandOver;
     };
     let method = match method {
-        "GET" => Method::Get,
-        "PUT" => Method::Put,
-        "DELETE" => Method::Delete,
+        "GET" => Method::GET,
+        "PUT" => Method::PUT,
+        "DELETE" => Method::DELETE,
         _ => return Parsed::HandOver,
     };
     if !path.bytes().all(plain_path_byte) || !super::is_key_path(path) {
@@ -153,7 +139,7 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
         }
     }
     let body_len = content_length.unwrap_or(0);
-    if method != Method::Put && body_len != 0 {
+    if method != Method::PUT && body_len != 0 {
         return Parsed::HandOver;
     }
     if body_len > st.server.max_body_bytes {
@@ -170,7 +156,7 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
             Parsed::HandOver
         };
     }
-    if method == Method::Get {
+    if method == Method::GET {
         let admitted = host.is_none_or(|h| seen.admits(st, h))
             && st.server.token.as_ref().is_none_or(|token| {
                 authorization

@@ -15,6 +15,8 @@
 //! - **Header-read timeout**: once the first byte of a request has arrived, its headers must be
 //!   complete within `header_read_timeout`, else the client gets `408` (the project's JSON error
 //!   shape) and the connection is closed — a slowloris client is cut off however slowly it trickles.
+//!   On the own path a key write's body is read before its handler runs, so a body that fits
+//!   in [`fast::MAX_HEAD`] with its head is under the same bound.
 //! - **Idle timeout**: a connection with no request in flight and no byte received for
 //!   `idle_timeout` is closed (silently, as HTTP allows for idle keep-alive connections).
 //! - **Connection bound**: beyond `max_connections` open connections, a new one is answered
@@ -198,9 +200,7 @@ use break_to_hyper;
 /// (the connection closes).
 async fn through_handler(app: &mut Api, read: fast::KeyRequest, out: &mut Vec<u8>) -> Option<bool> {
     use http_body_util::BodyExt;
-    let mut req = axum::http::Request::builder()
-        .method(read.method.as_http())
-        .uri(read.path);
+    let mut req = axum::http::Request::builder().method(read.method).uri(read.path);
     for (name, value) in read.headers {
         req = req.header(name, value);
     }

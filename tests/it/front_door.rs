@@ -858,6 +858,34 @@ async fn writes_on_the_own_path_answer_as_hyper_does() {
     server.shutdown().await;
 }
 
+/// A key write's body on the own path is read before its handler runs, under the head's bound:
+/// a body that never comes gets 408 within `header_read_timeout`, the connection is closed, and
+/// nothing is written.
+#[tokio::test]
+async fn a_write_whose_body_never_arrives_is_cut_off() {
+    let (server, http) = serve(config("header_read_timeout = \"1s\"")).await;
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    s.write_all(b"PUT /v1/kv/default/late HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n\r\n{\"v\"")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_to_close(&mut s, WAIT).await;
+    assert!(closed, "the connection is closed: {answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+    let (status, body) = parse(&answer);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (408, Some("request_timeout")),
+        "{answer}"
+    );
+    assert_eq!(http.get("/v1/kv/default/late").await.status, 404, "nothing was written");
+    server.shutdown().await;
+}
+
 /// A write the own path does not take whole goes to hyper, with the handler's answers: a body
 /// over `server.max_body_bytes` gets 413 and the connection goes on; `Expect: 100-continue`
 /// gets hyper's interim `100 Continue`, then the write's answer; a `DELETE` with a body is not
