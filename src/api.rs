@@ -61,23 +61,58 @@ pub struct AppState {
     pub hot: HotMetrics,
 }
 
-/// The series a key read that answers 200 records, looked up once at start instead of by
-/// label values on every request (a hash of the labels and a shared lock each time).
+/// The series the key routes' commonest answers record, looked up once at start instead of by
+/// label values on every request (a hash of the labels and a shared lock each time): per
+/// keyspace, a read's 200, a write's 200 / 202 and a delete's 204 / 202; per operation, the
+/// duration histogram.
 pub struct HotMetrics {
-    /// `cachesync_http_requests_total{keyspace, op="get", status="200"}` by keyspace.
-    pub get_ok: BTreeMap<String, prometheus::IntCounter>,
-    /// `cachesync_http_request_duration_seconds{op="get"}`.
-    pub get_seconds: prometheus::Histogram,
+    /// `cachesync_http_requests_total{keyspace, op, status}` of [`HOT_ANSWERS`], by keyspace.
+    counts: BTreeMap<String, Vec<prometheus::IntCounter>>,
+    /// `cachesync_http_request_duration_seconds{op}` of the operations of [`HOT_ANSWERS`].
+    seconds: Vec<prometheus::Histogram>,
 }
+
+/// The `(op, status)` pairs [`HotMetrics`] holds.
+const HOT_ANSWERS: [(&str, u16); 5] = [
+    ("get", 200),
+    ("put", 200),
+    ("put", 202),
+    ("delete", 204),
+    ("delete", 202),
+];
+
+/// The operations of [`HOT_ANSWERS`], in the order of [`HotMetrics`]'s histograms.
+const HOT_OPS: [&str; 3] = ["get", "put", "delete"];
 
 impl HotMetrics {
     pub fn new<'a>(metrics: &Metrics, keyspaces: impl Iterator<Item = &'a String>) -> HotMetrics {
         HotMetrics {
-            get_ok: keyspaces
-                .map(|ks| (ks.clone(), metrics.http_requests.with_label_values(&[ks, "get", "200"])))
+            counts: keyspaces
+                .map(|ks| {
+                    let series = HOT_ANSWERS
+                        .iter()
+                        .map(|(op, status)| {
+                            metrics
+                                .http_requests
+                                .with_label_values(&[ks.as_str(), op, &status.to_string()])
+                        })
+                        .collect();
+                    (ks.clone(), series)
+                })
                 .collect(),
-            get_seconds: metrics.http_duration.with_label_values(&["get"]),
+            seconds: HOT_OPS
+                .iter()
+                .map(|op| metrics.http_duration.with_label_values(&[op]))
+                .collect(),
         }
+    }
+
+    /// The counter of keyspace `ks`'s `op` answered `status`, and `op`'s duration histogram,
+    /// when both are held.
+    pub fn of(&self, ks: &str, op: &str, status: u16) -> Option<(&prometheus::IntCounter, &prometheus::Histogram)> {
+        let i = HOT_ANSWERS.iter().position(|&(o, s)| o == op && s == status)?;
+        let j = HOT_OPS.iter().position(|&o| o == op)?;
+        Some((self.counts.get(ks)?.get(i)?, self.seconds.get(j)?))
     }
 }
 
@@ -185,7 +220,9 @@ impl Api {
 
     /// Answers `req`. A key read served from memory is answered in place (no task state, no
     /// allocation for the call, no count taken on the shared state); anything that may wait
-    /// runs as a boxed future.
+    /// runs as a boxed future. Key reads and key writes go straight to their handler after the
+    /// router's two checks (`Host`, token), the same ones in the same order, without the router's
+    /// matching and middleware stack (README "Measured": a write's user CPU).
     pub fn call<B>(&mut self, req: axum::http::Request<B>) -> ApiCall
     where
         B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
@@ -206,6 +243,29 @@ impl Api {
             }
             return Either::Right(Box::pin(kv::get(State(st.clone()), parts.uri, parts.headers)));
         }
+        // A key write takes the route the router would give it, past the same two checks,
+        // without the router's matching and middleware stack.
+        let method = req.method().clone();
+        if (method == axum::http::Method::PUT || method == axum::http::Method::DELETE) && is_key_path(req.uri().path())
+        {
+            let (parts, body) = req.into_parts();
+            let st = self.state.clone();
+            if let Some(refused) =
+                refuse_host(&st, &parts.headers).or_else(|| refuse_token(&st, parts.uri.path(), &parts.headers))
+            {
+                return Either::Left(std::future::ready(refused));
+            }
+            return Either::Right(if method == axum::http::Method::PUT {
+                Box::pin(kv::put(
+                    State(st),
+                    parts.uri,
+                    parts.headers,
+                    axum::body::Body::new(body),
+                ))
+            } else {
+                Box::pin(kv::delete(State(st), parts.uri, parts.headers))
+            });
+        }
         // The router is always ready (`poll_ready` is a no-op for it).
         let fut = self.router.call(req.map(axum::body::Body::new));
         Either::Right(Box::pin(async move {
@@ -217,8 +277,9 @@ impl Api {
     }
 }
 
-/// Whether `path` is one the router sends to `kv::get` for a GET: `/v1/kv/{keyspace}/{*key}`
-/// with both parts non-empty, and not one of the many-key routes (a GET of those is a 405).
+/// Whether `path` is one the router sends to `kv::get` for a GET (and to `kv::put` /
+/// `kv::delete` for a PUT / DELETE): `/v1/kv/{keyspace}/{*key}` with both parts non-empty, and
+/// not one of the many-key routes (a GET, PUT or DELETE of those is a 405).
 fn is_key_path(path: &str) -> bool {
     let Some((ks, key)) = path.strip_prefix("/v1/kv/").and_then(|rest| rest.split_once('/')) else {
         return false;

@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::http::Method;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use super::AppState;
 
@@ -57,7 +57,7 @@ pub struct KeyRequest {
     /// `GET`, `PUT` or `DELETE`.
     pub method: Method,
     pub path: String,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: HeaderMap,
     /// Empty for a read.
     pub body: bytes::Bytes,
 }
@@ -169,16 +169,23 @@ pub fn serve(st: &AppState, seen: &mut Seen, buf: &[u8], out: &mut Vec<u8>) -> P
         }
     }
     // A write, a read refused (the handler's path answers 421 / 401 exactly as the router
-    // does), or a read memory cannot answer: the handler takes it.
+    // does), or a read memory cannot answer: the handler takes it. A header `http` would not
+    // take as it is goes to hyper with the request.
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::HandOver;
+        };
+        headers.append(name, value);
+    }
     Parsed::Handle(KeyRequest {
         len: end,
         method,
         path: path.to_owned(),
-        headers: req
-            .headers
-            .iter()
-            .map(|h| (h.name.to_owned(), h.value.to_vec()))
-            .collect(),
+        headers,
         body: bytes::Bytes::copy_from_slice(&buf[len..end]),
     })
 }

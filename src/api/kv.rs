@@ -48,12 +48,9 @@ fn finish(st: &AppState, ks: &str, op: &str, started: Instant, resp: Response) -
 
 /// Counts a request answered `status` and observes its duration.
 fn record(st: &AppState, ks: &str, op: &str, status: StatusCode, started: Instant) {
-    if op == "get"
-        && status == StatusCode::OK
-        && let Some(ok) = st.hot.get_ok.get(ks)
-    {
-        ok.inc();
-        st.hot.get_seconds.observe(started.elapsed().as_secs_f64());
+    if let Some((count, seconds)) = st.hot.of(ks, op, status.as_u16()) {
+        count.inc();
+        seconds.observe(started.elapsed().as_secs_f64());
         return;
     }
     let label = if st.pipelines.contains_key(ks) {
@@ -342,7 +339,7 @@ fn accepted_response(a: &Accepted) -> Response {
     if let Some(v) = a
         .doc
         .as_deref()
-        .and_then(|d| HeaderValue::from_str(&crate::cache::etag(d)).ok())
+        .and_then(|d| HeaderValue::from_bytes(&crate::cache::etag_bytes(d)).ok())
     {
         h.insert(header::ETAG, v);
     }

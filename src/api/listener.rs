@@ -200,11 +200,12 @@ use break_to_hyper;
 /// (the connection closes).
 async fn through_handler(app: &mut Api, read: fast::KeyRequest, out: &mut Vec<u8>) -> Option<bool> {
     use http_body_util::BodyExt;
-    let mut req = axum::http::Request::builder().method(read.method).uri(read.path);
-    for (name, value) in read.headers {
-        req = req.header(name, value);
-    }
-    let req = req.body(axum::body::Body::from(read.body)).ok()?;
+    let mut req = axum::http::Request::builder()
+        .method(read.method)
+        .uri(read.path)
+        .body(axum::body::Body::from(read.body))
+        .ok()?;
+    *req.headers_mut() = read.headers;
     let (parts, body) = app.call(req).await.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return Some(false);

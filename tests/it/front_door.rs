@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{WAIT, serve};
+use crate::common::{WAIT, metric, serve};
 
 fn config(server_extra: &str) -> Config {
     Config::parse(&format!(
@@ -847,6 +847,44 @@ async fn writes_on_the_own_path_answer_as_hyper_does() {
             assert_eq!((read.0, read.2.as_slice()), (200, body.as_bytes()), "{body}");
         }
     }
+    // Both paths count each answer once, in the series of its keyspace, operation and status
+    // (the commonest ones are held resolved; the others are looked up by label), and time it
+    // in its operation's histogram; a refused token is counted by neither, as before.
+    hyper.write_all(&ask("GET", "/metrics", &auth, "")).await.unwrap();
+    let text = String::from_utf8(read_answers(&mut hyper, 1).await[0].2.clone()).unwrap();
+    let count = |op: &str, status: u16| {
+        metric(
+            &text,
+            &format!("cachesync_http_requests_total{{keyspace=\"default\",op=\"{op}\",status=\"{status}\"}}"),
+        )
+    };
+    let counted = [
+        ("put", 200),
+        ("put", 412),
+        ("put", 400),
+        ("put", 401),
+        ("delete", 204),
+        ("delete", 404),
+    ]
+    .map(|(op, status)| (op, status, count(op, status)));
+    assert_eq!(
+        counted,
+        [
+            ("put", 200, 4.0),
+            ("put", 412, 2.0),
+            ("put", 400, 2.0),
+            ("put", 401, 0.0),
+            ("delete", 204, 2.0),
+            ("delete", 404, 2.0)
+        ]
+    );
+    let timed = |op: &str| {
+        metric(
+            &text,
+            &format!("cachesync_http_request_duration_seconds_count{{op=\"{op}\"}}"),
+        )
+    };
+    assert_eq!((timed("put"), timed("delete")), (8.0, 4.0));
     // The refused writes changed nothing: the key is gone after the delete, on both paths.
     own.write_all(&ask("GET", "/v1/kv/default/own", &auth, ""))
         .await
