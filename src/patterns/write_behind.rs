@@ -168,6 +168,9 @@ pub struct WriteBehind {
     pub backlog: Backlog,
     pub deadletters: DeadLetters,
     stripes: Stripes,
+    /// `cachesync_wb_accepted_total{keyspace, op}` of each keyspace's puts and deletes, looked
+    /// up once (see [`WriteBehind::count_accepted`]).
+    accepted: HashMap<String, [prometheus::IntCounter; 2]>,
     /// This node's federation, when a write-behind keyspace federates: a rejected write taken
     /// in another region is reported back to it.
     pub(crate) federation: std::sync::OnceLock<Arc<crate::federation::Federation>>,
@@ -187,7 +190,15 @@ impl WriteBehind {
     ) -> Result<WriteBehind, deadletters::DeadLetterError> {
         let deadletters = DeadLetters::open(&log.config().dir.join("deadletters"))?;
         metrics.wb_deadletters.set(deadletters.len() as i64);
+        let accepted = keyspaces
+            .keys()
+            .map(|ks| {
+                let series = [Op::Put, Op::Delete].map(|op| metrics.wb_accepted.with_label_values(&[ks, op.label()]));
+                (ks.clone(), series)
+            })
+            .collect();
         Ok(WriteBehind {
+            accepted,
             log,
             node,
             config,
@@ -239,6 +250,19 @@ impl WriteBehind {
             };
         }
         Ok(None)
+    }
+
+    /// Counts an accepted write of keyspace `ks`.
+    fn count_accepted(&self, ks: &str, op: Op) {
+        let held = self.accepted.get(ks).and_then(|[put, delete]| match op {
+            Op::Put => Some(put),
+            Op::Delete => Some(delete),
+            _ => None,
+        });
+        match held {
+            Some(counter) => counter.inc(),
+            None => self.metrics.wb_accepted.with_label_values(&[ks, op.label()]).inc(),
+        }
     }
 
     fn check_backlog(&self, adding: u64) -> Result<(), PatternError> {
@@ -377,7 +401,9 @@ impl WriteBehind {
                     written: Vec::new(),
                 },
             };
-            batch_docs.insert(key.cache_key.clone(), write.doc.clone());
+            if items.len() > 1 {
+                batch_docs.insert(key.cache_key.clone(), write.doc.clone());
+            }
             staged.push((i, write));
         }
         // 3. One durable append for everything that passed.
@@ -399,7 +425,7 @@ impl WriteBehind {
 
     /// Appends the writes (durably, in one append) and records them as pending. Runs under the
     /// keys' stripe locks.
-    async fn commit(&self, ks: &Keyspace, writes: Vec<Staged>) -> Result<Vec<Accepted>, PatternError> {
+    async fn commit(&self, ks: &Keyspace, mut writes: Vec<Staged>) -> Result<Vec<Accepted>, PatternError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
@@ -407,12 +433,12 @@ impl WriteBehind {
         let now_us = crate::commitlog::now_ms() * 1000;
         let mut payloads = Vec::with_capacity(writes.len());
         let mut versions = Vec::with_capacity(writes.len());
-        for w in &writes {
+        for w in &mut writes {
             let version = self.hlc.now();
             let event = ChangeEvent::of(w.op, ks.name(), &*w.key, w.doc.clone())
                 .from_origin(&self.node, version, Source::Api)
                 .at_source(0, now_us, None)
-                .with_written(w.written.clone());
+                .with_written(std::mem::take(&mut w.written));
             payloads.push(event.encode());
             versions.push(version);
         }
@@ -430,10 +456,7 @@ impl WriteBehind {
                     at: tokio::time::Instant::now(),
                 },
             );
-            self.metrics
-                .wb_accepted
-                .with_label_values(&[ks.name(), w.op.label()])
-                .inc();
+            self.count_accepted(ks.name(), w.op);
             out.push(Accepted {
                 doc: w.doc,
                 version,

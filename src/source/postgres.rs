@@ -652,7 +652,9 @@ impl TableSource {
     /// the URL, generated columns) without writing anything.
     /// Also rejects values their column's type certainly refuses ([`validate`]).
     pub fn check_body(&self, key: &[String], body: &Map<String, Value>) -> Result<(), SourceError> {
-        self.columns_of(key, body)?;
+        for (name, value) in body {
+            self.writable_field(key, name, value)?;
+        }
         self.check_values(body)
     }
 
@@ -1070,39 +1072,47 @@ impl TableSource {
         let b = &self.binding;
         let mut row = Map::new();
         for (name, value) in body {
-            let Some(field) = b.field(name) else {
-                return Err(SourceError::UnknownField {
-                    field: name.clone(),
-                    keyspace: b.keyspace.clone(),
-                    known: b
-                        .fields
-                        .iter()
-                        .map(|f| format!("`{}`", f.name))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            };
-            if field.column.generated || field.column.identity_always {
-                return Err(SourceError::NotWritable {
-                    field: name.clone(),
-                    column: field.column.name.clone(),
-                });
-            }
-            if let Some(i) = b.key.iter().position(|k| k.name == field.column.name)
-                && !key_matches(&key[i], value)
-            {
-                return Err(SourceError::KeyMismatch {
-                    field: name.clone(),
-                    url: key[i].clone(),
-                    body: value.to_string(),
-                });
-            }
+            let field = self.writable_field(key, name, value)?;
             row.insert(field.column.name.clone(), value.clone());
         }
         for (k, v) in b.key.iter().zip(key) {
             row.insert(k.name.clone(), Value::String(v.clone()));
         }
         Ok(row)
+    }
+
+    /// The field `name` of a body for the key `key`, if the body may write it with `value`: a
+    /// field of the keyspace, not generated, and — for a key column — naming the URL's key.
+    fn writable_field(&self, key: &[String], name: &str, value: &Value) -> Result<&schema::Field, SourceError> {
+        let b = &self.binding;
+        let Some(field) = b.field(name) else {
+            return Err(SourceError::UnknownField {
+                field: name.to_string(),
+                keyspace: b.keyspace.clone(),
+                known: b
+                    .fields
+                    .iter()
+                    .map(|f| format!("`{}`", f.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        if field.column.generated || field.column.identity_always {
+            return Err(SourceError::NotWritable {
+                field: name.to_string(),
+                column: field.column.name.clone(),
+            });
+        }
+        if let Some(i) = b.key.iter().position(|k| k.name == field.column.name)
+            && !key_matches(&key[i], value)
+        {
+            return Err(SourceError::KeyMismatch {
+                field: name.to_string(),
+                url: key[i].clone(),
+                body: value.to_string(),
+            });
+        }
+        Ok(field)
     }
 
     fn upsert_sql(&self, columns: &[&str], rows: sql::Rows, as_written: bool) -> Arc<str> {
