@@ -228,42 +228,32 @@ impl Api {
         B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
+        use axum::http::Method;
         use futures::future::Either;
         use tower_service::Service;
-        if req.method() == axum::http::Method::GET && is_key_path(req.uri().path()) {
-            let (parts, _) = req.into_parts();
+        let method = req.method().clone();
+        let key_route = (method == Method::GET || method == Method::PUT || method == Method::DELETE)
+            && is_key_path(req.uri().path());
+        if key_route {
+            // The route the router would give it, past the same two checks in the same order.
+            let (parts, body) = req.into_parts();
             let st = &self.state;
             if let Some(refused) =
                 refuse_host(st, &parts.headers).or_else(|| refuse_token(st, parts.uri.path(), &parts.headers))
             {
                 return Either::Left(std::future::ready(refused));
             }
-            if let Some(answered) = kv::get_now(st, &parts.uri, &parts.headers) {
-                return Either::Left(std::future::ready(answered));
+            if method == Method::GET {
+                if let Some(answered) = kv::get_now(st, &parts.uri, &parts.headers) {
+                    return Either::Left(std::future::ready(answered));
+                }
+                return Either::Right(Box::pin(kv::get(State(st.clone()), parts.uri, parts.headers)));
             }
-            return Either::Right(Box::pin(kv::get(State(st.clone()), parts.uri, parts.headers)));
-        }
-        // A key write takes the route the router would give it, past the same two checks,
-        // without the router's matching and middleware stack.
-        let method = req.method().clone();
-        if (method == axum::http::Method::PUT || method == axum::http::Method::DELETE) && is_key_path(req.uri().path())
-        {
-            let (parts, body) = req.into_parts();
-            let st = self.state.clone();
-            if let Some(refused) =
-                refuse_host(&st, &parts.headers).or_else(|| refuse_token(&st, parts.uri.path(), &parts.headers))
-            {
-                return Either::Left(std::future::ready(refused));
-            }
-            return Either::Right(if method == axum::http::Method::PUT {
-                Box::pin(kv::put(
-                    State(st),
-                    parts.uri,
-                    parts.headers,
-                    axum::body::Body::new(body),
-                ))
+            let st = State(st.clone());
+            return Either::Right(if method == Method::PUT {
+                Box::pin(kv::put(st, parts.uri, parts.headers, axum::body::Body::new(body)))
             } else {
-                Box::pin(kv::delete(State(st), parts.uri, parts.headers))
+                Box::pin(kv::delete(st, parts.uri, parts.headers))
             });
         }
         // The router is always ready (`poll_ready` is a no-op for it).
