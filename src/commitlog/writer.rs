@@ -365,13 +365,21 @@ impl Writer {
 ///
 /// Leader and followers, as Postgres flushes its WAL: an appender on a multi-threaded runtime
 /// that finds the lock free writes the queue itself — its own append and whatever is queued
-/// before it — and syncs, on its own thread (`block_in_place`), until its own append is
-/// answered. One that finds it held leaves its append queued and rings the writer thread, which
-/// takes the lock as soon as it is free and writes what is left. An idle log's lone append thus
-/// costs one `write` and one `fdatasync`, with no hand-over to another thread and back (two
-/// wake-ups, ~25 µs on this kind of VM); under load the writer thread takes the groups, as
-/// before. Every command goes through the queue, so the log's order is the queue's order
-/// whoever writes it.
+/// before it — and syncs, on the worker it runs on, until its own append is answered, as a
+/// Postgres backend flushes the WAL for its own commit. One that finds it held leaves its append
+/// queued and rings the writer thread, which takes the lock as soon as it is free and writes
+/// what is left. An idle log's lone append thus costs one `write` and one `fdatasync`, with no
+/// hand-over to another thread and back (two wake-ups, ~25 µs on this kind of VM); under load
+/// the writer thread takes the groups. Every command goes through the queue, so the log's order
+/// is the queue's order whoever writes it.
+///
+/// The leader blocks its worker for the sync, and the lock makes it one worker at a time; a
+/// runtime with a single worker never leads (its appends go to the writer thread), so at least
+/// one worker always stays free for reads and other connections, even while a disk stalls. Not
+/// `block_in_place`: that hands the worker's core to another thread before every sync, a
+/// `futex` wake on the acknowledgement's path (~12–17 µs traced here) and a different thread
+/// for each write — the acknowledged-write bench read 0.98–1.05× of autocommit upserts with it
+/// at 1 writer against 1.12–1.18× without (`CACHESYNC_BENCH_ONLY=acks`, two runs each).
 pub struct Pipe {
     core: Mutex<Core>,
     thread: OnceLock<std::thread::Thread>,
@@ -489,11 +497,12 @@ impl Pipe {
 
     /// Leads: writes the queue on this thread until `done` (the caller's own append is
     /// answered) or the queue is empty. False when another writer holds the lock or this runtime
-    /// cannot block in place; the caller then rings the writer thread.
+    /// has no second worker to keep serving meanwhile; the caller then rings the writer thread.
     pub fn try_lead(&self, done: impl FnMut() -> bool) -> bool {
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if !multi_thread {
+        let spare_worker = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread && h.metrics().num_workers() >= 2
+        });
+        if !spare_worker {
             return false;
         }
         let mut core = match self.core.try_lock() {
@@ -504,7 +513,7 @@ impl Pipe {
         if core.closing || core.writer.is_none() {
             return false;
         }
-        let groups = tokio::task::block_in_place(|| core.drain(done));
+        let groups = core.drain(done);
         if let Some(w) = &core.writer {
             w.shared.metrics.led_groups.inc_by(groups);
         }
