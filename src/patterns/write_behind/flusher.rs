@@ -50,6 +50,15 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// that long, so a write of one of them waits at most for that many L1 installs.
 const SETTLE_CHUNK: usize = 64;
 
+/// How long a batch whose first write was taken at `taken_ms` (the log's timestamp) may still
+/// wait to fill: `batch_delay` after that write was taken, not after it was read. A backlog's
+/// writes (Postgres was away, or the flusher behind) have waited long enough and go at once;
+/// only a trickle of fresh writes is held. A timestamp ahead of this clock (another node's
+/// record, a clock step) waits the whole delay, never longer.
+fn fill_wait(batch_delay: Duration, taken_ms: u64, now_ms: u64) -> Duration {
+    batch_delay.saturating_sub(Duration::from_millis(now_ms.saturating_sub(taken_ms)))
+}
+
 /// What one key's coalesced writes do.
 #[derive(Debug, Clone)]
 pub enum Kind {
@@ -379,7 +388,8 @@ impl Flusher {
     }
 
     /// Stage 1: gathers batches from the log — up to `batch_rows` writes, or what arrived within
-    /// `batch_delay` of the first — and coalesces them. When draining, stops at the log's end.
+    /// `batch_delay` of the first being taken — and coalesces them. When draining, stops at the
+    /// log's end.
     async fn read(
         self: Arc<Self>,
         from: Offset,
@@ -417,7 +427,9 @@ impl Flusher {
                 }
             };
             let mut bytes: usize = records.iter().map(|r| r.payload.len()).sum();
-            let deadline = tokio::time::Instant::now() + cfg.batch_delay;
+            let taken_ms = records.first().map_or(u64::MAX, |r| r.timestamp_ms);
+            let deadline =
+                tokio::time::Instant::now() + fill_wait(cfg.batch_delay, taken_ms, crate::commitlog::now_ms());
             // Gather up to the batch's bounds: what is durable already at once; once caught up,
             // wait for whichever comes first, the batch's delay or enough records to fill it
             // ([`Tail::until_available`]). Not [`Tail::next`]: every append wakes a reader
@@ -998,7 +1010,26 @@ fn saturating_sub(counter: &std::sync::atomic::AtomicU64, n: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{key_order, permute};
+    use std::time::Duration;
+
+    use super::{fill_wait, key_order, permute};
+
+    #[test]
+    fn a_batch_waits_its_delay_from_when_its_first_write_was_taken() {
+        let delay = Duration::from_millis(50);
+        let now = 1_700_000_000_000;
+        // Fresh: the whole delay.
+        assert_eq!(fill_wait(delay, now, now), delay);
+        // Taken 20 ms ago: what is left of it.
+        assert_eq!(fill_wait(delay, now - 20, now), Duration::from_millis(30));
+        // A backlog's write, as old as the delay or older: at once.
+        assert_eq!(fill_wait(delay, now - 50, now), Duration::ZERO);
+        assert_eq!(fill_wait(delay, now - 60_000, now), Duration::ZERO);
+        // Stamped ahead of this clock: the whole delay, never more.
+        assert_eq!(fill_wait(delay, now + 5_000, now), delay);
+        // No first record: the whole delay.
+        assert_eq!(fill_wait(delay, u64::MAX, now), delay);
+    }
 
     #[test]
     fn permute_puts_each_item_where_its_position_says() {
