@@ -539,6 +539,29 @@ async fn an_idle_log_is_written_by_its_appender_and_order_holds_whoever_writes()
     reopened.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_runtime_with_one_worker_leaves_every_sync_to_the_writer_thread() {
+    // A leader syncs on its own worker; with no second worker that would stall every other task
+    // for the sync, so such a runtime never leads and its appends are written by the writer
+    // thread — in order, none lost.
+    let dir = temp_dir("log", None);
+    let registry = Registry::new();
+    let (log, _) = CommitLog::open(cfg(&dir), &registry).await.unwrap();
+    for i in 0..20 {
+        assert_eq!(
+            log.append(vec![payload(i, 20)]).await.unwrap(),
+            Offset(i)..Offset(i + 1)
+        );
+    }
+    assert_eq!(counter(&registry, "cachesync_log_led_groups_total"), 0);
+    let recs = log.read(Offset(0), 100).unwrap();
+    assert_eq!(recs.len(), 20);
+    for r in &recs {
+        assert_eq!(r.payload, payload(r.offset.0, 20));
+    }
+    log.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_byte_budget_holds_appenders_back_without_losing_any() {
     let dir = temp_dir("log", None);
