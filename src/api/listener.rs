@@ -569,7 +569,7 @@ impl AsyncRead for Guarded {
                     let body = error_body(
                         "request_timeout",
                         &format!(
-                            "the request's headers did not arrive within {} (server.header_read_timeout)",
+                            "the request did not arrive within {} (server.header_read_timeout): its headers, and for a key write of up to 16 KiB its body",
                             humantime::format_duration(me.limits.header_read_timeout)
                         ),
                     );

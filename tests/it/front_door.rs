@@ -916,6 +916,12 @@ async fn a_write_whose_body_never_arrives_is_cut_off() {
     let (answer, closed) = read_to_close(&mut s, WAIT).await;
     assert!(closed, "the connection is closed: {answer}");
     assert_cut_off(&answer, started.elapsed());
+    // The detail names the body as well as the headers, and the setting that bounds both.
+    let detail = parse(&answer).1["detail"].as_str().unwrap_or_default().to_string();
+    assert!(
+        detail.contains("its body") && detail.contains("server.header_read_timeout"),
+        "{detail}"
+    );
     assert_eq!(http.get("/v1/kv/default/late").await.status, 404, "nothing was written");
     server.shutdown().await;
 }
