@@ -37,8 +37,9 @@ pub const DEFAULT_BATCH_ROWS: usize = 10_000;
 /// wait ends in one Postgres transaction (a WAL sync on Postgres's disk, the backend's CPU), so
 /// this bounds the flusher to ~20 transactions a second rather than ~200 at 5 ms. At 1 writer
 /// those transactions shared the disk and the two cores with the acknowledged writes: the
-/// `write_behind` bench read 1.20–1.29× of autocommit upserts at 5 ms against 1.28–1.39× at
-/// 50 ms (interleaved runs). Readers through a sidecar see a write at once (its pending write,
+/// `write_behind` bench read, in two sets of runs alternated three ways (README "Measured"),
+/// 1.26× and 1.20× of autocommit upserts at 5 ms, 1.33× and 1.24× at 20 ms, 1.28× and 1.39×
+/// at 50 ms. Readers through a sidecar see a write at once (its pending write,
 /// the log's replication); only readers of Postgres itself see it up to this much later.
 pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(50);
 
